@@ -1,0 +1,187 @@
+"""Model configuration and the named presets (the one place presets live).
+
+``AntConfig`` uses the OpenBMB key names (``dim_model``, ``num_heads`` ...), so an OpenBMB
+``config.json`` reads as is; :meth:`AntConfig.from_hf` maps HF ``CpmAntConfig`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cpmlive.errors import CpmliveError
+
+HF_KEY_NAMES = {
+    "hidden_size": "dim_model",
+    "num_attention_heads": "num_heads",
+    "num_hidden_layers": "num_layers",
+}
+
+
+@dataclass
+class AntConfig:
+    """Every CPM-Ant hyper-parameter, named as in OpenBMB's ``cpm-ant-10b.json``.
+
+    ``mask_modules`` is ``None`` for a full model, or one ``[attention_removed, ffn_removed]``
+    pair per layer, as in the compressed CPM-Ant checkpoints (spec section 8).
+    """
+
+    vocab_size: int = 30720
+    dim_model: int = 4096
+    dim_ff: int = 10240
+    num_layers: int = 48
+    num_heads: int = 32
+    dim_head: int = 128
+    dropout_p: float = 0.0
+    position_bias_num_buckets: int = 512
+    position_bias_max_distance: int = 2048
+    eps: float = 1e-6
+    half: bool = True
+    prompt_types: int = 32
+    prompt_length: int = 32
+    segment_types: int = 32
+    mask_modules: list[list[bool]] | None = None
+    max_length: int = 1024
+    model_type: str = "cpm-ant"
+
+    def __post_init__(self) -> None:
+        if self.mask_modules is not None:
+            self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "dim_model", "dim_ff", "num_layers", "num_heads", "dim_head",
+                    "position_bias_num_buckets", "prompt_types", "prompt_length", "segment_types",
+                    "max_length")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CpmliveError(f"config: {name} must be a positive integer, got {value!r}")
+        if self.mask_modules is not None:
+            if len(self.mask_modules) != self.num_layers:
+                raise CpmliveError(
+                    f"config: mask_modules has {len(self.mask_modules)} entries for "
+                    f"{self.num_layers} layers")
+            if any(len(pair) != 2 for pair in self.mask_modules):
+                raise CpmliveError("config: every mask_modules entry must be [attention_removed, ffn_removed]")
+        if self.model_type != "cpm-ant":
+            raise CpmliveError(f"config: model_type {self.model_type!r} is not a CPM-Ant config")
+
+    @property
+    def dim_attention(self) -> int:
+        """Width of q/k/v: may differ from ``dim_model`` in pruned models."""
+        return self.num_heads * self.dim_head
+
+    def has_attention(self, layer: int) -> bool:
+        return self.mask_modules is None or not self.mask_modules[layer][0]
+
+    def has_ffn(self, layer: int) -> bool:
+        return self.mask_modules is None or not self.mask_modules[layer][1]
+
+    # ---- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> "AntConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if strict and unknown:
+            raise CpmliveError(f"config: unknown key {unknown[0]!r}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise CpmliveError(f"config: {exc}") from None
+
+    @classmethod
+    def from_openbmb(cls, data: dict[str, Any]) -> "AntConfig":
+        """An OpenBMB json: extra keys are ignored, as OpenBMB's ``**kwargs`` does."""
+        return cls.from_dict(data, strict=False)
+
+    @classmethod
+    def from_hf(cls, data: dict[str, Any]) -> "AntConfig":
+        mapped = {HF_KEY_NAMES.get(k, k): v for k, v in data.items()}
+        mapped.pop("model_type", None)
+        mapped["half"] = str(data.get("torch_dtype", data.get("dtype", "float32"))) in ("float16", "torch.float16")
+        return cls.from_dict(mapped, strict=False)
+
+    def to_hf(self) -> dict[str, Any]:
+        """A ``config.json`` for HF ``CpmAntForCausalLM`` (which has no ``mask_modules``)."""
+        reverse = {v: k for k, v in HF_KEY_NAMES.items()}
+        skip = {"mask_modules", "half", "max_length", "model_type"}
+        out = {reverse.get(k, k): v for k, v in self.to_dict().items() if k not in skip}
+        out.update(model_type="cpmant", architectures=["CpmAntForCausalLM"], init_std=1.0,
+                   use_cache=True, tie_word_embeddings=False,
+                   dtype="float16" if self.half else "float32")
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "AntConfig":
+        """Read our, OpenBMB's or HF's ``config.json`` (told apart by their key names)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CpmliveError(f"{path}: config file not found") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CpmliveError(f"{path}: not a valid JSON config ({exc})") from None
+        if not isinstance(data, dict):
+            raise CpmliveError(f"{path}: a config must be a JSON object")
+        if data.get("model_type") == "cpmant" or "hidden_size" in data:
+            return cls.from_hf(data)
+        if data.get("model_type", "cpm-ant") == "cpm-ant" and set(data) <= {f.name for f in dataclasses.fields(cls)}:
+            return cls.from_dict(data)
+        return cls.from_openbmb(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from cpmlive.utils import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
+
+
+def _spread_mask(num_layers: int, keep_attention: int, keep_ffn: int) -> list[list[bool]]:
+    """Remove sub-blocks evenly over depth (the published counts; the exact layers come with
+    the checkpoint's own config, which always wins)."""
+
+    def removed(keep: int) -> set[int]:
+        drop = num_layers - keep
+        return {int((i + 0.5) * num_layers / drop) for i in range(drop)} if drop else set()
+
+    attention, ffn = removed(keep_attention), removed(keep_ffn)
+    return [[i in attention, i in ffn] for i in range(num_layers)]
+
+
+def _ant(**overrides: Any) -> AntConfig:
+    return AntConfig(**overrides)
+
+
+PRESETS: dict[str, Any] = {
+    "ant-10b": lambda: _ant(),
+    "ant-7b": lambda: _ant(mask_modules=_spread_mask(48, 37, 32)),
+    "ant-3b": lambda: _ant(num_heads=20, dim_ff=3735, mask_modules=_spread_mask(48, 37, 32)),
+    "ant-1b": lambda: _ant(num_heads=16, dim_ff=700, mask_modules=_spread_mask(48, 25, 21)),
+    "ant-300m": lambda: _ant(num_heads=4, dim_ff=350, mask_modules=_spread_mask(48, 25, 21)),
+    "tiny": lambda: _ant(dim_model=64, dim_ff=128, num_layers=2, num_heads=4, dim_head=16,
+                         half=False),
+}
+
+
+def preset(name: str) -> AntConfig:
+    if name not in PRESETS:
+        raise CpmliveError(f"unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
+    return PRESETS[name]()
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(AntConfig)]
+
+
+__all__ = ["AntConfig", "PRESETS", "preset", "field_names"]

@@ -1,0 +1,301 @@
+"""CPM-Ant (spec section 1): one pre-LN Transformer stack that both reads and writes.
+
+Which token sees which is decided by three per-token inputs only:
+
+* ``context``: context tokens see every context token of their span, in both directions;
+  other tokens see the context plus every token at or before themselves (left-to-right);
+* ``span``: packed samples in one row never see each other;
+* ``valid``: padding is neither a query nor a key.
+
+Positions enter only through a bias shared by all layers: a bucketed relative distance for
+pairs in the same segment, a learned (query segment, key segment) entry otherwise.
+
+Weights are stored with OpenBMB's 1/sqrt(fan-in) factors folded in (the HF layout), so every
+layer is a plain ``nn.Linear`` and the tied output head is ``hidden @ input_embedding.T``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpmlive.config import AntConfig
+
+
+class RMSNorm(nn.Module):
+    """Weight-only RMS norm; the normalisation is done in float32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.float().pow(2).mean(dim=-1, keepdim=True)
+        return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+@dataclass
+class AntCache:
+    """Keys, values and the mask inputs of every position decoded so far.
+
+    Buffers hold ``capacity`` positions and are allocated on first use with the dtype the
+    layers produce (so bf16 autocast gets a bf16 cache).
+    """
+
+    batch: int
+    capacity: int
+    num_layers: int
+    device: torch.device | str = "cpu"
+    length: int = 0
+    keys: list[Tensor | None] = field(default_factory=list)
+    values: list[Tensor | None] = field(default_factory=list)
+    context: Tensor | None = None
+    span: Tensor | None = None
+    segment: Tensor | None = None
+    valid: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.keys = [None] * self.num_layers
+        self.values = [None] * self.num_layers
+        shape = (self.batch, self.capacity)
+        self.context = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.valid = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.span = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        self.segment = torch.zeros(shape, dtype=torch.int32, device=self.device)
+
+    def append_inputs(self, context: Tensor, span: Tensor, segment: Tensor, valid: Tensor) -> None:
+        start, end = self.length, self.length + context.size(1)
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {end} needed")
+        self.context[:, start:end] = context
+        self.span[:, start:end] = span
+        self.segment[:, start:end] = segment
+        self.valid[:, start:end] = valid
+
+    def store(self, layer: int, start: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's keys/values and return everything cached up to them."""
+        if self.keys[layer] is None:
+            shape = (self.batch, key.size(1), self.capacity, key.size(3))
+            self.keys[layer] = key.new_zeros(shape)
+            self.values[layer] = value.new_zeros(shape)
+        end = start + key.size(2)
+        self.keys[layer][:, :, start:end] = key
+        self.values[layer][:, :, start:end] = value
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the rows ``index`` (beam search re-ranks its hypotheses every step)."""
+        for store in (self.keys, self.values):
+            for layer, tensor in enumerate(store):
+                if tensor is not None:
+                    store[layer] = tensor.index_select(0, index)
+        for name in ("context", "span", "segment", "valid"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.batch = int(index.numel())
+
+
+class Attention(nn.Module):
+    def __init__(self, config: AntConfig) -> None:
+        super().__init__()
+        self.num_heads, self.dim_head = config.num_heads, config.dim_head
+        self.dropout_p = config.dropout_p
+        self.project_q = nn.Linear(config.dim_model, config.dim_attention, bias=False)
+        self.project_k = nn.Linear(config.dim_model, config.dim_attention, bias=False)
+        self.project_v = nn.Linear(config.dim_model, config.dim_attention, bias=False)
+        self.attention_out = nn.Linear(config.dim_attention, config.dim_model, bias=False)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.dim_head).transpose(1, 2)
+
+    def forward(self, x: Tensor, bias: Tensor, cache: AntCache | None, layer: int, start: int) -> Tensor:
+        q, k, v = self._heads(self.project_q(x)), self._heads(self.project_k(x)), self._heads(self.project_v(x))
+        if cache is not None:
+            k, v = cache.store(layer, start, k, v)
+        dropout = self.dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        batch, _, length, _ = out.shape
+        return self.attention_out(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    """Gated GELU: ``w_out(gelu(w_0 x) * w_1 x)``."""
+
+    def __init__(self, config: AntConfig) -> None:
+        super().__init__()
+        self.w_0 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
+        self.w_1 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
+        self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_out(F.gelu(self.w_0(x)) * self.w_1(x))
+
+
+class Block(nn.Module):
+    """Pre-LN block; a removed sub-block (compressed checkpoints) is simply absent."""
+
+    def __init__(self, config: AntConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        if config.has_attention(index):
+            self.attn_norm = RMSNorm(config.dim_model, config.eps)
+            self.attn = Attention(config)
+        if config.has_ffn(index):
+            self.ffn_norm = RMSNorm(config.dim_model, config.eps)
+            self.ffn = FeedForward(config)
+
+    def forward(self, h: Tensor, bias: Tensor, cache: AntCache | None = None, start: int = 0) -> Tensor:
+        if hasattr(self, "attn"):
+            h = h + self.attn(self.attn_norm(h), bias, cache, self.index, start)
+        if hasattr(self, "ffn"):
+            h = h + self.ffn(self.ffn_norm(h))
+        return h
+
+
+def relative_position_bucket(relative: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+    """T5-style bidirectional buckets; float32 ``log`` exactly as the reference computes it."""
+    half = num_buckets // 2
+    offset = (relative > 0).to(torch.int32) * half
+    distance = relative.abs()
+    max_exact = half // 2
+    scaled = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)
+    large = torch.clamp(max_exact + scaled.to(torch.int32), max=half - 1)
+    return offset + torch.where(distance < max_exact, distance.to(torch.int32), large)
+
+
+class CpmAnt(nn.Module):
+    def __init__(self, config: AntConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim_model
+        self.input_embedding = nn.Embedding(config.vocab_size, d)
+        self.prompt_embedding = nn.Embedding(config.prompt_types * config.prompt_length, d)
+        self.segment_embedding = nn.Embedding(config.segment_types, d)
+        self.position_bias = nn.Embedding(
+            config.segment_types**2 + config.position_bias_num_buckets, config.num_heads)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.output_norm = RMSNorm(d, config.eps)
+
+    # ---- the pieces of the forward pass ---------------------------------------------------
+
+    def embed(self, input_ids: Tensor, segment: Tensor, start: int = 0) -> Tensor:
+        """The first ``prompt_length`` positions of a row index the prompt table."""
+        in_prompt = max(0, min(input_ids.size(1), self.config.prompt_length - start))
+        parts = []
+        if in_prompt:
+            parts.append(self.prompt_embedding(input_ids[:, :in_prompt]))
+        if in_prompt < input_ids.size(1):
+            parts.append(self.input_embedding(input_ids[:, in_prompt:]))
+        hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return hidden + self.segment_embedding(segment)
+
+    def attention_bias(self, query: dict[str, Tensor], key: dict[str, Tensor], start: int,
+                       dtype: torch.dtype) -> Tensor:
+        """Position bias plus the unified mask, ``[B, H, Lq, Lk]``, computed once per forward.
+
+        ``query``/``key`` hold ``context``, ``span``, ``segment`` and ``valid`` of the query rows
+        and of all key columns; query row i sits at absolute index ``start + i``.
+        """
+        cfg = self.config
+        device = query["segment"].device
+        q_index = torch.arange(start, start + query["segment"].size(1), dtype=torch.int32, device=device)
+        k_index = torch.arange(key["segment"].size(1), dtype=torch.int32, device=device)
+        distance = relative_position_bucket(k_index[None, :] - q_index[:, None],
+                                            cfg.position_bias_num_buckets, cfg.position_bias_max_distance)
+        q_seg, k_seg = query["segment"][:, :, None], key["segment"][:, None, :]
+        segment_pair = cfg.position_bias_num_buckets + q_seg * cfg.segment_types + k_seg
+        bucket = torch.where(q_seg == k_seg, distance[None], segment_pair)
+        bias = self.position_bias(bucket).permute(0, 3, 1, 2).to(dtype)
+
+        causal = k_index[None, :] <= q_index[:, None]
+        visible = key["context"][:, None, :] | (~query["context"][:, :, None] & causal[None])
+        visible = visible & (query["span"][:, :, None] == key["span"][:, None, :])
+        visible = visible & query["valid"][:, :, None] & key["valid"][:, None, :]
+        # A finite fill keeps fully masked (padding) rows finite instead of NaN.
+        return bias.masked_fill(~visible[:, None], torch.finfo(dtype).min)
+
+    def forward(self, input_ids: Tensor, segment: Tensor, context: Tensor, span: Tensor,
+                valid: Tensor, cache: AntCache | None = None) -> Tensor:
+        """Final hidden states ``[B, L, d]`` of the given (new) positions.
+
+        Without a cache the inputs are whole rows. With one, they are the positions after
+        ``cache.length``; mask inputs of the earlier positions come from the cache.
+        """
+        start = cache.length if cache is not None else 0
+        query = {"context": context.bool(), "span": span, "segment": segment, "valid": valid.bool()}
+        if cache is not None:
+            cache.append_inputs(query["context"], span, segment, query["valid"])
+            end = start + input_ids.size(1)
+            key = {"context": cache.context[:, :end], "span": cache.span[:, :end],
+                   "segment": cache.segment[:, :end], "valid": cache.valid[:, :end]}
+        else:
+            key = query
+        hidden = self.embed(input_ids, segment, start)
+        bias = self.attention_bias(query, key, start, self._compute_dtype(hidden))
+        for block in self.layers:
+            hidden = block(hidden, bias, cache, start)
+        if cache is not None:
+            cache.length = start + input_ids.size(1)
+        return self.output_norm(hidden)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Tied output head over the real vocabulary (prompt rows are never outputs)."""
+        return F.linear(hidden, self.input_embedding.weight)
+
+    def _compute_dtype(self, hidden: Tensor) -> torch.dtype:
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return hidden.dtype
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, capacity: int) -> AntCache:
+        return AntCache(batch=batch, capacity=capacity, num_layers=self.config.num_layers,
+                        device=self.input_embedding.weight.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """An init that trains stably from scratch.
+
+        Linear layers get std 1/sqrt(fan_in) (OpenBMB's unit-scaled N(0,1) with the scale
+        folded in); the projections that write into the residual stream are further divided
+        by sqrt(2 * num_layers) so the stream does not grow with depth; embeddings start small
+        (std 0.02, as OpenBMB's) and the position bias at zero.
+        """
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
+
+        def normal(tensor: Tensor, std: float) -> None:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = 1.0 / math.sqrt(module.in_features)
+                if name.endswith(("attention_out", "w_out")):
+                    std *= depth_scale
+                normal(module.weight, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        for embedding in (self.input_embedding, self.prompt_embedding, self.segment_embedding):
+            normal(embedding.weight, 0.02)
+        self.position_bias.weight.zero_()
+
+
+def build_model(config: AntConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                seed: int | None = 0) -> CpmAnt:
+    """A freshly initialised model (``seed=None`` leaves torch's global RNG in charge)."""
+    model = CpmAnt(config)
+    model.init_weights(seed)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+__all__ = ["AntCache", "CpmAnt", "RMSNorm", "build_model", "relative_position_bucket"]
