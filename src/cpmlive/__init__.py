@@ -1,3 +1,12 @@
 """cpmlive: CPM-Live end to end (CPM-Ant / CPM-Bee models and their lifecycle)."""
 
 __version__ = "0.1.0"
+
+
+def load(*args, **kwargs):  # noqa: D103 - documented on cpmlive.api.load
+    from cpmlive.api import load as _load
+
+    return _load(*args, **kwargs)
+
+
+load.__doc__ = "Load a checkpoint directory, 'demo' or a preset: see cpmlive.api.load."

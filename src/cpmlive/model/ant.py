@@ -58,6 +58,7 @@ class AntCache:
     span: Tensor | None = None
     segment: Tensor | None = None
     valid: Tensor | None = None
+    position: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_layers
@@ -67,15 +68,16 @@ class AntCache:
         self.valid = torch.zeros(shape, dtype=torch.bool, device=self.device)
         self.span = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self.segment = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        self.position = torch.zeros(shape, dtype=torch.int32, device=self.device)
 
-    def append_inputs(self, context: Tensor, span: Tensor, segment: Tensor, valid: Tensor) -> None:
-        start, end = self.length, self.length + context.size(1)
+    def append_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Record the mask inputs of new positions; return those of every cached position."""
+        start, end = self.length, self.length + inputs["context"].size(1)
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions, {end} needed")
-        self.context[:, start:end] = context
-        self.span[:, start:end] = span
-        self.segment[:, start:end] = segment
-        self.valid[:, start:end] = valid
+        for name in MASK_INPUTS:
+            getattr(self, name)[:, start:end] = inputs[name]
+        return {name: getattr(self, name)[:, :end] for name in MASK_INPUTS}
 
     def store(self, layer: int, start: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's keys/values and return everything cached up to them."""
@@ -94,9 +96,12 @@ class AntCache:
             for layer, tensor in enumerate(store):
                 if tensor is not None:
                     store[layer] = tensor.index_select(0, index)
-        for name in ("context", "span", "segment", "valid"):
+        for name in MASK_INPUTS:
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.batch = int(index.numel())
+
+
+MASK_INPUTS = ("context", "span", "segment", "valid", "position")
 
 
 class Attention(nn.Module):
@@ -194,49 +199,44 @@ class CpmAnt(nn.Module):
         hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return hidden + self.segment_embedding(segment)
 
-    def attention_bias(self, query: dict[str, Tensor], key: dict[str, Tensor], start: int,
-                       dtype: torch.dtype) -> Tensor:
+    def attention_bias(self, query: dict[str, Tensor], key: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         """Position bias plus the unified mask, ``[B, H, Lq, Lk]``, computed once per forward.
 
-        ``query``/``key`` hold ``context``, ``span``, ``segment`` and ``valid`` of the query rows
-        and of all key columns; query row i sits at absolute index ``start + i``.
+        ``query``/``key`` hold ``context``, ``span``, ``segment``, ``valid`` and ``position`` of
+        the query rows and of all key columns. Positions are token indices unless the caller
+        gives others (infilling decodes blanks after the text to their right).
         """
         cfg = self.config
-        device = query["segment"].device
-        q_index = torch.arange(start, start + query["segment"].size(1), dtype=torch.int32, device=device)
-        k_index = torch.arange(key["segment"].size(1), dtype=torch.int32, device=device)
-        distance = relative_position_bucket(k_index[None, :] - q_index[:, None],
-                                            cfg.position_bias_num_buckets, cfg.position_bias_max_distance)
+        q_pos, k_pos = query["position"][:, :, None], key["position"][:, None, :]
+        distance = relative_position_bucket(k_pos - q_pos, cfg.position_bias_num_buckets,
+                                            cfg.position_bias_max_distance)
         q_seg, k_seg = query["segment"][:, :, None], key["segment"][:, None, :]
         segment_pair = cfg.position_bias_num_buckets + q_seg * cfg.segment_types + k_seg
-        bucket = torch.where(q_seg == k_seg, distance[None], segment_pair)
+        bucket = torch.where(q_seg == k_seg, distance, segment_pair)
         bias = self.position_bias(bucket).permute(0, 3, 1, 2).to(dtype)
 
-        causal = k_index[None, :] <= q_index[:, None]
-        visible = key["context"][:, None, :] | (~query["context"][:, :, None] & causal[None])
+        visible = key["context"][:, None, :] | (~query["context"][:, :, None] & (k_pos <= q_pos))
         visible = visible & (query["span"][:, :, None] == key["span"][:, None, :])
         visible = visible & query["valid"][:, :, None] & key["valid"][:, None, :]
         # A finite fill keeps fully masked (padding) rows finite instead of NaN.
         return bias.masked_fill(~visible[:, None], torch.finfo(dtype).min)
 
     def forward(self, input_ids: Tensor, segment: Tensor, context: Tensor, span: Tensor,
-                valid: Tensor, cache: AntCache | None = None) -> Tensor:
+                valid: Tensor, cache: AntCache | None = None, position: Tensor | None = None) -> Tensor:
         """Final hidden states ``[B, L, d]`` of the given (new) positions.
 
         Without a cache the inputs are whole rows. With one, they are the positions after
         ``cache.length``; mask inputs of the earlier positions come from the cache.
         """
         start = cache.length if cache is not None else 0
-        query = {"context": context.bool(), "span": span, "segment": segment, "valid": valid.bool()}
-        if cache is not None:
-            cache.append_inputs(query["context"], span, segment, query["valid"])
-            end = start + input_ids.size(1)
-            key = {"context": cache.context[:, :end], "span": cache.span[:, :end],
-                   "segment": cache.segment[:, :end], "valid": cache.valid[:, :end]}
-        else:
-            key = query
+        if position is None:
+            position = torch.arange(start, start + input_ids.size(1), dtype=torch.int32,
+                                    device=input_ids.device).expand_as(input_ids)
+        query = {"context": context.bool(), "span": span, "segment": segment, "valid": valid.bool(),
+                 "position": position}
+        key = cache.append_inputs(query) if cache is not None else query
         hidden = self.embed(input_ids, segment, start)
-        bias = self.attention_bias(query, key, start, self._compute_dtype(hidden))
+        bias = self.attention_bias(query, key, self._compute_dtype(hidden))
         for block in self.layers:
             hidden = block(hidden, bias, cache, start)
         if cache is not None:

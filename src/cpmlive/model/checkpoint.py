@@ -60,17 +60,16 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
         raise CpmliveError(f"{path}: weights file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CpmliveError(f"{path}: corrupt safetensors header") from None
+    except OSError as exc:
+        raise CpmliveError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(header, dict):
+        raise CpmliveError(f"{path}: corrupt safetensors header")
     base = 8 + header_len
     tensors: dict[str, Tensor] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            shape = info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise CpmliveError(f"{path}: corrupt safetensors entry {name!r}") from None
+        dtype, shape, begin, end = _header_entry(path, name, info)
         count = math.prod(shape)
         if end - begin != count * dtype.itemsize or base + end > size:
             raise CpmliveError(f"{path}: tensor {name!r} is truncated or corrupt")
@@ -82,13 +81,27 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
+def _header_entry(path: Path, name: str, info: object) -> tuple[torch.dtype, list[int], int, int]:
+    """Validate one header entry: dtype, non-negative integer shape and offsets."""
+    try:
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = list(info["shape"])
+    except (KeyError, TypeError, ValueError):
+        raise CpmliveError(f"{path}: corrupt safetensors entry {name!r}") from None
+    numbers = [begin, end, *shape]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        raise CpmliveError(f"{path}: corrupt safetensors entry {name!r}")
+    return dtype, shape, begin, end
+
+
 def read_weights(directory: Path) -> dict[str, Tensor]:
     """All tensors of a checkpoint directory, single-file or sharded."""
     index = directory / INDEX_NAME
     if index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise CpmliveError(f"{index}: corrupt shard index") from None
         tensors: dict[str, Tensor] = {}
         for name in files:
@@ -216,7 +229,10 @@ def save_checkpoint(model_or_state: CpmAnt | dict[str, Tensor], config: AntConfi
 
 def write_vocab(vocab: str | os.PathLike | Iterable[str], path: Path) -> None:
     if isinstance(vocab, (str, os.PathLike)):
-        shutil.copyfile(vocab, path)
+        try:
+            shutil.copyfile(vocab, path)
+        except OSError as exc:
+            raise CpmliveError(f"{vocab}: cannot copy the vocabulary ({exc.strerror or exc})") from None
     else:
         path.write_text("".join(f"{token}\n" for token in vocab), encoding="utf-8")
 
@@ -280,15 +296,20 @@ def openbmb_to_ours(state: dict[str, Tensor], config: AntConfig) -> dict[str, Te
     return out
 
 
-def ours_to_openbmb(state: dict[str, Tensor], config: AntConfig) -> dict[str, Tensor]:
+def _ours_name_to_openbmb(name: str) -> str:
     reverse_top = {v: k for k, v in OPENBMB_TOP.items()}
     reverse_layer = {v: k for k, v in OPENBMB_LAYER.items()}
-    out = {}
-    for name, tensor in state.items():
-        match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-        theirs = f"encoder.layers.{match.group(1)}.{reverse_layer[match.group(2)]}" if match else reverse_top[name]
-        out[theirs] = _scaled(tensor, 1.0 / fan_in_scale(name, config))
-    return out
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if match and match.group(2) in reverse_layer:
+        return f"encoder.layers.{match.group(1)}.{reverse_layer[match.group(2)]}"
+    if not match and name in reverse_top:
+        return reverse_top[name]
+    raise CpmliveError(f"not a CPM-Ant state dict in our layout: unknown key {name!r}")
+
+
+def ours_to_openbmb(state: dict[str, Tensor], config: AntConfig) -> dict[str, Tensor]:
+    return {_ours_name_to_openbmb(name): _scaled(tensor, 1.0 / fan_in_scale(name, config))
+            for name, tensor in state.items()}
 
 
 def config_from_openbmb_state(state: dict[str, Tensor], prompt_length: int = 32) -> AntConfig:
@@ -330,12 +351,15 @@ def hf_to_ours(state: dict[str, Tensor], config: AntConfig) -> tuple[dict[str, T
     (how removed sub-blocks are written to HF) become removed sub-blocks again."""
     state = {k.removeprefix("cpmant."): v for k, v in state.items()}
     head = state.pop("lm_head.weight", None)
-    table = state.pop("input_embedding.weight")
-    out = {"input_embedding.weight": table[: config.vocab_size],
-           "prompt_embedding.weight": table[config.vocab_size:],
-           "segment_embedding.weight": state.pop("segment_embedding.weight"),
-           "position_bias.weight": state.pop("position_bias.relative_attention_bias"),
-           "output_norm.weight": state.pop("encoder.output_layernorm.weight")}
+    try:
+        table = state.pop("input_embedding.weight")
+        out = {"input_embedding.weight": table[: config.vocab_size],
+               "prompt_embedding.weight": table[config.vocab_size:],
+               "segment_embedding.weight": state.pop("segment_embedding.weight"),
+               "position_bias.weight": state.pop("position_bias.relative_attention_bias"),
+               "output_norm.weight": state.pop("encoder.output_layernorm.weight")}
+    except KeyError as exc:
+        raise CpmliveError(f"not a CpmAnt HF state dict: no 'cpmant.{exc.args[0]}'") from None
     if head is not None and not torch.equal(head[: config.vocab_size], out["input_embedding.weight"]):
         raise CpmliveError("lm_head.weight differs from the input embedding: CPM-Ant ties them, "
                            "this checkpoint is not a CPM-Ant")
@@ -346,7 +370,11 @@ def hf_to_ours(state: dict[str, Tensor], config: AntConfig) -> tuple[dict[str, T
         out[f"layers.{match.group(1)}.{OPENBMB_LAYER[match.group(2)]}"] = tensor
     mask = []
     for i in range(config.num_layers):
-        attn_out, ffn_out = out[f"layers.{i}.attn.attention_out.weight"], out[f"layers.{i}.ffn.w_out.weight"]
+        attn_out = out.get(f"layers.{i}.attn.attention_out.weight")
+        ffn_out = out.get(f"layers.{i}.ffn.w_out.weight")
+        if attn_out is None or ffn_out is None:
+            missing = "self_att.self_attention.attention_out" if attn_out is None else "ffn.ffn.w_out"
+            raise CpmliveError(f"not a CpmAnt HF state dict: no 'cpmant.encoder.layers.{i}.{missing}.weight'")
         mask.append([not attn_out.any().item(), not ffn_out.any().item()])
     if config.mask_modules is not None:
         mask = [[a or ca, f or cf] for (a, f), (ca, cf) in zip(mask, config.mask_modules)]

@@ -1,0 +1,165 @@
+"""``cpmlive.load(...)``: the one door for Python users.
+
+>>> lm = cpmlive.load("demo")
+>>> lm.generate("今天天气不错，", max_new_tokens=20)
+>>> lm.fill("今天<mask>，我们去公园")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from cpmlive.config import PRESETS, AntConfig, preset
+from cpmlive.errors import CpmliveError
+from cpmlive.infer.generate import GenerationConfig, decode_steps, fill_blanks, generate_ids
+from cpmlive.model.ant import CpmAnt, build_model
+from cpmlive.model.checkpoint import VOCAB_NAME, load_model
+from cpmlive.tokenizer import AntTokenizer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+MASK = "<mask>"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise CpmliveError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+class LM:
+    """A CPM-Ant model with its tokenizer, ready to generate and fill blanks."""
+
+    def __init__(self, model: CpmAnt, tokenizer: AntTokenizer, name: str = "") -> None:
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise CpmliveError(f"vocabulary has {tokenizer.vocab_size} tokens, the model expects "
+                               f"{model.config.vocab_size}")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+
+    @property
+    def config(self) -> AntConfig:
+        return self.model.config
+
+    # ---- text <-> ids -----------------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise CpmliveError("empty prompt")
+        ids = self.tokenizer.encode_for_model(text)
+        if ids[:1] != [self.tokenizer.bos_id]:
+            ids = [self.tokenizer.bos_id] + ids
+        self._check_length(len(ids))
+        return ids
+
+    def _check_length(self, tokens: int, new_tokens: int = 0) -> None:
+        limit = self.config.max_length - self.config.prompt_length
+        if tokens > limit:
+            raise CpmliveError(f"prompt is {tokens} tokens long; this model takes at most {limit}")
+
+    def _options(self, max_new_tokens: int, kwargs: dict) -> GenerationConfig:
+        return GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
+
+    # ---- generation -------------------------------------------------------------------------
+
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, **kwargs: object) -> str | list[str]:
+        """Continue each prompt; keyword names as in HF ``generate`` plus ``seed``."""
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = self.generate_ids(texts, max_new_tokens=max_new_tokens, **kwargs)
+        outputs = [self.tokenizer.decode(row) for row in ids]
+        return outputs[0] if isinstance(prompt, str) else outputs
+
+    def generate_ids(self, texts: Sequence[str], max_new_tokens: int = 64, **kwargs: object) -> list[list[int]]:
+        if not texts:
+            raise CpmliveError("no prompt given")
+        options = self._options(max_new_tokens, kwargs)
+        rows = [self.encode_prompt(t) for t in texts]
+        return generate_ids(self.model, rows, options, self.tokenizer.eos_id)
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, **kwargs: object) -> Iterator[str]:
+        """Yield the text of each new token as soon as it is chosen."""
+        options = self._options(max_new_tokens, kwargs)
+        if options.num_beams > 1:
+            raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
+        row = self.encode_prompt(prompt)
+        for emitted in decode_steps(self.model, [row], options, self.tokenizer.eos_id):
+            if emitted[0] is not None:
+                yield self.tokenizer.decode([emitted[0]])
+
+    # ---- blank infilling -------------------------------------------------------------------
+
+    def fill(self, text: str | Sequence[str], max_new_tokens: int = 4, blank_lengths: Sequence[int] | None = None,
+             return_fills: bool = False, **kwargs: object) -> str | list[str] | list:
+        """Replace every ``<mask>`` with generated text (CPM-Ant's blank-infilling objective).
+
+        Each blank becomes ``n`` non-context tokens decoded left to right, for every candidate
+        ``n`` in ``blank_lengths`` (default 1..max_new_tokens, the same ``n`` for every blank);
+        the completed text read most fluently by the model wins.
+        """
+        if not isinstance(text, str):
+            return [self.fill(t, max_new_tokens, blank_lengths, return_fills, **kwargs) for t in text]
+        if MASK not in text:
+            raise CpmliveError("fill needs at least one <mask> in the text")
+        options = self._options(max_new_tokens, kwargs)
+        if options.num_beams > 1:
+            raise CpmliveError("fill decodes greedily or by sampling; num_beams is not supported")
+        lengths = list(blank_lengths) if blank_lengths else list(range(1, options.max_new_tokens + 1))
+        if not lengths or min(lengths) < 1:
+            raise CpmliveError("blank lengths must be positive")
+        pieces = [self.tokenizer.encode_for_model(part)[1:] if part else [] for part in text.split(MASK)]
+        self._check_length(1 + sum(map(len, pieces)) + max(lengths) * (len(pieces) - 1) + 1)
+        candidates = fill_blanks(self.model, pieces, lengths, options, self.tokenizer.bos_id,
+                                 self.tokenizer.eos_id)
+        blanks, _ = max(candidates, key=lambda item: item[1])
+        fills = [self.tokenizer.decode(b) for b in blanks]
+        if return_fills:
+            return fills
+        parts = text.split(MASK)
+        return "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
+
+
+def find_vocab(vocab: str | os.PathLike | None, directory: Path | None) -> Path:
+    if vocab is not None:
+        return Path(vocab)
+    if directory is not None and (directory / VOCAB_NAME).is_file():
+        return directory / VOCAB_NAME
+    demo = ASSETS / "demo" / VOCAB_NAME
+    if demo.is_file():
+        return demo
+    raise CpmliveError("no vocab.txt in the checkpoint; pass vocab=PATH (--vocab)")
+
+
+def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
+         vocab: str | os.PathLike | None = None, hf_tokenizer: bool = False, seed: int = 0) -> LM:
+    """A checkpoint directory, ``"demo"`` (the shipped model) or a preset name (random weights).
+
+    Random-weight presets need a vocabulary of their ``vocab_size``: pass ``vocab=``.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if str(name_or_path) == "demo":
+        name_or_path = ASSETS / "demo"
+        if not Path(name_or_path).is_dir():
+            raise CpmliveError("the demo model is not installed in this package")
+    path = Path(name_or_path)
+    if path.exists():
+        model = load_model(path, dtype=torch_dtype, device=device)
+        directory = path
+    elif str(name_or_path) in PRESETS:
+        config = preset(str(name_or_path))
+        model = build_model(config, device=device, dtype=torch_dtype or torch.float32, seed=seed).eval()
+        directory = None
+    else:
+        raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
+    tokenizer = AntTokenizer.from_file(find_vocab(vocab, directory), hf_compat=hf_tokenizer)
+    return LM(model, tokenizer, name=str(name_or_path))
+
+
+__all__ = ["LM", "load", "resolve_dtype"]

@@ -1,0 +1,410 @@
+"""Decoding for CPM-Ant: greedy, sampling, beam search and blank infilling, all KV-cached.
+
+Prompts are laid out as CPM-Live's generator does (spec section 5.1):
+``[32 prompt ids of the task | left padding | <s> text]``; the prefill is bidirectional
+(every prompt token is context) and each new token attends to the cache and itself.
+Keyword names and processing order follow HF ``generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cpmlive.errors import CpmliveError
+from cpmlive.model.ant import AntCache, CpmAnt
+
+TASK_INFILL = 1
+TASK_GENERATE = 2
+TEXT_SEGMENT = {TASK_INFILL: 1, TASK_GENERATE: 2}
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
+            (not (self.do_sample and self.num_beams > 1), "beam sampling is not supported: use do_sample or num_beams"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CpmliveError(message)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> "GenerationConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise CpmliveError(f"unknown generation option {unknown[0]!r}")
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- batches -------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded rows ``[prompt | pads | tokens]`` and their mask inputs."""
+
+    input_ids: Tensor
+    segment: Tensor
+    context: Tensor
+    span: Tensor
+    valid: Tensor
+    position: Tensor | None = None
+
+    def as_inputs(self) -> dict[str, Tensor]:
+        inputs = {"input_ids": self.input_ids, "segment": self.segment, "context": self.context,
+                  "span": self.span, "valid": self.valid}
+        if self.position is not None:
+            inputs["position"] = self.position
+        return inputs
+
+
+def prompt_ids(task: int, prompt_length: int) -> list[int]:
+    return [task * prompt_length + j for j in range(prompt_length)]
+
+
+def build_batch(rows: list[list[int]], task: int, prompt_length: int, device: torch.device | str = "cpu",
+                context_rows: list[list[bool]] | None = None) -> PromptBatch:
+    """CPM-Live's generation layout. ``context_rows`` marks tokens that are not context
+    (blanks to fill); by default every token is context."""
+    width = max(len(r) for r in rows)
+    batch, total = len(rows), prompt_length + width
+    input_ids = torch.zeros(batch, total, dtype=torch.long)
+    segment = torch.zeros(batch, total, dtype=torch.int32)
+    context = torch.zeros(batch, total, dtype=torch.bool)
+    valid = torch.zeros(batch, total, dtype=torch.bool)
+    input_ids[:, :prompt_length] = torch.tensor(prompt_ids(task, prompt_length))
+    context[:, :prompt_length] = True
+    valid[:, :prompt_length] = True
+    for i, row in enumerate(rows):
+        start = total - len(row)
+        input_ids[i, start:] = torch.tensor(row)
+        segment[i, start:] = TEXT_SEGMENT[task]
+        context[i, start:] = torch.tensor(context_rows[i]) if context_rows else True
+        valid[i, start:] = True
+    span = torch.zeros(batch, total, dtype=torch.int32)
+    return PromptBatch(input_ids.to(device), segment.to(device), context.to(device), span.to(device),
+                       valid.to(device))
+
+
+def _step_inputs(tokens: Tensor, segment: int, context: bool = True, valid: Tensor | None = None,
+                 position: Tensor | None = None) -> dict[str, Tensor]:
+    batch = tokens.size(0)
+    ones = torch.ones(batch, 1, dtype=torch.int32, device=tokens.device)
+    inputs = {"input_ids": tokens.view(batch, 1), "segment": ones * segment,
+              "context": ones.bool() if context else ~ones.bool(), "span": ones * 0,
+              "valid": ones.bool() if valid is None else valid.view(batch, 1)}
+    if position is not None:
+        inputs["position"] = position.view(batch, 1).to(torch.int32)
+    return inputs
+
+
+# ---- logits processing (HF order) --------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) -> Tensor:
+    """CTRL-style: divide positive logits of seen tokens, multiply negative ones."""
+    if penalty == 1.0:
+        return logits
+    seen = logits.gather(1, history)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, history, seen)
+
+
+def banned_ngram_tokens(history: list[int], n: int) -> set[int]:
+    if n <= 0 or len(history) < n:
+        return set()
+    prefix = tuple(history[len(history) - n + 1:])
+    return {history[i + n - 1] for i in range(len(history) - n + 1) if tuple(history[i:i + n - 1]) == prefix}
+
+
+def process_logits(logits: Tensor, histories: list[list[int]], step: int, config: GenerationConfig,
+                   eos_id: int) -> Tensor:
+    logits = logits.float()
+    if config.repetition_penalty != 1.0:
+        width = max(len(h) for h in histories)
+        history = torch.tensor([h + h[:1] * (width - len(h)) for h in histories], device=logits.device)
+        logits = apply_repetition_penalty(logits, history, config.repetition_penalty)
+    if config.no_repeat_ngram_size:
+        for row, history in enumerate(histories):
+            banned = banned_ngram_tokens(history, config.no_repeat_ngram_size)
+            if banned:
+                logits[row, list(banned)] = float("-inf")
+    if step < config.min_new_tokens:
+        logits[:, eos_id] = float("-inf")
+    return logits
+
+
+def sampling_filter(logits: Tensor, config: GenerationConfig) -> Tensor:
+    logits = logits / config.temperature
+    if config.top_k:
+        kth = torch.topk(logits, min(config.top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=False)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - config.top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: Tensor, config: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    if not config.do_sample:
+        return logits.argmax(-1)
+    probs = sampling_filter(logits, config).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _generator(config: GenerationConfig) -> torch.Generator | None:
+    return torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+
+
+# ---- greedy / sampling --------------------------------------------------------------------------
+
+@torch.inference_mode()
+def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
+                 eos_id: int) -> Iterator[list[int | None]]:
+    """Greedy or sampled decoding, one yield per step: the new token of each row, or
+    ``None`` for rows already finished. ``rows`` already start with ``<s>``."""
+    batch = build_batch(rows, TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device)
+    cache = model.new_cache(len(rows), batch.input_ids.size(1) + config.max_new_tokens)
+    hidden = model(**batch.as_inputs(), cache=cache)[:, -1]
+    generator = _generator(config)
+    histories = [list(r) for r in rows]
+    finished = [False] * len(rows)
+    for step in range(config.max_new_tokens):
+        logits = process_logits(model.logits(hidden), histories, step, config, eos_id)
+        tokens = choose_tokens(logits, config, generator)
+        emitted: list[int | None] = []
+        for row, token in enumerate(tokens.tolist()):
+            finished[row] = finished[row] or token == eos_id
+            emitted.append(None if finished[row] else token)
+            if not finished[row]:
+                histories[row].append(token)
+        yield emitted
+        if all(finished) or step == config.max_new_tokens - 1:
+            return
+        hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[TASK_GENERATE]), cache=cache)[:, -1]
+
+
+def generate_ids(model: CpmAnt, rows: list[list[int]], config: GenerationConfig, eos_id: int) -> list[list[int]]:
+    """New token ids per row (eos not included)."""
+    if config.num_beams > 1:
+        return [beam_search(model, row, config, eos_id) for row in rows]
+    outputs: list[list[int]] = [[] for _ in rows]
+    for emitted in decode_steps(model, rows, config, eos_id):
+        for row, token in enumerate(emitted):
+            if token is not None:
+                outputs[row].append(token)
+    return outputs
+
+
+# ---- beam search --------------------------------------------------------------------------------
+
+
+class Hypotheses:
+    """The ``num_beams`` best finished hypotheses of one prompt."""
+
+    def __init__(self, num_beams: int, length_penalty: float) -> None:
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.items: list[tuple[float, list[int]]] = []
+
+    def score(self, logprob: float, length: int) -> float:
+        return logprob / max(length, 1) ** self.length_penalty
+
+    def add(self, tokens: list[int], logprob: float) -> None:
+        self.items.append((self.score(logprob, len(tokens)), tokens))
+        self.items.sort(key=lambda item: item[0], reverse=True)
+        del self.items[self.num_beams:]
+
+    def is_done(self, best_live_logprob: float, length: int) -> bool:
+        if len(self.items) < self.num_beams:
+            return False
+        return self.items[-1][0] >= self.score(best_live_logprob, length)
+
+    def best(self) -> list[int]:
+        return self.items[0][1]
+
+
+@torch.inference_mode()
+def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int) -> list[int]:
+    beams = config.num_beams
+    batch = build_batch([row], TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device)
+    cache = model.new_cache(1, batch.input_ids.size(1) + config.max_new_tokens)
+    hidden = model(**batch.as_inputs(), cache=cache)[:, -1]
+    cache.reorder(torch.zeros(beams, dtype=torch.long, device=hidden.device))
+    hidden = hidden.expand(beams, -1)
+    scores = torch.full((beams,), -1e9, device=hidden.device)
+    scores[0] = 0.0
+    sequences: list[list[int]] = [[] for _ in range(beams)]
+    hypotheses = Hypotheses(beams, config.length_penalty)
+    for step in range(config.max_new_tokens):
+        histories = [row + seq for seq in sequences]
+        logprobs = process_logits(model.logits(hidden), histories, step, config, eos_id).log_softmax(-1)
+        candidates = (logprobs + scores[:, None]).view(-1)
+        top_scores, top_index = candidates.topk(2 * beams)
+        vocab = logprobs.size(-1)
+        chosen: list[tuple[float, int, int]] = []
+        for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
+            origin, token = divmod(index, vocab)
+            if token == eos_id:
+                if rank < beams:
+                    hypotheses.add(sequences[origin], score)
+                continue
+            chosen.append((score, token, origin))
+            if len(chosen) == beams:
+                break
+        if hypotheses.is_done(chosen[0][0], step + 1) or step == config.max_new_tokens - 1:
+            for score, token, origin in chosen:
+                hypotheses.add(sequences[origin] + [token], score)
+            break
+        origins = torch.tensor([c[2] for c in chosen], device=hidden.device)
+        tokens = torch.tensor([c[1] for c in chosen], device=hidden.device)
+        scores = torch.tensor([c[0] for c in chosen], device=hidden.device)
+        sequences = [sequences[c[2]] + [c[1]] for c in chosen]
+        cache.reorder(origins)
+        hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[TASK_GENERATE]), cache=cache)[:, -1]
+    return hypotheses.best()
+
+
+# ---- blank infilling -------------------------------------------------------------------------------
+
+
+@dataclass
+class FillLayout:
+    """One candidate: the text with every blank given ``blank_length`` non-context slots."""
+
+    tokens: list[int]
+    context: list[bool]
+    slots: list[int]
+
+
+def fill_layout(pieces: list[list[int]], blank_length: int, bos_id: int, eos_id: int) -> FillLayout:
+    """``pieces`` are the token ids between blanks: ``len(pieces) == blanks + 1``."""
+    tokens, context, slots = [bos_id], [True], []
+    for i, piece in enumerate(pieces):
+        tokens += piece
+        context += [True] * len(piece)
+        if i < len(pieces) - 1:
+            slots += range(len(tokens), len(tokens) + blank_length)
+            tokens += [0] * blank_length
+            context += [False] * blank_length
+    tokens.append(eos_id)
+    context.append(True)
+    return FillLayout(tokens, context, slots)
+
+
+@torch.inference_mode()
+def fill_blanks(model: CpmAnt, pieces: list[list[int]], blank_lengths: list[int], config: GenerationConfig,
+                bos_id: int, eos_id: int) -> list[tuple[list[list[int]], float]]:
+    """Fill every blank, once per candidate length; returns per candidate the fills and the
+    mean log-likelihood of the completed text under the generation objective (for ranking).
+
+    As in pretraining (spec section 4.2), blanks are non-context tokens decoded left to right:
+    each sees all the context on both sides and the blank tokens before it. The context is
+    prefilled once; blank tokens are then fed with their own positions.
+    """
+    layouts = [fill_layout(pieces, n, bos_id, eos_id) for n in blank_lengths]
+    prompt = model.config.prompt_length
+    device = model.input_embedding.weight.device
+    batch = build_batch([lay.tokens for lay in layouts], TASK_INFILL, prompt, device,
+                        [lay.context for lay in layouts])
+    total = batch.input_ids.size(1)
+    offsets = [total - len(lay.tokens) for lay in layouts]
+    # Blanks are invisible to the context, so the prefill is the context alone.
+    batch.valid &= batch.context
+    longest = max(len(lay.slots) for lay in layouts)
+    cache = model.new_cache(len(layouts), total + longest)
+    prefill = model(**batch.as_inputs(), cache=cache)
+    generator = _generator(config)
+    fills: list[list[int]] = [[] for _ in layouts]
+    previous_hidden = None
+    for step in range(longest):
+        hidden = []
+        for row, lay in enumerate(layouts):
+            if step >= len(lay.slots):
+                hidden.append(prefill[row, -1])
+                continue
+            slot = lay.slots[step]
+            follows_previous = step > 0 and lay.slots[step - 1] == slot - 1
+            hidden.append(previous_hidden[row] if follows_previous else prefill[row, offsets[row] + slot - 1])
+        histories = [lay.tokens[:1] + fill for lay, fill in zip(layouts, fills)]
+        logits = process_logits(model.logits(torch.stack(hidden)), histories, step, config, eos_id)
+        logits[:, eos_id] = float("-inf")
+        tokens = choose_tokens(logits, config, generator)
+        active = torch.tensor([step < len(lay.slots) for lay in layouts], device=device)
+        positions = torch.tensor([prompt + offsets[r] + (lay.slots[step] if step < len(lay.slots) else 0)
+                                  for r, lay in enumerate(layouts)], device=device)
+        for row, token in enumerate(tokens.tolist()):
+            if step < len(layouts[row].slots):
+                fills[row].append(token)
+        step_inputs = _step_inputs(tokens[:, None], TEXT_SEGMENT[TASK_INFILL], context=False, valid=active,
+                                   position=positions)
+        previous_hidden = model(**step_inputs, cache=cache)[:, -1]
+    results = []
+    for row, lay in enumerate(layouts):
+        per_blank = len(lay.slots) // max(len(pieces) - 1, 1)
+        blanks = [fills[row][i * per_blank:(i + 1) * per_blank] for i in range(len(pieces) - 1)]
+        results.append(blanks)
+    scores = completion_scores(model, pieces, results, bos_id, eos_id)
+    return list(zip(results, scores))
+
+
+@torch.inference_mode()
+def completion_scores(model: CpmAnt, pieces: list[list[int]], fills: list[list[list[int]]], bos_id: int,
+                      eos_id: int) -> list[float]:
+    """Mean per-token log-likelihood of each completed text, read left to right."""
+    rows = []
+    for blanks in fills:
+        tokens = [bos_id]
+        for i, piece in enumerate(pieces):
+            tokens += piece + (blanks[i] if i < len(blanks) else [])
+        rows.append(tokens + [eos_id])
+    lengths = [len(r) for r in rows]
+    prompt = model.config.prompt_length
+    context_rows = [[True] + [False] * (n - 1) for n in lengths]
+    batch = build_batch(rows, TASK_GENERATE, prompt, model.input_embedding.weight.device, context_rows)
+    logprobs = model.logits(model(**batch.as_inputs())).float().log_softmax(-1)
+    total = batch.input_ids.size(1)
+    scores = []
+    for row, n in enumerate(lengths):
+        start = total - n
+        targets = batch.input_ids[row, start + 1:]
+        picked = logprobs[row, start:total - 1].gather(1, targets[:, None])
+        scores.append(picked.mean().item())
+    return scores
+
+
+__all__ = [
+    "GenerationConfig", "PromptBatch", "TASK_GENERATE", "TASK_INFILL", "AntCache", "beam_search", "build_batch",
+    "decode_steps", "fill_blanks", "generate_ids", "process_logits", "sampling_filter",
+]

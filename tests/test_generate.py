@@ -1,0 +1,177 @@
+"""Generation against HF ``CpmAntForCausalLM.generate`` on the same random weights."""
+
+import pytest
+import torch
+import transformers
+
+from cpmlive.api import LM
+from cpmlive.config import AntConfig
+from cpmlive.errors import CpmliveError
+from cpmlive.infer.generate import GenerationConfig, generate_ids, sampling_filter
+from cpmlive.model.checkpoint import hf_to_ours, model_from_state_dict
+from cpmlive.tokenizer import AntTokenizer
+
+from conftest import ANT_VOCAB
+
+EOS = 7
+
+
+def random_hf_model(seed: int, hidden: int = 48, heads: int = 4, dim_head: int = 16, layers: int = 2):
+    torch.manual_seed(seed)
+    config = transformers.CpmAntConfig(vocab_size=30720, hidden_size=hidden, num_attention_heads=heads,
+                                       dim_head=dim_head, dim_ff=96, num_hidden_layers=layers)
+    model = transformers.CpmAntForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or "layernorm_before" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "input_embedding" in name:
+                p.copy_(torch.randn_like(p) * 2.0 / hidden**0.5)
+            elif "relative_attention_bias" in name or "segment_embedding" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+        model.lm_head.weight.copy_(model.cpmant.input_embedding.weight[:30720])
+    return model
+
+
+def ours_from_hf(hf_model) -> "torch.nn.Module":
+    config = AntConfig.from_hf(hf_model.config.to_dict())
+    state, config = hf_to_ours(dict(hf_model.state_dict()), config)
+    return model_from_state_dict(config, state)
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf = random_hf_model(0)
+    return hf, ours_from_hf(hf)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AntTokenizer.from_file(ANT_VOCAB)
+
+
+PROMPTS = ["今天天气不错，", "我们在假期去了法国的埃菲尔铁塔，北京是中华人民共和国的首都", "人工智能"]
+
+
+def hf_generate(hf, ids: list[int], **kwargs) -> list[int]:
+    out = hf.generate(torch.tensor([ids]), eos_token_id=EOS, pad_token_id=0, **kwargs)
+    new = out[0, len(ids):].tolist()
+    return new[: new.index(EOS)] if EOS in new else new
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_32_tokens_identical_to_hf(models, tokenizer, prompt):
+    hf, ours = models
+    ids = tokenizer.encode_for_model(prompt)
+    expected = hf_generate(hf, ids, max_new_tokens=32, do_sample=False)
+    got = generate_ids(ours, [ids], GenerationConfig(max_new_tokens=32), EOS)[0]
+    assert got == expected and len(got) == 32
+
+
+@pytest.mark.parametrize("options", [
+    {"repetition_penalty": 1.5},
+    {"no_repeat_ngram_size": 2},
+    {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3, "min_new_tokens": 5},
+])
+def test_logits_processors_identical_to_hf(models, tokenizer, options):
+    hf, ours = models
+    ids = tokenizer.encode_for_model(PROMPTS[0])
+    expected = hf_generate(hf, ids, max_new_tokens=24, do_sample=False, **options)
+    got = generate_ids(ours, [ids], GenerationConfig(max_new_tokens=24, **options), EOS)[0]
+    assert got == expected
+
+
+def test_left_padded_batch_equals_single_rows(models, tokenizer):
+    _, ours = models
+    rows = [tokenizer.encode_for_model(p) for p in PROMPTS]
+    batched = generate_ids(ours, rows, GenerationConfig(max_new_tokens=16), EOS)
+    single = [generate_ids(ours, [r], GenerationConfig(max_new_tokens=16), EOS)[0] for r in rows]
+    assert batched == single
+
+
+def test_beam_search_matches_hf(models, tokenizer):
+    hf, ours = models
+    ids = tokenizer.encode_for_model(PROMPTS[1])
+    expected = hf_generate(hf, ids, max_new_tokens=12, num_beams=3, do_sample=False, early_stopping=False)
+    got = generate_ids(ours, [ids], GenerationConfig(max_new_tokens=12, num_beams=3), EOS)[0]
+    assert got == expected
+
+
+def test_sampling_is_reproducible_with_a_seed(models, tokenizer):
+    _, ours = models
+    rows = [tokenizer.encode_for_model(p) for p in PROMPTS]
+    options = dict(max_new_tokens=12, do_sample=True, top_p=0.9, top_k=40, temperature=0.8)
+    first = generate_ids(ours, rows, GenerationConfig(seed=3, **options), EOS)
+    again = generate_ids(ours, rows, GenerationConfig(seed=3, **options), EOS)
+    other = generate_ids(ours, rows, GenerationConfig(seed=4, **options), EOS)
+    assert first == again and first != other
+
+
+def test_top_k_top_p_filters_match_hf_warpers():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    config = GenerationConfig(do_sample=True, top_k=10, top_p=0.8, temperature=0.7)
+    ours = sampling_filter(logits, config)
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    theirs = logits.clone()
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+        theirs = warper(None, theirs)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.allclose(ours[~torch.isinf(ours)], theirs[~torch.isinf(theirs)])
+
+
+def test_min_new_tokens_and_eos_stop(models, tokenizer, monkeypatch):
+    _, ours = models
+    ids = tokenizer.encode_for_model(PROMPTS[0])
+    plain = ours.logits
+
+    def eos_favoured(hidden):
+        logits = plain(hidden)
+        logits[..., EOS] = logits.max() + 10
+        return logits
+
+    monkeypatch.setattr(ours, "logits", eos_favoured)
+    assert generate_ids(ours, [ids], GenerationConfig(max_new_tokens=10, min_new_tokens=4), EOS)[0].__len__() == 4
+    assert generate_ids(ours, [ids], GenerationConfig(max_new_tokens=10), EOS)[0] == []
+
+
+def test_stream_yields_the_generated_text(models, tokenizer):
+    _, ours = models
+    lm = LM(ours, tokenizer)
+    assert "".join(lm.stream(PROMPTS[0], max_new_tokens=10)) == lm.generate(PROMPTS[0], max_new_tokens=10)
+
+
+def test_fill_replaces_every_mask(models, tokenizer):
+    _, ours = models
+    lm = LM(ours, tokenizer)
+    fills = lm.fill("今天<mask>，我们去<mask>公园", max_new_tokens=3, return_fills=True)
+    assert len(fills) == 2 and all(fills)
+    text = lm.fill("今天<mask>，我们去<mask>公园", max_new_tokens=3)
+    assert text == f"今天{fills[0]}，我们去{fills[1]}公园"
+
+
+def test_fill_blank_tokens_see_right_context(models, tokenizer):
+    """Changing the text after a blank changes what the blank is filled with."""
+    _, ours = models
+    lm = LM(ours, tokenizer)
+    a = lm.fill("今天<mask>，我们去公园", blank_lengths=[2], return_fills=True)
+    b = lm.fill("今天<mask>，他们在北京开会讨论人工智能", blank_lengths=[2], return_fills=True)
+    assert a != b
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda lm: lm.generate(""), "empty prompt"),
+    (lambda lm: lm.generate("   "), "empty prompt"),
+    (lambda lm: lm.fill("没有空"), "<mask>"),
+    (lambda lm: lm.generate("好" * 3000), "at most"),
+    (lambda lm: lm.generate("你好", max_new_tokens=0), "max_new_tokens"),
+    (lambda lm: lm.generate("你好", top_p=1.5), "top_p"),
+    (lambda lm: lm.generate("你好", beams=2), "unknown generation option"),
+])
+def test_bad_generation_input_is_a_clear_error(models, tokenizer, call, message):
+    _, ours = models
+    with pytest.raises(CpmliveError, match=message):
+        call(LM(ours, tokenizer))
