@@ -1,0 +1,5 @@
+import sys
+
+from cpmlive.cli import main
+
+sys.exit(main())

@@ -1,0 +1,275 @@
+"""``cpmlive <verb>``: each verb is a thin function over one stage's API.
+
+Bad input prints one line on stderr and exits with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+from cpmlive.errors import CpmliveError
+
+EXIT_BAD_INPUT = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+# ---- input helpers ----------------------------------------------------------------------------
+
+
+def read_text_file(path: str) -> str:
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CpmliveError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CpmliveError(f"{path}: is a directory, not a text file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CpmliveError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def prompt_from(args: argparse.Namespace) -> str:
+    if args.prompt_file and args.text is not None:
+        raise CpmliveError("give the text or --prompt-file, not both")
+    if args.prompt_file:
+        return read_text_file(args.prompt_file)
+    if args.text is None:
+        raise CpmliveError("no text given (pass it as an argument, --prompt-file PATH, or - for stdin)")
+    return read_text_file("-") if args.text == "-" else args.text
+
+
+GENERATION_FLAGS = {
+    "max_new_tokens": int, "min_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
+    "num_beams": int, "length_penalty": float, "repetition_penalty": float, "no_repeat_ngram_size": int,
+    "seed": int,
+}
+
+
+def add_generation_flags(parser: argparse.ArgumentParser, default_new_tokens: int) -> None:
+    parser.add_argument("model", help="checkpoint directory, 'demo', or a preset name")
+    parser.add_argument("text", nargs="?", help="the prompt, or - to read stdin")
+    parser.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
+    for name, kind in GENERATION_FLAGS.items():
+        default = default_new_tokens if name == "max_new_tokens" else None
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
+    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    add_model_flags(parser)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    parser.add_argument("--vocab", default=None, help="vocabulary file (default: the checkpoint's vocab.txt)")
+    parser.add_argument("--hf-tokenizer", action="store_true", help="tokenize exactly like HF CpmAntTokenizer")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
+    if args.do_sample:
+        kwargs["do_sample"] = True
+    return kwargs
+
+
+def load_lm(args: argparse.Namespace):
+    from cpmlive.api import load
+
+    return load(args.model, dtype=args.dtype, vocab=args.vocab, hf_tokenizer=args.hf_tokenizer)
+
+
+def print_json(data: object) -> None:
+    print(json.dumps(data, ensure_ascii=False))
+
+
+# ---- verbs ----------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    prompt = prompt_from(args)
+    lm = load_lm(args)
+    kwargs = generation_kwargs(args)
+    if args.stream:
+        if args.json:
+            raise CpmliveError("--stream prints plain text; drop --json")
+        for piece in lm.stream(prompt, **kwargs):
+            print(piece, end="", flush=True)
+        print()
+        return
+    ids = lm.generate_ids([prompt], **kwargs)[0]
+    text = lm.tokenizer.decode(ids)
+    print_json({"text": text, "ids": ids}) if args.json else print(text)
+
+
+def cmd_fill(args: argparse.Namespace) -> None:
+    text = prompt_from(args)
+    lm = load_lm(args)
+    kwargs = generation_kwargs(args)
+    fills = lm.fill(text, blank_lengths=args.blank_length, return_fills=True, **kwargs)
+    parts = text.split("<mask>")
+    filled = "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
+    print_json({"text": filled, "fills": fills}) if args.json else print(filled)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from cpmlive.model.convert import convert
+
+    out = convert(args.src, args.dst, to=args.to, config_path=args.config, vocab_path=args.vocab,
+                  dtype=args.dtype)
+    print(f"wrote {out}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from cpmlive.config import PRESETS
+
+    if args.model in PRESETS and not Path(args.model).exists():
+        info = preset_info(args.model)
+    else:
+        from cpmlive.model.convert import checkpoint_info
+
+        info = checkpoint_info(args.model)
+    if args.json:
+        print_json(info)
+        return
+    for key, value in info.items():
+        if key != "config":
+            print(f"{key:>12}: {value}")
+    print("      config:")
+    for key, value in info["config"].items():
+        if key == "mask_modules" and value is not None:
+            value = f"{sum(not a for a, _ in value)} attention / {sum(not f for _, f in value)} FFN sub-blocks kept"
+        print(f"{'':>14}{key} = {value}")
+
+
+def preset_info(name: str) -> dict:
+    import torch
+
+    from cpmlive.config import preset
+    from cpmlive.model.ant import CpmAnt
+
+    config = preset(name)
+    with torch.device("meta"):
+        parameters = CpmAnt(config).num_parameters()
+    return {"path": f"preset:{name}", "format": "preset (no weights)", "parameters": parameters,
+            "dtype": "float16" if config.half else "float32", "size_bytes": 0, "config": config.to_dict()}
+
+
+def resolve_vocab_path(model_or_vocab: str) -> Path:
+    from cpmlive.api import ASSETS
+
+    path = ASSETS / "demo" if model_or_vocab == "demo" else Path(model_or_vocab)
+    if path.is_dir():
+        path = path / "vocab.txt"
+    if not path.is_file():
+        raise CpmliveError(f"{model_or_vocab}: no vocabulary file found")
+    return path
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from cpmlive.tokenizer import AntTokenizer
+
+    text = prompt_from(args)
+    tokenizer = AntTokenizer.from_file(resolve_vocab_path(args.model_or_vocab), hf_compat=args.hf)
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.id_to_token(i) for i in ids]
+    if args.json:
+        print_json({"ids": ids, "pieces": pieces})
+    else:
+        print(" ".join(f"{p!r}:{i}" for p, i in zip(pieces, ids)))
+
+
+def cmd_vocab_build(args: argparse.Namespace) -> None:
+    from cpmlive.tokenizer.vocab import build_vocab, read_corpus_texts, save_vocab
+
+    tokens = build_vocab(read_corpus_texts(args.corpus), args.size)
+    save_vocab(tokens, args.out)
+    print(f"wrote {len(tokens)} tokens to {args.out}")
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="cpmlive", description="CPM-Live: CPM-Ant models end to end")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=Parser)
+
+    gen = verbs.add_parser("generate", help="continue a prompt")
+    add_generation_flags(gen, default_new_tokens=64)
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.set_defaults(run=cmd_generate)
+
+    fill = verbs.add_parser("fill", help="fill every <mask> in the text (blank infilling)")
+    add_generation_flags(fill, default_new_tokens=4)
+    fill.add_argument("--blank-length", type=int, action="append",
+                      help="try this blank length (repeatable; default 1..--max-new-tokens)")
+    fill.set_defaults(run=cmd_fill)
+
+    conv = verbs.add_parser("convert", help="convert OpenBMB .pt / HF / our checkpoints")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--to", choices=["ours", "hf", "openbmb"], default="ours")
+    conv.add_argument("--config", help="config json for an OpenBMB .pt (default: inferred from the shapes)")
+    conv.add_argument("--vocab", help="vocabulary file to include")
+    conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    conv.set_defaults(run=cmd_convert)
+
+    info = verbs.add_parser("info", help="describe a checkpoint or preset")
+    info.add_argument("model")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=cmd_info)
+
+    tok = verbs.add_parser("tokenize", help="show the token ids and pieces of a text")
+    tok.add_argument("model_or_vocab")
+    tok.add_argument("text", nargs="?")
+    tok.add_argument("--prompt-file")
+    tok.add_argument("--hf", action="store_true", help="HF CpmAntTokenizer behaviour (HMM off, <s> added)")
+    tok.add_argument("--json", action="store_true")
+    tok.set_defaults(run=cmd_tokenize)
+
+    vocab = verbs.add_parser("vocab", help="vocabulary tools")
+    vocab_verbs = vocab.add_subparsers(dest="vocab_verb", required=True, parser_class=Parser)
+    build = vocab_verbs.add_parser("build", help="build a CPM-Ant style vocabulary from corpora")
+    build.add_argument("corpus", nargs="+", help="text/JSONL files or directories")
+    build.add_argument("--size", type=int, required=True)
+    build.add_argument("--out", required=True)
+    build.set_defaults(run=cmd_vocab_build)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # argparse cannot match an optional positional that follows a flag: take it here.
+    if len(extras) == 1 and getattr(args, "text", "") is None and not extras[0].startswith("--"):
+        args.text, extras = extras[0], []
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    run: Callable[[argparse.Namespace], None] = args.run
+    try:
+        run(args)
+    except CpmliveError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"cpmlive: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cpmlive: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
