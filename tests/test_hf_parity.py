@@ -19,7 +19,7 @@ from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import load_model, read_safetensors, read_weights
 from cpmlive.model.convert import convert, detect_format, load_any
 
-from conftest import REFERENCE
+from conftest import ANT_VOCAB, REFERENCE
 
 transformers = pytest.importorskip("transformers")
 
@@ -213,9 +213,14 @@ def test_round_trip_through_openbmb(pair: Pair, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_as_hf(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
-    target = convert(REFERENCE / "ant-tiny" / "model.safetensors", tmp_path_factory.mktemp("ref") / "hf", to="hf")
-    return transformers.CpmAntForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+def reference_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(REFERENCE / "ant-tiny" / "model.safetensors", tmp_path_factory.mktemp("ref") / "hf", to="hf",
+                   vocab_path=ANT_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def reference_as_hf(reference_hf_dir: Path) -> torch.nn.Module:
+    return transformers.CpmAntForCausalLM.from_pretrained(reference_hf_dir, dtype=torch.float32).eval()
 
 
 @torch.no_grad()
@@ -230,3 +235,11 @@ def test_openbmb_fixture_through_hf_matches_reference(reference_as_hf: torch.nn.
     step = torch.cat([text, cases["decode.step_input"][0].long()[:, None]], dim=1)
     cached = hf(step, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
     assert max_delta(cached, cases["decode.step_logits_full_1"]) <= ATOL
+
+
+def test_converted_directory_loads_with_hf_auto_classes(reference_hf_dir: Path) -> None:
+    pytest.importorskip("rjieba")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(reference_hf_dir)
+    assert type(tokenizer).__name__ == "CpmAntTokenizer"
+    assert tokenizer("今天天气真好！").input_ids == [6, 9802, 14962, 2082, 831, 244]
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(reference_hf_dir)).__name__ == "CpmAntForCausalLM"
