@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cpmlive.config import AntConfig
 
@@ -185,18 +186,24 @@ class CpmAnt(nn.Module):
             config.segment_types**2 + config.position_bias_num_buckets, config.num_heads)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.output_norm = RMSNorm(d, config.eps)
+        self.gradient_checkpointing = False
 
     # ---- the pieces of the forward pass ---------------------------------------------------
 
     def embed(self, input_ids: Tensor, segment: Tensor, start: int = 0) -> Tensor:
-        """The first ``prompt_length`` positions of a row index the prompt table."""
+        """Prompt-table rows are named two ways: by the first ``prompt_length`` columns of a row
+        (OpenBMB's generation layout) or by ids ``vocab_size + k`` anywhere (HF's layout, and how
+        our packed training rows give every span its own prompt)."""
+        vocab = self.config.vocab_size
         in_prompt = max(0, min(input_ids.size(1), self.config.prompt_length - start))
-        parts = []
         if in_prompt:
-            parts.append(self.prompt_embedding(input_ids[:, :in_prompt]))
-        if in_prompt < input_ids.size(1):
-            parts.append(self.input_embedding(input_ids[:, in_prompt:]))
-        hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            head = input_ids[:, :in_prompt]
+            input_ids = torch.cat([torch.where(head < vocab, head + vocab, head), input_ids[:, in_prompt:]], dim=1)
+        is_prompt = input_ids >= vocab
+        hidden = self.input_embedding(input_ids.clamp(max=vocab - 1))
+        if is_prompt.any():
+            prompt = self.prompt_embedding((input_ids - vocab).clamp(min=0))
+            hidden = torch.where(is_prompt[..., None], prompt, hidden)
         return hidden + self.segment_embedding(segment)
 
     def attention_bias(self, query: dict[str, Tensor], key: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
@@ -238,7 +245,10 @@ class CpmAnt(nn.Module):
         hidden = self.embed(input_ids, segment, start)
         bias = self.attention_bias(query, key, self._compute_dtype(hidden))
         for block in self.layers:
-            hidden = block(hidden, bias, cache, start)
+            if self.gradient_checkpointing and self.training and cache is None:
+                hidden = checkpoint(block, hidden, bias, use_reentrant=False)
+            else:
+                hidden = block(hidden, bias, cache, start)
         if cache is not None:
             cache.length = start + input_ids.size(1)
         return self.output_norm(hidden)

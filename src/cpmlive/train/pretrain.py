@@ -1,0 +1,381 @@
+"""The pretraining recipe: setup -> train -> save, every knob in ``PretrainConfig``.
+
+Each step logs loss (total, infilling, generation), lr, tokens, throughput, grad norm,
+memory, time, cost and CO2e to ``metrics.jsonl``; checkpoints hold the model, optimizer,
+schedule, data position and RNG, and are swapped in atomically, so ``--resume auto``
+continues a killed run exactly where its last checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from cpmlive.config import AntConfig, preset
+from cpmlive.data.objectives import Batch, masked_lm_loss
+from cpmlive.data.store import TokenStore
+from cpmlive.data.stream import PretrainStream, fixed_batches
+from cpmlive.errors import CpmliveError
+from cpmlive.model.ant import CpmAnt
+from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory, replace_directory, save_checkpoint
+from cpmlive.tokenizer import AntTokenizer
+from cpmlive.train.metrics import MetricsLog, finite_or_none, parameter_stats
+from cpmlive.utils import atomic_write_text
+
+TRAINER_STATE = "trainer.pt"
+LATEST = "latest"
+
+
+@dataclass
+class PretrainConfig:
+    model: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
+    out: str = "runs/pretrain"
+    seq_length: int = 512
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    activation_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    inspect_every: int = 50
+    price_per_device_hour: float = 0.0
+    device_watts: float = 150.0
+    grid_kg_co2_per_kwh: float = 0.58
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {"schedule": ("cosine", "noam", "constant"), "precision": ("bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CpmliveError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.seq_length <= 64 or self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
+            raise CpmliveError("config: seq_length must exceed 64; batch_size, grad_accum, max_steps >= 1")
+        if not self.data:
+            raise CpmliveError("config: data is required (a directory made by `cpmlive data prepare`)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise CpmliveError(f"config: unknown key {key!r}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None, overrides: list[str] = ()) -> "PretrainConfig":
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            except FileNotFoundError:
+                raise CpmliveError(f"{path}: no such recipe") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                raise CpmliveError(f"{path}: not a valid YAML recipe ({str(exc).splitlines()[0]})") from None
+            if not isinstance(data, dict):
+                raise CpmliveError(f"{path}: a recipe must be a mapping of keys to values")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CpmliveError(f"override {item!r} is not key=value")
+            target, *rest = key.split(".")
+            parsed = yaml.safe_load(value)
+            if rest:
+                data.setdefault(target, {})[rest[0]] = parsed
+            else:
+                data[target] = parsed
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---- schedule ---------------------------------------------------------------------------------
+
+
+def learning_rate(config: PretrainConfig, step: int) -> float:
+    """``step`` counts from 1. Noam is OpenBMB's: lr*n/w^1.5 in warmup, lr/sqrt(n) after."""
+    warmup = max(config.warmup_steps, 1)
+    if config.schedule == "noam":
+        return config.lr * min(step / warmup**1.5, 1 / math.sqrt(step))
+    if step <= warmup:
+        return config.lr * step / warmup
+    if config.schedule == "constant":
+        return config.lr
+    progress = min((step - warmup) / max(config.max_steps - warmup, 1), 1.0)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
+    """No weight decay on norms, embeddings' prompt/segment tables and the position bias."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.dim() == 2 and "norm" not in name and "position_bias" not in name else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+# ---- run state ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+
+    def cost(self, config: PretrainConfig, devices: int) -> tuple[float, float]:
+        hours = self.elapsed / 3600 * devices
+        return hours * config.price_per_device_hour, hours * config.device_watts / 1000 * config.grid_kg_co2_per_kwh
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    target = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
+    return target if (target / TRAINER_STATE).is_file() else None
+
+
+def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.optim.Optimizer,
+                             stream: PretrainStream, state: RunState, config: PretrainConfig,
+                             vocab_path: Path) -> Path:
+    """Model directory + trainer state, written to a temp dir and renamed; then ``latest``.
+
+    A failure (disk full) leaves the previous checkpoint and ``latest`` untouched."""
+    target = checkpoint_dir(run_dir, state.step)
+    build = new_build_directory(target)
+    try:
+        save_checkpoint(model, model.config, build / "model", vocab=vocab_path)
+        trainer = {"optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
+                   "state": dataclasses.asdict(state), "rng": rng_state(), "config": config.to_dict()}
+        torch.save(trainer, build / TRAINER_STATE)
+        replace_directory(build, target)
+    except OSError as exc:
+        shutil.rmtree(build, ignore_errors=True)
+        raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
+                           "the previous checkpoint is intact") from None
+    atomic_write_text(run_dir / "checkpoints" / LATEST, target.name + "\n")
+    keep = sorted((run_dir / "checkpoints").glob("step-*"))[:-config.keep_checkpoints]
+    for old in keep:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+# ---- the recipe -----------------------------------------------------------------------------------
+
+
+def build_or_load_model(config: PretrainConfig) -> CpmAnt:
+    source = Path(config.model)
+    if source.is_dir():
+        model = load_model(source, dtype=torch.float32)
+        return model.train()
+    base = preset(config.model)
+    model_config = AntConfig.from_dict({**base.to_dict(), "half": False, **config.model_overrides})
+    model = CpmAnt(model_config)
+    model.init_weights(config.seed)
+    return model.train()
+
+
+def vocab_for(config: PretrainConfig) -> Path:
+    candidates = [Path(config.model) / VOCAB_NAME, Path(config.data) / VOCAB_NAME]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise CpmliveError(f"no {VOCAB_NAME} in {config.data} (write the vocabulary used by `data prepare` there)")
+
+
+@torch.no_grad()
+def evaluate_loss(model: CpmAnt, batches: list[Batch], precision: str) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss, _ = masked_lm_loss(model, batch)
+        n = int((batch.target != -100).sum())
+        total, count = total + loss.item() * n, count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """One process; the distributed recipe wraps the same steps."""
+
+    def __init__(self, config: PretrainConfig, resume: str | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        self.vocab_path = vocab_for(config)
+        tokenizer = AntTokenizer.from_file(self.vocab_path)
+        train_store = TokenStore(config.data, "train")
+        train_store.check_vocab(tokenizer)
+        self.model = build_or_load_model(config)
+        if self.model.config.vocab_size != tokenizer.vocab_size:
+            raise CpmliveError(f"vocab/model mismatch: the vocabulary has {tokenizer.vocab_size} tokens, "
+                               f"the model {self.model.config.vocab_size}")
+        self.model.gradient_checkpointing = config.activation_checkpointing
+        vocab_size = self.model.config.vocab_size
+        self.stream = PretrainStream(train_store, config.seq_length, config.batch_size, seed=config.seed,
+                                     prompt_length=self.model.config.prompt_length, vocab_size=vocab_size)
+        self.val_batches = fixed_batches(TokenStore(config.data, "val"), config.seq_length, config.batch_size,
+                                         config.eval_batches, vocab_size=vocab_size)
+        self.optimizer = make_optimizer(self.model, config)
+        self.state = RunState()
+        if resume:
+            self._resume(resume)
+        atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
+        self.log = MetricsLog(self.run_dir)
+
+    def _resume(self, resume: str) -> None:
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        if not (path / TRAINER_STATE).is_file():
+            raise CpmliveError(f"{path}: not a training checkpoint (no {TRAINER_STATE})")
+        loaded = load_model(path / "model", dtype=torch.float32)
+        self.model.load_state_dict(loaded.state_dict())
+        trainer = torch.load(path / TRAINER_STATE, weights_only=False)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.stream.load_state_dict(trainer["stream"])
+        self.state = RunState(**trainer["state"])
+        set_rng_state(trainer["rng"])
+
+    def train_step(self) -> dict[str, Any]:
+        config, model = self.config, self.model
+        step = self.state.step + 1
+        lr = learning_rate(config, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        totals = {"loss": 0.0, "mlm": [], "lm": []}
+        tokens = 0
+        for _ in range(config.grad_accum):
+            batch = self.stream.next_batch()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                loss, per_task = masked_lm_loss(model, batch)
+            (loss / config.grad_accum).backward()
+            totals["loss"] += loss.item() / config.grad_accum
+            for name, value in per_task.items():
+                if math.isfinite(value.item()):
+                    totals[name].append(value.item())
+            tokens += int(batch.valid.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        self.state = RunState(step, self.state.tokens + tokens, self.state.elapsed + seconds)
+        cost, co2 = self.state.cost(config, devices=1)
+        return {
+            "type": "train", "step": step, "loss": finite_or_none(totals["loss"]),
+            "loss_infill": finite_or_none(float(np.mean(totals["mlm"]))) if totals["mlm"] else None,
+            "loss_generate": finite_or_none(float(np.mean(totals["lm"]))) if totals["lm"] else None,
+            "lr": lr, "tokens": self.state.tokens, "tokens_per_s": tokens / seconds,
+            "grad_norm": finite_or_none(grad_norm), "memory_mb": round(memory_mb(), 1),
+            "elapsed_s": round(self.state.elapsed, 3), "cost": round(cost, 6), "co2_kg": round(co2, 6),
+            "time": time.time(),
+        }
+
+    def run(self) -> RunState:
+        config = self.config
+        self.log.write({"type": "start", "step": self.state.step, "config": config.to_dict(),
+                        "parameters": self.model.num_parameters(), "time": time.time()})
+        bar = _progress(config, self.state.step)
+        try:
+            while self.state.step < config.max_steps:
+                record = self.train_step()
+                self.log.write(record)
+                step = record["step"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                if step % config.inspect_every == 0 or step == 1:
+                    self.log.write({"type": "params", "step": step, "stats": parameter_stats(self.model)})
+                if step % config.eval_every == 0 or step == config.max_steps:
+                    val = evaluate_loss(self.model, self.val_batches, config.precision)
+                    self.log.write({"type": "eval", "step": step, "val_loss": finite_or_none(val),
+                                    "time": time.time()})
+                if step % config.save_every == 0 or step == config.max_steps:
+                    save_training_checkpoint(self.run_dir, self.model, self.optimizer, self.stream, self.state,
+                                             config, self.vocab_path)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.close()
+        return self.state
+
+
+def _progress(config: PretrainConfig, start: int):
+    if not config.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+
+
+def pretrain(config: PretrainConfig, resume: str | None = None) -> RunState:
+    return Trainer(config, resume).run()
+
+
+def final_model_dir(run_dir: str | os.PathLike) -> Path | None:
+    latest = latest_checkpoint(Path(run_dir))
+    return latest / "model" if latest else None
+
+
+def dump_json(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, indent=2)
+
+
+__all__ = ["PretrainConfig", "Trainer", "final_model_dir", "learning_rate", "pretrain"]
