@@ -189,11 +189,35 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_vocab_build(args: argparse.Namespace) -> None:
-    from cpmlive.tokenizer.vocab import build_vocab, read_corpus_texts, save_vocab
+    from itertools import chain
 
-    tokens = build_vocab(read_corpus_texts(args.corpus), args.size)
+    from cpmlive.data.corpora import clean_paragraphs, iter_source
+    from cpmlive.tokenizer.vocab import build_vocab, save_vocab
+
+    texts = clean_paragraphs(chain.from_iterable(iter_source(source) for source in args.corpus))
+    tokens = build_vocab(texts, args.size)
     save_vocab(tokens, args.out)
     print(f"wrote {len(tokens)} tokens to {args.out}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    import shutil
+
+    from cpmlive.data.store import prepare
+
+    stats = prepare(args.sources, args.vocab, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                    workers=args.workers, progress=not args.quiet)
+    shutil.copyfile(args.vocab, Path(args.out) / "vocab.txt")
+    print(f"{stats['documents']} documents, {stats['chars']} chars, {stats['tokens']} tokens "
+          f"(train {stats['train']['documents']} docs, val {stats['val']['documents']} docs) -> {args.out}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from cpmlive.train.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig.from_file(args.config, args.overrides)
+    state = pretrain(config, resume=args.resume)
+    print(f"trained {state.step} steps, {state.tokens} tokens -> {config.out}")
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -240,10 +264,28 @@ def build_parser() -> Parser:
     vocab = verbs.add_parser("vocab", help="vocabulary tools")
     vocab_verbs = vocab.add_subparsers(dest="vocab_verb", required=True, parser_class=Parser)
     build = vocab_verbs.add_parser("build", help="build a CPM-Ant style vocabulary from corpora")
-    build.add_argument("corpus", nargs="+", help="text/JSONL files or directories")
+    build.add_argument("corpus", nargs="+", help="people-daily-1998, hongloumeng, or text/JSONL files and directories")
     build.add_argument("--size", type=int, required=True)
     build.add_argument("--out", required=True)
     build.set_defaults(run=cmd_vocab_build)
+
+    data = verbs.add_parser("data", help="corpus tools")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, parser_class=Parser)
+    prep = data_verbs.add_parser("prepare", help="tokenize corpora into a memory-mapped token store")
+    prep.add_argument("sources", nargs="+", help="people-daily-1998, hongloumeng, or text/JSONL files and directories")
+    prep.add_argument("--vocab", required=True)
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--val-fraction", type=float, default=0.01)
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--workers", type=int, default=None)
+    prep.add_argument("--quiet", action="store_true")
+    prep.set_defaults(run=cmd_data_prepare)
+
+    pre = verbs.add_parser("pretrain", help="pretrain CPM-Ant with its two objectives")
+    pre.add_argument("--config", help="YAML recipe (see recipes/)")
+    pre.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint dir")
+    pre.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    pre.set_defaults(run=cmd_pretrain)
     return parser
 
 

@@ -1,0 +1,61 @@
+"""``make demo``: a short tour of cpmlive on the shipped demo model."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from cpmlive.errors import CpmliveError
+
+PROMPTS = ["中国人民", "今天天气", "贾宝玉"]
+FILLS = ["北京是中国的<mask>。", "新华社北京１月５日电，国务院总理<mask>今天会见了外国客人。"]
+
+
+def section(title: str) -> None:
+    print(f"\n== {title} " + "=" * max(0, 60 - len(title)))
+
+
+def main() -> int:
+    import cpmlive
+    from cpmlive.api import ASSETS
+    from cpmlive.model.convert import checkpoint_info
+
+    try:
+        lm = cpmlive.load("demo")
+    except CpmliveError as exc:
+        print(f"cpmlive demo: {exc}", file=sys.stderr)
+        return 2
+    info = checkpoint_info(ASSETS / "demo")
+    config = info["config"]
+    section("the demo model")
+    print(f"CPM-Ant, {info['parameters'] / 1e6:.1f}M parameters, {config['num_layers']} layers, "
+          f"d_model {config['dim_model']}, vocab {config['vocab_size']}, {info['size_bytes'] / 1e6:.1f} MB on disk")
+
+    section("tokenize")
+    text = "人民日报１９９８年元旦社论"
+    print(text, "->", lm.tokenizer.tokenize(text))
+
+    section("generate (greedy, repetition penalty 1.2)")
+    for prompt in PROMPTS:
+        started = time.perf_counter()
+        out = lm.generate(prompt, max_new_tokens=32, repetition_penalty=1.2, no_repeat_ngram_size=3)
+        print(f"{prompt}|{out}   ({time.perf_counter() - started:.2f}s)")
+
+    section("generate (sampling, top_p 0.9, seed 1)")
+    for out, prompt in zip(lm.generate(PROMPTS, max_new_tokens=32, do_sample=True, top_p=0.9,
+                                       temperature=0.8, repetition_penalty=1.1, seed=1), PROMPTS):
+        print(f"{prompt}|{out}")
+
+    section("fill (blank infilling)")
+    for text in FILLS:
+        print(text, "->", lm.fill(text, max_new_tokens=4))
+
+    section("stream")
+    for piece in lm.stream("在新的一年里，", max_new_tokens=24, repetition_penalty=1.2):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
