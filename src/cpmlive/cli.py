@@ -220,6 +220,23 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"trained {state.step} steps, {state.tokens} tokens -> {config.out}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from cpmlive.infer.score import score_texts
+
+    text = read_text_file(args.text)
+    lm = load_lm(args)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise CpmliveError(f"{args.text}: no text to evaluate")
+    score = score_texts(lm.model, lm.tokenizer, lines, batch_size=args.batch_size, progress=not args.json)
+    result = score.to_dict()
+    if args.json:
+        print_json(result)
+    else:
+        print(f"bits/char {result['bits_per_char']:.4f}  perplexity {result['perplexity']:.2f}  "
+              f"({result['chars']} chars, {result['tokens']} tokens, {result['documents']} documents)")
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 
@@ -280,6 +297,14 @@ def build_parser() -> Parser:
     prep.add_argument("--workers", type=int, default=None)
     prep.add_argument("--quiet", action="store_true")
     prep.set_defaults(run=cmd_data_prepare)
+
+    ev = verbs.add_parser("evaluate", help="language-model loss of a text file: bits/char and perplexity")
+    ev.add_argument("model")
+    ev.add_argument("--text", required=True, help="UTF-8 text file, one document per line")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--json", action="store_true")
+    add_model_flags(ev)
+    ev.set_defaults(run=cmd_evaluate)
 
     pre = verbs.add_parser("pretrain", help="pretrain CPM-Ant with its two objectives")
     pre.add_argument("--config", help="YAML recipe (see recipes/)")

@@ -1,0 +1,89 @@
+"""Language-model loss of a text, reported per character (comparable across vocabularies).
+
+Every line of the file is a document, read left to right under the generation objective
+(prompt task 2; only ``<s>`` is context, every later token is predicted from the tokens before
+it). Documents longer than the model's window are cut into windows that each restart at ``<s>``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cpmlive.infer.generate import TASK_GENERATE, build_batch
+from cpmlive.model.ant import CpmAnt
+
+
+@dataclass
+class TextScore:
+    nats: float
+    chars: int
+    tokens: int
+    documents: int
+    unk_dropped: int
+
+    @property
+    def bits_per_char(self) -> float:
+        return self.nats / math.log(2) / max(self.chars, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats / max(self.tokens, 1))
+
+    def to_dict(self) -> dict:
+        return {"bits_per_char": round(self.bits_per_char, 4), "perplexity": round(self.perplexity, 3),
+                "chars": self.chars, "tokens": self.tokens, "documents": self.documents,
+                "unk_dropped": self.unk_dropped}
+
+
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+@torch.inference_mode()
+def score_rows(model: CpmAnt, rows: list[list[int]], bos_id: int) -> float:
+    """Total negative log-likelihood (nats) of every token after ``<s>`` in ``rows``."""
+    prompt = model.config.prompt_length
+    batch = build_batch([[bos_id] + r for r in rows], TASK_GENERATE, prompt, model.input_embedding.weight.device,
+                        [[True] + [False] * len(r) for r in rows])
+    hidden = model(**batch.as_inputs())
+    total = batch.input_ids.size(1)
+    nats = 0.0
+    for i, row in enumerate(rows):
+        start = total - len(row) - 1
+        logprobs = model.logits(hidden[i, start:total - 1]).float().log_softmax(-1)
+        targets = batch.input_ids[i, start + 1:total]
+        nats -= logprobs.gather(1, targets[:, None]).sum().item()
+    return nats
+
+
+def score_texts(model: CpmAnt, tokenizer, texts: list[str], batch_size: int = 8,
+                progress: bool = False) -> TextScore:
+    window = model.config.max_length - model.config.prompt_length - 1
+    rows: list[list[int]] = []
+    chars = unk = documents = 0
+    for text in texts:
+        text = text.strip()
+        if not text:
+            continue
+        raw = tokenizer.encode(text)
+        ids = [i for i in raw if i != tokenizer.unk_id]
+        unk += len(raw) - len(ids)
+        chars += len(text)
+        documents += 1
+        rows.extend(windows(ids, window))
+    rows.sort(key=len)
+    nats = 0.0
+    batches = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="evaluate", unit="batch")
+    for start in batches:
+        nats += score_rows(model, rows[start:start + batch_size], tokenizer.bos_id)
+    return TextScore(nats, chars, sum(map(len, rows)), documents, unk)
+
+
+__all__ = ["TextScore", "score_texts"]
