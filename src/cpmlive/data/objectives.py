@@ -44,6 +44,7 @@ from torch import Tensor
 ANT_BOS_ID = 6
 ANT_EOS_ID = 7
 IGNORE_INDEX = -100
+LOSS_ROW_BUCKET = 256
 TASK_NAMES = {0: "mlm", 1: "lm"}
 INFILLING, GENERATION = 1, 2
 
@@ -326,8 +327,14 @@ def masked_lm_loss(model: AntLike, batch: Batch) -> tuple[Tensor, dict[str, Tens
     """
     hidden = model(batch.input_ids, batch.segment, batch.context, batch.span, batch.valid)
     selected = batch.target != IGNORE_INDEX
-    logits = model.logits(hidden[selected]).float()
-    losses = F.cross_entropy(logits, batch.target[selected], reduction="none")
+    count = int(selected.sum())
+    # Pad the rows to a multiple of LOSS_ROW_BUCKET: oneDNN compiles and caches a kernel per
+    # matmul shape, and a new target count every step would grow that cache without bound.
+    padding = -count % LOSS_ROW_BUCKET
+    rows = F.pad(hidden[selected], (0, 0, 0, padding))
+    targets = F.pad(batch.target[selected], (0, padding), value=IGNORE_INDEX)
+    logits = model.logits(rows).float()
+    losses = F.cross_entropy(logits, targets, reduction="none")[:count]
     tasks = batch.task[selected]
     per_task = {name: losses.detach()[tasks == task].mean() for task, name in TASK_NAMES.items()}
     return losses.mean(), per_task
