@@ -237,6 +237,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
               f"({result['chars']} chars, {result['tokens']} tokens, {result['documents']} documents)")
 
 
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from cpmlive.serve.dashboard import serve
+
+    serve(args.run_dir, host=args.host, port=args.port)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from cpmlive.train.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, out=args.out, day=args.day)}")
+
+
 # ---- parser ---------------------------------------------------------------------------------------
 
 
@@ -311,6 +323,18 @@ def build_parser() -> Parser:
     pre.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint dir")
     pre.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     pre.set_defaults(run=cmd_pretrain)
+
+    dash = verbs.add_parser("dashboard", help="serve a live web dashboard of a run's metrics")
+    dash.add_argument("run_dir")
+    dash.add_argument("--host", default="127.0.0.1")
+    dash.add_argument("--port", type=int, default=8765)
+    dash.set_defaults(run=cmd_dashboard)
+
+    rep = verbs.add_parser("report", help="write a run's training log (markdown and plots)")
+    rep.add_argument("run_dir")
+    rep.add_argument("--out", default=None, help="output directory (default: RUN_DIR/reports)")
+    rep.add_argument("--day", default=None, help="only this UTC day, YYYY-MM-DD (writes report-DAY.md)")
+    rep.set_defaults(run=cmd_report)
     return parser
 
 
