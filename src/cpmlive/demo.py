@@ -8,7 +8,7 @@ import time
 from cpmlive.errors import CpmliveError
 
 PROMPTS = ["中国人民", "今天天气", "贾宝玉"]
-FILLS = ["北京是中国的<mask>。", "新华社北京１月５日电，国务院总理<mask>今天会见了外国客人。"]
+FILLS = ["北京是中国的<mask>。", "新华社北京1月5日电，国务院总理<mask>今天会见了外国客人。"]
 
 
 def section(title: str) -> None:
@@ -32,7 +32,7 @@ def main() -> int:
           f"d_model {config['dim_model']}, vocab {config['vocab_size']}, {info['size_bytes'] / 1e6:.1f} MB on disk")
 
     section("tokenize")
-    text = "人民日报１９９８年元旦社论"
+    text = "人民日报1998年元旦社论"
     print(text, "->", lm.tokenizer.tokenize(text))
 
     section("generate (greedy, repetition penalty 1.2)")

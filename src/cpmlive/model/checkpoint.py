@@ -27,6 +27,7 @@ from torch import Tensor
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
+from cpmlive.utils import default_mode
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -203,7 +204,9 @@ def replace_directory(build: Path, target: Path) -> None:
 
 def new_build_directory(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    os.chmod(build, default_mode(directory=True))
+    return build
 
 
 def save_checkpoint(model_or_state: CpmAnt | dict[str, Tensor], config: AntConfig, path: str | os.PathLike,

@@ -1,0 +1,45 @@
+"""The shipped demo model: it loads from the package, generates, fills, and scores text."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import cpmlive
+from cpmlive.api import ASSETS
+from cpmlive.infer.score import score_texts
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return cpmlive.load("demo")
+
+
+def test_demo_is_small_half_precision_and_sharded_below_20_mb():
+    files = sorted(ASSETS.joinpath("demo").glob("*.safetensors"))
+    assert files and all(f.stat().st_size < 20 * 2**20 for f in files)
+    assert sum(f.stat().st_size for f in files) <= 50 * 2**20
+    config = json.loads(ASSETS.joinpath("demo", "config.json").read_text())
+    assert config["half"] is True
+
+
+def test_demo_generates_and_fills(demo):
+    assert 15e6 < demo.model.num_parameters() < 40e6
+    text = demo.generate("中国人民", max_new_tokens=16, min_new_tokens=8)
+    assert len(demo.tokenizer.encode(text)) >= 8
+    filled = demo.fill("北京是中国的<mask>。", max_new_tokens=3)
+    assert filled.startswith("北京是中国的") and filled.endswith("。") and len(filled) > len("北京是中国的。")
+
+
+def test_demo_model_beats_uniform_by_far(demo):
+    """A trained model, not random weights: far below log2(vocab) bits per token."""
+    score = score_texts(demo.model, demo.tokenizer, ["新华社北京1月5日电，国务院总理今天在人民大会堂会见了外国客人。"])
+    assert score.bits_per_char < 8.0
+
+
+def test_cli_generate_demo():
+    result = subprocess.run([sys.executable, "-m", "cpmlive", "generate", "demo", "今天", "--max-new-tokens", "4",
+                             "--min-new-tokens", "4", "--json"], capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(json.loads(result.stdout)["ids"]) == 4
