@@ -132,12 +132,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from cpmlive.config import PRESETS
 
+    from cpmlive.api import ASSETS
+
     if args.model in PRESETS and not Path(args.model).exists():
         info = preset_info(args.model)
     else:
         from cpmlive.model.convert import checkpoint_info
 
-        info = checkpoint_info(args.model)
+        info = checkpoint_info(ASSETS / "demo" if args.model == "demo" else args.model)
     if args.json:
         print_json(info)
         return
