@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -219,7 +220,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     config = PretrainConfig.from_file(args.config, args.overrides)
     state = pretrain(config, resume=args.resume)
-    print(f"trained {state.step} steps, {state.tokens} tokens -> {config.out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {state.step} steps, {state.tokens} tokens -> {config.out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -4,6 +4,9 @@ Each step logs loss (total, infilling, generation), lr, tokens, throughput, grad
 memory, time, cost and CO2e to ``metrics.jsonl``; checkpoints hold the model, optimizer,
 schedule, data position and RNG, and are swapped in atomically, so ``--resume auto``
 continues a killed run exactly where its last checkpoint left it.
+
+Launched by ``torchrun`` with several processes, ``pretrain`` runs the FSDP2 trainer of
+:mod:`cpmlive.train.distributed`: the same steps and checkpoints, sharded over the ranks.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class PretrainConfig:
     grid_kg_co2_per_kwh: float = 0.58
     tensorboard: bool = False
     progress: bool = True
+    # several processes (torchrun): FSDP2 options, ignored by a single process
+    fsdp_cpu_offload: bool = False
+    fsdp_mixed_precision: bool = False
 
     def __post_init__(self) -> None:
         choices = {"schedule": ("cosine", "noam", "constant"), "precision": ("bf16", "fp32")}
@@ -185,15 +191,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.optim.Optimizer,
                              stream: PretrainStream, state: RunState, config: PretrainConfig,
-                             vocab_path: Path) -> Path:
+                             vocab_path: Path, model_state: dict[str, torch.Tensor] | None = None,
+                             optimizer_state: dict[str, Any] | None = None) -> Path:
     """Model directory + trainer state, written to a temp dir and renamed; then ``latest``.
 
-    A failure (disk full) leaves the previous checkpoint and ``latest`` untouched."""
+    ``model_state``/``optimizer_state``, when given, are written instead of the model's and
+    the optimizer's own (the distributed trainer passes the full states gathered from its
+    shards). A failure (disk full) leaves the previous checkpoint and ``latest`` untouched."""
     target = checkpoint_dir(run_dir, state.step)
     build = new_build_directory(target)
     try:
-        save_checkpoint(model, model.config, build / "model", vocab=vocab_path)
-        trainer = {"optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
+        save_checkpoint(model if model_state is None else model_state, model.config, build / "model",
+                        vocab=vocab_path)
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        trainer = {"optimizer": optimizer_state, "stream": stream.state_dict(),
                    "state": dataclasses.asdict(state), "rng": rng_state(), "config": config.to_dict()}
         torch.save(trainer, build / TRAINER_STATE)
         replace_directory(build, target)
@@ -249,13 +260,31 @@ def memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _NoLog:
+    """The metrics log of a rank other than 0: records are dropped."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Trainer:
-    """One process; the distributed recipe wraps the same steps."""
+    """One process; :class:`cpmlive.train.distributed.DistributedTrainer` overrides the hooks
+    (``prepare_model``, ``forward_backward``, ``clip_gradients``, ``evaluate``,
+    ``parameter_stats``, ``save``, ``_resume``) to run the same steps sharded over ranks."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+    device = torch.device("cpu")
 
     def __init__(self, config: PretrainConfig, resume: str | None = None) -> None:
         self.config = config
         self.run_dir = Path(config.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.vocab_path = vocab_for(config)
         tokenizer = AntTokenizer.from_file(self.vocab_path)
@@ -266,6 +295,7 @@ class Trainer:
             raise CpmliveError(f"vocab/model mismatch: the vocabulary has {tokenizer.vocab_size} tokens, "
                                f"the model {self.model.config.vocab_size}")
         self.model.gradient_checkpointing = config.activation_checkpointing
+        self.model = self.prepare_model(self.model)
         vocab_size = self.model.config.vocab_size
         self.stream = PretrainStream(train_store, config.seq_length, config.batch_size, seed=config.seed,
                                      prompt_length=self.model.config.prompt_length, vocab_size=vocab_size)
@@ -275,8 +305,13 @@ class Trainer:
         self.state = RunState()
         if resume:
             self._resume(resume)
-        atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
-        self.log = MetricsLog(self.run_dir)
+        if self.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
+        self.log: MetricsLog | _NoLog = MetricsLog(self.run_dir) if self.is_main else _NoLog()
+
+    def prepare_model(self, model: CpmAnt) -> CpmAnt:
+        """The model as it trains (the distributed trainer shards it here)."""
+        return model
 
     def _resume(self, resume: str) -> None:
         path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
@@ -293,7 +328,7 @@ class Trainer:
         set_rng_state(trainer["rng"])
 
     def train_step(self) -> dict[str, Any]:
-        config, model = self.config, self.model
+        config = self.config
         step = self.state.step + 1
         lr = learning_rate(config, step)
         for group in self.optimizer.param_groups:
@@ -302,21 +337,18 @@ class Trainer:
         totals = {"loss": 0.0, "mlm": [], "lm": []}
         tokens = 0
         for _ in range(config.grad_accum):
-            batch = self.stream.next_batch()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                loss, per_task = masked_lm_loss(model, batch)
-            (loss / config.grad_accum).backward()
-            totals["loss"] += loss.item() / config.grad_accum
+            loss, per_task, batch_tokens = self.forward_backward(self.stream.next_batch())
+            totals["loss"] += loss / config.grad_accum
             for name, value in per_task.items():
-                if math.isfinite(value.item()):
-                    totals[name].append(value.item())
-            tokens += int(batch.valid.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item()
+                if math.isfinite(value):
+                    totals[name].append(value)
+            tokens += batch_tokens
+        grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         self.state = RunState(step, self.state.tokens + tokens, self.state.elapsed + seconds)
-        cost, co2 = self.state.cost(config, devices=1)
+        cost, co2 = self.state.cost(config, devices=self.world_size)
         return {
             "type": "train", "step": step, "loss": finite_or_none(totals["loss"]),
             "loss_infill": finite_or_none(float(np.mean(totals["mlm"]))) if totals["mlm"] else None,
@@ -327,11 +359,34 @@ class Trainer:
             "time": time.time(),
         }
 
+    def forward_backward(self, batch: Batch) -> tuple[float, dict[str, float], int]:
+        """One micro-batch: forward, ``backward`` of its share of the step's loss; returns the
+        loss, the per-objective losses (NaN when absent) and the number of tokens."""
+        config = self.config
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            loss, per_task = masked_lm_loss(self.model, batch)
+        (loss / config.grad_accum).backward()
+        return loss.item(), {name: value.item() for name, value in per_task.items()}, int(batch.valid.sum())
+
+    def clip_gradients(self) -> float:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip).item()
+
+    def evaluate(self) -> float:
+        return evaluate_loss(self.model, self.val_batches, self.config.precision)
+
+    def parameter_stats(self) -> dict[str, list[float]]:
+        return parameter_stats(self.model)
+
+    def save(self) -> Path | None:
+        return save_training_checkpoint(self.run_dir, self.model, self.optimizer, self.stream, self.state,
+                                        self.config, self.vocab_path)
+
     def run(self) -> RunState:
         config = self.config
         self.log.write({"type": "start", "step": self.state.step, "config": config.to_dict(),
-                        "parameters": self.model.num_parameters(), "time": time.time()})
-        bar = _progress(config, self.state.step)
+                        "parameters": self.model.num_parameters(), "world_size": self.world_size,
+                        "time": time.time()})
+        bar = _progress(config, self.state.step) if self.is_main else None
         try:
             while self.state.step < config.max_steps:
                 record = self.train_step()
@@ -342,14 +397,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan",
                                     tok_s=f"{record['tokens_per_s']:.0f}")
                 if step % config.inspect_every == 0 or step == 1:
-                    self.log.write({"type": "params", "step": step, "stats": parameter_stats(self.model)})
+                    self.log.write({"type": "params", "step": step, "stats": self.parameter_stats()})
                 if step % config.eval_every == 0 or step == config.max_steps:
-                    val = evaluate_loss(self.model, self.val_batches, config.precision)
+                    val = self.evaluate()
                     self.log.write({"type": "eval", "step": step, "val_loss": finite_or_none(val),
                                     "time": time.time()})
                 if step % config.save_every == 0 or step == config.max_steps:
-                    save_training_checkpoint(self.run_dir, self.model, self.optimizer, self.stream, self.state,
-                                             config, self.vocab_path)
+                    self.save()
         finally:
             if bar is not None:
                 bar.close()
@@ -366,6 +420,11 @@ def _progress(config: PretrainConfig, start: int):
 
 
 def pretrain(config: PretrainConfig, resume: str | None = None) -> RunState:
+    """Train in this process, or as one rank of a torchrun job (``WORLD_SIZE`` > 1)."""
+    from cpmlive.train import distributed
+
+    if distributed.is_distributed_launch():
+        return distributed.run_distributed(config, resume)
     return Trainer(config, resume).run()
 
 

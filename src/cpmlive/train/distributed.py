@@ -1,0 +1,340 @@
+"""Pretraining in several processes: FSDP2 (``fully_shard``) over every Block and the root.
+
+``torchrun --nproc-per-node N -m cpmlive pretrain ...`` sets ``WORLD_SIZE``; ``pretrain()`` then
+runs :class:`DistributedTrainer`, the single-process :class:`~cpmlive.train.pretrain.Trainer`
+with these differences:
+
+* **process group**: gloo on CPU; on CUDA ``cpu:gloo,cuda:nccl`` (nccl for the model, gloo
+  for the CPU tensors of offloaded state dicts), device ``cuda:LOCAL_RANK``. Every rank seeds
+  the same way, so every rank builds the same model before it is sharded.
+* **data**: every rank draws the same global batch from its own copy of the stream and keeps
+  rows ``rank::world``. The stream position is therefore the same on every rank, the global
+  batch per step equals the single-process one, and a checkpoint does not depend on the
+  number of ranks.
+* **loss**: the token mean over the global batch. Each rank all-reduces its (loss sum,
+  target count) before ``backward`` and back-propagates ``local_sum * world / global_count``;
+  FSDP's gradient reduction averages over the ranks, which leaves exactly the gradient of
+  the global mean. The logged figures (loss, per-objective losses, tokens) are global.
+* **checkpoints**: the full (unsharded) model and optimizer state are gathered to rank 0
+  (``get_model_state_dict``/``get_optimizer_state_dict``, ``full_state_dict`` and
+  ``cpu_offload``), which writes the single-process format: the model directory and a
+  ``trainer.pt`` whose optimizer state is keyed by parameter index, as
+  ``torch.optim.Optimizer.state_dict`` keys it. To resume, rank 0 reads the checkpoint and
+  ``set_model_state_dict``/``set_optimizer_state_dict`` (``broadcast_from_rank0``) shard it
+  onto every rank, so only rank 0 needs the checkpoint directory. A run saved by N ranks
+  resumes with M ranks, one process included.
+* **reporting**: metrics, progress and files on rank 0 only; throughput counts every rank's
+  tokens; cost and CO2e count ``world_size`` devices.
+
+Options (recipe keys, ignored by a single process):
+
+* ``fsdp_mixed_precision``: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``:
+  parameters are gathered and used in bf16, gradients reduced in fp32, and the optimizer
+  updates fp32 shards (checkpoints stay fp32). Works with gloo on CPU too (torch 2.13).
+  ``precision: bf16`` (autocast) can be combined with it.
+* ``fsdp_cpu_offload``: ``CPUOffloadPolicy``: sharded parameters, gradients and optimizer
+  state live in host memory (pinned on CUDA) and the optimizer step runs on the CPU. On a
+  CPU-only machine everything is in host memory already; the option runs, to no effect.
+
+Every rank has the same torch RNG state (one seed; a checkpoint holds rank 0's), so with
+``dropout_p > 0`` the ranks draw the same dropout masks for their different rows, and the
+CUDA RNG is not checkpointed: the dropout stream of a resumed run differs (dropout is 0 in the
+presets, where resuming is exact).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch, masked_lm_loss
+from cpmlive.errors import CpmliveError
+from cpmlive.model.checkpoint import load_model
+from cpmlive.train.pretrain import (
+    TRAINER_STATE, PretrainConfig, RunState, Trainer, latest_checkpoint, save_training_checkpoint, set_rng_state,
+)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank among ``world_size`` and its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size_from_env() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise CpmliveError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def is_distributed_launch() -> bool:
+    """True when a launcher (torchrun) started this process as one of several."""
+    return world_size_from_env() > 1
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+    """Join the process group that ``torchrun`` describes in the environment."""
+    world = world_size_from_env()
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise CpmliveError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def shard_model(model: nn.Module, env: DistEnv, cpu_offload: bool = False,
+                mixed_precision: bool = False) -> nn.Module:
+    """``fully_shard`` every transformer Block, then the root (embeddings, position bias,
+    output norm). The model is changed in place (FSDP2 swaps its class) and returned."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # Pinned host memory needs CUDA; on a CPU-only machine the "offload" keeps plain memory.
+    kwargs["offload_policy"] = (CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cpu_offload
+                                else OffloadPolicy())
+    if env.device.type != "cpu" and not cpu_offload:
+        model.to(env.device)
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def rows_of_rank(batch: Batch, rank: int, world_size: int) -> Batch:
+    """Rows ``rank::world_size`` of a global batch."""
+    return Batch(**{f.name: getattr(batch, f.name)[rank::world_size] for f in fields(Batch)})
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _state_options(**extra: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **extra)
+
+
+def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of every optimizer parameter, in ``Optimizer.state_dict`` index order."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    try:
+        return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    except KeyError:
+        raise CpmliveError("the optimizer holds a parameter the model does not name") from None
+
+
+def optimizer_state_to_indices(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """A name-keyed full optimizer state (``get_optimizer_state_dict``) in the index-keyed
+    layout of ``Optimizer.state_dict()``, the one single-process checkpoints hold."""
+    index = {name: i for i, name in enumerate(names)}
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]]
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state_to_names(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_state_to_indices`."""
+    count = sum(len(group["params"]) for group in state["param_groups"])
+    if count != len(names):
+        raise CpmliveError(f"the checkpoint's optimizer holds {count} parameters, this model {len(names)}")
+    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]
+    return {"state": {names[int(i)]: value for i, value in state["state"].items()}, "param_groups": groups}
+
+
+def _broadcast(value: Any) -> Any:
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class DistributedTrainer(Trainer):
+    """:class:`Trainer` on one rank of a torchrun job; see the module notes."""
+
+    def __init__(self, config: PretrainConfig, resume: str | None = None, env: DistEnv | None = None) -> None:
+        self.env = env if env is not None else init_distributed()
+        self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
+        self.is_main = self.env.is_main
+        if config.batch_size < self.world_size:
+            raise CpmliveError(f"batch_size {config.batch_size} is smaller than the {self.world_size} ranks: "
+                               "every rank needs at least one row of the global batch")
+        super().__init__(config, resume)
+
+    # ---- hooks of Trainer -------------------------------------------------------------------
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return shard_model(model, self.env, cpu_offload=self.config.fsdp_cpu_offload,
+                           mixed_precision=self.config.fsdp_mixed_precision)
+
+    def forward_backward(self, batch: Batch) -> tuple[float, dict[str, float], int]:
+        config = self.config
+        local = rows_of_rank(batch, self.rank, self.world_size).to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            loss, per_task = masked_lm_loss(self.model, local)
+        selected = local.target != IGNORE_INDEX
+        count = selected.sum()
+        tasks = local.task[selected]
+        figures = [loss.detach().double() * count, count.double()]
+        for task, name in TASK_NAMES.items():
+            n = (tasks == task).sum()
+            figures += [torch.where(n > 0, per_task[name].double() * n, 0.0), n.double()]
+        figures.append(local.valid.sum().double())
+        totals = torch.stack(figures)
+        dist.all_reduce(totals)
+        total_count = totals[1].item()
+        # FSDP averages gradients over the ranks: scale by world / global count so the result
+        # is the gradient of the token mean over the whole global batch.
+        scale = count.item() * self.world_size / total_count / config.grad_accum
+        (loss * scale).backward()
+        values = totals.tolist()
+        per_task_mean = {name: values[2 + 2 * i] / values[3 + 2 * i] if values[3 + 2 * i] else math.nan
+                         for i, name in enumerate(TASK_NAMES.values())}
+        return values[0] / total_count, per_task_mean, int(values[-1])
+
+    def clip_gradients(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        return _full(norm).item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        model, config = self.model, self.config
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch in self.val_batches:
+            local = rows_of_rank(batch, self.rank, self.world_size).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                loss, _ = masked_lm_loss(model, local)
+            n = int((local.target != IGNORE_INDEX).sum())
+            if n:
+                totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+        dist.all_reduce(totals)
+        model.train(was_training)
+        model.reshard()  # the root keeps its gathered parameters after a forward; free them
+        return totals[0].item() / max(totals[1].item(), 1)
+
+    @torch.no_grad()
+    def parameter_stats(self) -> dict[str, list[float]]:
+        """The single-process figures, from each parameter gathered whole (one at a time)."""
+        stats = {}
+        for name, param in self.model.named_parameters():
+            data = _full(param.detach()).float()
+            if self.is_main:
+                std = data.std().item() if data.numel() > 1 else 0.0
+                stats[name] = [round(data.mean().item(), 6), round(std, 6), round(data.abs().max().item(), 6)]
+        return stats
+
+    def save(self) -> Path | None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        options = _state_options(cpu_offload=True)
+        self.model.reshard()
+        model_state = get_model_state_dict(self.model, options=options)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        target, error = None, None
+        if self.is_main:
+            try:
+                optimizer_state = optimizer_state_to_indices(optimizer_state,
+                                                             parameter_names(self.model, self.optimizer))
+                target = save_training_checkpoint(self.run_dir, self.model, self.optimizer, self.stream, self.state,
+                                                  self.config, self.vocab_path, model_state=model_state,
+                                                  optimizer_state=optimizer_state)
+            except CpmliveError as exc:
+                error = str(exc)
+        del model_state, optimizer_state
+        error = _broadcast(error)  # also the barrier: nobody runs ahead of a checkpoint
+        if error is not None:
+            raise CpmliveError(error)
+        return target
+
+    def _resume(self, resume: str) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        model_state: dict[str, Any] = {}
+        optimizer_state: dict[str, Any] = {}
+        header: dict[str, Any] | None = None
+        error = None
+        if self.is_main:
+            try:
+                path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+                if path is not None:
+                    if not (path / TRAINER_STATE).is_file():
+                        raise CpmliveError(f"{path}: not a training checkpoint (no {TRAINER_STATE})")
+                    model_state = load_model(path / "model", dtype=torch.float32).state_dict()
+                    trainer = torch.load(path / TRAINER_STATE, weights_only=False)
+                    optimizer_state = optimizer_state_to_names(trainer["optimizer"],
+                                                               parameter_names(self.model, self.optimizer))
+                    header = {key: trainer[key] for key in ("stream", "state", "rng")}
+            except CpmliveError as exc:
+                error = str(exc)
+        error, header = _broadcast((error, header))
+        if error is not None:
+            raise CpmliveError(error)
+        if header is None:
+            return
+        set_model_state_dict(self.model, model_state, options=_state_options(broadcast_from_rank0=True))
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state,
+                                 options=_state_options(broadcast_from_rank0=True))
+        del model_state, optimizer_state
+        self.stream.load_state_dict(header["stream"])
+        self.state = RunState(**header["state"])
+        set_rng_state(header["rng"])
+
+
+def run_distributed(config: PretrainConfig, resume: str | None = None) -> RunState:
+    """Join the torchrun job, train, leave the process group.
+
+    The trainer (whose FSDP state and device mesh hold the process group) is freed and the
+    group destroyed while the interpreter is fully alive: a gloo group torn down during
+    interpreter shutdown can abort the process ("terminate called without an active
+    exception") after a successful run."""
+    owned = not dist.is_initialized()  # a caller's own process group is left to the caller
+    env = init_distributed()
+    trainer = None
+    try:
+        trainer = DistributedTrainer(config, resume, env)
+        state = trainer.run()
+        dist.barrier()
+        return state
+    finally:
+        del trainer
+        gc.collect()
+        if owned:
+            dist.destroy_process_group()
+            gc.collect()
+
+
+__all__ = [
+    "DistEnv", "DistributedTrainer", "init_distributed", "is_distributed_launch", "optimizer_state_to_indices",
+    "optimizer_state_to_names", "parameter_names", "rows_of_rank", "run_distributed", "shard_model",
+]

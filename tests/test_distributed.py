@@ -1,0 +1,130 @@
+"""Several processes (torchrun, FSDP2, gloo on CPU) train exactly like one, and share checkpoints."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpmlive.data.objectives import Batch
+from cpmlive.model.checkpoint import read_weights
+from cpmlive.train.distributed import (
+    optimizer_state_to_indices, optimizer_state_to_names, parameter_names, rows_of_rank,
+)
+from cpmlive.train.metrics import latest_by_step, read_records
+from cpmlive.train.pretrain import PretrainConfig, build_or_load_model, make_optimizer
+from test_pretrain import data_dir, losses, tiny_overrides  # noqa: F401  (data_dir is a fixture)
+
+RTOL = 1e-4
+STEPS = ["max_steps=6", "save_every=3", "eval_every=3", "inspect_every=3"]
+
+
+def launch(overrides: list[str], nproc: int, resume: Path | None = None) -> None:
+    if nproc == 1:
+        args = [sys.executable, "-m", "cpmlive", "pretrain"]
+    else:
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "cpmlive", "pretrain"]
+    args += overrides + (["--resume", str(resume)] if resume else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(args, capture_output=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()[-4000:]
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:07d}"
+
+
+def assert_close(got: dict[int, float], want: dict[int, float], steps) -> float:
+    """All losses within RTOL of each other; returns the largest relative difference."""
+    assert sorted(got) == list(steps)
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in steps)
+    assert worst < RTOL, f"relative loss difference {worst:.2e}: {got} vs {want}"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("distributed")
+    launch(tiny_overrides(data_dir, root / "one") + STEPS, nproc=1)
+    launch(tiny_overrides(data_dir, root / "two") + STEPS, nproc=2)
+    return root
+
+
+def test_rows_of_rank_and_optimizer_state_layouts(data_dir):  # noqa: F811
+    rows = torch.arange(5)[:, None].expand(5, 3)
+    batch = Batch(**{name: rows for name in Batch.__dataclass_fields__})
+    assert rows_of_rank(batch, 1, 2).input_ids[:, 0].tolist() == [1, 3]
+
+    config = PretrainConfig.from_file(None, tiny_overrides(data_dir, Path("unused")))
+    model = build_or_load_model(config)
+    optimizer = make_optimizer(model, config)
+    model(torch.zeros(1, 40, dtype=torch.long), torch.zeros(1, 40, dtype=torch.int32),
+          torch.ones(1, 40, dtype=torch.bool), torch.zeros(1, 40, dtype=torch.int32),
+          torch.ones(1, 40, dtype=torch.bool)).sum().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    names = parameter_names(model, optimizer)
+    by_name = optimizer_state_to_names(state, names)
+    assert set(by_name["state"]) == set(names) and "layers.0.attn.project_q.weight" in by_name["state"]
+    again = optimizer_state_to_indices(by_name, names)
+    assert again["param_groups"] == state["param_groups"]
+    assert all(torch.equal(again["state"][i]["exp_avg"], state["state"][i]["exp_avg"]) for i in state["state"])
+
+
+@pytest.mark.slow
+def test_two_ranks_follow_the_single_process_trajectory(runs):
+    one, two = losses(runs / "one"), losses(runs / "two")
+    worst = assert_close(two, one, range(1, 7))
+    print(f"max relative loss difference, 2 ranks vs 1 process: {worst:.2e}")
+    records = {name: list(read_records(runs / name)) for name in ("one", "two")}
+    evals = {name: [r["val_loss"] for r in latest_by_step(recs, "eval")] for name, recs in records.items()}
+    assert evals["two"] == pytest.approx(evals["one"], rel=RTOL)
+    train = {name: latest_by_step(recs, "train")[-1] for name, recs in records.items()}
+    assert train["two"]["tokens"] == train["one"]["tokens"]
+    assert train["two"]["grad_norm"] == pytest.approx(train["one"]["grad_norm"], rel=1e-3)
+    stats = {name: latest_by_step(recs, "params")[-1]["stats"] for name, recs in records.items()}
+    assert stats["two"].keys() == stats["one"].keys()
+    # the same checkpoint layout, whoever wrote it
+    for name in ("one", "two"):
+        assert (step_dir(runs / name, 6) / "model" / "config.json").is_file()
+    saved = {name: torch.load(step_dir(runs / name, 6) / "trainer.pt", weights_only=False) for name in ("one", "two")}
+    assert saved["two"]["stream"] == saved["one"]["stream"]
+    assert saved["two"]["optimizer"]["state"].keys() == saved["one"]["optimizer"]["state"].keys()
+    assert saved["two"]["optimizer"]["param_groups"] == saved["one"]["optimizer"]["param_groups"]
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_world_sizes(runs, data_dir, tmp_path):  # noqa: F811
+    one, two = losses(runs / "one"), losses(runs / "two")
+    # written by 2 ranks, resumed by 1 process
+    launch(tiny_overrides(data_dir, tmp_path / "two-then-one") + STEPS, nproc=1, resume=step_dir(runs / "two", 3))
+    worst_21 = assert_close(losses(tmp_path / "two-then-one"), two, range(4, 7))
+    # written by 1 process, resumed by 2 ranks
+    launch(tiny_overrides(data_dir, tmp_path / "one-then-two") + STEPS, nproc=2, resume=step_dir(runs / "one", 3))
+    worst_12 = assert_close(losses(tmp_path / "one-then-two"), one, range(4, 7))
+    print(f"max relative loss difference after resume: 2->1 {worst_21:.2e}, 1->2 {worst_12:.2e}")
+
+
+@pytest.mark.slow
+def test_cpu_offload_trains_and_resumes(runs, data_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "offload"
+    shutil.copytree(runs / "two", run, ignore=shutil.ignore_patterns("step-0000006", "metrics.jsonl"))
+    (run / "checkpoints" / "latest").write_text("step-0000003\n", encoding="utf-8")
+    launch(tiny_overrides(data_dir, run, fsdp_cpu_offload=True) + STEPS, nproc=2, resume=Path("auto"))
+    worst = assert_close(losses(run), losses(runs / "two"), range(4, 7))
+    print(f"max relative loss difference with fsdp_cpu_offload: {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_and_saves_float32(runs, data_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "bf16"
+    launch(tiny_overrides(data_dir, run, fsdp_mixed_precision=True, max_steps=2, save_every=2), nproc=2)
+    mixed, fp32 = losses(run), losses(runs / "one")
+    assert sorted(mixed) == [1, 2] and all(mixed[s] == pytest.approx(fp32[s], rel=1e-2) for s in mixed)
+    weights = read_weights(step_dir(run, 2) / "model")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
