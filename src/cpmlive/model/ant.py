@@ -36,6 +36,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            # The same float32 arithmetic in one call (fewer dispatches when decoding).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         variance = x.float().pow(2).mean(dim=-1, keepdim=True)
         return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
@@ -105,6 +108,57 @@ class AntCache:
 MASK_INPUTS = ("context", "span", "segment", "valid", "position")
 
 
+# ---- float32 inference on CPU through oneDNN ---------------------------------------------------
+#
+# A decoding step multiplies one row per sequence by every weight, which is bound by reading the
+# weights. For that product the BLAS call behind ``F.linear`` on CPU streams a float32 ``[out, in]``
+# weight at about half the speed of oneDNN's inner product on the very same tensor (13 vs 26 GB/s
+# on the 2-core AVX-512 machine of benchmarks/README.md; 53 vs 80 GFLOP/s at 16 rows), and oneDNN
+# also applies the GELU, the gating product or the residual sum in the same call. So a float32
+# product with few rows, outside autograd and autocast, goes to oneDNN; everything else (training,
+# bf16 autocast, prompts) stays on ``F.linear``. Weights are used as they are: nothing is copied.
+
+_ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+                  if torch.backends.mkldnn.is_available() else None)
+# oneDNN compiles and keeps a kernel per shape (~1 MB each): rows are capped so that decoding
+# steps (one row per sequence) use it and prompts, whose lengths vary, do not.
+ONEDNN_MAX_ROWS = 16
+
+
+def _onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes to oneDNN (see the note above)."""
+    return (_ONEDNN_LINEAR is not None and x.dtype == weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and x.device.type == "cpu" and weight.is_contiguous()
+            and 0 < x.numel() <= ONEDNN_MAX_ROWS * x.size(-1) and not torch.is_autocast_enabled("cpu"))
+
+
+def project(x: Tensor, layer: nn.Linear | Tensor, gelu: bool = False, times: Tensor | None = None,
+            plus: Tensor | None = None) -> Tensor:
+    """``layer(x)`` (a bias-free ``nn.Linear`` or a bare ``[out, in]`` weight), then at most one
+    of: GELU (erf), ``times * result``, ``plus + result``."""
+    if isinstance(layer, Tensor):
+        weight = layer
+    else:  # anything but a plain, hook-free, bias-free Linear is simply called
+        plain = (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
+                 and not layer._forward_pre_hooks)
+        weight = layer.weight if plain else None
+    if weight is not None and _onednn(x, weight):
+        if gelu:
+            return _ONEDNN_LINEAR(x, weight, None, "gelu", [], "none")
+        other = times if times is not None else plus
+        if other is None:
+            return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
+        fits = other.dtype == torch.float32 and other.shape == (*x.shape[:-1], weight.size(0))
+        if fits and other.is_contiguous():
+            return _ONEDNN_LINEAR.binary(x, other, weight, None, "mul" if times is not None else "add")
+    out = F.linear(x, layer) if isinstance(layer, Tensor) else layer(x)
+    if gelu:
+        return F.gelu(out)
+    if times is not None:
+        return times * out
+    return out if plus is None else plus + out
+
+
 class Attention(nn.Module):
     def __init__(self, config: AntConfig) -> None:
         super().__init__()
@@ -119,14 +173,23 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.dim_head).transpose(1, 2)
 
-    def forward(self, x: Tensor, bias: Tensor, cache: AntCache | None, layer: int, start: int) -> Tensor:
-        q, k, v = self._heads(self.project_q(x)), self._heads(self.project_k(x)), self._heads(self.project_v(x))
+    def forward(self, x: Tensor, bias: Tensor, cache: AntCache | None, layer: int, start: int,
+                residual: Tensor | None = None) -> Tensor:
+        """The attention output, plus ``residual`` when given."""
+        q, k, v = (self._heads(project(x, linear)) for linear in (self.project_q, self.project_k, self.project_v))
         if cache is not None:
             k, v = cache.store(layer, start, k, v)
         dropout = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        if q.size(2) == 1 and dropout == 0.0 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            # One query row (decoding): two batched products beat the fused kernel's setup.
+            rows, length = q.size(0) * q.size(1), k.size(2)
+            scores = torch.baddbmm(bias.to(q.dtype).reshape(rows, 1, length), q.reshape(rows, 1, -1),
+                                   k.reshape(rows, length, -1).transpose(1, 2), alpha=self.dim_head**-0.5)
+            out = torch.bmm(scores.softmax(dim=-1), v.reshape(rows, length, -1)).view(q.shape)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
         batch, _, length, _ = out.shape
-        return self.attention_out(out.transpose(1, 2).reshape(batch, length, -1))
+        return project(out.transpose(1, 2).reshape(batch, length, -1), self.attention_out, plus=residual)
 
 
 class FeedForward(nn.Module):
@@ -138,8 +201,10 @@ class FeedForward(nn.Module):
         self.w_1 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
         self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w_out(F.gelu(self.w_0(x)) * self.w_1(x))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The FFN output, plus ``residual`` when given."""
+        gated = project(x, self.w_1, times=project(x, self.w_0, gelu=True))
+        return project(gated, self.w_out, plus=residual)
 
 
 class Block(nn.Module):
@@ -157,9 +222,9 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, bias: Tensor, cache: AntCache | None = None, start: int = 0) -> Tensor:
         if hasattr(self, "attn"):
-            h = h + self.attn(self.attn_norm(h), bias, cache, self.index, start)
+            h = self.attn(self.attn_norm(h), bias, cache, self.index, start, residual=h)
         if hasattr(self, "ffn"):
-            h = h + self.ffn(self.ffn_norm(h))
+            h = self.ffn(self.ffn_norm(h), residual=h)
         return h
 
 
@@ -220,13 +285,14 @@ class CpmAnt(nn.Module):
         q_seg, k_seg = query["segment"][:, :, None], key["segment"][:, None, :]
         segment_pair = cfg.position_bias_num_buckets + q_seg * cfg.segment_types + k_seg
         bucket = torch.where(q_seg == k_seg, distance, segment_pair)
-        bias = self.position_bias(bucket).permute(0, 3, 1, 2).to(dtype)
+        # Contiguous: attention kernels read a permuted [B, H, Lq, Lk] mask at half speed.
+        bias = self.position_bias(bucket).permute(0, 3, 1, 2).to(dtype, memory_format=torch.contiguous_format)
 
         visible = key["context"][:, None, :] | (~query["context"][:, :, None] & (k_pos <= q_pos))
         visible = visible & (query["span"][:, :, None] == key["span"][:, None, :])
         visible = visible & query["valid"][:, :, None] & key["valid"][:, None, :]
         # A finite fill keeps fully masked (padding) rows finite instead of NaN.
-        return bias.masked_fill(~visible[:, None], torch.finfo(dtype).min)
+        return bias.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
 
     def forward(self, input_ids: Tensor, segment: Tensor, context: Tensor, span: Tensor,
                 valid: Tensor, cache: AntCache | None = None, position: Tensor | None = None) -> Tensor:
@@ -255,7 +321,7 @@ class CpmAnt(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied output head over the real vocabulary (prompt rows are never outputs)."""
-        return F.linear(hidden, self.input_embedding.weight)
+        return project(hidden, self.input_embedding.weight)
 
     def _compute_dtype(self, hidden: Tensor) -> torch.dtype:
         device_type = hidden.device.type
