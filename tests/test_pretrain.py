@@ -172,3 +172,16 @@ def test_cli_pretrain_errors_are_one_line(tmp_path):
                             capture_output=True)
     assert result.returncode == 2 and "unknown key 'bogus'" in result.stderr.decode()
     assert "Traceback" not in result.stderr.decode()
+
+
+def test_tensorboard_option_writes_events_or_says_what_is_missing(data_dir, tmp_path):
+    config = PretrainConfig.from_file(None, tiny_overrides(data_dir, tmp_path / "run", max_steps=2,
+                                                          tensorboard=True))
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(CpmliveError, match="tensorboard package"):
+            recipe.pretrain(config)
+        return
+    recipe.pretrain(config)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

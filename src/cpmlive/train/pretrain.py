@@ -308,6 +308,7 @@ class Trainer:
         if self.is_main:
             atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
         self.log: MetricsLog | _NoLog = MetricsLog(self.run_dir) if self.is_main else _NoLog()
+        self.tensorboard = tensorboard_writer(self.run_dir) if config.tensorboard and self.is_main else None
 
     def prepare_model(self, model: CpmAnt) -> CpmAnt:
         """The model as it trains (the distributed trainer shards it here)."""
@@ -391,6 +392,10 @@ class Trainer:
             while self.state.step < config.max_steps:
                 record = self.train_step()
                 self.log.write(record)
+                if self.tensorboard is not None:
+                    for key, value in record.items():
+                        if isinstance(value, (int, float)) and key not in ("step", "time"):
+                            self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
                 step = record["step"]
                 if bar is not None:
                     bar.update(1)
@@ -408,7 +413,18 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.log.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         return self.state
+
+
+def tensorboard_writer(run_dir: Path):
+    """TensorBoard scalars beside metrics.jsonl (needs the ``tensorboard`` package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CpmliveError("tensorboard: true needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _progress(config: PretrainConfig, start: int):
