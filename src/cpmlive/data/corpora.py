@@ -16,7 +16,6 @@ line, or the ``"text"`` field of each ``.jsonl`` line.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -29,9 +28,9 @@ import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import atomic_write
 from cpmlive.tokenizer.vocab import _corpus_files, read_corpus_texts
 
 DEFAULT_MIN_CHARS = 4
@@ -167,13 +166,13 @@ def _extract_member(archive: Path, member: str, target: Path) -> None:
             with zipfile.ZipFile(archive) as bundle:
                 name = _find_member(bundle.namelist(), member, archive)
                 with bundle.open(name) as source:
-                    _write_atomically(target, source)
+                    atomic_write(target, lambda out: shutil.copyfileobj(source, out))
             return
         with tarfile.open(archive) as bundle:
             files = {info.name: info for info in bundle.getmembers() if info.isfile()}
             name = _find_member(list(files), member, archive)
             with bundle.extractfile(files[name]) as source:
-                _write_atomically(target, source)
+                atomic_write(target, lambda out: shutil.copyfileobj(source, out))
     except (OSError, tarfile.TarError, zipfile.BadZipFile) as exc:
         raise CpmliveError(f"cannot read {member} from downloaded archive {archive.name}: {exc}") from exc
 
@@ -183,19 +182,6 @@ def _find_member(names: list[str], member: str, archive: Path) -> str:
         if name == member or name.split("/", 1)[-1] == member:
             return name
     raise CpmliveError(f"downloaded archive {archive.name} has no file {member}")
-
-
-def _write_atomically(target: Path, source: BinaryIO) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(source, out)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -30,15 +30,16 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from cpmlive.data.corpora import DEFAULT_MIN_CHARS, clean_paragraphs, iter_source
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import atomic_write
 from cpmlive.tokenizer.ant import NEWLINE_TOKEN, SPACE_TOKEN, AntTokenizer
 
 FORMAT = "cpmlive-token-store"
@@ -128,21 +129,8 @@ def _tokenize_shard(task: _ShardTask) -> tuple[int, int]:
         "chars": np.array([len(text) for text in task.documents], dtype=np.int64),
         "unk": np.array(unknown, dtype=np.int64),
     }
-    _write_atomically(task.path, lambda out: np.savez(out, **arrays))
+    atomic_write(task.path, lambda out: np.savez(out, **arrays))
     return sum(len(text) for text in task.documents), len(tokens)
-
-
-def _write_atomically(target: Path, write: Callable[[BinaryIO], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _documents(
@@ -251,7 +239,7 @@ class _SplitWriter:
         self.handle.close()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        _write_atomically(self.out_dir / f".{self.split}.idx.npy.tmp", lambda out: np.save(out, offsets))
+        atomic_write(self.out_dir / f".{self.split}.idx.npy.tmp", lambda out: np.save(out, offsets))
         return {"documents": int(len(lengths)), "tokens": int(offsets[-1])}
 
     def commit(self) -> None:
@@ -377,7 +365,7 @@ def prepare(
         "train": assembled["train"], "val": assembled["val"],
     }
     text = json.dumps(meta, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
-    _write_atomically(out / META_FILE, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(out / META_FILE, lambda handle: handle.write(text.encode("utf-8")))
     shutil.rmtree(plan.shard_dir, ignore_errors=True)
     return {**meta, "seconds": round(time.monotonic() - started, 3), "shards_reused": reused}
 

@@ -13,17 +13,16 @@ space and a newline; in memory those two entries *are* ``" "`` and ``"\\n"``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import atomic_write_text
 
 SPACE_TOKEN = "</_>"
 NEWLINE_TOKEN = "</n>"
@@ -86,20 +85,11 @@ def rjieba_pieces(text: str) -> list[str]:
 def write_vocab_file(tokens: Iterable[str], path: str | os.PathLike[str]) -> None:
     """Write one token per line (file form), replacing ``path`` atomically."""
     target = Path(path)
+    text = "".join(_FILE_FORMS.get(token, token) + "\n" for token in tokens)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        atomic_write_text(target, text)
     except OSError as exc:
         raise CpmliveError(f"cannot write vocabulary file {target}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            for token in tokens:
-                handle.write(_FILE_FORMS.get(token, token) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _read_vocab_lines(path: Path) -> list[str]:
