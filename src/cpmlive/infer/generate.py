@@ -92,16 +92,17 @@ def prompt_ids(task: int, prompt_length: int) -> list[int]:
 
 
 def build_batch(rows: list[list[int]], task: int, prompt_length: int, device: torch.device | str = "cpu",
-                context_rows: list[list[bool]] | None = None) -> PromptBatch:
+                context_rows: list[list[bool]] | None = None, prompt_task: int | None = None) -> PromptBatch:
     """CPM-Live's generation layout. ``context_rows`` marks tokens that are not context
-    (blanks to fill); by default every token is context."""
+    (blanks to fill); by default every token is context. ``prompt_task`` picks other rows of
+    the prompt table than ``task``'s (a soft prompt tuned for a new task)."""
     width = max(len(r) for r in rows)
     batch, total = len(rows), prompt_length + width
     input_ids = torch.zeros(batch, total, dtype=torch.long)
     segment = torch.zeros(batch, total, dtype=torch.int32)
     context = torch.zeros(batch, total, dtype=torch.bool)
     valid = torch.zeros(batch, total, dtype=torch.bool)
-    input_ids[:, :prompt_length] = torch.tensor(prompt_ids(task, prompt_length))
+    input_ids[:, :prompt_length] = torch.tensor(prompt_ids(task if prompt_task is None else prompt_task, prompt_length))
     context[:, :prompt_length] = True
     valid[:, :prompt_length] = True
     for i, row in enumerate(rows):
@@ -192,10 +193,11 @@ def _generator(config: GenerationConfig) -> torch.Generator | None:
 
 @torch.inference_mode()
 def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
-                 eos_id: int) -> Iterator[list[int | None]]:
+                 eos_id: int, prompt_task: int | None = None) -> Iterator[list[int | None]]:
     """Greedy or sampled decoding, one yield per step: the new token of each row, or
     ``None`` for rows already finished. ``rows`` already start with ``<s>``."""
-    batch = build_batch(rows, TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device)
+    batch = build_batch(rows, TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
+                        prompt_task=prompt_task)
     cache = model.new_cache(len(rows), batch.input_ids.size(1) + config.max_new_tokens)
     hidden = model(**batch.as_inputs(), cache=cache)[:, -1]
     generator = _generator(config)
@@ -216,12 +218,13 @@ def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
         hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[TASK_GENERATE]), cache=cache)[:, -1]
 
 
-def generate_ids(model: CpmAnt, rows: list[list[int]], config: GenerationConfig, eos_id: int) -> list[list[int]]:
+def generate_ids(model: CpmAnt, rows: list[list[int]], config: GenerationConfig, eos_id: int,
+                 prompt_task: int | None = None) -> list[list[int]]:
     """New token ids per row (eos not included)."""
     if config.num_beams > 1:
-        return [beam_search(model, row, config, eos_id) for row in rows]
+        return [beam_search(model, row, config, eos_id, prompt_task)[0][1] for row in rows]
     outputs: list[list[int]] = [[] for _ in rows]
-    for emitted in decode_steps(model, rows, config, eos_id):
+    for emitted in decode_steps(model, rows, config, eos_id, prompt_task):
         for row, token in enumerate(emitted):
             if token is not None:
                 outputs[row].append(token)
@@ -251,14 +254,15 @@ class Hypotheses:
             return False
         return self.items[-1][0] >= self.score(best_live_logprob, length)
 
-    def best(self) -> list[int]:
-        return self.items[0][1]
 
 
 @torch.inference_mode()
-def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int) -> list[int]:
+def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int,
+                prompt_task: int | None = None) -> list[tuple[float, list[int]]]:
+    """The ``num_beams`` finished hypotheses, best first, as (length-penalised score, ids)."""
     beams = config.num_beams
-    batch = build_batch([row], TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device)
+    batch = build_batch([row], TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
+                        prompt_task=prompt_task)
     cache = model.new_cache(1, batch.input_ids.size(1) + config.max_new_tokens)
     hidden = model(**batch.as_inputs(), cache=cache)[:, -1]
     cache.reorder(torch.zeros(beams, dtype=torch.long, device=hidden.device))
@@ -293,7 +297,7 @@ def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id:
         sequences = [sequences[c[2]] + [c[1]] for c in chosen]
         cache.reorder(origins)
         hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[TASK_GENERATE]), cache=cache)[:, -1]
-    return hypotheses.best()
+    return hypotheses.items
 
 
 # ---- blank infilling -------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from cpmlive.config import AntConfig, preset
 from cpmlive.data.objectives import Batch, masked_lm_loss
@@ -34,6 +33,7 @@ from cpmlive.data.stream import PretrainStream, fixed_batches
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory, replace_directory, save_checkpoint
+from cpmlive.recipe import Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.metrics import MetricsLog, finite_or_none, parameter_stats
 from cpmlive.utils import atomic_write_text
@@ -43,7 +43,7 @@ LATEST = "latest"
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Recipe):
     model: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str = ""
@@ -86,44 +86,6 @@ class PretrainConfig:
             raise CpmliveError("config: seq_length must exceed 64; batch_size, grad_accum, max_steps >= 1")
         if not self.data:
             raise CpmliveError("config: data is required (a directory made by `cpmlive data prepare`)")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise CpmliveError(f"config: unknown key {key!r}")
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike | None, overrides: list[str] = ()) -> "PretrainConfig":
-        data: dict[str, Any] = {}
-        if path is not None:
-            try:
-                data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-            except FileNotFoundError:
-                raise CpmliveError(f"{path}: no such recipe") from None
-            except (yaml.YAMLError, UnicodeDecodeError) as exc:
-                raise CpmliveError(f"{path}: not a valid YAML recipe ({str(exc).splitlines()[0]})") from None
-            if not isinstance(data, dict):
-                raise CpmliveError(f"{path}: a recipe must be a mapping of keys to values")
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise CpmliveError(f"override {item!r} is not key=value")
-            target, *rest = key.split(".")
-            parsed = yaml.safe_load(value)
-            if rest:
-                data.setdefault(target, {})[rest[0]] = parsed
-            else:
-                data[target] = parsed
-        return cls.from_dict(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 # ---- schedule ---------------------------------------------------------------------------------
