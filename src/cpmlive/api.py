@@ -8,6 +8,9 @@
 from __future__ import annotations
 
 import os
+import threading
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,6 +22,7 @@ from cpmlive.infer.generate import GenerationConfig, decode_steps, fill_blanks, 
 from cpmlive.model.ant import CpmAnt, build_model
 from cpmlive.model.checkpoint import VOCAB_NAME, load_model
 from cpmlive.tokenizer import AntTokenizer
+from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MASK = "<mask>"
@@ -44,16 +48,82 @@ class LM:
             raise CpmliveError(f"vocabulary has {tokenizer.vocab_size} tokens, the model expects "
                                f"{model.config.vocab_size}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.tasks: dict[str, TaskSpec] = {}
+        self.active: str | None = None
+        self.lock = threading.RLock()
 
     @property
     def config(self) -> AntConfig:
         return self.model.config
 
+    # ---- adapters ---------------------------------------------------------------------------
+
+    @property
+    def task(self) -> TaskSpec | None:
+        """The task of the active adapter (None: the base model)."""
+        return self.tasks.get(self.active) if self.active else None
+
+    @property
+    def prompt_task(self) -> int | None:
+        return self.task.prompt_task if self.task is not None else None
+
+    def add_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
+        """Attach a saved adapter (refused if trained on another base) and make it active."""
+        from cpmlive.tune import delta
+
+        name = name or Path(path).resolve().name
+        with self.lock:
+            spec = TaskSpec.load(path) if (Path(path) / "task.json").is_file() else TaskSpec()
+            delta.load_adapter(self.model, path, name=name)
+            self.tasks[name] = spec
+            self.use(name)
+        return name
+
+    def use(self, name: str | None) -> None:
+        """Route every call through adapter ``name`` (None: the bare base model)."""
+        from cpmlive.tune import delta
+
+        if name is not None and name not in self.tasks:
+            raise CpmliveError(f"no adapter named {name!r} (loaded: {', '.join(self.tasks) or 'none'})")
+        delta.set_active_adapter(self.model, name)
+        self.active = name
+
+    @contextmanager
+    def using(self, name: str | None) -> Iterator["LM"]:
+        """Hold the model with adapter ``name`` active (per request in a server)."""
+        with self.lock:
+            previous = self.active
+            self.use(name)
+            try:
+                yield self
+            finally:
+                self.use(previous)
+
+    def classify(self, texts: str | Sequence[str]) -> str | list[str]:
+        """The most likely label of each text under the active classification adapter."""
+        spec = self.task
+        if spec is None or spec.task != "classify":
+            raise CpmliveError("classify needs a classification adapter (load one with adapter=PATH)")
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items or any(not isinstance(t, str) or not t.strip() for t in items):
+            raise CpmliveError("empty text")
+        with torch.inference_mode():
+            scores = classify_scores(self.model, self.tokenizer, spec, items)
+        labels = [spec.labels[i] for i in scores.argmax(-1).tolist()]
+        return labels[0] if isinstance(texts, str) else labels
+
     # ---- text <-> ids -----------------------------------------------------------------------
 
     def encode_prompt(self, text: str) -> list[int]:
+        """``<s>`` + the text's ids; under a task adapter, the text goes through its template and
+        is cut to the adapter's input length, as in fine-tuning."""
         if not isinstance(text, str) or not text.strip():
             raise CpmliveError("empty prompt")
+        if self.task is not None:
+            ids, cut = encode_input(self.tokenizer, self.task, text)
+            if cut:
+                warnings.warn(f"input truncated to its first {self.task.max_input_tokens} tokens", stacklevel=3)
+            return ids
         ids = self.tokenizer.encode_for_model(text)
         if ids[:1] != [self.tokenizer.bos_id]:
             ids = [self.tokenizer.bos_id] + ids
@@ -82,7 +152,7 @@ class LM:
             raise CpmliveError("no prompt given")
         options = self._options(max_new_tokens, kwargs)
         rows = [self.encode_prompt(t) for t in texts]
-        return generate_ids(self.model, rows, options, self.tokenizer.eos_id)
+        return generate_ids(self.model, rows, options, self.tokenizer.eos_id, self.prompt_task)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **kwargs: object) -> Iterator[str]:
         """Yield the text of each new token as soon as it is chosen."""
@@ -90,7 +160,7 @@ class LM:
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
         row = self.encode_prompt(prompt)
-        for emitted in decode_steps(self.model, [row], options, self.tokenizer.eos_id):
+        for emitted in decode_steps(self.model, [row], options, self.tokenizer.eos_id, self.prompt_task):
             if emitted[0] is not None:
                 yield self.tokenizer.decode([emitted[0]])
 
@@ -138,10 +208,13 @@ def find_vocab(vocab: str | os.PathLike | None, directory: Path | None) -> Path:
 
 
 def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
-         vocab: str | os.PathLike | None = None, hf_tokenizer: bool = False, seed: int = 0) -> LM:
+         vocab: str | os.PathLike | None = None, hf_tokenizer: bool = False, seed: int = 0,
+         adapter: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> LM:
     """A checkpoint directory, ``"demo"`` (the shipped model) or a preset name (random weights).
 
     Random-weight presets need a vocabulary of their ``vocab_size``: pass ``vocab=``.
+    ``adapter``: one or more adapter directories (or names of shipped ones, e.g. ``"headline"``);
+    the last one given is active, ``lm.use(name)`` switches.
     """
     torch_dtype = resolve_dtype(dtype)
     if str(name_or_path) == "demo":
@@ -159,7 +232,22 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     else:
         raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
     tokenizer = AntTokenizer.from_file(find_vocab(vocab, directory), hf_compat=hf_tokenizer)
-    return LM(model, tokenizer, name=str(name_or_path))
+    lm = LM(model, tokenizer, name=str(name_or_path))
+    paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter or [])
+    for path in paths:
+        lm.add_adapter(resolve_adapter(path))
+    return lm
+
+
+def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
+    """A directory, or the name of an adapter shipped under ``assets/adapters``."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    shipped = ASSETS / "adapters" / str(name_or_path)
+    if shipped.is_dir():
+        return shipped
+    raise CpmliveError(f"{name_or_path}: no such adapter directory or shipped adapter")
 
 
 __all__ = ["LM", "load", "resolve_dtype"]
