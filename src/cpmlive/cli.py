@@ -10,8 +10,10 @@ import json
 import os
 import sys
 import traceback
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
 
 from cpmlive.errors import CpmliveError
 
@@ -74,6 +76,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
     parser.add_argument("--vocab", default=None, help="vocabulary file (default: the checkpoint's vocab.txt)")
     parser.add_argument("--hf-tokenizer", action="store_true", help="tokenize exactly like HF CpmAntTokenizer")
+    parser.add_argument("--adapter", action="append", default=None,
+                        help="adapter directory or shipped adapter name (repeatable; the last is active)")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
@@ -86,7 +90,20 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 def load_lm(args: argparse.Namespace):
     from cpmlive.api import load
 
-    return load(args.model, dtype=args.dtype, vocab=args.vocab, hf_tokenizer=args.hf_tokenizer)
+    return load(args.model, dtype=args.dtype, vocab=args.vocab, hf_tokenizer=args.hf_tokenizer,
+                adapter=getattr(args, "adapter", None))
+
+
+@contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Show warnings (e.g. truncated input) as one ``cpmlive: warning:`` line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for item in caught:
+                print(f"cpmlive: warning: {item.message}", file=sys.stderr)
 
 
 def print_json(data: object) -> None:
@@ -224,7 +241,41 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         print(f"trained {state.step} steps, {state.tokens} tokens -> {config.out}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from cpmlive.tune.finetune import FinetuneConfig, finetune
+
+    overrides = list(args.overrides)
+    for key in ("model", "task", "data", "eval", "out"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    config = FinetuneConfig.from_file(args.config, overrides)
+    best = finetune(config, resume=args.resume)
+    print(f"best adapter -> {best}")
+
+
+def cmd_title(args: argparse.Namespace) -> None:
+    from cpmlive.infer.headline import TitleOptions, suggest_titles
+
+    article = read_text_file(args.file) if args.file else prompt_from(args)
+    if not article.strip():
+        raise CpmliveError("the article is empty")
+    options = TitleOptions(n=args.n, num_beams=args.num_beams, samples=args.samples, min_chars=args.min_chars,
+                           max_chars=args.max_chars, seed=args.seed)
+    if args.adapter is None and args.model == "demo":
+        args.adapter = ["headline"]
+    with warnings_as_lines():
+        titles = suggest_titles(load_lm(args), article, options)
+    if args.json:
+        print_json({"titles": titles})
+    else:
+        print("\n".join(titles))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    if args.data:
+        return evaluate_task(args)
+    if not args.text:
+        raise CpmliveError("give --text FILE (language-model loss) or --data FILE.jsonl (task metrics)")
     from cpmlive.infer.score import score_texts
 
     text = read_text_file(args.text)
@@ -241,6 +292,31 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
               f"({result['chars']} chars, {result['tokens']} tokens, {result['documents']} documents)")
 
 
+def evaluate_task(args: argparse.Namespace) -> None:
+    from cpmlive.data.tasks import read_examples
+    from cpmlive.infer.evaluate import evaluate_classification, evaluate_generation
+
+    lm = load_lm(args)
+    task = args.task or (lm.task.task if lm.task else "generate")
+    examples = read_examples(args.data, task)
+    with warnings_as_lines():
+        if task == "classify":
+            if lm.task is None or lm.task.task != "classify":
+                raise CpmliveError("--task classify needs a classification adapter (--adapter PATH)")
+            result = evaluate_classification(lm, examples, args.data)
+        else:
+            result = evaluate_generation(lm, examples, num_beams=args.num_beams, progress=not args.json)
+    if args.predictions:
+        from cpmlive.utils import atomic_write_text
+
+        atomic_write_text(Path(args.predictions), "".join(json.dumps({"prediction": p}, ensure_ascii=False) + "\n"
+                                                          for p in result["predictions"]))
+    if args.json:
+        print_json(result["metrics"])
+    else:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result["metrics"].items()))
+
+
 def cmd_dashboard(args: argparse.Namespace) -> None:
     from cpmlive.serve.dashboard import serve
 
@@ -251,6 +327,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     from cpmlive.train.report import write_report
 
     print(f"wrote {write_report(args.run_dir, out=args.out, day=args.day)}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from cpmlive.api import resolve_dtype
+    from cpmlive.tune.adapters import merge_checkpoint
+
+    print(f"wrote {merge_checkpoint(args.base, args.adapter, args.out, dtype=resolve_dtype(args.dtype))}")
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -316,7 +399,12 @@ def build_parser() -> Parser:
 
     ev = verbs.add_parser("evaluate", help="language-model loss of a text file: bits/char and perplexity")
     ev.add_argument("model")
-    ev.add_argument("--text", required=True, help="UTF-8 text file, one document per line")
+    ev.add_argument("--text", help="UTF-8 text file, one document per line: bits/char and perplexity")
+    ev.add_argument("--data", help="task JSONL file: ROUGE (generate) or accuracy/macro-F1 (classify)")
+    ev.add_argument("--task", choices=("generate", "classify"), default=None,
+                    help="default: the adapter's task, else generate")
+    ev.add_argument("--num-beams", type=int, default=1, help="decoding for --task generate")
+    ev.add_argument("--predictions", help="write the predictions here (JSONL)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--json", action="store_true")
     add_model_flags(ev)
@@ -327,6 +415,32 @@ def build_parser() -> Parser:
     pre.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint dir")
     pre.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     pre.set_defaults(run=cmd_pretrain)
+
+    tune = verbs.add_parser("finetune", help="delta-tune a model on a JSONL task (LoRA, soft prompt, norms)")
+    tune.add_argument("--config", help="YAML recipe (see recipes/)")
+    tune.add_argument("--model", default=None, help="base checkpoint directory or 'demo'")
+    tune.add_argument("--task", default=None, choices=("generate", "classify"))
+    tune.add_argument("--data", default=None, help="training JSONL")
+    tune.add_argument("--eval", default=None, help="validation JSONL")
+    tune.add_argument("--out", default=None, help="run directory")
+    tune.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint dir")
+    tune.add_argument("overrides", nargs="*", help="key=value overrides (delta.r=16, lr=5e-4, ...)")
+    tune.set_defaults(run=cmd_finetune)
+
+    title = verbs.add_parser("title", help="candidate headlines for an article (智取标题)")
+    title.add_argument("text", nargs="?", help="the article, or - to read stdin")
+    title.add_argument("--file", help="read the article from a UTF-8 file")
+    title.add_argument("--model", default="demo", help="base model (default: demo, with the shipped headline adapter)")
+    title.add_argument("-n", type=int, default=5, help="number of candidates")
+    title.add_argument("--num-beams", type=int, default=6)
+    title.add_argument("--samples", type=int, default=8, help="sampled candidates besides the beams")
+    title.add_argument("--min-chars", type=int, default=4)
+    title.add_argument("--max-chars", type=int, default=30)
+    title.add_argument("--seed", type=int, default=0)
+    title.add_argument("--json", action="store_true", help='print {"titles": [...]}')
+    title.add_argument("--prompt-file", help=argparse.SUPPRESS)
+    add_model_flags(title)
+    title.set_defaults(run=cmd_title)
 
     dash = verbs.add_parser("dashboard", help="serve a live web dashboard of a run's metrics")
     dash.add_argument("run_dir")
@@ -339,6 +453,13 @@ def build_parser() -> Parser:
     rep.add_argument("--out", default=None, help="output directory (default: RUN_DIR/reports)")
     rep.add_argument("--day", default=None, help="only this UTC day, YYYY-MM-DD (writes report-DAY.md)")
     rep.set_defaults(run=cmd_report)
+
+    mrg = verbs.add_parser("merge", help="fold a LoRA/prompt/bitfit adapter into its base checkpoint")
+    mrg.add_argument("base", help="base checkpoint directory or 'demo'")
+    mrg.add_argument("adapter", help="adapter directory (ours or HF PEFT's)")
+    mrg.add_argument("out", help="output checkpoint directory")
+    mrg.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as the base)")
+    mrg.set_defaults(run=cmd_merge)
     return parser
 
 
