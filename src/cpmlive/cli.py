@@ -331,7 +331,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     from cpmlive.api import resolve_dtype
-    from cpmlive.tune.adapters import merge_checkpoint
+    from cpmlive.tune.delta import merge_checkpoint
 
     print(f"wrote {merge_checkpoint(args.base, args.adapter, args.out, dtype=resolve_dtype(args.dtype))}")
 
