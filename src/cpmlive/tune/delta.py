@@ -107,8 +107,8 @@ class DeltaConfig:
 
     @property
     def targets(self) -> Targets:
-        """``target_modules`` with the method's default filled in."""
-        return self.target_modules if self.target_modules is not None else list(DEFAULT_TARGETS[self.method])
+        """``target_modules`` with the method's default filled in (empty for prompt tuning)."""
+        return self.target_modules if self.target_modules is not None else list(DEFAULT_TARGETS.get(self.method, []))
 
     @property
     def scaling(self) -> float:
