@@ -323,6 +323,12 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     serve(args.run_dir, host=args.host, port=args.port)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from cpmlive.serve.app import serve
+
+    serve(args.model, adapters=args.adapter or [], host=args.host, port=args.port)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from cpmlive.train.report import write_report
 
@@ -447,6 +453,13 @@ def build_parser() -> Parser:
     dash.add_argument("--host", default="127.0.0.1")
     dash.add_argument("--port", type=int, default=8765)
     dash.set_defaults(run=cmd_dashboard)
+
+    srv = verbs.add_parser("serve", help="serve the headline web app (智取标题) and its JSON API")
+    srv.add_argument("--model", default="demo", help="checkpoint directory, 'demo', or a preset name")
+    srv.add_argument("--adapter", action="append", help="adapter directory or shipped name (repeatable)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(run=cmd_serve)
 
     rep = verbs.add_parser("report", help="write a run's training log (markdown and plots)")
     rep.add_argument("run_dir")

@@ -1,0 +1,254 @@
+"""``cpmlive serve``: the headline app's JSON API on the demo model, and its page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+import cpmlive
+from cpmlive.api import LM
+from cpmlive.cli import main
+from cpmlive.infer.headline import MAX_ARTICLE_CHARS
+from cpmlive.serve.app import create_app
+from cpmlive.serve.dashboard import bind
+from cpmlive.tune import delta
+from cpmlive.tune.task import TaskSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTICLE = ("新华社北京3月5日电 第十四届全国人民代表大会第二次会议今天上午在人民大会堂开幕。"
+           "国务院总理作政府工作报告，提出今年经济社会发展的主要预期目标。")
+FAST = {"num_beams": 2, "samples": 1}
+GREEDY = {"num_beams": 1, "samples": 0}
+SENTIMENT = ["正面", "负面"]
+TOPICS = ["体育", "经济", "文化"]
+
+
+@pytest.fixture(scope="module")
+def lm() -> LM:
+    return cpmlive.load("demo")
+
+
+@pytest.fixture(scope="module")
+def client(lm: LM) -> TestClient:
+    return TestClient(create_app(lm))
+
+
+def attach_untrained(lm: LM, name: str, spec: TaskSpec) -> None:
+    """An adapter as ``lm.add_adapter`` would leave it, with fresh LoRA weights instead of a saved file."""
+    delta.attach(lm.model, delta.DeltaConfig(method="lora"), name=name)
+    lm.tasks[name] = spec
+
+
+@pytest.fixture(scope="module")
+def tuned_client() -> TestClient:
+    """Several adapters on one base: a short title generator and two classifiers."""
+    tuned = cpmlive.load("demo")
+    attach_untrained(tuned, "headline", TaskSpec(max_output_tokens=8))
+    attach_untrained(tuned, "sentiment", TaskSpec(task="classify", labels=SENTIMENT))
+    attach_untrained(tuned, "topic", TaskSpec(task="classify", labels=TOPICS))
+    tuned.use(None)
+    return TestClient(create_app(tuned))
+
+
+def assert_bad_request(response, contains: str) -> None:
+    assert response.status_code == 400, response.text
+    answer = response.json()
+    assert list(answer) == ["error"] and "\n" not in answer["error"]
+    assert contains in answer["error"], answer["error"]
+
+
+# ---- API on the base model ------------------------------------------------------------------------
+
+
+def test_page_and_health(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "生成标题" in page.text and "<script" in page.text
+    assert "http://" not in page.text and "https://" not in page.text
+    assert client.get("/api/health").json() == {"model": "demo", "adapters": [], "tasks": {}}
+
+
+@pytest.mark.slow
+def test_titles_are_distinct_strings(client: TestClient) -> None:
+    response = client.post("/api/titles", json={"article": ARTICLE, "n": 3, **FAST})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    titles = answer["titles"]
+    assert 1 <= len(titles) <= 3 and all(isinstance(t, str) and t.strip() for t in titles)
+    assert len(set(titles)) == len(titles)
+    assert answer["warning"] is None and answer["adapter"] is None and answer["seconds"] > 0
+
+
+@pytest.mark.parametrize(("body", "contains"), [
+    ({"article": " \n\t "}, "the article is empty"),
+    ({"article": ""}, "the article is empty"),
+    ({}, "article: Field required"),
+    ({"article": 3}, "article: Input should be a valid string"),
+    ({"article": ARTICLE, "n": 0}, "n: Input should be greater than or equal to 1"),
+    ({"article": ARTICLE, "n": 11}, "n: Input should be less than or equal to 10"),
+    ({"article": ARTICLE, "num_beams": 64}, "num_beams"),
+    ({"article": ARTICLE, "samples": -1}, "samples"),
+    ({"article": ARTICLE, "seed": 2**40}, "seed"),
+    ({"article": ARTICLE, "adapter": "nope"}, "no adapter named 'nope'"),
+    (["not", "an", "object"], "the request body must be a JSON object"),
+])
+def test_bad_title_requests(client: TestClient, body: object, contains: str) -> None:
+    assert_bad_request(client.post("/api/titles", json=body), contains)
+
+
+def test_bad_json(client: TestClient) -> None:
+    response = client.post("/api/titles", content=b'{"article": "abc', headers={"Content-Type": "application/json"})
+    assert_bad_request(response, "not valid JSON")
+
+
+@pytest.mark.slow
+def test_long_article_is_truncated_with_a_warning(client: TestClient) -> None:
+    article = (ARTICLE * (100_000 // len(ARTICLE) + 1))[:100_000]
+    response = client.post("/api/titles", json={"article": article, "n": 1, **GREEDY})
+    assert response.status_code == 200, response.text
+    warning = response.json()["warning"]
+    assert "truncated" in warning and str(MAX_ARTICLE_CHARS) in warning and "\n" not in warning
+
+
+def test_classify_needs_a_classification_adapter(client: TestClient) -> None:
+    assert_bad_request(client.post("/api/classify", json={"text": "好"}), "no classification adapter")
+
+
+# ---- adapters chosen per request --------------------------------------------------------------
+
+
+def test_health_lists_adapters(tuned_client: TestClient) -> None:
+    assert tuned_client.get("/api/health").json() == {
+        "model": "demo", "adapters": ["headline", "sentiment", "topic"],
+        "tasks": {"headline": "generate", "sentiment": "classify", "topic": "classify"}}
+
+
+@pytest.mark.slow
+def test_classify_with_the_requested_adapter(tuned_client: TestClient) -> None:
+    topic = tuned_client.post("/api/classify", json={"text": ["比赛很精彩", "股市上涨"], "adapter": "topic"}).json()
+    assert topic["adapter"] == "topic" and len(topic["labels"]) == 2 and set(topic["labels"]) <= set(TOPICS)
+    default = tuned_client.post("/api/classify", json={"text": "这家店很好"}).json()
+    assert default["adapter"] == "sentiment" and len(default["labels"]) == 1 and default["labels"][0] in SENTIMENT
+
+
+@pytest.mark.slow
+def test_titles_prefer_the_headline_adapter(tuned_client: TestClient) -> None:
+    answer = tuned_client.post("/api/titles", json={"article": ARTICLE, "n": 1, **GREEDY}).json()
+    assert answer["adapter"] == "headline" and isinstance(answer["titles"], list)
+
+
+@pytest.mark.parametrize(("path", "body", "contains"), [
+    ("/api/titles", {"article": ARTICLE, "adapter": "sentiment"}, "'sentiment' is for classify, not generate"),
+    ("/api/classify", {"text": "好", "adapter": "headline"}, "'headline' is for generate, not classify"),
+    ("/api/classify", {"text": "好", "adapter": "nope"}, "no adapter named 'nope'"),
+    ("/api/classify", {"text": []}, "empty text"),
+    ("/api/classify", {"text": ["好", " "]}, "empty text"),
+    ("/api/classify", {"texts": "好"}, "text: Field required"),
+])
+def test_bad_adapter_requests(tuned_client: TestClient, path: str, body: dict, contains: str) -> None:
+    assert_bad_request(tuned_client.post(path, json=body), contains)
+
+
+# ---- the CLI verb ---------------------------------------------------------------------------------
+
+
+def test_cli_unknown_adapter(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--adapter", "no-such-adapter"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "cpmlive: error: no-such-adapter: no such adapter directory or shipped adapter"]
+
+
+def test_cli_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    with bind("127.0.0.1", 0) as busy:
+        assert main(["serve", "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("cpmlive: error: cannot listen on 127.0.0.1:")
+
+
+# ---- the page in a browser ----------------------------------------------------------------------
+
+
+@contextmanager
+def running_server(lm: LM) -> Iterator[str]:
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(lm), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def health_seconds(url: str) -> float:
+    start = time.perf_counter()
+    with urllib.request.urlopen(f"{url}/api/health", timeout=10) as response:
+        assert json.load(response)["model"] == "demo"
+    return time.perf_counter() - start
+
+
+def check_titles(page, url: str) -> None:
+    page.fill("#article", ARTICLE)
+    page.click("#generate")
+    page.wait_for_selector("#generate:disabled", timeout=2_000)
+    assert "生成中" in page.inner_text("#generate") and page.is_visible("#status .spinner")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "title-app-loading.png"), full_page=True)
+    assert health_seconds(url) < 3, "the server stopped answering while generating"
+    page.wait_for_selector("#titles li", timeout=120_000)
+    assert page.is_enabled("#generate") and not page.is_visible("#status")
+    titles = page.locator("#titles li .text")
+    assert titles.count() >= 1 and all(text.strip() for text in titles.all_inner_texts())
+    assert not page.is_visible("#error")
+
+
+def check_empty_article(page) -> None:
+    page.fill("#article", "   ")
+    page.click("#generate")
+    page.wait_for_selector("#error.show", timeout=30_000)
+    assert "the article is empty" in page.inner_text("#error")
+    page.screenshot(path=str(ARTIFACTS / "title-app-error.png"), full_page=True, animations="disabled")
+
+
+@pytest.mark.slow
+def test_title_page_in_chromium(lm: LM) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (apt-get install -y chromium), as .ci/run does")
+    from playwright.sync_api import sync_playwright
+
+    with running_server(lm) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{url}/?beams={FAST['num_beams']}&samples={FAST['samples']}")
+            page.wait_for_function("document.getElementById('model').textContent.includes('demo')")
+            page.select_option("#count", "3")
+            check_titles(page, url)
+            page.screenshot(path=str(ARTIFACTS / "title-app.png"), full_page=True, animations="disabled")
+            check_empty_article(page)
+            page.click("#example")
+            assert len(page.input_value("#article")) > 100
+            assert errors == []
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "title-app.png").read_bytes()[:4] == b"\x89PNG"
