@@ -85,7 +85,8 @@ class LM:
 
         if name is not None and name not in self.tasks:
             raise CpmliveError(f"no adapter named {name!r} (loaded: {', '.join(self.tasks) or 'none'})")
-        delta.set_active_adapter(self.model, name)
+        if name is not None or delta.delta_state(self.model) is not None:
+            delta.set_active_adapter(self.model, name)
         self.active = name
 
     @contextmanager

@@ -1,0 +1,337 @@
+"""The fine-tuning recipe: a frozen CPM-Ant plus a delta (LoRA, soft prompt or norm tuning),
+trained on a JSONL task, validated every N steps, keeping the best adapter.
+
+Run directory::
+
+    RUN/config.yaml           the recipe as run
+    RUN/metrics.jsonl         one line per step / evaluation
+    RUN/checkpoints/step-N/   adapter/ + trainer.pt (optimizer, data position, RNG); ``latest``
+    RUN/best/                 the best adapter so far (+ task.json, metrics.json)
+
+``--resume auto`` continues from ``latest`` exactly: same order of examples, same RNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpmlive.data.objectives import masked_lm_loss
+from cpmlive.data.tasks import Example, check_labels, read_examples
+from cpmlive.errors import CpmliveError
+from cpmlive.model.ant import CpmAnt
+from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory, replace_directory
+from cpmlive.recipe import Recipe
+from cpmlive.tokenizer import AntTokenizer
+from cpmlive.train.metrics import MetricsLog, finite_or_none
+from cpmlive.train.pretrain import (LATEST, TRAINER_STATE, latest_checkpoint, learning_rate, memory_mb, rng_state,
+                                    set_rng_state)
+from cpmlive.tune import delta as deltas
+from cpmlive.tune.metrics import accuracy, macro_f1
+from cpmlive.tune.task import TaskSpec, classify_scores, encode_input, encode_target, example_batch
+from cpmlive.utils import atomic_write_text
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BEST = "best"
+
+
+@dataclass
+class FinetuneConfig(Recipe):
+    model: str = "demo"
+    task: str = "generate"
+    data: str = ""
+    eval: str = ""
+    out: str = "runs/finetune"
+    delta: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
+    template: str = "{input}"
+    max_input_tokens: int = 256
+    max_output_tokens: int = 48
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 3.0
+    max_steps: int = 0  # 0: as many as `epochs` take
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    best_metric: str = "auto"  # loss | accuracy | macro_f1 (auto: loss for generate, accuracy for classify)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise CpmliveError("config: data is required (a JSONL file; see `cpmlive finetune --help`)")
+        if self.precision not in ("bf16", "fp32"):
+            raise CpmliveError(f"config: precision must be bf16 or fp32, got {self.precision!r}")
+        if self.schedule not in ("cosine", "constant", "noam"):
+            raise CpmliveError(f"config: schedule must be cosine, constant or noam, got {self.schedule!r}")
+        if self.batch_size < 1 or self.grad_accum < 1 or (self.max_steps < 1 and self.epochs <= 0):
+            raise CpmliveError("config: batch_size and grad_accum >= 1, and max_steps or epochs > 0")
+        if self.best_metric not in ("auto", "loss", "accuracy", "macro_f1"):
+            raise CpmliveError(f"config: best_metric must be auto, loss, accuracy or macro_f1, got {self.best_metric!r}")
+        if self.task == "generate" and self.best_metric in ("accuracy", "macro_f1"):
+            raise CpmliveError(f"config: best_metric {self.best_metric} needs task classify")
+
+    @property
+    def chosen_metric(self) -> str:
+        if self.best_metric != "auto":
+            return self.best_metric
+        return "accuracy" if self.task == "classify" and self.eval else "loss"
+
+
+def resolve_model_path(name: str) -> Path:
+    path = ASSETS / "demo" if name == "demo" else Path(name)
+    if not (path / "config.json").is_file():
+        raise CpmliveError(f"{name}: not a checkpoint directory (no config.json)")
+    return path
+
+
+@dataclass
+class Position:
+    """Where the run is in its data: epoch and index into that epoch's shuffled order."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    best: float | None = None
+    best_step: int = 0
+
+
+class Finetuner:
+    def __init__(self, config: FinetuneConfig, resume: str | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        model_path = resolve_model_path(config.model)
+        self.vocab_path = model_path / VOCAB_NAME
+        self.tokenizer = AntTokenizer.from_file(self.vocab_path)
+        self.train_examples = read_examples(config.data, config.task)
+        self.eval_examples = read_examples(config.eval, config.task) if config.eval else []
+        self.model: CpmAnt = load_model(model_path, dtype=torch.float32).train()
+        self.delta = deltas.DeltaConfig.from_dict(config.delta)
+        deltas.attach(self.model, self.delta)
+        self.spec = self._task_spec()
+        if self.eval_examples and config.task == "classify":
+            check_labels(self.eval_examples, self.spec.labels, config.eval)
+        self.train_pairs = [self.encode(e) for e in self.train_examples]
+        self.eval_pairs = [self.encode(e) for e in self.eval_examples]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.beta1, config.beta2),
+                                           weight_decay=config.weight_decay)
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_pairs) / (config.batch_size * config.grad_accum)))
+        self.total_steps = config.max_steps or max(1, round(config.epochs * self.steps_per_epoch))
+        self.schedule = dataclasses.replace(config, max_steps=self.total_steps)
+        self.position = Position()
+        if resume:
+            self._resume(resume)
+        atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
+        self.log = MetricsLog(self.run_dir)
+
+    def _task_spec(self) -> TaskSpec:
+        config = self.config
+        labels = sorted({e.target for e in self.train_examples}) if config.task == "classify" else []
+        prompt_task = self.delta.task_id if self.delta.method == "prompt" else TaskSpec().prompt_task
+        return TaskSpec(config.task, config.template, config.max_input_tokens, config.max_output_tokens,
+                        labels, prompt_task)
+
+    def encode(self, example: Example) -> tuple[list[int], list[int]]:
+        return (encode_input(self.tokenizer, self.spec, example.input)[0],
+                encode_target(self.tokenizer, self.spec, example.target))
+
+    # ---- data order ------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.train_pairs)))
+        random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_pairs(self) -> list[tuple[list[int], list[int]]]:
+        pos, size = self.position, self.config.batch_size
+        order = self.epoch_order(pos.epoch)
+        chosen = order[pos.index:pos.index + size]
+        pos.index += size
+        if pos.index >= len(order):
+            pos.epoch, pos.index = pos.epoch + 1, 0
+        return [self.train_pairs[i] for i in chosen]
+
+    # ---- steps -----------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        config = self.config
+        step = self.position.step + 1
+        lr = learning_rate(self.schedule, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        total, tokens = 0.0, 0
+        for _ in range(config.grad_accum):
+            batch = example_batch(self.next_pairs(), self.spec.prompt_task, self.model.config)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                loss, _ = masked_lm_loss(self.model, batch)
+            (loss / config.grad_accum).backward()
+            total += loss.item() / config.grad_accum
+            tokens += int(batch.valid.sum())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        pos = self.position
+        pos.step, pos.tokens, pos.elapsed = step, pos.tokens + tokens, pos.elapsed + seconds
+        return {"type": "train", "step": step, "epoch": pos.epoch + pos.index / len(self.train_pairs),
+                "loss": finite_or_none(total), "lr": lr, "tokens": pos.tokens, "tokens_per_s": tokens / seconds,
+                "grad_norm": finite_or_none(grad_norm), "memory_mb": round(memory_mb(), 1),
+                "elapsed_s": round(pos.elapsed, 3), "time": time.time()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Dev loss on the targets; for classification also accuracy and macro-F1."""
+        self.model.eval()
+        try:
+            total, count = 0.0, 0
+            size = self.config.batch_size
+            for start in range(0, len(self.eval_pairs), size):
+                batch = example_batch(self.eval_pairs[start:start + size], self.spec.prompt_task, self.model.config)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+                    loss, _ = masked_lm_loss(self.model, batch)
+                n = int((batch.target >= 0).sum())
+                total, count = total + loss.item() * n, count + n
+            result = {"loss": total / max(count, 1)}
+            if self.config.task == "classify":
+                result.update(self.classification_metrics())
+            return result
+        finally:
+            self.model.train()
+
+    def classification_metrics(self) -> dict[str, float]:
+        texts = [e.input for e in self.eval_examples]
+        scores = classify_scores(self.model, self.tokenizer, self.spec, texts, self.config.batch_size * 2)
+        predicted = [self.spec.labels[i] for i in scores.argmax(-1).tolist()]
+        gold = [e.target for e in self.eval_examples]
+        return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold)}
+
+    def is_better(self, metrics: dict[str, float]) -> bool:
+        name = self.config.chosen_metric
+        value, best = metrics[name], self.position.best
+        if not math.isfinite(value):
+            return False
+        return best is None or (value < best if name == "loss" else value > best)
+
+    # ---- saving ----------------------------------------------------------------------------
+
+    def save_adapter(self, directory: Path, metrics: dict[str, Any] | None = None) -> None:
+        deltas.save_adapter(self.model, directory)
+        self.spec.save(directory)
+        shutil.copyfile(self.vocab_path, directory / VOCAB_NAME)
+        if metrics is not None:
+            atomic_write_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    def save_best(self, metrics: dict[str, float]) -> None:
+        target = self.run_dir / BEST
+        build = new_build_directory(target)
+        self.save_adapter(build, {"step": self.position.step, **metrics})
+        replace_directory(build, target)
+
+    def save_checkpoint(self) -> Path:
+        target = self.run_dir / "checkpoints" / f"step-{self.position.step:07d}"
+        build = new_build_directory(target)
+        try:
+            self.save_adapter(build / "adapter")
+            torch.save({"optimizer": self.optimizer.state_dict(), "position": dataclasses.asdict(self.position),
+                        "rng": rng_state(), "config": self.config.to_dict()}, build / TRAINER_STATE)
+            replace_directory(build, target)
+        except OSError as exc:
+            shutil.rmtree(build, ignore_errors=True)
+            raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
+                               "the previous checkpoint is intact") from None
+        atomic_write_text(self.run_dir / "checkpoints" / LATEST, target.name + "\n")
+        for old in sorted((self.run_dir / "checkpoints").glob("step-*"))[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def _resume(self, resume: str) -> None:
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        if not (path / TRAINER_STATE).is_file():
+            raise CpmliveError(f"{path}: not a fine-tuning checkpoint (no {TRAINER_STATE})")
+        deltas.load_adapter_weights(self.model, path / "adapter")
+        state = torch.load(path / TRAINER_STATE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.position = Position(**state["position"])
+        set_rng_state(state["rng"])
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self) -> Position:
+        config = self.config
+        trainable, total = deltas.trainable_parameters(self.model)
+        self.log.write({"type": "start", "step": self.position.step, "config": config.to_dict(),
+                        "trainable": trainable, "parameters": total, "time": time.time()})
+        bar = _progress(self.total_steps, self.position.step) if config.progress else None
+        try:
+            while self.position.step < self.total_steps:
+                record = self.train_step()
+                self.log.write(record)
+                step = record["step"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan")
+                last = step == self.total_steps
+                if step % config.eval_every == 0 or last:
+                    self.validate(step)
+                if step % config.save_every == 0 or last:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.close()
+        return self.position
+
+    def validate(self, step: int) -> None:
+        metrics = self.evaluate() if self.eval_pairs else {"loss": float("nan")}
+        if not self.eval_pairs:  # without a dev set the latest adapter is the one kept
+            self.save_best({"step": step})
+            return
+        better = self.is_better(metrics)
+        if better:
+            self.position.best, self.position.best_step = metrics[self.config.chosen_metric], step
+            self.save_best(metrics)
+        self.log.write({"type": "eval", "step": step, **{f"val_{k}": finite_or_none(v) for k, v in metrics.items()},
+                        "best": better, "time": time.time()})
+
+
+def _progress(total: int, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
+
+
+def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
+    """Train; returns the best adapter's directory."""
+    Finetuner(config, resume).run()
+    return Path(config.out) / BEST
+
+
+__all__ = ["FinetuneConfig", "Finetuner", "finetune"]
