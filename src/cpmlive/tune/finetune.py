@@ -33,7 +33,7 @@ from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory
 from cpmlive.recipe import Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.metrics import MetricsLog, finite_or_none
-from cpmlive.train.pretrain import (LATEST, TRAINER_STATE, latest_checkpoint, learning_rate, memory_mb, rng_state,
+from cpmlive.train.pretrain import (LATEST, TRAINER_STATE, can_fuse, latest_checkpoint, learning_rate, memory_mb, rng_state,
                                     set_rng_state)
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.metrics import accuracy, macro_f1
@@ -138,7 +138,7 @@ class Finetuner:
         self.eval_pairs = [self.encode(e) for e in self.eval_examples]
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.beta1, config.beta2),
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=can_fuse(trainable))
         self.steps_per_epoch = max(1, math.ceil(len(self.train_pairs) / (config.batch_size * config.grad_accum)))
         self.total_steps = config.max_steps or max(1, round(config.epochs * self.steps_per_epoch))
         self.schedule = dataclasses.replace(config, max_steps=self.total_steps)
