@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from serving import serving
 
 import cpmlive
 from cpmlive.api import LM
@@ -180,22 +177,8 @@ def test_cli_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
 # ---- the page in a browser ----------------------------------------------------------------------
 
 
-@contextmanager
-def running_server(lm: LM) -> Iterator[str]:
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(lm), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+def running_server(lm: LM):
+    return serving(create_app(lm))
 
 
 def health_seconds(url: str) -> float:

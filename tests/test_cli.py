@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from cpmlive.config import preset
 from cpmlive.model.ant import build_model

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from serving import serving
 
 from cpmlive.cli import main
-from cpmlive.serve.dashboard import bind, create_app, read_since
+from cpmlive.serve.dashboard import create_app, read_since
 from cpmlive.train.metrics import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,22 +122,8 @@ def test_cli_missing_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 # ---- the page in a browser ----------------------------------------------------------------------
 
 
-@contextmanager
-def running_server(run: Path) -> Iterator[str]:
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(run), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=5)
-        sock.close()
+def running_server(run: Path):
+    return serving(create_app(run))
 
 
 @contextmanager

@@ -1,7 +1,6 @@
 """The pretraining recipe: configs, exact resume after kill -9, metrics, checkpoint failures."""
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from cpmlive.data.store import prepare
 from cpmlive.errors import CpmliveError

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
