@@ -12,6 +12,7 @@ import cpmlive
 from cpmlive.api import ASSETS
 from cpmlive.config import AntConfig, preset
 from cpmlive.infer.generate import TASK_GENERATE, _step_inputs, build_batch
+from cpmlive.infer.headline import rank_titles
 from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.train.metrics import latest_by_step, read_records
@@ -193,3 +194,19 @@ def test_title_cli_returns_distinct_candidates_and_handles_bad_articles(base_dir
     save_checkpoint(other.model, other.config, other_dir, vocab=DEMO_VOCAB)
     out = run_cli("title", article, "--model", str(other_dir), "--adapter", str(tuned))
     assert out.returncode == 2 and len(out.stderr.splitlines()) == 1 and "base" in out.stderr
+
+
+@pytest.mark.parametrize("method", ["prompt", "bitfit"])
+def test_prompt_and_norm_tuning_train_save_and_serve(base_dir, generation_data, tmp_path, method):
+    config = tune_config(base_dir, generation_data, tmp_path / "run", max_steps=6, lr=0.05,
+                         delta={"method": method})
+    Finetuner(config).run()
+    lm = cpmlive.load(base_dir, adapter=tmp_path / "run" / "best")
+    assert lm.task.prompt_task == (3 if method == "prompt" else 2)
+    article = "本报北京电，今天北京市民下雪，场面热闹。"
+    row = encode_input(lm.tokenizer, lm.task, article)[0]
+    tuned = rank_titles(lm, row, lm.task, ["北京下雪"])[0]
+    with lm.using(None):
+        assert lm.task is None
+        base = rank_titles(lm, row, TaskSpec(), ["北京下雪"])[0]
+    assert tuned > base + 0.5  # the trained delta (and only it) makes the target likelier
