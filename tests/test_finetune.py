@@ -210,3 +210,22 @@ def test_prompt_and_norm_tuning_train_save_and_serve(base_dir, generation_data, 
         assert lm.task is None
         base = rank_titles(lm, row, TaskSpec(), ["北京下雪"])[0]
     assert tuned > base + 0.5  # the trained delta (and only it) makes the target likelier
+
+
+def test_copy_rules_keep_titles_to_the_articles_words(base_dir, tuned):
+    from cpmlive.infer.headline import CopySpans, TitleOptions, article_words, suggest_titles
+
+    lm = cpmlive.load(base_dir, adapter=tuned)
+    article = "本报北京电，今天北京市民下雪，场面热闹。"
+    row = encode_input(lm.tokenizer, lm.task, article)[0]
+    words = article_words(lm, row)
+    rule = CopySpans(lm, row, bonus=3.0)
+    history = row + [row[2]]
+    logits = rule(torch.zeros(1, lm.config.vocab_size), [history])[0]
+    allowed = set(torch.isfinite(logits).nonzero()[:, 0].tolist())
+    assert allowed == (words | {lm.tokenizer.eos_id}) - {row[2]}
+    assert logits[row[3]].item() == 3.0 or row[3] not in words
+    for options in (TitleOptions(n=3, num_beams=3, samples=2, copy_spans=True, min_chars=1),
+                    TitleOptions(n=3, num_beams=3, samples=2, copy_bias=50.0, min_chars=1)):
+        titles = suggest_titles(lm, article, options)
+        assert titles and all(set(title) <= set(article) for title in titles), titles

@@ -185,3 +185,14 @@ def test_bad_generation_input_is_a_clear_error(models, tokenizer, call, message)
     _, ours = models
     with pytest.raises(CpmliveError, match=message):
         call(LM(ours, tokenizer))
+
+
+def test_sequence_bias_identical_to_hf(models, tokenizer):
+    hf, ours = models
+    ids = tokenizer.encode_for_model(PROMPTS[1])
+    plain = hf_generate(hf, ids, max_new_tokens=12, do_sample=False)
+    bias = {(ids[3],): 4.0, (ids[5],): 2.5, (plain[0],): -8.0, (ids[3], ids[6]): 6.0}
+    expected = hf_generate(hf, ids, max_new_tokens=12, do_sample=False,
+                           sequence_bias=[[list(k), v] for k, v in bias.items()])
+    got = generate_ids(ours, [ids], GenerationConfig(max_new_tokens=12, sequence_bias=bias), EOS)[0]
+    assert got == expected and got != plain

@@ -9,7 +9,7 @@ Keyword names and processing order follow HF ``generate``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -34,6 +34,8 @@ class GenerationConfig:
     length_penalty: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    sequence_bias: dict[tuple[int, ...], float] | None = None
+    logits_processor: Callable[[Tensor, list[list[int]]], Tensor] | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -47,6 +49,8 @@ class GenerationConfig:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
             (not (self.do_sample and self.num_beams > 1), "beam sampling is not supported: use do_sample or num_beams"),
+            (all(isinstance(k, tuple) and k and all(isinstance(t, int) for t in k)
+                 for k in (self.sequence_bias or {})), "sequence_bias keys must be non-empty tuples of token ids"),
         ]
         for ok, message in checks:
             if not ok:
@@ -139,6 +143,22 @@ def apply_repetition_penalty(logits: Tensor, history: Tensor, penalty: float) ->
     return logits.scatter(1, history, seen)
 
 
+def apply_sequence_bias(logits: Tensor, histories: list[list[int]],
+                        bias: dict[tuple[int, ...], float]) -> Tensor:
+    """HF's ``sequence_bias``: add ``bias[seq]`` to the logit of ``seq[-1]`` wherever the
+    tokens so far end with ``seq[:-1]`` (always, for a one-token sequence)."""
+    singles = {seq[0]: value for seq, value in bias.items() if len(seq) == 1}
+    if singles:
+        ids = torch.tensor(list(singles), device=logits.device)
+        logits[:, ids] += torch.tensor(list(singles.values()), device=logits.device, dtype=logits.dtype)
+    for seq, value in bias.items():
+        if len(seq) > 1:
+            for row, history in enumerate(histories):
+                if tuple(history[len(history) - len(seq) + 1:]) == seq[:-1]:
+                    logits[row, seq[-1]] += value
+    return logits
+
+
 def banned_ngram_tokens(history: list[int], n: int) -> set[int]:
     if n <= 0 or len(history) < n:
         return set()
@@ -153,6 +173,8 @@ def process_logits(logits: Tensor, histories: list[list[int]], step: int, config
         width = max(len(h) for h in histories)
         history = torch.tensor([h + h[:1] * (width - len(h)) for h in histories], device=logits.device)
         logits = apply_repetition_penalty(logits, history, config.repetition_penalty)
+    if config.sequence_bias:
+        logits = apply_sequence_bias(logits, histories, config.sequence_bias)
     if config.no_repeat_ngram_size:
         for row, history in enumerate(histories):
             banned = banned_ngram_tokens(history, config.no_repeat_ngram_size)
@@ -160,6 +182,8 @@ def process_logits(logits: Tensor, histories: list[list[int]], step: int, config
                 logits[row, list(banned)] = float("-inf")
     if step < config.min_new_tokens:
         logits[:, eos_id] = float("-inf")
+    if config.logits_processor is not None:  # a caller's own rule, last (as HF's logits_processor)
+        logits = config.logits_processor(logits, histories)
     return logits
 
 

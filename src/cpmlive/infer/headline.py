@@ -2,8 +2,12 @@
 
 Candidates come from beam search (the ``num_beams`` best hypotheses) and from seeded
 nucleus sampling; they are deduplicated (ignoring punctuation and spaces), kept within
-``min_chars..max_chars`` and ranked best first by their length-normalised log-likelihood
-under the model, so beam and sampled candidates compete on one scale.
+``min_chars..max_chars`` and ranked best first by one score, so beam and sampled candidates
+compete on one scale.
+
+Headlines mostly reuse the article's own words. ``copy_bias`` adds that prior to decoding (HF's
+``sequence_bias`` on every word token of the article) and to the ranking score: the mean
+log-likelihood per token plus ``copy_bias`` times the share of tokens taken from the article.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from cpmlive.tune.task import TaskSpec, encode_input, encode_target, example_bat
 
 MAX_ARTICLE_CHARS = 20_000
 _NOT_TEXT_RE = re.compile(r"[\s\W_]+")
+_WORDLIKE_RE = re.compile(r"[^\W_]")
 
 
 @dataclass
@@ -31,6 +36,9 @@ class TitleOptions:
     top_p: float = 0.9
     min_chars: int = 4
     max_chars: int = 30
+    copy_bias: float = 0.0
+    copy_spans: bool = False
+    span_bonus: float = 2.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,28 +63,71 @@ def _key(title: str) -> str:
     return _NOT_TEXT_RE.sub("", title)
 
 
+def article_words(lm, row: list[int]) -> set[int]:
+    """The article's tokens that hold a letter, digit or CJK character (not punctuation)."""
+    special = {lm.tokenizer.bos_id, lm.tokenizer.eos_id}
+    return {t for t in row if t not in special and _WORDLIKE_RE.search(lm.tokenizer.decode([t]))}
+
+
+class CopySpans:
+    """A logits rule that builds titles from the article's own words: only its word tokens and
+    ``</s>`` may be chosen, a word that continues the span being copied gets ``bonus``, and no
+    word comes twice."""
+
+    def __init__(self, lm, row: list[int], bonus: float) -> None:
+        self.prompt = len(row)
+        self.bonus = bonus
+        words = article_words(lm, row)
+        self.mask = torch.full((lm.config.vocab_size,), float("-inf"))
+        self.mask[list(words | {lm.tokenizer.eos_id})] = 0.0
+        self.follows: dict[int, set[int]] = {}
+        for current, following in zip(row, row[1:]):
+            if following in words:
+                self.follows.setdefault(current, set()).add(following)
+
+    def __call__(self, logits: torch.Tensor, histories: list[list[int]]) -> torch.Tensor:
+        logits = logits + self.mask.to(logits.device)
+        for index, history in enumerate(histories):
+            generated = history[self.prompt:]
+            if not generated:
+                continue
+            continuing = self.follows.get(generated[-1], set()) - set(generated)
+            if continuing:
+                logits[index, list(continuing)] += self.bonus
+            logits[index, list(set(generated))] = float("-inf")
+        return logits
+
+
 def _candidates(lm, row: list[int], spec: TaskSpec, options: TitleOptions) -> list[list[int]]:
-    max_new = spec.max_output_tokens
+    common = {"max_new_tokens": spec.max_output_tokens, "no_repeat_ngram_size": 3}
+    if options.copy_spans:
+        common["logits_processor"] = CopySpans(lm, row, options.span_bonus)
+    if options.copy_bias:
+        # </s> gets the bias too, so ending a title stays as likely as copying another word
+        boosted = article_words(lm, row) | {lm.tokenizer.eos_id}
+        common["sequence_bias"] = {(t,): options.copy_bias for t in boosted}
     found: list[list[int]] = []
     if options.num_beams > 1:
-        config = GenerationConfig(max_new_tokens=max_new, num_beams=options.num_beams, no_repeat_ngram_size=3)
+        config = GenerationConfig(num_beams=options.num_beams, **common)
         found += [ids for _, ids in beam_search(lm.model, row, config, lm.tokenizer.eos_id, spec.prompt_task)]
     else:
-        config = GenerationConfig(max_new_tokens=max_new, no_repeat_ngram_size=3)
-        found += generate_ids(lm.model, [row], config, lm.tokenizer.eos_id, spec.prompt_task)
+        found += generate_ids(lm.model, [row], GenerationConfig(**common), lm.tokenizer.eos_id, spec.prompt_task)
     if options.samples:
-        config = GenerationConfig(max_new_tokens=max_new, do_sample=True, temperature=options.temperature,
-                                  top_p=options.top_p, no_repeat_ngram_size=3, seed=options.seed)
+        config = GenerationConfig(do_sample=True, temperature=options.temperature, top_p=options.top_p,
+                                  seed=options.seed, **common)
         found += generate_ids(lm.model, [row] * options.samples, config, lm.tokenizer.eos_id, spec.prompt_task)
     return found
 
 
-def rank_titles(lm, row: list[int], spec: TaskSpec, titles: list[str]) -> list[float]:
-    """Mean log-probability per target token (the closing ``</s>`` included)."""
+def rank_titles(lm, row: list[int], spec: TaskSpec, titles: list[str], copy_bias: float = 0.0) -> list[float]:
+    """Mean log-probability per target token (the closing ``</s>`` included), plus
+    ``copy_bias`` times the share of target tokens that occur in the article."""
     pairs = [(row, encode_target(lm.tokenizer, spec, t)) for t in titles]
     with torch.inference_mode():
         totals = target_logprobs(lm.model, example_batch(pairs, spec.prompt_task, lm.model.config))
-    return [total / len(target) for total, (_, target) in zip(totals.tolist(), pairs)]
+    words = article_words(lm, row) | {lm.tokenizer.eos_id} if copy_bias else set()
+    return [(total + copy_bias * sum(t in words for t in target)) / len(target)
+            for total, (_, target) in zip(totals.tolist(), pairs)]
 
 
 def suggest_titles(lm, article: str, options: TitleOptions | None = None) -> list[str]:
@@ -96,7 +147,7 @@ def suggest_titles(lm, article: str, options: TitleOptions | None = None) -> lis
     titles = list(seen.values())
     if not titles:
         return []
-    scores = rank_titles(lm, row, spec, titles)
+    scores = rank_titles(lm, row, spec, titles, options.copy_bias)
     ranked = sorted(zip(scores, range(len(titles)), titles), reverse=True)
     return [title for _, _, title in ranked[:options.n]]
 
