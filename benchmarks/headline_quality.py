@@ -19,14 +19,15 @@ from cpmlive.api import resolve_adapter
 from cpmlive.data.headlines import lead_baseline, write_headlines
 from cpmlive.data.tasks import read_examples
 from cpmlive.infer.evaluate import generate_outputs
+from cpmlive.infer.headline import TitleOptions
 from cpmlive.tune.metrics import rouge
 
 
-def test_examples(data: str | None, limit: int | None):
+def test_examples(data: str | None, limit: int | None, split: str = "test"):
     directory = Path(data) if data else Path(tempfile.mkdtemp()) / "headlines"
-    if not (directory / "test.jsonl").is_file():
+    if not (directory / f"{split}.jsonl").is_file():
         write_headlines(directory, seed=0)
-    examples = read_examples(directory / "test.jsonl", "generate")
+    examples = read_examples(directory / f"{split}.jsonl", "generate")
     return examples[:limit] if limit else examples
 
 
@@ -43,10 +44,18 @@ def main() -> None:
     parser.add_argument("--adapter", default="headline")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=0, help="sampled candidates for the `title` row")
+    parser.add_argument("--copy-bias", type=float, default=TitleOptions.copy_bias)
+    parser.add_argument("--copy-spans", action=argparse.BooleanOptionalAction, default=TitleOptions.copy_spans)
+    parser.add_argument("--span-bonus", type=float, default=TitleOptions.span_bonus)
+    parser.add_argument("--split", default="test", choices=("dev", "test"))
     parser.add_argument("--skip-untuned", action="store_true")
+    parser.add_argument("--titles-only", action="store_true", help="skip the plain beam-search rows")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
-    examples = test_examples(args.data, args.limit)
+    examples = test_examples(args.data, args.limit, args.split)
+    options = TitleOptions(n=1, num_beams=max(args.num_beams, 2), samples=args.samples, copy_bias=args.copy_bias,
+                           copy_spans=args.copy_spans, span_bonus=args.span_bonus, min_chars=2)
     inputs, references = [e.input for e in examples], [e.target for e in examples]
     rows = [row("lead baseline (first clause)", [lead_baseline(t) for t in inputs], references, 0.0)]
     tuned = cpmlive.load(args.model, adapter=resolve_adapter(args.adapter))
@@ -54,18 +63,25 @@ def main() -> None:
     if not args.skip_untuned:
         with tuned.using(None):
             started = time.perf_counter()
-            rows.append(row(f"{args.model}, untuned (beam {args.num_beams})",
-                            generate_outputs(tuned, spec, inputs, args.num_beams, progress=True), references,
+            if not args.titles_only:
+                rows.append(row(f"{args.model}, untuned (beam {args.num_beams})",
+                                generate_outputs(tuned, spec, inputs, args.num_beams, progress=True), references,
+                                time.perf_counter() - started))
+            started = time.perf_counter()
+            rows.append(row(f"{args.model}, untuned (`cpmlive title` top-1)",
+                            generate_outputs(tuned, spec, inputs, progress=True, titles=options), references,
                             time.perf_counter() - started))
     started = time.perf_counter()
-    rows.append(row(f"{args.model} + {args.adapter} LoRA (beam {args.num_beams})",
-                    generate_outputs(tuned, spec, inputs, args.num_beams, progress=True), references,
-                    time.perf_counter() - started))
+    if not args.titles_only:
+        rows.append(row(f"{args.model} + {args.adapter} LoRA (beam {args.num_beams})",
+                        generate_outputs(tuned, spec, inputs, args.num_beams, progress=True), references,
+                        time.perf_counter() - started))
     started = time.perf_counter()
     rows.append(row(f"{args.model} + {args.adapter} LoRA (`cpmlive title` top-1)",
-                    generate_outputs(tuned, spec, inputs, args.num_beams, progress=True, titles=True), references,
+                    generate_outputs(tuned, spec, inputs, progress=True, titles=options), references,
                     time.perf_counter() - started))
-    print(f"\n{len(examples)} test articles; input cut to {spec.max_input_tokens} tokens\n")
+    print(f"\n{len(examples)} {args.split} articles; input cut to {spec.max_input_tokens} tokens; title options "
+          f"{options}\n")
     print("| system | ROUGE-1 | ROUGE-2 | ROUGE-L | seconds | first test title |")
     print("|---|---|---|---|---|---|")
     for r in rows:

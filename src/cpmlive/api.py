@@ -240,6 +240,12 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     return lm
 
 
+def shipped_adapters() -> list[str]:
+    """Names of the adapters installed with the package (trained on the demo model)."""
+    root = ASSETS / "adapters"
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
 def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
     """A directory, or the name of an adapter shipped under ``assets/adapters``."""
     path = Path(name_or_path)
@@ -251,4 +257,4 @@ def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
     raise CpmliveError(f"{name_or_path}: no such adapter directory or shipped adapter")
 
 
-__all__ = ["LM", "load", "resolve_dtype"]
+__all__ = ["LM", "load", "resolve_adapter", "resolve_dtype", "shipped_adapters"]

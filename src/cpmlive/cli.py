@@ -342,7 +342,12 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from cpmlive.serve.app import serve
 
-    serve(args.model, adapters=args.adapter or [], host=args.host, port=args.port)
+    from cpmlive.api import shipped_adapters
+
+    adapters = args.adapter
+    if adapters is None:  # the demo model comes with its adapters
+        adapters = shipped_adapters() if args.model == "demo" else []
+    serve(args.model, adapters=adapters, host=args.host, port=args.port)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -480,7 +485,8 @@ def build_parser() -> Parser:
 
     srv = verbs.add_parser("serve", help="serve the headline web app (智取标题) and its JSON API")
     srv.add_argument("--model", default="demo", help="checkpoint directory, 'demo', or a preset name")
-    srv.add_argument("--adapter", action="append", help="adapter directory or shipped name (repeatable)")
+    srv.add_argument("--adapter", action="append",
+                     help="adapter directory or shipped name (repeatable; default for demo: the shipped ones)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.set_defaults(run=cmd_serve)

@@ -3,6 +3,7 @@ classification, and the perplexity of the references under the model for both.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -29,12 +30,12 @@ def reference_perplexity(lm, spec: TaskSpec, examples: Sequence[Example], batch_
 
 
 def generate_outputs(lm, spec: TaskSpec, texts: Sequence[str], num_beams: int = 1, progress: bool = False,
-                     titles: bool = False) -> list[str]:
-    """One output per input: greedy/beam decoding, or the best of ``suggest_titles``."""
+                     titles: TitleOptions | None = None) -> list[str]:
+    """One output per input: greedy/beam decoding, or the best of ``suggest_titles(titles)``."""
     outputs = []
     for text in _progress(texts, progress):
-        if titles:
-            found = suggest_titles(lm, text, TitleOptions(n=1, num_beams=max(num_beams, 2)))
+        if titles is not None:
+            found = suggest_titles(lm, text, dataclasses.replace(titles, n=1))
             outputs.append(found[0] if found else "")
             continue
         row = encode_input(lm.tokenizer, spec, text)[0]
@@ -49,7 +50,7 @@ def generate_outputs(lm, spec: TaskSpec, texts: Sequence[str], num_beams: int = 
 
 
 def evaluate_generation(lm, examples: Sequence[Example], num_beams: int = 1, progress: bool = False,
-                        titles: bool = False) -> dict:
+                        titles: TitleOptions | None = None) -> dict:
     spec = lm.task or TaskSpec()
     predictions = generate_outputs(lm, spec, [e.input for e in examples], num_beams, progress, titles)
     result = metrics.rouge(predictions, [e.target for e in examples])

@@ -37,8 +37,9 @@ class TitleOptions:
     min_chars: int = 4
     max_chars: int = 30
     copy_bias: float = 0.0
-    copy_spans: bool = False
-    span_bonus: float = 2.0
+    # chosen on the headline dev split: ROUGE-L of the shipped adapter's top title 2.7 -> 13.9
+    copy_spans: bool = True
+    span_bonus: float = 6.0
     seed: int = 0
 
     def __post_init__(self) -> None:
