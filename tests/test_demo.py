@@ -43,3 +43,28 @@ def test_cli_generate_demo():
                              "--min-new-tokens", "4", "--json"], capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr.decode()
     assert len(json.loads(result.stdout)["ids"]) == 4
+
+
+ARTICLE = ("新华社北京1月5日电 国务院总理李鹏今天在人民大会堂会见了来访的美国国务卿奥尔布赖特，"
+           "双方就中美关系和共同关心的国际问题交换了意见。")
+
+
+def test_shipped_adapters_fit_the_demo_model_and_are_small():
+    from cpmlive.api import shipped_adapters
+
+    assert {"headline", "sentiment"} <= set(shipped_adapters())
+    lm = cpmlive.load("demo", adapter=["headline", "sentiment"])
+    assert lm.task.task == "classify" and set(lm.task.labels) == {"正面", "负面"}
+    assert lm.classify(["房间很干净，服务也好，下次还来。", "太差了，再也不来了。"])[0] in lm.task.labels
+    for name in ("headline", "sentiment"):
+        size = sum(f.stat().st_size for f in ASSETS.joinpath("adapters", name).glob("*.safetensors"))
+        assert size < 8 * 2**20
+
+
+def test_title_cli_uses_the_shipped_headline_adapter():
+    out = subprocess.run([sys.executable, "-m", "cpmlive", "title", ARTICLE, "-n", "3", "--json", "--samples", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    titles = json.loads(out.stdout)["titles"]
+    assert 1 <= len(titles) <= 3 and len(set(titles)) == len(titles)
+    assert all(set(title) <= set(ARTICLE) for title in titles)  # built from the article's spans

@@ -37,7 +37,7 @@ from cpmlive.train.pretrain import (LATEST, TRAINER_STATE, can_fuse, latest_chec
                                     set_rng_state)
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.metrics import accuracy, macro_f1
-from cpmlive.tune.task import TaskSpec, classify_scores, encode_input, encode_target, example_batch
+from cpmlive.tune.task import TaskSpec, classify_scores, encode_input, encode_target, example_batch, label_loss
 from cpmlive.utils import atomic_write_text
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -73,6 +73,7 @@ class FinetuneConfig(Recipe):
     save_every: int = 50
     keep_checkpoints: int = 2
     best_metric: str = "auto"  # loss | accuracy | macro_f1 (auto: loss for generate, accuracy for classify)
+    classify_loss: str = "labels"  # labels: cross-entropy over the labels' likelihoods; lm: the gold label's text
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class FinetuneConfig(Recipe):
             raise CpmliveError("config: batch_size and grad_accum >= 1, and max_steps or epochs > 0")
         if self.best_metric not in ("auto", "loss", "accuracy", "macro_f1"):
             raise CpmliveError(f"config: best_metric must be auto, loss, accuracy or macro_f1, got {self.best_metric!r}")
+        if self.classify_loss not in ("labels", "lm"):
+            raise CpmliveError(f"config: classify_loss must be labels or lm, got {self.classify_loss!r}")
         if self.task == "generate" and self.best_metric in ("accuracy", "macro_f1"):
             raise CpmliveError(f"config: best_metric {self.best_metric} needs task classify")
 
@@ -134,6 +137,7 @@ class Finetuner:
         self.spec = self._task_spec()
         if self.eval_examples and config.task == "classify":
             check_labels(self.eval_examples, self.spec.labels, config.eval)
+        self.label_ids = [encode_target(self.tokenizer, self.spec, label) for label in self.spec.labels]
         self.train_pairs = [self.encode(e) for e in self.train_examples]
         self.eval_pairs = [self.encode(e) for e in self.eval_examples]
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -186,12 +190,12 @@ class Finetuner:
         started = time.perf_counter()
         total, tokens = 0.0, 0
         for _ in range(config.grad_accum):
-            batch = example_batch(self.next_pairs(), self.spec.prompt_task, self.model.config)
+            pairs = self.next_pairs()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                loss, _ = masked_lm_loss(self.model, batch)
+                loss = self.loss(pairs)
             (loss / config.grad_accum).backward()
             total += loss.item() / config.grad_accum
-            tokens += int(batch.valid.sum())
+            tokens += sum(len(i) + len(t) for i, t in pairs)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip).item()
         self.optimizer.step()
@@ -203,6 +207,12 @@ class Finetuner:
                 "loss": finite_or_none(total), "lr": lr, "tokens": pos.tokens, "tokens_per_s": tokens / seconds,
                 "grad_norm": finite_or_none(grad_norm), "memory_mb": round(memory_mb(), 1),
                 "elapsed_s": round(pos.elapsed, 3), "time": time.time()}
+
+    def loss(self, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        if self.config.task == "classify" and self.config.classify_loss == "labels":
+            gold = [self.label_ids.index(target) for _, target in pairs]
+            return label_loss(self.model, [row for row, _ in pairs], gold, self.label_ids, self.spec.prompt_task)
+        return masked_lm_loss(self.model, example_batch(pairs, self.spec.prompt_task, self.model.config))[0]
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

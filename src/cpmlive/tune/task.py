@@ -110,15 +110,29 @@ def example_batch(pairs: Sequence[tuple[list[int], list[int]]], prompt_task: int
                  torch.tensor(lengths))
 
 
-@torch.no_grad()
-def target_logprobs(model: CpmAnt, batch: Batch) -> Tensor:
-    """Summed log-probability of each row's target tokens."""
+def sequence_logprobs(model: CpmAnt, batch: Batch) -> Tensor:
+    """Summed log-probability of each row's target tokens (differentiable)."""
     hidden = model(batch.input_ids, batch.segment, batch.context, batch.span, batch.valid)
     selected = batch.target != IGNORE_INDEX
     logprobs = F.log_softmax(model.logits(hidden[selected]).float(), dim=-1)
     picked = logprobs.gather(1, batch.target[selected][:, None])[:, 0]
     rows = selected.nonzero()[:, 0]
-    return torch.zeros(batch.target.size(0)).index_add_(0, rows, picked)
+    return torch.zeros(batch.target.size(0), device=picked.device).index_add(0, rows, picked)
+
+
+@torch.no_grad()
+def target_logprobs(model: CpmAnt, batch: Batch) -> Tensor:
+    """Summed log-probability of each row's target tokens."""
+    return sequence_logprobs(model, batch)
+
+
+def label_loss(model: CpmAnt, inputs: Sequence[list[int]], gold: Sequence[int],
+               label_ids: Sequence[list[int]], prompt_task: int) -> Tensor:
+    """Cross-entropy over the labels' sequence log-likelihoods (PET-style): the model is
+    trained on the very decision ``classify_scores`` makes, not on the label text alone."""
+    pairs = [(row, ids) for row in inputs for ids in label_ids]
+    scores = sequence_logprobs(model, example_batch(pairs, prompt_task, model.config)).view(len(inputs), -1)
+    return F.cross_entropy(scores, torch.tensor(list(gold), device=scores.device))
 
 
 def classify_scores(model: CpmAnt, tokenizer: AntTokenizer, spec: TaskSpec, texts: Sequence[str],
@@ -137,4 +151,4 @@ def classify_scores(model: CpmAnt, tokenizer: AntTokenizer, spec: TaskSpec, text
 
 
 __all__ = ["TASK_FILE", "TaskSpec", "classify_scores", "encode_input", "encode_target", "example_batch",
-           "target_logprobs"]
+           "label_loss", "sequence_logprobs", "target_logprobs"]
