@@ -143,9 +143,13 @@ def suggest_titles(lm, article: str, options: TitleOptions | None = None) -> lis
         for ids in _candidates(lm, row, spec, options):
             title = lm.tokenizer.decode(ids).strip()
             key = _key(title)
-            if key and key not in seen and options.min_chars <= len(title) <= options.max_chars:
+            if key and key not in seen:
                 seen[key] = title
-    titles = list(seen.values())
+    # Length control; when no candidate fits, the closest ones are better than nothing.
+    titles = [t for t in seen.values() if options.min_chars <= len(t) <= options.max_chars]
+    if not titles:
+        titles = sorted(seen.values(), key=lambda t: max(options.min_chars - len(t), len(t) - options.max_chars))
+        titles = titles[:options.n]
     if not titles:
         return []
     scores = rank_titles(lm, row, spec, titles, options.copy_bias)
