@@ -95,7 +95,10 @@ def test_two_ranks_follow_the_single_process_trajectory(runs):
     saved = {name: torch.load(step_dir(runs / name, 6) / "trainer.pt", weights_only=False) for name in ("one", "two")}
     assert saved["two"]["stream"] == saved["one"]["stream"]
     assert saved["two"]["optimizer"]["state"].keys() == saved["one"]["optimizer"]["state"].keys()
-    assert saved["two"]["optimizer"]["param_groups"] == saved["one"]["optimizer"]["param_groups"]
+    # the same hyper-parameters; only the implementation differs (fused AdamW needs plain tensors)
+    groups = {name: [{k: v for k, v in g.items() if k != "fused"} for g in saved[name]["optimizer"]["param_groups"]]
+              for name in ("one", "two")}
+    assert groups["two"] == groups["one"]
 
 
 @pytest.mark.slow

@@ -303,8 +303,11 @@ class DistributedTrainer(Trainer):
         if header is None:
             return
         set_model_state_dict(self.model, model_state, options=_state_options(broadcast_from_rank0=True))
+        fused = [group.get("fused") for group in self.optimizer.param_groups]
         set_optimizer_state_dict(self.model, self.optimizer, optimizer_state,
                                  options=_state_options(broadcast_from_rank0=True))
+        for group, flag in zip(self.optimizer.param_groups, fused):  # ours, not the checkpoint's
+            group["fused"] = flag
         del model_state, optimizer_state
         self.stream.load_state_dict(header["stream"])
         self.state = RunState(**header["state"])

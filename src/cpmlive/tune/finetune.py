@@ -33,8 +33,8 @@ from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory
 from cpmlive.recipe import Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.metrics import MetricsLog, finite_or_none
-from cpmlive.train.pretrain import (LATEST, TRAINER_STATE, can_fuse, latest_checkpoint, learning_rate, memory_mb, rng_state,
-                                    set_rng_state)
+from cpmlive.train.pretrain import (LATEST, TRAINER_STATE, can_fuse, latest_checkpoint, learning_rate, memory_mb,
+                                    restore_optimizer, rng_state, set_rng_state)
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.metrics import accuracy, macro_f1
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input, encode_target, example_batch, label_loss
@@ -288,7 +288,7 @@ class Finetuner:
             raise CpmliveError(f"{path}: not a fine-tuning checkpoint (no {TRAINER_STATE})")
         deltas.load_adapter_weights(self.model, path / "adapter")
         state = torch.load(path / TRAINER_STATE, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(self.optimizer, state["optimizer"])
         self.position = Position(**state["position"])
         set_rng_state(state["rng"])
 
