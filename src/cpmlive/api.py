@@ -218,6 +218,8 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     the last one given is active, ``lm.use(name)`` switches.
     """
     torch_dtype = resolve_dtype(dtype)
+    if torch_dtype is None and torch.device(device).type == "cpu":
+        torch_dtype = torch.float32  # CPUs have no fast float16 kernels: fp16 checkpoints run 10x slower as stored
     if str(name_or_path) == "demo":
         name_or_path = ASSETS / "demo"
         if not Path(name_or_path).is_dir():

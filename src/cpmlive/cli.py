@@ -73,7 +73,7 @@ def add_generation_flags(parser: argparse.ArgumentParser, default_new_tokens: in
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     parser.add_argument("--vocab", default=None, help="vocabulary file (default: the checkpoint's vocab.txt)")
     parser.add_argument("--hf-tokenizer", action="store_true", help="tokenize exactly like HF CpmAntTokenizer")
     parser.add_argument("--adapter", action="append", default=None,
