@@ -185,13 +185,7 @@ def test_peft_saved_adapter_loads_into_ours(tmp_path):
         for name, parameter in theirs.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1)
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = base()
-    with pytest.warns(UserWarning, match="no base hash"):
-        load_adapter(ours, tmp_path / "peft")
-    with torch.inference_mode():
-        torch.testing.assert_close(logits(ours.eval(), inputs()), logits(theirs.base_model.model.eval(), inputs()),
-                                   atol=1e-5, rtol=0)
+    assert_peft_save_loads_into_ours(theirs, tmp_path)
 
 
 def test_unsupported_peft_options_are_refused(tmp_path):
@@ -372,13 +366,7 @@ def test_peft_ln_tuning_loads_into_ours(tmp_path):
         for name, parameter in theirs.named_parameters():
             if "ln_tuning_layers" in name:
                 parameter.uniform_(0.5, 1.5)
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = base()
-    with pytest.warns(UserWarning, match="no base hash"):
-        load_adapter(ours, tmp_path / "peft")
-    with torch.inference_mode():
-        torch.testing.assert_close(logits(ours.eval(), inputs()), logits(theirs.base_model.model.eval(), inputs()),
-                                   atol=1e-5, rtol=0)
+    assert_peft_save_loads_into_ours(theirs, tmp_path)
 
 
 # ---- sizes ----------------------------------------------------------------------------------------
@@ -415,3 +403,14 @@ def test_load_adapter_weights_refills_in_place(tmp_path):
     other = attach(base(), DeltaConfig(r=2, alpha=8))
     with pytest.raises(CpmliveError, match="not shaped like the attached 'default'"):
         load_adapter_weights(other, tmp_path / "ad")
+
+
+def assert_peft_save_loads_into_ours(theirs, tmp_path) -> None:
+    """PEFT's ``save_pretrained`` output loads into ours (no base hash: a warning) with equal logits."""
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = base()
+    with pytest.warns(UserWarning, match="no base hash"):
+        load_adapter(ours, tmp_path / "peft")
+    with torch.inference_mode():
+        torch.testing.assert_close(logits(ours.eval(), inputs()), logits(theirs.base_model.model.eval(), inputs()),
+                                   atol=1e-5, rtol=0)

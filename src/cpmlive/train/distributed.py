@@ -60,7 +60,8 @@ from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch, masked_lm_l
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import load_model
 from cpmlive.train.pretrain import (
-    TRAINER_STATE, PretrainConfig, RunState, Trainer, latest_checkpoint, save_training_checkpoint, set_rng_state,
+    TRAINER_STATE, PretrainConfig, RunState, Trainer, keeping_fused_choice, latest_checkpoint, save_training_checkpoint,
+    set_rng_state,
 )
 
 
@@ -303,11 +304,9 @@ class DistributedTrainer(Trainer):
         if header is None:
             return
         set_model_state_dict(self.model, model_state, options=_state_options(broadcast_from_rank0=True))
-        fused = [group.get("fused") for group in self.optimizer.param_groups]
-        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state,
-                                 options=_state_options(broadcast_from_rank0=True))
-        for group, flag in zip(self.optimizer.param_groups, fused):  # ours, not the checkpoint's
-            group["fused"] = flag
+        with keeping_fused_choice(self.optimizer):
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state,
+                                     options=_state_options(broadcast_from_rank0=True))
         del model_state, optimizer_state
         self.stream.load_state_dict(header["stream"])
         self.state = RunState(**header["state"])

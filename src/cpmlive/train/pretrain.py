@@ -19,9 +19,10 @@ import random
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -115,13 +116,19 @@ def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.opti
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=can_fuse(decay + no_decay))
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load ``state``, keeping this optimizer's own implementation choice: a checkpoint written
-    by the sharded (unfused) trainer resumes fused in one process, and the reverse."""
+@contextmanager
+def keeping_fused_choice(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Loading an optimizer state inside keeps this optimizer's own implementation choice: a
+    checkpoint written by the sharded (unfused) trainer resumes fused in one process, and the reverse."""
     fused = [group.get("fused") for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    yield
     for group, flag in zip(optimizer.param_groups, fused):
         group["fused"] = flag
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    with keeping_fused_choice(optimizer):
+        optimizer.load_state_dict(state)
 
 
 def can_fuse(params: list[torch.Tensor]) -> bool:
@@ -432,4 +439,4 @@ def dump_json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, indent=2)
 
 
-__all__ = ["PretrainConfig", "Trainer", "can_fuse", "restore_optimizer", "final_model_dir", "learning_rate", "pretrain"]
+__all__ = ["PretrainConfig", "Trainer", "can_fuse", "keeping_fused_choice", "restore_optimizer", "final_model_dir", "learning_rate", "pretrain"]
