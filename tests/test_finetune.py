@@ -229,3 +229,50 @@ def test_copy_rules_keep_titles_to_the_articles_words(base_dir, tuned):
                     TitleOptions(n=3, num_beams=3, samples=2, copy_bias=50.0, min_chars=1)):
         titles = suggest_titles(lm, article, options)
         assert titles and all(set(title) <= set(article) for title in titles), titles
+
+
+def test_contrastive_ranking_is_the_adapters_gain_over_the_base(base_dir, tuned):
+    from cpmlive.infer.headline import rank_titles
+
+    lm = cpmlive.load(base_dir, adapter=tuned)
+    row = encode_input(lm.tokenizer, lm.task, "本报北京电，今天北京市民下雪，场面热闹。")[0]
+    titles = ["北京下雪", "场面热闹", "今天北京市民下雪"]
+    pairs = [(row, encode_target(lm.tokenizer, lm.task, t)) for t in titles]
+    batch = example_batch(pairs, lm.task.prompt_task, lm.config)
+    with torch.inference_mode():
+        tuned_scores = target_logprobs(lm.model, batch)
+        with lm.using(None):
+            base_scores = target_logprobs(lm.model, batch)
+    contrast = rank_titles(lm, row, lm.task, titles, contrast=True)
+    assert contrast == pytest.approx((tuned_scores - base_scores).tolist(), abs=1e-4)
+    mean = rank_titles(lm, row, lm.task, titles)
+    assert mean == pytest.approx([s / len(p[1]) for s, (_, p) in zip(tuned_scores.tolist(), enumerate(pairs))],
+                                 abs=1e-4)
+    with lm.using(None):  # no adapter: nothing to contrast with, the mean is the score
+        assert rank_titles(lm, row, TaskSpec(), titles, contrast=True) == pytest.approx(
+            rank_titles(lm, row, TaskSpec(), titles), abs=1e-6)
+
+
+def test_titles_draw_on_the_lead_and_respect_the_length_options(base_dir, tuned):
+    from cpmlive.data.headlines import lead_clauses
+    from cpmlive.infer.headline import TitleOptions, suggest_titles
+
+    lm = cpmlive.load(base_dir, adapter=tuned)
+    article = "本报北京电，今天北京市民下雪，场面热闹。第二句话，没有用。"
+    lead = set(lead_clauses(article, 1, 3))
+    greedy_and_lead = TitleOptions(n=20, num_beams=1, samples=0, lead_sentences=1, min_chars=1, max_chars=40)
+    titles = suggest_titles(lm, article, greedy_and_lead)
+    assert lead <= set(titles) and len(set(titles) - lead) <= 1, titles  # the clauses and one greedy title
+    generated_only = TitleOptions(n=5, num_beams=2, samples=2, lead_sentences=0, min_new_tokens=6, min_chars=1,
+                                  max_chars=40)
+    long = suggest_titles(lm, article, generated_only)
+    assert long and all(len(t) >= 6 for t in long), long  # six copied words, each at least one character
+
+
+def test_title_options_refuse_no_source_of_titles():
+    from cpmlive.errors import CpmliveError
+    from cpmlive.infer.headline import TitleOptions
+
+    with pytest.raises(CpmliveError, match="no source of titles"):
+        TitleOptions(num_beams=0, samples=0, lead_sentences=0)
+    assert TitleOptions(num_beams=0, samples=0, lead_sentences=1).lead_sentences == 1

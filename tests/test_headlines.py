@@ -10,6 +10,7 @@ from cpmlive.data.headlines import (
     extract_headlines,
     is_dateline,
     lead_baseline,
+    lead_clauses,
     people_daily_headlines,
     split_headlines,
     strip_dateline,
@@ -112,6 +113,16 @@ def test_strip_dateline(text, expected):
 def test_clean_body_drops_trailers():
     body = clean_body(["新华社北京1月1日电今天晴。", "明天雨。(新华社北京1月1日电)", "后天雪。(乔文)"])
     assert body == "今天晴。\n明天雨。\n后天雪。"
+
+
+def test_lead_clauses_are_runs_of_clauses_of_the_first_sentences():
+    body = "今天，我们去公园：天气很好。明天下雨！后天晴。"
+    assert lead_clauses(body, sentences=2, max_clauses=2) == [
+        "今天", "今天我们去公园", "我们去公园", "我们去公园天气很好", "天气很好", "明天下雨"]
+    assert lead_clauses(body, sentences=1, max_clauses=3)[2] == "今天我们去公园天气很好"
+    assert lead_clauses(body)[0] == lead_baseline(body)
+    assert lead_clauses("第一段，没有句号\n第二段。", sentences=1) == ["第一段", "第一段没有句号", "没有句号"]
+    assert lead_clauses("") == [] and lead_clauses("。，") == []
 
 
 def test_lead_baseline():

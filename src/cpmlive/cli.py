@@ -276,7 +276,7 @@ def cmd_title(args: argparse.Namespace) -> None:
     if not article.strip():
         raise CpmliveError("the article is empty")
     options = TitleOptions(n=args.n, num_beams=args.num_beams, samples=args.samples, min_chars=args.min_chars,
-                           max_chars=args.max_chars, seed=args.seed)
+                           max_chars=args.max_chars, seed=args.seed, lead_sentences=args.lead_sentences)
     if args.adapter is None and args.model == "demo":
         args.adapter = ["headline"]
     with warnings_as_lines():
@@ -469,8 +469,10 @@ def build_parser() -> Parser:
     title.add_argument("-n", type=int, default=5, help="number of candidates")
     title.add_argument("--num-beams", type=int, default=6)
     title.add_argument("--samples", type=int, default=8, help="sampled candidates besides the beams")
+    title.add_argument("--lead-sentences", type=int, default=2,
+                       help="also rank the clauses of the article's first N sentences (0: generated titles only)")
     title.add_argument("--min-chars", type=int, default=4)
-    title.add_argument("--max-chars", type=int, default=30)
+    title.add_argument("--max-chars", type=int, default=40)
     title.add_argument("--seed", type=int, default=0)
     title.add_argument("--json", action="store_true", help='print {"titles": [...]}')
     title.add_argument("--prompt-file", help=argparse.SUPPRESS)

@@ -102,6 +102,7 @@ _REPORTER_LINE_RE = re.compile(r"^(?:[^。：；()]{0,20}?)(?:记者|通讯员)[
 _SOURCE_NOTE_RE = re.compile(r"^[\u4e00-\u9fff]{1,8}消息[：:]")
 _TRAILER_RE = re.compile(r"\((?:据)?(?:本报|新华社|中新社)[^()]{0,20}?(?:电|讯)\)$|(?<=[。！？”])\([^()，。：]{1,12}\)$")
 _CLAUSE_RE = re.compile(r"[，。！？；：\n]")
+_SENTENCE_END_RE = re.compile(r"(?<=[。！？\n])")
 
 
 @dataclass(frozen=True)
@@ -436,6 +437,21 @@ def lead_baseline(body: str) -> str:
         if clause.strip():
             return clause.strip()
     return ""
+
+
+def lead_clauses(body: str, sentences: int = 3, max_clauses: int = 3) -> list[str]:
+    """Extractive title candidates: every run of 1..``max_clauses`` consecutive clauses of each of
+    the body's first ``sentences`` sentences, joined without their punctuation, in reading order.
+    The lead baseline is the first of them; headline editors mostly compress these sentences."""
+    found: list[str] = []
+    lead = [s for s in _SENTENCE_END_RE.split(body) if s.strip()][:sentences]
+    for sentence in lead:
+        clauses = [c.strip() for c in _CLAUSE_RE.split(sentence) if c.strip()]
+        for start in range(len(clauses)):
+            for count in range(1, max_clauses + 1):
+                if start + count <= len(clauses):
+                    found.append("".join(clauses[start:start + count]))
+    return list(dict.fromkeys(found))
 
 
 def write_headlines(out: str | os.PathLike[str], seed: int = 0,
