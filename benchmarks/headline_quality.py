@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--lead-sentences", type=int, default=TitleOptions.lead_sentences)
     parser.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=TitleOptions.contrast)
     parser.add_argument("--generated-penalty", type=float, default=TitleOptions.generated_penalty)
+    parser.add_argument("--length-bonus", type=float, default=TitleOptions.length_bonus)
     parser.add_argument("--split", default="test", choices=("dev", "test"))
     parser.add_argument("--skip-untuned", action="store_true")
     parser.add_argument("--titles-only", action="store_true", help="skip the plain beam-search rows")
@@ -80,7 +81,7 @@ def main() -> None:
     options = TitleOptions(n=1, num_beams=args.num_beams, samples=args.samples, copy_bias=args.copy_bias,
                            copy_spans=args.copy_spans, span_bonus=args.span_bonus, min_chars=2,
                            lead_sentences=args.lead_sentences, contrast=args.contrast,
-                           generated_penalty=args.generated_penalty)
+                           generated_penalty=args.generated_penalty, length_bonus=args.length_bonus)
     inputs, references = [e.input for e in examples], [e.target for e in examples]
     rows = [row("lead baseline (first clause)", [lead_baseline(t) for t in inputs], references, 0.0)]
     lm = cpmlive.load(args.model, adapter=resolve_adapter(args.adapter))

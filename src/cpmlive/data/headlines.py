@@ -441,10 +441,11 @@ def lead_baseline(body: str) -> str:
 
 def lead_clauses(body: str, sentences: int = 3, max_clauses: int = 3) -> list[str]:
     """Extractive title candidates: every run of 1..``max_clauses`` consecutive clauses of each of
-    the body's first ``sentences`` sentences, joined without their punctuation, in reading order.
-    The lead baseline is the first of them; headline editors mostly compress these sentences."""
+    the body's first ``sentences`` sentences (after a dateline, as ``clean_body`` drops it), joined
+    without their punctuation, in reading order. On a cleaned body the lead baseline is the first
+    of them; headline editors mostly compress these sentences."""
     found: list[str] = []
-    lead = [s for s in _SENTENCE_END_RE.split(body) if s.strip()][:sentences]
+    lead = [s for s in _SENTENCE_END_RE.split(strip_dateline(body.lstrip())) if s.strip()][:sentences]
     for sentence in lead:
         clauses = [c.strip() for c in _CLAUSE_RE.split(sentence) if c.strip()]
         for start in range(len(clauses)):

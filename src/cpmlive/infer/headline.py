@@ -19,6 +19,10 @@ of them by the same score, against 26.1 for the best clause) yet often win the c
 winners), 26.1 with clauses alone; the lead baseline has 22.0 there. A stronger base model
 earns a lower penalty.
 
+``length_bonus`` (per character, the score's units) is the usual length prior of summarization
+decoding, chosen on the same dev split: the contrastive score alone picks titles shorter than
+the reference's best match; 0.2 raised dev ROUGE-L from 26.2 to 27.6 (0.1: 27.5, 0.5: 27.4).
+
 Headlines mostly reuse the article's own words. ``copy_spans`` restricts decoding to them, and
 ``copy_bias`` adds that prior to decoding (HF's ``sequence_bias`` on every word token of the
 article) and to the score (``copy_bias`` times the share of tokens taken from the article).
@@ -57,6 +61,7 @@ class TitleOptions:
     contrast: bool = True
     # chosen on the headline dev split (see the module docstring)
     generated_penalty: float = 6.0
+    length_bonus: float = 0.2
     copy_bias: float = 0.0
     # chosen on the headline dev split: ROUGE-L of the shipped adapter's top title 2.7 -> 13.9
     copy_spans: bool = True
@@ -193,7 +198,8 @@ def suggest_titles(lm, article: str, options: TitleOptions | None = None) -> lis
         return []
     scores = rank_titles(lm, row, spec, titles, options.copy_bias, options.contrast)
     clauses = set(extracted)
-    scores = [score - (0.0 if title in clauses else options.generated_penalty) for score, title in zip(scores, titles)]
+    scores = [score + options.length_bonus * len(title) - (0.0 if title in clauses else options.generated_penalty)
+              for score, title in zip(scores, titles)]
     ranked = sorted(zip(scores, range(len(titles)), titles), reverse=True)
     return [title for _, _, title in ranked[:options.n]]
 
