@@ -246,8 +246,7 @@ def test_contrastive_ranking_is_the_adapters_gain_over_the_base(base_dir, tuned)
     contrast = rank_titles(lm, row, lm.task, titles, contrast=True)
     assert contrast == pytest.approx((tuned_scores - base_scores).tolist(), abs=1e-4)
     mean = rank_titles(lm, row, lm.task, titles)
-    assert mean == pytest.approx([s / len(p[1]) for s, (_, p) in zip(tuned_scores.tolist(), enumerate(pairs))],
-                                 abs=1e-4)
+    assert mean == pytest.approx([s / len(target) for s, (_, target) in zip(tuned_scores.tolist(), pairs)], abs=1e-4)
     with lm.using(None):  # no adapter: nothing to contrast with, the mean is the score
         assert rank_titles(lm, row, TaskSpec(), titles, contrast=True) == pytest.approx(
             rank_titles(lm, row, TaskSpec(), titles), abs=1e-6)

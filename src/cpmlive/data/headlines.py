@@ -449,9 +449,8 @@ def lead_clauses(body: str, sentences: int = 3, max_clauses: int = 3) -> list[st
     for sentence in lead:
         clauses = [c.strip() for c in _CLAUSE_RE.split(sentence) if c.strip()]
         for start in range(len(clauses)):
-            for count in range(1, max_clauses + 1):
-                if start + count <= len(clauses):
-                    found.append("".join(clauses[start:start + count]))
+            for end in range(start + 1, min(start + max_clauses, len(clauses)) + 1):
+                found.append("".join(clauses[start:end]))
     return list(dict.fromkeys(found))
 
 

@@ -157,7 +157,6 @@ def rank_titles(lm, row: list[int], spec: TaskSpec, titles: list[str], copy_bias
     ``copy_bias`` times the share of target tokens that occur in the article."""
     pairs = [(row, encode_target(lm.tokenizer, spec, t)) for t in titles]
     batch = example_batch(pairs, spec.prompt_task, lm.model.config)
-    lengths = [len(target) for _, target in pairs]
     with torch.inference_mode():
         totals = target_logprobs(lm.model, batch).tolist()
         if contrast and lm.active is not None:
@@ -165,7 +164,7 @@ def rank_titles(lm, row: list[int], spec: TaskSpec, titles: list[str], copy_bias
                 base = target_logprobs(lm.model, batch).tolist()
             scores = [tuned - plain for tuned, plain in zip(totals, base)]
         else:
-            scores = [total / length for total, length in zip(totals, lengths)]
+            scores = [total / len(target) for total, (_, target) in zip(totals, pairs)]
     if copy_bias:
         words = article_words(lm, row) | {lm.tokenizer.eos_id}
         scores = [score + copy_bias * sum(t in words for t in target) / len(target)
