@@ -2,7 +2,9 @@
 
 Same weights in both. A prefill is what generation does before its first token: every
 position goes through the stack and the logits of the last position are taken (HF with
-``logits_to_keep=1``, as its ``generate`` calls it; we take ``model.logits`` of the last row).
+``logits_to_keep=1``, as its ``generate`` calls it, which still runs its final block over every
+row; we call ``model(..., last=1)`` as our ``generate`` does, so our final block computes the keys
+and values of every row but the output of the last row only).
 Tokens/s counts the text tokens (the 32 task-prompt positions both add are not counted).
 
     python benchmarks/prefill.py            # ~80M and ~450M, batch 4 x 512
@@ -30,7 +32,7 @@ def hf_prefill(hf, input_ids: torch.Tensor) -> torch.Tensor:
 
 def ours_prefill(model: CpmAnt, inputs: dict, autocast: bool) -> torch.Tensor:
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(**inputs)
+        hidden = model(**inputs, last=1)
         return model.logits(hidden[:, -1]).float()
 
 

@@ -139,6 +139,15 @@ def test_full_forward_matches_hf(pair: Pair) -> None:
     assert max_delta(logits[text], expected[text]) <= ATOL
 
 
+@torch.no_grad()
+def test_last_positions_match_hf(pair: Pair) -> None:
+    ids = batch(pair.ours.config.vocab_size, seed=3)
+    expected = pair.hf(ids, logits_to_keep=5).logits
+    hidden = pair.ours(**our_inputs(ids), last=5)
+    assert hidden.shape[1] == 5
+    assert max_delta(pair.ours.logits(hidden), expected) <= ATOL
+
+
 def hf_cached_steps(hf: torch.nn.Module, ids: torch.Tensor, new_tokens: torch.Tensor) -> list[torch.Tensor]:
     """HF is fed the whole sequence every step and slices the cached prefix off itself."""
     out = hf(ids, use_cache=True)
@@ -151,11 +160,12 @@ def hf_cached_steps(hf: torch.nn.Module, ids: torch.Tensor, new_tokens: torch.Te
     return steps
 
 
-def our_cached_steps(model: CpmAnt, ids: torch.Tensor, new_tokens: torch.Tensor) -> list[torch.Tensor]:
+def our_cached_steps(model: CpmAnt, ids: torch.Tensor, new_tokens: torch.Tensor,
+                     last: int | None = None) -> list[torch.Tensor]:
     inputs = our_inputs(ids, model.config.prompt_length)
     rows, width = inputs["input_ids"].shape
     cache = model.new_cache(rows, width + new_tokens.size(1))
-    steps = [model.logits(model(**inputs, cache=cache)[:, -1])]
+    steps = [model.logits(model(**inputs, cache=cache, last=last)[:, -1])]
     ones = torch.ones(rows, 1, dtype=torch.long)
     for step in range(new_tokens.size(1)):
         hidden = model(new_tokens[:, step:step + 1], 2 * ones, ones.bool(), 0 * ones, ones.bool(), cache=cache)
@@ -164,12 +174,15 @@ def our_cached_steps(model: CpmAnt, ids: torch.Tensor, new_tokens: torch.Tensor)
 
 
 @torch.no_grad()
-def test_cached_decoding_matches_hf(pair: Pair) -> None:
+@pytest.mark.parametrize("last", [None, 1], ids=["whole-prefill", "last-row-prefill"])
+def test_cached_decoding_matches_hf(pair: Pair, last: int | None) -> None:
+    """``last=1`` (what generation uses): the final block computes the last prompt row only,
+    yet caches every row's keys and values, so the decoding steps after it still match."""
     vocab_size = pair.ours.config.vocab_size
     ids = batch(vocab_size, seed=1)
     new_tokens = torch.randint(1, vocab_size, (ids.size(0), DECODE_STEPS), generator=torch.Generator().manual_seed(2))
     expected = hf_cached_steps(pair.hf, ids, new_tokens)
-    got = our_cached_steps(pair.ours, ids, new_tokens)
+    got = our_cached_steps(pair.ours, ids, new_tokens, last)
     assert len(got) == DECODE_STEPS + 1
     for step, (ours, theirs) in enumerate(zip(got, expected)):
         assert max_delta(ours, theirs) <= ATOL, f"step {step}"

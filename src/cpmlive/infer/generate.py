@@ -222,7 +222,7 @@ def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
     batch = build_batch(rows, TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
     cache = model.new_cache(len(rows), batch.input_ids.size(1) + config.max_new_tokens)
-    hidden = model(**batch.as_inputs(), cache=cache)[:, -1]
+    hidden = model(**batch.as_inputs(), cache=cache, last=1)[:, -1]
     generator = _generator(config)
     histories = [list(r) for r in rows]
     finished = [False] * len(rows)
@@ -287,7 +287,7 @@ def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id:
     batch = build_batch([row], TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
     cache = model.new_cache(1, batch.input_ids.size(1) + config.max_new_tokens)
-    hidden = model(**batch.as_inputs(), cache=cache)[:, -1]
+    hidden = model(**batch.as_inputs(), cache=cache, last=1)[:, -1]
     cache.reorder(torch.zeros(beams, dtype=torch.long, device=hidden.device))
     hidden = hidden.expand(beams, -1)
     scores = torch.full((beams,), -1e9, device=hidden.device)

@@ -159,6 +159,44 @@ def project(x: Tensor, layer: nn.Linear | Tensor, gelu: bool = False, times: Ten
     return out if plus is None else plus + out
 
 
+# The explicit attention path makes its scores in pieces of at most this many elements (8 MB in
+# bf16): pieces that small are served again and again from the same heap memory, where one
+# [B, H, Lq, Lk] tensor would be mapped and page-faulted afresh by every layer.
+SCORE_PIECE_ELEMENTS = 1 << 22
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """``softmax(q kᵀ / sqrt(d_head) + bias) v`` over ``[B, H, L, d_head]``; ``bias`` is ``[B, H, Lq, Lk]``.
+
+    On CPU two cases beat the fused kernel with explicit batched products: one query row
+    (decoding), where the fused kernel's setup dominates, and bf16 (autocast), where the fused
+    kernel is no faster than in float32 and, when the bias needs a gradient (training: the
+    position bias learns), falls back to a float32 path that is ~2.5x slower than bf16 products.
+    The explicit path keeps scores and probabilities in the inputs' dtype, as Megatron's fused
+    softmax does. Float32 prompts and training keep the fused kernel, which is exact and faster.
+    """
+    bias = bias.to(q.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+    single_row = q.size(2) == 1 and not needs_grad and dropout_p == 0.0
+    if q.device.type != "cpu" or not (single_row or q.dtype in (torch.bfloat16, torch.float16)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    batch, heads, length, dim = q.shape
+    rows, keys = batch * heads, k.size(2)
+    q, k, v = q.reshape(rows, length, dim), k.reshape(rows, keys, dim), v.reshape(rows, keys, v.size(-1))
+    bias = bias.reshape(rows, length, keys)
+    if needs_grad or dropout_p > 0.0:  # autograd keeps every piece anyway: one piece
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=dim**-0.5)
+        probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p > 0.0 else scores.softmax(dim=-1)
+        return torch.bmm(probs, v).view(batch, heads, length, -1)
+    out = q.new_empty(rows, length, v.size(-1))
+    step = max(1, SCORE_PIECE_ELEMENTS // (length * keys))
+    for first in range(0, rows, step):
+        piece = slice(first, first + step)
+        scores = torch.baddbmm(bias[piece], q[piece], k[piece].transpose(1, 2), alpha=dim**-0.5)
+        torch.bmm(scores.softmax(dim=-1), v[piece], out=out[piece])
+    return out.view(batch, heads, length, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: AntConfig) -> None:
         super().__init__()
@@ -174,20 +212,14 @@ class Attention(nn.Module):
         return x.view(batch, length, self.num_heads, self.dim_head).transpose(1, 2)
 
     def forward(self, x: Tensor, bias: Tensor, cache: AntCache | None, layer: int, start: int,
-                residual: Tensor | None = None) -> Tensor:
-        """The attention output, plus ``residual`` when given."""
-        q, k, v = (self._heads(project(x, linear)) for linear in (self.project_q, self.project_k, self.project_v))
+                residual: Tensor | None = None, queries: int | None = None) -> Tensor:
+        """The attention output, plus ``residual`` when given; with ``queries``, only for the last
+        ``queries`` positions (keys and values still cover them all)."""
+        q = self._heads(project(x if queries is None else x[:, -queries:], self.project_q))
+        k, v = self._heads(project(x, self.project_k)), self._heads(project(x, self.project_v))
         if cache is not None:
             k, v = cache.store(layer, start, k, v)
-        dropout = self.dropout_p if self.training else 0.0
-        if q.size(2) == 1 and dropout == 0.0 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
-            # One query row (decoding): two batched products beat the fused kernel's setup.
-            rows, length = q.size(0) * q.size(1), k.size(2)
-            scores = torch.baddbmm(bias.to(q.dtype).reshape(rows, 1, length), q.reshape(rows, 1, -1),
-                                   k.reshape(rows, length, -1).transpose(1, 2), alpha=self.dim_head**-0.5)
-            out = torch.bmm(scores.softmax(dim=-1), v.reshape(rows, length, -1)).view(q.shape)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        out = attention(q, k, v, bias, self.dropout_p if self.training else 0.0)
         batch, _, length, _ = out.shape
         return project(out.transpose(1, 2).reshape(batch, length, -1), self.attention_out, plus=residual)
 
@@ -220,12 +252,26 @@ class Block(nn.Module):
             self.ffn_norm = RMSNorm(config.dim_model, config.eps)
             self.ffn = FeedForward(config)
 
-    def forward(self, h: Tensor, bias: Tensor, cache: AntCache | None = None, start: int = 0) -> Tensor:
+    def forward(self, h: Tensor, bias: Tensor, cache: AntCache | None = None, start: int = 0,
+                keep: int | None = None) -> Tensor:
+        """``keep``: compute the output of the last ``keep`` positions only."""
         if hasattr(self, "attn"):
-            h = self.attn(self.attn_norm(h), bias, cache, self.index, start, residual=h)
+            x = autocast_input(self.attn_norm(h))
+            if keep is not None:
+                h, bias = h[:, -keep:], bias[:, :, -keep:]
+            h = self.attn(x, bias, cache, self.index, start, residual=h, queries=keep)
+        elif keep is not None:
+            h = h[:, -keep:]
         if hasattr(self, "ffn"):
-            h = self.ffn(self.ffn_norm(h), residual=h)
+            h = self.ffn(autocast_input(self.ffn_norm(h)), residual=h)
         return h
+
+
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` in the autocast dtype when autocast is on: cast once here rather than once by each
+    of the projections that read it (three for attention, two for the FFN)."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
 
 def relative_position_bucket(relative: Tensor, num_buckets: int, max_distance: int) -> Tensor:
@@ -295,11 +341,14 @@ class CpmAnt(nn.Module):
         return bias.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
 
     def forward(self, input_ids: Tensor, segment: Tensor, context: Tensor, span: Tensor,
-                valid: Tensor, cache: AntCache | None = None, position: Tensor | None = None) -> Tensor:
+                valid: Tensor, cache: AntCache | None = None, position: Tensor | None = None,
+                last: int | None = None) -> Tensor:
         """Final hidden states ``[B, L, d]`` of the given (new) positions.
 
         Without a cache the inputs are whole rows. With one, they are the positions after
-        ``cache.length``; mask inputs of the earlier positions come from the cache.
+        ``cache.length``; mask inputs of the earlier positions come from the cache. ``last``
+        returns only the last ``last`` positions, and the final block computes only those (a
+        prompt's prefill needs the last position's output and every position's keys and values).
         """
         start = cache.length if cache is not None else 0
         if position is None:
@@ -310,11 +359,12 @@ class CpmAnt(nn.Module):
         key = cache.append_inputs(query) if cache is not None else query
         hidden = self.embed(input_ids, segment, start)
         bias = self.attention_bias(query, key, self._compute_dtype(hidden))
-        for block in self.layers:
+        for index, block in enumerate(self.layers):
+            keep = last if index == len(self.layers) - 1 else None
             if self.gradient_checkpointing and self.training and cache is None:
-                hidden = checkpoint(block, hidden, bias, use_reentrant=False)
+                hidden = checkpoint(block, hidden, bias, None, 0, keep, use_reentrant=False)
             else:
-                hidden = block(hidden, bias, cache, start)
+                hidden = block(hidden, bias, cache, start, keep)
         if cache is not None:
             cache.length = start + input_ids.size(1)
         return self.output_norm(hidden)
