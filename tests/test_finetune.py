@@ -11,6 +11,7 @@ import torch
 import cpmlive
 from cpmlive.api import ASSETS
 from cpmlive.config import AntConfig, preset
+from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import TASK_GENERATE, _step_inputs, build_batch
 from cpmlive.infer.headline import rank_titles
 from cpmlive.model.ant import build_model
@@ -269,9 +270,15 @@ def test_titles_draw_on_the_lead_and_respect_the_length_options(base_dir, tuned)
 
 
 def test_title_options_refuse_no_source_of_titles():
-    from cpmlive.errors import CpmliveError
     from cpmlive.infer.headline import TitleOptions
 
     with pytest.raises(CpmliveError, match="no source of titles"):
         TitleOptions(num_beams=0, samples=0, lead_sentences=0)
     assert TitleOptions(num_beams=0, samples=0, lead_sentences=1).lead_sentences == 1
+
+
+@pytest.mark.parametrize("key,value", [("precision", "fp16"), ("schedule", "linear"), ("best_metric", "bleu"),
+                                       ("classify_loss", "hinge")])
+def test_bad_choice_is_named_with_the_allowed_ones(key, value):
+    with pytest.raises(CpmliveError, match=f"config: {key} must be one of .*, got '{value}'"):
+        FinetuneConfig.from_file(None, ["data=/x", f"{key}={value}"])

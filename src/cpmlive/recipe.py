@@ -14,6 +14,10 @@ from cpmlive.errors import CpmliveError
 
 R = TypeVar("R", bound="Recipe")
 
+# Choices shared by the pretraining and fine-tuning recipes.
+SCHEDULES = ("cosine", "noam", "constant")
+PRECISIONS = ("bf16", "fp32")
+
 
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
@@ -61,6 +65,12 @@ class Recipe:
         data = read_recipe_file(path) if path is not None else {}
         return cls.from_dict(apply_overrides(data, overrides))
 
+    def check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
+        """Refuse a field whose value is not among its allowed ones, naming both."""
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CpmliveError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -68,4 +78,4 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-__all__ = ["Recipe", "apply_overrides", "read_recipe_file"]
+__all__ = ["PRECISIONS", "Recipe", "SCHEDULES", "apply_overrides", "read_recipe_file"]

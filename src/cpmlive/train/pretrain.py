@@ -34,7 +34,7 @@ from cpmlive.data.stream import PretrainStream, fixed_batches
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory, replace_directory, save_checkpoint
-from cpmlive.recipe import Recipe
+from cpmlive.recipe import PRECISIONS, SCHEDULES, Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.metrics import MetricsLog, finite_or_none, parameter_stats
 from cpmlive.utils import atomic_write_text
@@ -79,10 +79,7 @@ class PretrainConfig(Recipe):
     fsdp_mixed_precision: bool = False
 
     def __post_init__(self) -> None:
-        choices = {"schedule": ("cosine", "noam", "constant"), "precision": ("bf16", "fp32")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise CpmliveError(f"config: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.check_choices({"schedule": SCHEDULES, "precision": PRECISIONS})
         if self.seq_length <= 64 or self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
             raise CpmliveError("config: seq_length must exceed 64; batch_size, grad_accum, max_steps >= 1")
         if not self.data:

@@ -30,7 +30,7 @@ from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory, replace_directory
-from cpmlive.recipe import Recipe
+from cpmlive.recipe import PRECISIONS, SCHEDULES, Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.metrics import MetricsLog, finite_or_none
 from cpmlive.train.pretrain import (LATEST, TRAINER_STATE, can_fuse, latest_checkpoint, learning_rate, memory_mb,
@@ -79,16 +79,11 @@ class FinetuneConfig(Recipe):
     def __post_init__(self) -> None:
         if not self.data:
             raise CpmliveError("config: data is required (a JSONL file; see `cpmlive finetune --help`)")
-        if self.precision not in ("bf16", "fp32"):
-            raise CpmliveError(f"config: precision must be bf16 or fp32, got {self.precision!r}")
-        if self.schedule not in ("cosine", "constant", "noam"):
-            raise CpmliveError(f"config: schedule must be cosine, constant or noam, got {self.schedule!r}")
+        self.check_choices({"schedule": SCHEDULES, "precision": PRECISIONS,
+                            "best_metric": ("auto", "loss", "accuracy", "macro_f1"),
+                            "classify_loss": ("labels", "lm")})
         if self.batch_size < 1 or self.grad_accum < 1 or (self.max_steps < 1 and self.epochs <= 0):
             raise CpmliveError("config: batch_size and grad_accum >= 1, and max_steps or epochs > 0")
-        if self.best_metric not in ("auto", "loss", "accuracy", "macro_f1"):
-            raise CpmliveError(f"config: best_metric must be auto, loss, accuracy or macro_f1, got {self.best_metric!r}")
-        if self.classify_loss not in ("labels", "lm"):
-            raise CpmliveError(f"config: classify_loss must be labels or lm, got {self.classify_loss!r}")
         if self.task == "generate" and self.best_metric in ("accuracy", "macro_f1"):
             raise CpmliveError(f"config: best_metric {self.best_metric} needs task classify")
 
