@@ -1,5 +1,9 @@
 """Generation against HF ``CpmAntForCausalLM.generate`` on the same random weights."""
 
+import dataclasses
+import itertools
+import random
+
 import pytest
 import torch
 import transformers
@@ -7,8 +11,11 @@ import transformers
 from cpmlive.api import LM
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.generate import (TASK_INFILL, GenerationConfig, build_batch, fill_layout, generate_ids,
-                                    sampling_filter)
+from cpmlive.config import preset
+from cpmlive.infer import generate as generation
+from cpmlive.infer.generate import (TASK_GENERATE, TASK_INFILL, GenerationConfig, build_batch, fill_layout,
+                                    generate_ids, prefill, prefill_groups, sampling_filter)
+from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import hf_to_ours, model_from_state_dict
 from cpmlive.tokenizer import AntTokenizer
 
@@ -84,7 +91,9 @@ def test_logits_processors_identical_to_hf(models, tokenizer, options):
     assert got == expected
 
 
-def test_left_padded_batch_equals_single_rows(models, tokenizer):
+@pytest.mark.parametrize("overhead", [0, 10**9], ids=["grouped-prefill", "padded-prefill"])
+def test_left_padded_batch_equals_single_rows(models, tokenizer, monkeypatch, overhead):
+    monkeypatch.setattr(generation, "GROUP_OVERHEAD_POSITIONS", overhead)
     _, ours = models
     rows = [tokenizer.encode_for_model(p) for p in PROMPTS]
     batched = generate_ids(ours, rows, GenerationConfig(max_new_tokens=16), EOS)
@@ -196,3 +205,53 @@ def test_sequence_bias_identical_to_hf(models, tokenizer):
                            sequence_bias=[[list(k), v] for k, v in bias.items()])
     got = generate_ids(ours, [ids], GenerationConfig(max_new_tokens=12, sequence_bias=bias), EOS)[0]
     assert got == expected and got != plain
+
+
+def prefill_cost(groups: list[list[int]], lengths: list[int], prompt: int, overhead: int) -> int:
+    return sum(len(g) * (prompt + max(lengths[i] for i in g)) + overhead for g in groups)
+
+
+def test_prefill_groups_are_the_cheapest_cuts():
+    assert prefill_groups([10, 11, 12], 32, 64) == [[0, 1, 2]]
+    assert prefill_groups([100, 5, 98, 6], 32, 16) == [[1, 3], [2, 0]]
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(1, 200) for _ in range(rng.randint(1, 7))]
+        overhead = rng.choice([0, 16, 64, 500])
+        groups = prefill_groups(lengths, 32, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        every_cut = (
+            [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))]
+            for n in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), n))
+        best = min(prefill_cost(c, lengths, 32, overhead) for c in every_cut)
+        assert prefill_cost(groups, lengths, 32, overhead) == best
+
+
+@torch.no_grad()
+def test_grouped_prefill_equals_the_padded_one(monkeypatch):
+    """Same last hidden states, and the same keys and values at every visible cache column,
+    also with a layer whose attention was removed (no cache for it)."""
+    config = dataclasses.replace(preset("tiny"), vocab_size=500, num_layers=3,
+                                 mask_modules=[[False, False], [True, False], [False, True]])
+    model = build_model(config, seed=0).eval()
+    rng = random.Random(1)
+    rows = [[1] + [rng.randint(10, 499) for _ in range(n)] for n in (3, 40, 5, 38, 70)]
+    lengths = [len(r) for r in rows]
+    caches, hidden = [], []
+    for overhead in (0, 10**9):
+        monkeypatch.setattr(generation, "GROUP_OVERHEAD_POSITIONS", overhead)
+        batch = build_batch(rows, TASK_GENERATE, config.prompt_length)
+        cache = model.new_cache(len(rows), batch.input_ids.size(1) + 4)
+        hidden.append(prefill(model, batch, cache, lengths))
+        caches.append(cache)
+    grouped, padded = caches
+    assert len(prefill_groups(lengths, config.prompt_length, 0)) > 1
+    assert (hidden[0] - hidden[1]).abs().max() < 1e-5
+    assert grouped.length == padded.length
+    assert torch.equal(grouped.valid, padded.valid) and torch.equal(grouped.position, padded.position)
+    visible = padded.valid[:, None, :, None]
+    for layer in (0, 2):
+        for ours, theirs in ((grouped.keys[layer], padded.keys[layer]), (grouped.values[layer], padded.values[layer])):
+            assert ((ours - theirs) * visible).abs().max() < 1e-5
+    assert grouped.keys[1] is None and padded.keys[1] is None

@@ -131,6 +131,68 @@ def _step_inputs(tokens: Tensor, segment: int, context: bool = True, valid: Tens
     return inputs
 
 
+# ---- prefill ------------------------------------------------------------------------------------
+
+# What one more forward pass costs, in prompt positions: its products have fewer rows, and it
+# copies its keys and values into the batch's cache.
+GROUP_OVERHEAD_POSITIONS = 64
+
+
+def prefill_groups(lengths: list[int], prompt_length: int, overhead: int) -> list[list[int]]:
+    """Rows (indices into ``lengths``) cut into groups that are prefilled one after another.
+
+    A left-padded batch computes ``rows x (prompt + longest row)`` positions. Sorted by length,
+    the rows are cut where the padding saved outweighs ``overhead`` per extra pass (an exact
+    dynamic programme over the cut points; one group when the lengths are close).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    best = [0.0] + [float("inf")] * len(sizes)
+    cut = [0] * (len(sizes) + 1)
+    for end in range(1, len(sizes) + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * (prompt_length + sizes[end - 1]) + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(sizes)
+    while end:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def prefill(model: CpmAnt, batch: PromptBatch, cache: AntCache, lengths: list[int]) -> Tensor:
+    """Run left-padded prompts into ``cache``; return each row's last hidden state ``[B, d]``.
+
+    Rows of very different lengths are prefilled in groups (:func:`prefill_groups`), each
+    unpadded down to its own longest row, at the positions the padded layout gives them; their
+    keys and values are copied into ``cache``. A pad column is never visible, so the outcome is
+    the padded forward's, without computing the pads.
+    """
+    prompt = model.config.prompt_length
+    groups = prefill_groups(lengths, prompt, GROUP_OVERHEAD_POSITIONS)
+    if len(groups) == 1:
+        return model(**batch.as_inputs(), cache=cache, last=1)[:, -1]
+    total = batch.input_ids.size(1)
+    position = torch.arange(total, dtype=torch.int32, device=batch.input_ids.device).expand(len(lengths), -1)
+    cache.append_inputs({"context": batch.context.bool(), "span": batch.span, "segment": batch.segment,
+                         "valid": batch.valid.bool(), "position": position})
+    outputs = []
+    for group in groups:
+        width = max(lengths[i] for i in group)
+        columns = torch.cat([torch.arange(prompt), torch.arange(total - width, total)]).to(position.device)
+        rows = torch.tensor(group, device=position.device)
+        inputs = {name: value[rows][:, columns] for name, value in batch.as_inputs().items()}
+        part = model.new_cache(len(group), columns.numel())
+        outputs.append(model(**inputs, position=position[rows][:, columns], cache=part, last=1)[:, -1])
+        cache.adopt(rows, columns, part)
+    cache.length = total
+    grouped = torch.cat(outputs)
+    hidden = torch.empty_like(grouped)
+    hidden[torch.tensor([row for group in groups for row in group], device=grouped.device)] = grouped
+    return hidden
+
+
 # ---- logits processing (HF order) --------------------------------------------------------------
 
 
@@ -222,7 +284,7 @@ def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
     batch = build_batch(rows, TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
     cache = model.new_cache(len(rows), batch.input_ids.size(1) + config.max_new_tokens)
-    hidden = model(**batch.as_inputs(), cache=cache, last=1)[:, -1]
+    hidden = prefill(model, batch, cache, [len(r) for r in rows])
     generator = _generator(config)
     histories = [list(r) for r in rows]
     finished = [False] * len(rows)
@@ -433,5 +495,5 @@ def completion_scores(model: CpmAnt, pieces: list[list[int]], fills: list[list[l
 
 __all__ = [
     "GenerationConfig", "PromptBatch", "TASK_GENERATE", "TASK_INFILL", "AntCache", "beam_search", "build_batch",
-    "decode_steps", "fill_blanks", "generate_ids", "process_logits", "sampling_filter",
+    "decode_steps", "fill_blanks", "generate_ids", "prefill", "prefill_groups", "process_logits", "sampling_filter",
 ]

@@ -94,6 +94,19 @@ class AntCache:
         self.values[layer][:, :, start:end] = value
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def adopt(self, rows: Tensor, columns: Tensor, other: "AntCache") -> None:
+        """Copy the keys and values of ``other``'s positions ``0..len(columns)`` into ``rows`` x
+        ``columns`` of this cache (a group of prompts prefilled on its own; see ``infer.generate``)."""
+        for store, source in ((self.keys, other.keys), (self.values, other.values)):
+            for layer, tensor in enumerate(source):
+                if tensor is None:  # a layer without attention
+                    continue
+                if store[layer] is None:
+                    store[layer] = tensor.new_zeros(self.batch, tensor.size(1), self.capacity, tensor.size(3))
+                piece = tensor[:, :, :columns.numel()]
+                for index, row in enumerate(rows.tolist()):
+                    store[layer][row].index_copy_(1, columns, piece[index])
+
     def reorder(self, index: Tensor) -> None:
         """Keep the rows ``index`` (beam search re-ranks its hypotheses every step)."""
         for store in (self.keys, self.values):
