@@ -8,6 +8,7 @@ Keyword names and processing order follow HF ``generate``.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterator
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import AntCache, CpmAnt
+from cpmlive.model.ant import PACK_MIN_ROWS, AntCache, CpmAnt, packed_weights
 
 TASK_INFILL = 1
 TASK_GENERATE = 2
@@ -276,11 +277,27 @@ def _generator(config: GenerationConfig) -> torch.Generator | None:
 
 # ---- greedy / sampling --------------------------------------------------------------------------
 
-@torch.inference_mode()
+# Packing the weights for batched decoding (``model.ant.packed_weights``) costs about as much
+# as a dozen batched steps save, so shorter generations skip it.
+PACK_MIN_NEW_TOKENS = 16
+
+
+def _packing(model: CpmAnt, rows: int, config: GenerationConfig) -> AbstractContextManager:
+    worth = rows >= PACK_MIN_ROWS and config.max_new_tokens >= PACK_MIN_NEW_TOKENS
+    return packed_weights(model) if worth else nullcontext()
+
+
 def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
                  eos_id: int, prompt_task: int | None = None) -> Iterator[list[int | None]]:
     """Greedy or sampled decoding, one yield per step: the new token of each row, or
     ``None`` for rows already finished. ``rows`` already start with ``<s>``."""
+    with _packing(model, len(rows), config):
+        yield from _decode_steps(model, rows, config, eos_id, prompt_task)
+
+
+@torch.inference_mode()
+def _decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
+                  eos_id: int, prompt_task: int | None) -> Iterator[list[int | None]]:
     batch = build_batch(rows, TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
     cache = model.new_cache(len(rows), batch.input_ids.size(1) + config.max_new_tokens)
@@ -307,7 +324,8 @@ def generate_ids(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
                  prompt_task: int | None = None) -> list[list[int]]:
     """New token ids per row (eos not included)."""
     if config.num_beams > 1:
-        return [beam_search(model, row, config, eos_id, prompt_task)[0][1] for row in rows]
+        with _packing(model, config.num_beams, config):  # packed once for all the rows
+            return [beam_search(model, row, config, eos_id, prompt_task)[0][1] for row in rows]
     outputs: list[list[int]] = [[] for _ in rows]
     for emitted in decode_steps(model, rows, config, eos_id, prompt_task):
         for row, token in enumerate(emitted):
@@ -341,10 +359,16 @@ class Hypotheses:
 
 
 
-@torch.inference_mode()
 def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int,
                 prompt_task: int | None = None) -> list[tuple[float, list[int]]]:
     """The ``num_beams`` finished hypotheses, best first, as (length-penalised score, ids)."""
+    with _packing(model, config.num_beams, config):
+        return _beam_search(model, row, config, eos_id, prompt_task)
+
+
+@torch.inference_mode()
+def _beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int,
+                 prompt_task: int | None) -> list[tuple[float, list[int]]]:
     beams = config.num_beams
     batch = build_batch([row], TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
