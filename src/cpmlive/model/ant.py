@@ -217,10 +217,13 @@ def project(x: Tensor, layer: nn.Linear | Tensor, gelu: bool = False, times: Ten
         if fits and other.is_contiguous():
             return _ONEDNN_LINEAR.binary(x, other, weight, None, "mul" if times is not None else "add")
     out = F.linear(x, layer) if isinstance(layer, Tensor) else layer(x)
+    # Outside autograd our own fresh product takes the GELU or the gate in place, so a prompt's
+    # FFN holds one fewer [rows, d_ff] tensor at its peak (no speed change measured).
+    in_place = weight is not None and not torch.is_grad_enabled()
     if gelu:
-        return F.gelu(out)
+        return torch.ops.aten.gelu_(out) if in_place else F.gelu(out)
     if times is not None:
-        return times * out
+        return out.mul_(times) if in_place and times.dtype == out.dtype else times * out
     return out if plus is None else plus + out
 
 
