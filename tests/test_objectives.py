@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from cpmlive.config import AntConfig, preset
+from cpmlive.data import objectives
 from cpmlive.data.objectives import (
-    GENERATION, IGNORE_INDEX, INFILLING, Batch, BatchPacker, Instance, OriginalRng, chunk_document,
-    make_instance, make_record, masked_lm_loss, pack,
+    GENERATION, IGNORE_INDEX, INFILLING, Batch, BatchPacker, Instance, LinearCrossEntropy, OriginalRng,
+    chunk_document, head_losses, make_instance, make_record, masked_lm_loss, pack,
 )
 from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import model_from_state_dict, openbmb_to_ours, read_safetensors
@@ -279,3 +280,51 @@ def test_loss_gathers_targets_and_backpropagates(small_model):
     loss.backward()
     assert small_model.input_embedding.weight.grad is not None
     small_model.zero_grad(set_to_none=True)
+
+
+def head_case(rows: int = 21, vocab: int = 50, dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) / dim**0.5
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[[2, 9, 20]] = IGNORE_INDEX
+    return hidden, weight, targets
+
+
+def reference_head(hidden, weight, targets, autocast: bool = False):
+    """The plain autograd path: the logits, their float32 copy, cross-entropy."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = torch.nn.functional.linear(hidden, weight).float()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+@pytest.mark.parametrize("autocast,tolerance", [(False, 1e-5), (True, 2e-2)], ids=["fp32", "bf16-autocast"])
+def test_linear_cross_entropy_matches_the_plain_path(monkeypatch, autocast, tolerance):
+    monkeypatch.setattr(objectives, "LOSS_ROW_BUCKET", 8)  # 21 rows: three blocks, the last partial
+    hidden, weight, targets = head_case()
+    ours = [t.clone().requires_grad_() for t in (hidden, weight)]
+    theirs = [t.clone().requires_grad_() for t in (hidden, weight)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        total, losses = LinearCrossEntropy.apply(*ours, targets)
+    expected = reference_head(*theirs, targets, autocast)
+    (total / 18).backward()
+    (expected.sum() / 18).backward()
+    assert losses[[2, 9, 20]].eq(0).all() and not losses.requires_grad
+    assert (losses - expected.detach()).abs().max() < tolerance * 10
+    assert abs(total.item() - expected.sum().item()) < tolerance * 100
+    for ours_leaf, their_leaf in zip(ours, theirs):
+        scale = their_leaf.grad.abs().max()
+        assert (ours_leaf.grad - their_leaf.grad).abs().max() < tolerance * scale
+
+
+def test_linear_cross_entropy_frozen_head_and_no_grad(monkeypatch):
+    monkeypatch.setattr(objectives, "LOSS_ROW_BUCKET", 8)
+    hidden, weight, targets = head_case(seed=1)
+    leaf = hidden.clone().requires_grad_()
+    total, _ = LinearCrossEntropy.apply(leaf, weight, targets)  # the head frozen (LoRA)
+    total.backward()
+    expected = hidden.clone().requires_grad_()
+    reference_head(expected, weight, targets).sum().backward()
+    assert weight.grad is None and (leaf.grad - expected.grad).abs().max() < 1e-5
+    losses, gradient = head_losses(hidden, weight, targets)
+    assert gradient is None and (losses - reference_head(hidden, weight, targets)).abs().max() < 1e-5
