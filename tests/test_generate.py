@@ -261,8 +261,6 @@ def test_grouped_prefill_equals_the_padded_one(monkeypatch):
 @torch.no_grad()
 def test_packed_weights_give_the_same_products_and_go_away():
     model = build_model(dataclasses.replace(preset("tiny"), vocab_size=500), seed=0).eval()
-    if getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) is None or ant._ONEDNN_LINEAR is None:
-        pytest.skip("this torch build has no oneDNN weight packing")
     linear = model.layers[0].ffn.w_0
     head = model.input_embedding.weight
     rows = torch.randn(2, 4, linear.in_features)  # 8 rows: packed; one row: plain
