@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import PACK_MIN_ROWS, AntCache, CpmAnt, packed_weights
+from cpmlive.model.ant import PACK_MIN_ROWS, AntCache, CpmAnt, mask_inputs, packed_weights, token_positions
 
 TASK_INFILL = 1
 TASK_GENERATE = 2
@@ -175,9 +175,8 @@ def prefill(model: CpmAnt, batch: PromptBatch, cache: AntCache, lengths: list[in
     if len(groups) == 1:
         return model(**batch.as_inputs(), cache=cache, last=1)[:, -1]
     total = batch.input_ids.size(1)
-    position = torch.arange(total, dtype=torch.int32, device=batch.input_ids.device).expand(len(lengths), -1)
-    cache.append_inputs({"context": batch.context.bool(), "span": batch.span, "segment": batch.segment,
-                         "valid": batch.valid.bool(), "position": position})
+    position = token_positions(batch.input_ids)
+    cache.append_inputs(mask_inputs(batch.context, batch.span, batch.segment, batch.valid, position))
     outputs = []
     for group in groups:
         width = max(lengths[i] for i in group)

@@ -336,11 +336,27 @@ class Block(nn.Module):
         return h
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype products of ``x`` run in: autocast's when it is on, else ``x``'s own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def autocast_input(x: Tensor) -> Tensor:
     """``x`` in the autocast dtype when autocast is on: cast once here rather than once by each
     of the projections that read it (three for attention, two for the FFN)."""
-    device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+    return x.to(compute_dtype(x))
+
+
+def token_positions(input_ids: Tensor, start: int = 0) -> Tensor:
+    """Position of every token when none are given: its index, counted from ``start``."""
+    return torch.arange(start, start + input_ids.size(1), dtype=torch.int32,
+                        device=input_ids.device).expand_as(input_ids)
+
+
+def mask_inputs(context: Tensor, span: Tensor, segment: Tensor, valid: Tensor, position: Tensor) -> dict[str, Tensor]:
+    """The per-token inputs the attention mask and position bias are made of, as the cache keeps them."""
+    return {"context": context.bool(), "span": span, "segment": segment, "valid": valid.bool(), "position": position}
 
 
 def relative_position_bucket(relative: Tensor, num_buckets: int, max_distance: int) -> Tensor:
@@ -421,13 +437,11 @@ class CpmAnt(nn.Module):
         """
         start = cache.length if cache is not None else 0
         if position is None:
-            position = torch.arange(start, start + input_ids.size(1), dtype=torch.int32,
-                                    device=input_ids.device).expand_as(input_ids)
-        query = {"context": context.bool(), "span": span, "segment": segment, "valid": valid.bool(),
-                 "position": position}
+            position = token_positions(input_ids, start)
+        query = mask_inputs(context, span, segment, valid, position)
         key = cache.append_inputs(query) if cache is not None else query
         hidden = self.embed(input_ids, segment, start)
-        bias = self.attention_bias(query, key, self._compute_dtype(hidden))
+        bias = self.attention_bias(query, key, compute_dtype(hidden))
         for index, block in enumerate(self.layers):
             keep = last if index == len(self.layers) - 1 else None
             if self.gradient_checkpointing and self.training and cache is None:
@@ -441,12 +455,6 @@ class CpmAnt(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied output head over the real vocabulary (prompt rows are never outputs)."""
         return project(hidden, self.input_embedding.weight)
-
-    def _compute_dtype(self, hidden: Tensor) -> torch.dtype:
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return hidden.dtype
 
     # ---- helpers ----------------------------------------------------------------------------
 
