@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,22 @@ def test_sharded_checkpoint(tmp_path: Path) -> None:
     assert_same_weights(model, load_model(path))
     state, config = load_any(path)
     assert config == CONFIG and set(state) == set(model.state_dict())
+
+
+def test_written_files_are_readable_like_plain_files(saved: tuple[CpmAnt, Path], tmp_path: Path) -> None:
+    """Temp files and safetensors' writer make private 0600 files; shared checkpoints must not be."""
+    _, path = saved
+    umask = os.umask(0o022)
+    try:
+        written = [save_checkpoint(build_model(CONFIG, seed=3), CONFIG, tmp_path / "sharded", shard_bytes=20_000),
+                   convert(path, tmp_path / "ours", dtype="float16"), convert(path, tmp_path / "hf", to="hf"),
+                   convert(path, tmp_path / "model.pt", to="openbmb"),
+                   convert(path, tmp_path / "model.safetensors", to="openbmb")]
+    finally:
+        os.umask(umask)
+    files = [f for p in written for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+    assert len(files) > 10
+    assert {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {str(f): "0o644" for f in files}
 
 
 def test_failed_save_leaves_old_checkpoint_intact(saved: tuple[CpmAnt, Path], monkeypatch: pytest.MonkeyPatch) -> None:

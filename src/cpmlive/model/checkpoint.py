@@ -173,17 +173,24 @@ def _shards(state: dict[str, Tensor], shard_bytes: int) -> list[dict[str, Tensor
     return shards
 
 
+def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike) -> None:
+    """``safetensors.torch.save_file`` with the permissions a plain ``open`` gives (it makes
+    private 0600 files, which other users of a shared checkpoint folder could not read)."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, default_mode())
+
+
 def write_weights(state: dict[str, Tensor], directory: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     shards = _shards(state, shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(shards[0], directory / WEIGHTS_NAME)
         return
     weight_map = {}
     total = 0
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        save_safetensors(shard, directory / name)
         for key, tensor in shard.items():
             weight_map[key] = name
             total += tensor.numel() * tensor.element_size()

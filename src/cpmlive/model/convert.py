@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from cpmlive.config import AntConfig
@@ -33,9 +32,10 @@ from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import (
     CONFIG_NAME, INDEX_NAME, VOCAB_NAME, WEIGHTS_NAME, check_state_dict, config_from_openbmb_state,
     expected_shapes, hf_to_ours, new_build_directory, openbmb_to_ours, ours_to_hf, ours_to_openbmb,
-    read_safetensors, read_weights, replace_directory, save_checkpoint, write_vocab, write_weights,
+    read_safetensors, read_weights, replace_directory, save_checkpoint, save_safetensors, write_vocab,
+    write_weights,
 )
-from cpmlive.utils import atomic_write_text
+from cpmlive.utils import atomic_write_text, default_mode
 
 Format = Literal["ours", "hf", "openbmb"]
 FORMATS: tuple[str, ...] = ("ours", "hf", "openbmb")
@@ -356,9 +356,10 @@ def _atomic_state_save(state: dict[str, Tensor], path: Path) -> None:
     os.close(fd)
     try:
         if path.suffix == ".safetensors":
-            save_file(state, tmp, metadata={"format": "pt"})
+            save_safetensors(state, tmp)
         else:
             torch.save(state, tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
