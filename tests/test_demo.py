@@ -68,3 +68,16 @@ def test_title_cli_uses_the_shipped_headline_adapter():
     titles = json.loads(out.stdout)["titles"]
     assert 1 <= len(titles) <= 3 and len(set(titles)) == len(titles)
     assert all(set(title) <= set(ARTICLE) for title in titles)  # built from the article's spans
+
+
+def test_make_demo_tour_runs_every_section():
+    out = subprocess.run([sys.executable, "-m", "cpmlive.demo"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    sections = [line.split("==")[1].strip() for line in out.stdout.splitlines() if line.startswith("== ")]
+    assert [s.split()[0] for s in sections] == ["the", "tokenize", "generate", "generate", "fill", "title",
+                                                 "classify", "stream"]
+    classified = out.stdout.split("== classify")[1].split("== stream")[0].split()
+    assert {"正面", "负面"} & set(classified)
+    titles = [line for line in out.stdout.split("== title")[1].split("== classify")[0].splitlines()
+              if line.strip()[:2] in ("1.", "2.", "3.")]
+    assert titles and all(set(t.split(". ", 1)[1]) <= set(ARTICLE) for t in titles)

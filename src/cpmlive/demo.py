@@ -7,8 +7,12 @@ import time
 
 from cpmlive.errors import CpmliveError
 
-PROMPTS = ["中国人民", "今天天气", "贾宝玉"]
+PROMPTS = ["中国人民", "今天天气", "宝玉笑道："]
 FILLS = ["北京是中国的<mask>。", "新华社北京1月5日电，国务院总理<mask>今天会见了外国客人。"]
+ARTICLE = ("新华社北京1月5日电 国务院总理李鹏今天在人民大会堂会见了来访的美国国务卿奥尔布赖特，"
+           "双方就中美关系和共同关心的国际问题交换了意见。")
+REVIEWS = ["房间很干净，服务也很周到，下次还会再来。", "书的印刷质量太差了，错别字很多，不推荐购买。",
+           "电池不耐用，用了两天就坏了。"]
 
 
 def section(title: str) -> None:
@@ -18,10 +22,12 @@ def section(title: str) -> None:
 def main() -> int:
     import cpmlive
     from cpmlive.api import ASSETS
+    from cpmlive.infer.headline import TitleOptions, suggest_titles
     from cpmlive.model.convert import checkpoint_info
 
     try:
-        lm = cpmlive.load("demo")
+        lm = cpmlive.load("demo", adapter=["headline", "sentiment"])
+        lm.use(None)
     except CpmliveError as exc:
         print(f"cpmlive demo: {exc}", file=sys.stderr)
         return 2
@@ -38,17 +44,28 @@ def main() -> int:
     section("generate (greedy, repetition penalty 1.2)")
     for prompt in PROMPTS:
         started = time.perf_counter()
-        out = lm.generate(prompt, max_new_tokens=32, repetition_penalty=1.2, no_repeat_ngram_size=3)
+        out = lm.generate(prompt, max_new_tokens=32, min_new_tokens=8, repetition_penalty=1.2, no_repeat_ngram_size=3)
         print(f"{prompt}|{out}   ({time.perf_counter() - started:.2f}s)")
 
     section("generate (sampling, top_p 0.9, seed 1)")
-    for out, prompt in zip(lm.generate(PROMPTS, max_new_tokens=32, do_sample=True, top_p=0.9,
+    for out, prompt in zip(lm.generate(PROMPTS, max_new_tokens=32, min_new_tokens=8, do_sample=True, top_p=0.9,
                                        temperature=0.8, repetition_penalty=1.1, seed=1), PROMPTS):
         print(f"{prompt}|{out}")
 
     section("fill (blank infilling)")
     for text in FILLS:
         print(text, "->", lm.fill(text, max_new_tokens=4))
+
+    section("title (智取标题: the shipped headline adapter)")
+    print(ARTICLE)
+    with lm.using("headline"):
+        for rank, title in enumerate(suggest_titles(lm, ARTICLE, TitleOptions(n=3)), 1):
+            print(f"  {rank}. {title}")
+
+    section("classify (the shipped sentiment adapter)")
+    with lm.using("sentiment"):
+        for review, label in zip(REVIEWS, lm.classify(REVIEWS)):
+            print(f"  {label:>8}  {review}")
 
     section("stream")
     for piece in lm.stream("在新的一年里，", max_new_tokens=24, repetition_penalty=1.2):
