@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpmlive.config import AntConfig, preset
 from cpmlive.tune.delta import DeltaConfig
 from cpmlive.tune.finetune import FinetuneConfig
-from cpmlive.train.pretrain import PretrainConfig
+from cpmlive.train.pretrain import PretrainConfig, new_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -36,7 +35,7 @@ def test_recipe_parses_into_its_config(path: Path) -> None:
 
 def test_demo_recipe_builds_the_shipped_architecture() -> None:
     config = PretrainConfig.from_file(ROOT / "recipes" / "demo.yaml")
-    built = AntConfig.from_dict({**preset(config.model).to_dict(), "half": False, **config.model_overrides})
+    built = new_model_config(config)
     shipped = json.loads((ASSETS / "demo" / "config.json").read_text("utf-8"))
     assert {**built.to_dict(), "half": True} == shipped
 

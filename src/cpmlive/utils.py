@@ -1,4 +1,4 @@
-"""Small helpers shared by every stage: atomic writes."""
+"""Small helpers shared by every stage: atomic writes, and the dtype products run in."""
 
 from __future__ import annotations
 
@@ -6,6 +6,15 @@ import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype products of ``x`` run in: autocast's when it is on, else ``x``'s own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def default_mode(directory: bool = False) -> int:

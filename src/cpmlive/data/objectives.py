@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cpmlive.utils import compute_dtype
+
 ANT_BOS_ID = 6
 ANT_EOS_ID = 7
 IGNORE_INDEX = -100
@@ -328,9 +330,8 @@ def head_losses(hidden: Tensor, weight: Tensor, targets: Tensor,
     The products run in the autocast dtype when autocast is on (as ``F.linear`` would); the
     softmax runs in float32.
     """
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    with torch.autocast(device, enabled=False):
+    dtype = compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
         h, w = hidden.to(dtype), weight.to(dtype)
         losses = torch.zeros(h.size(0), dtype=torch.float32, device=h.device)
         grad_logits = h.new_empty(h.size(0), w.size(0)) if want_gradient else None

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cpmlive.config import AntConfig
+from cpmlive.utils import compute_dtype
 
 
 class RMSNorm(nn.Module):
@@ -334,12 +335,6 @@ class Block(nn.Module):
         if hasattr(self, "ffn"):
             h = self.ffn(autocast_input(self.ffn_norm(h)), residual=h)
         return h
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype products of ``x`` run in: autocast's when it is on, else ``x``'s own."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def autocast_input(x: Tensor) -> Tensor:

@@ -359,7 +359,7 @@ def _atomic_state_save(state: dict[str, Tensor], path: Path) -> None:
             save_safetensors(state, tmp)
         else:
             torch.save(state, tmp)
-        os.chmod(tmp, default_mode())
+            os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

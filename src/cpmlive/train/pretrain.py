@@ -205,14 +205,17 @@ def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.opti
 # ---- the recipe -----------------------------------------------------------------------------------
 
 
+def new_model_config(config: PretrainConfig) -> AntConfig:
+    """The architecture a recipe trains from scratch: its preset with ``model_overrides``."""
+    return AntConfig.from_dict({**preset(config.model).to_dict(), "half": False, **config.model_overrides})
+
+
 def build_or_load_model(config: PretrainConfig) -> CpmAnt:
     source = Path(config.model)
     if source.is_dir():
         model = load_model(source, dtype=torch.float32)
         return model.train()
-    base = preset(config.model)
-    model_config = AntConfig.from_dict({**base.to_dict(), "half": False, **config.model_overrides})
-    model = CpmAnt(model_config)
+    model = CpmAnt(new_model_config(config))
     model.init_weights(config.seed)
     return model.train()
 
@@ -436,4 +439,4 @@ def dump_json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, indent=2)
 
 
-__all__ = ["PretrainConfig", "Trainer", "can_fuse", "keeping_fused_choice", "restore_optimizer", "final_model_dir", "learning_rate", "pretrain"]
+__all__ = ["PretrainConfig", "Trainer", "can_fuse", "keeping_fused_choice", "restore_optimizer", "final_model_dir", "learning_rate", "new_model_config", "pretrain"]
