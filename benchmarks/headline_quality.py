@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     examples = test_examples(args.data, args.limit, args.split)
     options = TitleOptions(n=1, num_beams=args.num_beams, samples=args.samples, copy_bias=args.copy_bias,
-                           copy_spans=args.copy_spans, span_bonus=args.span_bonus, min_chars=2,
+                           copy_spans=args.copy_spans, span_bonus=args.span_bonus,
                            lead_sentences=args.lead_sentences, contrast=args.contrast,
                            generated_penalty=args.generated_penalty, length_bonus=args.length_bonus)
     inputs, references = [e.input for e in examples], [e.target for e in examples]

@@ -75,8 +75,8 @@ def test_written_files_are_readable_like_plain_files(saved: tuple[CpmAnt, Path],
     try:
         written = [save_checkpoint(build_model(CONFIG, seed=3), CONFIG, tmp_path / "sharded", shard_bytes=20_000),
                    convert(path, tmp_path / "ours", dtype="float16"), convert(path, tmp_path / "hf", to="hf"),
-                   convert(path, tmp_path / "model.pt", to="openbmb"),
-                   convert(path, tmp_path / "model.safetensors", to="openbmb")]
+                   convert(path, tmp_path / "pt" / "model.pt", to="openbmb"),
+                   convert(path, tmp_path / "st" / "model.safetensors", to="openbmb")]
     finally:
         os.umask(umask)
     files = [f for p in written for f in (sorted(p.iterdir()) if p.is_dir() else [p])]

@@ -108,11 +108,11 @@ def test_vocab_build(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("今天天气很好，我们去公园散步。\n北京是中国的首都。\n" * 20, encoding="utf-8")
     out = tmp_path / "vocab.txt"
-    result = run("vocab", "build", corpus, "--size", "64", "--out", out)
+    result = run("vocab", "build", corpus, "--size", "32", "--out", out)
     assert result.returncode == 0, result.stderr.decode()
     tokens = out.read_text("utf-8").splitlines()
     assert tokens[:8] == ["<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>"]
-    assert "今" in tokens and len(tokens) <= 64
+    assert "今" in tokens and len(tokens) == 32
 
 
 # ---- bad input: one line on stderr, exit 2, never a traceback --------------------------------------

@@ -164,4 +164,4 @@ def test_data_verbs_report_unwritable_out(tmp_path, capsys):
     blocker = write(tmp_path / "file", "x")
     for verb in ("headlines", "sentiment"):
         code = main(["data", verb, "--out", str(blocker / "sub")])
-        assert_one_line_error(capsys, code, "cannot create output directory")
+        assert_one_line_error(capsys, code, "is a file, not a directory")

@@ -20,11 +20,12 @@ from cpmlive.config import PRESETS, AntConfig, preset
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig, decode_steps, fill_blanks, generate_ids
 from cpmlive.model.ant import CpmAnt, build_model
-from cpmlive.model.checkpoint import VOCAB_NAME, load_model
+from cpmlive.model.checkpoint import VOCAB_NAME
+from cpmlive.model.convert import load_pretrained
+from cpmlive.resources import ASSETS, adapter_path, model_path, shipped_adapters
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 MASK = "<mask>"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -47,7 +48,7 @@ class LM:
         if tokenizer.vocab_size != model.config.vocab_size:
             raise CpmliveError(f"vocabulary has {tokenizer.vocab_size} tokens, the model expects "
                                f"{model.config.vocab_size}")
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.tasks: dict[str, TaskSpec] = {}
         self.active: str | None = None
         self.lock = threading.RLock()
@@ -135,9 +136,17 @@ class LM:
         limit = self.config.max_length - self.config.prompt_length
         if tokens > limit:
             raise CpmliveError(f"prompt is {tokens} tokens long; this model takes at most {limit}")
+        if tokens + new_tokens > limit:
+            raise CpmliveError(f"the prompt's {tokens} tokens and max_new_tokens {new_tokens} exceed the "
+                               f"model's {limit} positions: ask for at most {limit - tokens} new tokens")
 
     def _options(self, max_new_tokens: int, kwargs: dict) -> GenerationConfig:
         return GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
+
+    def _prompt_rows(self, texts: Sequence[str], options: GenerationConfig) -> list[list[int]]:
+        rows = [self.encode_prompt(t) for t in texts]
+        self._check_length(max(map(len, rows)), options.max_new_tokens)
+        return rows
 
     # ---- generation -------------------------------------------------------------------------
 
@@ -152,7 +161,7 @@ class LM:
         if not texts:
             raise CpmliveError("no prompt given")
         options = self._options(max_new_tokens, kwargs)
-        rows = [self.encode_prompt(t) for t in texts]
+        rows = self._prompt_rows(texts, options)
         return generate_ids(self.model, rows, options, self.tokenizer.eos_id, self.prompt_task)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **kwargs: object) -> Iterator[str]:
@@ -160,7 +169,7 @@ class LM:
         options = self._options(max_new_tokens, kwargs)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
-        row = self.encode_prompt(prompt)
+        row = self._prompt_rows([prompt], options)[0]
         for emitted in decode_steps(self.model, [row], options, self.tokenizer.eos_id, self.prompt_task):
             if emitted[0] is not None:
                 yield self.tokenizer.decode([emitted[0]])
@@ -197,21 +206,26 @@ class LM:
         return "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
 
 
-def find_vocab(vocab: str | os.PathLike | None, directory: Path | None) -> Path:
+def find_vocab(vocab: str | os.PathLike | None, directory: Path | None, name: str) -> Path:
+    """The vocabulary given, else the checkpoint's own: never another model's."""
     if vocab is not None:
-        return Path(vocab)
+        path = Path(vocab)
+        if not path.is_file():
+            raise CpmliveError(f"{vocab}: vocabulary file not found")
+        return path
     if directory is not None and (directory / VOCAB_NAME).is_file():
         return directory / VOCAB_NAME
-    demo = ASSETS / "demo" / VOCAB_NAME
-    if demo.is_file():
-        return demo
-    raise CpmliveError("no vocab.txt in the checkpoint; pass vocab=PATH (--vocab)")
+    if directory is None:
+        raise CpmliveError(f"preset {name} has random weights and no vocabulary: pass vocab=PATH (--vocab) "
+                           "with its vocab_size tokens (e.g. the published cpm-ant-vocab.txt)")
+    raise CpmliveError(f"{directory}: no {VOCAB_NAME} in the checkpoint; pass vocab=PATH (--vocab)")
 
 
 def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
          vocab: str | os.PathLike | None = None, hf_tokenizer: bool = False, seed: int = 0,
          adapter: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> LM:
-    """A checkpoint directory, ``"demo"`` (the shipped model) or a preset name (random weights).
+    """A checkpoint (ours, HF's or OpenBMB's: a directory or a weights file), ``"demo"`` (the
+    shipped model) or a preset name (random weights).
 
     Random-weight presets need a vocabulary of their ``vocab_size``: pass ``vocab=``.
     ``adapter``: one or more adapter directories (or names of shipped ones, e.g. ``"headline"``);
@@ -220,43 +234,25 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype is None and torch.device(device).type == "cpu":
         torch_dtype = torch.float32  # CPUs have no fast float16 kernels: fp16 checkpoints run 10x slower as stored
-    if str(name_or_path) == "demo":
-        name_or_path = ASSETS / "demo"
-        if not Path(name_or_path).is_dir():
-            raise CpmliveError("the demo model is not installed in this package")
-    path = Path(name_or_path)
+    path = model_path(name_or_path)
+    directory: Path | None
     if path.exists():
-        model = load_model(path, dtype=torch_dtype, device=device)
-        directory = path
+        model, directory = load_pretrained(path, dtype=torch_dtype, device=device)
     elif str(name_or_path) in PRESETS:
         config = preset(str(name_or_path))
         model = build_model(config, device=device, dtype=torch_dtype or torch.float32, seed=seed).eval()
         directory = None
     else:
         raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
-    tokenizer = AntTokenizer.from_file(find_vocab(vocab, directory), hf_compat=hf_tokenizer)
-    lm = LM(model, tokenizer, name=str(name_or_path))
+    tokenizer = AntTokenizer.from_file(find_vocab(vocab, directory, str(name_or_path)), hf_compat=hf_tokenizer)
+    lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))
     paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter or [])
     for path in paths:
-        lm.add_adapter(resolve_adapter(path))
+        lm.add_adapter(adapter_path(path))
     return lm
 
 
-def shipped_adapters() -> list[str]:
-    """Names of the adapters installed with the package (trained on the demo model)."""
-    root = ASSETS / "adapters"
-    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-
-
-def resolve_adapter(name_or_path: str | os.PathLike) -> Path:
-    """A directory, or the name of an adapter shipped under ``assets/adapters``."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    shipped = ASSETS / "adapters" / str(name_or_path)
-    if shipped.is_dir():
-        return shipped
-    raise CpmliveError(f"{name_or_path}: no such adapter directory or shipped adapter")
+resolve_adapter = adapter_path
 
 
 __all__ = ["LM", "load", "resolve_adapter", "resolve_dtype", "shipped_adapters"]

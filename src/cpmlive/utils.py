@@ -1,14 +1,21 @@
-"""Small helpers shared by every stage: atomic writes, and the dtype products run in."""
+"""Small helpers shared by every stage: atomic writes, safe output destinations, and the dtype
+products run in."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+import dataclasses
+import types
+import typing
+from typing import Any, BinaryIO, Callable, Collection
 
 import torch
 from torch import Tensor
+
+from cpmlive.errors import CpmliveError
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -47,3 +54,88 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ---- output destinations ----------------------------------------------------------------------------
+# Every writer a user points at a path (convert, merge, vocab build, data prepare, ...) goes through
+# these two: nothing the user did not name is deleted or replaced.
+
+
+def check_output(path: str | os.PathLike, force: bool = False, resumable: Collection[str] = ()) -> Path:
+    """Refuse a destination that already holds something, unless ``force``.
+
+    A directory may hold ``resumable`` entries (what an interrupted run of the same writer left,
+    for it to resume). With ``force`` the writer replaces only the files it writes."""
+    path = Path(path)
+    ancestor = next((parent for parent in path.parents if parent.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise CpmliveError(f"{path}: cannot be written, {ancestor} is a file, not a directory")
+    if force or not (path.exists() or path.is_symlink()):
+        return path
+    if not path.is_dir():
+        raise CpmliveError(f"{path}: already exists; pass --force to replace it, or choose a new path")
+    entries = sorted(entry.name for entry in path.iterdir() if entry.name not in resumable)
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise CpmliveError(f"{path}: directory is not empty ({shown}); pass --force to replace only what "
+                           "this writes there, or choose a new path")
+    return path
+
+
+def install_directory(build: Path, target: Path, owned: Callable[[str], bool] = lambda name: False) -> None:
+    """Put the files of a fully written ``build`` directory at ``target``.
+
+    An absent or empty ``target`` is replaced by one rename, so readers never see half of it.
+    Otherwise each file is renamed into place, and the files ``owned`` claims that this write
+    did not produce (an older write's other shards, say) are removed: every other file stays."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.replace(build, target)
+        return
+    if not target.is_dir():
+        raise CpmliveError(f"{target}: exists and is not a directory")
+    written = {entry.name for entry in build.iterdir()}
+    for name in sorted(written):
+        os.replace(build / name, target / name)
+    for entry in target.iterdir():
+        if entry.is_file() and entry.name not in written and owned(entry.name):
+            entry.unlink()
+    shutil.rmtree(build, ignore_errors=True)
+
+
+# ---- typed dataclasses ------------------------------------------------------------------------------
+
+UNION_TYPES = (typing.Union, types.UnionType)
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+              dict: "a mapping", list: "a list", type(None): "null"}
+
+
+def _arms(kind: Any) -> tuple[Any, ...]:
+    return typing.get_args(kind) if typing.get_origin(kind) in UNION_TYPES else (kind,)
+
+
+def _kind_ok(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of the annotated ``kind``: bools are not integers, integers are numbers."""
+    if kind is bool or kind is type(None):
+        return value is None if kind is type(None) else isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, typing.get_origin(kind) or kind)
+
+
+def check_field_types(instance: Any, where: str = "config") -> None:
+    """Refuse a dataclass field whose value is not of its annotated type, naming the field:
+    ``max_steps=abc`` in a recipe or ``max_new_tokens="5"`` from JSON is one clear line, not a
+    traceback deep inside the run. Fields of other types (callables, tensors) are not checked."""
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        arms = _arms(hints.get(field.name, Any))
+        if not all((typing.get_origin(arm) or arm) in KIND_NAMES for arm in arms):
+            continue
+        value = getattr(instance, field.name)
+        if not any(_kind_ok(value, arm) for arm in arms):
+            named = " or ".join(KIND_NAMES[typing.get_origin(arm) or arm] for arm in arms)
+            raise CpmliveError(f"{where}: {field.name} must be {named}, got {value!r}")

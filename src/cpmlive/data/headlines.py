@@ -57,7 +57,7 @@ from cpmlive.data.corpora import (
     normalize_width,
     people_daily_paragraph,
 )
-from cpmlive.data.tasks import output_dir, write_splits
+from cpmlive.data.tasks import SPLIT_FILES, output_dir, write_splits
 
 TITLE_CHARS = (5, 40)
 MIN_BODY_CHARS = 60
@@ -455,9 +455,9 @@ def lead_clauses(body: str, sentences: int = 3, max_clauses: int = 3) -> list[st
 
 
 def write_headlines(out: str | os.PathLike[str], seed: int = 0,
-                    cache_dir: str | os.PathLike[str] | None = None) -> dict[str, dict[str, int]]:
+                    cache_dir: str | os.PathLike[str] | None = None, force: bool = False) -> dict[str, dict[str, int]]:
     """Write ``train/dev/test.jsonl`` under ``out``; returns pair and strict counts per split."""
-    output_dir(out)  # fail before the slow part
+    output_dir(out, SPLIT_FILES, force)  # fail before the slow part
     splits = split_headlines(people_daily_headlines(cache_dir=cache_dir), seed=seed)
     write_splits(out, {name: [pair.to_json() for pair in pairs] for name, pairs in splits.items()})
     return {name: {"pairs": len(pairs), "strict": sum(p.strict for p in pairs)} for name, pairs in splits.items()}

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from cpmlive.data.corpora import _read_lines, fetch_package_file, normalize_width
-from cpmlive.data.tasks import output_dir, write_splits
+from cpmlive.data.tasks import SPLIT_FILES, output_dir, write_splits
 from cpmlive.errors import CpmliveError
 
 POSITIVE, NEGATIVE = "正面", "负面"
@@ -107,9 +107,9 @@ def split_sentiment(examples: Sequence[tuple[str, str]], seed: int = 0) -> dict[
 
 
 def write_sentiment(out: str | os.PathLike[str], seed: int = 0,
-                    cache_dir: str | os.PathLike[str] | None = None) -> dict[str, dict[str, int]]:
+                    cache_dir: str | os.PathLike[str] | None = None, force: bool = False) -> dict[str, dict[str, int]]:
     """Write ``train/dev/test.jsonl`` (``{"input", "label"}``) under ``out``; counts per split and label."""
-    output_dir(out)  # fail before the slow part
+    output_dir(out, SPLIT_FILES, force)  # fail before the slow part
     splits = split_sentiment(load_sentiment(cache_dir), seed=seed)
     write_splits(out, {name: [{"input": text, "label": label} for text, label in items]
                        for name, items in splits.items()})

@@ -39,7 +39,7 @@ import numpy as np
 
 from cpmlive.data.corpora import DEFAULT_MIN_CHARS, clean_paragraphs, iter_source
 from cpmlive.errors import CpmliveError
-from cpmlive.utils import atomic_write
+from cpmlive.utils import atomic_write, check_output
 from cpmlive.tokenizer.ant import NEWLINE_TOKEN, SPACE_TOKEN, AntTokenizer
 
 FORMAT = "cpmlive-token-store"
@@ -327,6 +327,7 @@ def prepare(
     shard_documents: int = SHARD_DOCUMENTS,
     cache_dir: PathLike | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Tokenize ``sources`` (embedded corpus names or paths) into ``out_dir``.
 
@@ -335,12 +336,17 @@ def prepare(
     ``workers`` processes (default: all cores) in shards of
     ``shard_documents``, and split by document into train/val. Returns the
     metadata written to ``meta.json`` plus ``seconds`` and ``shards_reused``.
+
+    ``out_dir`` must be new or empty, or hold an interrupted run's shards (which are resumed);
+    with ``force`` an existing directory is written over (only this writer's files).
     """
     started = time.monotonic()
     sources = [str(source) for source in sources]
     _check_options(sources, val_fraction, min_chars, shard_documents)
     tokenizer = AntTokenizer.from_file(vocab_path)
     out = Path(out_dir)
+    if not (out / SHARD_DIR).is_dir():
+        check_output(out, force)
     plan = _Plan(str(Path(vocab_path).resolve()), vocab_fingerprint(tokenizer),
                  token_dtype(tokenizer.vocab_size).name, out / SHARD_DIR, shard_documents)
     try:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cpmlive.errors import CpmliveError
-from cpmlive.utils import atomic_write_text
+from cpmlive.utils import atomic_write_text, check_output
 
 TARGET_FIELDS = {"generate": "output", "classify": "label"}
 _OTHER_TASK = {"generate": "classify", "classify": "generate"}
@@ -134,14 +134,20 @@ def write_jsonl(path: str | os.PathLike[str], records: Iterable[dict]) -> None:
     atomic_write_text(path, text)
 
 
-def output_dir(out: str | os.PathLike[str]) -> Path:
-    """``out``, created if needed (a CpmliveError if it cannot be)."""
+def output_dir(out: str | os.PathLike[str], writes: Iterable[str] = (), force: bool = False) -> Path:
+    """``out``, created if needed (a CpmliveError if it cannot be). The files named in ``writes``
+    must not exist there yet, unless ``force``; other files in ``out`` are never touched."""
     out = Path(out)
+    for name in writes:
+        check_output(out / name, force)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CpmliveError(f"cannot create output directory {out}: {exc.strerror}") from None
     return out
+
+
+SPLIT_FILES = ("train.jsonl", "dev.jsonl", "test.jsonl")
 
 
 def write_splits(out: str | os.PathLike[str], splits: dict[str, Iterable[dict]]) -> None:

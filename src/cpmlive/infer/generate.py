@@ -16,11 +16,13 @@ import torch
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import check_field_types
 from cpmlive.model.ant import PACK_MIN_ROWS, AntCache, CpmAnt, mask_inputs, packed_weights, token_positions
 
 TASK_INFILL = 1
 TASK_GENERATE = 2
 TEXT_SEGMENT = {TASK_INFILL: 1, TASK_GENERATE: 2}
+MAX_BEAMS = 64
 
 
 @dataclass
@@ -40,13 +42,14 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "generation")
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.num_beams >= 1, "num_beams must be >= 1"),
+            (1 <= self.num_beams <= MAX_BEAMS, f"num_beams must be in [1, {MAX_BEAMS}]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0"),
             (not (self.do_sample and self.num_beams > 1), "beam sampling is not supported: use do_sample or num_beams"),

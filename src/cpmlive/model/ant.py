@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from cpmlive.config import AntConfig
+from cpmlive.errors import CpmliveError
 from cpmlive.utils import compute_dtype
 
 
@@ -454,6 +455,12 @@ class CpmAnt(nn.Module):
     # ---- helpers ----------------------------------------------------------------------------
 
     def new_cache(self, batch: int, capacity: int) -> AntCache:
+        """A cache for ``capacity`` positions (prompt ids, text and new tokens): at most the
+        model's ``max_length``, which also bounds what a huge ``max_new_tokens`` would allocate."""
+        if capacity > self.config.max_length:
+            raise CpmliveError(f"{capacity} positions needed (the {self.config.prompt_length} prompt ids, the text "
+                               f"and the new tokens); the model takes at most {self.config.max_length}: "
+                               "shorten the text or lower max_new_tokens")
         return AntCache(batch=batch, capacity=capacity, num_layers=self.config.num_layers,
                         device=self.input_embedding.weight.device)
 

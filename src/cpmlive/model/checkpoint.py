@@ -27,13 +27,22 @@ from torch import Tensor
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
-from cpmlive.utils import default_mode
+from cpmlive.utils import default_mode, install_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 VOCAB_NAME = "vocab.txt"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# The files a checkpoint directory is made of, in our layout and HF's: a write into an existing
+# directory replaces these (an older write's other shards included) and keeps every other file.
+CHECKPOINT_FILE = re.compile(r"config\.json|vocab\.txt|tokenizer_config\.json|generation_config\.json"
+                             r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+                             r"|pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    return CHECKPOINT_FILE.fullmatch(name) is not None
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -120,8 +129,22 @@ def expected_shapes(config: AntConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
+LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_layer_count(names: Iterable[str], config: AntConfig, source: str) -> None:
+    """Compare the config's depth with the weights' before building anything of that depth: a
+    config that claims 100,000 layers is refused at once, not after minutes of building."""
+    found = 1 + max((int(m.group(1)) for name in names if (m := LAYER_KEY.search(name))), default=-1)
+    empty_tail = all(config.mask_modules is not None and all(config.mask_modules[i])
+                     for i in range(found, config.num_layers))
+    if config.num_layers < found or not empty_tail:
+        raise CpmliveError(f"{source}: the config has {config.num_layers} layers, the weights {found}")
+
+
 def check_state_dict(state: dict[str, Tensor], config: AntConfig, source: str) -> None:
     """Name the first missing, unexpected or mis-shaped key."""
+    check_layer_count(state, config, source)
     expected = expected_shapes(config)
     for name, shape in expected.items():
         if name not in state:
@@ -199,7 +222,9 @@ def write_weights(state: dict[str, Tensor], directory: Path, shard_bytes: int = 
 
 
 def replace_directory(build: Path, target: Path) -> None:
-    """Swap a fully written directory into place: readers never see a half-written one."""
+    """Swap a fully written directory into place: readers never see a half-written one. Only for
+    directories the writer owns whole (a run's checkpoints); user-named ones go through
+    :func:`install_checkpoint`."""
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
@@ -216,10 +241,17 @@ def new_build_directory(target: Path) -> Path:
     return build
 
 
+def install_checkpoint(build: Path, target: Path) -> None:
+    """Put a fully written checkpoint at ``target``; other files already there are kept."""
+    install_directory(build, target, owned=is_checkpoint_file)
+
+
 def save_checkpoint(model_or_state: CpmAnt | dict[str, Tensor], config: AntConfig, path: str | os.PathLike,
                     vocab: str | os.PathLike | Iterable[str] | None = None, dtype: torch.dtype | None = None,
                     shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write ``config.json``, the weights and ``vocab.txt`` atomically (temp dir + rename)."""
+    """Write ``config.json``, the weights and ``vocab.txt`` atomically (temp dir + rename). Into an
+    existing directory, as HF's ``save_pretrained``: the checkpoint's files are replaced (stale
+    shards removed), anything else there is kept."""
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -230,7 +262,7 @@ def save_checkpoint(model_or_state: CpmAnt | dict[str, Tensor], config: AntConfi
         write_weights(state, build, shard_bytes)
         if vocab is not None:
             write_vocab(vocab, build / VOCAB_NAME)
-        replace_directory(build, target)
+        install_checkpoint(build, target)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise

@@ -30,18 +30,23 @@ from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import (
-    CONFIG_NAME, INDEX_NAME, VOCAB_NAME, WEIGHTS_NAME, check_state_dict, config_from_openbmb_state,
-    expected_shapes, hf_to_ours, new_build_directory, openbmb_to_ours, ours_to_hf, ours_to_openbmb,
-    read_safetensors, read_weights, replace_directory, save_checkpoint, save_safetensors, write_vocab,
-    write_weights,
+    CONFIG_NAME, check_layer_count, model_from_state_dict, INDEX_NAME, VOCAB_NAME, WEIGHTS_NAME, check_state_dict, config_from_openbmb_state,
+    expected_shapes, hf_to_ours, install_checkpoint, new_build_directory, openbmb_to_ours, ours_to_hf,
+    ours_to_openbmb, read_safetensors, read_weights, save_checkpoint, save_safetensors, write_vocab, write_weights,
 )
-from cpmlive.utils import atomic_write_text, default_mode
+from cpmlive.resources import model_path
+from cpmlive.utils import atomic_write_text, check_output, default_mode
 
 Format = Literal["ours", "hf", "openbmb"]
 FORMATS: tuple[str, ...] = ("ours", "hf", "openbmb")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 HF_BIN_NAME = "pytorch_model.bin"
 HF_BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+# Where the special tokens sit in every published CPM-Ant vocabulary (used without a vocab file).
+STANDARD_SPECIAL_IDS = {"<pad>": 0, "<s>": 6, "</s>": 7}
+# What ``cpmlive generate`` and ``LM.generate`` do by default, written for HF's ``generate``.
+DEFAULT_NEW_TOKENS = 64
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -166,8 +171,8 @@ def _hf_weight_files(directory: Path) -> list[Path]:
 
 
 def resolve(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> Source:
-    """Find the weight files and config of a checkpoint in any format."""
-    path = Path(path)
+    """Find the weight files and config of a checkpoint in any format (``"demo"``: the shipped one)."""
+    path = model_path(path)
     fmt = detect_format(path)
     given = Path(config_path) if config_path is not None else None
     if fmt == "openbmb":
@@ -288,7 +293,10 @@ LOADERS: dict[str, Callable[[Source, dict[str, Tensor]], tuple[dict[str, Tensor]
 
 
 def _load(source: Source) -> tuple[dict[str, Tensor], AntConfig]:
-    state, config = LOADERS[source.format](source, read_raw(source))
+    raw = read_raw(source)
+    if source.format != "openbmb" or source.config is not None:
+        check_layer_count(raw, AntConfig.load(source.config), str(source.path))
+    state, config = LOADERS[source.format](source, raw)
     check_state_dict(state, config, str(source.path))
     return state, config
 
@@ -297,6 +305,15 @@ def load_any(path: str | os.PathLike,
              config_path: str | os.PathLike | None = None) -> tuple[dict[str, Tensor], AntConfig]:
     """A checkpoint in any format as ``(state dict in our layout, config)``."""
     return _load(resolve(path, config_path))
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> tuple[CpmAnt, Path]:
+    """A model from a checkpoint in any format (``"demo"`` too), and the directory that holds
+    its vocabulary: HF and OpenBMB checkpoints load as they are, no conversion first."""
+    source = resolve(path)
+    state, config = _load(source)
+    return model_from_state_dict(config, state, dtype, device, source=str(source.path)), source.directory
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -326,25 +343,45 @@ def _write_ours(state: dict[str, Tensor], config: AntConfig, dst: Path, vocab: P
     save_checkpoint(state, config, dst, vocab=vocab)
 
 
+def special_ids(vocab: Path | None) -> dict[str, int]:
+    """The ids of ``<pad>``, ``<s>`` and ``</s>`` in ``vocab`` (one token a line), those it has."""
+    if vocab is None:
+        return dict(STANDARD_SPECIAL_IDS)
+    ids = {line.rstrip("\n"): i for i, line in enumerate(vocab.read_text(encoding="utf-8").splitlines(True))}
+    return {token: ids[token] for token in STANDARD_SPECIAL_IDS if token in ids}
+
+
+def hf_generation_config(config: AntConfig, vocab: Path | None) -> dict:
+    """HF ``generate``'s defaults made ours: greedy, stop at ``</s>``, 64 new tokens at most."""
+    ids = special_ids(vocab)
+    names = {"<s>": "bos_token_id", "</s>": "eos_token_id", "<pad>": "pad_token_id"}
+    return {**{names[token]: i for token, i in ids.items()},
+            "max_new_tokens": min(DEFAULT_NEW_TOKENS, config.max_length - config.prompt_length - 1),
+            "do_sample": False, "num_beams": 1}
+
+
 def _write_hf(state: dict[str, Tensor], config: AntConfig, dst: Path, vocab: Path | None) -> None:
     hf_config = {**config.to_hf(), "dtype": _dtype_name(_weights_dtype(state))}
     build = new_build_directory(dst)
     try:
         atomic_write_text(build / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
+        generation = hf_generation_config(config, vocab)
+        atomic_write_text(build / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
         write_weights(ours_to_hf(state, config), build)
         if vocab is not None:
             write_vocab(vocab, build / VOCAB_NAME)
             tokenizer = {"tokenizer_class": "CpmAntTokenizer", "model_max_length": config.max_length}
             atomic_write_text(build / "tokenizer_config.json", json.dumps(tokenizer, indent=2) + "\n")
-        replace_directory(build, dst)
+        install_checkpoint(build, dst)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
 
 
 def openbmb_config_dict(config: AntConfig) -> dict:
-    """The config with OpenBMB's keys only (``mask_modules`` only for compressed models)."""
-    data = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "max_length")}
+    """The config with OpenBMB's keys (``mask_modules`` only for compressed models) and
+    ``max_length``, which OpenBMB's loader ignores as an extra key and ours reads back."""
+    data = {k: v for k, v in config.to_dict().items() if k != "model_type"}
     if data["mask_modules"] is None:
         del data["mask_modules"]
     return data
@@ -366,16 +403,39 @@ def _atomic_state_save(state: dict[str, Tensor], path: Path) -> None:
         raise
 
 
+def openbmb_files(dst: Path, vocab: Path | None) -> list[Path]:
+    """What the OpenBMB writer puts down: the state file, its ``.json`` config, the vocabulary."""
+    files = [dst, dst.with_suffix(".json")]
+    if vocab is not None and vocab.resolve() != (dst.parent / VOCAB_NAME).resolve():
+        files.append(dst.parent / VOCAB_NAME)
+    return files
+
+
 def _write_openbmb(state: dict[str, Tensor], config: AntConfig, dst: Path, vocab: Path | None) -> None:
-    if dst.is_dir():
-        raise CpmliveError(f"{dst}: the OpenBMB format is a single .pt file; {dst} is a directory")
     dst.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: v.contiguous() for k, v in ours_to_openbmb(state, config).items()}
     _atomic_state_save(flat, dst)
     atomic_write_text(dst.with_suffix(".json"), json.dumps(openbmb_config_dict(config), indent=2) + "\n")
-    if vocab is not None and vocab.resolve() != (dst.parent / VOCAB_NAME).resolve():
-        text = vocab.read_text(encoding="utf-8")
-        atomic_write_text(dst.parent / VOCAB_NAME, text)
+    if vocab is not None and dst.parent / VOCAB_NAME in openbmb_files(dst, vocab):
+        atomic_write_text(dst.parent / VOCAB_NAME, vocab.read_text(encoding="utf-8"))
+
+
+def check_destination(dst: Path, to: Format, vocab: Path | None, force: bool) -> None:
+    """Refuse to replace anything at ``dst`` the user did not ask to replace (``force``)."""
+    if to != "openbmb":
+        if dst.is_file():
+            raise CpmliveError(f"{dst}: is a file; the {to} format is a directory")
+        check_output(dst, force)
+        return
+    if dst.is_dir():
+        raise CpmliveError(f"{dst}: the OpenBMB format is a single .pt file; {dst} is a directory")
+    if dst.suffix not in (*TORCH_SUFFIXES, ".safetensors"):
+        raise CpmliveError(f"{dst}: an OpenBMB file is named .pt, .bin or .safetensors")
+    for path in openbmb_files(dst, vocab):
+        same_vocab = path.name == VOCAB_NAME and path.is_file() and vocab is not None \
+            and path.read_bytes() == vocab.read_bytes()
+        if not same_vocab:
+            check_output(path, force)
 
 
 WRITERS: dict[str, Callable[[dict[str, Tensor], AntConfig, Path, Path | None], None]] = {
@@ -396,21 +456,24 @@ def find_vocab(source: Source, vocab_path: str | os.PathLike | None = None) -> P
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: Format = "ours",
             config_path: str | os.PathLike | None = None, vocab_path: str | os.PathLike | None = None,
-            dtype: torch.dtype | str | None = None) -> Path:
+            dtype: torch.dtype | str | None = None, force: bool = False) -> Path:
     """Read ``src`` in any format and write it to ``dst`` in format ``to``; returns ``dst``.
 
     ``dtype`` casts the floating-point weights (the config's ``half`` follows the weights).
+    A ``dst`` that already holds something is refused unless ``force``; then only the files
+    the conversion writes are replaced (other files in a destination directory are kept).
     """
     if to not in WRITERS:
         raise CpmliveError(f"unknown target format {to!r} (known: {', '.join(FORMATS)})")
     target_dtype = parse_dtype(dtype)
     source = resolve(src, config_path)
     vocab = find_vocab(source, vocab_path)
+    dst = Path(dst)
+    check_destination(dst, to, vocab, force)
     state, config = _load(source)
     if target_dtype is not None:
         state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
     config = dataclasses.replace(config, half=_weights_dtype(state) == torch.float16)
-    dst = Path(dst)
     WRITERS[to](state, config, dst, vocab)
     return dst
 
@@ -426,6 +489,7 @@ def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | No
         config = _openbmb_config(source, raw)
     else:
         config = AntConfig.load(source.config)
+    check_layer_count(raw, config, str(source.path))
     with torch.device("meta"):
         parameters = CpmAnt(config).num_parameters()
     files = source.files

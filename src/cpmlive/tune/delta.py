@@ -58,7 +58,8 @@ from torch import Tensor, nn
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import RMSNorm, project
 from cpmlive.model.checkpoint import read_safetensors
-from cpmlive.utils import atomic_write_bytes, atomic_write_text
+from cpmlive.resources import model_path
+from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output
 
 METHODS = ("lora", "prompt", "bitfit")
 DEFAULT_TARGETS = {"lora": ["project_q", "project_v"], "bitfit": ["attn_norm", "ffn_norm", "output_norm"]}
@@ -428,7 +429,9 @@ def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> nn.M
     if name in state.configs:
         raise CpmliveError(f"an adapter named {name!r} is already attached")
     for path in _target_paths(model, config):
-        _delta_layer(model, path, state).add(name, config)
+        layer = _delta_layer(model, path, state)
+        layer.add(name, config)
+        layer.train(model.training)  # new modules start in training mode: dropout would run at inference
     model.delta_state = state
     state.configs[name] = config
     state.active = name
@@ -791,15 +794,16 @@ def adapter_size(directory: str | os.PathLike) -> int:
 
 
 def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,
-                     dtype: torch.dtype | None = None) -> Path:
+                     dtype: torch.dtype | None = None, force: bool = False) -> Path:
     """Load a base checkpoint (a directory or ``"demo"``), fold the adapter in and write the
-    result in our checkpoint format (with the base's vocabulary)."""
-    from cpmlive.api import ASSETS
+    result in our checkpoint format (with the base's vocabulary). An ``out`` that already holds
+    files is refused unless ``force`` (then only the checkpoint's files are replaced)."""
     from cpmlive.model.checkpoint import VOCAB_NAME, load_model, save_checkpoint
 
-    base_dir = ASSETS / "demo" if str(base) == "demo" else Path(base)
+    base_dir = model_path(base)
     if Path(out).resolve() == base_dir.resolve():
         raise CpmliveError(f"{out}: the output would overwrite the base checkpoint")
+    check_output(out, force)
     model = load_model(base_dir)
     load_adapter(model, adapter)
     merge(model)

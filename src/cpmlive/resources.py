@@ -1,0 +1,63 @@
+"""What ships inside the package, resolved in one place: the demo model (``"demo"``), the
+adapters trained on it (``"headline"``, ``"sentiment"``) and vocabulary files.
+
+Every verb and the Python API name these the same way; this module sits below every stage, so
+each of them may resolve a name without importing a higher layer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cpmlive.errors import CpmliveError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO = "demo"
+VOCAB_NAME = "vocab.txt"
+
+
+def demo_dir() -> Path:
+    path = ASSETS / DEMO
+    if not path.is_dir():
+        raise CpmliveError("the demo model is not installed in this package")
+    return path
+
+
+def model_path(name_or_path: str | os.PathLike) -> Path:
+    """``"demo"`` is the shipped model (unless a path of that name exists); anything else is a path."""
+    path = Path(name_or_path)
+    if str(name_or_path) == DEMO and not path.exists():
+        return demo_dir()
+    return path
+
+
+def shipped_adapters() -> list[str]:
+    """Names of the adapters installed with the package (trained on the demo model)."""
+    root = ASSETS / "adapters"
+    return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def adapter_path(name_or_path: str | os.PathLike) -> Path:
+    """A directory, or the name of an adapter shipped under ``assets/adapters``."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    shipped = ASSETS / "adapters" / str(name_or_path)
+    if shipped.is_dir():
+        return shipped
+    raise CpmliveError(f"{name_or_path}: no such adapter directory or shipped adapter "
+                       f"(shipped: {', '.join(shipped_adapters()) or 'none'})")
+
+
+def vocab_path(model_or_vocab: str | os.PathLike) -> Path:
+    """A vocabulary file, or the ``vocab.txt`` of a checkpoint directory (``"demo"`` included)."""
+    path = model_path(model_or_vocab)
+    if path.is_dir():
+        path = path / VOCAB_NAME
+    if not path.is_file():
+        raise CpmliveError(f"{model_or_vocab}: no vocabulary file found")
+    return path
+
+
+__all__ = ["ASSETS", "DEMO", "adapter_path", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]
