@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +18,8 @@ import cpmlive
 from cpmlive.api import LM
 from cpmlive.cli import main
 from cpmlive.infer.headline import MAX_ARTICLE_CHARS
-from cpmlive.serve.app import create_app
+from cpmlive.serve.app import (MAX_BODY_BYTES, MAX_NAME_CHARS, MAX_REQUEST_CHARS, MAX_TEXT_CHARS, MAX_TEXTS,
+                               RETRY_AFTER_SECONDS, create_app)
 from cpmlive.serve.dashboard import bind
 from cpmlive.tune import delta
 from cpmlive.tune.task import TaskSpec
@@ -60,11 +64,17 @@ def tuned_client() -> TestClient:
     return TestClient(create_app(tuned))
 
 
-def assert_bad_request(response, contains: str) -> None:
-    assert response.status_code == 400, response.text
+def assert_error(response, status: int, contains: str) -> None:
+    """The app's one error shape: ``{"error": "one line"}`` as JSON."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
     answer = response.json()
     assert list(answer) == ["error"] and "\n" not in answer["error"]
     assert contains in answer["error"], answer["error"]
+
+
+def assert_bad_request(response, contains: str) -> None:
+    assert_error(response, 400, contains)
 
 
 # ---- API on the base model ------------------------------------------------------------------------
@@ -123,6 +133,97 @@ def test_classify_needs_a_classification_adapter(client: TestClient) -> None:
     assert_bad_request(client.post("/api/classify", json={"text": "好"}), "no classification adapter")
 
 
+@pytest.mark.parametrize(("path", "body", "contains"), [
+    ("/api/classify", {"text": ["好"] * (MAX_TEXTS + 1)}, f"text: Value should have at most {MAX_TEXTS} items"),
+    ("/api/classify", {"text": "好" * (MAX_TEXT_CHARS + 1)}, f"text.0: String should have at most {MAX_TEXT_CHARS} "),
+    ("/api/classify", {"text": ["好", "好" * (MAX_TEXT_CHARS + 1)]}, "text.1: String should have at most"),
+    ("/api/classify", {"text": "好", "adapter": "a" * (MAX_NAME_CHARS + 1)}, "adapter: String should have at most"),
+    ("/api/titles", {"article": "好" * (MAX_REQUEST_CHARS + 1), **GREEDY},
+     f"article: String should have at most {MAX_REQUEST_CHARS} characters"),
+])
+def test_inputs_are_bounded(client: TestClient, path: str, body: dict, contains: str) -> None:
+    assert_bad_request(client.post(path, json=body), contains)
+
+
+def chunks(size: int) -> Iterator[bytes]:
+    """A body sent without Content-Length (chunked), so only the bytes read can tell its size."""
+    yield b'{"article": "'
+    for _ in range(size // 65536 + 1):
+        yield b"a" * 65536
+    yield b'"}'
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_body_too_large(client: TestClient, chunked: bool) -> None:
+    body = chunks(MAX_BODY_BYTES) if chunked else b"".join(chunks(MAX_BODY_BYTES))
+    response = client.post("/api/titles", content=body, headers={"Content-Type": "application/json"})
+    assert_error(response, 413, f"larger than {MAX_BODY_BYTES} bytes")
+
+
+def test_unknown_path_and_wrong_method(client: TestClient) -> None:
+    assert_error(client.get("/api/nope"), 404, "Not Found")
+    wrong = client.get("/api/titles")
+    assert_error(wrong, 405, "Method Not Allowed")
+    assert wrong.headers["allow"] == "POST"
+
+
+def fake_titles(record: list[threading.Thread] | None = None) -> Callable[..., list[str]]:
+    """``suggest_titles`` without the model (the app's scheduling is under test, not the titles)."""
+    def suggest(*_: object) -> list[str]:
+        if record is not None:
+            record.append(threading.current_thread())
+        return ["标题"]
+    return suggest
+
+
+def test_unexpected_exception_is_a_json_500(lm: LM, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> list[str]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("cpmlive.serve.app.suggest_titles", broken)
+    response = TestClient(create_app(lm), raise_server_exceptions=False).post("/api/titles", json={"article": "好"})
+    assert_error(response, 500, "internal error (RuntimeError)")
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "the request never reached the model"
+        time.sleep(0.01)
+
+
+def test_busy_model_answers_503(lm: LM, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cpmlive.serve.app.suggest_titles", fake_titles())
+    app = create_app(lm, max_waiting=0)
+    body = {"article": ARTICLE, **GREEDY}
+    with TestClient(app) as client, ThreadPoolExecutor(1) as other_client:
+        with lm.lock:  # the model is busy: the first request waits for it on the model's thread
+            first = other_client.submit(client.post, "/api/titles", json=body)
+            wait_until(lambda: app.state.model_worker.pending == 1)
+            busy = client.post("/api/titles", json=body)
+            also_busy = client.post("/api/classify", json={"text": "好"})
+        assert first.result().status_code == 200
+        assert client.post("/api/titles", json=body).status_code == 200
+    assert_error(busy, 503, "busy")
+    assert busy.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    assert_error(also_busy, 503, "busy")
+
+
+def test_model_work_runs_on_one_thread(lm: LM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each thread that runs torch keeps a malloc arena of its own: all model work shares one."""
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr("cpmlive.serve.app.suggest_titles", fake_titles(threads))
+    app = create_app(lm)
+    body = {"article": ARTICLE, **GREEDY}
+    for _ in range(3):  # a client outside ``with`` runs each request on an event loop of its own
+        assert TestClient(app).post("/api/titles", json=body).status_code == 200
+    with TestClient(app) as client, ThreadPoolExecutor(4) as clients:
+        with lm.lock:
+            answers = [clients.submit(client.post, "/api/titles", json=body) for _ in range(4)]
+        assert all(answer.result().status_code == 200 for answer in answers)
+    assert len(threads) == 7 and len(set(threads)) == 1 and threads[0] is not threading.main_thread()
+
+
 # ---- adapters chosen per request --------------------------------------------------------------
 
 
@@ -164,7 +265,7 @@ def test_bad_adapter_requests(tuned_client: TestClient, path: str, body: dict, c
 def test_cli_unknown_adapter(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--adapter", "no-such-adapter"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "cpmlive: error: no-such-adapter: no such adapter directory or shipped adapter"]
+        "cpmlive: error: no-such-adapter: no such adapter directory or shipped adapter (shipped: headline, sentiment)"]
 
 
 def test_cli_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
