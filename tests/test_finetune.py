@@ -168,7 +168,8 @@ def test_cli_finetune_and_generation_evaluate(base_dir, generation_data, tuned, 
 def test_cli_finetune_bad_input_is_one_line(base_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a", "output": "b"}\n{"input": "a"\n', encoding="utf-8")
-    out = run_cli("finetune", "--model", str(base_dir), "--data", str(bad), "--out", str(tmp_path / "r"))
+    out = run_cli("finetune", "--model", str(base_dir), "--data", str(bad), "--out", str(tmp_path / "r"),
+                  "max_input_tokens=32")
     assert out.returncode == 2 and "bad.jsonl:2" in out.stderr and len(out.stderr.splitlines()) == 1
     out = run_cli("finetune", "--model", str(base_dir), "--data", str(bad), "learning_rate=1")
     assert out.returncode == 2 and "learning_rate" in out.stderr

@@ -1,16 +1,27 @@
 """Recipe configs (pretraining, fine-tuning): dataclasses read from YAML plus ``key=value``
-overrides, strict about unknown keys, written back as YAML beside each run."""
+overrides, strict about unknown keys, written back as YAML beside each run.
+
+Every field is checked against its annotation when the dataclass is built (however it is
+built: ``from_file``, ``from_dict`` or a plain constructor call), and every numeric field
+named in the class's ``RANGES`` table against its range, so a bad value is one line naming
+the key, never a traceback later in the run. A new recipe gets both by inheriting
+:class:`Recipe`; its own cross-field rules go in :meth:`Recipe.check`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import check_field_types
 
 R = TypeVar("R", bound="Recipe")
 
@@ -19,11 +30,41 @@ SCHEDULES = ("cosine", "noam", "constant")
 PRECISIONS = ("bf16", "fp32")
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A numeric range, for the ``RANGES`` table of a recipe."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+POSITIVE = Bound(0, low_open=True)
+NON_NEGATIVE = Bound(0)
+AT_LEAST_ONE = Bound(1)
+FRACTION = Bound(0, 1, high_open=True)  # betas, dropout-like probabilities
+
+
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise CpmliveError(f"{path}: no such recipe") from None
+    except IsADirectoryError:
+        raise CpmliveError(f"{path}: is a directory, not a recipe") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CpmliveError(f"{path}: not a valid YAML recipe ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -31,26 +72,78 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``key=value`` (YAML-parsed value); ``section.key=value`` sets one key of a mapping."""
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...],
+                    text_keys: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """``key=value`` (YAML-parsed value); ``section.key=value`` sets one key of a mapping.
+
+    For ``text_keys`` (the string fields) a value YAML does not read as a string is kept as
+    typed: ``out=2024`` is the directory ``"2024"`` and ``template={input}`` the template
+    ``"{input}"``, not a number and a mapping."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise CpmliveError(f"override {item!r} is not key=value")
         target, *rest = key.split(".")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
         if rest:
             section = data.setdefault(target, {})
             if not isinstance(section, dict):
                 raise CpmliveError(f"override {item!r}: {target} is not a mapping")
             section[rest[0]] = parsed
         else:
-            data[target] = parsed
+            data[target] = parsed if target not in text_keys or isinstance(parsed, str) else value
     return data
 
 
 class Recipe:
-    """Mixin for recipe dataclasses."""
+    """Mixin for recipe dataclasses: typed, range-checked fields and YAML in and out.
+
+    ``RANGES`` maps numeric field names to their :class:`Bound`; ``CHOICES`` maps string
+    fields to their allowed values. Subclasses put other rules in :meth:`check`, not in
+    ``__post_init__`` (which would skip these checks: defining one is refused)."""
+
+    RANGES: ClassVar[dict[str, Bound]] = {}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__post_init__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: put validation in check(), not __post_init__ "
+                            "(Recipe.__post_init__ runs the type and range checks)")
+
+    def __post_init__(self) -> None:
+        self.check_types()
+        self.check_ranges(self.RANGES)
+        self.check_choices(self.CHOICES)
+        self.check()
+
+    def check(self) -> None:
+        """Rules of one recipe beyond types, ranges and choices (several fields together)."""
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    def check_types(self) -> None:
+        """Refuse a value that is not of its field's type; a float field's int becomes a float
+        (so the YAML written beside the run reads back the same) and must be finite."""
+        check_field_types(self, "config")
+        for name, expected in self.field_types().items():
+            if expected is float:
+                value = float(getattr(self, name))
+                if not math.isfinite(value):
+                    raise CpmliveError(f"config: {name} must be a finite number, got {value!r}")
+                setattr(self, name, value)
+
+    def check_ranges(self, ranges: dict[str, Bound]) -> None:
+        for name, bound in ranges.items():
+            value = getattr(self, name)
+            if not bound.admits(value):
+                raise CpmliveError(f"config: {name} must be {bound.describe()}, got {value!r}")
 
     @classmethod
     def from_dict(cls: type[R], data: dict[str, Any]) -> R:
@@ -63,7 +156,8 @@ class Recipe:
     @classmethod
     def from_file(cls: type[R], path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> R:
         data = read_recipe_file(path) if path is not None else {}
-        return cls.from_dict(apply_overrides(data, overrides))
+        text_keys = {name for name, kind in cls.field_types().items() if kind is str}
+        return cls.from_dict(apply_overrides(data, overrides, text_keys))
 
     def check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
         """Refuse a field whose value is not among its allowed ones, naming both."""
@@ -78,4 +172,5 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-__all__ = ["PRECISIONS", "Recipe", "SCHEDULES", "apply_overrides", "read_recipe_file"]
+__all__ = ["AT_LEAST_ONE", "Bound", "FRACTION", "NON_NEGATIVE", "POSITIVE", "PRECISIONS", "Recipe", "SCHEDULES",
+           "apply_overrides", "read_recipe_file"]

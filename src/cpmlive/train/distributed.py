@@ -50,7 +50,7 @@ import os
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -58,10 +58,9 @@ from torch import nn
 
 from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch, masked_lm_loss
 from cpmlive.errors import CpmliveError
-from cpmlive.model.checkpoint import load_model
+from cpmlive.train.checkpoints import resume_point
 from cpmlive.train.pretrain import (
-    TRAINER_STATE, PretrainConfig, RunState, Trainer, keeping_fused_choice, latest_checkpoint, save_training_checkpoint,
-    set_rng_state,
+    PretrainConfig, RunState, Trainer, keeping_fused_choice, save_training_checkpoint, set_rng_state,
 )
 
 
@@ -197,6 +196,25 @@ class DistributedTrainer(Trainer):
         return shard_model(model, self.env, cpu_offload=self.config.fsdp_cpu_offload,
                            mixed_precision=self.config.fsdp_mixed_precision)
 
+    def on_main(self, check: Callable[[], None]) -> None:
+        """Rank 0 checks the run directory (only it needs to see it); every rank raises its error."""
+        error = None
+        if self.is_main:
+            try:
+                check()
+            except CpmliveError as exc:
+                error = str(exc)
+        error = _broadcast(error)
+        if error is not None:
+            raise CpmliveError(error)
+
+    def stop_agreed(self, requested: bool) -> bool:
+        """Every rank stops after the same step when any of them was signalled (they would
+        otherwise wait on each other's collectives)."""
+        flag = torch.tensor([1 if requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, float], int]:
         config = self.config
         local = rows_of_rank(batch, self.rank, self.world_size).to(self.device)
@@ -287,12 +305,9 @@ class DistributedTrainer(Trainer):
         error = None
         if self.is_main:
             try:
-                path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
-                if path is not None:
-                    if not (path / TRAINER_STATE).is_file():
-                        raise CpmliveError(f"{path}: not a training checkpoint (no {TRAINER_STATE})")
-                    model_state = load_model(path / "model", dtype=torch.float32).state_dict()
-                    trainer = torch.load(path / TRAINER_STATE, weights_only=False)
+                point = resume_point(self.run_dir, resume, self.read_checkpoint)
+                if point is not None:
+                    _, (model_state, trainer) = point
                     optimizer_state = optimizer_state_to_names(trainer["optimizer"],
                                                                parameter_names(self.model, self.optimizer))
                     header = {key: trainer[key] for key in ("stream", "state", "rng")}

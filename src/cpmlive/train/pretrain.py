@@ -3,7 +3,9 @@
 Each step logs loss (total, infilling, generation), lr, tokens, throughput, grad norm,
 memory, time, cost and CO2e to ``metrics.jsonl``; checkpoints hold the model, optimizer,
 schedule, data position and RNG, and are swapped in atomically, so ``--resume auto``
-continues a killed run exactly where its last checkpoint left it.
+continues a killed run exactly where its last checkpoint left it (or, when that one is
+unreadable, the newest readable one before it). Ctrl-C (or SIGTERM) saves a checkpoint at the
+end of the current step before the run stops. A new run refuses a directory that holds one.
 
 Launched by ``torchrun`` with several processes, ``pretrain`` runs the FSDP2 trainer of
 :mod:`cpmlive.train.distributed`: the same steps and checkpoints, sharded over the ranks.
@@ -22,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -33,14 +35,15 @@ from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream, fixed_batches
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
-from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory, replace_directory, save_checkpoint
-from cpmlive.recipe import PRECISIONS, SCHEDULES, Recipe
+from cpmlive.model.checkpoint import (CONFIG_NAME, VOCAB_NAME, expected_shapes, load_model, new_build_directory,
+                                      replace_directory, save_checkpoint)
+from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
+from cpmlive.train.checkpoints import (LATEST, TRAINER_STATE, StopRequest, check_optimizer_fits, checkpoint_dir,
+                                       latest_checkpoint, publish, read_trainer_state, refuse_existing_run,
+                                       resume_point, warn)
 from cpmlive.train.metrics import MetricsLog, finite_or_none, parameter_stats
 from cpmlive.utils import atomic_write_text
-
-TRAINER_STATE = "trainer.pt"
-LATEST = "latest"
 
 
 @dataclass
@@ -78,10 +81,17 @@ class PretrainConfig(Recipe):
     fsdp_cpu_offload: bool = False
     fsdp_mixed_precision: bool = False
 
-    def __post_init__(self) -> None:
-        self.check_choices({"schedule": SCHEDULES, "precision": PRECISIONS})
-        if self.seq_length <= 64 or self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
-            raise CpmliveError("config: seq_length must exceed 64; batch_size, grad_accum, max_steps >= 1")
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "seq_length": Bound(64, low_open=True), "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE,
+        "max_steps": AT_LEAST_ONE, "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE, "beta1": FRACTION, "beta2": FRACTION, "grad_clip": POSITIVE,
+        "seed": NON_NEGATIVE, "eval_every": AT_LEAST_ONE, "eval_batches": AT_LEAST_ONE,
+        "save_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE, "inspect_every": AT_LEAST_ONE,
+        "price_per_device_hour": NON_NEGATIVE, "device_watts": NON_NEGATIVE, "grid_kg_co2_per_kwh": NON_NEGATIVE,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "precision": PRECISIONS}
+
+    def check(self) -> None:
         if not self.data:
             raise CpmliveError("config: data is required (a directory made by `cpmlive data prepare`)")
 
@@ -124,6 +134,7 @@ def keeping_fused_choice(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved state (checked to fit with :func:`check_optimizer_fits` when it was read)."""
     with keeping_fused_choice(optimizer):
         optimizer.load_state_dict(state)
 
@@ -160,18 +171,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:07d}"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
-    target = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
-    return target if (target / TRAINER_STATE).is_file() else None
-
-
 def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.optim.Optimizer,
                              stream: PretrainStream, state: RunState, config: PretrainConfig,
                              vocab_path: Path, model_state: dict[str, torch.Tensor] | None = None,
@@ -195,10 +194,7 @@ def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.opti
         shutil.rmtree(build, ignore_errors=True)
         raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
                            "the previous checkpoint is intact") from None
-    atomic_write_text(run_dir / "checkpoints" / LATEST, target.name + "\n")
-    keep = sorted((run_dir / "checkpoints").glob("step-*"))[:-config.keep_checkpoints]
-    for old in keep:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(run_dir, target, config.keep_checkpoints)
     return target
 
 
@@ -208,6 +204,29 @@ def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.opti
 def new_model_config(config: PretrainConfig) -> AntConfig:
     """The architecture a recipe trains from scratch: its preset with ``model_overrides``."""
     return AntConfig.from_dict({**preset(config.model).to_dict(), "half": False, **config.model_overrides})
+
+
+def run_model_config(config: PretrainConfig) -> AntConfig:
+    """The architecture the run will train: the checkpoint directory's, else the preset's."""
+    source = Path(config.model)
+    return AntConfig.load(source / CONFIG_NAME) if source.is_dir() else new_model_config(config)
+
+
+def check_fits_model(config: PretrainConfig, model_config: AntConfig) -> None:
+    """A row (``prompt_length`` prompt positions, then text) must fit the model's positions."""
+    if config.seq_length > model_config.max_length:
+        text = model_config.max_length - model_config.prompt_length
+        raise CpmliveError(f"config: seq_length {config.seq_length} is beyond the model's {model_config.max_length} "
+                           f"positions ({model_config.prompt_length} prompt + {text} text; max_length of "
+                           f"{config.model}); use seq_length <= {model_config.max_length}")
+
+
+def check_same_architecture(saved: AntConfig, ours: AntConfig, path: Path) -> None:
+    saved_shapes, our_shapes = expected_shapes(saved), expected_shapes(ours)
+    for name in sorted(set(saved_shapes) | set(our_shapes)):
+        if saved_shapes.get(name) != our_shapes.get(name):
+            raise CpmliveError(f"{path}: its model is not this run's (weight {name!r}: "
+                               f"{list(saved_shapes.get(name, []))} vs {list(our_shapes.get(name, []))})")
 
 
 def build_or_load_model(config: PretrainConfig) -> CpmAnt:
@@ -269,6 +288,8 @@ class Trainer:
     def __init__(self, config: PretrainConfig, resume: str | None = None) -> None:
         self.config = config
         self.run_dir = Path(config.out)
+        check_fits_model(config, run_model_config(config))
+        self.on_main(lambda: refuse_existing_run(self.run_dir, resume))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
@@ -300,15 +321,28 @@ class Trainer:
         """The model as it trains (the distributed trainer shards it here)."""
         return model
 
-    def _resume(self, resume: str) -> None:
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        if not (path / TRAINER_STATE).is_file():
-            raise CpmliveError(f"{path}: not a training checkpoint (no {TRAINER_STATE})")
+    def on_main(self, check: Callable[[], None]) -> None:
+        """Run a check of the run directory (the distributed trainer: on rank 0, for every rank)."""
+        check()
+
+    def stop_agreed(self, requested: bool) -> bool:
+        """Whether to stop after this step (the distributed trainer: if any rank was signalled)."""
+        return requested
+
+    def read_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A checkpoint's weights and trainer state, checked to fit this run; CpmliveError if not."""
+        trainer = read_trainer_state(path, ("optimizer", "stream", "state", "rng"))
+        check_optimizer_fits(self.optimizer, trainer["optimizer"], path)
         loaded = load_model(path / "model", dtype=torch.float32)
-        self.model.load_state_dict(loaded.state_dict())
-        trainer = torch.load(path / TRAINER_STATE, weights_only=False)
+        check_same_architecture(loaded.config, self.model.config, path)
+        return loaded.state_dict(), trainer
+
+    def _resume(self, resume: str) -> None:
+        point = resume_point(self.run_dir, resume, self.read_checkpoint)
+        if point is None:
+            return
+        _, (model_state, trainer) = point
+        self.model.load_state_dict(model_state)
         restore_optimizer(self.optimizer, trainer["optimizer"])
         self.stream.load_state_dict(trainer["stream"])
         self.state = RunState(**trainer["state"])
@@ -374,27 +408,14 @@ class Trainer:
                         "parameters": self.model.num_parameters(), "world_size": self.world_size,
                         "time": time.time()})
         bar = _progress(config, self.state.step) if self.is_main else None
+        saved = self.state.step
         try:
-            while self.state.step < config.max_steps:
-                record = self.train_step()
-                self.log.write(record)
-                if self.tensorboard is not None:
-                    for key, value in record.items():
-                        if isinstance(value, (int, float)) and key not in ("step", "time"):
-                            self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
-                step = record["step"]
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
-                if step % config.inspect_every == 0 or step == 1:
-                    self.log.write({"type": "params", "step": step, "stats": self.parameter_stats()})
-                if step % config.eval_every == 0 or step == config.max_steps:
-                    val = self.evaluate()
-                    self.log.write({"type": "eval", "step": step, "val_loss": finite_or_none(val),
-                                    "time": time.time()})
-                if step % config.save_every == 0 or step == config.max_steps:
-                    self.save()
+            with StopRequest() as stop:
+                while self.state.step < config.max_steps:
+                    saved = self.step_and_report(bar, saved)
+                    if self.stop_agreed(stop.requested):
+                        self.save_interrupted(saved)
+                        raise KeyboardInterrupt
         finally:
             if bar is not None:
                 bar.close()
@@ -402,6 +423,37 @@ class Trainer:
             if self.tensorboard is not None:
                 self.tensorboard.close()
         return self.state
+
+    def save_interrupted(self, saved: int) -> None:
+        """The checkpoint of an interrupted run, unless its last step is saved already."""
+        if self.state.step > saved:
+            target = self.save()
+            if self.is_main:
+                warn(f"stopped at step {self.state.step}, saved as {target}; continue with --resume auto")
+
+    def step_and_report(self, bar: Any, saved: int) -> int:
+        """One step with its logging, evaluation and checkpoint; returns the last saved step."""
+        config = self.config
+        record = self.train_step()
+        self.log.write(record)
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+        step = record["step"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+        if step % config.inspect_every == 0 or step == 1:
+            self.log.write({"type": "params", "step": step, "stats": self.parameter_stats()})
+        if step % config.eval_every == 0 or step == config.max_steps:
+            val = self.evaluate()
+            self.log.write({"type": "eval", "step": step, "val_loss": finite_or_none(val), "time": time.time()})
+        if step % config.save_every == 0 or step == config.max_steps:
+            self.save()
+            return step
+        return saved
 
 
 def tensorboard_writer(run_dir: Path):
@@ -439,4 +491,6 @@ def dump_json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, indent=2)
 
 
-__all__ = ["PretrainConfig", "Trainer", "can_fuse", "keeping_fused_choice", "restore_optimizer", "final_model_dir", "learning_rate", "new_model_config", "pretrain"]
+__all__ = ["LATEST", "PretrainConfig", "TRAINER_STATE", "Trainer", "can_fuse", "checkpoint_dir", "final_model_dir",
+           "keeping_fused_choice", "latest_checkpoint", "learning_rate", "new_model_config", "pretrain",
+           "restore_optimizer", "run_model_config"]

@@ -8,7 +8,9 @@ Run directory::
     RUN/checkpoints/step-N/   adapter/ + trainer.pt (optimizer, data position, RNG); ``latest``
     RUN/best/                 the best adapter so far (+ task.json, metrics.json)
 
-``--resume auto`` continues from ``latest`` exactly: same order of examples, same RNG.
+``--resume auto`` continues from ``latest`` exactly: same order of examples, same RNG (from the
+newest readable checkpoint when ``latest`` is unreadable). Ctrl-C (or SIGTERM) saves a
+checkpoint at the end of the current step. A new run refuses a directory that holds one.
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from cpmlive.config import AntConfig
 from cpmlive.data.objectives import masked_lm_loss
 from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
-from cpmlive.model.checkpoint import VOCAB_NAME, load_model, new_build_directory, replace_directory
-from cpmlive.recipe import PRECISIONS, SCHEDULES, Recipe
+from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, load_model, new_build_directory, replace_directory
+from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
+from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, checkpoint_dir, publish,
+                                       read_trainer_state, refuse_existing_run, resume_point, warn)
 from cpmlive.train.metrics import MetricsLog, finite_or_none
-from cpmlive.train.pretrain import (LATEST, TRAINER_STATE, can_fuse, latest_checkpoint, learning_rate, memory_mb,
-                                    restore_optimizer, rng_state, set_rng_state)
+from cpmlive.train.pretrain import can_fuse, learning_rate, memory_mb, restore_optimizer, rng_state, set_rng_state
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.metrics import accuracy, macro_f1
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input, encode_target, example_batch, label_loss
@@ -76,16 +80,34 @@ class FinetuneConfig(Recipe):
     classify_loss: str = "labels"  # labels: cross-entropy over the labels' likelihoods; lm: the gold label's text
     progress: bool = True
 
-    def __post_init__(self) -> None:
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "max_input_tokens": AT_LEAST_ONE, "max_output_tokens": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
+        "grad_accum": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "lr": POSITIVE,
+        "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "beta1": FRACTION,
+        "beta2": FRACTION, "grad_clip": POSITIVE, "seed": NON_NEGATIVE, "eval_every": AT_LEAST_ONE,
+        "save_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "task": ("generate", "classify"), "schedule": SCHEDULES, "precision": PRECISIONS,
+        "best_metric": ("auto", "loss", "accuracy", "macro_f1"), "classify_loss": ("labels", "lm"),
+    }
+
+    def check(self) -> None:
         if not self.data:
             raise CpmliveError("config: data is required (a JSONL file; see `cpmlive finetune --help`)")
-        self.check_choices({"schedule": SCHEDULES, "precision": PRECISIONS,
-                            "best_metric": ("auto", "loss", "accuracy", "macro_f1"),
-                            "classify_loss": ("labels", "lm")})
-        if self.batch_size < 1 or self.grad_accum < 1 or (self.max_steps < 1 and self.epochs <= 0):
-            raise CpmliveError("config: batch_size and grad_accum >= 1, and max_steps or epochs > 0")
+        if self.max_steps < 1 and self.epochs <= 0:
+            raise CpmliveError("config: max_steps or epochs must be > 0")
         if self.task == "generate" and self.best_metric in ("accuracy", "macro_f1"):
             raise CpmliveError(f"config: best_metric {self.best_metric} needs task classify")
+        deltas.DeltaConfig.from_dict(self.delta)
+
+    def check_fits_model(self, model_config: AntConfig) -> None:
+        """The longest example (``<s>`` + input, target + ``</s>``) must fit the model's text positions."""
+        limit = model_config.max_length - model_config.prompt_length - 1
+        if self.max_input_tokens + self.max_output_tokens > limit:
+            raise CpmliveError(f"config: max_input_tokens + max_output_tokens is {self.max_input_tokens} + "
+                               f"{self.max_output_tokens}; the model takes at most {limit} (max_length "
+                               f"{model_config.max_length} - {model_config.prompt_length} prompt positions - 1 for </s>)")
 
     @property
     def chosen_metric(self) -> str:
@@ -118,10 +140,12 @@ class Finetuner:
     def __init__(self, config: FinetuneConfig, resume: str | None = None) -> None:
         self.config = config
         self.run_dir = Path(config.out)
+        model_path = resolve_model_path(config.model)
+        config.check_fits_model(AntConfig.load(model_path / CONFIG_NAME))
+        refuse_existing_run(self.run_dir, resume, markers=(BEST,))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        model_path = resolve_model_path(config.model)
         self.vocab_path = model_path / VOCAB_NAME
         self.tokenizer = AntTokenizer.from_file(self.vocab_path)
         self.train_examples = read_examples(config.data, config.task)
@@ -259,7 +283,7 @@ class Finetuner:
         replace_directory(build, target)
 
     def save_checkpoint(self) -> Path:
-        target = self.run_dir / "checkpoints" / f"step-{self.position.step:07d}"
+        target = checkpoint_dir(self.run_dir, self.position.step)
         build = new_build_directory(target)
         try:
             self.save_adapter(build / "adapter")
@@ -270,19 +294,22 @@ class Finetuner:
             shutil.rmtree(build, ignore_errors=True)
             raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
                                "the previous checkpoint is intact") from None
-        atomic_write_text(self.run_dir / "checkpoints" / LATEST, target.name + "\n")
-        for old in sorted((self.run_dir / "checkpoints").glob("step-*"))[:-self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(self.run_dir, target, self.config.keep_checkpoints)
         return target
 
-    def _resume(self, resume: str) -> None:
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        if not (path / TRAINER_STATE).is_file():
-            raise CpmliveError(f"{path}: not a fine-tuning checkpoint (no {TRAINER_STATE})")
+    def read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's trainer state, its adapter loaded into the model; CpmliveError if it
+        is unreadable or not this run's (a later readable one then overwrites every adapter tensor)."""
+        state = read_trainer_state(path, ("optimizer", "position", "rng"))
+        check_optimizer_fits(self.optimizer, state["optimizer"], path)
         deltas.load_adapter_weights(self.model, path / "adapter")
-        state = torch.load(path / TRAINER_STATE, weights_only=False)
+        return state
+
+    def _resume(self, resume: str) -> None:
+        point = resume_point(self.run_dir, resume, self.read_checkpoint)
+        if point is None:
+            return
+        _, state = point
         restore_optimizer(self.optimizer, state["optimizer"])
         self.position = Position(**state["position"])
         set_rng_state(state["rng"])
@@ -295,24 +322,42 @@ class Finetuner:
         self.log.write({"type": "start", "step": self.position.step, "config": config.to_dict(),
                         "trainable": trainable, "parameters": total, "time": time.time()})
         bar = _progress(self.total_steps, self.position.step) if config.progress else None
+        saved = self.position.step
         try:
-            while self.position.step < self.total_steps:
-                record = self.train_step()
-                self.log.write(record)
-                step = record["step"]
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan")
-                last = step == self.total_steps
-                if step % config.eval_every == 0 or last:
-                    self.validate(step)
-                if step % config.save_every == 0 or last:
-                    self.save_checkpoint()
+            with StopRequest() as stop:
+                while self.position.step < self.total_steps:
+                    saved = self.step_and_report(bar, saved)
+                    if stop.requested:
+                        self.save_interrupted(saved)
+                        raise KeyboardInterrupt
         finally:
             if bar is not None:
                 bar.close()
             self.log.close()
         return self.position
+
+    def step_and_report(self, bar: Any, saved: int) -> int:
+        """One step with its logging, validation and checkpoint; returns the last saved step."""
+        config = self.config
+        record = self.train_step()
+        self.log.write(record)
+        step = record["step"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}" if record["loss"] is not None else "nan")
+        last = step == self.total_steps
+        if step % config.eval_every == 0 or last:
+            self.validate(step)
+        if step % config.save_every == 0 or last:
+            self.save_checkpoint()
+            return step
+        return saved
+
+    def save_interrupted(self, saved: int) -> None:
+        """The checkpoint of an interrupted run, unless its last step is saved already."""
+        if self.position.step > saved:
+            target = self.save_checkpoint()
+            warn(f"stopped at step {self.position.step}, saved as {target}; continue with --resume auto")
 
     def validate(self, step: int) -> None:
         metrics = self.evaluate() if self.eval_pairs else {"loss": float("nan")}
