@@ -19,7 +19,6 @@ from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig
 from cpmlive.infer.headline import TitleOptions, suggest_titles
 from cpmlive.model.convert import convert, load_any
-from cpmlive.resources import demo_dir
 from cpmlive.tune.task import classify_scores
 
 from conftest import ANT_VOCAB
@@ -275,6 +274,8 @@ def test_hf_generate_with_default_arguments_stops_where_ours_does(tmp_path, demo
 
 
 def test_max_length_survives_hf_and_openbmb_round_trips(tmp_path):
+    from cpmlive.resources import demo_dir
+
     original = AntConfig.load(demo_dir() / "config.json")
     assert original.max_length != AntConfig().max_length
     convert("demo", tmp_path / "hf", to="hf")
