@@ -2,7 +2,7 @@
 vs the demo model with the headline adapter, character ROUGE-1/2/L (F, %), one run.
 
 The `cpmlive title` rows rank generated titles and the lead's clauses together (see
-``cpmlive.infer.headline``); the last row ranks the generated titles alone, to show what the
+``cpmlive.apps.headline``); the last row ranks the generated titles alone, to show what the
 model writes by itself.
 
     python benchmarks/headline_quality.py [--data data/headlines] [--adapter headline] [--limit N]
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import cpmlive
 from cpmlive.api import resolve_adapter
-from cpmlive.data.headlines import lead_baseline, write_headlines
+from cpmlive.data.headlines import write_headlines
 from cpmlive.data.tasks import read_examples
-from cpmlive.infer.evaluate import generate_outputs
-from cpmlive.infer.headline import TitleOptions
+from cpmlive.apps.evaluate import generate_outputs
+from cpmlive.apps.headline import TitleOptions, lead_baseline
 from cpmlive.tune.metrics import rouge
 
 

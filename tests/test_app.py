@@ -17,7 +17,7 @@ from serving import serving
 import cpmlive
 from cpmlive.api import LM
 from cpmlive.cli import main
-from cpmlive.infer.headline import MAX_ARTICLE_CHARS
+from cpmlive.apps.headline import MAX_ARTICLE_CHARS
 from cpmlive.serve.app import (MAX_BODY_BYTES, MAX_NAME_CHARS, MAX_REQUEST_CHARS, MAX_TEXT_CHARS, MAX_TEXTS,
                                RETRY_AFTER_SECONDS, create_app)
 from cpmlive.serve.dashboard import bind

@@ -13,7 +13,7 @@ from cpmlive.api import ASSETS
 from cpmlive.config import AntConfig, preset
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import TASK_GENERATE, _step_inputs, build_batch
-from cpmlive.infer.headline import rank_titles
+from cpmlive.apps.headline import rank_titles
 from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.train.metrics import latest_by_step, read_records
@@ -215,7 +215,7 @@ def test_prompt_and_norm_tuning_train_save_and_serve(base_dir, generation_data, 
 
 
 def test_copy_rules_keep_titles_to_the_articles_words(base_dir, tuned):
-    from cpmlive.infer.headline import CopySpans, TitleOptions, article_words, suggest_titles
+    from cpmlive.apps.headline import CopySpans, TitleOptions, article_words, suggest_titles
 
     lm = cpmlive.load(base_dir, adapter=tuned)
     article = "本报北京电，今天北京市民下雪，场面热闹。"
@@ -234,7 +234,7 @@ def test_copy_rules_keep_titles_to_the_articles_words(base_dir, tuned):
 
 
 def test_contrastive_ranking_is_the_adapters_gain_over_the_base(base_dir, tuned):
-    from cpmlive.infer.headline import rank_titles
+    from cpmlive.apps.headline import rank_titles
 
     lm = cpmlive.load(base_dir, adapter=tuned)
     row = encode_input(lm.tokenizer, lm.task, "本报北京电，今天北京市民下雪，场面热闹。")[0]
@@ -255,8 +255,7 @@ def test_contrastive_ranking_is_the_adapters_gain_over_the_base(base_dir, tuned)
 
 
 def test_titles_draw_on_the_lead_and_respect_the_length_options(base_dir, tuned):
-    from cpmlive.data.headlines import lead_clauses
-    from cpmlive.infer.headline import TitleOptions, suggest_titles
+    from cpmlive.apps.headline import TitleOptions, lead_clauses, suggest_titles
 
     lm = cpmlive.load(base_dir, adapter=tuned)
     article = "本报北京电，今天北京市民下雪，场面热闹。第二句话，没有用。"
@@ -271,7 +270,7 @@ def test_titles_draw_on_the_lead_and_respect_the_length_options(base_dir, tuned)
 
 
 def test_title_options_refuse_no_source_of_titles():
-    from cpmlive.infer.headline import TitleOptions
+    from cpmlive.apps.headline import TitleOptions
 
     with pytest.raises(CpmliveError, match="no source of titles"):
         TitleOptions(num_beams=0, samples=0, lead_sentences=0)

@@ -17,7 +17,7 @@ from cpmlive.cli import main
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig
-from cpmlive.infer.headline import TitleOptions, suggest_titles
+from cpmlive.apps.headline import TitleOptions, suggest_titles
 from cpmlive.model.convert import convert, load_any
 from cpmlive.tune.task import classify_scores
 

@@ -9,12 +9,11 @@ from cpmlive.data.headlines import (
     clean_body,
     extract_headlines,
     is_dateline,
-    lead_baseline,
-    lead_clauses,
     people_daily_headlines,
     split_headlines,
     strip_dateline,
 )
+from cpmlive.apps.headline import lead_baseline, lead_clauses
 from cpmlive.data.tasks import read_examples
 
 

@@ -303,7 +303,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_title(args: argparse.Namespace) -> None:
-    from cpmlive.infer.headline import TitleOptions, suggest_titles
+    from cpmlive.apps.headline import TitleOptions, suggest_titles
 
     article = read_text_file(args.file) if args.file else prompt_from(args)
     if not article.strip():
@@ -347,7 +347,7 @@ def title_options(args: argparse.Namespace):
         if args.lead_sentences is not None:
             raise CpmliveError("--lead-sentences needs --titles")
         return None
-    from cpmlive.infer.headline import TitleOptions
+    from cpmlive.apps.headline import TitleOptions
 
     given = {"lead_sentences": args.lead_sentences, "num_beams": args.num_beams}
     return TitleOptions(n=1, **{key: value for key, value in given.items() if value is not None})
@@ -355,7 +355,7 @@ def title_options(args: argparse.Namespace):
 
 def evaluate_task(args: argparse.Namespace) -> None:
     from cpmlive.data.tasks import read_examples
-    from cpmlive.infer.evaluate import evaluate_classification, evaluate_generation
+    from cpmlive.apps.evaluate import evaluate_classification, evaluate_generation
 
     if args.predictions:
         check_output(args.predictions, args.force)

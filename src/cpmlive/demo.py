@@ -22,7 +22,7 @@ def section(title: str) -> None:
 def main() -> int:
     import cpmlive
     from cpmlive.api import ASSETS
-    from cpmlive.infer.headline import TitleOptions, suggest_titles
+    from cpmlive.apps.headline import TitleOptions, suggest_titles
     from cpmlive.model.convert import checkpoint_info
 
     try:

@@ -101,8 +101,6 @@ _CREDIT_PAREN_RE = re.compile(r"^\([^()]{1,80}\)")
 _REPORTER_LINE_RE = re.compile(r"^(?:[^。：；()]{0,20}?)(?:记者|通讯员)[^。：；()]{0,90}?报道[：:]")
 _SOURCE_NOTE_RE = re.compile(r"^[\u4e00-\u9fff]{1,8}消息[：:]")
 _TRAILER_RE = re.compile(r"\((?:据)?(?:本报|新华社|中新社)[^()]{0,20}?(?:电|讯)\)$|(?<=[。！？”])\([^()，。：]{1,12}\)$")
-_CLAUSE_RE = re.compile(r"[，。！？；：\n]")
-_SENTENCE_END_RE = re.compile(r"(?<=[。！？\n])")
 
 
 @dataclass(frozen=True)
@@ -428,30 +426,6 @@ def split_headlines(pairs: list[Headline], seed: int = 0, dev_size: int = DEV_SI
                 target = "dev"
         splits[target].extend(group)
     return {name: sorted(items, key=lambda pair: pair.line) for name, items in splits.items()}
-
-
-def lead_baseline(body: str) -> str:
-    """The first clause of a cleaned body (up to the first ，。！？；： or line break):
-    the classic "lead" baseline for headline generation."""
-    for clause in _CLAUSE_RE.split(body):
-        if clause.strip():
-            return clause.strip()
-    return ""
-
-
-def lead_clauses(body: str, sentences: int = 3, max_clauses: int = 3) -> list[str]:
-    """Extractive title candidates: every run of 1..``max_clauses`` consecutive clauses of each of
-    the body's first ``sentences`` sentences (after a dateline, as ``clean_body`` drops it), joined
-    without their punctuation, in reading order. On a cleaned body the lead baseline is the first
-    of them; headline editors mostly compress these sentences."""
-    found: list[str] = []
-    lead = [s for s in _SENTENCE_END_RE.split(strip_dateline(body.lstrip())) if s.strip()][:sentences]
-    for sentence in lead:
-        clauses = [c.strip() for c in _CLAUSE_RE.split(sentence) if c.strip()]
-        for start in range(len(clauses)):
-            for end in range(start + 1, min(start + max_clauses, len(clauses)) + 1):
-                found.append("".join(clauses[start:end]))
-    return list(dict.fromkeys(found))
 
 
 def write_headlines(out: str | os.PathLike[str], seed: int = 0,

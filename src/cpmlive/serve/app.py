@@ -13,7 +13,7 @@ Every input is bounded:
 
 * ``MAX_BODY_BYTES``: the request body as a whole (413 above it);
 * ``MAX_REQUEST_CHARS``: the article (longer ones are refused; those over
-  ``cpmlive.infer.headline.MAX_ARTICLE_CHARS`` are titled from their start, with a warning);
+  ``cpmlive.apps.headline.MAX_ARTICLE_CHARS`` are titled from their start, with a warning);
 * ``MAX_TEXTS`` texts per ``/api/classify`` request, of at most ``MAX_TEXT_CHARS`` each;
 * ``MAX_NAME_CHARS``: an adapter name;
 * ``MAX_WAITING``: requests waiting for the model besides the one it runs; a request beyond
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Sequence
 from pydantic import BaseModel, BeforeValidator, Field
 
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.headline import TitleOptions, suggest_titles
+from cpmlive.apps.headline import TitleOptions, suggest_titles
 from cpmlive.serve.dashboard import bind
 
 if TYPE_CHECKING:

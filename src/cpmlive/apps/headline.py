@@ -36,12 +36,15 @@ from dataclasses import dataclass
 
 import torch
 
-from cpmlive.data.headlines import lead_baseline, lead_clauses
+from cpmlive.api import LM
+from cpmlive.data.headlines import strip_dateline
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig, beam_search, generate_ids
 from cpmlive.tune.task import TaskSpec, encode_input, encode_target, example_batch, target_logprobs
 
 MAX_ARTICLE_CHARS = 20_000
+_CLAUSE_RE = re.compile(r"[，。！？；：\n]")
+_SENTENCE_END_RE = re.compile(r"(?<=[。！？\n])")
 _NOT_TEXT_RE = re.compile(r"[\s\W_]+")
 _WORDLIKE_RE = re.compile(r"[^\W_]")
 
@@ -77,6 +80,30 @@ class TitleOptions:
             raise CpmliveError("need 1 <= min_chars <= max_chars")
 
 
+def lead_baseline(body: str) -> str:
+    """The first clause of a cleaned body (up to the first ，。！？；： or line break):
+    the classic "lead" baseline for headline generation."""
+    for clause in _CLAUSE_RE.split(body):
+        if clause.strip():
+            return clause.strip()
+    return ""
+
+
+def lead_clauses(body: str, sentences: int = 3, max_clauses: int = 3) -> list[str]:
+    """Extractive title candidates: every run of 1..``max_clauses`` consecutive clauses of each of
+    the body's first ``sentences`` sentences (after a dateline, as ``clean_body`` drops it), joined
+    without their punctuation, in reading order. On a cleaned body the lead baseline is the first
+    of them; headline editors mostly compress these sentences."""
+    found: list[str] = []
+    lead = [s for s in _SENTENCE_END_RE.split(strip_dateline(body.lstrip())) if s.strip()][:sentences]
+    for sentence in lead:
+        clauses = [c.strip() for c in _CLAUSE_RE.split(sentence) if c.strip()]
+        for start in range(len(clauses)):
+            for end in range(start + 1, min(start + max_clauses, len(clauses)) + 1):
+                found.append("".join(clauses[start:end]))
+    return list(dict.fromkeys(found))
+
+
 def clean_article(text: str) -> str:
     """The article as the model should see it; a clear error for nothing to title."""
     if not isinstance(text, str) or not text.strip():
@@ -92,7 +119,7 @@ def _key(title: str) -> str:
     return _NOT_TEXT_RE.sub("", title)
 
 
-def article_words(lm, row: list[int]) -> set[int]:
+def article_words(lm: LM, row: list[int]) -> set[int]:
     """The article's tokens that hold a letter, digit or CJK character (not punctuation)."""
     special = {lm.tokenizer.bos_id, lm.tokenizer.eos_id}
     return {t for t in row if t not in special and _WORDLIKE_RE.search(lm.tokenizer.decode([t]))}
@@ -103,7 +130,7 @@ class CopySpans:
     ``</s>`` may be chosen, a word that continues the span being copied gets ``bonus``, and no
     word comes twice."""
 
-    def __init__(self, lm, row: list[int], bonus: float) -> None:
+    def __init__(self, lm: LM, row: list[int], bonus: float) -> None:
         self.prompt = len(row)
         self.bonus = bonus
         words = article_words(lm, row)
@@ -127,7 +154,7 @@ class CopySpans:
         return logits
 
 
-def _candidates(lm, row: list[int], spec: TaskSpec, options: TitleOptions) -> list[list[int]]:
+def _candidates(lm: LM, row: list[int], spec: TaskSpec, options: TitleOptions) -> list[list[int]]:
     common = {"max_new_tokens": spec.max_output_tokens, "no_repeat_ngram_size": 3,
               "min_new_tokens": min(options.min_new_tokens, spec.max_output_tokens)}
     if options.copy_spans:
@@ -149,7 +176,7 @@ def _candidates(lm, row: list[int], spec: TaskSpec, options: TitleOptions) -> li
     return found
 
 
-def rank_titles(lm, row: list[int], spec: TaskSpec, titles: list[str], copy_bias: float = 0.0,
+def rank_titles(lm: LM, row: list[int], spec: TaskSpec, titles: list[str], copy_bias: float = 0.0,
                 contrast: bool = False) -> list[float]:
     """One score per title, higher is better. ``contrast`` (with an adapter active): the title's
     log-likelihood under the adapter minus under the bare base model. Otherwise the mean
@@ -172,7 +199,7 @@ def rank_titles(lm, row: list[int], spec: TaskSpec, titles: list[str], copy_bias
     return scores
 
 
-def suggest_titles(lm, article: str, options: TitleOptions | None = None) -> list[str]:
+def suggest_titles(lm: LM, article: str, options: TitleOptions | None = None) -> list[str]:
     """Up to ``options.n`` distinct titles for ``article``, best first."""
     options = options or TitleOptions()
     spec: TaskSpec = lm.task or TaskSpec()
@@ -208,4 +235,5 @@ def lead_title(article: str) -> str:
     return lead_baseline(clean_article(article))
 
 
-__all__ = ["MAX_ARTICLE_CHARS", "TitleOptions", "clean_article", "lead_title", "rank_titles", "suggest_titles"]
+__all__ = ["MAX_ARTICLE_CHARS", "TitleOptions", "clean_article", "lead_baseline", "lead_clauses", "lead_title",
+           "rank_titles", "suggest_titles"]

@@ -11,12 +11,13 @@ import torch
 
 from cpmlive.data.tasks import Example, check_labels
 from cpmlive.infer.generate import GenerationConfig, beam_search, generate_ids
-from cpmlive.infer.headline import TitleOptions, suggest_titles
+from cpmlive.api import LM
+from cpmlive.apps.headline import TitleOptions, suggest_titles
 from cpmlive.tune import metrics
 from cpmlive.tune.task import TaskSpec, encode_input, encode_target, example_batch, target_logprobs
 
 
-def reference_perplexity(lm, spec: TaskSpec, examples: Sequence[Example], batch_size: int = 16) -> float:
+def reference_perplexity(lm: LM, spec: TaskSpec, examples: Sequence[Example], batch_size: int = 16) -> float:
     """exp(mean negative log-likelihood per target token, ``</s>`` included)."""
     pairs = [(encode_input(lm.tokenizer, spec, e.input)[0], encode_target(lm.tokenizer, spec, e.target))
              for e in examples]
@@ -29,7 +30,7 @@ def reference_perplexity(lm, spec: TaskSpec, examples: Sequence[Example], batch_
     return math.exp(-total / max(count, 1))
 
 
-def generate_outputs(lm, spec: TaskSpec, texts: Sequence[str], num_beams: int = 1, progress: bool = False,
+def generate_outputs(lm: LM, spec: TaskSpec, texts: Sequence[str], num_beams: int = 1, progress: bool = False,
                      titles: TitleOptions | None = None) -> list[str]:
     """One output per input: greedy/beam decoding, or the best of ``suggest_titles(titles)``."""
     outputs = []
@@ -49,7 +50,7 @@ def generate_outputs(lm, spec: TaskSpec, texts: Sequence[str], num_beams: int = 
     return outputs
 
 
-def evaluate_generation(lm, examples: Sequence[Example], num_beams: int = 1, progress: bool = False,
+def evaluate_generation(lm: LM, examples: Sequence[Example], num_beams: int = 1, progress: bool = False,
                         titles: TitleOptions | None = None) -> dict:
     spec = lm.task or TaskSpec()
     predictions = generate_outputs(lm, spec, [e.input for e in examples], num_beams, progress, titles)
@@ -59,7 +60,7 @@ def evaluate_generation(lm, examples: Sequence[Example], num_beams: int = 1, pro
     return {"metrics": result, "predictions": predictions}
 
 
-def evaluate_classification(lm, examples: Sequence[Example], path: str = "") -> dict:
+def evaluate_classification(lm: LM, examples: Sequence[Example], path: str = "") -> dict:
     spec = lm.task
     check_labels(examples, spec.labels, path)
     predicted = lm.classify([e.input for e in examples])
