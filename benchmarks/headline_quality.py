@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import cpmlive
-from cpmlive.api import resolve_adapter
+from cpmlive.resources import adapter_path
 from cpmlive.data.headlines import write_headlines
 from cpmlive.data.tasks import read_examples
 from cpmlive.apps.evaluate import generate_outputs
@@ -84,7 +84,7 @@ def main() -> None:
                            generated_penalty=args.generated_penalty, length_bonus=args.length_bonus)
     inputs, references = [e.input for e in examples], [e.target for e in examples]
     rows = [row("lead baseline (first clause)", [lead_baseline(t) for t in inputs], references, 0.0)]
-    lm = cpmlive.load(args.model, adapter=resolve_adapter(args.adapter))
+    lm = cpmlive.load(args.model, adapter=adapter_path(args.adapter))
     spec = lm.task
     for name, adapter, titles, beams in systems(args, options):
         with lm.using(lm.active if adapter else None):

@@ -38,7 +38,7 @@ def rss_bytes() -> int:
 
 def shape_config(shape: str):
     """``demo`` (the shipped model's config), a preset name, or a ``config.json`` path; fp32."""
-    from cpmlive.api import ASSETS
+    from cpmlive.resources import ASSETS
     from cpmlive.config import PRESETS, AntConfig, preset
 
     if shape == "demo":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import cpmlive
-from cpmlive.api import resolve_adapter
+from cpmlive.resources import adapter_path
 from cpmlive.data.sentiment import snownlp_baseline, write_sentiment
 from cpmlive.data.tasks import read_examples
 from cpmlive.tune.metrics import accuracy, macro_f1
@@ -37,7 +37,7 @@ def main() -> None:
     started = time.perf_counter()
     predicted = snownlp_baseline(texts)
     rows.append(("snownlp `SnowNLP(text).sentiments >= 0.5`", predicted, time.perf_counter() - started))
-    lm = cpmlive.load(args.model, adapter=resolve_adapter(args.adapter))
+    lm = cpmlive.load(args.model, adapter=adapter_path(args.adapter))
     started = time.perf_counter()
     predicted = [label for start in range(0, len(texts), 64) for label in lm.classify(texts[start:start + 64])]
     rows.append((f"{args.model} + {args.adapter} LoRA (label likelihood)", predicted, time.perf_counter() - started))

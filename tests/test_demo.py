@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import cpmlive
-from cpmlive.api import ASSETS
+from cpmlive.resources import ASSETS
 from cpmlive.infer.score import score_texts
 
 
@@ -50,7 +50,7 @@ ARTICLE = ("新华社北京1月5日电 国务院总理李鹏今天在人民大�
 
 
 def test_shipped_adapters_fit_the_demo_model_and_are_small():
-    from cpmlive.api import shipped_adapters
+    from cpmlive.resources import shipped_adapters
 
     assert {"headline", "sentiment"} <= set(shipped_adapters())
     lm = cpmlive.load("demo", adapter=["headline", "sentiment"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cpmlive
-from cpmlive.api import ASSETS
+from cpmlive.resources import ASSETS
 from cpmlive.config import AntConfig, preset
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import TASK_GENERATE, _step_inputs, build_batch

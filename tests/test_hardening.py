@@ -5,7 +5,6 @@ the same in the other library."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

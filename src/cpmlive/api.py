@@ -22,25 +22,12 @@ from cpmlive.infer.generate import GenerationConfig, decode_steps, fill_blanks, 
 from cpmlive.model.ant import CpmAnt, build_model
 from cpmlive.model.checkpoint import VOCAB_NAME
 from cpmlive.model.convert import load_pretrained
-from cpmlive.resources import ASSETS, adapter_path, model_path, shipped_adapters
+from cpmlive.resources import adapter_path, model_path
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
+from cpmlive.utils import parse_dtype
 
 MASK = "<mask>"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    if dtype not in DTYPES:
-        raise CpmliveError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-    return DTYPES[dtype]
-
-
 class LM:
     """A CPM-Ant model with its tokenizer, ready to generate and fill blanks."""
 
@@ -231,7 +218,7 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     ``adapter``: one or more adapter directories (or names of shipped ones, e.g. ``"headline"``);
     the last one given is active, ``lm.use(name)`` switches.
     """
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     if torch_dtype is None and torch.device(device).type == "cpu":
         torch_dtype = torch.float32  # CPUs have no fast float16 kernels: fp16 checkpoints run 10x slower as stored
     path = model_path(name_or_path)
@@ -252,7 +239,4 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     return lm
 
 
-resolve_adapter = adapter_path
-
-
-__all__ = ["LM", "load", "resolve_adapter", "resolve_dtype", "shipped_adapters"]
+__all__ = ["LM", "load"]

@@ -408,10 +408,10 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from cpmlive.api import resolve_dtype
+    from cpmlive.utils import parse_dtype
     from cpmlive.tune.delta import merge_checkpoint
 
-    out = merge_checkpoint(args.base, args.adapter, args.out, dtype=resolve_dtype(args.dtype), force=args.force)
+    out = merge_checkpoint(args.base, args.adapter, args.out, dtype=parse_dtype(args.dtype), force=args.force)
     print(f"wrote {out}")
 
 

@@ -21,7 +21,7 @@ def section(title: str) -> None:
 
 def main() -> int:
     import cpmlive
-    from cpmlive.api import ASSETS
+    from cpmlive.resources import demo_dir
     from cpmlive.apps.headline import TitleOptions, suggest_titles
     from cpmlive.model.convert import checkpoint_info
 
@@ -31,7 +31,7 @@ def main() -> int:
     except CpmliveError as exc:
         print(f"cpmlive demo: {exc}", file=sys.stderr)
         return 2
-    info = checkpoint_info(ASSETS / "demo")
+    info = checkpoint_info(demo_dir())
     config = info["config"]
     section("the demo model")
     print(f"CPM-Ant, {info['parameters'] / 1e6:.1f}M parameters, {config['num_layers']} layers, "

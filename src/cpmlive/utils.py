@@ -18,6 +18,21 @@ from torch import Tensor
 from cpmlive.errors import CpmliveError
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype by any of its usual names (``None`` and ``"auto"``: keep the stored one)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise CpmliveError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype products of ``x`` run in: autocast's when it is on, else ``x``'s own."""
     device = x.device.type

@@ -35,7 +35,7 @@ from cpmlive.model.checkpoint import (
     ours_to_openbmb, read_safetensors, read_weights, save_checkpoint, save_safetensors, write_vocab, write_weights,
 )
 from cpmlive.resources import model_path
-from cpmlive.utils import atomic_write_text, check_output, default_mode
+from cpmlive.utils import atomic_write_text, check_output, default_mode, parse_dtype
 
 Format = Literal["ours", "hf", "openbmb"]
 FORMATS: tuple[str, ...] = ("ours", "hf", "openbmb")
@@ -47,9 +47,6 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 STANDARD_SPECIAL_IDS = {"<pad>": 0, "<s>": 6, "</s>": 7}
 # What ``cpmlive generate`` and ``LM.generate`` do by default, written for HF's ``generate``.
 DEFAULT_NEW_TOKENS = 64
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
 
 @dataclass
 class Source:
@@ -319,14 +316,6 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 # ---- writing -------------------------------------------------------------------------------------
 
 
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise CpmliveError(f"unknown dtype {dtype!r} (known: {', '.join(sorted(DTYPES))})")
-    return DTYPES[dtype]
-
-
 def _weights_dtype(state: dict[str, Tensor]) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for tensor in state.values():
@@ -507,5 +496,5 @@ def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | No
 
 __all__ = [
     "FORMATS", "Format", "Source", "check_layout", "checkpoint_info", "convert", "detect_format", "find_vocab",
-    "load_any", "openbmb_config_dict", "parse_dtype", "read_raw", "read_torch", "resolve",
+    "load_any", "openbmb_config_dict", "read_raw", "read_torch", "resolve",
 ]

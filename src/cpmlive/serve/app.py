@@ -305,9 +305,10 @@ def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLik
     """Load ``model`` with ``adapters`` (directories or shipped names) and serve the app until Ctrl-C."""
     import uvicorn
 
-    from cpmlive.api import load, resolve_adapter
+    from cpmlive.api import load
+    from cpmlive.resources import adapter_path
 
-    paths = [resolve_adapter(adapter) for adapter in adapters]
+    paths = [adapter_path(adapter) for adapter in adapters]
     sock = bind(host, port)
     with sock:
         lm = load(model, adapter=paths)
