@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpmlive.model import ant
-from cpmlive.model.ant import attention
+from cpmlive.model import kernels
+from cpmlive.model.kernels import attention
 
 BATCH, HEADS, DIM = 2, 3, 16
 
@@ -26,9 +26,9 @@ def reference(q, k, v, bias) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("queries,keys", [(9, 9), (1, 12), (5, 12)])
-@pytest.mark.parametrize("piece", [ant.SCORE_PIECE_ELEMENTS, 40])
+@pytest.mark.parametrize("piece", [kernels.SCORE_PIECE_ELEMENTS, 40])
 def test_bf16_inference_matches_float64(monkeypatch, queries, keys, piece):
-    monkeypatch.setattr(ant, "SCORE_PIECE_ELEMENTS", piece)  # 40: one row of scores per piece
+    monkeypatch.setattr(kernels, "SCORE_PIECE_ELEMENTS", piece)  # 40: one row of scores per piece
     q, k, v, bias = inputs(queries, keys, torch.bfloat16)
     with torch.no_grad():
         out = attention(q, k, v, bias)
@@ -63,7 +63,7 @@ def test_bf16_training_gradients_match_float64():
 def test_float32_prompts_and_training_keep_the_fused_kernel(monkeypatch):
     calls = []
     fused = F.scaled_dot_product_attention
-    monkeypatch.setattr(ant.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     q, k, v, bias = inputs(9, 9, torch.float32)
     with torch.no_grad():
         attention(q, k, v, bias)

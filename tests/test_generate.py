@@ -13,11 +13,14 @@ from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.config import preset
 from cpmlive.infer import generate as generation
+from cpmlive.infer import packing
 from cpmlive.infer.generate import (TASK_GENERATE, TASK_INFILL, GenerationConfig, build_batch, fill_layout,
                                     generate_ids, prefill, prefill_groups, sampling_filter)
-from cpmlive.model import ant
-from cpmlive.model.ant import build_model, packed_weights, project
+from cpmlive.infer.packing import packed_weights
+from cpmlive.model import kernels
+from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import hf_to_ours, model_from_state_dict
+from cpmlive.model.kernels import project
 from cpmlive.tokenizer import AntTokenizer
 
 from conftest import ANT_VOCAB
@@ -267,17 +270,17 @@ def test_packed_weights_give_the_same_products_and_go_away():
     with packed_weights(model):
         with packed_weights(model):  # nested: shares the outer copies
             pass
-        assert hasattr(linear.weight, ant._PACKED) and hasattr(head, ant._PACKED)
-        assert ant._blocked(rows, linear.weight) is not linear.weight
-        assert ant._blocked(rows[:1, :1], linear.weight) is linear.weight
+        assert hasattr(linear.weight, kernels._PACKED) and hasattr(head, kernels._PACKED)
+        assert kernels._blocked(rows, linear.weight) is not linear.weight
+        assert kernels._blocked(rows[:1, :1], linear.weight) is linear.weight
         for x in (rows, rows[:1, :1]):
             assert (project(x, linear) - torch.nn.functional.linear(x, linear.weight)).abs().max() < 1e-4
-            assert (project(x, linear, gelu=True) - torch.nn.functional.gelu(x @ linear.weight.T)).abs().max() < 1e-4
+            assert (project(x, linear, "gelu") - torch.nn.functional.gelu(x @ linear.weight.T)).abs().max() < 1e-4
         assert (model.logits(rows) - rows @ head.T).abs().max() < 1e-4
         linear.weight.mul_(2)  # changed in place: the stale copy is not used
-        assert ant._blocked(rows, linear.weight) is linear.weight
+        assert kernels._blocked(rows, linear.weight) is linear.weight
         assert (project(rows, linear) - rows @ linear.weight.T).abs().max() < 1e-4
-    assert not hasattr(linear.weight, ant._PACKED) and not hasattr(head, ant._PACKED)
+    assert not hasattr(linear.weight, kernels._PACKED) and not hasattr(head, kernels._PACKED)
 
 
 def test_batched_and_beam_decoding_pack_the_weights(models, tokenizer, monkeypatch):
@@ -285,22 +288,22 @@ def test_batched_and_beam_decoding_pack_the_weights(models, tokenizer, monkeypat
     ones do not; the ids are the same either way (HF's, by the tests above)."""
     _, ours = models
     calls = []
-    real = generation.packed_weights
+    real = packing.packed_weights
 
     def spy(model):  # counts the outermost uses, the ones that pack
         if getattr(model, "_cpmlive_packing_depth", 0) == 0:
             calls.append(model)
         return real(model)
 
-    monkeypatch.setattr(generation, "packed_weights", spy)
+    monkeypatch.setattr(packing, "packed_weights", spy)
     rows = [tokenizer.encode_for_model(p) for p in PROMPTS]
     packed = generate_ids(ours, rows, GenerationConfig(max_new_tokens=16), EOS)
     assert len(calls) == 1
     generate_ids(ours, rows[:1], GenerationConfig(max_new_tokens=16), EOS)
     generate_ids(ours, rows, GenerationConfig(max_new_tokens=8), EOS)
     assert len(calls) == 1
-    monkeypatch.setattr(generation, "PACK_MIN_ROWS", 10**9)
+    monkeypatch.setattr(packing, "PACK_MIN_ROWS", 10**9)
     assert generate_ids(ours, rows, GenerationConfig(max_new_tokens=16), EOS) == packed
-    monkeypatch.setattr(generation, "PACK_MIN_ROWS", 3)
+    monkeypatch.setattr(packing, "PACK_MIN_ROWS", 3)
     generate_ids(ours, rows[:2], GenerationConfig(max_new_tokens=16, num_beams=4), EOS)  # packs once
     assert len(calls) == 2 and ours._cpmlive_packing_depth == 0

@@ -8,7 +8,6 @@ Keyword names and processing order follow HF ``generate``.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Iterator
 
@@ -16,8 +15,9 @@ import torch
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
+from cpmlive.infer.packing import packing_for
+from cpmlive.model.ant import AntCache, CpmAnt, mask_inputs, token_positions
 from cpmlive.utils import check_field_types
-from cpmlive.model.ant import PACK_MIN_ROWS, AntCache, CpmAnt, mask_inputs, packed_weights, token_positions
 
 TASK_INFILL = 1
 TASK_GENERATE = 2
@@ -279,21 +279,11 @@ def _generator(config: GenerationConfig) -> torch.Generator | None:
 
 # ---- greedy / sampling --------------------------------------------------------------------------
 
-# Packing the weights for batched decoding (``model.ant.packed_weights``) costs about as much
-# as a dozen batched steps save, so shorter generations skip it.
-PACK_MIN_NEW_TOKENS = 16
-
-
-def _packing(model: CpmAnt, rows: int, config: GenerationConfig) -> AbstractContextManager:
-    worth = rows >= PACK_MIN_ROWS and config.max_new_tokens >= PACK_MIN_NEW_TOKENS
-    return packed_weights(model) if worth else nullcontext()
-
-
 def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
                  eos_id: int, prompt_task: int | None = None) -> Iterator[list[int | None]]:
     """Greedy or sampled decoding, one yield per step: the new token of each row, or
     ``None`` for rows already finished. ``rows`` already start with ``<s>``."""
-    with _packing(model, len(rows), config):
+    with packing_for(model, len(rows), config.max_new_tokens):
         yield from _decode_steps(model, rows, config, eos_id, prompt_task)
 
 
@@ -326,7 +316,7 @@ def generate_ids(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
                  prompt_task: int | None = None) -> list[list[int]]:
     """New token ids per row (eos not included)."""
     if config.num_beams > 1:
-        with _packing(model, config.num_beams, config):  # packed once for all the rows
+        with packing_for(model, config.num_beams, config.max_new_tokens):  # packed once for all the rows
             return [beam_search(model, row, config, eos_id, prompt_task)[0][1] for row in rows]
     outputs: list[list[int]] = [[] for _ in rows]
     for emitted in decode_steps(model, rows, config, eos_id, prompt_task):
@@ -364,7 +354,7 @@ class Hypotheses:
 def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int,
                 prompt_task: int | None = None) -> list[tuple[float, list[int]]]:
     """The ``num_beams`` finished hypotheses, best first, as (length-penalised score, ids)."""
-    with _packing(model, config.num_beams, config):
+    with packing_for(model, config.num_beams, config.max_new_tokens):
         return _beam_search(model, row, config, eos_id, prompt_task)
 
 

@@ -12,15 +12,13 @@ pairs in the same segment, a learned (query segment, key segment) entry otherwis
 
 Weights are stored with OpenBMB's 1/sqrt(fan-in) factors folded in (the HF layout), so every
 layer is a plain ``nn.Linear`` and the tied output head is ``hidden @ input_embedding.T``.
+How those products and attention are computed on CPU is ``model.kernels``' business.
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
+from cpmlive.model.kernels import attention, project
 from cpmlive.utils import compute_dtype
 
 
@@ -126,149 +125,9 @@ class AntCache:
 MASK_INPUTS = ("context", "span", "segment", "valid", "position")
 
 
-# ---- float32 inference on CPU through oneDNN ---------------------------------------------------
-#
-# A decoding step multiplies one row per sequence by every weight, which is bound by reading the
-# weights. For that product the BLAS call behind ``F.linear`` on CPU streams a float32 ``[out, in]``
-# weight at about half the speed of oneDNN's inner product on the very same tensor (13 vs 26 GB/s
-# on the 2-core AVX-512 machine of benchmarks/README.md; 53 vs 80 GFLOP/s at 16 rows), and oneDNN
-# also applies the GELU, the gating product or the residual sum in the same call. So a float32
-# product with few rows, outside autograd and autocast, goes to oneDNN; everything else (training,
-# bf16 autocast, prompts) stays on ``F.linear``. Weights are used as they are, except inside
-# ``packed_weights`` (below).
-
-_ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-                  if torch.backends.mkldnn.is_available() else None)
-# oneDNN compiles and keeps a kernel per shape (~1 MB each): rows are capped so that decoding
-# steps (one row per sequence) use it and prompts, whose lengths vary, do not.
-ONEDNN_MAX_ROWS = 16
-
-
-# With 3 to 16 rows (batched or beam decoding) the same product runs ~1.5x faster on a copy of
-# the weight reordered into oneDNN's blocked layout: 334 against 485 us for a 2048 x 768 weight
-# read from memory at 16 rows, 226 against 323 at 4 rows; at one row it is slower (262 against
-# 235). The copy is as large as the weight, so it exists only inside ``packed_weights``.
-PACK_MIN_ROWS = 3
-_PACKED = "_cpmlive_packed"  # attribute of a weight tensor: (its version when packed, the copy)
-_packing_lock = threading.Lock()
-
-
-@contextmanager
-def packed_weights(model: nn.Module) -> Iterator[None]:
-    """Inside, float32 CPU products of ``PACK_MIN_ROWS``..``ONEDNN_MAX_ROWS`` rows read blocked
-    copies of the model's plain ``Linear`` weights and of the tied head: one more copy of those
-    weights in memory for as long as the outermost ``with`` lasts (nested and concurrent uses
-    share it)."""
-    reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _ONEDNN_LINEAR is not None else None
-    # The projections ``project`` reads directly (not a tuned layer's inner base), and the tied head.
-    weights = [child.weight for module in model.modules() if isinstance(module, (Attention, FeedForward))
-               for child in module.children() if type(child) is nn.Linear and child.bias is None]
-    weights += [module.input_embedding.weight for module in model.modules() if isinstance(module, CpmAnt)]
-    weights = [w for w in weights if w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()]
-    with _packing_lock:
-        depth = getattr(model, "_cpmlive_packing_depth", 0)
-        if depth == 0 and reorder is not None:
-            with torch.no_grad():
-                for weight in weights:
-                    setattr(weight, _PACKED, (weight._version, reorder(weight, ONEDNN_MAX_ROWS)))
-        model._cpmlive_packing_depth = depth + 1
-    try:
-        yield
-    finally:
-        with _packing_lock:
-            model._cpmlive_packing_depth -= 1
-            if model._cpmlive_packing_depth == 0:
-                for weight in weights:
-                    if hasattr(weight, _PACKED):
-                        delattr(weight, _PACKED)
-
-
-def _blocked(x: Tensor, weight: Tensor) -> Tensor:
-    """The packed copy of ``weight`` when one is current and ``x`` has enough rows."""
-    packed = getattr(weight, _PACKED, None)
-    if packed is not None and packed[0] == weight._version and x.numel() >= PACK_MIN_ROWS * x.size(-1):
-        return packed[1]
-    return weight
-
-
-def _onednn(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x @ weight.T`` goes to oneDNN (see the note above)."""
-    return (_ONEDNN_LINEAR is not None and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and x.device.type == "cpu" and weight.is_contiguous()
-            and 0 < x.numel() <= ONEDNN_MAX_ROWS * x.size(-1) and not torch.is_autocast_enabled("cpu"))
-
-
-def project(x: Tensor, layer: nn.Linear | Tensor, gelu: bool = False, times: Tensor | None = None,
-            plus: Tensor | None = None) -> Tensor:
-    """``layer(x)`` (a bias-free ``nn.Linear`` or a bare ``[out, in]`` weight), then at most one
-    of: GELU (erf), ``times * result``, ``plus + result``."""
-    if isinstance(layer, Tensor):
-        weight = layer
-    else:  # anything but a plain, hook-free, bias-free Linear is simply called
-        plain = (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
-                 and not layer._forward_pre_hooks)
-        weight = layer.weight if plain else None
-    if weight is not None and _onednn(x, weight):
-        weight = _blocked(x, weight)
-        if gelu:
-            return _ONEDNN_LINEAR(x, weight, None, "gelu", [], "none")
-        other = times if times is not None else plus
-        if other is None:
-            return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
-        fits = other.dtype == torch.float32 and other.shape == (*x.shape[:-1], weight.size(0))
-        if fits and other.is_contiguous():
-            return _ONEDNN_LINEAR.binary(x, other, weight, None, "mul" if times is not None else "add")
-    out = F.linear(x, layer) if isinstance(layer, Tensor) else layer(x)
-    # Outside autograd our own fresh product takes the GELU or the gate in place, so a prompt's
-    # FFN holds one fewer [rows, d_ff] tensor at its peak (no speed change measured).
-    in_place = weight is not None and not torch.is_grad_enabled()
-    if gelu:
-        return torch.ops.aten.gelu_(out) if in_place else F.gelu(out)
-    if times is not None:
-        return out.mul_(times) if in_place and times.dtype == out.dtype else times * out
-    return out if plus is None else plus + out
-
-
-# The explicit attention path makes its scores in pieces of at most this many elements (2 MB in
-# bf16): pieces that small are served again and again from the same heap memory, where one
-# [B, H, Lq, Lk] tensor would be mapped and page-faulted afresh by every layer. Among 2^19..2^22,
-# 2^20 was the fastest or within noise of it at 12 and 20 heads and 160 to 1056 positions.
-SCORE_PIECE_ELEMENTS = 1 << 20
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """``softmax(q kᵀ / sqrt(d_head) + bias) v`` over ``[B, H, L, d_head]``; ``bias`` is ``[B, H, Lq, Lk]``.
-
-    On CPU two cases beat the fused kernel with explicit batched products: one query row
-    (decoding), where the fused kernel's setup dominates, and bf16 (autocast), where the fused
-    kernel is no faster than in float32 and, when the bias needs a gradient (training: the
-    position bias learns), falls back to a float32 path that is ~2.5x slower than bf16 products.
-    The explicit path keeps scores and probabilities in the inputs' dtype, as Megatron's fused
-    softmax does. Float32 prompts and training keep the fused kernel, which is exact and faster.
-    """
-    bias = bias.to(q.dtype)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
-    single_row = q.size(2) == 1 and not needs_grad and dropout_p == 0.0
-    if q.device.type != "cpu" or not (single_row or q.dtype in (torch.bfloat16, torch.float16)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    batch, heads, length, dim = q.shape
-    rows, keys = batch * heads, k.size(2)
-    q, k, v = q.reshape(rows, length, dim), k.reshape(rows, keys, dim), v.reshape(rows, keys, v.size(-1))
-    bias = bias.reshape(rows, length, keys)
-    if needs_grad or dropout_p > 0.0:  # autograd keeps every piece anyway: one piece
-        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=dim**-0.5)
-        probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p > 0.0 else scores.softmax(dim=-1)
-        return torch.bmm(probs, v).view(batch, heads, length, -1)
-    out = q.new_empty(rows, length, v.size(-1))
-    step = max(1, SCORE_PIECE_ELEMENTS // (length * keys))
-    for first in range(0, rows, step):
-        piece = slice(first, first + step)
-        scores = torch.baddbmm(bias[piece], q[piece], k[piece].transpose(1, 2), alpha=dim**-0.5)
-        torch.bmm(scores.softmax(dim=-1), v[piece], out=out[piece])
-    return out.view(batch, heads, length, -1)
-
-
 class Attention(nn.Module):
+    """Bias-free q, k, v and output projections around ``softmax(q kᵀ / sqrt(d_head) + bias) v``."""
+
     def __init__(self, config: AntConfig) -> None:
         super().__init__()
         self.num_heads, self.dim_head = config.num_heads, config.dim_head
@@ -283,16 +142,17 @@ class Attention(nn.Module):
         return x.view(batch, length, self.num_heads, self.dim_head).transpose(1, 2)
 
     def forward(self, x: Tensor, bias: Tensor, cache: AntCache | None, layer: int, start: int,
-                residual: Tensor | None = None, queries: int | None = None) -> Tensor:
-        """The attention output, plus ``residual`` when given; with ``queries``, only for the last
-        ``queries`` positions (keys and values still cover them all)."""
+                residual: Tensor, queries: int | None = None) -> Tensor:
+        """``residual`` plus the attention output (the sum is the output projection's epilogue);
+        with ``queries``, only for the last ``queries`` positions (keys and values still cover
+        them all)."""
         q = self._heads(project(x if queries is None else x[:, -queries:], self.project_q))
         k, v = self._heads(project(x, self.project_k)), self._heads(project(x, self.project_v))
         if cache is not None:
             k, v = cache.store(layer, start, k, v)
         out = attention(q, k, v, bias, self.dropout_p if self.training else 0.0)
         batch, _, length, _ = out.shape
-        return project(out.transpose(1, 2).reshape(batch, length, -1), self.attention_out, plus=residual)
+        return project(out.transpose(1, 2).reshape(batch, length, -1), self.attention_out, "residual", residual)
 
 
 class FeedForward(nn.Module):
@@ -304,10 +164,10 @@ class FeedForward(nn.Module):
         self.w_1 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
         self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        """The FFN output, plus ``residual`` when given."""
-        gated = project(x, self.w_1, times=project(x, self.w_0, gelu=True))
-        return project(gated, self.w_out, plus=residual)
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual`` plus the FFN output (the sum is the last projection's epilogue)."""
+        gated = project(x, self.w_1, "gate", project(x, self.w_0, "gelu"))
+        return project(gated, self.w_out, "residual", residual)
 
 
 class Block(nn.Module):
@@ -412,7 +272,7 @@ class CpmAnt(nn.Module):
         q_seg, k_seg = query["segment"][:, :, None], key["segment"][:, None, :]
         segment_pair = cfg.position_bias_num_buckets + q_seg * cfg.segment_types + k_seg
         bucket = torch.where(q_seg == k_seg, distance, segment_pair)
-        # Contiguous: attention kernels read a permuted [B, H, Lq, Lk] mask at half speed.
+        # Contiguous: attention kernels read a permuted [B, H, Lq, Lk] mask more slowly (benchmarks/README.md).
         bias = self.position_bias(bucket).permute(0, 3, 1, 2).to(dtype, memory_format=torch.contiguous_format)
 
         visible = key["context"][:, None, :] | (~query["context"][:, :, None] & (k_pos <= q_pos))

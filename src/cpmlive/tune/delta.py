@@ -3,7 +3,7 @@
 HF PEFT is the reference (same target matching, same LoRA arithmetic and initialisation, same
 file layout), but the layers are our own, for two reasons:
 
-* a LoRA layer computes its base product through :func:`cpmlive.model.ant.project`, so float32
+* a LoRA layer computes its base product through :func:`cpmlive.model.kernels.project`, so float32
   decoding keeps the oneDNN path that PEFT's wrapper would bypass;
 * which adapter runs can be chosen per call and per thread (:func:`active_adapter`), so one
   server can answer each request with its own adapter over one copy of the base.
@@ -56,8 +56,9 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import RMSNorm, project
+from cpmlive.model.ant import RMSNorm
 from cpmlive.model.checkpoint import read_safetensors
+from cpmlive.model.kernels import project
 from cpmlive.resources import model_path
 from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output
 
