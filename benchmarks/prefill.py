@@ -21,7 +21,8 @@ import torch
 
 from decode import build_ours, compare, count, hf_from_ours, millions, quiet_transformers, random_rows, table
 
-from cpmlive.infer.generate import TASK_GENERATE, build_batch
+from cpmlive.data.layout import GENERATION
+from cpmlive.infer.generate import build_batch
 from cpmlive.model.ant import CpmAnt
 
 
@@ -51,7 +52,7 @@ def main() -> None:
         ours = build_ours(shape)
         hf = hf_from_ours(ours)
         rows = random_rows([length] * batch, seed=3)
-        inputs = build_batch(rows, TASK_GENERATE, ours.config.prompt_length).as_inputs()
+        inputs = build_batch(rows, GENERATION, ours.config.prompt_length).as_inputs()
         input_ids = torch.tensor(rows)
         reference = hf_prefill(hf, input_ids)
         fp32_error = (ours_prefill(ours, inputs, False) - reference).abs().max().item()

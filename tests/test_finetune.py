@@ -12,7 +12,8 @@ import cpmlive
 from cpmlive.resources import ASSETS
 from cpmlive.config import AntConfig, preset
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.generate import TASK_GENERATE, _step_inputs, build_batch
+from cpmlive.data.layout import GENERATION
+from cpmlive.infer.generate import _step_inputs, build_batch
 from cpmlive.apps.headline import rank_titles
 from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import save_checkpoint
@@ -82,7 +83,7 @@ def test_training_layout_scores_targets_exactly_as_decoding_does(base_dir):
     target = encode_target(lm.tokenizer, spec, "北京迎来新年第一场雪")
     with torch.no_grad():
         trained = target_logprobs(lm.model, example_batch([(row, target)], spec.prompt_task, lm.config)).item()
-        batch = build_batch([row], TASK_GENERATE, lm.config.prompt_length)
+        batch = build_batch([row], GENERATION, lm.config.prompt_length)
         cache = lm.model.new_cache(1, batch.input_ids.size(1) + len(target))
         hidden = lm.model(**batch.as_inputs(), cache=cache)[:, -1]
         decoded = 0.0

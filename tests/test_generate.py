@@ -12,9 +12,10 @@ from cpmlive.api import LM
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.config import preset
+from cpmlive.data.layout import GENERATION, INFILLING
 from cpmlive.infer import generate as generation
 from cpmlive.infer import packing
-from cpmlive.infer.generate import (TASK_GENERATE, TASK_INFILL, GenerationConfig, build_batch, fill_layout,
+from cpmlive.infer.generate import (GenerationConfig, build_batch, fill_layout,
                                     generate_ids, prefill, prefill_groups, sampling_filter)
 from cpmlive.infer.packing import packed_weights
 from cpmlive.model import kernels
@@ -171,7 +172,7 @@ def blank_predictor_logits(model, tokenizer, left: str, right: str, length: int 
     """Logits that predict the first blank token of ``left<mask>right``."""
     pieces = [tokenizer.encode_for_model(t)[1:] for t in (left, right)]
     layout = fill_layout(pieces, length, tokenizer.bos_id, EOS)
-    batch = build_batch([layout.tokens], TASK_INFILL, 32, "cpu", [layout.context])
+    batch = build_batch([layout.tokens], INFILLING, 32, "cpu", [layout.context])
     batch.valid &= batch.context
     with torch.no_grad():
         hidden = model(**batch.as_inputs())
@@ -245,7 +246,7 @@ def test_grouped_prefill_equals_the_padded_one(monkeypatch):
     caches, hidden = [], []
     for overhead in (0, 10**9):
         monkeypatch.setattr(generation, "GROUP_OVERHEAD_POSITIONS", overhead)
-        batch = build_batch(rows, TASK_GENERATE, config.prompt_length)
+        batch = build_batch(rows, GENERATION, config.prompt_length)
         cache = model.new_cache(len(rows), batch.input_ids.size(1) + 4)
         hidden.append(prefill(model, batch, cache, lengths))
         caches.append(cache)

@@ -16,12 +16,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from cpmlive.config import PRESETS, AntConfig, preset
+from cpmlive.config import PRESETS, AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig, decode_steps, fill_blanks, generate_ids
-from cpmlive.model.ant import CpmAnt, build_model
+from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
-from cpmlive.model.convert import load_pretrained
+from cpmlive.model.families import family_of, preset_family
 from cpmlive.resources import adapter_path, model_path
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
@@ -220,18 +220,19 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     """
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is None and torch.device(device).type == "cpu":
-        torch_dtype = torch.float32  # CPUs have no fast float16 kernels: fp16 checkpoints run 10x slower as stored
+        torch_dtype = torch.float32  # CPUs have no fast float16 kernels: compute float16 checkpoints in float32
     path = model_path(name_or_path)
     directory: Path | None
     if path.exists():
-        model, directory = load_pretrained(path, dtype=torch_dtype, device=device)
-    elif str(name_or_path) in PRESETS:
-        config = preset(str(name_or_path))
-        model = build_model(config, device=device, dtype=torch_dtype or torch.float32, seed=seed).eval()
+        kind = family_of(path)
+        model, directory = kind.load(path, dtype=torch_dtype, device=device)
+    elif (kind := preset_family(str(name_or_path))) is not None:
+        config = kind.presets[str(name_or_path)]()
+        model = kind.build(config, device=device, dtype=torch_dtype or torch.float32, seed=seed).eval()
         directory = None
     else:
         raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
-    tokenizer = AntTokenizer.from_file(find_vocab(vocab, directory, str(name_or_path)), hf_compat=hf_tokenizer)
+    tokenizer = kind.tokenizer.from_file(find_vocab(vocab, directory, str(name_or_path)), hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))
     paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter or [])
     for path in paths:

@@ -180,9 +180,9 @@ def cmd_fill(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from cpmlive.model.convert import convert
+    from cpmlive.model.families import family_of
 
-    out = convert(args.src, args.dst, to=args.to, config_path=args.config, vocab_path=args.vocab,
+    out = family_of(args.src).convert(args.src, args.dst, to=args.to, config_path=args.config, vocab_path=args.vocab,
                   dtype=args.dtype, force=args.force)
     print(f"wrote {out}")
 
@@ -190,12 +190,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from cpmlive.config import PRESETS
 
+    from cpmlive.model.families import family_of
+
     if args.model in PRESETS and not Path(args.model).exists():
         info = preset_info(args.model)
     else:
-        from cpmlive.model.convert import checkpoint_info
-
-        info = checkpoint_info(args.model)
+        info = family_of(args.model).info(args.model)
     if args.json:
         print_json(info)
         return
@@ -212,22 +212,23 @@ def cmd_info(args: argparse.Namespace) -> None:
 def preset_info(name: str) -> dict:
     import torch
 
-    from cpmlive.config import preset
-    from cpmlive.model.ant import CpmAnt
+    from cpmlive.model.families import preset_family
 
-    config = preset(name)
+    kind = preset_family(name)
+    config = kind.presets[name]()
     with torch.device("meta"):
-        parameters = CpmAnt(config).num_parameters()
+        parameters = kind.model(config).num_parameters()
     return {"path": f"preset:{name}", "format": "preset (no weights)", "parameters": parameters,
             "dtype": "float16" if config.half else "float32", "size_bytes": 0, "config": config.to_dict()}
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from cpmlive.resources import vocab_path
-    from cpmlive.tokenizer import AntTokenizer
+    from cpmlive.model.families import DEFAULT, family_of
+    from cpmlive.resources import model_path, vocab_path
 
     text = prompt_from(args)
-    tokenizer = AntTokenizer.from_file(vocab_path(args.model_or_vocab), hf_compat=args.hf)
+    kind = family_of(args.model_or_vocab) if model_path(args.model_or_vocab).is_dir() else DEFAULT
+    tokenizer = kind.tokenizer.from_file(vocab_path(args.model_or_vocab), hf_compat=args.hf)
     ids = tokenizer.encode(text)
     pieces = [tokenizer.id_to_token(i) for i in ids]
     if args.json:

@@ -14,14 +14,12 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from cpmlive.data.layout import GENERATION, INFILLING, TEXT_SEGMENT, prompt_ids
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.packing import packing_for
 from cpmlive.model.ant import AntCache, CpmAnt, mask_inputs, token_positions
 from cpmlive.utils import check_field_types
 
-TASK_INFILL = 1
-TASK_GENERATE = 2
-TEXT_SEGMENT = {TASK_INFILL: 1, TASK_GENERATE: 2}
 MAX_BEAMS = 64
 
 
@@ -92,10 +90,6 @@ class PromptBatch:
         if self.position is not None:
             inputs["position"] = self.position
         return inputs
-
-
-def prompt_ids(task: int, prompt_length: int) -> list[int]:
-    return [task * prompt_length + j for j in range(prompt_length)]
 
 
 def build_batch(rows: list[list[int]], task: int, prompt_length: int, device: torch.device | str = "cpu",
@@ -290,7 +284,7 @@ def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
 @torch.inference_mode()
 def _decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
                   eos_id: int, prompt_task: int | None) -> Iterator[list[int | None]]:
-    batch = build_batch(rows, TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
+    batch = build_batch(rows, GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
     cache = model.new_cache(len(rows), batch.input_ids.size(1) + config.max_new_tokens)
     hidden = prefill(model, batch, cache, [len(r) for r in rows])
@@ -309,7 +303,7 @@ def _decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig
         yield emitted
         if all(finished) or step == config.max_new_tokens - 1:
             return
-        hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[TASK_GENERATE]), cache=cache)[:, -1]
+        hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=cache)[:, -1]
 
 
 def generate_ids(model: CpmAnt, rows: list[list[int]], config: GenerationConfig, eos_id: int,
@@ -362,7 +356,7 @@ def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id:
 def _beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int,
                  prompt_task: int | None) -> list[tuple[float, list[int]]]:
     beams = config.num_beams
-    batch = build_batch([row], TASK_GENERATE, model.config.prompt_length, model.input_embedding.weight.device,
+    batch = build_batch([row], GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
     cache = model.new_cache(1, batch.input_ids.size(1) + config.max_new_tokens)
     hidden = model(**batch.as_inputs(), cache=cache, last=1)[:, -1]
@@ -397,7 +391,7 @@ def _beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id
         scores = torch.tensor([c[0] for c in chosen], device=hidden.device)
         sequences = [sequences[c[2]] + [c[1]] for c in chosen]
         cache.reorder(origins)
-        hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[TASK_GENERATE]), cache=cache)[:, -1]
+        hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=cache)[:, -1]
     return hypotheses.items
 
 
@@ -441,7 +435,7 @@ def fill_blanks(model: CpmAnt, pieces: list[list[int]], blank_lengths: list[int]
     layouts = [fill_layout(pieces, n, bos_id, eos_id) for n in blank_lengths]
     prompt = model.config.prompt_length
     device = model.input_embedding.weight.device
-    batch = build_batch([lay.tokens for lay in layouts], TASK_INFILL, prompt, device,
+    batch = build_batch([lay.tokens for lay in layouts], INFILLING, prompt, device,
                         [lay.context for lay in layouts])
     total = batch.input_ids.size(1)
     offsets = [total - len(lay.tokens) for lay in layouts]
@@ -472,7 +466,7 @@ def fill_blanks(model: CpmAnt, pieces: list[list[int]], blank_lengths: list[int]
         for row, token in enumerate(tokens.tolist()):
             if step < len(layouts[row].slots):
                 fills[row].append(token)
-        step_inputs = _step_inputs(tokens[:, None], TEXT_SEGMENT[TASK_INFILL], context=False, valid=active,
+        step_inputs = _step_inputs(tokens[:, None], TEXT_SEGMENT[INFILLING], context=False, valid=active,
                                    position=positions)
         previous_hidden = model(**step_inputs, cache=cache)[:, -1]
     results = []
@@ -497,7 +491,7 @@ def completion_scores(model: CpmAnt, pieces: list[list[int]], fills: list[list[l
     lengths = [len(r) for r in rows]
     prompt = model.config.prompt_length
     context_rows = [[True] + [False] * (n - 1) for n in lengths]
-    batch = build_batch(rows, TASK_GENERATE, prompt, model.input_embedding.weight.device, context_rows)
+    batch = build_batch(rows, GENERATION, prompt, model.input_embedding.weight.device, context_rows)
     logprobs = model.logits(model(**batch.as_inputs())).float().log_softmax(-1)
     total = batch.input_ids.size(1)
     scores = []
@@ -510,6 +504,6 @@ def completion_scores(model: CpmAnt, pieces: list[list[int]], fills: list[list[l
 
 
 __all__ = [
-    "GenerationConfig", "PromptBatch", "TASK_GENERATE", "TASK_INFILL", "AntCache", "beam_search", "build_batch",
+    "GenerationConfig", "PromptBatch", "GENERATION", "INFILLING", "AntCache", "beam_search", "build_batch",
     "decode_steps", "fill_blanks", "generate_ids", "prefill", "prefill_groups", "process_logits", "sampling_filter",
 ]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cpmlive.infer.generate import TASK_GENERATE, build_batch
+from cpmlive.data.layout import GENERATION
+from cpmlive.infer.generate import build_batch
 from cpmlive.model.ant import CpmAnt
 
 
@@ -46,7 +47,7 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
 def score_rows(model: CpmAnt, rows: list[list[int]], bos_id: int) -> float:
     """Total negative log-likelihood (nats) of every token after ``<s>`` in ``rows``."""
     prompt = model.config.prompt_length
-    batch = build_batch([[bos_id] + r for r in rows], TASK_GENERATE, prompt, model.input_embedding.weight.device,
+    batch = build_batch([[bos_id] + r for r in rows], GENERATION, prompt, model.input_embedding.weight.device,
                         [[True] + [False] * len(r) for r in rows])
     hidden = model(**batch.as_inputs())
     total = batch.input_ids.size(1)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpmlive.data.objectives import GENERATION, IGNORE_INDEX, Batch
+from cpmlive.data.layout import GENERATION, TEXT_SEGMENT
+from cpmlive.data.objectives import IGNORE_INDEX, Batch
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.tokenizer import AntTokenizer
@@ -32,7 +33,6 @@ from cpmlive.utils import atomic_write_text
 
 TASK_FILE = "task.json"
 TASKS = ("generate", "classify")
-TEXT_SEGMENT = 2  # the segment of text in generation prompts (spec section 5.1)
 
 
 @dataclass
@@ -97,7 +97,7 @@ def example_batch(pairs: Sequence[tuple[list[int], list[int]]], prompt_task: int
         end = prompt + len(tokens)
         input_ids[row, :prompt] = config.vocab_size + prompt_task * prompt + torch.arange(prompt)
         input_ids[row, prompt:end] = torch.tensor(tokens)
-        segment[row, prompt:end] = TEXT_SEGMENT
+        segment[row, prompt:end] = TEXT_SEGMENT[GENERATION]
         context[row, :prompt + len(inputs)] = True
         valid[row, :end] = True
         # the hidden state at position p predicts the token at p + 1

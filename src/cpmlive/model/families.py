@@ -1,0 +1,82 @@
+"""Model families, keyed by the ``model_type`` of their config: everything a verb needs to know
+about one family (its config, model and tokenizer classes, its input layout, and the checkpoint
+formats it reads and writes).
+
+``cpmlive.load``, ``convert``, ``info`` and ``tokenize`` look the family up here instead of
+naming CPM-Ant, so a new family (CPM-Bee, CPM-1) is a config, a model file, a tokenizer and one
+entry in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+from cpmlive.config import PRESETS, AntConfig
+from cpmlive.data import layout as ant_layout
+from cpmlive.errors import CpmliveError
+from cpmlive.model import convert as ant_convert
+from cpmlive.model.ant import CpmAnt, build_model
+from cpmlive.model.checkpoint import CONFIG_NAME
+from cpmlive.resources import model_path
+from cpmlive.tokenizer import AntTokenizer
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family and the functions that read, write and describe its checkpoints."""
+
+    model_type: str
+    config: type
+    model: type
+    tokenizer: type
+    layout: ModuleType
+    formats: tuple[str, ...]
+    presets: dict[str, Callable[[], Any]]
+    build: Callable[..., Any]  # (config, device, dtype, seed) -> a model with fresh weights
+    load: Callable[..., tuple[Any, Path]]  # (path, dtype, device) -> (model, directory of its vocabulary)
+    convert: Callable[..., Path]
+    info: Callable[..., dict]
+    aliases: tuple[str, ...] = ()  # other model_type spellings (HF's) of the same family
+
+
+ANT = Family(
+    model_type="cpm-ant", config=AntConfig, model=CpmAnt, tokenizer=AntTokenizer, layout=ant_layout,
+    formats=ant_convert.FORMATS, presets=PRESETS, build=build_model, load=ant_convert.load_pretrained, convert=ant_convert.convert,
+    info=ant_convert.checkpoint_info, aliases=("cpmant",),
+)
+
+FAMILIES: dict[str, Family] = {ANT.model_type: ANT}
+DEFAULT = ANT  # OpenBMB checkpoints and bare vocabularies carry no model_type
+
+
+def family(model_type: str) -> Family:
+    for entry in FAMILIES.values():
+        if model_type == entry.model_type or model_type in entry.aliases:
+            return entry
+    raise CpmliveError(f"model_type {model_type!r} is not a known model family "
+                       f"(known: {', '.join(sorted(FAMILIES))})")
+
+
+def family_of(path: str | os.PathLike) -> Family:
+    """The family of a checkpoint (directory or weights file, ``"demo"`` too), by the
+    ``model_type`` of its ``config.json``; checkpoints without one are CPM-Ant's (OpenBMB's)."""
+    directory = model_path(path)
+    config = directory / CONFIG_NAME if directory.is_dir() else directory.parent / CONFIG_NAME
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    return DEFAULT if model_type is None else family(str(model_type))
+
+
+def preset_family(name: str) -> Family | None:
+    """The family whose preset ``name`` is, if any."""
+    return next((entry for entry in FAMILIES.values() if name in entry.presets), None)
+
+
+__all__ = ["ANT", "DEFAULT", "FAMILIES", "Family", "family", "family_of", "preset_family"]

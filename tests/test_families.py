@@ -1,0 +1,42 @@
+"""The model-family registry: verbs find a checkpoint's family by its config's model_type."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from cpmlive.cli import main
+from cpmlive.errors import CpmliveError
+from cpmlive.model import families
+from cpmlive.model.convert import convert
+
+
+def test_cpm_ant_checkpoints_in_every_format_are_cpm_ant(tmp_path):
+    convert("demo", tmp_path / "hf", to="hf")
+    convert("demo", tmp_path / "openbmb" / "demo.pt", to="openbmb")
+    for source in ("demo", tmp_path / "hf", tmp_path / "openbmb" / "demo.pt"):
+        assert families.family_of(source) is families.ANT
+    assert families.preset_family("ant-10b") is families.ANT and families.preset_family("nope") is None
+
+
+def test_unknown_model_type_is_one_line(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt9"}), encoding="utf-8")
+    with pytest.raises(CpmliveError, match="'gpt9' is not a known model family"):
+        families.family_of(tmp_path / "m")
+    assert main(["info", str(tmp_path / "m")]) == 2
+    assert "not a known model family (known: cpm-ant)" in capsys.readouterr().err
+
+
+def test_a_new_family_is_one_entry(tmp_path, capsys, monkeypatch):
+    """The verbs dispatch on the registry: an entry is all a family needs to be described."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "toy"}), encoding="utf-8")
+    toy = dataclasses.replace(families.ANT, model_type="toy", aliases=(),
+                              info=lambda path: {"path": str(path), "format": "toy", "config": {"layers": 1}})
+    monkeypatch.setitem(families.FAMILIES, "toy", toy)
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "format: toy" in out and "layers = 1" in out
