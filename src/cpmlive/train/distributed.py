@@ -56,8 +56,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch, masked_lm_loss
+from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch
 from cpmlive.errors import CpmliveError
+from cpmlive.model.loss import masked_lm_loss
 from cpmlive.train.checkpoints import resume_point
 from cpmlive.train.pretrain import (
     PretrainConfig, RunState, Trainer, keeping_fused_choice, save_training_checkpoint, set_rng_state,

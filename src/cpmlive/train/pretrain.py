@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 from cpmlive.config import AntConfig, preset
-from cpmlive.data.objectives import Batch, masked_lm_loss
+from cpmlive.data.objectives import Batch
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream, fixed_batches
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import (CONFIG_NAME, VOCAB_NAME, expected_shapes, load_model, new_build_directory,
                                       replace_directory, save_checkpoint)
+from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.checkpoints import (LATEST, TRAINER_STATE, StopRequest, check_optimizer_fits, checkpoint_dir,

@@ -28,11 +28,11 @@ from typing import Any, ClassVar
 import torch
 
 from cpmlive.config import AntConfig
-from cpmlive.data.objectives import masked_lm_loss
 from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, load_model, new_build_directory, replace_directory
+from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, checkpoint_dir, publish,
