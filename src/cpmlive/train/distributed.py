@@ -1,8 +1,8 @@
 """Pretraining in several processes: FSDP2 (``fully_shard``) over every Block and the root.
 
 ``torchrun --nproc-per-node N -m cpmlive pretrain ...`` sets ``WORLD_SIZE``;
-:func:`cpmlive.train.launch.pretrain` then runs :class:`DistributedTrainer`, the single-process :class:`~cpmlive.train.pretrain.Trainer`
-with these differences:
+:func:`cpmlive.train.launch.pretrain` then runs :class:`DistributedTrainer`, the single-process
+:class:`~cpmlive.train.pretrain.Trainer` with these differences:
 
 * **process group**: gloo on CPU; on CUDA ``cpu:gloo,cuda:nccl`` (nccl for the model, gloo
   for the CPU tensors of offloaded state dicts), device ``cuda:LOCAL_RANK``. Every rank seeds
