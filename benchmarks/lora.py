@@ -80,6 +80,7 @@ def child(mode: str, precision: str, args: argparse.Namespace) -> None:
     import torch
 
     from cpmlive.model.ant import build_model
+    from cpmlive.train.core import autocast
     from cpmlive.tune.delta import DeltaConfig, attach, trainable_parameters
 
     baseline = rss_bytes()
@@ -93,7 +94,7 @@ def child(mode: str, precision: str, args: argparse.Namespace) -> None:
     times = []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision):
             loss = next_token_loss(model, batch)
         loss.backward()
         optimizer.step()

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from cpmlive.config import AntConfig, preset
-from cpmlive.data import objectives
 from cpmlive.data.objectives import (
-    GENERATION, IGNORE_INDEX, INFILLING, Batch, BatchPacker, Instance, LinearCrossEntropy, OriginalRng,
-    chunk_document, head_losses, make_instance, make_record, masked_lm_loss, pack,
+    GENERATION, IGNORE_INDEX, INFILLING, Batch, BatchPacker, Instance, OriginalRng, chunk_document, make_instance,
+    make_record, pack,
 )
+from cpmlive.model import loss as head_loss
 from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import model_from_state_dict, openbmb_to_ours, read_safetensors
+from cpmlive.model.loss import LinearCrossEntropy, head_losses, masked_lm_loss
 
 from conftest import REFERENCE
 
@@ -300,7 +301,7 @@ def reference_head(hidden, weight, targets, autocast: bool = False):
 
 @pytest.mark.parametrize("autocast,tolerance", [(False, 1e-5), (True, 2e-2)], ids=["fp32", "bf16-autocast"])
 def test_linear_cross_entropy_matches_the_plain_path(monkeypatch, autocast, tolerance):
-    monkeypatch.setattr(objectives, "LOSS_ROW_BUCKET", 8)  # 21 rows: three blocks, the last partial
+    monkeypatch.setattr(head_loss, "LOSS_ROW_BUCKET", 8)  # 21 rows: three blocks, the last partial
     hidden, weight, targets = head_case()
     ours = [t.clone().requires_grad_() for t in (hidden, weight)]
     theirs = [t.clone().requires_grad_() for t in (hidden, weight)]
@@ -318,7 +319,7 @@ def test_linear_cross_entropy_matches_the_plain_path(monkeypatch, autocast, tole
 
 
 def test_linear_cross_entropy_frozen_head_and_no_grad(monkeypatch):
-    monkeypatch.setattr(objectives, "LOSS_ROW_BUCKET", 8)
+    monkeypatch.setattr(head_loss, "LOSS_ROW_BUCKET", 8)
     hidden, weight, targets = head_case(seed=1)
     leaf = hidden.clone().requires_grad_()
     total, _ = LinearCrossEntropy.apply(leaf, weight, targets)  # the head frozen (LoRA)

@@ -14,8 +14,11 @@ from cpmlive.data.store import prepare
 from cpmlive.errors import CpmliveError
 from cpmlive.tokenizer.vocab import build_vocab, save_vocab
 from cpmlive.train import pretrain as recipe
+from cpmlive.train.checkpoints import latest_checkpoint
+from cpmlive.train.core import Schedule, learning_rate
+from cpmlive.train.launch import pretrain
 from cpmlive.train.metrics import MetricsLog, latest_by_step, read_records
-from cpmlive.train.pretrain import PretrainConfig, Trainer, learning_rate
+from cpmlive.train.pretrain import PretrainConfig, Trainer
 
 SENTENCES = [
     "今天天气很好，我们一起去公园散步，看见很多人在湖边钓鱼。",
@@ -72,19 +75,19 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_schedules():
-    cosine = PretrainConfig(data="x", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cosine = Schedule.of(PretrainConfig(data="x", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110))
     assert learning_rate(cosine, 5) == pytest.approx(0.5)
     assert learning_rate(cosine, 10) == pytest.approx(1.0)
     assert learning_rate(cosine, 60) == pytest.approx(0.55)
     assert learning_rate(cosine, 110) == pytest.approx(0.1)
-    noam = PretrainConfig(data="x", lr=1.0, warmup_steps=4, schedule="noam")
+    noam = Schedule("noam", lr=1.0, warmup_steps=4)
     assert learning_rate(noam, 2) == pytest.approx(2 / 8)
     assert learning_rate(noam, 16) == pytest.approx(0.25)
 
 
 def test_training_reduces_loss_and_logs_every_figure(data_dir, tmp_path):
     config = PretrainConfig.from_file(None, tiny_overrides(data_dir, tmp_path / "run", max_steps=12, lr=0.01))
-    recipe.pretrain(config)
+    pretrain(config)
     records = list(read_records(tmp_path / "run"))
     train = latest_by_step(records, "train")
     assert len(train) == 12 and train[-1]["loss"] < train[0]["loss"]
@@ -149,7 +152,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(data_dir, t
     with pytest.raises(CpmliveError, match="previous checkpoint is intact"):
         recipe.save_training_checkpoint(trainer.run_dir, trainer.model, trainer.optimizer, trainer.stream,
                                         trainer.state, config, trainer.vocab_path)
-    assert recipe.latest_checkpoint(trainer.run_dir) == first
+    assert latest_checkpoint(trainer.run_dir) == first
     assert sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir()) == sorted([first.name, "latest"])
     trainer.log.close()
 
@@ -179,7 +182,7 @@ def test_tensorboard_option_writes_events_or_says_what_is_missing(data_dir, tmp_
         import tensorboard  # noqa: F401
     except ImportError:
         with pytest.raises(CpmliveError, match="tensorboard package"):
-            recipe.pretrain(config)
+            pretrain(config)
         return
-    recipe.pretrain(config)
+    pretrain(config)
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

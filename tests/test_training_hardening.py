@@ -17,7 +17,7 @@ from cpmlive import cli
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import read_weights
 from cpmlive.recipe import Recipe
-from cpmlive.train import pretrain as recipe
+from cpmlive.train.launch import pretrain
 from cpmlive.train.pretrain import PretrainConfig, Trainer
 from cpmlive.tune.finetune import FinetuneConfig, Finetuner
 from test_finetune import base_dir, generation_data, train_losses, tune_config  # noqa: F401  (fixtures)
@@ -129,7 +129,7 @@ def test_lengths_beyond_the_model_are_refused_at_startup(data_dir, base_dir, gen
 def four_steps(data_dir, tmp_path_factory) -> Path:  # noqa: F811
     """A finished 4-step pretraining run with checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("four-steps") / "run"
-    recipe.pretrain(pretrain_config(data_dir, run, max_steps=4, save_every=2))
+    pretrain(pretrain_config(data_dir, run, max_steps=4, save_every=2))
     assert [p.name for p in sorted((run / "checkpoints").glob("step-*"))] == ["step-0000002", "step-0000004"]
     return run
 
@@ -222,16 +222,16 @@ def sigterm_guard():
 def test_interrupted_pretraining_saves_its_step_and_resumes_exactly(data_dir, tmp_path, monkeypatch, capsys,  # noqa: F811
                                                                     sigterm_guard, signum):
     steps = {"max_steps": 6, "save_every": 100, "eval_every": 100}
-    recipe.pretrain(pretrain_config(data_dir, tmp_path / "straight", **steps))
+    pretrain(pretrain_config(data_dir, tmp_path / "straight", **steps))
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         signalling_after(Trainer, 3, signum, patch)
         with pytest.raises(KeyboardInterrupt):
-            recipe.pretrain(pretrain_config(data_dir, run, **steps))
+            pretrain(pretrain_config(data_dir, run, **steps))
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     assert (step_dir(run, 3) / "trainer.pt").is_file()
     assert "stopped at step 3" in capsys.readouterr().err
-    recipe.pretrain(pretrain_config(data_dir, run, **steps), resume="auto")
+    pretrain(pretrain_config(data_dir, run, **steps), resume="auto")
     assert losses(run) == losses(tmp_path / "straight")
     final, straight = read_weights(step_dir(run, 6) / "model"), read_weights(step_dir(tmp_path / "straight", 6) / "model")
     assert all(final[name].equal(tensor) for name, tensor in straight.items())

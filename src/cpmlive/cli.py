@@ -283,7 +283,8 @@ def cmd_data_sentiment(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from cpmlive.train.pretrain import PretrainConfig, pretrain
+    from cpmlive.train.launch import pretrain
+    from cpmlive.train.pretrain import PretrainConfig
 
     config = PretrainConfig.from_file(args.config, args.overrides)
     state = pretrain(config, resume=args.resume)

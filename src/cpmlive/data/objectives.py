@@ -1,4 +1,5 @@
-"""CPM-Ant's two pretraining objectives, packing and loss (spec section 4).
+"""CPM-Ant's two pretraining objectives and packing (spec section 4); the loss is in
+:mod:`cpmlive.model.loss`.
 
 A document becomes *records* (``make_record``/``chunk_document``): a small header, then
 ``<s> piece </s>``. A record becomes an *instance* (``make_instance``): the 32 prompt ids of its
@@ -12,7 +13,7 @@ model predicts each one from the position just before it:
   are hidden.
 
 Instances are packed first-fit into fixed-length rows (``BatchPacker``/``pack``); ``span`` keeps
-packed instances from seeing each other. ``masked_lm_loss`` is the token-mean cross-entropy.
+packed instances from seeing each other.
 
 Two ways to draw the random numbers:
 
@@ -34,19 +35,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, fields
 from types import ModuleType
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from cpmlive.utils import compute_dtype
 
 ANT_BOS_ID = 6
 ANT_EOS_ID = 7
 IGNORE_INDEX = -100
-LOSS_ROW_BUCKET = 256
 TASK_NAMES = {0: "mlm", 1: "lm"}
 INFILLING, GENERATION = 1, 2
 
@@ -310,103 +307,8 @@ def pack(instances: Iterable[Instance | None], max_length: int, batch_size: int,
     return concat_batches(batches) if all_rows else batches[0]
 
 
-# ---- loss ---------------------------------------------------------------------------------------
-
-
-class AntLike(Protocol):
-    input_embedding: torch.nn.Embedding  # the tied output head's weight
-
-    def __call__(self, input_ids: Tensor, segment: Tensor, context: Tensor, span: Tensor,
-                 valid: Tensor) -> Tensor: ...
-
-
-def head_losses(hidden: Tensor, weight: Tensor, targets: Tensor,
-                want_gradient: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per-row cross-entropy of ``hidden @ weight.T`` (0 where the target is ignored), made
-    ``LOSS_ROW_BUCKET`` rows at a time so that only one ``[block, vocab]`` float32 block of
-    logits exists at once. With ``want_gradient``, also the loss's gradient with respect to the
-    logits (softmax minus one-hot), in the products' dtype, ``[rows, vocab]``.
-
-    The products run in the autocast dtype when autocast is on (as ``F.linear`` would); the
-    softmax runs in float32.
-    """
-    dtype = compute_dtype(hidden)
-    with torch.autocast(hidden.device.type, enabled=False):
-        h, w = hidden.to(dtype), weight.to(dtype)
-        losses = torch.zeros(h.size(0), dtype=torch.float32, device=h.device)
-        grad_logits = h.new_empty(h.size(0), w.size(0)) if want_gradient else None
-        for start in range(0, h.size(0), LOSS_ROW_BUCKET):
-            block = slice(start, start + LOSS_ROW_BUCKET)
-            logits = (h[block] @ w.T).float()
-            kept = targets[block] != IGNORE_INDEX
-            index = targets[block].clamp(min=0)[:, None]
-            normaliser = logits.logsumexp(dim=-1, keepdim=True)
-            losses[block] = (normaliser - logits.gather(1, index))[:, 0] * kept
-            if want_gradient:
-                probs = logits.sub_(normaliser).exp_()
-                probs.scatter_add_(1, index, torch.full_like(index, -1, dtype=probs.dtype))
-                grad_logits[block] = probs.mul_(kept[:, None])
-    return losses, grad_logits
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Summed :func:`head_losses` with autograd, without the logits kept for the backward pass.
-
-    The standard path keeps the ``[rows, vocab]`` logits, their float32 copy and log-softmax,
-    then makes a float32 gradient of the same size: tensors of over 100 MB per step at a 30k
-    vocabulary, mapped and page-faulted afresh every step. This keeps only the gradient with
-    respect to the logits, in the products' dtype, which is what the standard path's backward
-    hands to the same two products. Returns the summed loss, and the per-row losses without
-    gradient (for logging).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        losses, grad_logits = head_losses(hidden, weight, targets, want_gradient=True)
-        ctx.save_for_backward(hidden, weight, grad_logits)
-        ctx.mark_non_differentiable(losses)
-        return losses.sum(), losses
-
-    @staticmethod
-    def backward(ctx, grad_total: Tensor, _unused: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        hidden, weight, grad_logits = ctx.saved_tensors
-        grad_hidden = grad_weight = None
-        with torch.autocast(hidden.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_hidden = ((grad_logits @ weight.to(grad_logits.dtype)).float() * grad_total).to(hidden.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_weight = ((grad_logits.T @ hidden.to(grad_logits.dtype)).float() * grad_total).to(weight.dtype)
-        return grad_hidden, grad_weight, None
-
-
-def masked_lm_loss(model: AntLike, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-    """Token-mean cross-entropy over positions with a target, plus the same per task.
-
-    Only the hidden states at target positions go through the vocabulary projection
-    (:class:`LinearCrossEntropy`), so no ``[B, L, vocab]`` tensor is made. The per-task losses
-    are detached (for logging) and NaN for a task with no targets in the batch.
-    """
-    hidden = model(batch.input_ids, batch.segment, batch.context, batch.span, batch.valid)
-    selected = batch.target != IGNORE_INDEX
-    count = int(selected.sum())
-    # Pad the rows to a multiple of LOSS_ROW_BUCKET: oneDNN compiles and caches a kernel per
-    # matmul shape, and a new target count every step would grow that cache without bound.
-    padding = -count % LOSS_ROW_BUCKET
-    rows = F.pad(hidden[selected], (0, 0, 0, padding))
-    targets = F.pad(batch.target[selected], (0, padding), value=IGNORE_INDEX)
-    weight = model.input_embedding.weight
-    if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
-        total, losses = LinearCrossEntropy.apply(rows, weight, targets)
-    else:
-        losses, _ = head_losses(rows, weight, targets)
-        total = losses.sum()
-    tasks = batch.task[selected]
-    per_task = {name: losses[:count][tasks == task].mean() for task, name in TASK_NAMES.items()}
-    return total / count, per_task
-
-
 __all__ = [
     "ANT_BOS_ID", "ANT_EOS_ID", "Batch", "BatchPacker", "GENERATION", "IGNORE_INDEX", "INFILLING",
-    "Instance", "LinearCrossEntropy", "OriginalRng", "TASK_NAMES", "chunk_document", "concat_batches",
-    "head_losses", "make_instance", "make_record", "masked_lm_loss", "pack",
+    "Instance", "OriginalRng", "TASK_NAMES", "chunk_document", "concat_batches", "make_instance", "make_record",
+    "pack",
 ]

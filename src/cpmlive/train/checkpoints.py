@@ -2,6 +2,8 @@
 
 * **layout**: ``RUN/checkpoints/step-NNNNNNN/`` (each holds ``trainer.pt``) and ``latest``, a
   one-line pointer to the newest; :func:`publish` moves the pointer and rotates old ones out.
+* **writing**: :func:`write_checkpoint` builds a checkpoint in a temporary directory, swaps it in
+  whole and then publishes it, so a failure (disk full) leaves the previous one and ``latest`` intact.
 * **resume**: :func:`resume_point` reads the checkpoint a run continues from. ``auto`` takes the
   one ``latest`` names and, when it is unreadable (torn by a crash, a full disk, a bad copy),
   falls back to the newest readable older one, saying so in one warning line.
@@ -26,6 +28,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from cpmlive.errors import CpmliveError
+from cpmlive.model.checkpoint import new_build_directory, replace_directory
 from cpmlive.train.metrics import METRICS_FILE
 from cpmlive.utils import atomic_write_text
 
@@ -83,6 +86,22 @@ def publish(run_dir: Path, target: Path, keep: int) -> None:
     older = [p for p in step_dirs(run_dir) if (step_of(p) or 0) < saved]
     for old in older[max(keep - 1, 0):]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_checkpoint(run_dir: Path, step: int, keep: int, write: Callable[[Path], None]) -> Path:
+    """The checkpoint of ``step``: ``write`` fills a build directory, which is renamed into place
+    and published (``keep`` kept). A failure leaves the previous checkpoint and ``latest`` untouched."""
+    target = checkpoint_dir(run_dir, step)
+    build = new_build_directory(target)
+    try:
+        write(build)
+        replace_directory(build, target)
+    except OSError as exc:
+        shutil.rmtree(build, ignore_errors=True)
+        raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
+                           "the previous checkpoint is intact") from None
+    publish(run_dir, target, keep)
+    return target
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -235,5 +254,5 @@ class StopRequest:
 __all__ = [
     "LATEST", "StopRequest", "TRAINER_STATE", "check_optimizer_fits", "checkpoint_dir", "existing_run",
     "latest_checkpoint", "publish", "read_trainer_state", "refuse_existing_run", "resume_candidates",
-    "resume_point", "step_dirs", "step_of", "warn",
+    "resume_point", "step_dirs", "step_of", "warn", "write_checkpoint",
 ]

@@ -1,8 +1,8 @@
 """Pretraining in several processes: FSDP2 (``fully_shard``) over every Block and the root.
 
-``torchrun --nproc-per-node N -m cpmlive pretrain ...`` sets ``WORLD_SIZE``; ``pretrain()`` then
-runs :class:`DistributedTrainer`, the single-process :class:`~cpmlive.train.pretrain.Trainer`
-with these differences:
+``torchrun --nproc-per-node N -m cpmlive pretrain ...`` sets ``WORLD_SIZE``;
+:func:`cpmlive.train.launch.pretrain` then runs :class:`DistributedTrainer`, the single-process
+:class:`~cpmlive.train.pretrain.Trainer` with these differences:
 
 * **process group**: gloo on CPU; on CUDA ``cpu:gloo,cuda:nccl`` (nccl for the model, gloo
   for the CPU tensors of offloaded state dicts), device ``cuda:LOCAL_RANK``. Every rank seeds
@@ -56,12 +56,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch, masked_lm_loss
+from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch
 from cpmlive.errors import CpmliveError
+from cpmlive.model.loss import masked_lm_loss
 from cpmlive.train.checkpoints import resume_point
-from cpmlive.train.pretrain import (
-    PretrainConfig, RunState, Trainer, keeping_fused_choice, save_training_checkpoint, set_rng_state,
-)
+from cpmlive.train.core import autocast, keeping_fused_choice, set_rng_state
+from cpmlive.train.pretrain import PretrainConfig, RunState, Trainer, save_training_checkpoint
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ class DistributedTrainer(Trainer):
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, float], int]:
         config = self.config
         local = rows_of_rank(batch, self.rank, self.world_size).to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with autocast(config.precision, self.device):
             loss, per_task = masked_lm_loss(self.model, local)
         selected = local.target != IGNORE_INDEX
         count = selected.sum()
@@ -252,7 +252,7 @@ class DistributedTrainer(Trainer):
         totals = torch.zeros(2, dtype=torch.float64)
         for batch in self.val_batches:
             local = rows_of_rank(batch, self.rank, self.world_size).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            with autocast(config.precision, self.device):
                 loss, _ = masked_lm_loss(model, local)
             n = int((local.target != IGNORE_INDEX).sum())
             if n:

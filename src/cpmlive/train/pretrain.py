@@ -7,41 +7,37 @@ continues a killed run exactly where its last checkpoint left it (or, when that 
 unreadable, the newest readable one before it). Ctrl-C (or SIGTERM) saves a checkpoint at the
 end of the current step before the run stops. A new run refuses a directory that holds one.
 
-Launched by ``torchrun`` with several processes, ``pretrain`` runs the FSDP2 trainer of
-:mod:`cpmlive.train.distributed`: the same steps and checkpoints, sharded over the ranks.
+This module is the single-process recipe over the library in :mod:`cpmlive.train.core`;
+:mod:`cpmlive.train.distributed` shards the same steps and checkpoints over the ranks of a
+``torchrun`` job, and :func:`cpmlive.train.launch.pretrain` is the entry that picks one of the two.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import random
-import resource
-import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
 from cpmlive.config import AntConfig, preset
-from cpmlive.data.objectives import Batch, masked_lm_loss
+from cpmlive.data.objectives import Batch
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream, fixed_batches
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
-from cpmlive.model.checkpoint import (CONFIG_NAME, VOCAB_NAME, expected_shapes, load_model, new_build_directory,
-                                      replace_directory, save_checkpoint)
+from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, expected_shapes, load_model, save_checkpoint
+from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
-from cpmlive.train.checkpoints import (LATEST, TRAINER_STATE, StopRequest, check_optimizer_fits, checkpoint_dir,
-                                       latest_checkpoint, publish, read_trainer_state, refuse_existing_run,
-                                       resume_point, warn)
+from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, read_trainer_state,
+                                       refuse_existing_run, resume_point, warn, write_checkpoint)
+from cpmlive.train.core import (Schedule, adamw, autocast, decay_groups, learning_rate, memory_mb, progress_bar,
+                                restore_optimizer, rng_state, set_learning_rate, set_rng_state)
 from cpmlive.train.metrics import MetricsLog, finite_or_none, parameter_stats
 from cpmlive.utils import atomic_write_text
 
@@ -96,55 +92,9 @@ class PretrainConfig(Recipe):
             raise CpmliveError("config: data is required (a directory made by `cpmlive data prepare`)")
 
 
-# ---- schedule ---------------------------------------------------------------------------------
-
-
-def learning_rate(config: PretrainConfig, step: int) -> float:
-    """``step`` counts from 1. Noam is OpenBMB's: lr*n/w^1.5 in warmup, lr/sqrt(n) after."""
-    warmup = max(config.warmup_steps, 1)
-    if config.schedule == "noam":
-        return config.lr * min(step / warmup**1.5, 1 / math.sqrt(step))
-    if step <= warmup:
-        return config.lr * step / warmup
-    if config.schedule == "constant":
-        return config.lr
-    progress = min((step - warmup) / max(config.max_steps - warmup, 1), 1.0)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
-    """No weight decay on norms, embeddings' prompt/segment tables and the position bias."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() == 2 and "norm" not in name and "position_bias" not in name else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=can_fuse(decay + no_decay))
-
-
-@contextmanager
-def keeping_fused_choice(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Loading an optimizer state inside keeps this optimizer's own implementation choice: a
-    checkpoint written by the sharded (unfused) trainer resumes fused in one process, and the reverse."""
-    fused = [group.get("fused") for group in optimizer.param_groups]
-    yield
-    for group, flag in zip(optimizer.param_groups, fused):
-        group["fused"] = flag
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a saved state (checked to fit with :func:`check_optimizer_fits` when it was read)."""
-    with keeping_fused_choice(optimizer):
-        optimizer.load_state_dict(state)
-
-
-def can_fuse(params: list[torch.Tensor]) -> bool:
-    """Fused AdamW (one kernel over all tensors: ~6x faster steps on CPU, no temporaries)
-    takes plain tensors; FSDP2's sharded DTensor parameters keep the default implementation."""
-    from torch.distributed.tensor import DTensor
-
-    return bool(params) and not any(isinstance(p, DTensor) for p in params)
+    """AdamW over :func:`~cpmlive.train.core.decay_groups`, fused when it can be."""
+    return adamw(decay_groups(model, config.weight_decay), config.lr, (config.beta1, config.beta2))
 
 
 # ---- run state ----------------------------------------------------------------------------------
@@ -161,16 +111,6 @@ class RunState:
         return hours * config.price_per_device_hour, hours * config.device_watts / 1000 * config.grid_kg_co2_per_kwh
 
 
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.optim.Optimizer,
                              stream: PretrainStream, state: RunState, config: PretrainConfig,
                              vocab_path: Path, model_state: dict[str, torch.Tensor] | None = None,
@@ -180,22 +120,16 @@ def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.opti
     ``model_state``/``optimizer_state``, when given, are written instead of the model's and
     the optimizer's own (the distributed trainer passes the full states gathered from its
     shards). A failure (disk full) leaves the previous checkpoint and ``latest`` untouched."""
-    target = checkpoint_dir(run_dir, state.step)
-    build = new_build_directory(target)
-    try:
+
+    def write(build: Path) -> None:
         save_checkpoint(model if model_state is None else model_state, model.config, build / "model",
                         vocab=vocab_path)
-        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
-        trainer = {"optimizer": optimizer_state, "stream": stream.state_dict(),
+        saved_optimizer = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        trainer = {"optimizer": saved_optimizer, "stream": stream.state_dict(),
                    "state": dataclasses.asdict(state), "rng": rng_state(), "config": config.to_dict()}
         torch.save(trainer, build / TRAINER_STATE)
-        replace_directory(build, target)
-    except OSError as exc:
-        shutil.rmtree(build, ignore_errors=True)
-        raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
-                           "the previous checkpoint is intact") from None
-    publish(run_dir, target, config.keep_checkpoints)
-    return target
+
+    return write_checkpoint(run_dir, state.step, config.keep_checkpoints, write)
 
 
 # ---- the recipe -----------------------------------------------------------------------------------
@@ -253,16 +187,12 @@ def evaluate_loss(model: CpmAnt, batches: list[Batch], precision: str) -> float:
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with autocast(precision):
             loss, _ = masked_lm_loss(model, batch)
         n = int((batch.target != -100).sum())
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
     return total / max(count, 1)
-
-
-def memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _NoLog:
@@ -351,9 +281,8 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         config = self.config
         step = self.state.step + 1
-        lr = learning_rate(config, step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = learning_rate(Schedule.of(config), step)
+        set_learning_rate(self.optimizer, lr)
         started = time.perf_counter()
         totals = {"loss": 0.0, "mlm": [], "lm": []}
         tokens = 0
@@ -384,7 +313,7 @@ class Trainer:
         """One micro-batch: forward, ``backward`` of its share of the step's loss; returns the
         loss, the per-objective losses (NaN when absent) and the number of tokens."""
         config = self.config
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with autocast(config.precision, self.device):
             loss, per_task = masked_lm_loss(self.model, batch)
         (loss / config.grad_accum).backward()
         return loss.item(), {name: value.item() for name, value in per_task.items()}, int(batch.valid.sum())
@@ -407,7 +336,7 @@ class Trainer:
         self.log.write({"type": "start", "step": self.state.step, "config": config.to_dict(),
                         "parameters": self.model.num_parameters(), "world_size": self.world_size,
                         "time": time.time()})
-        bar = _progress(config, self.state.step) if self.is_main else None
+        bar = progress_bar(config.max_steps, self.state.step, "pretrain", config.progress and self.is_main)
         saved = self.state.step
         try:
             with StopRequest() as stop:
@@ -465,32 +394,5 @@ def tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _progress(config: PretrainConfig, start: int):
-    if not config.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=config.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
-
-
-def pretrain(config: PretrainConfig, resume: str | None = None) -> RunState:
-    """Train in this process, or as one rank of a torchrun job (``WORLD_SIZE`` > 1)."""
-    from cpmlive.train import distributed
-
-    if distributed.is_distributed_launch():
-        return distributed.run_distributed(config, resume)
-    return Trainer(config, resume).run()
-
-
-def final_model_dir(run_dir: str | os.PathLike) -> Path | None:
-    latest = latest_checkpoint(Path(run_dir))
-    return latest / "model" if latest else None
-
-
-def dump_json(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False, indent=2)
-
-
-__all__ = ["LATEST", "PretrainConfig", "TRAINER_STATE", "Trainer", "can_fuse", "checkpoint_dir", "final_model_dir",
-           "keeping_fused_choice", "latest_checkpoint", "learning_rate", "new_model_config", "pretrain",
-           "restore_optimizer", "run_model_config"]
+__all__ = ["PretrainConfig", "RunState", "Trainer", "build_or_load_model", "make_optimizer", "new_model_config",
+           "run_model_config", "save_training_checkpoint"]

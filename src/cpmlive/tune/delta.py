@@ -376,14 +376,6 @@ def delta_layers(model: nn.Module) -> list[tuple[str, DeltaLayer]]:
 # ---- target matching ------------------------------------------------------------------------------
 
 
-def target_matches(name: str, targets: Targets) -> bool:
-    """PEFT's rule: a string is a regex full-match; a list entry matches exactly or as a suffix
-    at a dot boundary."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(_entry_matches(name, entry) for entry in targets)
-
-
 def _entry_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
@@ -410,6 +402,8 @@ def find_targets(model: nn.Module, targets: Targets, kind: type) -> list[str]:
 
 
 def _pattern_matches(name: str, pattern: str, regex: bool) -> bool:
+    """PEFT's rule: a string is a regex full-match; a list entry matches exactly or as a suffix
+    at a dot boundary."""
     if not regex:
         return _entry_matches(name, pattern)
     try:
@@ -816,5 +810,5 @@ __all__ = [
     "DeltaConfig", "DeltaState", "LoraLinear", "PromptTable", "TunedRMSNorm", "active_adapter", "adapter_tensors",
     "attach", "adapter_size", "base_hash", "base_state_dict", "delta_config_from_peft", "delta_layers", "find_targets",
     "load_adapter", "load_adapter_weights", "merge", "merge_checkpoint", "peft_config_of", "remove_adapter",
-    "save_adapter", "set_active_adapter", "target_matches", "trainable_parameters", "trainable_summary", "unload",
+    "save_adapter", "set_active_adapter", "trainable_parameters", "trainable_summary", "unload",
 ]

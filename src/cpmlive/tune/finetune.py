@@ -28,17 +28,18 @@ from typing import Any, ClassVar
 import torch
 
 from cpmlive.config import AntConfig
-from cpmlive.data.objectives import masked_lm_loss
 from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, load_model, new_build_directory, replace_directory
+from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
-from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, checkpoint_dir, publish,
-                                       read_trainer_state, refuse_existing_run, resume_point, warn)
+from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, read_trainer_state,
+                                       refuse_existing_run, resume_point, warn, write_checkpoint)
+from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, restore_optimizer,
+                                rng_state, set_learning_rate, set_rng_state)
 from cpmlive.train.metrics import MetricsLog, finite_or_none
-from cpmlive.train.pretrain import can_fuse, learning_rate, memory_mb, restore_optimizer, rng_state, set_rng_state
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.metrics import accuracy, macro_f1
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input, encode_target, example_batch, label_loss
@@ -160,11 +161,11 @@ class Finetuner:
         self.train_pairs = [self.encode(e) for e in self.train_examples]
         self.eval_pairs = [self.encode(e) for e in self.eval_examples]
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=(config.beta1, config.beta2),
-                                           weight_decay=config.weight_decay, fused=can_fuse(trainable))
+        self.optimizer = adamw([{"params": trainable, "weight_decay": config.weight_decay}], config.lr,
+                               (config.beta1, config.beta2))
         self.steps_per_epoch = max(1, math.ceil(len(self.train_pairs) / (config.batch_size * config.grad_accum)))
         self.total_steps = config.max_steps or max(1, round(config.epochs * self.steps_per_epoch))
-        self.schedule = dataclasses.replace(config, max_steps=self.total_steps)
+        self.schedule = Schedule.of(config, max_steps=self.total_steps)
         self.position = Position()
         if resume:
             self._resume(resume)
@@ -204,13 +205,12 @@ class Finetuner:
         config = self.config
         step = self.position.step + 1
         lr = learning_rate(self.schedule, step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, lr)
         started = time.perf_counter()
         total, tokens = 0.0, 0
         for _ in range(config.grad_accum):
             pairs = self.next_pairs()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            with autocast(config.precision):
                 loss = self.loss(pairs)
             (loss / config.grad_accum).backward()
             total += loss.item() / config.grad_accum
@@ -242,7 +242,7 @@ class Finetuner:
             size = self.config.batch_size
             for start in range(0, len(self.eval_pairs), size):
                 batch = example_batch(self.eval_pairs[start:start + size], self.spec.prompt_task, self.model.config)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+                with autocast(self.config.precision):
                     loss, _ = masked_lm_loss(self.model, batch)
                 n = int((batch.target >= 0).sum())
                 total, count = total + loss.item() * n, count + n
@@ -283,19 +283,13 @@ class Finetuner:
         replace_directory(build, target)
 
     def save_checkpoint(self) -> Path:
-        target = checkpoint_dir(self.run_dir, self.position.step)
-        build = new_build_directory(target)
-        try:
-            self.save_adapter(build / "adapter")
-            torch.save({"optimizer": self.optimizer.state_dict(), "position": dataclasses.asdict(self.position),
-                        "rng": rng_state(), "config": self.config.to_dict()}, build / TRAINER_STATE)
-            replace_directory(build, target)
-        except OSError as exc:
-            shutil.rmtree(build, ignore_errors=True)
-            raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
-                               "the previous checkpoint is intact") from None
-        publish(self.run_dir, target, self.config.keep_checkpoints)
-        return target
+        return write_checkpoint(self.run_dir, self.position.step, self.config.keep_checkpoints, self.write_checkpoint)
+
+    def write_checkpoint(self, build: Path) -> None:
+        """The adapter and the trainer state (optimizer, data position, RNG) into ``build``."""
+        self.save_adapter(build / "adapter")
+        torch.save({"optimizer": self.optimizer.state_dict(), "position": dataclasses.asdict(self.position),
+                    "rng": rng_state(), "config": self.config.to_dict()}, build / TRAINER_STATE)
 
     def read_checkpoint(self, path: Path) -> dict[str, Any]:
         """A checkpoint's trainer state, its adapter loaded into the model; CpmliveError if it
@@ -321,7 +315,7 @@ class Finetuner:
         trainable, total = deltas.trainable_parameters(self.model)
         self.log.write({"type": "start", "step": self.position.step, "config": config.to_dict(),
                         "trainable": trainable, "parameters": total, "time": time.time()})
-        bar = _progress(self.total_steps, self.position.step) if config.progress else None
+        bar = progress_bar(self.total_steps, self.position.step, "finetune", config.progress)
         saved = self.position.step
         try:
             with StopRequest() as stop:
@@ -370,12 +364,6 @@ class Finetuner:
             self.save_best(metrics)
         self.log.write({"type": "eval", "step": step, **{f"val_{k}": finite_or_none(v) for k, v in metrics.items()},
                         "best": better, "time": time.time()})
-
-
-def _progress(total: int, start: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
 
 
 def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:

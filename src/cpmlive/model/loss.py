@@ -1,0 +1,111 @@
+"""The pretraining loss: token-mean cross-entropy over the positions with a target
+(``masked_lm_loss``), computed through the tied head ``LOSS_ROW_BUCKET`` rows at a time
+(``LinearCrossEntropy``) so that no ``[B, L, vocab]`` tensor of logits is ever made."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch
+from cpmlive.utils import compute_dtype
+
+LOSS_ROW_BUCKET = 256
+
+
+class AntLike(Protocol):
+    input_embedding: torch.nn.Embedding  # the tied output head's weight
+
+    def __call__(self, input_ids: Tensor, segment: Tensor, context: Tensor, span: Tensor,
+                 valid: Tensor) -> Tensor: ...
+
+
+def head_losses(hidden: Tensor, weight: Tensor, targets: Tensor,
+                want_gradient: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-row cross-entropy of ``hidden @ weight.T`` (0 where the target is ignored), made
+    ``LOSS_ROW_BUCKET`` rows at a time so that only one ``[block, vocab]`` float32 block of
+    logits exists at once. With ``want_gradient``, also the loss's gradient with respect to the
+    logits (softmax minus one-hot), in the products' dtype, ``[rows, vocab]``.
+
+    The products run in the autocast dtype when autocast is on (as ``F.linear`` would); the
+    softmax runs in float32.
+    """
+    dtype = compute_dtype(hidden)
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        losses = torch.zeros(h.size(0), dtype=torch.float32, device=h.device)
+        grad_logits = h.new_empty(h.size(0), w.size(0)) if want_gradient else None
+        for start in range(0, h.size(0), LOSS_ROW_BUCKET):
+            block = slice(start, start + LOSS_ROW_BUCKET)
+            logits = (h[block] @ w.T).float()
+            kept = targets[block] != IGNORE_INDEX
+            index = targets[block].clamp(min=0)[:, None]
+            normaliser = logits.logsumexp(dim=-1, keepdim=True)
+            losses[block] = (normaliser - logits.gather(1, index))[:, 0] * kept
+            if want_gradient:
+                probs = logits.sub_(normaliser).exp_()
+                probs.scatter_add_(1, index, torch.full_like(index, -1, dtype=probs.dtype))
+                grad_logits[block] = probs.mul_(kept[:, None])
+    return losses, grad_logits
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed :func:`head_losses` with autograd, without the logits kept for the backward pass.
+
+    The standard path keeps the ``[rows, vocab]`` logits, their float32 copy and log-softmax,
+    then makes a float32 gradient of the same size: tensors of over 100 MB per step at a 30k
+    vocabulary, mapped and page-faulted afresh every step. This keeps only the gradient with
+    respect to the logits, in the products' dtype, which is what the standard path's backward
+    hands to the same two products. Returns the summed loss, and the per-row losses without
+    gradient (for logging).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        losses, grad_logits = head_losses(hidden, weight, targets, want_gradient=True)
+        ctx.save_for_backward(hidden, weight, grad_logits)
+        ctx.mark_non_differentiable(losses)
+        return losses.sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _unused: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        hidden, weight, grad_logits = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        with torch.autocast(hidden.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_hidden = ((grad_logits @ weight.to(grad_logits.dtype)).float() * grad_total).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = ((grad_logits.T @ hidden.to(grad_logits.dtype)).float() * grad_total).to(weight.dtype)
+        return grad_hidden, grad_weight, None
+
+
+def masked_lm_loss(model: AntLike, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token-mean cross-entropy over positions with a target, plus the same per task.
+
+    Only the hidden states at target positions go through the vocabulary projection
+    (:class:`LinearCrossEntropy`), so no ``[B, L, vocab]`` tensor is made. The per-task losses
+    are detached (for logging) and NaN for a task with no targets in the batch.
+    """
+    hidden = model(batch.input_ids, batch.segment, batch.context, batch.span, batch.valid)
+    selected = batch.target != IGNORE_INDEX
+    count = int(selected.sum())
+    # Pad the rows to a multiple of LOSS_ROW_BUCKET: oneDNN compiles and caches a kernel per
+    # matmul shape, and a new target count every step would grow that cache without bound.
+    padding = -count % LOSS_ROW_BUCKET
+    rows = F.pad(hidden[selected], (0, 0, 0, padding))
+    targets = F.pad(batch.target[selected], (0, padding), value=IGNORE_INDEX)
+    weight = model.input_embedding.weight
+    if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
+        total, losses = LinearCrossEntropy.apply(rows, weight, targets)
+    else:
+        losses, _ = head_losses(rows, weight, targets)
+        total = losses.sum()
+    tasks = batch.task[selected]
+    per_task = {name: losses[:count][tasks == task].mean() for task, name in TASK_NAMES.items()}
+    return total / count, per_task
+
+
+__all__ = ["AntLike", "LOSS_ROW_BUCKET", "LinearCrossEntropy", "head_losses", "masked_lm_loss"]
