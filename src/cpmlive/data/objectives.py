@@ -41,11 +41,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cpmlive.data.layout import GENERATION, INFILLING
+
 ANT_BOS_ID = 6
 ANT_EOS_ID = 7
 IGNORE_INDEX = -100
 TASK_NAMES = {0: "mlm", 1: "lm"}
-INFILLING, GENERATION = 1, 2
 
 # prompt task -> (segment type, segment task), as the preprocessing writes them
 _OBJECTIVES = {INFILLING: (1, 0), GENERATION: (2, 1)}
@@ -308,7 +309,7 @@ def pack(instances: Iterable[Instance | None], max_length: int, batch_size: int,
 
 
 __all__ = [
-    "ANT_BOS_ID", "ANT_EOS_ID", "Batch", "BatchPacker", "GENERATION", "IGNORE_INDEX", "INFILLING",
+    "ANT_BOS_ID", "ANT_EOS_ID", "Batch", "BatchPacker", "IGNORE_INDEX",
     "Instance", "OriginalRng", "TASK_NAMES", "chunk_document", "concat_batches", "make_instance", "make_record",
     "pack",
 ]

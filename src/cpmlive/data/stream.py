@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cpmlive.data.objectives import GENERATION, INFILLING, Batch, make_instance, make_record, pack
+from cpmlive.data.layout import GENERATION, INFILLING
+from cpmlive.data.objectives import Batch, make_instance, make_record, pack
 from cpmlive.data.store import TokenStore
 from cpmlive.errors import CpmliveError
 
