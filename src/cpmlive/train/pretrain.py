@@ -31,6 +31,7 @@ from cpmlive.data.stream import PretrainStream, fixed_batches
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, expected_shapes, load_model, save_checkpoint
+from cpmlive.model.families import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
@@ -166,7 +167,7 @@ def check_same_architecture(saved: AntConfig, ours: AntConfig, path: Path) -> No
 def build_or_load_model(config: PretrainConfig) -> CpmAnt:
     source = Path(config.model)
     if source.is_dir():
-        model = load_model(source, dtype=torch.float32)
+        model, _ = family_of(source).load(source, dtype=torch.float32)
         return model.train()
     model = CpmAnt(new_model_config(config))
     model.init_weights(config.seed)

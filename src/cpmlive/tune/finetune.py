@@ -31,9 +31,11 @@ from cpmlive.config import AntConfig
 from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
-from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, load_model, new_build_directory, replace_directory
+from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, new_build_directory, replace_directory
+from cpmlive.model.families import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
+from cpmlive.resources import model_path
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, read_trainer_state,
                                        refuse_existing_run, resume_point, warn, write_checkpoint)
@@ -45,7 +47,6 @@ from cpmlive.tune.metrics import accuracy, macro_f1
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input, encode_target, example_batch, label_loss
 from cpmlive.utils import atomic_write_text
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BEST = "best"
 
 
@@ -118,8 +119,8 @@ class FinetuneConfig(Recipe):
 
 
 def resolve_model_path(name: str) -> Path:
-    path = ASSETS / "demo" if name == "demo" else Path(name)
-    if not (path / "config.json").is_file():
+    path = model_path(name)
+    if not (path / CONFIG_NAME).is_file():
         raise CpmliveError(f"{name}: not a checkpoint directory (no config.json)")
     return path
 
@@ -151,7 +152,7 @@ class Finetuner:
         self.tokenizer = AntTokenizer.from_file(self.vocab_path)
         self.train_examples = read_examples(config.data, config.task)
         self.eval_examples = read_examples(config.eval, config.task) if config.eval else []
-        self.model: CpmAnt = load_model(model_path, dtype=torch.float32).train()
+        self.model: CpmAnt = family_of(model_path).load(model_path, dtype=torch.float32)[0].train()
         self.delta = deltas.DeltaConfig.from_dict(config.delta)
         deltas.attach(self.model, self.delta)
         self.spec = self._task_spec()
