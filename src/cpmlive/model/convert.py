@@ -30,9 +30,10 @@ from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import (
-    CONFIG_NAME, check_layer_count, model_from_state_dict, INDEX_NAME, VOCAB_NAME, WEIGHTS_NAME, check_state_dict, config_from_openbmb_state,
-    expected_shapes, hf_to_ours, install_checkpoint, new_build_directory, openbmb_to_ours, ours_to_hf,
-    ours_to_openbmb, read_safetensors, read_weights, save_checkpoint, save_safetensors, write_vocab, write_weights,
+    CONFIG_NAME, INDEX_NAME, VOCAB_NAME, WEIGHTS_NAME, check_layer_count, check_state_dict, config_from_openbmb_state,
+    expected_shapes, hf_to_ours, install_checkpoint, model_from_state_dict, new_build_directory, openbmb_to_ours,
+    ours_to_hf, ours_to_openbmb, read_safetensors, read_weights, save_checkpoint, save_safetensors, write_vocab,
+    write_weights,
 )
 from cpmlive.resources import model_path
 from cpmlive.utils import atomic_write_text, check_output, default_mode, parse_dtype
@@ -215,7 +216,9 @@ def read_raw(source: Source) -> dict[str, Tensor]:
     return _read_files(source.weights)
 
 
-def _meta_state(config: AntConfig) -> dict[str, Tensor]:
+def _meta_state(config: AntConfig, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """The shapes ``config`` expects, once its depth is checked against ``state``'s layer keys."""
+    check_layer_count(state, config, source)
     return {name: torch.empty(shape, device="meta") for name, shape in expected_shapes(config).items()}
 
 
@@ -255,7 +258,8 @@ def _openbmb_config(source: Source, state: dict[str, Tensor]) -> AntConfig:
 
 def _load_openbmb(source: Source, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], AntConfig]:
     config = _openbmb_config(source, state)
-    check_layout(state, ours_to_openbmb(_meta_state(config), config), str(source.weights[0]))
+    where = str(source.weights[0])
+    check_layout(state, ours_to_openbmb(_meta_state(config, state, where), config), where)
     return openbmb_to_ours(state, config), config
 
 
@@ -270,7 +274,8 @@ def _load_hf(source: Source, state: dict[str, Tensor]) -> tuple[dict[str, Tensor
     head = state.get("lm_head.weight")
     if head is not None and head.size(0) > config.vocab_size:
         state["lm_head.weight"] = head[: config.vocab_size]
-    check_layout(state, ours_to_hf(_meta_state(config), config), str(source.directory),
+    where = str(source.directory)
+    check_layout(state, ours_to_hf(_meta_state(config, state, where), config), where,
                  optional=("lm_head.weight",))
     try:
         return hf_to_ours(state, config)
@@ -280,7 +285,7 @@ def _load_hf(source: Source, state: dict[str, Tensor]) -> tuple[dict[str, Tensor
 
 def _load_ours(source: Source, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], AntConfig]:
     config = AntConfig.load(source.config)
-    check_layout(state, _meta_state(config), str(source.directory))
+    check_layout(state, _meta_state(config, state, str(source.directory)), str(source.directory))
     return state, config
 
 
@@ -290,10 +295,7 @@ LOADERS: dict[str, Callable[[Source, dict[str, Tensor]], tuple[dict[str, Tensor]
 
 
 def _load(source: Source) -> tuple[dict[str, Tensor], AntConfig]:
-    raw = read_raw(source)
-    if source.format != "openbmb" or source.config is not None:
-        check_layer_count(raw, AntConfig.load(source.config), str(source.path))
-    state, config = LOADERS[source.format](source, raw)
+    state, config = LOADERS[source.format](source, read_raw(source))
     check_state_dict(state, config, str(source.path))
     return state, config
 
