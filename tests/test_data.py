@@ -223,7 +223,8 @@ def test_prepare_is_deterministic_across_workers(tmp_path, tokenizer):
     two = prepare([str(corpus)], ANT_VOCAB, tmp_path / "two", val_fraction=0.1, workers=2,
                   shard_documents=32, progress=False)
     assert output_bytes(tmp_path / "one") == output_bytes(tmp_path / "two")
-    files = ["meta.json", "train.bin", "train.idx.npy", "val.bin", "val.idx.npy"]
+    files = ["meta.json", "train.bin", "train.idx.npy", "train.source.npy", "val.bin", "val.idx.npy",
+             "val.source.npy"]
     assert sorted(output_bytes(tmp_path / "one")) == files
     assert one["documents"] == two["documents"] == len(texts)
     assert one["train"]["documents"] + one["val"]["documents"] == len(texts)

@@ -160,7 +160,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(data_dir, t
 def test_vocab_mismatch_is_a_clear_error(data_dir, tmp_path):
     other = tmp_path / "data"
     other.mkdir()
-    for name in ("meta.json", "train.bin", "train.idx.npy", "val.bin", "val.idx.npy"):
+    for name in ("meta.json", "train.bin", "train.idx.npy", "train.source.npy", "val.bin", "val.idx.npy",
+                 "val.source.npy"):
         (other / name).write_bytes((data_dir / name).read_bytes())
     vocab = (data_dir / "vocab.txt").read_text("utf-8").splitlines()
     (other / "vocab.txt").write_text("\n".join(vocab[:-1] + ["新词"]) + "\n", encoding="utf-8")

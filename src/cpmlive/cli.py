@@ -262,8 +262,20 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
                     workers=args.workers, progress=not args.quiet, force=args.force)
     if not Path(args.out, "vocab.txt").exists() or not Path(args.out, "vocab.txt").samefile(args.vocab):
         shutil.copyfile(args.vocab, Path(args.out) / "vocab.txt")
+    print(source_table(stats["per_source"]))
     print(f"{stats['documents']} documents, {stats['chars']} chars, {stats['tokens']} tokens "
           f"(train {stats['train']['documents']} docs, val {stats['val']['documents']} docs) -> {args.out}")
+
+
+def source_table(per_source: dict[str, dict]) -> str:
+    """Documents, characters and train/val tokens of each source, one line each."""
+    names = max(len("source"), *(len(name) for name in per_source))
+    lines = [f"{'source':<{names}} {'documents':>10} {'chars':>11} {'train tokens':>13} {'val docs':>9} "
+             f"{'short':>7} {'dupes':>7}"]
+    for name, row in per_source.items():
+        lines.append(f"{name:<{names}} {row['documents']:>10,} {row['chars']:>11,} {row['train']['tokens']:>13,} "
+                     f"{row['val']['documents']:>9,} {row['dropped']['short']:>7,} {row['dropped']['duplicate']:>7,}")
+    return "\n".join(lines)
 
 
 def cmd_data_headlines(args: argparse.Namespace) -> None:

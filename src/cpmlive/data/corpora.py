@@ -88,15 +88,18 @@ def _clean_line(line: str) -> str:
 
 
 def clean_paragraphs(
-    texts: Iterable[str], min_chars: int = DEFAULT_MIN_CHARS, counts: Counter[str] | None = None
+    texts: Iterable[str], min_chars: int = DEFAULT_MIN_CHARS, counts: Counter[str] | None = None,
+    seen: set[bytes] | None = None,
 ) -> Iterator[str]:
     """Normalised texts, without those shorter than ``min_chars`` or seen before.
 
     Duplicates are found by a hash of the normalised text; the first one is
-    kept. ``counts`` (optional) receives ``short`` and ``duplicate`` tallies.
+    kept. ``counts`` (optional) receives ``short`` and ``duplicate`` tallies;
+    ``seen`` (optional) is the set of hashes already kept, shared across calls
+    to drop a paragraph that an earlier source had.
     """
     counts = Counter() if counts is None else counts
-    seen: set[bytes] = set()
+    seen = set() if seen is None else seen
     for raw in texts:
         text = normalize_width(raw)
         if len(text) < min_chars:

@@ -7,13 +7,18 @@ A prepared directory holds, for each split (``train``, ``val``):
   document is ``<s>``, its ids without ``<unk>``, then ``</s>``;
 * ``<split>.idx.npy``: ``int64`` document offsets into it, one more than the
   number of documents (document ``i`` is ``tokens[idx[i]:idx[i + 1]]``);
+* ``<split>.source.npy``: ``uint8`` index into ``meta["sources"]`` of each
+  document's source, so training can weight a mixture and evaluation can
+  report each domain;
 
-and ``meta.json`` (vocabulary fingerprint and size, dtype, counts, sources,
-seed, split), written last: a directory without it is not finished.
+and ``meta.json`` (vocabulary fingerprint and size, dtype, counts overall and
+per source, seed, split), written last: a directory without it is not finished.
 
 Documents are split between train and val by a hash of (seed, document
-text), so the split does not depend on document order or worker count, and
-the same inputs always give the same bytes. Tokenization runs in shards of
+text), within each source (so every source has held-out documents), so the
+split does not depend on document order or worker count, and the same inputs
+always give the same bytes. A paragraph seen in an earlier source is dropped
+from a later one (dedup across sources by the hash of the normalised text). Tokenization runs in shards of
 documents, each saved under ``shards/`` as soon as it is done; a run that
 was interrupted picks up the shards already saved.
 """
@@ -43,7 +48,8 @@ from cpmlive.utils import atomic_write, check_output
 from cpmlive.tokenizer.ant import NEWLINE_TOKEN, SPACE_TOKEN, AntTokenizer
 
 FORMAT = "cpmlive-token-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAX_SOURCES = 255
 META_FILE = "meta.json"
 SHARD_DIR = "shards"
 SPLITS = ("train", "val")
@@ -101,6 +107,7 @@ class _ShardTask:
     index: int
     path: Path
     documents: list[str]
+    sources: list[int]
     vocab_path: str
     dtype: str
 
@@ -127,6 +134,7 @@ def _tokenize_shard(task: _ShardTask) -> tuple[int, int]:
         "lengths": np.array([len(ids) for ids in docs], dtype=np.int64),
         "digests": np.frombuffer(b"".join(map(document_digest, task.documents)), dtype=np.uint8).reshape(-1, 16),
         "chars": np.array([len(text) for text in task.documents], dtype=np.int64),
+        "sources": np.array(task.sources, dtype=np.uint8),
         "unk": np.array(unknown, dtype=np.int64),
     }
     atomic_write(task.path, lambda out: np.savez(out, **arrays))
@@ -134,16 +142,22 @@ def _tokenize_shard(task: _ShardTask) -> tuple[int, int]:
 
 
 def _documents(
-    sources: Sequence[str], min_chars: int, cache_dir: PathLike | None, counts: Counter[str]
-) -> Iterator[str]:
-    texts = (text for source in sources for text in iter_source(source, cache_dir=cache_dir))
-    return clean_paragraphs(texts, min_chars=min_chars, counts=counts)
+    sources: Sequence[str], min_chars: int, cache_dir: PathLike | None, counts: dict[str, Counter[str]]
+) -> Iterator[tuple[int, str]]:
+    """(source index, cleaned text) of every document; ``counts[source]`` gets its drop tallies."""
+    seen: set[bytes] = set()
+    for index, source in enumerate(sources):
+        tally = counts.setdefault(source, Counter())
+        texts = clean_paragraphs(iter_source(source, cache_dir=cache_dir), min_chars=min_chars, counts=tally,
+                                 seen=seen)
+        for text in texts:
+            yield index, text
 
 
-def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
+def _batches(documents: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    batch: list[tuple[int, str]] = []
+    for document in documents:
+        batch.append(document)
         if len(batch) == size:
             yield batch
             batch = []
@@ -151,10 +165,10 @@ def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _shard_name(index: int, documents: list[str], fingerprint: str, dtype: str) -> str:
+def _shard_name(index: int, documents: list[tuple[int, str]], fingerprint: str, dtype: str) -> str:
     digest = hashlib.blake2b(f"{fingerprint}\0{dtype}\0".encode(), digest_size=10)
-    for text in documents:
-        digest.update(text.encode("utf-8") + b"\0")
+    for source, text in documents:
+        digest.update(f"{source}\0{text}\0".encode("utf-8"))
     return f"{index:06d}-{digest.hexdigest()}.npz"
 
 
@@ -182,7 +196,8 @@ class _Plan:
     shard_documents: int
 
 
-def _tokenize_all(documents: Iterable[str], plan: _Plan, workers: int, progress: Any) -> tuple[list[Path], int]:
+def _tokenize_all(documents: Iterable[tuple[int, str]], plan: _Plan, workers: int,
+                  progress: Any) -> tuple[list[Path], int]:
     """Write every missing shard; returns all shard paths in order and how many were reused."""
     paths: list[Path] = []
     reused = 0
@@ -194,9 +209,10 @@ def _tokenize_all(documents: Iterable[str], plan: _Plan, workers: int, progress:
             paths.append(path)
             if path.is_file():
                 reused += 1
-                progress.update(sum(map(len, batch)))
+                progress.update(sum(len(text) for _, text in batch))
                 continue
-            yield _ShardTask(index, path, batch, plan.vocab_path, plan.dtype)
+            yield _ShardTask(index, path, [text for _, text in batch], [source for source, _ in batch],
+                             plan.vocab_path, plan.dtype)
 
     tokens = 0
     for chars, count in _ordered_results(tasks(), workers):
@@ -212,10 +228,15 @@ def _load_shard(path: Path, *keys: str) -> dict[str, np.ndarray]:
 
 
 def _split_masks(paths: Sequence[Path], seed: int, val_fraction: float) -> list[np.ndarray]:
-    digests = [_load_shard(path, "digests")["digests"] for path in paths]
-    scores = [split_score(row.tobytes(), seed) for block in digests for row in block]
-    mask = val_mask(scores, val_fraction)
-    bounds = np.cumsum([0, *(len(block) for block in digests)])
+    """Val flags per shard, chosen within each source (see ``val_mask``)."""
+    shards = [_load_shard(path, "digests", "sources") for path in paths]
+    scores = [split_score(row.tobytes(), seed) for shard in shards for row in shard["digests"]]
+    sources = np.concatenate([shard["sources"] for shard in shards])
+    mask = np.zeros(len(scores), dtype=bool)
+    for source in np.unique(sources):
+        members = np.flatnonzero(sources == source)
+        mask[members] = val_mask([scores[i] for i in members], val_fraction)
+    bounds = np.cumsum([0, *(len(shard["digests"]) for shard in shards)])
     return [mask[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
 
 
@@ -229,27 +250,34 @@ class _SplitWriter:
         self.tmp = Path(tmp)
         self.handle = os.fdopen(fd, "wb")
         self.lengths: list[np.ndarray] = []
+        self.sources: list[np.ndarray] = []
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, sources: np.ndarray) -> None:
         self.handle.write(tokens.tobytes())
         self.lengths.append(lengths)
+        self.sources.append(sources)
 
     def finish(self) -> dict[str, int]:
         """Close the token file and write the index (both still temporary)."""
         self.handle.close()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        sources = np.concatenate(self.sources) if self.sources else np.zeros(0, dtype=np.uint8)
         atomic_write(self.out_dir / f".{self.split}.idx.npy.tmp", lambda out: np.save(out, offsets))
+        atomic_write(self.out_dir / f".{self.split}.source.npy.tmp", lambda out: np.save(out, sources))
+        self.per_source = {int(s): (int((sources == s).sum()), int(lengths[sources == s].sum()))
+                           for s in np.unique(sources)}
         return {"documents": int(len(lengths)), "tokens": int(offsets[-1])}
 
     def commit(self) -> None:
         os.chmod(self.tmp, 0o644)
         os.replace(self.tmp, self.out_dir / f"{self.split}.bin")
         os.replace(self.out_dir / f".{self.split}.idx.npy.tmp", self.out_dir / f"{self.split}.idx.npy")
+        os.replace(self.out_dir / f".{self.split}.source.npy.tmp", self.out_dir / f"{self.split}.source.npy")
 
     def discard(self) -> None:
         self.handle.close()
-        for path in (self.tmp, self.out_dir / f".{self.split}.idx.npy.tmp"):
+        for path in (self.tmp, *(self.out_dir / f".{self.split}.{kind}.npy.tmp" for kind in ("idx", "source"))):
             with contextlib.suppress(OSError):
                 path.unlink()
 
@@ -263,8 +291,9 @@ def _assemble(paths: Sequence[Path], out_dir: Path, seed: int, val_fraction: flo
         for path, is_val in zip(paths, masks):
             shard = _load_shard(path)
             token_is_val = np.repeat(is_val, shard["lengths"])
-            writers["train"].add(shard["tokens"][~token_is_val], shard["lengths"][~is_val])
-            writers["val"].add(shard["tokens"][token_is_val], shard["lengths"][is_val])
+            for writer, keep, token_keep in ((writers["train"], ~is_val, ~token_is_val),
+                                              (writers["val"], is_val, token_is_val)):
+                writer.add(shard["tokens"][token_keep], shard["lengths"][keep], shard["sources"][keep])
             totals.update(chars=int(shard["chars"].sum()), unk_dropped=int(shard["unk"]))
         splits = {split: writer.finish() for split, writer in writers.items()}
         with contextlib.suppress(FileNotFoundError):
@@ -275,12 +304,18 @@ def _assemble(paths: Sequence[Path], out_dir: Path, seed: int, val_fraction: flo
         for writer in writers.values():
             writer.discard()
         raise
-    return {"chars": totals["chars"], "unk_dropped": totals["unk_dropped"], **splits}
+    per_source = {split: writer.per_source for split, writer in writers.items()}
+    return {"chars": totals["chars"], "unk_dropped": totals["unk_dropped"], "per_source": per_source, **splits}
 
 
 def _check_options(sources: Sequence[str], val_fraction: float, min_chars: int, shard_documents: int) -> None:
     if not sources:
         raise CpmliveError("no corpus sources given")
+    if len(sources) > MAX_SOURCES:
+        raise CpmliveError(f"at most {MAX_SOURCES} corpus sources, got {len(sources)}")
+    repeated = sorted({source for source in sources if sources.count(source) > 1})
+    if repeated:
+        raise CpmliveError(f"corpus source given twice: {', '.join(repeated)}")
     if not 0 <= val_fraction < 1:
         raise CpmliveError(f"val fraction must be in [0, 1), got {val_fraction}")
     if min_chars < 1:
@@ -297,15 +332,18 @@ def _default_workers() -> int:
 
 def _count_documents(
     sources: Sequence[str], min_chars: int, cache_dir: PathLike | None
-) -> tuple[int, int, Counter[str]]:
-    counts: Counter[str] = Counter()
-    documents = chars = 0
-    for text in _documents(sources, min_chars, cache_dir, counts):
-        documents += 1
-        chars += len(text)
-    if documents == 0:
-        raise CpmliveError(f"no documents of at least {min_chars} characters in {', '.join(sources)}")
-    return documents, chars, counts
+) -> tuple[int, int, dict[str, Counter[str]]]:
+    """Totals, and per source its kept documents/chars and drop tallies; an empty source is an error."""
+    counts: dict[str, Counter[str]] = {}
+    for index, text in _documents(sources, min_chars, cache_dir, counts):
+        counts[sources[index]].update(documents=1, chars=len(text))
+    for source in sources:
+        tally = counts[source]
+        if tally["documents"] == 0:
+            raise CpmliveError(
+                f"corpus source {source} has no documents left after cleaning ({tally['short']} shorter than "
+                f"{min_chars} characters, {tally['duplicate']} duplicates)")
+    return sum(c["documents"] for c in counts.values()), sum(c["chars"] for c in counts.values()), counts
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
@@ -357,7 +395,7 @@ def prepare(
     shards = -(-documents // shard_documents)
     workers = max(1, min(workers or _default_workers(), shards))
     with _progress_bar(chars, progress) as bar:
-        paths, reused = _tokenize_all(_documents(sources, min_chars, cache_dir, Counter()), plan, workers, bar)
+        paths, reused = _tokenize_all(_documents(sources, min_chars, cache_dir, {}), plan, workers, bar)
     assembled = _assemble(paths, out, seed, val_fraction)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -367,13 +405,29 @@ def prepare(
         "split": "document", "documents": documents, "chars": assembled["chars"],
         "tokens": assembled["train"]["tokens"] + assembled["val"]["tokens"],
         "unk_dropped": assembled["unk_dropped"],
-        "dropped": {"short": counts["short"], "duplicate": counts["duplicate"]},
+        "dropped": {"short": sum(c["short"] for c in counts.values()),
+                    "duplicate": sum(c["duplicate"] for c in counts.values())},
         "train": assembled["train"], "val": assembled["val"],
+        "per_source": _per_source_meta(sources, counts, assembled["per_source"]),
     }
     text = json.dumps(meta, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
     atomic_write(out / META_FILE, lambda handle: handle.write(text.encode("utf-8")))
     shutil.rmtree(plan.shard_dir, ignore_errors=True)
     return {**meta, "seconds": round(time.monotonic() - started, 3), "shards_reused": reused}
+
+
+def _per_source_meta(sources: Sequence[str], counts: dict[str, Counter[str]],
+                     splits: dict[str, dict[int, tuple[int, int]]]) -> dict[str, dict[str, Any]]:
+    table = {}
+    for index, source in enumerate(sources):
+        tally = counts[source]
+        entry: dict[str, Any] = {"documents": tally["documents"], "chars": tally["chars"],
+                                 "dropped": {"short": tally["short"], "duplicate": tally["duplicate"]}}
+        for split, rows in splits.items():
+            documents, tokens = rows.get(index, (0, 0))
+            entry[split] = {"documents": documents, "tokens": tokens}
+        table[source] = entry
+    return table
 
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -388,7 +442,8 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CpmliveError(f"{path} is not a cpmlive token store description")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CpmliveError(f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        raise CpmliveError(f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION} "
+                           f"(prepare the data again with this cpmlive)")
     return meta
 
 
@@ -404,6 +459,8 @@ class TokenStore:
         self.dtype = np.dtype(self.meta["dtype"])
         self.tokens = self._map_tokens(self.directory / f"{split}.bin", int(self.meta[split]["tokens"]))
         self.offsets = self._load_offsets(self.directory / f"{split}.idx.npy", int(self.meta[split]["documents"]))
+        self.sources: list[str] = list(self.meta["sources"])
+        self.document_sources = self._load_sources(self.directory / f"{split}.source.npy")
 
     def _map_tokens(self, path: Path, expected: int) -> np.ndarray:
         try:
@@ -426,6 +483,21 @@ class TokenStore:
         if offsets.shape != (expected + 1,) or int(offsets[-1]) != len(self.tokens):
             raise CpmliveError(f"document index {path} does not match {META_FILE}")
         return offsets
+
+    def _load_sources(self, path: Path) -> np.ndarray:
+        try:
+            sources = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise CpmliveError(f"cannot read document sources {path}: {exc}") from exc
+        if sources.shape != (self.num_documents,) or (len(sources) and int(sources.max()) >= len(self.sources)):
+            raise CpmliveError(f"document sources {path} do not match {META_FILE}")
+        return sources
+
+    def source_index(self, name: str) -> int:
+        """Index of source ``name`` in this store; CpmliveError naming the ones it has."""
+        if name not in self.sources:
+            raise CpmliveError(f"{self.directory} has no source {name!r} (it has: {', '.join(self.sources)})")
+        return self.sources.index(name)
 
     @property
     def num_tokens(self) -> int:

@@ -4,10 +4,17 @@ Documents are cut into pieces that fit a row with their prompt; every epoch visi
 in a seeded order. The instance for piece ``k`` of epoch ``e`` (objective and mask) comes from
 a generator seeded by ``(seed, e, k)``, so a batch depends only on the position it starts from:
 ``(epoch, index)`` is the whole state a checkpoint needs to resume exactly.
+
+A mixture weights the sources of the store: an epoch holds each piece of a source of weight
+``w`` ``floor(w)`` times, plus a seeded share ``w - floor(w)`` of its pieces once more (a new
+share every epoch), so 0.25 visits a quarter of a source per epoch and 3 visits it three times.
+Sources the mixture does not name keep weight 1; weight 0 leaves a source out.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,42 +36,82 @@ class StreamPosition:
 
 
 def document_pieces(store: TokenStore, piece_tokens: int, min_tokens: int) -> np.ndarray:
-    """``[n, 3]`` rows of (document, start, length) over the text between ``<s>`` and ``</s>``."""
+    """``[n, 4]`` rows of (document, start, length, source) over the text between ``<s>`` and ``</s>``."""
     rows = []
     offsets = np.asarray(store.offsets, dtype=np.int64)
     for doc in range(store.num_documents):
         text_length = int(offsets[doc + 1] - offsets[doc]) - 2
+        source = int(store.document_sources[doc])
         for start in range(0, max(text_length, 0), piece_tokens):
             length = min(piece_tokens, text_length - start)
             if length >= min_tokens:
-                rows.append((doc, start, length))
+                rows.append((doc, start, length, source))
     if not rows:
         raise CpmliveError(f"{store.directory}: no document has {min_tokens}+ tokens in split {store.split!r}")
     return np.asarray(rows, dtype=np.int64)
+
+
+def source_weights(store: TokenStore, mixture: Mapping[str, float] | None) -> np.ndarray:
+    """Weight of each source of ``store`` (1 unless ``mixture`` names it); checks the names and values."""
+    weights = np.ones(len(store.sources), dtype=np.float64)
+    for name, weight in (mixture or {}).items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) \
+                or weight < 0:
+            raise CpmliveError(f"mixture weight of {name} must be a finite number >= 0, got {weight!r}")
+        weights[store.source_index(name)] = float(weight)
+    return weights
+
+
+def mixture_shares(pieces: np.ndarray, weights: np.ndarray, sources: list[str]) -> dict[str, float]:
+    """Share of the tokens of an epoch that comes from each source."""
+    tokens = np.bincount(pieces[:, 3], weights=pieces[:, 2], minlength=len(sources)) * weights
+    return {name: float(share) for name, share in zip(sources, tokens / tokens.sum())}
 
 
 class PretrainStream:
     """Batches of ``batch_size`` rows of ``seq_length`` with both objectives, p = 0.5 each."""
 
     def __init__(self, store: TokenStore, seq_length: int, batch_size: int, seed: int = 0,
-                 prompt_length: int = 32, min_tokens: int = 8, vocab_size: int | None = None) -> None:
+                 prompt_length: int = 32, min_tokens: int = 8, vocab_size: int | None = None,
+                 mixture: Mapping[str, float] | None = None) -> None:
         self.store, self.seq_length, self.batch_size = store, seq_length, batch_size
         self.seed, self.prompt_length = seed, prompt_length
         self.vocab_size = vocab_size
         self.bos_id, self.eos_id = int(store.meta["bos_id"]), int(store.meta["eos_id"])
         # A row holds one piece at most: prompt, <s>, piece, </s> and the packer's strict "<".
         self.pieces = document_pieces(store, seq_length - prompt_length - 3, min_tokens)
+        self.weights = source_weights(store, mixture)
+        present = np.bincount(self.pieces[:, 3], minlength=len(store.sources)) > 0
+        if not (self.weights[present] > 0).any():
+            raise CpmliveError("the mixture gives every source of the data weight 0")
+        self.shares = mixture_shares(self.pieces, self.weights, store.sources)
         self.position = StreamPosition()
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
+    def _epoch_pieces(self, rng: np.random.Generator) -> np.ndarray:
+        """Piece indices of one epoch before shuffling, each source repeated by its weight."""
+        if (self.weights == 1).all():
+            return np.arange(len(self.pieces))
+        chosen = []
+        for source, weight in enumerate(self.weights):
+            members = np.flatnonzero(self.pieces[:, 3] == source)
+            whole, part = int(weight), weight - int(weight)
+            chosen.extend([members] * whole)
+            extra = round(part * len(members))
+            if extra:
+                chosen.append(np.sort(rng.choice(members, size=extra, replace=False)))
+        return np.concatenate(chosen)
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
+            rng = np.random.default_rng([self.seed, epoch])
+            pieces = self._epoch_pieces(rng)
+            self._order = pieces[rng.permutation(len(pieces))]
             self._order_epoch = epoch
         return self._order
 
     def _instance(self, epoch: int, index: int):
-        doc, start, length = self.pieces[self._epoch_order(epoch)[index]]
+        doc, start, length, _ = self.pieces[self._epoch_order(epoch)[index]]
         tokens = self.store.document(int(doc))[1 + start:1 + start + length].astype(np.int64).tolist()
         rng = np.random.default_rng([self.seed, epoch, index])
         task = INFILLING if rng.random() < 0.5 else GENERATION
@@ -77,7 +124,7 @@ class PretrainStream:
         instances = []
         epoch, index = self.position.epoch, self.position.index
         while True:
-            if index >= len(self.pieces):
+            if index >= len(self._epoch_order(epoch)):
                 epoch, index = epoch + 1, 0
             instance = self._instance(epoch, index)
             row = next((r for r, n in enumerate(used) if n + instance.length < self.seq_length), None)
@@ -120,4 +167,5 @@ def fixed_batches(store: TokenStore, seq_length: int, batch_size: int, count: in
     return batches
 
 
-__all__ = ["PretrainStream", "StreamPosition", "document_pieces", "fixed_batches"]
+__all__ = ["PretrainStream", "StreamPosition", "document_pieces", "fixed_batches", "mixture_shares",
+           "source_weights"]

@@ -27,7 +27,7 @@ import torch
 from cpmlive.config import AntConfig, preset
 from cpmlive.data.objectives import Batch
 from cpmlive.data.store import TokenStore
-from cpmlive.data.stream import PretrainStream, fixed_batches
+from cpmlive.data.stream import PretrainStream, fixed_batches, source_weights
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, expected_shapes, load_model, save_checkpoint
@@ -48,6 +48,8 @@ class PretrainConfig(Recipe):
     model: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str = ""
+    # weight per source of the data (1 when not named): how many times an epoch visits it
+    mixture: dict[str, float] = field(default_factory=dict)
     out: str = "runs/pretrain"
     seq_length: int = 512
     batch_size: int = 8
@@ -91,6 +93,10 @@ class PretrainConfig(Recipe):
     def check(self) -> None:
         if not self.data:
             raise CpmliveError("config: data is required (a directory made by `cpmlive data prepare`)")
+        for name, weight in self.mixture.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or weight < 0:
+                raise CpmliveError(f"config: mixture weight of {name} must be a finite number >= 0, got {weight!r}")
 
 
 def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
@@ -220,13 +226,14 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.out)
         check_fits_model(config, run_model_config(config))
+        train_store = TokenStore(config.data, "train")
+        source_weights(train_store, config.mixture)
         self.on_main(lambda: refuse_existing_run(self.run_dir, resume))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.vocab_path = vocab_for(config)
         tokenizer = AntTokenizer.from_file(self.vocab_path)
-        train_store = TokenStore(config.data, "train")
         train_store.check_vocab(tokenizer)
         self.model = build_or_load_model(config)
         if self.model.config.vocab_size != tokenizer.vocab_size:
@@ -236,7 +243,8 @@ class Trainer:
         self.model = self.prepare_model(self.model)
         vocab_size = self.model.config.vocab_size
         self.stream = PretrainStream(train_store, config.seq_length, config.batch_size, seed=config.seed,
-                                     prompt_length=self.model.config.prompt_length, vocab_size=vocab_size)
+                                     prompt_length=self.model.config.prompt_length, vocab_size=vocab_size,
+                                     mixture=config.mixture)
         self.val_batches = fixed_batches(TokenStore(config.data, "val"), config.seq_length, config.batch_size,
                                          config.eval_batches, vocab_size=vocab_size)
         self.optimizer = make_optimizer(self.model, config)
@@ -336,7 +344,7 @@ class Trainer:
         config = self.config
         self.log.write({"type": "start", "step": self.state.step, "config": config.to_dict(),
                         "parameters": self.model.num_parameters(), "world_size": self.world_size,
-                        "time": time.time()})
+                        "mixture": self.stream.shares, "time": time.time()})
         bar = progress_bar(config.max_steps, self.state.step, "pretrain", config.progress and self.is_main)
         saved = self.state.step
         try:
