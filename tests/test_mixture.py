@@ -161,3 +161,31 @@ def test_data_prepare_prints_per_source_counts(tmp_path, store_dir):
     assert lines[0].split()[:3] == ["source", "documents", "chars"]
     assert lines[1].startswith(news) and lines[1].split()[1] == str(len(NEWS) + 1)
     assert lines[2].startswith(poems) and lines[2].split()[-1] == "1"
+
+
+def test_sample_share_keeps_the_same_share_whatever_the_order():
+    from cpmlive.data.corpora import sample_share
+
+    texts = [f"第{i}首诗，春风又绿江南岸。" for i in range(2000)]
+    kept = list(sample_share(texts, 0.1))
+    assert 150 < len(kept) < 250
+    assert sorted(sample_share(reversed(texts), 0.1)) == sorted(kept)
+    assert list(sample_share(texts, 1.0)) == texts
+    with pytest.raises(CpmliveError, match=r"sample fraction must be in \(0, 1\]"):
+        list(sample_share(texts, 0))
+
+
+def test_vocab_build_counts_a_sampled_share(tmp_path, store_dir):
+    news, poems = (str(store_dir.parent / name) for name in ("news.txt", "poems.txt"))
+    out = tmp_path / "vocab.txt"
+    result = run_cli("vocab", "build", news, poems, "--sample", f"{poems}=0.5", "--size", "60", "--out", str(out),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    bad = run_cli("vocab", "build", news, "--sample", f"{poems}=0.5", "--size", "60", "--out",
+                  str(tmp_path / "other.txt"), cwd=tmp_path)
+    assert bad.returncode == 2 and "which is not among the corpora given" in bad.stderr
+    assert not (tmp_path / "other.txt").exists()
+    for value in ("poems=2", "poems", "=0.5"):
+        bad = run_cli("vocab", "build", news, "--sample", value, "--size", "60", "--out", str(tmp_path / "x.txt"),
+                      cwd=tmp_path)
+        assert bad.returncode == 2 and "expected CORPUS=FRACTION" in bad.stderr

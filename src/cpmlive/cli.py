@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -148,6 +149,18 @@ def warnings_as_lines() -> Iterator[None]:
                 print(f"cpmlive: warning: {item.message}", file=sys.stderr)
 
 
+def source_share(text: str) -> tuple[str, float]:
+    """``NAME=FRACTION`` with a fraction in (0, 1]."""
+    name, sep, value = text.rpartition("=")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = math.nan
+    if not sep or not name or not 0 < fraction <= 1:
+        raise argparse.ArgumentTypeError(f"expected CORPUS=FRACTION with a fraction in (0, 1], got {text!r}")
+    return name, fraction
+
+
 def print_json(data: object) -> None:
     print(json.dumps(data, ensure_ascii=False))
 
@@ -242,11 +255,17 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 def cmd_vocab_build(args: argparse.Namespace) -> None:
     from itertools import chain
 
-    from cpmlive.data.corpora import clean_paragraphs, iter_source
+    from cpmlive.data.corpora import clean_paragraphs, iter_source, sample_share
     from cpmlive.tokenizer.vocab import build_vocab, save_vocab
 
     check_output(args.out, args.force)
-    texts = clean_paragraphs(chain.from_iterable(iter_source(source) for source in args.corpus))
+    shares = dict(args.sample)
+    unknown = sorted(set(shares) - set(args.corpus))
+    if unknown:
+        raise CpmliveError(f"--sample names {', '.join(unknown)}, which is not among the corpora given")
+    sources = (sample_share(iter_source(source), shares[source]) if source in shares else iter_source(source)
+               for source in args.corpus)
+    texts = clean_paragraphs(chain.from_iterable(sources))
     tokens = build_vocab(texts, args.size)
     if len(tokens) < args.size:
         raise CpmliveError(f"the corpus has only enough distinct characters and words for {len(tokens)} tokens, "
@@ -479,6 +498,8 @@ def build_parser() -> Parser:
     build.add_argument("corpus", nargs="+", help=CORPUS_HELP)
     build.add_argument("--size", type=positive_int, required=True)
     build.add_argument("--out", required=True)
+    build.add_argument("--sample", type=source_share, action="append", default=[], metavar="CORPUS=FRACTION",
+                       help="count only this share of a corpus's documents (to match a training mixture)")
     add_force(build)
     build.set_defaults(run=cmd_vocab_build)
 

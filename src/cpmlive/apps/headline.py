@@ -199,14 +199,23 @@ def rank_titles(lm: LM, row: list[int], spec: TaskSpec, titles: list[str], copy_
     return scores
 
 
-def suggest_titles(lm: LM, article: str, options: TitleOptions | None = None) -> list[str]:
-    """Up to ``options.n`` distinct titles for ``article``, best first."""
+@dataclass(frozen=True)
+class Candidate:
+    """A title with its model score before the priors, and whether it is one of the lead's clauses."""
+
+    title: str
+    score: float
+    from_lead: bool
+
+
+def title_candidates(lm: LM, article: str, options: TitleOptions | None = None) -> list[Candidate]:
+    """Every distinct title of the right length from the three sources, scored (``rank_titles``)."""
     options = options or TitleOptions()
     spec: TaskSpec = lm.task or TaskSpec()
     article = clean_article(article)
     row, cut = encode_input(lm.tokenizer, spec, article)
     if cut:
-        warnings.warn(f"article truncated to its first {spec.max_input_tokens} tokens", stacklevel=2)
+        warnings.warn(f"article truncated to its first {spec.max_input_tokens} tokens", stacklevel=3)
     with torch.inference_mode():
         generated = [lm.tokenizer.decode(ids).strip() for ids in _candidates(lm, row, spec, options)]
     extracted = lead_clauses(article, options.lead_sentences, options.lead_clauses) if options.lead_sentences else []
@@ -224,10 +233,23 @@ def suggest_titles(lm: LM, article: str, options: TitleOptions | None = None) ->
         return []
     scores = rank_titles(lm, row, spec, titles, options.copy_bias, options.contrast)
     clauses = set(extracted)
-    scores = [score + options.length_bonus * len(title) - (0.0 if title in clauses else options.generated_penalty)
-              for score, title in zip(scores, titles)]
-    ranked = sorted(zip(scores, range(len(titles)), titles), reverse=True)
-    return [title for _, _, title in ranked[:options.n]]
+    return [Candidate(title, score, title in clauses) for title, score in zip(titles, scores)]
+
+
+def apply_priors(candidates: list[Candidate], options: TitleOptions) -> list[Candidate]:
+    """Best first by score + ``length_bonus`` per character - ``generated_penalty`` unless from the lead."""
+    def total(candidate: Candidate) -> float:
+        penalty = 0.0 if candidate.from_lead else options.generated_penalty
+        return candidate.score + options.length_bonus * len(candidate.title) - penalty
+
+    order = sorted(range(len(candidates)), key=lambda i: (-total(candidates[i]), -i))
+    return [candidates[i] for i in order]
+
+
+def suggest_titles(lm: LM, article: str, options: TitleOptions | None = None) -> list[str]:
+    """Up to ``options.n`` distinct titles for ``article``, best first."""
+    options = options or TitleOptions()
+    return [c.title for c in apply_priors(title_candidates(lm, article, options), options)[:options.n]]
 
 
 def lead_title(article: str) -> str:
@@ -235,5 +257,5 @@ def lead_title(article: str) -> str:
     return lead_baseline(clean_article(article))
 
 
-__all__ = ["MAX_ARTICLE_CHARS", "TitleOptions", "clean_article", "lead_baseline", "lead_clauses", "lead_title",
-           "rank_titles", "suggest_titles"]
+__all__ = ["MAX_ARTICLE_CHARS", "Candidate", "TitleOptions", "apply_priors", "clean_article", "lead_baseline",
+           "lead_clauses", "lead_title", "rank_titles", "suggest_titles", "title_candidates"]

@@ -72,6 +72,17 @@ def clean_paragraphs(
         yield text
 
 
+def sample_share(texts: Iterable[str], fraction: float) -> Iterator[str]:
+    """The texts whose hash falls in the first ``fraction`` of the hash range: a share that does not
+    depend on order, so a vocabulary can be built from the proportions a training mixture uses."""
+    if not 0 < fraction <= 1:
+        raise CpmliveError(f"sample fraction must be in (0, 1], got {fraction}")
+    limit = fraction * 2**64
+    for text in texts:
+        if int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") < limit:
+            yield text
+
+
 def _read_lines(path: Path) -> list[str]:
     try:
         data = path.read_bytes()
