@@ -386,3 +386,25 @@ def test_new_sources_are_registered(tmp_path, monkeypatch):
     monkeypatch.setenv("CPMLIVE_CACHE", str(tmp_path))
     no_network(monkeypatch)
     assert list(iter_source("fortunes-zh")) == ["《静夜思》\n床前明月光。"]
+
+
+def test_cli_names_an_unfetchable_corpus_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for client in ("npm", "apt-get"):
+        fake = bin_dir / client
+        fake.write_text("#!/bin/sh\necho 'network is unreachable' >&2\nexit 1\n")
+        fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CPMLIVE_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    for corpus, command in (("chinese-poetry", "npm pack chinese-poetry@2.0.1"),
+                            ("manpages-zh", "apt-get download manpages-zh=1.6.4.0-1")):
+        result = subprocess.run([sys.executable, "-m", "cpmlive", "vocab", "build", corpus, "--size", "100",
+                                 "--out", str(tmp_path / "vocab.txt")], capture_output=True, text=True, env=env)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.strip().splitlines() if "downloading" not in line]
+        assert len(lines) == 1 and command in lines[0] and "network is unreachable" in lines[0], lines
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "vocab.txt").exists()

@@ -187,3 +187,17 @@ def test_tensorboard_option_writes_events_or_says_what_is_missing(data_dir, tmp_
         return
     pretrain(config)
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_multiplies_bf16():
+    import torch
+
+    from cpmlive.train.core import autocast, native_bf16
+
+    with autocast("auto", "cpu"):
+        assert torch.is_autocast_enabled("cpu") == native_bf16("cpu")
+    with autocast("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    with autocast("fp32", "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert PretrainConfig(data="x").precision == "auto"

@@ -27,7 +27,8 @@ R = TypeVar("R", bound="Recipe")
 
 # Choices shared by the pretraining and fine-tuning recipes.
 SCHEDULES = ("cosine", "noam", "constant")
-PRECISIONS = ("bf16", "fp32")
+# "auto": bf16 where the device multiplies bf16 natively, else fp32 (see train.core.native_bf16)
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)

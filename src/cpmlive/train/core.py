@@ -132,10 +132,22 @@ def memory_mb() -> float:
 # ---- compute and reporting ----------------------------------------------------------------------
 
 
+def native_bf16(device_type: str) -> bool:
+    """Whether bf16 products run in hardware: a CUDA device that supports them, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere PyTorch emulates bf16 on the CPU, hundreds of times slower."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
 def autocast(precision: str, device: str | torch.device = "cpu") -> torch.autocast:
-    """bf16 autocast for ``precision: bf16``, plain float32 for ``fp32`` (``cpmlive.recipe.PRECISIONS``)."""
+    """bf16 autocast for ``precision: bf16`` (and ``auto`` where :func:`native_bf16`), plain
+    float32 otherwise (``cpmlive.recipe.PRECISIONS``)."""
     device_type = device.type if isinstance(device, torch.device) else device
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    enabled = precision == "bf16" or (precision == "auto" and native_bf16(device_type))
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def progress_bar(total: int, start: int, desc: str, enabled: bool = True) -> Any:

@@ -63,7 +63,7 @@ class PretrainConfig(Recipe):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "bf16"
+    precision: str = "auto"
     activation_checkpointing: bool = False
     seed: int = 0
     eval_every: int = 100

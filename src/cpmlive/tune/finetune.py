@@ -73,7 +73,7 @@ class FinetuneConfig(Recipe):
     beta1: float = 0.9
     beta2: float = 0.999
     grad_clip: float = 1.0
-    precision: str = "bf16"
+    precision: str = "auto"
     seed: int = 0
     eval_every: int = 50
     save_every: int = 50
