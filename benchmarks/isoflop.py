@@ -63,6 +63,7 @@ class Size:
 
 
 SIZES = {size.name: size for size in (
+    Size("xxs", 64, 2, 1, 192),
     Size("xs", 96, 3, 2, 256),
     Size("s", 128, 4, 2, 352),
     Size("m", 192, 5, 3, 512),
@@ -102,7 +103,7 @@ def eval_texts(data: str) -> dict[str, list[str]]:
 def run_cell(out: Path, data: str, vocab_size: int, size: Size, budget: float, step_tokens: float,
              mixture: dict[str, float]) -> dict:
     steps = max(10, round(budget / size.flops_per_token(vocab_size) / step_tokens))
-    run_dir = out / f"v{vocab_size}-{size.name}-{budget:.0e}"
+    run_dir = out / f"v{vocab_size}-{size.name}-{budget:g}"
     config = {
         "model": "tiny", "model_overrides": size.overrides(vocab_size), "data": data, "mixture": mixture,
         "out": str(run_dir), "seq_length": SEQ_LENGTH, "batch_size": BATCH_SIZE, "max_steps": steps,

@@ -86,8 +86,9 @@ def world_size_from_env() -> int:
 
 
 def is_distributed_launch() -> bool:
-    """True when a launcher (torchrun) started this process as one of several."""
-    return world_size_from_env() > 1
+    """True when torchrun started this process (even as its only rank: that is how one GPU
+    trains), or another launcher started it as one of several."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or world_size_from_env() > 1
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
