@@ -79,11 +79,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="NAME=PATH (or PATH); repeat to compare models")
     parser.add_argument("--data", required=True, help="prepared token store (cpmlive data prepare)")
+    parser.add_argument("--max-docs", type=int, default=0, help="score at most this many val documents per domain")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     models = [item.split("=", 1) if "=" in item else (item, item) for item in (args.model or ["demo"])]
     tokenizer = AntTokenizer.from_file(Path(args.data) / "vocab.txt")
     train, val = split_texts(args.data, "train", tokenizer), split_texts(args.data, "val", tokenizer)
+    if args.max_docs:
+        val = {name: docs[:args.max_docs] for name, docs in val.items()}
     sources = [name for name in val if val[name]]
     everything = [text for name in sources for text in train[name]]
     rows: dict[str, dict[str, float]] = {name: {} for name in [*sources, "all"]}

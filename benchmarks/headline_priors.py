@@ -15,7 +15,7 @@ import json
 import time
 
 import cpmlive
-from cpmlive.apps.headline import TitleOptions, apply_priors, title_candidates
+from cpmlive.apps.headline import TitleOptions, apply_priors, clean_article, lead_baseline, title_candidates
 from cpmlive.resources import adapter_path
 from cpmlive.tune.metrics import rouge
 from headline_quality import test_examples
@@ -49,7 +49,9 @@ def main() -> None:
             scores = rouge(predictions, references)
             grid.append({"generated_penalty": penalty, "length_bonus": bonus, **scores,
                          "generated_top": generated, "articles": len(examples)})
-    print(f"{len(examples)} dev articles, candidates scored in {seconds:.0f} s\n")
+    lead = rouge([lead_baseline(clean_article(e.input)) for e in examples], references)
+    print(f"{len(examples)} dev articles, candidates scored in {seconds:.0f} s; lead baseline ROUGE-1/2/L "
+          f"{lead['rouge1']:.2f} / {lead['rouge2']:.2f} / {lead['rougeL']:.2f}\n")
     print("| generated_penalty | length_bonus | ROUGE-1 | ROUGE-2 | ROUGE-L | top title generated |")
     print("|---|---|---|---|---|---|")
     for cell in grid:

@@ -24,7 +24,7 @@ from cpmlive.resources import adapter_path
 from cpmlive.data.headlines import write_headlines
 from cpmlive.data.tasks import read_examples
 from cpmlive.apps.evaluate import generate_outputs
-from cpmlive.apps.headline import TitleOptions, lead_baseline
+from cpmlive.apps.headline import TitleOptions, clean_article, lead_baseline, lead_clauses
 from cpmlive.tune.metrics import rouge
 
 
@@ -36,10 +36,18 @@ def test_examples(data: str | None, limit: int | None, split: str = "test"):
     return examples[:limit] if limit else examples
 
 
-def row(name: str, predictions: list[str], references: list[str], seconds: float) -> dict:
+def row(name: str, predictions: list[str], references: list[str], seconds: float,
+        inputs: list[str] | None = None) -> dict:
+    """ROUGE of one system; with ``inputs``, also how many top titles are not one of the lead's clauses."""
     scores = rouge(predictions, references)
-    return {"system": name, **{k: round(v, 2) for k, v in scores.items()}, "seconds": round(seconds, 1),
-            "example": predictions[0]}
+    result = {"system": name, **{k: round(v, 2) for k, v in scores.items()}, "seconds": round(seconds, 1),
+              "example": predictions[0]}
+    if inputs is not None:
+        defaults = TitleOptions()
+        clauses = [set(lead_clauses(clean_article(text), defaults.lead_sentences, defaults.lead_clauses))
+                   for text in inputs]
+        result["generated_top"] = sum(p not in c for p, c in zip(predictions, clauses))
+    return result
 
 
 def systems(args, options: TitleOptions) -> list[tuple[str, bool, TitleOptions | None, int]]:
@@ -53,7 +61,8 @@ def systems(args, options: TitleOptions) -> list[tuple[str, bool, TitleOptions |
         if not args.titles_only:
             rows.append((f"{name} (beam {args.num_beams})", adapter, None, args.num_beams))
         rows.append((f"{name} (`cpmlive title` top-1)", adapter, options, args.num_beams))
-    rows.append((f"{tuned} (`cpmlive title` top-1, generated titles only)", True, free_form, args.num_beams))
+    if not args.skip_free_form:
+        rows.append((f"{tuned} (`cpmlive title` top-1, generated titles only)", True, free_form, args.num_beams))
     return rows
 
 
@@ -75,6 +84,7 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=("dev", "test"))
     parser.add_argument("--skip-untuned", action="store_true")
     parser.add_argument("--titles-only", action="store_true", help="skip the plain beam-search rows")
+    parser.add_argument("--skip-free-form", action="store_true", help="skip the generated-titles-only row")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
     examples = test_examples(args.data, args.limit, args.split)
@@ -90,14 +100,16 @@ def main() -> None:
         with lm.using(lm.active if adapter else None):
             started = time.perf_counter()
             predictions = generate_outputs(lm, spec, inputs, beams, progress=True, titles=titles)
-            rows.append(row(name, predictions, references, time.perf_counter() - started))
+            rows.append(row(name, predictions, references, time.perf_counter() - started,
+                            inputs if titles is not None else None))
     print(f"\n{len(examples)} {args.split} articles; input cut to {spec.max_input_tokens} tokens; title options "
           f"{options}\n")
-    print("| system | ROUGE-1 | ROUGE-2 | ROUGE-L | seconds | first title |")
-    print("|---|---|---|---|---|---|")
+    print("| system | ROUGE-1 | ROUGE-2 | ROUGE-L | top title generated | seconds | first title |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['system']} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | {r['seconds']} | "
-              f"{r['example']} |")
+        generated = f"{r['generated_top']}/{len(examples)}" if "generated_top" in r else ""
+        print(f"| {r['system']} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | {generated} | "
+              f"{r['seconds']} | {r['example']} |")
     print(f"\nreference of the first: {references[0]}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -138,14 +138,17 @@ def score_cell(row: dict, texts: dict[str, list[str]]) -> dict:
 
 
 def fit_optimum(rows: list[dict]) -> tuple[float, np.ndarray] | None:
-    """(best weights, parabola coefficients in log10 weights) for one budget; None with < 3 sizes."""
-    if len(rows) < 3:
+    """(best weights, parabola coefficients in log10 weights) for one budget (rows sorted by size).
+
+    None when there are fewer than 3 sizes or the best measured size is the smallest or the
+    largest: then the optimum lies outside the sizes tried, and a parabola's vertex would be an
+    extrapolation, not a measurement.
+    """
+    y = np.array([row["bits_per_char"] for row in rows])
+    if len(rows) < 3 or int(np.argmin(y)) in (0, len(rows) - 1):
         return None
     x = np.log10([row["weights"] for row in rows])
-    y = np.array([row["bits_per_char"] for row in rows])
     a, b, c = np.polyfit(x, y, 2)
-    if a <= 0:
-        return float(10 ** x[int(np.argmin(y))]), np.array([a, b, c])
     return float(10 ** (-b / (2 * a))), np.array([a, b, c])
 
 
@@ -165,15 +168,23 @@ def summarize(results: list[dict], target: float, out: Path) -> str:
                      f"{row['bits_per_char']:.3f} | {sources} |")
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     optima = []
+    unbracketed: list[str] = []
     for vocab in sorted({row["vocab"] for row in results}):
         for budget in sorted({row["budget"] for row in results if row["vocab"] == vocab}):
             cell = sorted((r for r in results if r["vocab"] == vocab and r["budget"] == budget),
                           key=lambda r: r["weights"])
             x = [row["weights"] for row in cell]
             y = [row["bits_per_char"] for row in cell]
-            line, = left.plot(x, y, "o-", label=f"V={vocab}, C={budget:.0e}")
+            line, = left.plot(x, y, "o-", label=f"V={vocab}, C={budget:.1e}")
             fit = fit_optimum(cell)
-            if fit is not None:
+            if fit is None:
+                edge = min(cell, key=lambda r: r["bits_per_char"])
+                unbracketed.append(f"V={vocab}, C={budget:.1e}: best measured is {edge['size']} "
+                                   f"({edge['weights'] / 1e6:.2f} M weights, {edge['bits_per_char']:.3f} bits/char), "
+                                   f"an end of the sizes tried: the optimum is not bracketed")
+                right.plot([budget], [edge["weights"]], "v", color=line.get_color(), markersize=9,
+                           label=f"V={vocab}, C={budget:.1e}: best measured (an end of the range)")
+            else:
                 best, coefficients = fit
                 grid = np.linspace(math.log10(min(x)), math.log10(max(x)), 50)
                 left.plot(10 ** grid, np.polyval(coefficients, grid), ":", color=line.get_color())
@@ -186,6 +197,7 @@ def summarize(results: list[dict], target: float, out: Path) -> str:
     lines += ["", "| vocab | budget (FLOPs) | best weights (fit) | bits/char at best |", "|---|---|---|---|"]
     for vocab, budget, best, bpc in optima:
         lines.append(f"| {vocab} | {budget:.1e} | {best / 1e6:.2f} M | {bpc:.3f} |")
+    lines += [""] + unbracketed
     for vocab in sorted({o[0] for o in optima}):
         points = [(budget, best) for v, budget, best, _ in optima if v == vocab]
         right.plot([p[0] for p in points], [p[1] for p in points], "o", label=f"V={vocab} optima")
