@@ -55,11 +55,15 @@ def source_weights(store: TokenStore, mixture: Mapping[str, float] | None) -> np
     """Weight of each source of ``store`` (1 unless ``mixture`` names it); checks the names and values."""
     weights = np.ones(len(store.sources), dtype=np.float64)
     for name, weight in (mixture or {}).items():
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) \
-                or weight < 0:
-            raise CpmliveError(f"mixture weight of {name} must be a finite number >= 0, got {weight!r}")
+        check_mixture_weight(name, weight)
         weights[store.source_index(name)] = float(weight)
     return weights
+
+
+def check_mixture_weight(name: str, weight: object) -> None:
+    """CpmliveError unless ``weight`` is a finite number >= 0."""
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight) or weight < 0:
+        raise CpmliveError(f"mixture weight of {name} must be a finite number >= 0, got {weight!r}")
 
 
 def mixture_shares(pieces: np.ndarray, weights: np.ndarray, sources: list[str]) -> dict[str, float]:

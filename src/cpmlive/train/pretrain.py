@@ -27,7 +27,7 @@ import torch
 from cpmlive.config import AntConfig, preset
 from cpmlive.data.objectives import Batch
 from cpmlive.data.store import TokenStore
-from cpmlive.data.stream import PretrainStream, fixed_batches, source_weights
+from cpmlive.data.stream import PretrainStream, check_mixture_weight, fixed_batches, source_weights
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, expected_shapes, load_model, save_checkpoint
@@ -94,9 +94,10 @@ class PretrainConfig(Recipe):
         if not self.data:
             raise CpmliveError("config: data is required (a directory made by `cpmlive data prepare`)")
         for name, weight in self.mixture.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                    or weight < 0:
-                raise CpmliveError(f"config: mixture weight of {name} must be a finite number >= 0, got {weight!r}")
+            try:
+                check_mixture_weight(name, weight)
+            except CpmliveError as exc:
+                raise CpmliveError(f"config: {exc}") from None
 
 
 def make_optimizer(model: torch.nn.Module, config: PretrainConfig) -> torch.optim.AdamW:
