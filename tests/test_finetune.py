@@ -283,3 +283,21 @@ def test_title_options_refuse_no_source_of_titles():
 def test_bad_choice_is_named_with_the_allowed_ones(key, value):
     with pytest.raises(CpmliveError, match=f"config: {key} must be one of .*, got '{value}'"):
         FinetuneConfig.from_file(None, ["data=/x", f"{key}={value}"])
+
+
+def test_qlora_trains_an_adapter_on_a_quantized_base(base_dir, generation_data, tmp_path):
+    from cpmlive.compress.quantize import quantize_checkpoint
+    from cpmlive.config import QuantConfig
+    from cpmlive.tune.delta import merge_checkpoint
+
+    quantized = quantize_checkpoint(base_dir, tmp_path / "int4", QuantConfig(bits=4, group_size=32), progress=False)
+    Finetuner(tune_config(quantized, generation_data, tmp_path / "run", max_steps=16)).run()
+    evals = [r for r in read_records(tmp_path / "run") if r["type"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    lm = cpmlive.load(quantized, adapter=tmp_path / "run" / "best")
+    assert type(lm.model.layers[0].attn.project_q).__name__ == "LoraQuantizedLinear"
+    assert lm.model.layers[0].attn.project_q.weight.dtype == torch.uint8
+    assert isinstance(lm.generate("本报北京电，今天北京市民植树。", max_new_tokens=4), str)
+    with pytest.raises(CpmliveError, match="cannot be merged into quantized weights"):
+        merge_checkpoint(quantized, tmp_path / "run" / "best", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -198,7 +198,20 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from cpmlive.model.families import family_of
 
     out = family_of(args.src).convert(args.src, args.dst, to=args.to, config_path=args.config, vocab_path=args.vocab,
-                  dtype=args.dtype, force=args.force)
+                  dtype=args.dtype, force=args.force, dequantize=args.dequantize)
+    print(f"wrote {out}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from cpmlive.compress.quantize import quantize_checkpoint
+    from cpmlive.config import QuantConfig
+
+    if args.bits == 8 and args.group_size is not None:
+        raise CpmliveError("--group-size is for 4 bits; 8-bit weights have one scale per output channel")
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.method,
+                         activations=args.activations, embedding=not args.float_embedding)
+    out = quantize_checkpoint(args.model, args.out, config, calibration=args.calibration, samples=args.samples,
+                              sample_tokens=args.sample_tokens, force=args.force)
     print(f"wrote {out}")
 
 
@@ -215,10 +228,14 @@ def cmd_info(args: argparse.Namespace) -> None:
         print_json(info)
         return
     for key, value in info.items():
-        if key != "config":
+        if key != "config" and key != "quantization":
             print(f"{key:>12}: {value}")
+    if "quantization" in info:
+        print(f"{'quantization':>12}: {info['quantization']}")
     print("      config:")
     for key, value in info["config"].items():
+        if key == "quantization":
+            continue
         if key == "mask_modules" and value is not None:
             value = f"{sum(not a for a, _ in value)} attention / {sum(not f for _, f in value)} FFN sub-blocks kept"
         print(f"{'':>14}{key} = {value}")
@@ -476,8 +493,27 @@ def build_parser() -> Parser:
     conv.add_argument("--config", help="config json for an OpenBMB .pt (default: inferred from the shapes)")
     conv.add_argument("--vocab", help="vocabulary file to include")
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    conv.add_argument("--dequantize", action="store_true",
+                      help="write a quantized checkpoint with float weights (always done for --to hf/openbmb)")
     add_force(conv)
     conv.set_defaults(run=cmd_convert)
+
+    quant = verbs.add_parser("quantize", help="quantize a checkpoint's weights to int8 or int4")
+    quant.add_argument("model", help="float checkpoint (any format) or 'demo'")
+    quant.add_argument("out", help="output model directory")
+    quant.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    quant.add_argument("--group-size", type=positive_int, default=None,
+                       help="inputs per int4 scale (default 64; must divide every layer's width)")
+    quant.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+                       help="round to nearest, or calibrated GPTQ (needs --calibration)")
+    quant.add_argument("--calibration", default=None, help="UTF-8 text file to calibrate on (one document a line)")
+    quant.add_argument("--samples", type=positive_int, default=64, help="calibration rows")
+    quant.add_argument("--sample-tokens", type=positive_int, default=256, help="tokens per calibration row")
+    quant.add_argument("--activations", choices=["none", "int8"], default="none",
+                       help="int8: also quantize each product's input per token (dynamic W8A8; 8 bits)")
+    quant.add_argument("--float-embedding", action="store_true", help="keep the tied embedding / head in float")
+    add_force(quant)
+    quant.set_defaults(run=cmd_quantize)
 
     info = verbs.add_parser("info", help="describe a checkpoint or preset")
     info.add_argument("model")

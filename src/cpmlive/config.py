@@ -23,6 +23,76 @@ HF_KEY_NAMES = {
 }
 
 
+QUANT_BITS = (8, 4)
+QUANT_METHODS = ("rtn", "gptq", "awq")
+QUANT_ACTIVATIONS = ("none", "int8")
+DEFAULT_GROUP_SIZE = 64
+
+
+@dataclass
+class QuantConfig:
+    """How a checkpoint's weights are quantized (``config.json``'s ``quantization``).
+
+    ``bits`` 8: int8 per output channel; 4: int4 in groups of ``group_size`` inputs.
+    ``activations`` ``"int8"``: products also quantize their input per token (dynamic W8A8;
+    8 bits only). ``embedding``: the tied embedding / head is int8 per row too.
+    ``method`` and ``calibration`` record how the codes were chosen (``cpmlive info`` shows them).
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    method: str = "rtn"
+    activations: str = "none"
+    embedding: bool = True
+    calibration: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits == 4 and self.group_size is None:
+            self.group_size = DEFAULT_GROUP_SIZE
+        self.validate()
+
+    def validate(self) -> None:
+        if self.bits not in QUANT_BITS or isinstance(self.bits, bool):
+            raise CpmliveError(f"quantization: bits must be 8 or 4, got {self.bits!r}")
+        if self.bits == 8 and self.group_size is not None:
+            raise CpmliveError("quantization: 8 bits are per output channel; group_size is for 4 bits")
+        if self.bits == 4 and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                               or self.group_size < 2 or self.group_size % 2):
+            raise CpmliveError(f"quantization: group_size must be an even integer >= 2, got {self.group_size!r}")
+        if self.method not in QUANT_METHODS:
+            raise CpmliveError(f"quantization: method must be one of {', '.join(QUANT_METHODS)}, "
+                               f"got {self.method!r}")
+        if self.activations not in QUANT_ACTIVATIONS:
+            raise CpmliveError(f"quantization: activations must be one of {', '.join(QUANT_ACTIVATIONS)}, "
+                               f"got {self.activations!r}")
+        if self.activations == "int8" and self.bits != 8:
+            raise CpmliveError("quantization: int8 activations go with 8-bit weights")
+        if not isinstance(self.embedding, bool):
+            raise CpmliveError(f"quantization: embedding must be true or false, got {self.embedding!r}")
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise CpmliveError("quantization: calibration must be an object")
+
+    @property
+    def scheme(self) -> str:
+        """A short name: ``int8``, ``w8a8`` or ``int4-g64``."""
+        if self.bits == 4:
+            return f"int4-g{self.group_size}"
+        return "w8a8" if self.activations == "int8" else "int8"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise CpmliveError("config: quantization must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CpmliveError(f"quantization: unknown key {unknown[0]!r}")
+        return cls(**data)
+
+
 @dataclass
 class AntConfig:
     """Every CPM-Ant hyper-parameter, named as in OpenBMB's ``cpm-ant-10b.json``.
@@ -48,8 +118,11 @@ class AntConfig:
     mask_modules: list[list[bool]] | None = None
     max_length: int = 1024
     model_type: str = "cpm-ant"
+    quantization: QuantConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.quantization, dict):
+            self.quantization = QuantConfig.from_dict(self.quantization)
         if self.mask_modules is not None:
             self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
         self.validate()
@@ -87,6 +160,8 @@ class AntConfig:
                 raise CpmliveError("config: every mask_modules entry must be [attention_removed, ffn_removed]")
         if self.model_type != "cpm-ant":
             raise CpmliveError(f"config: model_type {self.model_type!r} is not a CPM-Ant config")
+        if self.quantization is not None and not isinstance(self.quantization, QuantConfig):
+            raise CpmliveError("config: quantization must be an object")
 
     @property
     def dim_attention(self) -> int:
@@ -102,10 +177,17 @@ class AntConfig:
     # ---- serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.quantization is None:
+            del data["quantization"]  # float checkpoints keep the config.json they always had
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def dequantized(self) -> "AntConfig":
+        """The same architecture with float weights."""
+        return dataclasses.replace(self, quantization=None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = True) -> "AntConfig":
@@ -133,7 +215,7 @@ class AntConfig:
     def to_hf(self) -> dict[str, Any]:
         """A ``config.json`` for HF ``CpmAntForCausalLM`` (which has no ``mask_modules``)."""
         reverse = {v: k for k, v in HF_KEY_NAMES.items()}
-        skip = {"mask_modules", "half", "model_type"}
+        skip = {"mask_modules", "half", "model_type", "quantization"}
         out = {reverse.get(k, k): v for k, v in self.to_dict().items() if k not in skip}
         out.update(model_type="cpmant", architectures=["CpmAntForCausalLM"], init_std=1.0,
                    use_cache=True, tie_word_embeddings=False,
@@ -201,4 +283,4 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(AntConfig)]
 
 
-__all__ = ["AntConfig", "PRESETS", "preset", "field_names"]
+__all__ = ["AntConfig", "QuantConfig", "PRESETS", "preset", "field_names"]

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from cpmlive.data.layout import GENERATION, INFILLING, TEXT_SEGMENT, prompt_ids
+from cpmlive.data.layout import GENERATION, INFILLING, TEXT_SEGMENT, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.packing import packing_for
 from cpmlive.model.ant import AntCache, CpmAnt, mask_inputs, token_positions
@@ -68,53 +68,6 @@ class GenerationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ---- batches -------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptBatch:
-    """Left-padded rows ``[prompt | pads | tokens]`` and their mask inputs."""
-
-    input_ids: Tensor
-    segment: Tensor
-    context: Tensor
-    span: Tensor
-    valid: Tensor
-    position: Tensor | None = None
-
-    def as_inputs(self) -> dict[str, Tensor]:
-        inputs = {"input_ids": self.input_ids, "segment": self.segment, "context": self.context,
-                  "span": self.span, "valid": self.valid}
-        if self.position is not None:
-            inputs["position"] = self.position
-        return inputs
-
-
-def build_batch(rows: list[list[int]], task: int, prompt_length: int, device: torch.device | str = "cpu",
-                context_rows: list[list[bool]] | None = None, prompt_task: int | None = None) -> PromptBatch:
-    """CPM-Live's generation layout. ``context_rows`` marks tokens that are not context
-    (blanks to fill); by default every token is context. ``prompt_task`` picks other rows of
-    the prompt table than ``task``'s (a soft prompt tuned for a new task)."""
-    width = max(len(r) for r in rows)
-    batch, total = len(rows), prompt_length + width
-    input_ids = torch.zeros(batch, total, dtype=torch.long)
-    segment = torch.zeros(batch, total, dtype=torch.int32)
-    context = torch.zeros(batch, total, dtype=torch.bool)
-    valid = torch.zeros(batch, total, dtype=torch.bool)
-    input_ids[:, :prompt_length] = torch.tensor(prompt_ids(task if prompt_task is None else prompt_task, prompt_length))
-    context[:, :prompt_length] = True
-    valid[:, :prompt_length] = True
-    for i, row in enumerate(rows):
-        start = total - len(row)
-        input_ids[i, start:] = torch.tensor(row)
-        segment[i, start:] = TEXT_SEGMENT[task]
-        context[i, start:] = torch.tensor(context_rows[i]) if context_rows else True
-        valid[i, start:] = True
-    span = torch.zeros(batch, total, dtype=torch.int32)
-    return PromptBatch(input_ids.to(device), segment.to(device), context.to(device), span.to(device),
-                       valid.to(device))
 
 
 def _step_inputs(tokens: Tensor, segment: int, context: bool = True, valid: Tensor | None = None,

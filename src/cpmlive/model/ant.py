@@ -310,7 +310,13 @@ class CpmAnt(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied output head over the real vocabulary (prompt rows are never outputs)."""
-        return project(hidden, self.input_embedding.weight)
+        head = getattr(self.input_embedding, "head", None)  # a quantized table multiplies itself
+        return head(hidden) if head is not None else project(hidden, self.input_embedding.weight)
+
+    def head_weight(self) -> Tensor:
+        """The tied head's float weight (dequantized for a quantized table)."""
+        dequantized = getattr(self.input_embedding, "dequantized", None)
+        return dequantized() if dequantized is not None else self.input_embedding.weight
 
     # ---- helpers ----------------------------------------------------------------------------
 

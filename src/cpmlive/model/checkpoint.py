@@ -27,6 +27,7 @@ from torch import Tensor
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
+from cpmlive.model.quant import install_quantized_layers
 from cpmlive.utils import default_mode, install_directory
 
 CONFIG_NAME = "config.json"
@@ -123,10 +124,21 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
 # ---- our layout <-> model ---------------------------------------------------------------------
 
 
-def expected_shapes(config: AntConfig) -> dict[str, tuple[int, ...]]:
+def empty_model(config: AntConfig) -> CpmAnt:
+    """The model on the meta device, with quantized layers where the config says so."""
     with torch.device("meta"):
         model = CpmAnt(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        if config.quantization is not None:
+            install_quantized_layers(model, config.quantization)
+    return model
+
+
+def expected_shapes(config: AntConfig) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in empty_model(config).state_dict().items()}
+
+
+def expected_dtypes(config: AntConfig) -> dict[str, torch.dtype]:
+    return {name: t.dtype for name, t in empty_model(config).state_dict().items()}
 
 
 LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -152,6 +164,11 @@ def check_state_dict(state: dict[str, Tensor], config: AntConfig, source: str) -
         if tuple(state[name].shape) != shape:
             raise CpmliveError(f"{source}: weight {name!r} has shape {list(state[name].shape)}, "
                                f"config expects {list(shape)}")
+    if config.quantization is not None:
+        for name, dtype in expected_dtypes(config).items():
+            if not dtype.is_floating_point and state[name].dtype != dtype:
+                raise CpmliveError(f"{source}: weight {name!r} is {state[name].dtype}, the config's "
+                                   f"{config.quantization.scheme} quantization stores {dtype}")
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CpmliveError(f"{source}: unexpected weight {extra[0]!r} for this config")
@@ -161,8 +178,7 @@ def model_from_state_dict(config: AntConfig, state: dict[str, Tensor], dtype: to
                           device: str | torch.device = "cpu", source: str = "checkpoint") -> CpmAnt:
     """Build on the meta device, then adopt the given tensors (no second copy)."""
     check_state_dict(state, config, source)
-    with torch.device("meta"):
-        model = CpmAnt(config)
+    model = empty_model(config)
     if dtype is not None or str(device) != "cpu":
         state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, assign=True)

@@ -26,9 +26,10 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from cpmlive.config import AntConfig
+from cpmlive.config import AntConfig, QuantConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
+from cpmlive.model.quant import dequantize_state
 from cpmlive.model.checkpoint import (
     CONFIG_NAME, INDEX_NAME, VOCAB_NAME, WEIGHTS_NAME, check_layer_count, check_state_dict, config_from_openbmb_state,
     expected_shapes, hf_to_ours, install_checkpoint, model_from_state_dict, new_build_directory, openbmb_to_ours,
@@ -447,8 +448,11 @@ def find_vocab(source: Source, vocab_path: str | os.PathLike | None = None) -> P
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: Format = "ours",
             config_path: str | os.PathLike | None = None, vocab_path: str | os.PathLike | None = None,
-            dtype: torch.dtype | str | None = None, force: bool = False) -> Path:
+            dtype: torch.dtype | str | None = None, force: bool = False, dequantize: bool = False) -> Path:
     """Read ``src`` in any format and write it to ``dst`` in format ``to``; returns ``dst``.
+
+    A quantized checkpoint is written with float weights (the codes times their scales) when
+    ``dequantize`` or when ``to`` is HF's or OpenBMB's layout, which have no quantized form.
 
     ``dtype`` casts the floating-point weights (the config's ``half`` follows the weights).
     A ``dst`` that already holds something is refused unless ``force``; then only the files
@@ -462,6 +466,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: Format = "ours",
     dst = Path(dst)
     check_destination(dst, to, vocab, force)
     state, config = _load(source)
+    if config.quantization is not None and (dequantize or to != "ours"):
+        state, config = dequantize_state(state), config.dequantized()
     if target_dtype is not None:
         state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
     config = dataclasses.replace(config, half=_weights_dtype(state) == torch.float16)
@@ -484,9 +490,11 @@ def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | No
     with torch.device("meta"):
         parameters = CpmAnt(config).num_parameters()
     files = source.files
+    quantization = config.quantization
     return {
         "path": str(source.path),
         "format": source.format,
+        **({"quantization": quantization_summary(quantization)} if quantization is not None else {}),
         "config": config.to_dict(),
         "parameters": parameters,
         "tensors": len(raw),
@@ -494,6 +502,16 @@ def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | No
         "size_bytes": sum(f.stat().st_size for f in files),
         "files": len(files),
     }
+
+
+def quantization_summary(quantization: QuantConfig) -> str:
+    """One line: scheme, method and what it was calibrated on."""
+    text = f"{quantization.scheme} ({quantization.method}"
+    calibration = quantization.calibration or {}
+    if calibration:
+        text += f", calibrated on {calibration.get('rows')} x {calibration.get('tokens_per_row')} tokens " \
+                f"of {calibration.get('file')}"
+    return text + (", int8 embedding/head)" if quantization.embedding else ", float embedding/head)")
 
 
 __all__ = [

@@ -17,7 +17,9 @@ LOSS_ROW_BUCKET = 256
 
 
 class AntLike(Protocol):
-    input_embedding: torch.nn.Embedding  # the tied output head's weight
+    input_embedding: torch.nn.Module
+
+    def head_weight(self) -> Tensor: ...  # the tied output head's float weight
 
     def __call__(self, input_ids: Tensor, segment: Tensor, context: Tensor, span: Tensor,
                  valid: Tensor) -> Tensor: ...
@@ -97,7 +99,7 @@ def masked_lm_loss(model: AntLike, batch: Batch) -> tuple[Tensor, dict[str, Tens
     padding = -count % LOSS_ROW_BUCKET
     rows = F.pad(hidden[selected], (0, 0, 0, padding))
     targets = F.pad(batch.target[selected], (0, padding), value=IGNORE_INDEX)
-    weight = model.input_embedding.weight
+    weight = model.head_weight()
     if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
         total, losses = LinearCrossEntropy.apply(rows, weight, targets)
     else:

@@ -59,6 +59,7 @@ from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import RMSNorm
 from cpmlive.model.checkpoint import read_safetensors
 from cpmlive.model.kernels import project
+from cpmlive.model.quant import QuantizedLinear
 from cpmlive.resources import model_path
 from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output
 
@@ -268,6 +269,38 @@ class LoraLinear(nn.Linear):
         return layer
 
 
+class LoraQuantizedLinear(QuantizedLinear):
+    """LoRA over a quantized layer (QLoRA): the codes stay frozen integers, the low-rank branch
+    is float32 and trains; the same container names and arithmetic as :class:`LoraLinear`."""
+
+    DELTA_PARTS = LoraLinear.DELTA_PARTS
+    add, delta_tensors, adapters, remove = LoraLinear.add, LoraLinear.delta_tensors, LoraLinear.adapters, LoraLinear.remove
+
+    def __init__(self, base: QuantizedLinear, state: DeltaState) -> None:
+        super().__init__(base.in_features, base.out_features, base.layer_config(), device="meta")
+        self.adopt_codes(base)
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.delta_state = state
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = QuantizedLinear.forward(self, x)
+        name = self.delta_state.current()
+        if name not in self.lora_A:
+            return out
+        a = self.lora_A[name]
+        delta = self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))))
+        return out + (delta * self.scaling[name]).to(out.dtype)
+
+    def plain(self, merge: str | None = None) -> QuantizedLinear:
+        if merge is not None:
+            raise CpmliveError("a LoRA adapter cannot be merged into quantized weights: merge it into the "
+                               "float base (`cpmlive convert --dequantize` first) or serve it as an adapter")
+        layer = QuantizedLinear(self.in_features, self.out_features, self.layer_config(), device="meta")
+        layer.adopt_codes(self)
+        return layer
+
+
 class TunedRMSNorm(RMSNorm):
     """An RMSNorm plus one tuned copy per adapter (PEFT LN_TUNING's ``ln_tuning_layers``)."""
 
@@ -361,12 +394,15 @@ class PromptTable(nn.Embedding):
         return layer
 
 
-DeltaLayer = Union[LoraLinear, TunedRMSNorm, PromptTable]
-DELTA_TYPES = (LoraLinear, TunedRMSNorm, PromptTable)
+DeltaLayer = Union[LoraLinear, LoraQuantizedLinear, TunedRMSNorm, PromptTable]
+DELTA_TYPES = (LoraLinear, LoraQuantizedLinear, TunedRMSNorm, PromptTable)
+LORA_TARGET_TYPES = (nn.Linear, QuantizedLinear)
 
 
 def _adapter_dtype(weight: Tensor) -> torch.dtype:
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    """float32 over half-precision and integer (quantized) bases, else the base's own dtype."""
+    half_or_codes = weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point()
+    return torch.float32 if half_or_codes else weight.dtype
 
 
 def delta_layers(model: nn.Module) -> list[tuple[str, DeltaLayer]]:
@@ -380,7 +416,7 @@ def _entry_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def find_targets(model: nn.Module, targets: Targets, kind: type) -> list[str]:
+def find_targets(model: nn.Module, targets: Targets, kind: type | tuple[type, ...]) -> list[str]:
     """Names of the modules ``targets`` selects; every pattern must select something, and only
     modules of type ``kind`` may be selected. Modules inside delta layers are never targets."""
     inner = tuple(f"{name}." for name, _ in delta_layers(model))
@@ -396,8 +432,9 @@ def find_targets(model: nn.Module, targets: Targets, kind: type) -> list[str]:
     for name in selected:
         module = model.get_submodule(name)
         if not isinstance(module, kind):
+            kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise CpmliveError(f"target_modules: {name!r} is a {type(module).__name__}; "
-                               f"only {kind.__name__} modules can be tuned this way")
+                               f"only {kinds} modules can be tuned this way")
     return sorted(selected, key=names.index)
 
 
@@ -440,7 +477,7 @@ def _target_paths(model: nn.Module, config: DeltaConfig) -> list[str]:
     if config.method == "prompt":
         _check_prompt_task(model, config)
         return ["prompt_embedding"]
-    return find_targets(model, config.targets, nn.Linear if config.method == "lora" else RMSNorm)
+    return find_targets(model, config.targets, LORA_TARGET_TYPES if config.method == "lora" else RMSNorm)
 
 
 def _check_prompt_task(model: nn.Module, config: DeltaConfig) -> None:
@@ -456,8 +493,10 @@ def _delta_layer(model: nn.Module, path: str, state: DeltaState) -> DeltaLayer:
     module = model.get_submodule(path)
     if isinstance(module, DELTA_TYPES):
         return module
-    if isinstance(module, nn.Linear):
-        layer: DeltaLayer = LoraLinear(module, state)
+    if isinstance(module, QuantizedLinear):
+        layer: DeltaLayer = LoraQuantizedLinear(module, state)
+    elif isinstance(module, nn.Linear):
+        layer = LoraLinear(module, state)
     elif isinstance(module, RMSNorm):
         layer = TunedRMSNorm(module, state)
     else:

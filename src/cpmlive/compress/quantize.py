@@ -1,0 +1,327 @@
+"""Post-training quantization: choose the int8 / int4 codes of every linear layer.
+
+* ``rtn``: round to nearest on each row (int8) or group (int4) grid.
+* ``gptq``: GPTQ (Frantar et al., 2022): columns are rounded one at a time, and the rounding
+  error of each is spread over the columns not yet rounded so as to minimise the error of the
+  layer's output on calibration inputs, ``||W X - Q X||²``, through the inverse Hessian
+  ``(2 X Xᵀ + damping)⁻¹`` (its Cholesky factor, in blocks of ``GPTQ_BLOCK`` columns with
+  lazy updates). Blocks are quantized in order; each block's inputs come from the blocks before
+  it already quantized, as the paper does.
+
+The tied embedding / head is int8 round-to-nearest per row in both methods (int8 rounding of
+it is near free, and GPTQ would need the head's own inputs for a table the input also reads).
+The model's layers become :class:`cpmlive.model.quant.QuantizedLinear`; the formats are
+described there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cpmlive.config import QuantConfig
+from cpmlive.data.layout import GENERATION, PromptBatch, build_batch
+from cpmlive.errors import CpmliveError
+from cpmlive.tokenizer import AntTokenizer
+from cpmlive.utils import check_output
+from cpmlive.model.ant import Block, CpmAnt
+from cpmlive.model.checkpoint import VOCAB_NAME, save_checkpoint
+from cpmlive.model.families import family_of
+from cpmlive.model.quant import (
+    QuantizedEmbedding, QuantizedLinear, int4_codes, int4_group_params, is_quantized, pack_int4, quantize_int4,
+    quantize_int8,
+)
+
+GPTQ_BLOCK = 128
+GPTQ_DAMPING = 0.01  # share of the mean Hessian diagonal added to it
+DEFAULT_SAMPLES = 64
+DEFAULT_SAMPLE_TOKENS = 256
+CALIBRATION_BATCH = 8
+
+Progress = Callable[[str], None]
+
+
+# ---- calibration text --------------------------------------------------------------------------
+
+
+def read_calibration_text(path: str | Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (one-line errors for a missing, binary or
+    empty file)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise CpmliveError(f"{path}: calibration file not found") from None
+    except UnicodeDecodeError as exc:
+        raise CpmliveError(f"{path}: the calibration file is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise CpmliveError(f"{path}: cannot read the calibration file ({exc.strerror or exc})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise CpmliveError(f"{path}: the calibration file is empty")
+    return lines
+
+
+def calibration_rows(token_lines: Iterable[list[int]], samples: int = DEFAULT_SAMPLES,
+                     length: int = DEFAULT_SAMPLE_TOKENS) -> list[list[int]]:
+    """At most ``samples`` windows of ``length`` tokens from the documents' tokens run together
+    (the last window may be shorter): the text the codes are fitted to."""
+    stream = [token for line in token_lines for token in line]
+    if not stream:
+        raise CpmliveError("the calibration text has no tokens")
+    return [stream[i:i + length] for i in range(0, min(len(stream), samples * length), length)]
+
+
+def calibration_batches(rows: list[list[int]], bos_id: int, prompt_length: int,
+                        batch_size: int = CALIBRATION_BATCH) -> list[PromptBatch]:
+    """Rows laid out as the model reads a text to score or continue it (only ``<s>`` is context)."""
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        group = [[bos_id] + row for row in rows[start:start + batch_size]]
+        batches.append(build_batch(group, GENERATION, prompt_length,
+                                   context_rows=[[True] + [False] * (len(r) - 1) for r in group]))
+    return batches
+
+
+# ---- round to nearest --------------------------------------------------------------------------
+
+
+def rtn_codes(weight: Tensor, config: QuantConfig) -> tuple[Tensor, ...]:
+    return quantize_int8(weight) if config.bits == 8 else quantize_int4(weight, config.group_size)
+
+
+# ---- GPTQ ------------------------------------------------------------------------------------------
+
+
+class HessianCollector:
+    """Accumulates ``2 / n * Σ x xᵀ`` over the rows a linear layer reads (its valid positions)."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.hessian = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: Tensor) -> None:
+        rows = x.reshape(-1, x.size(-1)).double()
+        total = self.rows + rows.size(0)
+        self.hessian.mul_(self.rows / total).add_(rows.T @ rows, alpha=2.0 / total)
+        self.rows = total
+
+
+def gptq_codes(weight: Tensor, hessian: Tensor, config: QuantConfig,
+               damping: float = GPTQ_DAMPING, block: int = GPTQ_BLOCK) -> tuple[Tensor, ...]:
+    """GPTQ codes and scales (int4: and zero points) of ``weight`` ``[out, in]`` for inputs of
+    Hessian ``hessian`` ``[in, in]``."""
+    w = weight.detach().double().clone()
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damping * torch.diagonal(h).mean())
+    try:
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise CpmliveError("GPTQ: the calibration inputs' Hessian is not positive definite; "
+                           "give more calibration text") from None
+    out_features, in_features = w.shape
+    group = config.group_size if config.bits == 4 else in_features
+    grid = _Grid(config, out_features, in_features)
+    if config.bits == 8:
+        grid.fit(0, w)
+    codes = torch.zeros_like(w)
+    for first in range(0, in_features, block):
+        last = min(first + block, in_features)
+        w_block = w[:, first:last].clone()
+        errors = torch.zeros_like(w_block)
+        inverse = upper[first:last, first:last]
+        for i in range(last - first):
+            column = first + i
+            if config.bits == 4 and column % group == 0:
+                grid.fit(column, torch.cat([w_block[:, i:], w[:, last:]], dim=1)[:, :group])
+            q, dequantized = grid.round(column, w_block[:, i])
+            codes[:, column] = q
+            error = (w_block[:, i] - dequantized) / inverse[i, i]
+            w_block[:, i:] -= error[:, None] * inverse[i, i:][None, :]
+            errors[:, i] = error
+        w[:, last:] -= errors @ upper[first:last, last:]
+    return grid.result(codes)
+
+
+class _Grid:
+    """The quantization grid of each row (int8) or row x group (int4), fitted as GPTQ goes."""
+
+    def __init__(self, config: QuantConfig, out_features: int, in_features: int) -> None:
+        self.config = config
+        self.group = config.group_size if config.bits == 4 else in_features
+        groups = in_features // self.group
+        self.scale = torch.ones(out_features, groups, dtype=torch.float64)
+        self.zero = torch.zeros(out_features, groups, dtype=torch.float64)
+
+    def fit(self, column: int, values: Tensor) -> None:
+        index = column // self.group
+        if self.config.bits == 8:
+            self.scale[:, index] = (values.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        else:
+            self.scale[:, index], self.zero[:, index] = int4_group_params(values)
+
+    def round(self, column: int, values: Tensor) -> tuple[Tensor, Tensor]:
+        index = column // self.group
+        scale, zero = self.scale[:, index], self.zero[:, index]
+        if self.config.bits == 8:
+            q = torch.round(values / scale).clamp(-127, 127)
+            return q, q * scale
+        q = int4_codes(values, scale, zero)
+        return q, (q - zero) * scale
+
+    def result(self, codes: Tensor) -> tuple[Tensor, ...]:
+        if self.config.bits == 8:
+            return codes.to(torch.int8), self.scale[:, 0].float()
+        return pack_int4(codes.to(torch.uint8)), self.scale.float(), self.zero.to(torch.uint8)
+
+
+# ---- whole models ----------------------------------------------------------------------------------
+
+
+def block_linears(block: Block) -> dict[str, nn.Linear]:
+    return {name: module for name, module in block.named_modules() if type(module) is nn.Linear}
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the block being calibrated has run: later blocks are not needed."""
+
+
+@torch.no_grad()
+def block_hessians(model: CpmAnt, block: Block, batches: list[PromptBatch]) -> dict[str, HessianCollector]:
+    """The Hessian of every linear layer of ``block`` on the calibration batches, with the
+    blocks before it as they are now (already quantized)."""
+    collectors = {name: HessianCollector(layer) for name, layer in block_linears(block).items()}
+    valid: list[Tensor] = []
+
+    def collect(name: str) -> Callable:
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0]
+            keep = valid[0][:, -x.size(1):] if x.dim() == 3 else valid[0]
+            collectors[name].add(x[keep])
+        return hook
+
+    def stop(*_args: object) -> None:
+        raise _StopForward
+
+    handles = [layer.register_forward_pre_hook(collect(name)) for name, layer in block_linears(block).items()]
+    handles.append(block.register_forward_hook(stop))
+    try:
+        for batch in batches:
+            valid[:] = [batch.valid]
+            try:
+                model(**batch.as_inputs())
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return collectors
+
+
+def quantize_model(model: CpmAnt, config: QuantConfig, batches: list[PromptBatch] | None = None,
+                   progress: Progress | None = None) -> CpmAnt:
+    """Quantize ``model`` in place (its config gains ``quantization``); GPTQ needs ``batches``."""
+    check_quantizable(model, config)
+    if config.method == "gptq" and not batches:
+        raise CpmliveError("GPTQ needs calibration text: pass --calibration FILE")
+    model.eval()
+    for index, block in enumerate(model.layers):
+        hessians = block_hessians(model, block, batches) if config.method == "gptq" else {}
+        for name, layer in block_linears(block).items():
+            if config.method == "gptq":
+                codes = gptq_codes(layer.weight, hessians[name].hessian, config)
+            else:
+                codes = rtn_codes(layer.weight, config)
+            quantized = QuantizedLinear(layer.in_features, layer.out_features, config)
+            quantized.set_codes(*codes)
+            _replace(block, name, quantized)
+        if progress is not None:
+            progress(f"layer {index + 1}/{len(model.layers)}")
+    if config.embedding:
+        table = model.input_embedding
+        quantized_table = QuantizedEmbedding(table.num_embeddings, table.embedding_dim, config)
+        quantized_table.set_codes(*quantize_int8(table.weight))
+        model.input_embedding = quantized_table
+    model.config = dataclasses.replace(model.config, quantization=config)
+    return model
+
+
+def check_quantizable(model: CpmAnt, config: QuantConfig) -> None:
+    """Refuse, before any work, a model that is already quantized or a group size that does not
+    divide every layer's inputs."""
+    if is_quantized(model) or model.config.quantization is not None:
+        raise CpmliveError("the model is already quantized: quantize its float checkpoint instead")
+    if config.method == "awq":
+        raise CpmliveError("method awq is not available yet: use gptq (calibrated) or rtn")
+    if config.bits == 4:
+        widths = sorted({layer.in_features for block in model.layers for layer in block_linears(block).values()})
+        bad = [w for w in widths if w % config.group_size]
+        if bad:
+            raise CpmliveError(f"group size {config.group_size} does not divide the layers' {bad[0]} inputs "
+                               f"(widths: {', '.join(map(str, widths))})")
+
+
+def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def weight_bits(model: nn.Module) -> float:
+    """Average stored bits per parameter of the quantized layers (codes plus scales)."""
+    bits = params = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            params += module.in_features * module.out_features
+            bits += sum(t.numel() * t.element_size() * 8 for t in module.buffers())
+    return bits / params if params else math.nan
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
+                        calibration: str | Path | None = None, samples: int = DEFAULT_SAMPLES,
+                        sample_tokens: int = DEFAULT_SAMPLE_TOKENS, force: bool = False,
+                        progress: bool = True) -> Path:
+    """Quantize a float checkpoint (any format, ``"demo"`` too) into the model directory ``out``
+    (written atomically: an interrupted run leaves nothing there)."""
+    out = check_output(out, force)
+    model, directory = family_of(src).load(src, dtype=torch.float32)
+    if model.config.quantization is not None:
+        raise CpmliveError(f"{src}: already quantized ({model.config.quantization.scheme}); "
+                           "quantize its float checkpoint instead")
+    check_quantizable(model, config)
+    vocab = directory / VOCAB_NAME if (directory / VOCAB_NAME).is_file() else None
+    batches = None
+    if calibration is not None:
+        lines = read_calibration_text(calibration)
+        if vocab is None:
+            raise CpmliveError(f"{src}: no {VOCAB_NAME} to tokenize the calibration text with")
+        tokenizer = AntTokenizer.from_file(vocab)
+        rows = calibration_rows((tokenizer.encode(line) for line in lines), samples, sample_tokens)
+        batches = calibration_batches(rows, tokenizer.bos_id, model.config.prompt_length)
+        config = dataclasses.replace(config, calibration={
+            "file": Path(calibration).name, "sha256": hashlib.sha256(Path(calibration).read_bytes()).hexdigest(),
+            "rows": len(rows), "tokens_per_row": sample_tokens})
+    elif config.method != "rtn":
+        raise CpmliveError(f"method {config.method} needs calibration text: pass --calibration FILE")
+    bar = tqdm(total=len(model.layers), desc=f"quantize {config.scheme} {config.method}", unit="layer",
+               file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    with bar:
+        quantize_model(model, config, batches, progress=lambda _message: bar.update(1))
+    return save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
+
+
+__all__ = ["calibration_batches", "calibration_rows", "gptq_codes", "quantize_checkpoint", "quantize_model", "read_calibration_text",
+           "rtn_codes", "weight_bits"]
