@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from cpmlive.compress.quantize import (
-    HessianCollector, calibration_batches, gptq_codes, quantize_model, rtn_codes,
+    HessianCollector, awq_scale_block, awq_search, block_input_samples, calibration_batches, fake_quantized,
+    gptq_codes, quantize_model, rtn_codes,
 )
 from cpmlive.config import AntConfig, QuantConfig, preset
 from cpmlive.errors import CpmliveError
@@ -172,6 +173,41 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
         assert torch.allclose(ours.float(), reference.float(), atol=1e-5)
 
 
+# ---- AWQ -------------------------------------------------------------------------------------
+
+
+def test_awq_scales_fold_without_changing_what_the_block_computes():
+    model = random_model()
+    batch = tokens_batches(model, 1)[0]
+    with torch.inference_mode():
+        before = model(**batch.as_inputs())
+    block = model.layers[0]
+    samples = block_input_samples(model, block, tokens_batches(model))
+    assert set(samples) == {"attn.project_q", "attn.project_k", "attn.project_v", "attn.attention_out",
+                            "ffn.w_0", "ffn.w_1", "ffn.w_out"}
+    norm_before = block.attn_norm.weight.clone()
+    awq_scale_block(block, samples, QuantConfig(bits=4, group_size=32, method="awq"))
+    with torch.inference_mode():
+        after = model(**batch.as_inputs())
+    assert not torch.equal(norm_before, block.attn_norm.weight)
+    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_protects_the_channels_with_large_activations():
+    """Inputs with a few outlier channels (what LLM activations look like): AWQ's scaled
+    rounding reproduces the layer's output better than plain rounding."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=generator)
+    x[:, :4] *= 30
+    weight = torch.randn(64, 128, generator=generator)
+    config = QuantConfig(bits=4, group_size=32, method="awq")
+    scale = awq_search(x, [weight], config)
+    exact = x @ weight.T
+    awq = (x / scale) @ fake_quantized(weight * scale, config).T
+    rtn = x @ fake_quantized(weight, config).T
+    assert (awq - exact).pow(2).mean() < 0.8 * (rtn - exact).pow(2).mean()
+
+
 # ---- whole models ------------------------------------------------------------------------------
 
 
@@ -181,8 +217,9 @@ def tokens_batches(model, count: int = 2):
 
 
 @pytest.mark.parametrize("config", [QuantConfig(bits=8), QuantConfig(bits=8, activations="int8"),
-                                    QuantConfig(bits=4, group_size=32), QuantConfig(bits=4, group_size=32, method="gptq")],
-                         ids=["int8", "w8a8", "int4-rtn", "int4-gptq"])
+                                    QuantConfig(bits=4, group_size=32), QuantConfig(bits=4, group_size=32, method="gptq"),
+                                    QuantConfig(bits=4, group_size=32, method="awq")],
+                         ids=["int8", "w8a8", "int4-rtn", "int4-gptq", "int4-awq"])
 def test_quantized_model_saves_loads_and_tracks_the_float_model(config, tmp_path):
     model = random_model()
     batch = tokens_batches(model, 1)[0]

@@ -505,7 +505,7 @@ def build_parser() -> Parser:
     quant.add_argument("--group-size", type=positive_int, default=None,
                        help="inputs per int4 scale (default 64; must divide every layer's width)")
     quant.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
-                       help="round to nearest, or calibrated GPTQ (needs --calibration)")
+                       help="round to nearest, or calibrated GPTQ / AWQ (need --calibration)")
     quant.add_argument("--calibration", default=None, help="UTF-8 text file to calibrate on (one document a line)")
     quant.add_argument("--samples", type=positive_int, default=64, help="calibration rows")
     quant.add_argument("--sample-tokens", type=positive_int, default=256, help="tokens per calibration row")

@@ -7,8 +7,13 @@
   ``(2 X Xᵀ + damping)⁻¹`` (its Cholesky factor, in blocks of ``GPTQ_BLOCK`` columns with
   lazy updates). Blocks are quantized in order; each block's inputs come from the blocks before
   it already quantized, as the paper does.
+* ``awq``: activation-aware scaling (Lin et al., 2023): input channels that carry large
+  activations are scaled up in the weight before rounding and down in the input, which costs
+  nothing at run time because the division is folded into what makes the input (an RMSNorm's
+  weight, ``project_v`` for the attention output, ``w_1`` for the FFN output); the exponent of
+  ``s = mean|x|^alpha`` is searched per layer group on calibration inputs; then round to nearest.
 
-The tied embedding / head is int8 round-to-nearest per row in both methods (int8 rounding of
+The tied embedding / head is int8 round-to-nearest per row in every method (int8 rounding of
 it is near free, and GPTQ would need the head's own inputs for a table the input also reads).
 The model's layers become :class:`cpmlive.model.quant.QuantizedLinear`; the formats are
 described there.
@@ -45,6 +50,8 @@ GPTQ_DAMPING = 0.01  # share of the mean Hessian diagonal added to it
 DEFAULT_SAMPLES = 64
 DEFAULT_SAMPLE_TOKENS = 256
 CALIBRATION_BATCH = 8
+AWQ_GRID = 20
+AWQ_MAX_ROWS = 4096
 
 Progress = Callable[[str], None]
 
@@ -198,17 +205,17 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def block_hessians(model: CpmAnt, block: Block, batches: list[PromptBatch]) -> dict[str, HessianCollector]:
-    """The Hessian of every linear layer of ``block`` on the calibration batches, with the
-    blocks before it as they are now (already quantized)."""
-    collectors = {name: HessianCollector(layer) for name, layer in block_linears(block).items()}
+def feed_block_inputs(model: CpmAnt, block: Block, batches: list[PromptBatch],
+                      consume: Callable[[str, Tensor], None]) -> None:
+    """Run the calibration batches up to and through ``block`` (the blocks before it as they are
+    now: already quantized) and hand ``consume(name, rows)`` the valid input rows of each of its
+    linear layers."""
     valid: list[Tensor] = []
 
     def collect(name: str) -> Callable:
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             x = inputs[0]
-            keep = valid[0][:, -x.size(1):] if x.dim() == 3 else valid[0]
-            collectors[name].add(x[keep])
+            consume(name, x[valid[0][:, -x.size(1):]])
         return hook
 
     def stop(*_args: object) -> None:
@@ -226,18 +233,89 @@ def block_hessians(model: CpmAnt, block: Block, batches: list[PromptBatch]) -> d
     finally:
         for handle in handles:
             handle.remove()
+
+
+def block_hessians(model: CpmAnt, block: Block, batches: list[PromptBatch]) -> dict[str, HessianCollector]:
+    """The Hessian of every linear layer of ``block`` on the calibration batches."""
+    collectors = {name: HessianCollector(layer) for name, layer in block_linears(block).items()}
+    feed_block_inputs(model, block, batches, lambda name, rows: collectors[name].add(rows))
     return collectors
+
+
+# ---- AWQ -----------------------------------------------------------------------------------------
+
+
+def block_input_samples(model: CpmAnt, block: Block, batches: list[PromptBatch],
+                        max_rows: int = AWQ_MAX_ROWS) -> dict[str, Tensor]:
+    """Up to ``max_rows`` input rows of each linear layer of ``block`` (evenly spaced)."""
+    pieces: dict[str, list[Tensor]] = {}
+    feed_block_inputs(model, block, batches, lambda name, rows: pieces.setdefault(name, []).append(rows.float()))
+    samples = {}
+    for name, parts in pieces.items():
+        rows = torch.cat(parts)
+        step = max(1, rows.size(0) // max_rows)
+        samples[name] = rows[::step][:max_rows]
+    return samples
+
+
+def fake_quantized(weight: Tensor, config: QuantConfig) -> Tensor:
+    """``weight`` rounded to its grid and back to floats (round to nearest)."""
+    layer = QuantizedLinear(weight.size(1), weight.size(0), config)
+    layer.set_codes(*rtn_codes(weight, config))
+    return layer.dequantized()
+
+
+def awq_search(x: Tensor, weights: list[Tensor], config: QuantConfig, grid: int = AWQ_GRID) -> Tensor:
+    """AWQ's per-input-channel scale ``s = mean|x|^alpha`` (normalised), with the ``alpha`` in
+    ``0, 1/grid, ... (grid-1)/grid`` whose rounded ``W * s`` applied to ``x / s`` best reproduces
+    every layer's float output; ``alpha = 0`` (no scaling, plain RTN) is one of them."""
+    magnitude = x.abs().mean(dim=0)
+    references = [x @ w.float().T for w in weights]
+    best_error, best_scale = math.inf, torch.ones_like(magnitude)
+    for step in range(grid):
+        scale = magnitude.pow(step / grid).clamp(min=1e-4)
+        scale = scale / (scale.max() * scale.min()).sqrt()
+        scaled_x = x / scale
+        error = sum((scaled_x @ fake_quantized(w.float() * scale, config).T - ref).pow(2).mean().item()
+                    for w, ref in zip(weights, references))
+        if error < best_error:
+            best_error, best_scale = error, scale
+    return best_scale
+
+
+@torch.no_grad()
+def awq_scale_block(block: Block, samples: dict[str, Tensor], config: QuantConfig) -> None:
+    """Search and fold AWQ scales into ``block``'s float weights; what it computes is unchanged:
+    each scaled layer's input is divided by ``s`` where it is made (an RMSNorm's weight, or the
+    rows of the product that feeds it) and its weight columns are multiplied by ``s``."""
+    groups = []
+    if hasattr(block, "attn"):
+        attn = block.attn
+        groups.append(("attn.project_q", block.attn_norm.weight, [attn.project_q, attn.project_k, attn.project_v]))
+        groups.append(("attn.attention_out", attn.project_v.weight, [attn.attention_out]))
+    if hasattr(block, "ffn"):
+        ffn = block.ffn
+        groups.append(("ffn.w_0", block.ffn_norm.weight, [ffn.w_0, ffn.w_1]))
+        groups.append(("ffn.w_out", ffn.w_1.weight, [ffn.w_out]))
+    for input_name, source, layers in groups:
+        scale = awq_search(samples[input_name], [layer.weight for layer in layers], config)
+        for layer in layers:
+            layer.weight.mul_(scale.to(layer.weight.dtype))
+        # a norm's weight scales its output channels; a linear layer's rows are its output channels
+        source.div_((scale if source.dim() == 1 else scale[:, None]).to(source.dtype))
 
 
 def quantize_model(model: CpmAnt, config: QuantConfig, batches: list[PromptBatch] | None = None,
                    progress: Progress | None = None) -> CpmAnt:
-    """Quantize ``model`` in place (its config gains ``quantization``); GPTQ needs ``batches``."""
+    """Quantize ``model`` in place (its config gains ``quantization``); GPTQ and AWQ need ``batches``."""
     check_quantizable(model, config)
-    if config.method == "gptq" and not batches:
-        raise CpmliveError("GPTQ needs calibration text: pass --calibration FILE")
+    if config.method != "rtn" and not batches:
+        raise CpmliveError(f"{config.method.upper()} needs calibration text: pass --calibration FILE")
     model.eval()
     for index, block in enumerate(model.layers):
         hessians = block_hessians(model, block, batches) if config.method == "gptq" else {}
+        if config.method == "awq":
+            awq_scale_block(block, block_input_samples(model, block, batches), config)
         for name, layer in block_linears(block).items():
             if config.method == "gptq":
                 codes = gptq_codes(layer.weight, hessians[name].hessian, config)
@@ -262,8 +340,6 @@ def check_quantizable(model: CpmAnt, config: QuantConfig) -> None:
     divide every layer's inputs."""
     if is_quantized(model) or model.config.quantization is not None:
         raise CpmliveError("the model is already quantized: quantize its float checkpoint instead")
-    if config.method == "awq":
-        raise CpmliveError("method awq is not available yet: use gptq (calibrated) or rtn")
     if config.bits == 4:
         widths = sorted({layer.in_features for block in model.layers for layer in block_linears(block).values()})
         bad = [w for w in widths if w % config.group_size]
