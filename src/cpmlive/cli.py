@@ -215,6 +215,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from cpmlive.compress.pipeline import CompressRecipe, compress
+
+    recipe = CompressRecipe.from_file(args.recipe, args.overrides)
+    print(f"wrote {compress(args.model, args.out, recipe, resume=args.resume, force=args.force)}")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from cpmlive.config import PRESETS
 
@@ -514,6 +521,15 @@ def build_parser() -> Parser:
     quant.add_argument("--float-embedding", action="store_true", help="keep the tied embedding / head in float")
     add_force(quant)
     quant.set_defaults(run=cmd_quantize)
+
+    comp = verbs.add_parser("compress", help="prune, distill and quantize a model, as a recipe's steps say")
+    comp.add_argument("model", help="float checkpoint (any format) or 'demo'")
+    comp.add_argument("out", help="output model directory (its run is kept in OUT.run/)")
+    comp.add_argument("--recipe", required=True, help="YAML recipe: data, steps (prune / distill / quantize), ...")
+    comp.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    comp.add_argument("--resume", choices=["auto"], default=None, help="continue the run in OUT.run/")
+    add_force(comp)
+    comp.set_defaults(run=cmd_compress)
 
     info = verbs.add_parser("info", help="describe a checkpoint or preset")
     info.add_argument("model")

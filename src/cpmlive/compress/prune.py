@@ -160,12 +160,13 @@ class PrunedShape:
 
 
 @torch.no_grad()
-def binarise(masks: PruningMasks) -> PrunedShape:
+def binarise(masks: PruningMasks, multiple_of: int = 1) -> PrunedShape:
     """Gates to an architecture CPM-Ant's config can describe. How many units survive is the
     gates' expected L0 norm (the sum of their keep probabilities, CoFi's rule), and which are
     the ones with the largest ``log_alpha``: as many heads as expected, the sub-blocks whose
     gate is open more often than not, and in every kept FFN the same number of dimensions (the
-    mean expected over the kept FFNs), each layer its own."""
+    mean expected over the kept FFNs, rounded to a multiple of ``multiple_of`` so that later
+    kernels and int4 groups fit), each layer its own."""
     masks.eval()
     heads = masks.heads.keep_probability()
     head_count = max(1, int(round(heads.sum().item())))
@@ -176,7 +177,8 @@ def binarise(masks: PruningMasks) -> PrunedShape:
         raise CpmliveError("prune: every sub-block's gate closed; nothing would be left (raise the target)")
     kept_layers = [i for i, keep in enumerate(keep_ffn) if keep] or list(range(masks.config.num_layers))
     dims = masks.ffn_dims.keep_probability()
-    width = max(1, int(round(dims[kept_layers].sum(dim=1).mean().item())))
+    expected = dims[kept_layers].sum(dim=1).mean().item()
+    width = min(masks.config.dim_ff, max(multiple_of, multiple_of * int(round(expected / multiple_of))))
     ffn_dims = [sorted(torch.topk(masks.ffn_dims.log_alpha[i], width).indices.tolist())
                 for i in range(masks.config.num_layers)]
     return PrunedShape(kept_heads, ffn_dims, keep_attention, keep_ffn)
@@ -215,9 +217,9 @@ def sliced_state(model: CpmAnt, masks: PruningMasks, shape: PrunedShape) -> tupl
     return state, pruned
 
 
-def pruned_model(model: CpmAnt, masks: PruningMasks) -> CpmAnt:
+def pruned_model(model: CpmAnt, masks: PruningMasks, multiple_of: int = 1) -> CpmAnt:
     """The physically smaller model the deterministic gates describe."""
-    state, config = sliced_state(model, masks, binarise(masks))
+    state, config = sliced_state(model, masks, binarise(masks, multiple_of))
     return model_from_state_dict(config, state, source="pruned model")
 
 
@@ -235,9 +237,12 @@ class PruneConfig:
     lr: float = 1e-4
     mask_lr: float = 0.1
     lagrangian_lr: float = 0.1
+    multiple_of: int = 16  # the pruned FFN width is a multiple of this (int4 groups must divide it)
 
     def __post_init__(self) -> None:
         check_target(self.target)
+        if not isinstance(self.multiple_of, int) or isinstance(self.multiple_of, bool) or self.multiple_of < 1:
+            raise CpmliveError(f"prune: multiple_of must be a positive integer, got {self.multiple_of!r}")
         for name in ("steps", "target_warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "steps" else 0):
@@ -295,7 +300,7 @@ class GateTrainer:
     def finish(self) -> CpmAnt:
         """Binarise the gates, slice the model, and drop the hooks."""
         self.model.eval()
-        pruned = pruned_model(self.model, self.masks)
+        pruned = pruned_model(self.model, self.masks, self.config.multiple_of)
         self.masks.detach()
         return pruned
 

@@ -34,6 +34,7 @@ INT4_MAX = 15
 # Where int4pack reads its codes: ``(code - 8) * scale + zero_point`` (zero points are floats).
 INT4PACK_OFFSET = 8
 INT4PACK_INNER_TILES = 8
+INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4pack kernel takes
 # fbgemm's dynamic int8 product: on x86 the fastest int8 product torch has (benchmarks/quant_kernels.py).
 FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 # Scales are floored so that an all-zero row or group codes to zeros instead of dividing by 0.
@@ -205,7 +206,9 @@ class QuantizedLinear(nn.Module):
         """The in-memory copy a kernel reads (never saved), made once per set of codes."""
         versions = self._versions()
         if self._kernel_copy is None or self._kernel_copy[0] != versions:
-            if self.bits == 4:
+            if self.bits == 4 and self.group_size not in INT4PACK_GROUPS:
+                copy = None  # no kernel for this group size: products dequantize
+            elif self.bits == 4:
                 codes = unpack_int4(self.weight).to(torch.int32)
                 copy = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4PACK_INNER_TILES)
                 self._scales_and_zeros = int4_scales_and_zeros(self.weight_scale, self.weight_zero)
@@ -217,10 +220,11 @@ class QuantizedLinear(nn.Module):
         return self._kernel_copy[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        weight = None if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) \
+            else self._kernel_weight()
+        if weight is None:
             return F.linear(x, self.dequantized(x.dtype))
         flat = x.reshape(-1, self.in_features)
-        weight = self._kernel_weight()
         if self.bits == 4:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.float().contiguous(), weight, self.group_size,
                                                               self._scales_and_zeros)

@@ -1,0 +1,262 @@
+"""``cpmlive compress MODEL OUT --recipe recipe.yaml``: compression steps in order, resumable.
+
+A recipe names a token store (for the steps that train) and a list of steps, each one of:
+
+* ``prune``: learned structured pruning to ``target`` (share of the prunable parameters kept),
+  with distillation from the recipe's input model when it has a ``distill`` mapping;
+* ``distill``: train the current model on the teacher's distribution (the input model of the
+  whole recipe), e.g. to recover after pruning;
+* ``quantize``: ``bits``, ``group_size``, ``method`` (``gptq`` / ``awq`` calibrate on rows of the
+  store's training split), ``activations``.
+
+Quantization is last (nothing here trains integer weights), and a model is pruned once. The
+run lives beside the output, in ``OUT.run/``: one directory per step, holding that step's
+checkpoints (every ``save_every`` steps, with the data position, the gates, the optimizers and
+the RNG: ``--resume auto`` continues exactly) and, once the step is done, its model in
+``done/``. The output directory is written last, whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from cpmlive.compress.distill import DistillConfig, distillation_loss
+from cpmlive.compress.prune import GateTrainer, PruneConfig
+from cpmlive.compress.quantize import calibration_batches, calibration_rows, quantize_model
+from cpmlive.config import QuantConfig
+from cpmlive.data.store import TokenStore
+from cpmlive.data.stream import PretrainStream
+from cpmlive.errors import CpmliveError
+from cpmlive.model.ant import CpmAnt
+from cpmlive.model.checkpoint import VOCAB_NAME, load_model, save_checkpoint
+from cpmlive.model.families import family_of
+from cpmlive.model.loss import masked_lm_loss
+from cpmlive.recipe import AT_LEAST_ONE, Recipe
+from cpmlive.train.checkpoints import TRAINER_STATE, StopRequest, read_trainer_state, resume_point, write_checkpoint
+from cpmlive.train.core import progress_bar, rng_state, set_rng_state
+from cpmlive.train.metrics import MetricsLog
+from cpmlive.utils import check_output
+
+STEP_KINDS = ("prune", "distill", "quantize")
+DONE = "done"
+
+
+@dataclass
+class CompressRecipe(Recipe):
+    data: str = ""
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    seq_length: int = 256
+    batch_size: int = 8
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    calibration_rows: int = 64
+    seed: int = 0
+    progress: bool = True
+
+    RANGES = {"seq_length": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "save_every": AT_LEAST_ONE,
+              "keep_checkpoints": AT_LEAST_ONE, "calibration_rows": AT_LEAST_ONE}
+
+    def check(self) -> None:
+        if not self.steps:
+            raise CpmliveError("compress recipe: steps is empty (give prune, distill and/or quantize steps)")
+        kinds = [self.kind(step) for step in self.steps]
+        if "quantize" in kinds[:-1]:
+            raise CpmliveError("compress recipe: quantize must be the last step (nothing after it trains "
+                               f"integer weights); the steps are {' -> '.join(kinds)}")
+        if kinds.count("prune") > 1:
+            raise CpmliveError("compress recipe: one prune step per recipe (give its target as the final size)")
+        if any(k in ("prune", "distill") for k in kinds) and not self.data:
+            raise CpmliveError("compress recipe: prune and distill steps train: give data (a token store)")
+        settings = [step_settings(step) for step in self.steps]  # all checked before anything runs
+        prune = next((s.prune for s in settings if isinstance(s, TrainingStep) and s.prune is not None), None)
+        quantize = settings[-1] if isinstance(settings[-1], QuantConfig) else None
+        if prune is not None and quantize is not None and quantize.bits == 4 and prune.multiple_of % quantize.group_size:
+            raise CpmliveError(f"compress recipe: the pruned FFN width is a multiple of {prune.multiple_of}, which "
+                               f"int4 groups of {quantize.group_size} do not divide: set prune's multiple_of to a "
+                               f"multiple of {quantize.group_size}")
+
+    @staticmethod
+    def kind(step: object) -> str:
+        if not isinstance(step, dict) or len(step) != 1:
+            raise CpmliveError(f"compress recipe: each step is a one-key mapping such as {{prune: {{target: 0.5}}}}, "
+                               f"got {step!r}")
+        (kind,) = step
+        if kind not in STEP_KINDS:
+            raise CpmliveError(f"compress recipe: unknown step {kind!r} (one of {', '.join(STEP_KINDS)})")
+        return kind
+
+
+@dataclass
+class TrainingStep:
+    """The settings of a step that trains (prune or distill)."""
+
+    steps: int = 100
+    lr: float = 1e-4
+    distill: DistillConfig | None = None
+    prune: PruneConfig | None = None
+
+
+def step_settings(step: dict[str, Any]) -> TrainingStep | QuantConfig:
+    kind = CompressRecipe.kind(step)
+    settings = dict(step[kind] or {})
+    if not isinstance(settings, dict):
+        raise CpmliveError(f"compress recipe: the settings of {kind} must be a mapping")
+    try:
+        if kind == "quantize":
+            return QuantConfig(**settings)
+        if kind == "distill":
+            steps, lr = settings.pop("steps", 100), settings.pop("lr", 1e-4)
+            return TrainingStep(steps=_positive(steps, "distill steps"), lr=lr, distill=DistillConfig(**settings))
+        distill = settings.pop("distill", None)
+        prune = PruneConfig(**settings)
+        return TrainingStep(steps=prune.steps, lr=prune.lr, prune=prune,
+                            distill=DistillConfig(**distill) if distill is not None else None)
+    except TypeError as exc:
+        raise CpmliveError(f"compress recipe: {kind}: {exc}") from None
+
+
+def _positive(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CpmliveError(f"compress recipe: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: str | None = None,
+             force: bool = False) -> Path:
+    """Run every step of ``recipe`` on ``src`` and write the result to the model directory ``out``."""
+    out = check_output(out, force)
+    run_dir = out.with_name(out.name + ".run")
+    if resume is None and run_dir.exists() and any(run_dir.iterdir()):
+        raise CpmliveError(f"{run_dir} holds an earlier compress run of {out}; continue it with --resume auto "
+                           "or remove it")
+    original, directory = family_of(src).load(src, dtype=torch.float32)
+    if original.config.quantization is not None:
+        raise CpmliveError(f"{src}: already quantized; compress its float checkpoint")
+    vocab = directory / VOCAB_NAME if (directory / VOCAB_NAME).is_file() else None
+    model = original
+    for index, step in enumerate(recipe.steps, 1):
+        kind = CompressRecipe.kind(step)
+        step_dir = run_dir / f"step-{index}-{kind}"
+        if (step_dir / DONE).is_dir():
+            model = load_model(step_dir / DONE)
+            continue
+        settings = step_settings(step)
+        if isinstance(settings, QuantConfig):
+            model = quantize_model(copy.deepcopy(model), settings, _calibration(recipe, model))
+        else:
+            model = TrainingRun(model, original, settings, recipe, step_dir, f"{index}/{len(recipe.steps)} {kind}").run()
+        save_checkpoint(model.state_dict(), model.config, step_dir / DONE, vocab=vocab)
+    return save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
+
+
+def _calibration(recipe: CompressRecipe, model: CpmAnt) -> list | None:
+    if not recipe.data:
+        return None
+    store = TokenStore(recipe.data, "train")
+    order = list(range(store.num_documents))
+    random.Random(recipe.seed).shuffle(order)
+    documents = (store.document(index).tolist()[1:-1] for index in order)
+    rows = calibration_rows(documents, recipe.calibration_rows, recipe.seq_length - model.config.prompt_length - 1)
+    return calibration_batches(rows[:recipe.calibration_rows], int(store.meta["bos_id"]), model.config.prompt_length)
+
+
+class TrainingRun:
+    """One prune or distill step: a loop of optimizer steps over the store's batches with
+    checkpoints, exact resume and a progress bar."""
+
+    def __init__(self, model: CpmAnt, original: CpmAnt, settings: TrainingStep, recipe: CompressRecipe,
+                 step_dir: Path, label: str) -> None:
+        self.settings, self.recipe, self.step_dir, self.label = settings, recipe, step_dir, label
+        self.student = copy.deepcopy(model)
+        self.teacher = original.eval() if settings.distill is not None else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+        torch.manual_seed(recipe.seed)
+        self.gates = GateTrainer(self.student, settings.prune) if settings.prune is not None else None
+        self.optimizer = self.gates.optimizer if self.gates else torch.optim.AdamW(self.student.parameters(),
+                                                                                     lr=settings.lr, weight_decay=0.0)
+        store = TokenStore(recipe.data, "train")
+        self.stream = PretrainStream(store, recipe.seq_length, recipe.batch_size, seed=recipe.seed,
+                                     prompt_length=model.config.prompt_length, vocab_size=model.config.vocab_size)
+        self.step = 0
+
+    def loss(self, batch) -> Callable[[CpmAnt], torch.Tensor]:
+        if self.teacher is None:
+            return lambda model: masked_lm_loss(model, batch)[0]
+        return lambda model: distillation_loss(model, self.teacher, batch, self.settings.distill)[0]
+
+    def state(self) -> dict[str, Any]:
+        state = {"step": self.step, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "stream": self.stream.state_dict(), "rng": rng_state()}
+        if self.gates is not None:
+            state.update(masks=self.gates.masks.state_dict(), lagrangian=self.gates.lagrangian.state_dict(),
+                         ascent=self.gates.ascent.state_dict(), gate_steps=self.gates.step_count)
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
+        if self.gates is not None:
+            self.gates.masks.load_state_dict(state["masks"])
+            self.gates.lagrangian.load_state_dict(state["lagrangian"])
+            self.gates.ascent.load_state_dict(state["ascent"])
+            self.gates.step_count = state["gate_steps"]
+
+    def save(self) -> None:
+        state = self.state()
+        write_checkpoint(self.step_dir, self.step, self.recipe.keep_checkpoints,
+                         lambda build: torch.save(state, build / TRAINER_STATE))
+
+    def run(self) -> CpmAnt:
+        found = resume_point(self.step_dir, "auto", lambda path: read_trainer_state(path, ("step", "model")))
+        if found is not None:
+            self.restore(found[1])
+        log = MetricsLog(self.step_dir)
+        bar = progress_bar(self.settings.steps, self.step, f"compress {self.label}", self.recipe.progress)
+        try:
+            with StopRequest() as stop:
+                while self.step < self.settings.steps:
+                    record = self.one_step()
+                    log.write({"type": "train", "step": self.step, **record})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    if self.step % self.recipe.save_every == 0 or self.step == self.settings.steps or stop.requested:
+                        self.save()
+                    if stop.requested:
+                        raise KeyboardInterrupt
+        finally:
+            log.close()
+            if bar is not None:
+                bar.close()
+        if self.gates is not None:
+            return self.gates.finish()
+        return self.student.eval()
+
+    def one_step(self) -> dict[str, float]:
+        self.step += 1
+        batch = self.stream.next_batch()
+        if self.gates is not None:
+            return self.gates.step(self.loss(batch))
+        self.student.train()
+        loss = self.loss(batch)(self.student)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item()}
+
+
+__all__ = ["CompressRecipe", "compress", "step_settings"]

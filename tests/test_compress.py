@@ -1,0 +1,114 @@
+"""`cpmlive compress`: a recipe of prune -> distill -> quantize on a tiny model and store, its
+output in the other verbs, exact resume of an interrupted step, and bad recipes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpmlive.compress.pipeline import CompressRecipe, compress
+from cpmlive.config import AntConfig, preset
+from cpmlive.data.store import prepare
+from cpmlive.errors import CpmliveError
+from cpmlive.model.ant import build_model
+from cpmlive.model.checkpoint import load_model, read_weights, save_checkpoint
+from cpmlive.tokenizer.vocab import build_vocab, save_vocab
+
+SENTENCES = ["今天天气很好，我们一起去公园散步，看见很多人在湖边钓鱼。", "北京是中国的首都，也是全国的政治和文化中心。",
+             "春天来了，小草从地下探出头来，柳树抽出了嫩绿的枝条。", "新华社记者报道，国务院总理今天会见了来访的外国客人。"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("compress")
+    lines = [f"{SENTENCES[i % 4]}{SENTENCES[(i * 3 + 1) % 4]}第{i}段。" for i in range(160)]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    vocab = root / "vocab.txt"
+    save_vocab(build_vocab(lines, 300), vocab)
+    data = root / "data"
+    prepare([str(corpus)], vocab, data, val_fraction=0.05, progress=False, workers=1)
+    size = len(vocab.read_text("utf-8").splitlines())
+    config = AntConfig.from_dict({**preset("tiny").to_dict(), "vocab_size": size, "num_layers": 2, "max_length": 256})
+    model_dir = save_checkpoint(build_model(config, seed=0), config, root / "model", vocab=vocab)
+    return model_dir, data
+
+
+def recipe(data: Path, **extra) -> CompressRecipe:
+    values = {"data": str(data), "seq_length": 96, "batch_size": 2, "save_every": 3, "progress": False,
+              "calibration_rows": 4,
+              "steps": [{"prune": {"target": 0.4, "steps": 40, "target_warmup_steps": 10, "mask_lr": 0.3,
+                                   "lagrangian_lr": 0.5, "distill": {"temperature": 2.0, "alpha": 0.5}}},
+                        {"distill": {"steps": 4, "lr": 1e-3}},
+                        {"quantize": {"bits": 4, "group_size": 16, "method": "gptq"}}], **extra}
+    return CompressRecipe.from_dict(values)
+
+
+def test_prune_distill_quantize_gives_a_model_every_verb_reads(setup, tmp_path):
+    model_dir, data = setup
+    out = compress(model_dir, tmp_path / "small", recipe(data))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["method"] == "gptq" and config["quantization"]["bits"] == 4
+    original, small = load_model(model_dir), load_model(out)
+    assert small.config.num_heads * small.config.dim_ff < original.config.num_heads * original.config.dim_ff
+    assert sum(f.stat().st_size for f in out.iterdir()) < sum(f.stat().st_size for f in model_dir.iterdir())
+    steps = sorted(p.name for p in (tmp_path / "small.run").iterdir())
+    assert steps == ["step-1-prune", "step-2-distill", "step-3-quantize"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "cpmlive", "generate", str(out), "今天", "--max-new-tokens", "3"],
+                            capture_output=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def test_an_interrupted_step_resumes_exactly(setup, tmp_path):
+    model_dir, data = setup
+    steps = [{"prune": {"target": 0.5, "steps": 6, "target_warmup_steps": 3}}]
+    full = compress(model_dir, tmp_path / "full", recipe(data, steps=steps))
+    # the same run stopped after step 3 of 6 (its checkpoint), then continued
+    first = compress(model_dir, tmp_path / "half", recipe(data, steps=[{"prune": {**steps[0]["prune"], "steps": 3}}]))
+    assert first.is_dir()
+    import shutil
+
+    shutil.rmtree(tmp_path / "half")
+    shutil.rmtree(tmp_path / "half.run" / "step-1-prune" / "done")
+    run = tmp_path / "half.run" / "step-1-prune"
+    state = torch.load(run / "checkpoints" / "step-0000003" / "trainer.pt", weights_only=False)
+    assert state["step"] == 3
+    with pytest.raises(CpmliveError, match="--resume auto"):
+        compress(model_dir, tmp_path / "half", recipe(data, steps=steps))
+    resumed = compress(model_dir, tmp_path / "half", recipe(data, steps=steps), resume="auto")
+    ours, theirs = read_weights(resumed), read_weights(full)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"quantize": {"bits": 8}}, {"distill": {"steps": 2}}], "quantize must be the last step"),
+    ([{"prune": {"target": 0.5}}, {"prune": {"target": 0.3}}], "one prune step"),
+    ([{"prune": {"target": 1.5}}], "target"),
+    ([{"prune": {"target": 0.0}}], "target"),
+    ([{"quantize": {"bits": 3}}], "bits must be 8 or 4"),
+    ([{"shrink": {}}], "unknown step 'shrink'"),
+    ([], "steps is empty"),
+    ([{"distill": {"steps": 2, "temperature": -1}}], "temperature"),
+])
+def test_bad_recipes_are_refused_before_anything_runs(setup, steps, message):
+    _, data = setup
+    with pytest.raises(CpmliveError, match=message):
+        recipe(data, steps=steps)
+
+
+def test_compress_cli_bad_input_is_one_line_and_writes_nothing(setup, tmp_path):
+    model_dir, data = setup
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"data: {data}\nsteps:\n  - quantize: {{bits: 4}}\n  - prune: {{target: 0.5}}\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "cpmlive", "compress", str(model_dir), str(tmp_path / "out"),
+                             "--recipe", str(bad)], capture_output=True, env=env, timeout=300)
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "quantize must be the last step" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
