@@ -62,6 +62,12 @@ def test_prune_distill_quantize_gives_a_model_every_verb_reads(setup, tmp_path):
     result = subprocess.run([sys.executable, "-m", "cpmlive", "generate", str(out), "今天", "--max-new-tokens", "3"],
                             capture_output=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr.decode()
+    info = subprocess.run([sys.executable, "-m", "cpmlive", "info", str(out), "--json"], capture_output=True, env=env,
+                          timeout=300)
+    described = json.loads(info.stdout)
+    assert described["compression"].startswith(f"from {model_dir}")
+    assert "prune" in described["compression"] and "quantize" in described["compression"]
+    assert described["quantization"].startswith("int4-g16 (gptq")
 
 
 def test_an_interrupted_step_resumes_exactly(setup, tmp_path):

@@ -235,10 +235,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         print_json(info)
         return
     for key, value in info.items():
-        if key != "config" and key != "quantization":
+        if key not in ("config", "quantization", "compression"):
             print(f"{key:>12}: {value}")
-    if "quantization" in info:
-        print(f"{'quantization':>12}: {info['quantization']}")
+    for key in ("quantization", "compression"):
+        if key in info:
+            print(f"{key:>12}: {info[key]}")
     print("      config:")
     for key, value in info["config"].items():
         if key == "quantization":

@@ -19,7 +19,7 @@ the RNG: ``--resume auto`` continues exactly) and, once the step is done, its mo
 from __future__ import annotations
 
 import copy
-import dataclasses
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +42,10 @@ from cpmlive.recipe import AT_LEAST_ONE, Recipe
 from cpmlive.train.checkpoints import TRAINER_STATE, StopRequest, read_trainer_state, resume_point, write_checkpoint
 from cpmlive.train.core import progress_bar, rng_state, set_rng_state
 from cpmlive.train.metrics import MetricsLog
-from cpmlive.utils import check_output
+from cpmlive.utils import atomic_write_text, check_output
 
 STEP_KINDS = ("prune", "distill", "quantize")
+COMPRESSION_NAME = "compression.json"  # how the model was made; `cpmlive info` shows it
 DONE = "done"
 
 
@@ -144,19 +145,26 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
         raise CpmliveError(f"{src}: already quantized; compress its float checkpoint")
     vocab = directory / VOCAB_NAME if (directory / VOCAB_NAME).is_file() else None
     model = original
+    history = []
     for index, step in enumerate(recipe.steps, 1):
         kind = CompressRecipe.kind(step)
         step_dir = run_dir / f"step-{index}-{kind}"
         if (step_dir / DONE).is_dir():
             model = load_model(step_dir / DONE)
-            continue
-        settings = step_settings(step)
-        if isinstance(settings, QuantConfig):
-            model = quantize_model(copy.deepcopy(model), settings, _calibration(recipe, model))
         else:
-            model = TrainingRun(model, original, settings, recipe, step_dir, f"{index}/{len(recipe.steps)} {kind}").run()
-        save_checkpoint(model.state_dict(), model.config, step_dir / DONE, vocab=vocab)
-    return save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
+            settings = step_settings(step)
+            if isinstance(settings, QuantConfig):
+                model = quantize_model(copy.deepcopy(model), settings, _calibration(recipe, model))
+            else:
+                label = f"{index}/{len(recipe.steps)} {kind}"
+                model = TrainingRun(model, original, settings, recipe, step_dir, label).run()
+            save_checkpoint(model.state_dict(), model.config, step_dir / DONE, vocab=vocab)
+        history.append({"step": kind, "settings": step[kind] or {}, "parameters": model.num_parameters()})
+    written = save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
+    record = {"source": str(src), "parameters": original.num_parameters(), "steps": history,
+              "data": recipe.data, "seed": recipe.seed}
+    atomic_write_text(written / COMPRESSION_NAME, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return written
 
 
 def _calibration(recipe: CompressRecipe, model: CpmAnt) -> list | None:

@@ -491,10 +491,12 @@ def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | No
         parameters = CpmAnt(config).num_parameters()
     files = source.files
     quantization = config.quantization
+    history = _compression_history(source.directory)
     return {
         "path": str(source.path),
         "format": source.format,
         **({"quantization": quantization_summary(quantization)} if quantization is not None else {}),
+        **({"compression": history} if history is not None else {}),
         "config": config.to_dict(),
         "parameters": parameters,
         "tensors": len(raw),
@@ -502,6 +504,19 @@ def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | No
         "size_bytes": sum(f.stat().st_size for f in files),
         "files": len(files),
     }
+
+
+def _compression_history(directory: Path) -> str | None:
+    """``compression.json`` (written by ``cpmlive compress``) as one line: the steps and sizes."""
+    path = directory / "compression.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        steps = " -> ".join(f"{s['step']} ({s['parameters'] / 1e6:.2f}M)" for s in record["steps"])
+        return f"from {record['source']} ({record['parameters'] / 1e6:.2f}M): {steps}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path}: unreadable"
 
 
 def quantization_summary(quantization: QuantConfig) -> str:
