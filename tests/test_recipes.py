@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cpmlive.compress.pipeline import CompressRecipe
 from cpmlive.tune.delta import DeltaConfig
 from cpmlive.tune.finetune import FinetuneConfig
 from cpmlive.train.pretrain import PretrainConfig, new_model_config
@@ -25,7 +26,9 @@ def test_there_are_recipes_for_every_shipped_artefact() -> None:
 @pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.name)
 def test_recipe_parses_into_its_config(path: Path) -> None:
     data = yaml.safe_load(path.read_text("utf-8"))
-    if "task" in data:
+    if "steps" in data:
+        config = CompressRecipe.from_file(path)
+    elif "task" in data:
         config = FinetuneConfig.from_file(path)
         DeltaConfig.from_dict(config.delta)
     else:
