@@ -107,8 +107,9 @@ def test_weight_only_kernels_equal_the_dequantized_product(config):
     layer = quant.QuantizedLinear(128, 96, config)
     layer.set_codes(*rtn_codes(weight, config))
     expected = F.linear(x, layer.dequantized())
-    with torch.inference_mode():
+    with torch.inference_mode():  # many rows (dequantized product) and few (torch's packed kernels)
         assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(layer(x[:1, :2]), expected[:1, :2], atol=1e-4, rtol=1e-4)
     # with a gradient to pass back (QLoRA), the same product through autograd
     x.requires_grad_(True)
     out = layer(x)

@@ -35,6 +35,9 @@ INT4_MAX = 15
 INT4PACK_OFFSET = 8
 INT4PACK_INNER_TILES = 8
 INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4pack kernel takes
+# Weight-only products of more rows than this dequantize and use F.linear: torch's int8pack and
+# int4pack kernels lose to that from a few rows on (benchmarks/quant_kernels.py).
+PACKED_KERNEL_MAX_ROWS = 4
 # fbgemm's dynamic int8 product: on x86 the fastest int8 product torch has (benchmarks/quant_kernels.py).
 FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 # Scales are floored so that an all-zero row or group codes to zeros instead of dividing by 0.
@@ -146,10 +149,13 @@ def int8_matmul_per_token(x: Tensor, codes_t: Tensor, weight_scale: Tensor) -> T
 class QuantizedLinear(nn.Module):
     """A bias-free linear layer over int8 or int4 codes (the ``weight`` buffers above).
 
-    Products with a gradient to pass back (a LoRA adapter trained on top, as QLoRA does) or
-    in autograd use the dequantized weight; inference uses the fastest kernel for the format:
-    int8 weight-only -> ``torch._weight_int8pack_mm``; int8 with int8 activations -> per-token
-    quantization and ``torch._int_mm``; int4 -> ``torch._weight_int4pack_mm_for_cpu``.
+    Products with a gradient to pass back (a LoRA adapter trained on top, as QLoRA does) use the
+    dequantized weight; inference uses the fastest product this CPU has for the format, as
+    ``benchmarks/quant_kernels.py`` measures them: int8 with int8 inputs -> fbgemm's dynamic
+    product (by far the fastest int8 path on x86); weight-only int8 / int4 -> torch's
+    ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` up to ``PACKED_KERNEL_MAX_ROWS``
+    rows, the dequantized weight and ``F.linear`` beyond. (On AVX2 neither weight-only path is
+    faster than float32: their gain is size and memory.)
     """
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig,
@@ -220,8 +226,10 @@ class QuantizedLinear(nn.Module):
         return self._kernel_copy[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = None if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) \
-            else self._kernel_weight()
+        rows = x.numel() // self.in_features
+        exact_path = self.activations == "none" and rows > PACKED_KERNEL_MAX_ROWS
+        autograd = torch.is_grad_enabled() and x.requires_grad
+        weight = None if x.device.type != "cpu" or autograd or exact_path else self._kernel_weight()
         if weight is None:
             return F.linear(x, self.dequantized(x.dtype))
         flat = x.reshape(-1, self.in_features)
