@@ -1,8 +1,8 @@
 """Quantized models against their float original, in one run: size, held-out bits/char, speed.
 
 On the demo model: fp32, int8 (weight-only), W8A8 (int8 weights and per-token int8 inputs),
-int4 round-to-nearest and int4 GPTQ (group 64), all made by ``cpmlive.compress.quantize`` from
-the same fp32 weights, GPTQ calibrated on training-split rows of the token store. For each:
+int4 round-to-nearest, GPTQ and AWQ (group 64), all made by ``cpmlive.compress.quantize`` from
+the same fp32 weights, GPTQ and AWQ calibrated on training-split rows of the token store. For each:
 size of its checkpoint directory, held-out bits/char on the store's validation split (every
 domain pooled, and the news domain alone), batch-1 greedy decode tokens/s and prefill tokens/s.
 
@@ -42,6 +42,7 @@ VARIANTS = {
     "w8a8": QuantConfig(bits=8, activations="int8"),
     "int4-g64 RTN": QuantConfig(bits=4, group_size=64),
     "int4-g64 GPTQ": QuantConfig(bits=4, group_size=64, method="gptq"),
+    "int4-g64 AWQ": QuantConfig(bits=4, group_size=64, method="awq"),
 }
 
 
@@ -123,7 +124,7 @@ def demo_rows(args: argparse.Namespace) -> list[list[str]]:
         model = cpmlive.load(args.model, dtype="float32").model
         started = time.perf_counter()
         if config is not None:
-            quantize_model(model, config, calibration if config.method == "gptq" else None)
+            quantize_model(model, config, calibration if config.method != "rtn" else None)
         seconds = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as tmp:
             size = directory_bytes(save_checkpoint(model.state_dict(), model.config, Path(tmp) / "m"))
@@ -143,7 +144,7 @@ def large_rows(args: argparse.Namespace, bandwidth: float) -> list[list[str]]:
     out, base = [], None
     rows = random_rows([16], seed=0)
     for name, config in VARIANTS.items():
-        if config is not None and config.method == "gptq":
+        if config is not None and config.method != "rtn":
             continue  # the same format and speed as RTN
         model = build_ours("450m")
         if config is not None:
