@@ -39,6 +39,12 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def replace_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``root`` (``layers.0.attn.project_q``)."""
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
 def default_mode(directory: bool = False) -> int:
     """The permissions a plain ``open``/``mkdir`` would give (temp files default to private)."""
     umask = os.umask(0)

@@ -36,7 +36,7 @@ from cpmlive.config import QuantConfig
 from cpmlive.data.layout import GENERATION, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.tokenizer import AntTokenizer
-from cpmlive.utils import check_output
+from cpmlive.utils import check_output, replace_submodule
 from cpmlive.model.ant import Block, CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME, save_checkpoint
 from cpmlive.model.families import family_of
@@ -323,7 +323,7 @@ def quantize_model(model: CpmAnt, config: QuantConfig, batches: list[PromptBatch
                 codes = rtn_codes(layer.weight, config)
             quantized = QuantizedLinear(layer.in_features, layer.out_features, config)
             quantized.set_codes(*codes)
-            _replace(block, name, quantized)
+            replace_submodule(block, name, quantized)
         if progress is not None:
             progress(f"layer {index + 1}/{len(model.layers)}")
     if config.embedding:
@@ -347,20 +347,6 @@ def check_quantizable(model: CpmAnt, config: QuantConfig) -> None:
             raise CpmliveError(f"group size {config.group_size} does not divide the layers' {bad[0]} inputs "
                                f"(widths: {', '.join(map(str, widths))})")
 
-
-def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def weight_bits(model: nn.Module) -> float:
-    """Average stored bits per parameter of the quantized layers (codes plus scales)."""
-    bits = params = 0
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            params += module.in_features * module.out_features
-            bits += sum(t.numel() * t.element_size() * 8 for t in module.buffers())
-    return bits / params if params else math.nan
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -400,4 +386,4 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
 
 
 __all__ = ["calibration_batches", "calibration_rows", "gptq_codes", "quantize_checkpoint", "quantize_model", "read_calibration_text",
-           "rtn_codes", "weight_bits"]
+           "rtn_codes"]

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from cpmlive.config import QuantConfig
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import replace_submodule
 
 INT8_MAX = 127
 INT4_MAX = 15
@@ -269,17 +270,13 @@ def quantizable_linears(model: nn.Module) -> list[str]:
             if isinstance(module, nn.Linear) and module.bias is None and ".layers." in f".{name}"]
 
 
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
 
 def install_quantized_layers(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Swap the float layers ``config`` quantizes for empty quantized ones on the same device
     (a checkpoint's codes are loaded into them; ``cpmlive.compress`` sets them from weights)."""
     for path in quantizable_linears(model):
         linear = model.get_submodule(path)
-        _replace(model, path, QuantizedLinear(linear.in_features, linear.out_features, config,
+        replace_submodule(model, path, QuantizedLinear(linear.in_features, linear.out_features, config,
                                               device=linear.weight.device))
     if config.embedding:
         table = model.input_embedding
@@ -309,11 +306,6 @@ def dequantize_state(state: dict[str, Tensor], dtype: torch.dtype = torch.float3
             group_size = 2 * tensor.size(1) // zero.size(1)
             out[name] = dequantize_int4(tensor, scale, zero, group_size, dtype)
     return out
-
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor the model would save (codes, scales and float tensors)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 __all__ = ["QuantizedEmbedding", "QuantizedLinear", "dequantize_int4", "dequantize_int8", "dequantize_state",

@@ -61,7 +61,7 @@ from cpmlive.model.checkpoint import read_safetensors
 from cpmlive.model.kernels import project
 from cpmlive.model.quant import QuantizedLinear
 from cpmlive.resources import model_path
-from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output
+from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output, replace_submodule
 
 METHODS = ("lora", "prompt", "bitfit")
 DEFAULT_TARGETS = {"lora": ["project_q", "project_v"], "bitfit": ["attn_norm", "ffn_norm", "output_norm"]}
@@ -501,13 +501,9 @@ def _delta_layer(model: nn.Module, path: str, state: DeltaState) -> DeltaLayer:
         layer = TunedRMSNorm(module, state)
     else:
         layer = PromptTable(module, state, model.config.prompt_length)
-    _replace(model, path, layer)
+    replace_submodule(model, path, layer)
     return layer
 
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -534,7 +530,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         if name in layer.adapters():
             layer.remove(name)
             if not layer.adapters():
-                _replace(model, path, layer.plain())
+                replace_submodule(model, path, layer.plain())
     del state.configs[name]
     if state.active == name:
         state.active = None
@@ -546,7 +542,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter: the plain base model again, every parameter trainable."""
     _known_state(model, None)
     for path, layer in delta_layers(model):
-        _replace(model, path, layer.plain())
+        replace_submodule(model, path, layer.plain())
     _forget(model)
     return model
 
@@ -561,7 +557,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     if name is None:
         raise CpmliveError("no adapter is active: name the one to merge")
     for path, layer in delta_layers(model):
-        _replace(model, path, layer.plain(merge=name if name in layer.adapters() else None))
+        replace_submodule(model, path, layer.plain(merge=name if name in layer.adapters() else None))
     _forget(model)
     return model
 
