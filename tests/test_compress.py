@@ -118,3 +118,51 @@ def test_compress_cli_bad_input_is_one_line_and_writes_nothing(setup, tmp_path):
     assert result.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "quantize must be the last step" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.run").exists()
+
+
+def test_qat_trains_through_the_final_rounding_and_resumes_exactly(setup, tmp_path):
+    model_dir, data = setup
+    steps = [{"qat": {"steps": 6, "lr": 0.001}}, {"quantize": {"bits": 4, "group_size": 32}}]
+    out = compress(model_dir, tmp_path / "qat", recipe(data, steps=steps))
+    trained = load_model(tmp_path / "qat.run" / "step-1-qat" / "done")
+    original = load_model(model_dir)
+    assert not torch.equal(trained.layers[0].ffn.w_0.weight, original.layers[0].ffn.w_0.weight)
+    assert json.loads((out / "config.json").read_text())["quantization"]["group_size"] == 32
+    before = {k: v.clone() for k, v in read_weights(out).items()}
+    import shutil
+
+    shutil.rmtree(out)
+    shutil.rmtree(tmp_path / "qat.run" / "step-1-qat" / "done")
+    shutil.rmtree(tmp_path / "qat.run" / "step-1-qat" / "checkpoints" / "step-0000006")
+    (tmp_path / "qat.run" / "step-1-qat" / "checkpoints" / "latest").write_text("step-0000003\n")
+    shutil.rmtree(tmp_path / "qat.run" / "step-2-quantize", ignore_errors=True)
+    again = read_weights(compress(model_dir, tmp_path / "qat", recipe(data, steps=steps), resume="auto"))
+    assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in again)
+    resumed = load_model(tmp_path / "qat.run" / "step-1-qat" / "done")
+    assert torch.equal(resumed.layers[0].ffn.w_0.weight, trained.layers[0].ffn.w_0.weight)
+
+
+def test_fake_quantized_layers_round_forward_and_pass_gradients_straight_through():
+    from cpmlive.compress.qat import FakeQuantLinear
+    from cpmlive.config import QuantConfig
+    from cpmlive.model import quant
+
+    base = torch.nn.Linear(64, 32, bias=False)
+    layer = FakeQuantLinear(base, QuantConfig(bits=4, group_size=32))
+    x = torch.randn(5, 64, requires_grad=True)
+    out = layer(x)
+    expected = x @ quant.dequantize_int4(*quant.quantize_int4(base.weight, 32), 32).T
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.sum().backward()
+    assert torch.allclose(base.weight.grad, torch.ones(32, 5) @ x.detach())
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"qat": {"steps": 2}}], "right before a final quantize"),
+    ([{"qat": {"steps": 2}}, {"distill": {"steps": 2}}, {"quantize": {"bits": 8}}], "right before a final quantize"),
+    ([{"qat": {"steps": 2, "lr": "1e-4"}}, {"quantize": {"bits": 8}}], "write 1.0e-4"),
+])
+def test_bad_qat_recipes_are_refused(setup, steps, message):
+    _, data = setup
+    with pytest.raises(CpmliveError, match=message):
+        recipe(data, steps=steps)

@@ -6,6 +6,8 @@ A recipe names a token store (for the steps that train) and a list of steps, eac
   with distillation from the recipe's input model when it has a ``distill`` mapping;
 * ``distill``: train the current model on the teacher's distribution (the input model of the
   whole recipe), e.g. to recover after pruning;
+* ``qat``: quantization-aware fine-tuning (``steps``, ``lr``, optional ``distill``) through the
+  rounding of the ``quantize`` step that must follow it (``cpmlive.compress.qat``);
 * ``quantize``: ``bits``, ``group_size``, ``method`` (``gptq`` / ``awq`` calibrate on rows of the
   store's training split), ``activations``.
 
@@ -19,6 +21,7 @@ the RNG: ``--resume auto`` continues exactly) and, once the step is done, its mo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ import torch
 
 from cpmlive.compress.distill import DistillConfig, distillation_loss
 from cpmlive.compress.prune import GateTrainer, PruneConfig
+from cpmlive.compress.qat import attach_fake_quant, detach_fake_quant
 from cpmlive.compress.quantize import calibration_batches, calibration_rows, quantize_model
 from cpmlive.config import QuantConfig
 from cpmlive.data.store import TokenStore
@@ -44,7 +48,7 @@ from cpmlive.train.core import progress_bar, rng_state, set_rng_state
 from cpmlive.train.metrics import MetricsLog
 from cpmlive.utils import atomic_write_text, check_output
 
-STEP_KINDS = ("prune", "distill", "quantize")
+STEP_KINDS = ("prune", "distill", "qat", "quantize")
 COMPRESSION_NAME = "compression.json"  # how the model was made; `cpmlive info` shows it
 DONE = "done"
 
@@ -71,10 +75,13 @@ class CompressRecipe(Recipe):
         if "quantize" in kinds[:-1]:
             raise CpmliveError("compress recipe: quantize must be the last step (nothing after it trains "
                                f"integer weights); the steps are {' -> '.join(kinds)}")
+        if "qat" in kinds and (kinds.index("qat") != len(kinds) - 2 or kinds[-1] != "quantize"):
+            raise CpmliveError("compress recipe: qat trains through the rounding of the quantize step, so it must "
+                               f"come right before a final quantize step; the steps are {' -> '.join(kinds)}")
         if kinds.count("prune") > 1:
             raise CpmliveError("compress recipe: one prune step per recipe (give its target as the final size)")
-        if any(k in ("prune", "distill") for k in kinds) and not self.data:
-            raise CpmliveError("compress recipe: prune and distill steps train: give data (a token store)")
+        if any(k in ("prune", "distill", "qat") for k in kinds) and not self.data:
+            raise CpmliveError("compress recipe: prune, distill and qat steps train: give data (a token store)")
         settings = [step_settings(step) for step in self.steps]  # all checked before anything runs
         prune = next((s.prune for s in settings if isinstance(s, TrainingStep) and s.prune is not None), None)
         quantize = settings[-1] if isinstance(settings[-1], QuantConfig) else None
@@ -102,6 +109,7 @@ class TrainingStep:
     lr: float = 1e-4
     distill: DistillConfig | None = None
     prune: PruneConfig | None = None
+    qat: QuantConfig | None = None  # the grid to train through (the recipe's final quantize step)
 
 
 def step_settings(step: dict[str, Any]) -> TrainingStep | QuantConfig:
@@ -114,13 +122,27 @@ def step_settings(step: dict[str, Any]) -> TrainingStep | QuantConfig:
             return QuantConfig(**settings)
         if kind == "distill":
             steps, lr = settings.pop("steps", 100), settings.pop("lr", 1e-4)
-            return TrainingStep(steps=_positive(steps, "distill steps"), lr=lr, distill=DistillConfig(**settings))
+            return TrainingStep(steps=_positive(steps, "distill steps"), lr=_rate(lr, "distill lr"),
+                                distill=DistillConfig(**settings))
+        if kind == "qat":
+            steps, lr, distill = settings.pop("steps", 100), settings.pop("lr", 1e-5), settings.pop("distill", None)
+            if settings:
+                raise CpmliveError(f"compress recipe: qat: unknown key {sorted(settings)[0]!r}")
+            return TrainingStep(steps=_positive(steps, "qat steps"), lr=_rate(lr, "qat lr"),
+                                distill=DistillConfig(**distill) if distill is not None else None)
         distill = settings.pop("distill", None)
         prune = PruneConfig(**settings)
         return TrainingStep(steps=prune.steps, lr=prune.lr, prune=prune,
                             distill=DistillConfig(**distill) if distill is not None else None)
     except TypeError as exc:
         raise CpmliveError(f"compress recipe: {kind}: {exc}") from None
+
+
+def _rate(value: object, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise CpmliveError(f"compress recipe: {name} must be a number >= 0 (YAML reads 1e-4 as text: "
+                           f"write 1.0e-4 or 0.0001), got {value!r}")
+    return float(value)
 
 
 def _positive(value: object, name: str) -> int:
@@ -156,6 +178,8 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
             if isinstance(settings, QuantConfig):
                 model = quantize_model(copy.deepcopy(model), settings, _calibration(recipe, model))
             else:
+                if kind == "qat":
+                    settings = dataclasses.replace(settings, qat=step_settings(recipe.steps[-1]))
                 label = f"{index}/{len(recipe.steps)} {kind}"
                 model = TrainingRun(model, original, settings, recipe, step_dir, label).run()
             save_checkpoint(model.state_dict(), model.config, step_dir / DONE, vocab=vocab)
@@ -190,6 +214,8 @@ class TrainingRun:
         if self.teacher is not None:
             self.teacher.requires_grad_(False)
         torch.manual_seed(recipe.seed)
+        if settings.qat is not None:
+            attach_fake_quant(self.student, settings.qat)
         self.gates = GateTrainer(self.student, settings.prune) if settings.prune is not None else None
         self.optimizer = self.gates.optimizer if self.gates else torch.optim.AdamW(self.student.parameters(),
                                                                                      lr=settings.lr, weight_decay=0.0)
@@ -252,7 +278,7 @@ class TrainingRun:
                 bar.close()
         if self.gates is not None:
             return self.gates.finish()
-        return self.student.eval()
+        return detach_fake_quant(self.student).eval()
 
     def one_step(self) -> dict[str, float]:
         self.step += 1
