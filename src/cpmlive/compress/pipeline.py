@@ -6,6 +6,8 @@ A recipe names a token store (for the steps that train) and a list of steps, eac
   with distillation from the recipe's input model when it has a ``distill`` mapping;
 * ``distill``: train the current model on the teacher's distribution (the input model of the
   whole recipe), e.g. to recover after pruning;
+* ``sparse24``: 2:4 sparsity (``method`` magnitude or wanda), then ``steps`` of fine-tuning
+  (0: one-shot) with the mask kept; only ``quantize`` may follow it (``cpmlive.compress.sparsity``);
 * ``qat``: quantization-aware fine-tuning (``steps``, ``lr``, optional ``distill``) through the
   rounding of the ``quantize`` step that must follow it (``cpmlive.compress.qat``);
 * ``quantize``: ``bits``, ``group_size``, ``method`` (``gptq`` / ``awq`` calibrate on rows of the
@@ -33,6 +35,8 @@ import torch
 from cpmlive.compress.distill import DistillConfig, distillation_loss
 from cpmlive.compress.prune import GateTrainer, PruneConfig
 from cpmlive.compress.qat import attach_fake_quant, detach_fake_quant
+from cpmlive.compress.sparsity import METHODS as SPARSITY_METHODS
+from cpmlive.compress.sparsity import apply_masks, sparsify_2of4
 from cpmlive.compress.quantize import calibration_batches, calibration_rows, quantize_model
 from cpmlive.config import QuantConfig
 from cpmlive.data.store import TokenStore
@@ -48,7 +52,7 @@ from cpmlive.train.core import progress_bar, rng_state, set_rng_state
 from cpmlive.train.metrics import MetricsLog
 from cpmlive.utils import atomic_write_text, check_output
 
-STEP_KINDS = ("prune", "distill", "qat", "quantize")
+STEP_KINDS = ("prune", "distill", "sparse24", "qat", "quantize")
 COMPRESSION_NAME = "compression.json"  # how the model was made; `cpmlive info` shows it
 DONE = "done"
 
@@ -78,10 +82,14 @@ class CompressRecipe(Recipe):
         if "qat" in kinds and (kinds.index("qat") != len(kinds) - 2 or kinds[-1] != "quantize"):
             raise CpmliveError("compress recipe: qat trains through the rounding of the quantize step, so it must "
                                f"come right before a final quantize step; the steps are {' -> '.join(kinds)}")
+        if "sparse24" in kinds and any(k != "quantize" for k in kinds[kinds.index("sparse24") + 1:]):
+            raise CpmliveError("compress recipe: only quantize may follow sparse24 (a step that trains would "
+                               f"fill the 2:4 zeros in again); the steps are {' -> '.join(kinds)}")
         if kinds.count("prune") > 1:
             raise CpmliveError("compress recipe: one prune step per recipe (give its target as the final size)")
-        if any(k in ("prune", "distill", "qat") for k in kinds) and not self.data:
-            raise CpmliveError("compress recipe: prune, distill and qat steps train: give data (a token store)")
+        if any(k in ("prune", "distill", "qat", "sparse24") for k in kinds) and not self.data:
+            raise CpmliveError("compress recipe: prune, distill, sparse24 and qat steps train or calibrate: "
+                               "give data (a token store)")
         settings = [step_settings(step) for step in self.steps]  # all checked before anything runs
         prune = next((s.prune for s in settings if isinstance(s, TrainingStep) and s.prune is not None), None)
         quantize = settings[-1] if isinstance(settings[-1], QuantConfig) else None
@@ -110,6 +118,7 @@ class TrainingStep:
     distill: DistillConfig | None = None
     prune: PruneConfig | None = None
     qat: QuantConfig | None = None  # the grid to train through (the recipe's final quantize step)
+    sparse24: str | None = None  # the 2:4 mask's method (magnitude | wanda)
 
 
 def step_settings(step: dict[str, Any]) -> TrainingStep | QuantConfig:
@@ -124,6 +133,18 @@ def step_settings(step: dict[str, Any]) -> TrainingStep | QuantConfig:
             steps, lr = settings.pop("steps", 100), settings.pop("lr", 1e-4)
             return TrainingStep(steps=_positive(steps, "distill steps"), lr=_rate(lr, "distill lr"),
                                 distill=DistillConfig(**settings))
+        if kind == "sparse24":
+            method = settings.pop("method", "magnitude")
+            if method not in SPARSITY_METHODS:
+                raise CpmliveError(f"compress recipe: sparse24: method must be one of {', '.join(SPARSITY_METHODS)}, "
+                                   f"got {method!r}")
+            steps, lr, distill = settings.pop("steps", 0), settings.pop("lr", 1e-4), settings.pop("distill", None)
+            if settings:
+                raise CpmliveError(f"compress recipe: sparse24: unknown key {sorted(settings)[0]!r}")
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                raise CpmliveError(f"compress recipe: sparse24 steps must be an integer >= 0, got {steps!r}")
+            return TrainingStep(steps=steps, lr=_rate(lr, "sparse24 lr"), sparse24=method,
+                                distill=DistillConfig(**distill) if distill is not None else None)
         if kind == "qat":
             steps, lr, distill = settings.pop("steps", 100), settings.pop("lr", 1e-5), settings.pop("distill", None)
             if settings:
@@ -181,7 +202,8 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
                 if kind == "qat":
                     settings = dataclasses.replace(settings, qat=step_settings(recipe.steps[-1]))
                 label = f"{index}/{len(recipe.steps)} {kind}"
-                model = TrainingRun(model, original, settings, recipe, step_dir, label).run()
+                calibration = _calibration(recipe, model) if settings.sparse24 == "wanda" else None
+                model = TrainingRun(model, original, settings, recipe, step_dir, label, calibration).run()
             save_checkpoint(model.state_dict(), model.config, step_dir / DONE, vocab=vocab)
         history.append({"step": kind, "settings": step[kind] or {}, "parameters": model.num_parameters()})
     written = save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
@@ -207,7 +229,7 @@ class TrainingRun:
     checkpoints, exact resume and a progress bar."""
 
     def __init__(self, model: CpmAnt, original: CpmAnt, settings: TrainingStep, recipe: CompressRecipe,
-                 step_dir: Path, label: str) -> None:
+                 step_dir: Path, label: str, calibration: list | None = None) -> None:
         self.settings, self.recipe, self.step_dir, self.label = settings, recipe, step_dir, label
         self.student = copy.deepcopy(model)
         self.teacher = original.eval() if settings.distill is not None else None
@@ -216,6 +238,7 @@ class TrainingRun:
         torch.manual_seed(recipe.seed)
         if settings.qat is not None:
             attach_fake_quant(self.student, settings.qat)
+        self.masks = sparsify_2of4(self.student, settings.sparse24, calibration) if settings.sparse24 else None
         self.gates = GateTrainer(self.student, settings.prune) if settings.prune is not None else None
         self.optimizer = self.gates.optimizer if self.gates else torch.optim.AdamW(self.student.parameters(),
                                                                                      lr=settings.lr, weight_decay=0.0)
@@ -232,6 +255,8 @@ class TrainingRun:
     def state(self) -> dict[str, Any]:
         state = {"step": self.step, "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "stream": self.stream.state_dict(), "rng": rng_state()}
+        if self.masks is not None:
+            state["sparsity_masks"] = self.masks
         if self.gates is not None:
             state.update(masks=self.gates.masks.state_dict(), lagrangian=self.gates.lagrangian.state_dict(),
                          ascent=self.gates.ascent.state_dict(), gate_steps=self.gates.step_count)
@@ -243,6 +268,8 @@ class TrainingRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
+        if self.masks is not None:
+            self.masks = state["sparsity_masks"]
         if self.gates is not None:
             self.gates.masks.load_state_dict(state["masks"])
             self.gates.lagrangian.load_state_dict(state["lagrangian"])
@@ -290,6 +317,8 @@ class TrainingRun:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masks is not None:
+            apply_masks(self.student, self.masks)
         return {"loss": loss.item()}
 
 
