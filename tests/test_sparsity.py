@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.ao.pruning import WeightNormSparsifier
 
-from cpmlive.compress.pipeline import CompressRecipe, compress
+from cpmlive.compress.pipeline import compress
 from cpmlive.compress.quantize import calibration_batches
 from cpmlive.compress.sparsity import block_linears, follows_2of4, input_norms, mask_2of4, sparsify_2of4
 from cpmlive.config import preset
