@@ -166,3 +166,29 @@ def test_bad_qat_recipes_are_refused(setup, steps, message):
     _, data = setup
     with pytest.raises(CpmliveError, match=message):
         recipe(data, steps=steps)
+
+
+def test_moefy_step_writes_a_model_the_verbs_read(setup, tmp_path):
+    model_dir, data = setup
+    steps = [{"moefy": {"experts": 8, "top_k": 2, "router": "mlp", "router_steps": 20}}]
+    out = compress(model_dir, tmp_path / "moe", recipe(data, steps=steps))
+    loaded = load_model(out)
+    assert loaded.config.moe.experts == 8 and type(loaded.layers[0].ffn).__name__ == "MoEFeedForward"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    info = json.loads(subprocess.run([sys.executable, "-m", "cpmlive", "info", str(out), "--json"],
+                                     capture_output=True, env=env, timeout=300).stdout)
+    assert info["moe"] == "8 experts per FFN, top-2, mlp router"
+    result = subprocess.run([sys.executable, "-m", "cpmlive", "generate", str(out), "今天", "--max-new-tokens", "3"],
+                            capture_output=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"moefy": {"experts": 8}}, {"quantize": {"bits": 8}}], "moefy must be the last step"),
+    ([{"moefy": {"experts": 8, "top_k": 9}}], "top_k"),
+    ([{"moefy": {"router": "best"}}], "router must be one of"),
+])
+def test_bad_moefy_recipes_are_refused(setup, steps, message):
+    _, data = setup
+    with pytest.raises(CpmliveError, match=message):
+        recipe(data, steps=steps)

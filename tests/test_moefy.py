@@ -5,9 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpmlive.compress.moefy import (
-    MoEFeedForward, activation_sparsity, balanced_clusters, ffn_inputs, moefy, train_router,
-)
+from cpmlive.compress.moefy import activation_sparsity, balanced_clusters, ffn_inputs, moefy, train_router
 from cpmlive.compress.quantize import calibration_batches
 from cpmlive.config import AntConfig, preset
 from cpmlive.errors import CpmliveError
@@ -72,7 +70,11 @@ def test_routers_against_the_oracle():
     recall = train_router(layers[0], inputs[0], steps=200)
     assert recall > 0.5 > 2 / 8
     with pytest.raises(CpmliveError, match="top_k"):
-        MoEFeedForward(build_model(CONFIG).layers[0].ffn, experts=8, top_k=9)
+        moefy(build_model(CONFIG), experts=8, top_k=9)
+    with pytest.raises(CpmliveError, match="do not split dim_ff"):
+        moefy(build_model(CONFIG), experts=7, top_k=2)
+    with pytest.raises(CpmliveError, match="already MoEfied"):
+        moefy(trained, experts=8, top_k=2)
 
 
 def test_gated_gelu_is_not_relu_sparse():
@@ -80,3 +82,33 @@ def test_gated_gelu_is_not_relu_sparse():
     report = activation_sparsity(model, batches)
     assert report["exactly 0"] < 0.01
     assert 0 <= report["< 0.01 x row max"] <= report["< 0.1 x row max"] <= 1
+
+
+def test_a_moefied_model_saves_loads_and_exports_dense_to_hf(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from cpmlive.model.checkpoint import load_model, save_checkpoint
+    from cpmlive.model.convert import convert
+
+    from conftest import ANT_VOCAB
+
+    model, batches = model_and_batches()
+    dense = logits(model, batches[0])
+    inputs = ffn_inputs(model, batches)
+    layers = moefy(model, experts=8, top_k=2, router="mlp")
+    train_router(layers[0], inputs[0], steps=20)
+    path = save_checkpoint(model, model.config, tmp_path / "moe", vocab=ANT_VOCAB)
+    loaded = load_model(path)
+    assert loaded.config.moe.experts == 8 and loaded.config.moe.router == "mlp"
+    assert torch.allclose(logits(loaded, batches[0]), logits(model, batches[0]), atol=1e-5)
+    convert(path, tmp_path / "hf", to="hf")  # HF has no MoE: every expert, i.e. the dense model
+    hf = transformers.CpmAntForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[6, 100, 200, 300, 400]])
+    from cpmlive.data.layout import GENERATION, build_batch
+
+    batch = build_batch([ids[0].tolist()], GENERATION, CONFIG.prompt_length)
+    original = build_model(CONFIG, seed=3).eval()
+    with torch.no_grad():
+        expected = original.logits(original(**batch.as_inputs()))[0, -1]
+        got = hf(input_ids=ids).logits[0, -1, :CONFIG.vocab_size]
+    assert torch.allclose(got, expected, atol=1e-3, rtol=1e-3)
+    assert dense.shape == logits(loaded, batches[0]).shape

@@ -235,14 +235,14 @@ def cmd_info(args: argparse.Namespace) -> None:
         print_json(info)
         return
     for key, value in info.items():
-        if key not in ("config", "quantization", "compression"):
+        if key not in ("config", "quantization", "compression", "moe"):
             print(f"{key:>12}: {value}")
-    for key in ("quantization", "compression"):
+    for key in ("quantization", "compression", "moe"):
         if key in info:
             print(f"{key:>12}: {info[key]}")
     print("      config:")
     for key, value in info["config"].items():
-        if key == "quantization":
+        if key in ("quantization", "moe"):
             continue
         if key == "mask_modules" and value is not None:
             value = f"{sum(not a for a, _ in value)} attention / {sum(not f for _, f in value)} FFN sub-blocks kept"

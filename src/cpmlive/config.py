@@ -93,6 +93,41 @@ class QuantConfig:
         return cls(**data)
 
 
+MOE_ROUTERS = ("similarity", "mlp", "oracle")
+
+
+@dataclass
+class MoEConfig:
+    """A MoEfied FFN (``config.json``'s ``moe``): ``experts`` equal blocks of neurons, ``top_k`` of
+    them per token, chosen by ``router`` (``similarity``: the input against each expert's mean
+    ``w_0`` row; ``mlp``: a trained ``d -> router_hidden -> experts`` predictor; ``oracle``: the
+    true activation norms, for analysis)."""
+
+    experts: int = 16
+    top_k: int = 4
+    router: str = "similarity"
+    router_hidden: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("experts", "top_k", "router_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CpmliveError(f"moe: {name} must be a positive integer, got {value!r}")
+        if self.top_k > self.experts:
+            raise CpmliveError(f"moe: top_k must be in [1, {self.experts}], got {self.top_k}")
+        if self.router not in MOE_ROUTERS:
+            raise CpmliveError(f"moe: router must be one of {', '.join(MOE_ROUTERS)}, got {self.router!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
+        if not isinstance(data, dict):
+            raise CpmliveError("config: moe must be an object")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise CpmliveError(f"moe: unknown key {unknown[0]!r}")
+        return cls(**data)
+
+
 @dataclass
 class AntConfig:
     """Every CPM-Ant hyper-parameter, named as in OpenBMB's ``cpm-ant-10b.json``.
@@ -119,10 +154,13 @@ class AntConfig:
     max_length: int = 1024
     model_type: str = "cpm-ant"
     quantization: QuantConfig | None = None
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.quantization, dict):
             self.quantization = QuantConfig.from_dict(self.quantization)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
         if self.mask_modules is not None:
             self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
         self.validate()
@@ -162,6 +200,12 @@ class AntConfig:
             raise CpmliveError(f"config: model_type {self.model_type!r} is not a CPM-Ant config")
         if self.quantization is not None and not isinstance(self.quantization, QuantConfig):
             raise CpmliveError("config: quantization must be an object")
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise CpmliveError("config: moe must be an object")
+        if self.moe is not None and self.dim_ff % self.moe.experts:
+            raise CpmliveError(f"moe: {self.moe.experts} experts do not split dim_ff {self.dim_ff} evenly")
+        if self.moe is not None and self.quantization is not None:
+            raise CpmliveError("config: a MoEfied model cannot be quantized (yet): quantize before moefying")
 
     @property
     def dim_attention(self) -> int:
@@ -178,8 +222,9 @@ class AntConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if self.quantization is None:
-            del data["quantization"]  # float checkpoints keep the config.json they always had
+        for name in ("quantization", "moe"):
+            if data[name] is None:
+                del data[name]  # plain checkpoints keep the config.json they always had
         return data
 
     def to_json(self) -> str:
@@ -215,7 +260,7 @@ class AntConfig:
     def to_hf(self) -> dict[str, Any]:
         """A ``config.json`` for HF ``CpmAntForCausalLM`` (which has no ``mask_modules``)."""
         reverse = {v: k for k, v in HF_KEY_NAMES.items()}
-        skip = {"mask_modules", "half", "model_type", "quantization"}
+        skip = {"mask_modules", "half", "model_type", "quantization", "moe"}
         out = {reverse.get(k, k): v for k, v in self.to_dict().items() if k not in skip}
         out.update(model_type="cpmant", architectures=["CpmAntForCausalLM"], init_std=1.0,
                    use_cache=True, tie_word_embeddings=False,
@@ -283,4 +328,4 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(AntConfig)]
 
 
-__all__ = ["AntConfig", "QuantConfig", "PRESETS", "preset", "field_names"]
+__all__ = ["AntConfig", "MoEConfig", "QuantConfig", "PRESETS", "preset", "field_names"]

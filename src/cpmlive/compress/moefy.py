@@ -18,14 +18,16 @@ activation is exactly zero. :func:`activation_sparsity` reports how sparse it ac
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpmlive.config import AntConfig, MoEConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt, FeedForward
-
-ROUTERS = ("similarity", "mlp", "oracle")
+from cpmlive.model.moe import MoEFeedForward
 
 
 def balanced_clusters(vectors: Tensor, experts: int, iterations: int = 15, seed: int = 0) -> Tensor:
@@ -55,62 +57,40 @@ def balanced_clusters(vectors: Tensor, experts: int, iterations: int = 15, seed:
     return assignment
 
 
-class MoEFeedForward(nn.Module):
-    """A dense FFN's weights regrouped into experts, with a router and top-k selection."""
-
-    def __init__(self, ffn: FeedForward, experts: int, top_k: int, router: str = "similarity",
-                 seed: int = 0, hidden: int = 128) -> None:
-        super().__init__()
-        if router not in ROUTERS:
-            raise CpmliveError(f"moefy: router must be one of {', '.join(ROUTERS)}, got {router!r}")
-        if not 1 <= top_k <= experts:
-            raise CpmliveError(f"moefy: top_k must be in [1, {experts}], got {top_k}")
-        assignment = balanced_clusters(torch.cat([ffn.w_0.weight, ffn.w_1.weight], dim=1).detach(), experts, seed=seed)
-        order = assignment.argsort(stable=True)
-        self.experts, self.top_k, self.router_kind = experts, top_k, router
-        self.size = ffn.w_0.out_features // experts
-        self.w_0 = nn.Parameter(ffn.w_0.weight.detach()[order].clone(), requires_grad=False)
-        self.w_1 = nn.Parameter(ffn.w_1.weight.detach()[order].clone(), requires_grad=False)
-        self.w_out = nn.Parameter(ffn.w_out.weight.detach()[:, order].clone(), requires_grad=False)
-        self.register_buffer("centroids", self.w_0.view(experts, self.size, -1).mean(dim=1))
-        self.router = nn.Sequential(nn.Linear(self.w_0.size(1), hidden), nn.ReLU(), nn.Linear(hidden, experts))
-        self.last_kept: float | None = None  # share of FFN neurons the last call computed
-
-    def activations(self, x: Tensor) -> Tensor:
-        return F.gelu(F.linear(x, self.w_0)) * F.linear(x, self.w_1)
-
-    def expert_norms(self, x: Tensor) -> Tensor:
-        """The true activation norm of every expert, ``[..., experts]`` (the oracle's score)."""
-        h = self.activations(x)
-        return h.view(*h.shape[:-1], self.experts, self.size).norm(dim=-1)
-
-    def scores(self, x: Tensor) -> Tensor:
-        if self.router_kind == "oracle":
-            return self.expert_norms(x)
-        if self.router_kind == "similarity":
-            return F.linear(x, self.centroids)
-        return self.router(x)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        chosen = self.scores(x).topk(self.top_k, dim=-1).indices
-        self.last_kept = self.top_k / self.experts
-        if x.numel() == x.size(-1):  # one row: compute only the chosen experts' neurons
-            rows = (chosen.reshape(-1, 1) * self.size + torch.arange(self.size)).reshape(-1)
-            h = F.gelu(F.linear(x, self.w_0[rows])) * F.linear(x, self.w_1[rows])
-            return residual + F.linear(h, self.w_out[:, rows])
-        mask = torch.zeros(*x.shape[:-1], self.experts, dtype=x.dtype, device=x.device)
-        mask.scatter_(-1, chosen, 1.0)
-        h = self.activations(x) * mask.repeat_interleave(self.size, dim=-1)
-        return residual + F.linear(h, self.w_out)
+def moe_from_dense(ffn: FeedForward, config: AntConfig, seed: int = 0) -> MoEFeedForward:
+    """The MoE form of a dense FFN: its neurons clustered and permuted into expert blocks, each
+    expert's mean ``w_0`` row as the similarity router's centroid (the MLP router untrained)."""
+    moe = config.moe
+    assignment = balanced_clusters(torch.cat([ffn.w_0.weight, ffn.w_1.weight], dim=1).detach(), moe.experts, seed=seed)
+    order = assignment.argsort(stable=True)
+    layer = MoEFeedForward(config)
+    with torch.no_grad():
+        layer.w_0.weight.copy_(ffn.w_0.weight[order])
+        layer.w_1.weight.copy_(ffn.w_1.weight[order])
+        layer.w_out.weight.copy_(ffn.w_out.weight[:, order])
+        layer.centroids.copy_(layer.w_0.weight.view(moe.experts, -1, layer.w_0.in_features).mean(dim=1))
+    layer.requires_grad_(False)
+    layer.router.requires_grad_(True)
+    return layer
 
 
-def moefy(model: CpmAnt, experts: int, top_k: int, router: str = "similarity") -> list[MoEFeedForward]:
-    """Replace every FFN of ``model`` (in place) by its MoE form; returns the new FFNs."""
+def moefy(model: CpmAnt, experts: int, top_k: int, router: str = "similarity",
+          router_hidden: int = 128) -> list[MoEFeedForward]:
+    """Replace every FFN of ``model`` (in place) by its MoE form (the config gains ``moe``);
+    returns the new FFNs."""
+    if model.config.moe is not None:
+        raise CpmliveError("moefy: the model is already MoEfied")
+    if model.config.quantization is not None:
+        raise CpmliveError("moefy: the model is quantized; moefy its float checkpoint (and quantize after, "
+                           "when that is supported)")
+    moe = MoEConfig(experts=experts, top_k=top_k, router=router, router_hidden=router_hidden)
+    config = dataclasses.replace(model.config, moe=moe)  # validates dim_ff against experts
     layers = []
     for block in model.layers:
         if hasattr(block, "ffn"):
-            block.ffn = MoEFeedForward(block.ffn, experts, top_k, router)
+            block.ffn = moe_from_dense(block.ffn, config)
             layers.append(block.ffn)
+    model.config = config
     return layers
 
 
@@ -174,5 +154,4 @@ def activation_sparsity(model: CpmAnt, batches: list, thresholds: tuple[float, .
     return {name: value / max(total, 1) for name, value in counts.items()}
 
 
-__all__ = ["MoEFeedForward", "ROUTERS", "activation_sparsity", "balanced_clusters", "ffn_inputs", "moefy",
-           "train_router"]
+__all__ = ["activation_sparsity", "balanced_clusters", "ffn_inputs", "moe_from_dense", "moefy", "train_router"]

@@ -13,6 +13,9 @@ A recipe names a token store (for the steps that train) and a list of steps, eac
 * ``quantize``: ``bits``, ``group_size``, ``method`` (``gptq`` / ``awq`` calibrate on rows of the
   store's training split), ``activations``.
 
+* ``moefy``: MoEfication (``experts``, ``top_k``, ``router`` similarity or mlp, ``router_steps``;
+  the MLP router trains on rows of the store's training split); last, and not with ``quantize``.
+
 Quantization is last (nothing here trains integer weights), and a model is pruned once. The
 run lives beside the output, in ``OUT.run/``: one directory per step, holding that step's
 checkpoints (every ``save_every`` steps, with the data position, the gates, the optimizers and
@@ -38,7 +41,8 @@ from cpmlive.compress.qat import attach_fake_quant, detach_fake_quant
 from cpmlive.compress.sparsity import METHODS as SPARSITY_METHODS
 from cpmlive.compress.sparsity import apply_masks, sparsify_2of4
 from cpmlive.compress.quantize import calibration_batches, calibration_rows, quantize_model
-from cpmlive.config import QuantConfig
+from cpmlive.compress.moefy import ffn_inputs, moefy, train_router
+from cpmlive.config import MoEConfig, QuantConfig
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream
 from cpmlive.errors import CpmliveError
@@ -52,7 +56,7 @@ from cpmlive.train.core import progress_bar, rng_state, set_rng_state
 from cpmlive.train.metrics import MetricsLog
 from cpmlive.utils import atomic_write_text, check_output
 
-STEP_KINDS = ("prune", "distill", "sparse24", "qat", "quantize")
+STEP_KINDS = ("prune", "distill", "sparse24", "qat", "quantize", "moefy")
 COMPRESSION_NAME = "compression.json"  # how the model was made; `cpmlive info` shows it
 DONE = "done"
 
@@ -79,6 +83,9 @@ class CompressRecipe(Recipe):
         if "quantize" in kinds[:-1]:
             raise CpmliveError("compress recipe: quantize must be the last step (nothing after it trains "
                                f"integer weights); the steps are {' -> '.join(kinds)}")
+        if "moefy" in kinds and (kinds[-1] != "moefy" or "quantize" in kinds):
+            raise CpmliveError("compress recipe: moefy must be the last step, and a MoEfied model is not "
+                               f"quantized (yet); the steps are {' -> '.join(kinds)}")
         if "qat" in kinds and (kinds.index("qat") != len(kinds) - 2 or kinds[-1] != "quantize"):
             raise CpmliveError("compress recipe: qat trains through the rounding of the quantize step, so it must "
                                f"come right before a final quantize step; the steps are {' -> '.join(kinds)}")
@@ -91,6 +98,8 @@ class CompressRecipe(Recipe):
             raise CpmliveError("compress recipe: prune, distill, sparse24 and qat steps train or calibrate: "
                                "give data (a token store)")
         settings = [step_settings(step) for step in self.steps]  # all checked before anything runs
+        if any(isinstance(s, MoEStep) and s.moe.router == "mlp" for s in settings) and not self.data:
+            raise CpmliveError("compress recipe: the mlp router trains on calibration rows: give data (a token store)")
         prune = next((s.prune for s in settings if isinstance(s, TrainingStep) and s.prune is not None), None)
         quantize = settings[-1] if isinstance(settings[-1], QuantConfig) else None
         if prune is not None and quantize is not None and quantize.bits == 4 and prune.multiple_of % quantize.group_size:
@@ -121,7 +130,13 @@ class TrainingStep:
     sparse24: str | None = None  # the 2:4 mask's method (magnitude | wanda)
 
 
-def step_settings(step: dict[str, Any]) -> TrainingStep | QuantConfig:
+@dataclass
+class MoEStep:
+    moe: MoEConfig
+    router_steps: int = 300
+
+
+def step_settings(step: dict[str, Any]) -> TrainingStep | QuantConfig | MoEStep:
     kind = CompressRecipe.kind(step)
     settings = dict(step[kind] or {})
     if not isinstance(settings, dict):
@@ -129,6 +144,9 @@ def step_settings(step: dict[str, Any]) -> TrainingStep | QuantConfig:
     try:
         if kind == "quantize":
             return QuantConfig(**settings)
+        if kind == "moefy":
+            steps = settings.pop("router_steps", 300)
+            return MoEStep(moe=MoEConfig(**settings), router_steps=_positive(steps, "moefy router_steps"))
         if kind == "distill":
             steps, lr = settings.pop("steps", 100), settings.pop("lr", 1e-4)
             return TrainingStep(steps=_positive(steps, "distill steps"), lr=_rate(lr, "distill lr"),
@@ -198,6 +216,8 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
             settings = step_settings(step)
             if isinstance(settings, QuantConfig):
                 model = quantize_model(copy.deepcopy(model), settings, _calibration(recipe, model))
+            elif isinstance(settings, MoEStep):
+                model = _moefied(copy.deepcopy(model), settings, _calibration(recipe, model))
             else:
                 if kind == "qat":
                     settings = dataclasses.replace(settings, qat=step_settings(recipe.steps[-1]))
@@ -211,6 +231,14 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
               "data": recipe.data, "seed": recipe.seed}
     atomic_write_text(written / COMPRESSION_NAME, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return written
+
+
+def _moefied(model: CpmAnt, settings: MoEStep, calibration: list | None) -> CpmAnt:
+    inputs = ffn_inputs(model, calibration) if settings.moe.router == "mlp" else []
+    layers = moefy(model, settings.moe.experts, settings.moe.top_k, settings.moe.router, settings.moe.router_hidden)
+    for layer, rows in zip(layers, inputs):
+        train_router(layer, rows, steps=settings.router_steps)
+    return model.eval()
 
 
 def _calibration(recipe: CompressRecipe, model: CpmAnt) -> list | None:

@@ -84,6 +84,8 @@ class PruningMasks(nn.Module):
         """Hook every ``attention_out`` and ``w_out`` of ``model``; gates come from :meth:`sample`."""
         if model.config.mask_modules is not None:
             raise CpmliveError("the model already has removed sub-blocks: prune its full checkpoint")
+        if model.config.moe is not None or model.config.quantization is not None:
+            raise CpmliveError("prune a float, dense model (before quantizing or moefying it)")
         self.detach()
         for index, block in enumerate(model.layers):
             self._handles.append(block.attn.attention_out.register_forward_pre_hook(self._attention_hook(index)))

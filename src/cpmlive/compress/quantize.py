@@ -340,6 +340,8 @@ def check_quantizable(model: CpmAnt, config: QuantConfig) -> None:
     divide every layer's inputs."""
     if is_quantized(model) or model.config.quantization is not None:
         raise CpmliveError("the model is already quantized: quantize its float checkpoint instead")
+    if model.config.moe is not None:
+        raise CpmliveError("a MoEfied model cannot be quantized (yet): quantize before moefying")
     if config.bits == 4:
         widths = sorted({layer.in_features for block in model.layers for layer in block_linears(block).values()})
         bad = [w for w in widths if w % config.group_size]

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.kernels import attention, project
+from cpmlive.model.moe import MoEFeedForward
 from cpmlive.utils import compute_dtype
 
 
@@ -181,7 +182,7 @@ class Block(nn.Module):
             self.attn = Attention(config)
         if config.has_ffn(index):
             self.ffn_norm = RMSNorm(config.dim_model, config.eps)
-            self.ffn = FeedForward(config)
+            self.ffn = FeedForward(config) if config.moe is None else MoEFeedForward(config)
 
     def forward(self, h: Tensor, bias: Tensor, cache: AntCache | None = None, start: int = 0,
                 keep: int | None = None) -> Tensor:

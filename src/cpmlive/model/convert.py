@@ -497,6 +497,8 @@ def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | No
         "format": source.format,
         **({"quantization": quantization_summary(quantization)} if quantization is not None else {}),
         **({"compression": history} if history is not None else {}),
+        **({"moe": f"{config.moe.experts} experts per FFN, top-{config.moe.top_k}, {config.moe.router} router"}
+           if config.moe is not None else {}),
         "config": config.to_dict(),
         "parameters": parameters,
         "tensors": len(raw),
