@@ -80,20 +80,7 @@ class CompressRecipe(Recipe):
         if not self.steps:
             raise CpmliveError("compress recipe: steps is empty (give prune, distill and/or quantize steps)")
         kinds = [self.kind(step) for step in self.steps]
-        if "quantize" in kinds[:-1]:
-            raise CpmliveError("compress recipe: quantize must be the last step (nothing after it trains "
-                               f"integer weights); the steps are {' -> '.join(kinds)}")
-        if "moefy" in kinds and (kinds[-1] != "moefy" or "quantize" in kinds):
-            raise CpmliveError("compress recipe: moefy must be the last step, and a MoEfied model is not "
-                               f"quantized (yet); the steps are {' -> '.join(kinds)}")
-        if "qat" in kinds and (kinds.index("qat") != len(kinds) - 2 or kinds[-1] != "quantize"):
-            raise CpmliveError("compress recipe: qat trains through the rounding of the quantize step, so it must "
-                               f"come right before a final quantize step; the steps are {' -> '.join(kinds)}")
-        if "sparse24" in kinds and any(k != "quantize" for k in kinds[kinds.index("sparse24") + 1:]):
-            raise CpmliveError("compress recipe: only quantize may follow sparse24 (a step that trains would "
-                               f"fill the 2:4 zeros in again); the steps are {' -> '.join(kinds)}")
-        if kinds.count("prune") > 1:
-            raise CpmliveError("compress recipe: one prune step per recipe (give its target as the final size)")
+        check_order(kinds)
         if any(k in ("prune", "distill", "qat", "sparse24") for k in kinds) and not self.data:
             raise CpmliveError("compress recipe: prune, distill, sparse24 and qat steps train or calibrate: "
                                "give data (a token store)")
@@ -118,9 +105,27 @@ class CompressRecipe(Recipe):
         return kind
 
 
+def check_order(kinds: list[str]) -> None:
+    """Refuse step orders that cannot work, naming the order given."""
+    if "quantize" in kinds[:-1]:
+        raise CpmliveError("compress recipe: quantize must be the last step (nothing after it trains "
+                           f"integer weights); the steps are {' -> '.join(kinds)}")
+    if "moefy" in kinds and (kinds[-1] != "moefy" or "quantize" in kinds):
+        raise CpmliveError("compress recipe: moefy must be the last step, and a MoEfied model is not "
+                           f"quantized (yet); the steps are {' -> '.join(kinds)}")
+    if "qat" in kinds and (kinds.index("qat") != len(kinds) - 2 or kinds[-1] != "quantize"):
+        raise CpmliveError("compress recipe: qat trains through the rounding of the quantize step, so it must "
+                           f"come right before a final quantize step; the steps are {' -> '.join(kinds)}")
+    if "sparse24" in kinds and any(k != "quantize" for k in kinds[kinds.index("sparse24") + 1:]):
+        raise CpmliveError("compress recipe: only quantize may follow sparse24 (a step that trains would "
+                           f"fill the 2:4 zeros in again); the steps are {' -> '.join(kinds)}")
+    if kinds.count("prune") > 1:
+        raise CpmliveError("compress recipe: one prune step per recipe (give its target as the final size)")
+
+
 @dataclass
 class TrainingStep:
-    """The settings of a step that trains (prune or distill)."""
+    """The settings of a step that trains (prune, distill, sparse24 or qat)."""
 
     steps: int = 100
     lr: float = 1e-4
