@@ -317,3 +317,27 @@ def test_quantize_bad_input_is_one_line_and_writes_nothing(checkpoint, tmp_path)
     assert run("quantize", checkpoint, done, "--bits", "8").returncode == 0
     assert_clean_error(run("quantize", done, tmp_path / "again", "--bits", "8"), "already quantized")
     assert not (tmp_path / "again").exists()
+
+
+def test_an_adapter_of_the_float_model_loads_on_its_quantized_copy(checkpoint, tmp_path):
+    import cpmlive
+    from cpmlive.compress.quantize import quantize_checkpoint
+    from cpmlive.tune import delta
+
+    lm = cpmlive.load(checkpoint)
+    delta.attach(lm.model, delta.DeltaConfig(method="lora", r=4, target_modules=["project_q", "project_v"]))
+    with torch.no_grad():
+        for name, parameter in lm.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    delta.save_adapter(lm.model, tmp_path / "adapter")
+    quantized = quantize_checkpoint(checkpoint, tmp_path / "int8", QuantConfig(bits=8), progress=False)
+    tuned = cpmlive.load(quantized, adapter=tmp_path / "adapter")
+    assert type(tuned.model.layers[0].attn.project_q).__name__ == "LoraQuantizedLinear"
+    assert isinstance(tuned.generate("今天", max_new_tokens=2), str)
+    different = tmp_path / "different"  # another float model's quantized copy refuses the adapter
+    model = random_model(seed=7)
+    save_checkpoint(model, model.config, different, vocab=ANT_VOCAB)
+    with pytest.raises(CpmliveError, match="adapter was trained on base"):
+        cpmlive.load(quantize_checkpoint(different, tmp_path / "int8-different", QuantConfig(bits=8), progress=False),
+                     adapter=tmp_path / "adapter")

@@ -36,7 +36,8 @@ class QuantConfig:
     ``bits`` 8: int8 per output channel; 4: int4 in groups of ``group_size`` inputs.
     ``activations`` ``"int8"``: products also quantize their input per token (dynamic W8A8;
     8 bits only). ``embedding``: the tied embedding / head is int8 per row too.
-    ``method`` and ``calibration`` record how the codes were chosen (``cpmlive info`` shows them).
+    ``method`` and ``calibration`` record how the codes were chosen (``cpmlive info`` shows them);
+    ``source`` names the float weights they came from.
     """
 
     bits: int = 8
@@ -45,6 +46,7 @@ class QuantConfig:
     activations: str = "none"
     embedding: bool = True
     calibration: dict[str, Any] | None = None
+    source: str | None = None  # fingerprint of the float weights (adapters trained on them still load)
 
     def __post_init__(self) -> None:
         if self.bits == 4 and self.group_size is None:

@@ -40,6 +40,7 @@ from cpmlive.utils import check_output, replace_submodule
 from cpmlive.model.ant import Block, CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME, save_checkpoint
 from cpmlive.model.families import family_of
+from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.quant import (
     QuantizedEmbedding, QuantizedLinear, int4_codes, int4_group_params, is_quantized, pack_int4, quantize_int4,
     quantize_int8,
@@ -366,6 +367,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
         raise CpmliveError(f"{src}: already quantized ({model.config.quantization.scheme}); "
                            "quantize its float checkpoint instead")
     check_quantizable(model, config)
+    config = dataclasses.replace(config, source=weights_fingerprint(model.config.to_dict(), model.state_dict()))
     vocab = directory / VOCAB_NAME if (directory / VOCAB_NAME).is_file() else None
     batches = None
     if calibration is not None:

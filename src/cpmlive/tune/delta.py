@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -58,6 +57,7 @@ from torch import Tensor, nn
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import RMSNorm
 from cpmlive.model.checkpoint import read_safetensors
+from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.kernels import project
 from cpmlive.model.quant import QuantizedLinear
 from cpmlive.resources import model_path
@@ -593,7 +593,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 SIDECAR_NAME = "cpmlive_adapter.json"
 SIDECAR_FORMAT = "cpmlive-adapter/1"
 PEFT_PREFIX = "base_model.model."
-HASH_SAMPLES = 1024
 PEFT_TYPES = {"lora": "LORA", "prompt": "PROMPT_TUNING", "bitfit": "LN_TUNING"}
 
 # PEFT config keys that only describe the file or steer initialisation: any value is fine.
@@ -612,26 +611,8 @@ PEFT_OFF_VALUES = (None, False, "none", {}, [])
 
 
 def base_hash(model: nn.Module) -> str:
-    """16 hex digits naming the base weights: the config (without its storage dtype) and, per
-    tensor, its name, shape and a fixed sample of ``HASH_SAMPLES`` values rounded to float16.
-    The same weights stored in fp16 or fp32 hash alike; reading ~1k values per tensor keeps it
-    fast on a 10B model. Weights that differ only outside the samples are not told apart."""
-    config = {k: v for k, v in model.config.to_dict().items() if k != "half"}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for key, tensor in sorted(base_state_dict(model).items()):
-        digest.update(f"{key}:{list(tensor.shape)};".encode())
-        digest.update(_sample(tensor))
-    return digest.hexdigest()[:16]
-
-
-def _sample(tensor: Tensor) -> bytes:
-    if tensor.is_meta:
-        raise CpmliveError("cannot hash a model on the meta device (it has no weights)")
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() > HASH_SAMPLES:
-        index = torch.arange(HASH_SAMPLES, dtype=torch.int64) * (flat.numel() - 1) // (HASH_SAMPLES - 1)
-        flat = flat[index.to(flat.device)]
-    return flat.to(torch.float16).cpu().numpy().tobytes()
+    """The fingerprint of the base weights (``cpmlive.model.fingerprint``), adapters left out."""
+    return weights_fingerprint(model.config.to_dict(), base_state_dict(model))
 
 
 # ---- saving ---------------------------------------------------------------------------------------
@@ -771,6 +752,9 @@ def _check_base(model: nn.Module, directory: Path, recorded: str | None) -> None
                       "checked against this model", stacklevel=3)
         return
     actual = base_hash(model)
+    quantization = getattr(model.config, "quantization", None)
+    if quantization is not None and recorded == quantization.source:
+        return  # trained on the float model this one was quantized from
     if recorded != actual:
         raise CpmliveError(f"{directory}: adapter was trained on base {recorded}, this model is base {actual}")
 
