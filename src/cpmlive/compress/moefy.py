@@ -22,8 +22,9 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from cpmlive.compress.quantize import feed_inputs
 from cpmlive.config import AntConfig, MoEConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt, FeedForward
@@ -98,21 +99,8 @@ def moefy(model: CpmAnt, experts: int, top_k: int, router: str = "similarity",
 def ffn_inputs(model: CpmAnt, batches: list) -> list[Tensor]:
     """The (normalised) input rows of every FFN over the batches' valid positions."""
     collected: list[list[Tensor]] = [[] for _ in model.layers]
-    valid: list[Tensor] = []
-    handles = []
-    for index, block in enumerate(model.layers):
-        if hasattr(block, "ffn"):
-            def hook(_module: nn.Module, inputs: tuple, index: int = index) -> None:
-                x = inputs[0]
-                collected[index].append(x[valid[0][:, -x.size(1):]].float())
-            handles.append(block.ffn.register_forward_pre_hook(hook))
-    try:
-        for batch in batches:
-            valid[:] = [batch.valid]
-            model(**batch.as_inputs())
-    finally:
-        for handle in handles:
-            handle.remove()
+    ffns = {str(index): block.ffn for index, block in enumerate(model.layers) if hasattr(block, "ffn")}
+    feed_inputs(model, ffns, batches, lambda name, rows: collected[int(name)].append(rows.float()))
     return [torch.cat(rows) if rows else torch.empty(0) for rows in collected]
 
 

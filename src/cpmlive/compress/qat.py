@@ -15,16 +15,9 @@ from torch import Tensor, nn
 
 from cpmlive.config import QuantConfig
 from cpmlive.model.ant import CpmAnt
-from cpmlive.model.quant import INT8_MAX, MIN_SCALE, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from cpmlive.compress.quantize import fake_quantized
+from cpmlive.model.quant import INT8_MAX, MIN_SCALE
 from cpmlive.utils import replace_submodule
-
-
-def rounded(weight: Tensor, config: QuantConfig) -> Tensor:
-    """``weight`` on its round-to-nearest grid, in floats (no gradient)."""
-    with torch.no_grad():
-        if config.bits == 8:
-            return dequantize_int8(*quantize_int8(weight), dtype=weight.dtype)
-        return dequantize_int4(*quantize_int4(weight, config.group_size), config.group_size, dtype=weight.dtype)
 
 
 def straight_through(value: Tensor, rounded_value: Tensor) -> Tensor:
@@ -48,7 +41,7 @@ class FakeQuantLinear(nn.Linear):
         self.config = config
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = straight_through(self.weight, rounded(self.weight, self.config))
+        weight = straight_through(self.weight, fake_quantized(self.weight, self.config))
         if self.config.activations == "int8":
             x = straight_through(x, per_token_rounded(x))
         return F.linear(x, weight)
@@ -77,5 +70,4 @@ def detach_fake_quant(model: CpmAnt) -> CpmAnt:
     return model
 
 
-__all__ = ["FakeQuantLinear", "attach_fake_quant", "detach_fake_quant", "per_token_rounded", "rounded",
-           "straight_through"]
+__all__ = ["FakeQuantLinear", "attach_fake_quant", "detach_fake_quant", "per_token_rounded", "straight_through"]

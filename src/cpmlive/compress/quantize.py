@@ -42,7 +42,7 @@ from cpmlive.model.checkpoint import VOCAB_NAME, save_checkpoint
 from cpmlive.model.families import family_of
 from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.quant import (
-    QuantizedEmbedding, QuantizedLinear, int4_codes, int4_group_params, is_quantized, pack_int4, quantize_int4,
+    QuantizedEmbedding, QuantizedLinear, dequantize_int4, dequantize_int8, int4_codes, int4_group_params, is_quantized, pack_int4, quantize_int4,
     quantize_int8,
 )
 
@@ -206,11 +206,11 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def feed_block_inputs(model: CpmAnt, block: Block, batches: list[PromptBatch],
-                      consume: Callable[[str, Tensor], None]) -> None:
-    """Run the calibration batches up to and through ``block`` (the blocks before it as they are
-    now: already quantized) and hand ``consume(name, rows)`` the valid input rows of each of its
-    linear layers."""
+def feed_inputs(model: CpmAnt, modules: dict[str, nn.Module], batches: list[PromptBatch],
+                consume: Callable[[str, Tensor], None], stop_after: nn.Module | None = None) -> None:
+    """Run the calibration batches through ``model`` and hand ``consume(name, rows)`` the valid
+    input rows of each of ``modules``; with ``stop_after``, the forward stops once that module
+    has run (the layers after it are not needed)."""
     valid: list[Tensor] = []
 
     def collect(name: str) -> Callable:
@@ -222,8 +222,9 @@ def feed_block_inputs(model: CpmAnt, block: Block, batches: list[PromptBatch],
     def stop(*_args: object) -> None:
         raise _StopForward
 
-    handles = [layer.register_forward_pre_hook(collect(name)) for name, layer in block_linears(block).items()]
-    handles.append(block.register_forward_hook(stop))
+    handles = [module.register_forward_pre_hook(collect(name)) for name, module in modules.items()]
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
     try:
         for batch in batches:
             valid[:] = [batch.valid]
@@ -234,6 +235,13 @@ def feed_block_inputs(model: CpmAnt, block: Block, batches: list[PromptBatch],
     finally:
         for handle in handles:
             handle.remove()
+
+
+def feed_block_inputs(model: CpmAnt, block: Block, batches: list[PromptBatch],
+                      consume: Callable[[str, Tensor], None]) -> None:
+    """:func:`feed_inputs` for the linear layers of ``block``, the blocks before it as they are
+    now (already quantized)."""
+    feed_inputs(model, block_linears(block), batches, consume, stop_after=block)
 
 
 def block_hessians(model: CpmAnt, block: Block, batches: list[PromptBatch]) -> dict[str, HessianCollector]:
@@ -260,10 +268,11 @@ def block_input_samples(model: CpmAnt, block: Block, batches: list[PromptBatch],
 
 
 def fake_quantized(weight: Tensor, config: QuantConfig) -> Tensor:
-    """``weight`` rounded to its grid and back to floats (round to nearest)."""
-    layer = QuantizedLinear(weight.size(1), weight.size(0), config)
-    layer.set_codes(*rtn_codes(weight, config))
-    return layer.dequantized()
+    """``weight`` rounded to its grid and back to floats (round to nearest), in its own dtype."""
+    with torch.no_grad():
+        if config.bits == 8:
+            return dequantize_int8(*quantize_int8(weight), dtype=weight.dtype)
+        return dequantize_int4(*quantize_int4(weight, config.group_size), config.group_size, dtype=weight.dtype)
 
 
 def awq_search(x: Tensor, weights: list[Tensor], config: QuantConfig, grid: int = AWQ_GRID) -> Tensor:
@@ -389,5 +398,5 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
     return save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
 
 
-__all__ = ["calibration_batches", "calibration_rows", "gptq_codes", "quantize_checkpoint", "quantize_model", "read_calibration_text",
+__all__ = ["calibration_batches", "calibration_rows", "fake_quantized", "feed_inputs", "gptq_codes", "quantize_checkpoint", "quantize_model", "read_calibration_text",
            "rtn_codes"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cpmlive.compress.quantize import feed_inputs
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 
@@ -40,21 +41,11 @@ def block_linears(model: CpmAnt) -> dict[str, nn.Linear]:
 def input_norms(model: CpmAnt, batches: list) -> dict[str, Tensor]:
     """``||x_j||`` of every input channel of every block linear layer over the batches' valid rows."""
     squares: dict[str, Tensor] = {}
-    valid: list[Tensor] = []
-    handles = []
-    for name, layer in block_linears(model).items():
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...], name: str = name) -> None:
-            x = inputs[0]
-            rows = x[valid[0][:, -x.size(1):]].float()
-            squares[name] = squares.get(name, 0) + rows.pow(2).sum(dim=0)
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        for batch in batches:
-            valid[:] = [batch.valid]
-            model(**batch.as_inputs())
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def add(name: str, rows: Tensor) -> None:
+        squares[name] = squares.get(name, 0) + rows.float().pow(2).sum(dim=0)
+
+    feed_inputs(model, block_linears(model), batches, add)
     return {name: value.sqrt() for name, value in squares.items()}
 
 
