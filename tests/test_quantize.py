@@ -3,9 +3,6 @@ dequantized product, GPTQ against round-to-nearest, and quantized checkpoints th
 (load, generate, evaluate, convert back to float and to HF, bad input)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,22 +20,9 @@ from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import load_model, read_weights, save_checkpoint
 
 from conftest import ANT_VOCAB
+from test_cli import assert_clean_error, run
 
 TEXT = "新华社北京1月5日电，国务院总理今天会见了外国客人，双方就共同关心的问题交换了意见。"
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "cpmlive", *map(str, args)], capture_output=True, env=env,
-                          timeout=300)
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    err = result.stderr.decode()
-    assert result.returncode == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and fragment in lines[0], err
 
 
 def random_model(seed: int = 1):

@@ -240,6 +240,10 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         out = project(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
+        return self.with_delta(x, out)
+
+    def with_delta(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out`` plus the active adapter's low-rank branch of ``x`` (none active: ``out``)."""
         name = self.delta_state.current()
         if name not in self.lora_A:
             return out
@@ -283,14 +287,10 @@ class LoraQuantizedLinear(QuantizedLinear):
         self.scaling: dict[str, float] = {}
         self.delta_state = state
 
+    with_delta = LoraLinear.with_delta
+
     def forward(self, x: Tensor) -> Tensor:
-        out = QuantizedLinear.forward(self, x)
-        name = self.delta_state.current()
-        if name not in self.lora_A:
-            return out
-        a = self.lora_A[name]
-        delta = self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))))
-        return out + (delta * self.scaling[name]).to(out.dtype)
+        return self.with_delta(x, QuantizedLinear.forward(self, x))
 
     def plain(self, merge: str | None = None) -> QuantizedLinear:
         if merge is not None:
