@@ -7,7 +7,11 @@ product (``F.linear``) and every product this torch build offers for the formats
 * int8 per output channel, weight-only: dequantize-then-``F.linear``, ``torch._weight_int8pack_mm``;
 * int8 per output channel with int8 activations (dynamic, per token): our per-token quantization
   followed by ``torch._int_mm``, and fbgemm's ``quantized.linear_dynamic`` (per-tensor activations);
-* int4 group-wise: dequantize-then-``F.linear``, ``torch._weight_int4pack_mm_for_cpu``.
+* int4 group-wise: dequantize-then-``F.linear``, ``torch._weight_int4pack_mm_for_cpu``;
+
+and, for products of at most ``native.MAX_ROWS`` rows, our own loops (``cpmlive.model.native``)
+for fp32, bf16, int8 weight-only, int8 x int8 and int4, besides oneDNN's fp32 inner product
+(what the model uses for fp32 decoding without them).
 
 It prints milliseconds, the speed-up over fp32, the weight bytes read per product and the
 bandwidth that implies, and the largest error against the dequantized float product.
@@ -25,7 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from cpmlive.model import quant
+from cpmlive.model import kernels, native, quant
 
 
 def timed(fn, repeats: int) -> float:
@@ -48,6 +52,13 @@ def candidates(weight: torch.Tensor, group_size: int) -> dict[str, tuple]:
     bytes8 = q8.numel() + s8.numel() * 4
     bytes4 = packed4.numel() + s4.numel() * 4 + z4.numel()
     runs: dict[str, tuple] = {"fp32 F.linear": (lambda x: F.linear(x, weight), weight.numel() * 4, weight)}
+    if kernels._ONEDNN_LINEAR is not None:
+        runs["fp32 oneDNN inner product"] = (lambda x: kernels._ONEDNN_LINEAR(x, weight, None, "none", [], ""),
+                                             weight.numel() * 4, weight)
+    if native.available():
+        bf16 = weight.to(torch.bfloat16)
+        runs["fp32 cpmlive native"] = (lambda x: native.matvec(x, weight), weight.numel() * 4, weight)
+        runs["bf16 cpmlive native"] = (lambda x: native.matvec(x, bf16), weight.numel() * 2, bf16.float())
     runs["int8 dequantize + F.linear"] = (lambda x: F.linear(x, quant.dequantize_int8(q8, s8)), bytes8, w8)
     runs["int8 _weight_int8pack_mm"] = (lambda x: torch._weight_int8pack_mm(x, q8, s8), bytes8, w8)
     q8t = q8.t().contiguous()
@@ -57,6 +68,10 @@ def candidates(weight: torch.Tensor, group_size: int) -> dict[str, tuple]:
         qweight = torch.quantize_per_channel(w8, s8.double(), torch.zeros(out_features, dtype=torch.long), 0, torch.qint8)
         packed = torch.ops.quantized.linear_prepack(qweight, None)
     runs["w8a8 fbgemm linear_dynamic"] = (lambda x: torch.ops.quantized.linear_dynamic(x, packed, False), bytes8, w8)
+    if native.available():
+        runs["int8 cpmlive native"] = (lambda x: native.matvec_int8(x, q8, s8, False), bytes8, w8)
+        runs["w8a8 cpmlive native"] = (lambda x: native.matvec_int8(x, q8, s8, True), bytes8, w8)
+        runs["int4 cpmlive native"] = (lambda x: native.matvec_int4(x, packed4, s4, z4, group_size), bytes4, w4)
     runs["int4 dequantize + F.linear"] = (
         lambda x: F.linear(x, quant.dequantize_int4(packed4, s4, z4, group_size)), bytes4, w4)
     codes = quant.unpack_int4(packed4).to(torch.int32)
@@ -70,7 +85,7 @@ def candidates(weight: torch.Tensor, group_size: int) -> dict[str, tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 128])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
@@ -85,6 +100,8 @@ def main() -> None:
         x = torch.randn(rows, args.dim)
         base = None
         for name, (fn, nbytes, reference) in runs.items():
+            if "native" in name and rows > native.MAX_ROWS:
+                continue
             ms = timed(lambda: fn(x), args.repeats)
             base = base or ms
             error = (fn(x) - F.linear(x, reference)).abs().max().item()

@@ -10,7 +10,7 @@ At a ~450M random-weight shape (speed only): the same formats' batch-1 decode an
 weight bytes each decoded token reads, and that rate against the memory roofline (the read
 bandwidth of this machine, measured in the same run by summing a 1 GiB tensor).
 
-    python benchmarks/quantize.py --data data/demo-mix [--max-docs 60] [--skip-large]
+    python benchmarks/quantize.py --data data/demo-mix [--max-docs 60] [--skip-large | --skip-demo]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import cpmlive
+from cpmlive.model import native
 from cpmlive.compress.quantize import calibration_batches, quantize_model
 from cpmlive.config import QuantConfig
 from cpmlive.data.layout import GENERATION, build_batch
@@ -151,11 +152,13 @@ def large_rows(args: argparse.Namespace, bandwidth: float) -> list[list[str]]:
             quantize_model(model, config)
         nbytes = weight_bytes_per_token(model)
         decode = decode_rate(model, rows, args.new_tokens, args.repeats)
+        with native.switched_off():
+            torch_decode = decode_rate(model, rows, args.new_tokens, args.repeats)
         prefill = prefill_rate(model, 256, args.repeats)
         roofline = bandwidth * 1e9 / nbytes
         base = base or decode
-        out.append([name, f"{nbytes / 1e6:.0f} MB", f"{decode:.2f}", f"{decode / base:.2f}x", f"{roofline:.1f}",
-                    f"{100 * decode / roofline:.0f}%", f"{prefill:.0f}"])
+        out.append([name, f"{nbytes / 1e6:.0f} MB", f"{decode:.2f}", f"{torch_decode:.2f}", f"{decode / base:.2f}x",
+                    f"{roofline:.1f}", f"{100 * decode / roofline:.0f}%", f"{prefill:.0f}"])
         print(" | ".join(out[-1]), flush=True)
         del model
     return out
@@ -164,25 +167,31 @@ def large_rows(args: argparse.Namespace, bandwidth: float) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--data", required=True, help="the token store the model was trained on")
+    parser.add_argument("--data", help="the token store the model was trained on (the demo rows)")
     parser.add_argument("--max-docs", type=int, default=60, help="validation documents per domain")
     parser.add_argument("--calibration-rows", type=int, default=64)
     parser.add_argument("--calibration-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-large", action="store_true", help="skip the ~450M speed rows")
+    parser.add_argument("--skip-demo", action="store_true", help="only the ~450M speed rows")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}")
-    demo = demo_rows(args)
-    print("\n## Demo model\n")
-    print(table(["format", "size", "vs fp32", "bits/char (all domains)", "vs fp32", "bits/char (news)",
-                 "decode tok/s (batch 1)", "vs fp32", "prefill tok/s (1 x 256)", "quantize s"], demo))
+    if not (args.data or args.skip_demo):
+        parser.error("--data is needed for the demo rows (or --skip-demo)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+          f"native kernels {'on' if native.available() else 'off'}")
+    if not args.skip_demo:
+        demo = demo_rows(args)
+        print("\n## Demo model\n")
+        print(table(["format", "size", "vs fp32", "bits/char (all domains)", "vs fp32", "bits/char (news)",
+                     "decode tok/s (batch 1)", "vs fp32", "prefill tok/s (1 x 256)", "quantize s"], demo))
     if args.skip_large:
         return
     bandwidth = read_bandwidth()
     large = large_rows(args, bandwidth)
     print(f"\n## ~450M random weights (read bandwidth {bandwidth:.1f} GB/s, measured in this run)\n")
-    print(table(["format", "weight bytes / token", "decode tok/s (batch 1)", "vs fp32", "roofline tok/s",
+    print(table(["format", "weight bytes / token", "decode tok/s (batch 1)", "same, PyTorch products only",
+                 "vs fp32", "roofline tok/s",
                  "share of roofline", "prefill tok/s (1 x 256)"], large))
 
 

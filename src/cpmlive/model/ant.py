@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.kernels import attention, project
+import cpmlive.model.native_decode as native_decode
 from cpmlive.model.moe import MoEFeedForward
 from cpmlive.utils import compute_dtype
 
@@ -299,6 +300,10 @@ class CpmAnt(nn.Module):
         key = cache.append_inputs(query) if cache is not None else query
         hidden = self.embed(input_ids, segment, start)
         bias = self.attention_bias(query, key, compute_dtype(hidden))
+        decoded = self._decode_natively(hidden, bias, cache, start)
+        if decoded is not None:
+            cache.length = start + 1
+            return self.output_norm(decoded)
         for index, block in enumerate(self.layers):
             keep = last if index == len(self.layers) - 1 else None
             if self.gradient_checkpointing and self.training and cache is None:
@@ -308,6 +313,14 @@ class CpmAnt(nn.Module):
         if cache is not None:
             cache.length = start + input_ids.size(1)
         return self.output_norm(hidden)
+
+    def _decode_natively(self, hidden: Tensor, bias: Tensor, cache: AntCache | None, start: int) -> Tensor | None:
+        """The blocks' output from one native call (``model.native_decode``) when this is a
+        decoding step it can take, else ``None``."""
+        if not native_decode.applies(self, hidden, cache):
+            return None
+        step = native_decode.plan(self, RMSNorm, FeedForward)
+        return None if step is None else native_decode.decode_blocks(self, step, hidden, bias, cache, start)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied output head over the real vocabulary (prompt rows are never outputs)."""

@@ -1,10 +1,12 @@
 """CPU product paths for the model: how a projection and attention are computed, never what.
 
 * :func:`project`: one bias-free linear product followed by a named :data:`Epilogue`.
-  A float32 product of at most ``ONEDNN_MAX_ROWS`` rows, outside autograd and autocast, goes to
-  oneDNN's inner product, which streams a plain ``[out, in]`` weight faster than the BLAS call
-  behind ``F.linear`` on CPU and applies the epilogue in the same call; everything else
-  (training, bf16 autocast, prompts) stays on ``F.linear``.
+  Outside autograd and autocast, a product of at most ``native.MAX_ROWS`` rows (a decoding
+  step) goes to our own matrix-vector loops (:mod:`cpmlive.model.native`) when they are built;
+  otherwise a float32 product of at most ``ONEDNN_MAX_ROWS`` rows goes to oneDNN's inner
+  product, which streams a plain ``[out, in]`` weight faster than the BLAS call behind
+  ``F.linear`` on CPU and applies the epilogue in the same call; everything else (training,
+  bf16 autocast, prompts) stays on ``F.linear``.
 * :func:`pack_weights` / :func:`unpack_weights`: the mechanism of oneDNN-blocked weight copies,
   which products of ``BLOCKED_MIN_ROWS``..``ONEDNN_MAX_ROWS`` rows read while the weight is
   unchanged. When to make them is inference policy (``cpmlive.infer.packing``).
@@ -21,6 +23,8 @@ from typing import Iterable, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import cpmlive.model.native as native
 
 Epilogue = Literal["none", "gelu", "gate", "residual"]
 # Whether each epilogue takes the ``other`` tensor, and the oneDNN binary op of those that do.
@@ -60,6 +64,8 @@ def project(x: Tensor, layer: nn.Linear | Tensor, epilogue: Epilogue = "none",
     """
     _check_epilogue(epilogue, other)
     weight = _plain_weight(layer)
+    if weight is not None and _native(x, weight):
+        return _apply_epilogue(native.matvec(x, weight).to(x.dtype), epilogue, other, in_place=True)
     if weight is not None and _onednn(x, weight):
         out = _onednn_project(x, _blocked(x, weight), epilogue, other)
         if out is not None:
@@ -85,6 +91,11 @@ def _plain_weight(layer: nn.Linear | Tensor) -> Tensor | None:
     plain = (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
              and not layer._forward_pre_hooks)
     return layer.weight if plain else None
+
+
+def _native(x: Tensor, weight: Tensor) -> bool:
+    return (native.applies(x) and weight.dtype in native.FLOAT_WEIGHTS and weight.is_contiguous()
+            and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
 
 
 def _onednn(x: Tensor, weight: Tensor) -> bool:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from cpmlive.config import QuantConfig
 from cpmlive.errors import CpmliveError
+import cpmlive.model.native as native
 from cpmlive.utils import replace_submodule
 
 INT8_MAX = 127
@@ -152,11 +153,12 @@ class QuantizedLinear(nn.Module):
 
     Products with a gradient to pass back (a LoRA adapter trained on top, as QLoRA does) use the
     dequantized weight; inference uses the fastest product this CPU has for the format, as
-    ``benchmarks/quant_kernels.py`` measures them: int8 with int8 inputs -> fbgemm's dynamic
-    product (by far the fastest int8 path on x86); weight-only int8 / int4 -> torch's
-    ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` up to ``PACKED_KERNEL_MAX_ROWS``
-    rows, the dequantized weight and ``F.linear`` beyond. (On AVX2 neither weight-only path is
-    faster than float32: their gain is size and memory.)
+    ``benchmarks/quant_kernels.py`` measures them: up to ``native.MAX_ROWS`` rows (decoding),
+    our own loops over the codes as stored (:mod:`cpmlive.model.native`); beyond that, or
+    without a C compiler, int8 with int8 inputs -> fbgemm's dynamic product (by far the fastest
+    of torch's int8 paths on x86) and weight-only int8 / int4 -> torch's ``_weight_int8pack_mm``
+    / ``_weight_int4pack_mm_for_cpu`` up to ``PACKED_KERNEL_MAX_ROWS`` rows, the dequantized
+    weight and ``F.linear`` beyond.
     """
 
     def __init__(self, in_features: int, out_features: int, config: QuantConfig,
@@ -227,6 +229,8 @@ class QuantizedLinear(nn.Module):
         return self._kernel_copy[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._native_applies(x):
+            return self._native(x).to(x.dtype)
         rows = x.numel() // self.in_features
         exact_path = self.activations == "none" and rows > PACKED_KERNEL_MAX_ROWS
         autograd = torch.is_grad_enabled() and x.requires_grad
@@ -242,6 +246,16 @@ class QuantizedLinear(nn.Module):
         else:
             out = torch._weight_int8pack_mm(flat.float().contiguous(), weight, self.weight_scale)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+    def _native_applies(self, x: Tensor) -> bool:
+        supported = self.bits == 8 or native.int4_supported(self.group_size)
+        return supported and self.weight.device.type == "cpu" and native.applies(x)
+
+    def _native(self, x: Tensor) -> Tensor:
+        if self.bits == 8:
+            return native.matvec_int8(x, self.weight, self.weight_scale, self.activations == "int8")
+        return native.matvec_int4(x, self.weight, self.weight_scale, self.weight_zero, self.group_size)
 
 
 class QuantizedEmbedding(QuantizedLinear):

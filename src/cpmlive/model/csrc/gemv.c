@@ -1,0 +1,370 @@
+/* Matrix-vector products for decoding on CPU: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m.
+ *
+ * Decoding one token reads every weight once and does two flops per weight, so its speed is the
+ * rate at which weights stream from memory. These loops read each weight row once per call (every
+ * x row uses it while it is in cache), keep eight independent accumulators in flight, and split
+ * the output rows across OpenMP threads (the runtime PyTorch itself uses). Weight formats:
+ *
+ *   f32   float32
+ *   bf16  bfloat16 (the upper half of a float32)
+ *   f16   IEEE half
+ *   i8    int8 codes and one float scale per output row; x stays float (weight-only)
+ *   w8a8  int8 codes times int8 inputs, quantized here per row: scale = max(absmax / 127, 1e-12),
+ *         code = round-half-even(x / scale)
+ *   i4    4-bit codes two a byte (the even column in the low nibble), a float scale and an
+ *         integer zero point per group of columns: w = (code - zero) * scale
+ *
+ * Each product has a scalar form (any CPU) and, when compiled for AVX2 + FMA, a vector form; the
+ * two add the same terms in a different order.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#include "gemv.h"
+
+#define INLINE static inline __attribute__((always_inline))
+#define MIN_SCALE 1e-12f
+
+enum { F32, BF16, F16, I8 };
+
+INLINE float scalar_weight(const void *w, int kind, int64_t j) {
+    uint32_t bits;
+    float f;
+    switch (kind) {
+    case F32: return ((const float *)w)[j];
+    case BF16:
+        bits = (uint32_t)((const uint16_t *)w)[j] << 16;
+        memcpy(&f, &bits, 4);
+        return f;
+    case F16: {
+        uint16_t h = ((const uint16_t *)w)[j];
+        uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+        if (exp == 31) {
+            bits = sign | 0x7f800000u | (man << 13);
+        } else if (exp) {
+            bits = sign | ((exp + 112) << 23) | (man << 13);
+        } else {
+            f = ldexpf((float)man, -24);
+            return sign ? -f : f;
+        }
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    default: return (float)((const int8_t *)w)[j];
+    }
+}
+
+INLINE size_t element_size(int kind) { return kind == F32 ? 4 : kind == I8 ? 1 : 2; }
+
+#ifdef __AVX2__
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* A tile reads four rows at once: four streams. When rows of int8 codes are short (a few KB, as
+ * in models of a few hundred million parameters) the hardware prefetcher barely learns them
+ * before they end (float rows, four times longer, it does follow), so
+ * each step asks for the part of the next tile (contiguous after this one) that it will read at
+ * the same pace; long rows are prefetched a fixed distance ahead within each row instead. */
+#define SHORT_ROW_BYTES 16384
+#define PREFETCH_AHEAD 512
+
+INLINE void prefetch_tile(const char *w0, size_t row_bytes, int64_t offset, size_t step_bytes) {
+    if (row_bytes <= SHORT_ROW_BYTES) {
+        const char *next = w0 + 4 * row_bytes + 4 * offset;
+        for (size_t b = 0; b < 4 * step_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    } else {
+        for (int r = 0; r < 4; r++)
+            for (size_t b = 0; b < step_bytes; b += 64)
+                _mm_prefetch(w0 + r * row_bytes + offset + PREFETCH_AHEAD + b, _MM_HINT_T0);
+    }
+}
+
+/* Eight consecutive weights from element j, as floats. */
+INLINE __m256 load8(const void *w, int kind, int64_t j) {
+    switch (kind) {
+    case F32: return _mm256_loadu_ps((const float *)w + j);
+    case BF16: {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + j)));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    }
+    case F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + j)));
+    default: return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + j))));
+    }
+}
+#endif
+
+/* Four output rows (i .. i+3) of a float-like product; `scale` (or NULL) multiplies each row. */
+INLINE void float_tile4(const void *w, int kind, const float *scale, const float *x, float *y,
+                        int64_t i, int64_t n, int64_t k, int64_t rows) {
+    size_t row_bytes = (size_t)k * element_size(kind);
+    const char *w0 = (const char *)w + i * row_bytes, *w1 = w0 + row_bytes, *w2 = w1 + row_bytes,
+               *w3 = w2 + row_bytes;
+    for (int64_t m = 0; m < rows; m++) {
+        const float *xm = x + m * k;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        int64_t j = 0;
+#ifdef __AVX2__
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (; j + 16 <= k; j += 16) {
+            if (m == 0 && kind == I8) prefetch_tile(w0, row_bytes, j, 16);  /* float rows: the hardware keeps up */
+            __m256 x0 = _mm256_loadu_ps(xm + j), x1 = _mm256_loadu_ps(xm + j + 8);
+            a0 = _mm256_fmadd_ps(load8(w0, kind, j), x0, a0);
+            a1 = _mm256_fmadd_ps(load8(w1, kind, j), x0, a1);
+            a2 = _mm256_fmadd_ps(load8(w2, kind, j), x0, a2);
+            a3 = _mm256_fmadd_ps(load8(w3, kind, j), x0, a3);
+            b0 = _mm256_fmadd_ps(load8(w0, kind, j + 8), x1, b0);
+            b1 = _mm256_fmadd_ps(load8(w1, kind, j + 8), x1, b1);
+            b2 = _mm256_fmadd_ps(load8(w2, kind, j + 8), x1, b2);
+            b3 = _mm256_fmadd_ps(load8(w3, kind, j + 8), x1, b3);
+        }
+        s0 = hsum(_mm256_add_ps(a0, b0));
+        s1 = hsum(_mm256_add_ps(a1, b1));
+        s2 = hsum(_mm256_add_ps(a2, b2));
+        s3 = hsum(_mm256_add_ps(a3, b3));
+#endif
+        for (; j < k; j++) {
+            s0 += scalar_weight(w0, kind, j) * xm[j];
+            s1 += scalar_weight(w1, kind, j) * xm[j];
+            s2 += scalar_weight(w2, kind, j) * xm[j];
+            s3 += scalar_weight(w3, kind, j) * xm[j];
+        }
+        float *ym = y + m * n + i;
+        ym[0] = scale ? s0 * scale[i] : s0;
+        ym[1] = scale ? s1 * scale[i + 1] : s1;
+        ym[2] = scale ? s2 * scale[i + 2] : s2;
+        ym[3] = scale ? s3 * scale[i + 3] : s3;
+    }
+}
+
+INLINE void float_row(const void *w, int kind, const float *scale, const float *x, float *y,
+                      int64_t i, int64_t n, int64_t k, int64_t rows) {
+    const char *wi = (const char *)w + i * (size_t)k * element_size(kind);
+    for (int64_t m = 0; m < rows; m++) {
+        float s = 0;
+        for (int64_t j = 0; j < k; j++) s += scalar_weight(wi, kind, j) * x[m * k + j];
+        y[m * n + i] = scale ? s * scale[i] : s;
+    }
+}
+
+INLINE void float_gemv(const void *w, int kind, const float *scale, const float *x, float *y,
+                       int64_t n, int64_t k, int64_t rows, int threads) {
+    int64_t tiles = n / 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tiles; t++) float_tile4(w, kind, scale, x, y, 4 * t, n, k, rows);
+    for (int64_t i = 4 * tiles; i < n; i++) float_row(w, kind, scale, x, y, i, n, k, rows);
+}
+
+void gemv_f32(const float *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
+    float_gemv(w, F32, NULL, x, y, n, k, rows, threads);
+}
+void gemv_bf16(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
+    float_gemv(w, BF16, NULL, x, y, n, k, rows, threads);
+}
+void gemv_f16(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
+    float_gemv(w, F16, NULL, x, y, n, k, rows, threads);
+}
+void gemv_i8(const int8_t *w, const float *scale, const float *x, float *y, int64_t n, int64_t k,
+             int64_t rows, int threads) {
+    float_gemv(w, I8, scale, x, y, n, k, rows, threads);
+}
+
+/* ---- int8 x int8 ----------------------------------------------------------------------------- */
+
+/* Codes and scale of one input row, as torch computes them in cpmlive.model.quant (the same
+ * division and round-half-to-even in both forms). */
+static float quantize_row(const float *x, int8_t *codes, int64_t k) {
+    float peak = 0;
+    int64_t j = 0;
+#ifdef __AVX2__
+    __m256 top = _mm256_setzero_ps(), magnitude_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (; j + 8 <= k; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(x + j), magnitude_mask));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, top);
+    for (int t = 0; t < 8; t++) peak = fmaxf(peak, lanes[t]);
+#endif
+    for (; j < k; j++) peak = fmaxf(peak, fabsf(x[j]));
+    float scale = fmaxf(peak / 127.0f, MIN_SCALE);
+    j = 0;
+#ifdef __AVX2__
+    __m256 vscale = _mm256_set1_ps(scale), low = _mm256_set1_ps(-127.0f), high = _mm256_set1_ps(127.0f);
+    for (; j + 8 <= k; j += 8) {
+        __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + j), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256i n = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, low), high));
+        __m128i n16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+        _mm_storel_epi64((__m128i *)(codes + j), _mm_packs_epi16(n16, n16));
+    }
+#endif
+    for (; j < k; j++) {
+        float q = nearbyintf(x[j] / scale);
+        codes[j] = (int8_t)fminf(fmaxf(q, -127.0f), 127.0f);
+    }
+    return scale;
+}
+
+INLINE int32_t dot_i8(const int8_t *a, const int8_t *b, int64_t k) {
+    int32_t s = 0;
+    int64_t j = 0;
+#ifdef __AVX2__
+    /* |a| (unsigned) times b with a's sign: maddubs' pair sums stay below 2 * 127 * 127. */
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, ones = _mm256_set1_epi16(1);
+    for (; j + 64 <= k; j += 64) {
+        __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + j)), b0 = _mm256_loadu_si256((const __m256i *)(b + j));
+        __m256i a1 = _mm256_loadu_si256((const __m256i *)(a + j + 32)), b1 = _mm256_loadu_si256((const __m256i *)(b + j + 32));
+        __m256i p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(a0, a0), _mm256_sign_epi8(b0, a0));
+        __m256i p1 = _mm256_maddubs_epi16(_mm256_sign_epi8(a1, a1), _mm256_sign_epi8(b1, a1));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(p0, ones));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1, ones));
+    }
+    for (; j + 32 <= k; j += 32) {
+        __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + j)), b0 = _mm256_loadu_si256((const __m256i *)(b + j));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(a0, a0),
+                                                                            _mm256_sign_epi8(b0, a0)), ones));
+    }
+    s = hsum_i32(_mm256_add_epi32(acc0, acc1));
+#endif
+    for (; j < k; j++) s += (int32_t)a[j] * (int32_t)b[j];
+    return s;
+}
+
+/* Four rows of codes against one int8 input row: x is read (and its magnitudes made) once. */
+INLINE void dot4_i8(const int8_t *a, const int8_t *b0, const int8_t *b1, const int8_t *b2, const int8_t *b3,
+                    int64_t k, int prefetch, int32_t out[4]) {
+    int64_t j = 0;
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#ifdef __AVX2__
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, ones = _mm256_set1_epi16(1);
+    for (; j + 32 <= k; j += 32) {
+        if (prefetch) prefetch_tile((const char *)b0, (size_t)k, j, 32);
+        __m256i av = _mm256_loadu_si256((const __m256i *)(a + j)), magnitude = _mm256_sign_epi8(av, av);
+#define DOT_ROW(acc, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, \
+                            _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)((b) + j)), av)), ones))
+        DOT_ROW(c0, b0); DOT_ROW(c1, b1); DOT_ROW(c2, b2); DOT_ROW(c3, b3);
+#undef DOT_ROW
+    }
+    s0 = hsum_i32(c0); s1 = hsum_i32(c1); s2 = hsum_i32(c2); s3 = hsum_i32(c3);
+#endif
+    for (; j < k; j++) {
+        s0 += (int32_t)a[j] * b0[j]; s1 += (int32_t)a[j] * b1[j];
+        s2 += (int32_t)a[j] * b2[j]; s3 += (int32_t)a[j] * b3[j];
+    }
+    out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
+void gemv_w8a8(const int8_t *w, const float *scale, const float *x, float *y, int64_t n, int64_t k,
+               int64_t rows, int threads) {
+    int8_t *codes = malloc((size_t)(rows * k));
+    float *x_scale = malloc((size_t)rows * sizeof(float));
+    for (int64_t m = 0; m < rows; m++) x_scale[m] = quantize_row(x + m * k, codes + m * k, k);
+    int64_t tiles = n / 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int8_t *w0 = w + 4 * t * k;
+        for (int64_t m = 0; m < rows; m++) {
+            int32_t sums[4];
+            dot4_i8(codes + m * k, w0, w0 + k, w0 + 2 * k, w0 + 3 * k, k, m == 0, sums);
+            for (int r = 0; r < 4; r++) y[m * n + 4 * t + r] = (float)sums[r] * x_scale[m] * scale[4 * t + r];
+        }
+    }
+    for (int64_t i = 4 * tiles; i < n; i++)
+        for (int64_t m = 0; m < rows; m++)
+            y[m * n + i] = (float)dot_i8(codes + m * k, w + i * k, k) * x_scale[m] * scale[i];
+    free(codes);
+    free(x_scale);
+}
+
+/* ---- int4 groups ------------------------------------------------------------------------------ */
+
+/* One output row of an int4 product: sum over groups of scale * (codes . x - zero * sum(x)).
+ * `xs` is the input row deinterleaved per 16 columns (the 8 even ones, then the 8 odd ones, as
+ * a byte's low and high nibbles hold them); `group_sum` its sum per group. */
+INLINE float int4_row(const uint8_t *packed, const float *scale, const uint8_t *zero, const float *xs,
+                      const float *group_sum, int64_t k, int64_t group) {
+    int64_t groups = k / group;
+    float correction = 0, s = 0;
+    for (int64_t g = 0; g < groups; g++) correction += scale[g] * (float)zero[g] * group_sum[g];
+#ifdef __AVX2__
+    __m256 total0 = _mm256_setzero_ps(), total1 = total0;
+    __m128i low_mask = _mm_set1_epi8(0x0f);
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        const uint8_t *codes = packed + g * group / 2;
+        const float *xg = xs + g * group;
+        for (int64_t j = 0; j < group; j += 16) {
+            __m128i bytes = _mm_loadl_epi64((const __m128i *)(codes + j / 2));
+            __m128i low = _mm_and_si128(bytes, low_mask), high = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask);
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low)), _mm256_loadu_ps(xg + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high)), _mm256_loadu_ps(xg + j + 8), a1);
+        }
+        __m256 group_scale = _mm256_set1_ps(scale[g]);
+        total0 = _mm256_fmadd_ps(group_scale, a0, total0);
+        total1 = _mm256_fmadd_ps(group_scale, a1, total1);
+    }
+    s = hsum(_mm256_add_ps(total0, total1));
+#else
+    for (int64_t g = 0; g < groups; g++) {
+        float d = 0;
+        for (int64_t j = 0; j < group; j += 16)
+            for (int t = 0; t < 8; t++) {
+                uint8_t b = packed[(g * group + j) / 2 + t];
+                d += (float)(b & 0x0f) * xs[g * group + j + t] + (float)(b >> 4) * xs[g * group + j + 8 + t];
+            }
+        s += scale[g] * d;
+    }
+#endif
+    return s - correction;
+}
+
+void gemv_i4(const uint8_t *w, const float *scale, const uint8_t *zero, const float *x, float *y,
+             int64_t n, int64_t k, int64_t group, int64_t rows, int threads) {
+    int64_t groups = k / group;
+    /* Each x row deinterleaved per 16 columns (evens then odds), and its sum per group. */
+    float *xs = malloc((size_t)(rows * k) * sizeof(float));
+    float *group_sum = malloc((size_t)(rows * groups) * sizeof(float));
+    for (int64_t m = 0; m < rows; m++) {
+        const float *xm = x + m * k;
+        for (int64_t j = 0; j < k; j += 16)
+            for (int t = 0; t < 8; t++) {
+                xs[m * k + j + t] = xm[j + 2 * t];
+                xs[m * k + j + 8 + t] = xm[j + 2 * t + 1];
+            }
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0;
+            for (int64_t j = 0; j < group; j++) s += xm[g * group + j];
+            group_sum[m * groups + g] = s;
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t m = 0; m < rows; m++)
+            y[m * n + i] = int4_row(w + i * (k / 2), scale + i * groups, zero + i * groups, xs + m * k,
+                                    group_sum + m * groups, k, group);
+    free(xs);
+    free(group_sum);
+}
+
+void matrix_product(const Matrix *m, const float *x, float *y, int64_t rows, int threads) {
+    switch (m->kind) {
+    case KIND_F32: gemv_f32(m->weight, x, y, m->n, m->k, rows, threads); break;
+    case KIND_BF16: gemv_bf16(m->weight, x, y, m->n, m->k, rows, threads); break;
+    case KIND_F16: gemv_f16(m->weight, x, y, m->n, m->k, rows, threads); break;
+    case KIND_I8: gemv_i8(m->weight, m->scale, x, y, m->n, m->k, rows, threads); break;
+    case KIND_W8A8: gemv_w8a8(m->weight, m->scale, x, y, m->n, m->k, rows, threads); break;
+    default: gemv_i4(m->weight, m->scale, m->zero, x, y, m->n, m->k, m->group, rows, threads); break;
+    }
+}

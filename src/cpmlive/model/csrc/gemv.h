@@ -1,0 +1,20 @@
+/* The products of gemv.c as the decoding step (decode.c) calls them. */
+#ifndef CPMLIVE_GEMV_H
+#define CPMLIVE_GEMV_H
+#include <stdint.h>
+
+/* Weight formats (see gemv.c). */
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_W8A8 = 4, KIND_I4 = 5 };
+
+/* One bias-free linear layer: y[rows, n] = x[rows, k] @ w.T. */
+typedef struct {
+    int64_t kind;
+    const void *weight;
+    const float *scale;  /* i8, w8a8: [n]; i4: [n, k / group] */
+    const uint8_t *zero; /* i4: [n, k / group] */
+    int64_t n, k, group;
+} Matrix;
+
+void matrix_product(const Matrix *m, const float *x, float *y, int64_t rows, int threads);
+
+#endif

@@ -1,0 +1,169 @@
+"""CPM-Ant's blocks for one decoding step in a single native call (``csrc/decode.c``).
+
+A decoding step of a ~450M model does about 150 small products and as many small element-wise
+operations; from Python each costs tens of microseconds of dispatch, as much as the int8 weights
+take to stream. :func:`decode_blocks` hands the whole stack of blocks to C instead: it computes
+what ``Block.forward`` computes for one new position per row, writing keys and values into the
+model's own :class:`~cpmlive.model.ant.AntCache` tensors, so prompts (prefilled by PyTorch) and
+steps share one cache. Embedding, attention bias, final norm and head stay in PyTorch.
+
+:func:`plan` says whether a model can take this path (float or quantized plain layers, float32
+activations and cache, no adapters or experts) and describes its layers to C once; the
+description is rebuilt when a weight changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+import cpmlive.model.native as native
+from cpmlive.model.quant import QuantizedLinear
+
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KIND_I8, KIND_W8A8, KIND_I4 = 3, 4, 5
+
+
+# Plans by model, outside the module so that copying or pickling a model never meets ctypes pointers.
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, Plan]" = weakref.WeakKeyDictionary()
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("zero", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("group", ctypes.c_int64)]
+
+
+class Block(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("q", Matrix), ("k", Matrix), ("v", Matrix), ("out", Matrix),
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("w_0", Matrix), ("w_1", Matrix), ("w_out", Matrix)]
+
+
+SUBLAYERS = (("attn_norm",), ("attn", "project_q"), ("attn", "project_k"), ("attn", "project_v"),
+             ("attn", "attention_out"), ("ffn_norm",), ("ffn",), ("ffn", "w_0"), ("ffn", "w_1"), ("ffn", "w_out"))
+
+
+def _layers(model: nn.Module) -> list[nn.Module | None]:
+    """Every module the description reads, in order (``None`` where a sublayer is absent)."""
+    found = []
+    for block in model.layers:
+        for path in SUBLAYERS:
+            module = block
+            for name in path:
+                module = getattr(module, name, None)
+            found.append(module)
+    return found
+
+
+@dataclass
+class Plan:
+    blocks: ctypes.Array
+    modules: list[nn.Module | None]
+    tensors: list[Tensor]  # every tensor the description points into
+    versions: list[tuple[int, int]]
+    dim_ff: int
+    eps: float
+
+    def current(self, model: nn.Module) -> bool:
+        """Whether no layer was replaced (an adapter attached) and no weight changed."""
+        same_layers = all(a is b for a, b in zip(_layers(model), self.modules))
+        return same_layers and all((t._version, t.data_ptr()) == v for t, v in zip(self.tensors, self.versions))
+
+
+def _matrix(layer: nn.Module, tensors: list[Tensor]) -> Matrix | None:
+    if type(layer) is nn.Linear and layer.bias is None and not (layer._forward_hooks or layer._forward_pre_hooks):
+        weight = layer.weight
+        if weight.dtype not in KINDS or not weight.is_contiguous() or weight.device.type != "cpu":
+            return None
+        tensors.append(weight)
+        return Matrix(KINDS[weight.dtype], weight.data_ptr(), None, None, weight.size(0), weight.size(1), 0)
+    if type(layer) is QuantizedLinear and layer.weight.device.type == "cpu":
+        if layer.bits == 4 and not native.int4_supported(layer.group_size):
+            return None
+        buffers = [layer.weight, layer.weight_scale] + ([layer.weight_zero] if layer.bits == 4 else [])
+        tensors.extend(buffers)
+        zero = layer.weight_zero.data_ptr() if layer.bits == 4 else None
+        kind = KIND_I4 if layer.bits == 4 else KIND_W8A8 if layer.activations == "int8" else KIND_I8
+        return Matrix(kind, layer.weight.data_ptr(), layer.weight_scale.data_ptr(), zero, layer.out_features,
+                      layer.in_features, layer.group_size or 0)
+    return None
+
+
+def _norm(norm: nn.Module, norm_type: type, tensors: list[Tensor]) -> int | None:
+    if type(norm) is not norm_type or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous():
+        return None
+    tensors.append(norm.weight)
+    return norm.weight.data_ptr()
+
+
+def _describe(block: nn.Module, norm_type: type, ffn_type: type, tensors: list[Tensor]) -> Block | None:
+    description = Block()
+    if hasattr(block, "attn"):
+        parts = [_matrix(getattr(block.attn, name), tensors)
+                 for name in ("project_q", "project_k", "project_v", "attention_out")]
+        norm = _norm(block.attn_norm, norm_type, tensors)
+        if norm is None or any(p is None for p in parts):
+            return None
+        description.attn_norm = norm
+        description.q, description.k, description.v, description.out = parts
+    if hasattr(block, "ffn"):
+        if type(block.ffn) is not ffn_type:
+            return None
+        parts = [_matrix(getattr(block.ffn, name), tensors) for name in ("w_0", "w_1", "w_out")]
+        norm = _norm(block.ffn_norm, norm_type, tensors)
+        if norm is None or any(p is None for p in parts):
+            return None
+        description.ffn_norm = norm
+        description.w_0, description.w_1, description.w_out = parts
+    return description
+
+
+def plan(model: nn.Module, norm_type: type, ffn_type: type) -> Plan | None:
+    """The C description of ``model``'s blocks, or ``None`` when some layer must run in PyTorch
+    (``norm_type`` / ``ffn_type``: the model's plain norm and feed-forward classes)."""
+    cached = _PLANS.get(model)
+    if cached is not None and cached.current(model):
+        return cached
+    tensors: list[Tensor] = []
+    blocks = [_describe(block, norm_type, ffn_type, tensors) for block in model.layers]
+    if any(b is None for b in blocks):
+        return None
+    dim_ff = max([b.w_0.n for b in blocks if b.ffn_norm] or [1])
+    result = Plan((Block * len(blocks))(*blocks), _layers(model), tensors, [(t._version, t.data_ptr()) for t in tensors],
+                  dim_ff, model.config.eps)
+    _PLANS[model] = result
+    return result
+
+
+def applies(model: nn.Module, hidden: Tensor, cache: object) -> bool:
+    """Whether this step (one new position per row, few rows, float32, inference) can go to C."""
+    return (cache is not None and hidden.size(1) == 1 and hidden.dtype == torch.float32 and not model.training
+            and native.applies(hidden) and native.decoder() is not None and not torch.is_autocast_enabled("cpu"))
+
+
+def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, cache: object, start: int) -> Tensor | None:
+    """The blocks' output for ``hidden`` ``[rows, 1, dim]`` at cache position ``start`` (keys and
+    values are stored there), or ``None`` when the cache is not float32 and contiguous."""
+    blocks = step.blocks
+    for index, block in enumerate(model.layers):
+        if not hasattr(block, "attn"):
+            continue
+        keys, values = cache.keys[index], cache.values[index]
+        if keys is None or keys.dtype != torch.float32 or not (keys.is_contiguous() and values.is_contiguous()):
+            return None
+        blocks[index].keys, blocks[index].values = keys.data_ptr(), values.data_ptr()
+    config = model.config
+    out = hidden.reshape(hidden.size(0), -1).contiguous().clone()
+    bias = bias.reshape(hidden.size(0), config.num_heads, -1).float().contiguous()
+    native.decoder()(blocks, len(blocks), out.data_ptr(), bias.data_ptr(), out.size(0), config.dim_model,
+                     config.num_heads, config.dim_head, step.dim_ff, cache.capacity, start, step.eps,
+                     torch.get_num_threads())
+    return out.view_as(hidden)
+
+
+__all__ = ["Plan", "applies", "decode_blocks", "plan"]
