@@ -1,5 +1,6 @@
 """Pruned + distilled demo models against models of the same shape trained from scratch on the
-same number of tokens (CPM-Ant's published comparison), in one run.
+same number of tokens (CPM-Ant's published comparison), in one run, with each model's
+parameters, size on disk, held-out bits/char and batch-1 decode / 1 x 256 prefill tokens/s.
 
 For each target share of the projection parameters: ``cpmlive compress`` with one ``prune`` step
 (distilling from the demo model) of ``--steps`` batches; then a freshly initialised model of the
@@ -20,8 +21,9 @@ import cpmlive
 from cpmlive.compress.pipeline import CompressRecipe, TrainingRun, TrainingStep, compress
 from cpmlive.infer.score import score_texts
 from cpmlive.model.ant import build_model
-from cpmlive.model.checkpoint import load_model
+from cpmlive.model.checkpoint import load_model, save_checkpoint
 from demo_quality import split_texts
+from quantize import decode_rate, prefill_rate
 
 
 def directory_bytes(path: Path) -> int:
@@ -44,7 +46,15 @@ def main() -> None:
     texts = [t for docs in val.values() for t in docs[:args.max_docs]]
     base_bits = score_texts(lm.model, lm.tokenizer, texts, batch_size=16).bits_per_char
     tokens = args.steps * args.batch_size * args.seq_length
-    rows = [["demo (teacher)", f"{lm.model.num_parameters() / 1e6:.2f}M", "", f"{base_bits:.4f}", "", ""]]
+    prompt = [lm.tokenizer.encode_for_model("新华社北京1月5日电，国务院总理今天")]
+
+    def speed(model) -> list[str]:
+        return [f"{decode_rate(model, prompt, 32, 3):.1f}", f"{prefill_rate(model, 256, 3):.0f}"]
+
+    with tempfile.TemporaryDirectory() as tmp:  # float32, as the pruned models are written
+        teacher_size = f"{directory_bytes(save_checkpoint(lm.model.state_dict(), lm.config, Path(tmp) / 'm')) / 1e6:.1f} MB"
+    rows = [["demo (teacher)", f"{lm.model.num_parameters() / 1e6:.2f}M", teacher_size, "", f"{base_bits:.4f}",
+             *speed(lm.model), "", ""]]
     for target in args.targets:
         with tempfile.TemporaryDirectory() as tmp:
             recipe = CompressRecipe.from_dict({
@@ -64,16 +74,19 @@ def main() -> None:
             scratch_seconds = time.perf_counter() - started
             scratch_bits = score_texts(scratch, lm.tokenizer, texts, batch_size=16).bits_per_char
             size = f"{pruned.num_parameters() / 1e6:.2f}M"
+            disk = f"{directory_bytes(pruned_dir) / 1e6:.1f} MB"
             shape = f"{pruned.config.num_heads} heads, FFN {pruned.config.dim_ff}, mask {pruned.config.mask_modules}"
-            rows.append([f"pruned + distilled to {target:g}", size, shape, f"{pruned_bits:.4f}",
+            pruned_speed = speed(pruned.eval())
+            rows.append([f"pruned + distilled to {target:g}", size, disk, shape, f"{pruned_bits:.4f}", *pruned_speed,
                          f"{pruned_seconds:.0f} s", ""])
-            rows.append(["same shape from scratch", size, shape, f"{scratch_bits:.4f}", f"{scratch_seconds:.0f} s",
-                         "pruned wins" if pruned_bits < scratch_bits else "scratch wins"])
+            rows.append(["same shape from scratch", size, disk, shape, f"{scratch_bits:.4f}", *pruned_speed,
+                         f"{scratch_seconds:.0f} s", "pruned wins" if pruned_bits < scratch_bits else "scratch wins"])
             print(" | ".join(rows[-2]), "\n", " | ".join(rows[-1]), flush=True)
     print(f"\n{args.steps} steps of {args.batch_size} x {args.seq_length} tokens ({tokens / 1e6:.2f}M tokens) each; "
           f"held-out bits/char over {len(texts)} documents\n")
-    print("| model | parameters | shape | bits/char | time | |")
-    print("|---|---|---|---|---|---|")
+    print("| model | parameters | size on disk | shape | bits/char | decode tok/s (batch 1) | prefill tok/s (1 x 256) "
+          "| training time | |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

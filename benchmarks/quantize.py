@@ -45,6 +45,11 @@ VARIANTS = {
     "int4-g64 GPTQ": QuantConfig(bits=4, group_size=64, method="gptq"),
     "int4-g64 AWQ": QuantConfig(bits=4, group_size=64, method="awq"),
 }
+# Coarser groups, where round-to-nearest starts to cost and calibration has something to recover
+# (384 is the coarsest size that divides every layer of the demo model: one group per row of the
+# attention projections).
+COARSE = {f"int4-g384 {method.upper() if method != 'rtn' else 'RTN'}": QuantConfig(bits=4, group_size=384, method=method)
+          for method in ("rtn", "gptq", "awq")}
 
 
 def read_bandwidth() -> float:
@@ -121,7 +126,8 @@ def demo_rows(args: argparse.Namespace) -> list[list[str]]:
                                       lm.tokenizer.bos_id, lm.config.prompt_length)
     prompt = [lm.tokenizer.encode_for_model("新华社北京1月5日电，国务院总理今天")]
     out, reference = [], {}
-    for name, config in VARIANTS.items():
+    variants = {**VARIANTS, **(COARSE if args.coarse else {})}
+    for name, config in variants.items():
         model = cpmlive.load(args.model, dtype="float32").model
         started = time.perf_counter()
         if config is not None:
@@ -175,6 +181,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-large", action="store_true", help="skip the ~450M speed rows")
     parser.add_argument("--skip-demo", action="store_true", help="only the ~450M speed rows")
+    parser.add_argument("--coarse", action="store_true", help="also int4 in groups of 384 on the demo model")
     args = parser.parse_args()
     if not (args.data or args.skip_demo):
         parser.error("--data is needed for the demo rows (or --skip-demo)")

@@ -169,3 +169,16 @@ def test_models_with_adapters_or_experts_keep_the_pytorch_blocks():
     assert native_decode.plan(model, RMSNorm, FeedForward) is None
     experts = AntConfig.from_dict(CONFIG.to_dict() | {"moe": {"experts": 4, "top_k": 2}})
     assert native_decode.plan(small_model(experts), RMSNorm, FeedForward) is None
+
+
+def test_concurrent_decoding_on_one_model_keeps_each_cache_apart():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = small_model()
+    config = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    prompts = [[[6, 40 + i, 41, 42 + i]] for i in range(4)]
+    with torch.no_grad():
+        alone = [generate_ids(model, rows, config, eos_id=7) for rows in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda rows: generate_ids(model, rows, config, eos_id=7), prompts * 3))
+    assert together == alone * 3

@@ -325,3 +325,38 @@ def test_an_adapter_of_the_float_model_loads_on_its_quantized_copy(checkpoint, t
     with pytest.raises(CpmliveError, match="adapter was trained on base"):
         cpmlive.load(quantize_checkpoint(different, tmp_path / "int8-different", QuantConfig(bits=8), progress=False),
                      adapter=tmp_path / "adapter")
+
+
+@pytest.mark.slow
+def test_quantized_demo_fills_titles_and_serves_with_the_shipped_adapter(tmp_path):
+    """Every verb on a quantized model: here the ones that go through the API and the app server
+    (the W8A8 demo, decoding on the native step; then with the float model's headline adapter,
+    whose LoRA layers decode in PyTorch)."""
+    from fastapi.testclient import TestClient
+
+    import cpmlive
+    from cpmlive.cli import main
+    from cpmlive.model import native_decode
+    from cpmlive.resources import adapter_path
+    from cpmlive.serve.app import create_app
+
+    out = tmp_path / "demo-w8a8"
+    assert main(["quantize", "demo", str(out), "--bits", "8", "--activations", "int8"]) == 0
+    lm = cpmlive.load(out)
+    calls = []
+    real = native_decode.decode_blocks
+    native_decode.decode_blocks = lambda *a: calls.append(1) or real(*a)
+    try:
+        filled = lm.fill("今天天气<mask>，我们去公园玩。", max_new_tokens=3)
+        generated = lm.generate("新华社北京1月5日电", max_new_tokens=6)
+    finally:
+        native_decode.decode_blocks = real
+    assert "<mask>" not in filled and filled.endswith("我们去公园玩。") and len(filled) > len("今天天气，我们去公园玩。")
+    assert generated and calls
+    lm.add_adapter(adapter_path("headline"))
+    article = "新华社北京3月5日电 第十四届全国人民代表大会第二次会议今天上午在人民大会堂开幕。国务院总理作政府工作报告。"
+    response = TestClient(create_app(lm)).post("/api/titles", json={"article": article, "n": 2, "num_beams": 2,
+                                                                      "samples": 1})
+    assert response.status_code == 200, response.text
+    titles = response.json()["titles"]
+    assert titles and all(isinstance(t, str) and t for t in titles)

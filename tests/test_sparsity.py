@@ -15,7 +15,12 @@ from cpmlive.model.checkpoint import load_model
 from cpmlive.model.quant import dequantize_state
 from cpmlive.model.checkpoint import read_weights
 
-from test_compress import recipe, setup  # noqa: F401  (the tiny model and token store fixture)
+from tiny_store import make_model_and_store, recipe
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_model_and_store(tmp_path_factory.mktemp("sparsity"))
 
 
 def test_magnitude_mask_matches_torch_ao_block_sparsifier():

@@ -40,7 +40,7 @@ class Matrix(ctypes.Structure):
 
 class Block(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("q", Matrix), ("k", Matrix), ("v", Matrix), ("out", Matrix),
-                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("ffn_norm", ctypes.c_void_p),
                 ("w_0", Matrix), ("w_1", Matrix), ("w_out", Matrix)]
 
 
@@ -60,7 +60,7 @@ def _layers(model: nn.Module) -> list[nn.Module | None]:
     return found
 
 
-@dataclass
+@dataclass(repr=False)
 class Plan:
     blocks: ctypes.Array
     modules: list[nn.Module | None]
@@ -149,18 +149,19 @@ def applies(model: nn.Module, hidden: Tensor, cache: object) -> bool:
 def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, cache: object, start: int) -> Tensor | None:
     """The blocks' output for ``hidden`` ``[rows, 1, dim]`` at cache position ``start`` (keys and
     values are stored there), or ``None`` when the cache is not float32 and contiguous."""
-    blocks = step.blocks
+    count = len(model.layers)
+    keys, values = (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)()
     for index, block in enumerate(model.layers):
         if not hasattr(block, "attn"):
             continue
-        keys, values = cache.keys[index], cache.values[index]
-        if keys is None or keys.dtype != torch.float32 or not (keys.is_contiguous() and values.is_contiguous()):
+        key, value = cache.keys[index], cache.values[index]
+        if key is None or key.dtype != torch.float32 or not (key.is_contiguous() and value.is_contiguous()):
             return None
-        blocks[index].keys, blocks[index].values = keys.data_ptr(), values.data_ptr()
+        keys[index], values[index] = key.data_ptr(), value.data_ptr()
     config = model.config
     out = hidden.reshape(hidden.size(0), -1).contiguous().clone()
     bias = bias.reshape(hidden.size(0), config.num_heads, -1).float().contiguous()
-    native.decoder()(blocks, len(blocks), out.data_ptr(), bias.data_ptr(), out.size(0), config.dim_model,
+    native.decoder()(step.blocks, count, keys, values, out.data_ptr(), bias.data_ptr(), out.size(0), config.dim_model,
                      config.num_heads, config.dim_head, step.dim_ff, cache.capacity, start, step.eps,
                      torch.get_num_threads())
     return out.view_as(hidden)

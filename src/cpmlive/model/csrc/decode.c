@@ -20,7 +20,6 @@
 typedef struct {
     const float *attn_norm; /* NULL: the block has no attention */
     Matrix q, k, v, out;
-    float *keys, *values;   /* [rows, heads, capacity, dim_head] */
     const float *ffn_norm;  /* NULL: the block has no feed-forward part */
     Matrix w_0, w_1, w_out;
 } Block;
@@ -147,8 +146,11 @@ static void gelu_gate(float *a, const float *b, int64_t count) {
     for (; j < count; j++) a[j] = 0.5f * a[j] * (1.0f + erff(a[j] * (float)M_SQRT1_2)) * b[j];
 }
 
-/* `hidden` [rows, dim] in place; `bias` [rows, heads, position + 1]. */
-void decode_blocks(const Block *blocks, int64_t num_blocks, float *hidden, const float *bias, int64_t rows,
+/* `hidden` [rows, dim] in place; `bias` [rows, heads, position + 1]; `key_caches[i]` and
+ * `value_caches[i]` the [rows, heads, capacity, dim_head] cache of block i (NULL without attention).
+ * The caches come with each call, so concurrent calls on one model share only read-only state. */
+void decode_blocks(const Block *blocks, int64_t num_blocks, float *const *key_caches, float *const *value_caches,
+                   float *hidden, const float *bias, int64_t rows,
                    int64_t dim, int64_t heads, int64_t dim_head, int64_t dim_ff, int64_t capacity,
                    int64_t position, float eps, int threads) {
     int64_t width = heads * dim_head, keys = position + 1;
@@ -164,9 +166,9 @@ void decode_blocks(const Block *blocks, int64_t num_blocks, float *hidden, const
             matrix_product(&blk->q, x, q, rows, threads);
             matrix_product(&blk->k, x, k, rows, threads);
             matrix_product(&blk->v, x, v, rows, threads);
-            store(blk->keys, k, rows, heads, dim_head, capacity, position);
-            store(blk->values, v, rows, heads, dim_head, capacity, position);
-            attend(q, blk->keys, blk->values, bias, att, rows, heads, dim_head, capacity, keys, threads);
+            store(key_caches[i], k, rows, heads, dim_head, capacity, position);
+            store(value_caches[i], v, rows, heads, dim_head, capacity, position);
+            attend(q, key_caches[i], value_caches[i], bias, att, rows, heads, dim_head, capacity, keys, threads);
             matrix_product(&blk->out, att, y, rows, threads);
             add_into(hidden, y, rows * dim);
         }
