@@ -182,3 +182,36 @@ def test_concurrent_decoding_on_one_model_keeps_each_cache_apart():
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(lambda rows: generate_ids(model, rows, config, eos_id=7), prompts * 3))
     assert together == alone * 3
+
+
+def test_int8_inputs_meet_the_code_minus_128(lib):
+    """Codes of other tools may use -128 (ours stop at -127): the sign trick must not wrap."""
+    codes = torch.full((8, 64), -128, dtype=torch.int8)
+    codes[1::2] = 127
+    scale, x = torch.ones(8), -torch.ones(2, 64)
+    got = native.matvec_int8(x, codes, scale, int8_inputs=True, lib=lib)
+    assert torch.equal(got, int8_matmul_per_token(x, codes.t().contiguous(), scale))
+
+
+def test_layers_whose_scales_are_not_float32_keep_the_pytorch_product():
+    from cpmlive.model.quant import QuantizedLinear
+
+    layer = QuantizedLinear(64, 8, QuantConfig(bits=8))
+    assert layer.native_layout()
+    layer.weight_scale = layer.weight_scale.to(torch.bfloat16)  # a checkpoint loaded as bf16
+    assert not layer.native_layout()
+    with torch.no_grad():
+        assert not layer._native_applies(torch.randn(1, 64))
+
+
+def test_a_replaced_weight_is_seen_by_the_next_native_step(monkeypatch):
+    model = small_model()
+    rows = [[6, 40, 41, 42]]
+    config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        generate_ids(model, rows, config, eos_id=7)  # a plan is made for the old weights
+        layer = model.layers[1].ffn.w_0
+        layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight), requires_grad=False)
+        fast = generate_ids(model, rows, config, eos_id=7)
+        monkeypatch.setattr(native_decode, "applies", lambda *a: False)
+        assert fast == generate_ids(model, rows, config, eos_id=7)

@@ -70,23 +70,34 @@ class Plan:
     eps: float
 
     def current(self, model: nn.Module) -> bool:
-        """Whether no layer was replaced (an adapter attached) and no weight changed."""
-        same_layers = all(a is b for a, b in zip(_layers(model), self.modules))
-        return same_layers and all((t._version, t.data_ptr()) == v for t, v in zip(self.tensors, self.versions))
+        """Whether no layer was replaced (an adapter attached), no weight tensor replaced and
+        none changed in place since the description was made."""
+        layers = _layers(model)
+        if len(layers) != len(self.modules) or any(a is not b for a, b in zip(layers, self.modules)):
+            return False
+        tensors = _tensors(layers)
+        return len(tensors) == len(self.tensors) and all(
+            a is b and (a._version, a.data_ptr()) == v for a, b, v in zip(tensors, self.tensors, self.versions))
 
 
-def _matrix(layer: nn.Module, tensors: list[Tensor]) -> Matrix | None:
+def _tensors(layers: list[nn.Module | None]) -> list[Tensor]:
+    """The tensors a description of these layers points into, in order."""
+    found = []
+    for layer in layers:
+        for name in ("weight", "weight_scale", "weight_zero"):
+            tensor = getattr(layer, name, None) if layer is not None else None
+            if isinstance(tensor, Tensor):
+                found.append(tensor)
+    return found
+
+
+def _matrix(layer: nn.Module) -> Matrix | None:
     if type(layer) is nn.Linear and layer.bias is None and not (layer._forward_hooks or layer._forward_pre_hooks):
         weight = layer.weight
         if weight.dtype not in KINDS or not weight.is_contiguous() or weight.device.type != "cpu":
             return None
-        tensors.append(weight)
         return Matrix(KINDS[weight.dtype], weight.data_ptr(), None, None, weight.size(0), weight.size(1), 0)
-    if type(layer) is QuantizedLinear and layer.weight.device.type == "cpu":
-        if layer.bits == 4 and not native.int4_supported(layer.group_size):
-            return None
-        buffers = [layer.weight, layer.weight_scale] + ([layer.weight_zero] if layer.bits == 4 else [])
-        tensors.extend(buffers)
+    if type(layer) is QuantizedLinear and layer.native_layout():
         zero = layer.weight_zero.data_ptr() if layer.bits == 4 else None
         kind = KIND_I4 if layer.bits == 4 else KIND_W8A8 if layer.activations == "int8" else KIND_I8
         return Matrix(kind, layer.weight.data_ptr(), layer.weight_scale.data_ptr(), zero, layer.out_features,
@@ -94,19 +105,17 @@ def _matrix(layer: nn.Module, tensors: list[Tensor]) -> Matrix | None:
     return None
 
 
-def _norm(norm: nn.Module, norm_type: type, tensors: list[Tensor]) -> int | None:
+def _norm(norm: nn.Module, norm_type: type) -> int | None:
     if type(norm) is not norm_type or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous():
         return None
-    tensors.append(norm.weight)
     return norm.weight.data_ptr()
 
 
-def _describe(block: nn.Module, norm_type: type, ffn_type: type, tensors: list[Tensor]) -> Block | None:
+def _describe(block: nn.Module, norm_type: type, ffn_type: type) -> Block | None:
     description = Block()
     if hasattr(block, "attn"):
-        parts = [_matrix(getattr(block.attn, name), tensors)
-                 for name in ("project_q", "project_k", "project_v", "attention_out")]
-        norm = _norm(block.attn_norm, norm_type, tensors)
+        parts = [_matrix(getattr(block.attn, name)) for name in ("project_q", "project_k", "project_v", "attention_out")]
+        norm = _norm(block.attn_norm, norm_type)
         if norm is None or any(p is None for p in parts):
             return None
         description.attn_norm = norm
@@ -114,8 +123,8 @@ def _describe(block: nn.Module, norm_type: type, ffn_type: type, tensors: list[T
     if hasattr(block, "ffn"):
         if type(block.ffn) is not ffn_type:
             return None
-        parts = [_matrix(getattr(block.ffn, name), tensors) for name in ("w_0", "w_1", "w_out")]
-        norm = _norm(block.ffn_norm, norm_type, tensors)
+        parts = [_matrix(getattr(block.ffn, name)) for name in ("w_0", "w_1", "w_out")]
+        norm = _norm(block.ffn_norm, norm_type)
         if norm is None or any(p is None for p in parts):
             return None
         description.ffn_norm = norm
@@ -129,12 +138,13 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type) -> Plan | None:
     cached = _PLANS.get(model)
     if cached is not None and cached.current(model):
         return cached
-    tensors: list[Tensor] = []
-    blocks = [_describe(block, norm_type, ffn_type, tensors) for block in model.layers]
+    blocks = [_describe(block, norm_type, ffn_type) for block in model.layers]
     if any(b is None for b in blocks):
         return None
     dim_ff = max([b.w_0.n for b in blocks if b.ffn_norm] or [1])
-    result = Plan((Block * len(blocks))(*blocks), _layers(model), tensors, [(t._version, t.data_ptr()) for t in tensors],
+    layers = _layers(model)
+    tensors = _tensors(layers)
+    result = Plan((Block * len(blocks))(*blocks), layers, tensors, [(t._version, t.data_ptr()) for t in tensors],
                   dim_ff, model.config.eps)
     _PLANS[model] = result
     return result
@@ -155,7 +165,9 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, ca
         if not hasattr(block, "attn"):
             continue
         key, value = cache.keys[index], cache.values[index]
-        if key is None or key.dtype != torch.float32 or not (key.is_contiguous() and value.is_contiguous()):
+        expected = (hidden.size(0), model.config.num_heads, cache.capacity, model.config.dim_head)
+        if key is None or key.dtype != torch.float32 or not (key.is_contiguous() and value.is_contiguous()) \
+                or key.shape != expected or value.shape != expected:
             return None
         keys[index], values[index] = key.data_ptr(), value.data_ptr()
     config = model.config

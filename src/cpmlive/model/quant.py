@@ -248,9 +248,18 @@ class QuantizedLinear(nn.Module):
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
+    def native_layout(self) -> bool:
+        """Whether the codes are laid out as the native products read them (CPU, contiguous,
+        float32 scales: a checkpoint loaded in another dtype casts its scales too)."""
+        buffers = [self.weight, self.weight_scale] + ([self.weight_zero] if self.bits == 4 else [])
+        layout = all(t.device.type == "cpu" and t.is_contiguous() for t in buffers)
+        codes = torch.int8 if self.bits == 8 else torch.uint8
+        dtypes = self.weight.dtype == codes and self.weight_scale.dtype == torch.float32 and (
+            self.bits == 8 or self.weight_zero.dtype == torch.uint8)
+        return layout and dtypes and (self.bits == 8 or native.int4_supported(self.group_size))
+
     def _native_applies(self, x: Tensor) -> bool:
-        supported = self.bits == 8 or native.int4_supported(self.group_size)
-        return supported and self.weight.device.type == "cpu" and native.applies(x)
+        return x.size(-1) == self.in_features and native.applies(x) and self.native_layout()
 
     def _native(self, x: Tensor) -> Tensor:
         if self.bits == 8:

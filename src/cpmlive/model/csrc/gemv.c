@@ -21,10 +21,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
-
 #include "gemv.h"
 
 #define INLINE static inline __attribute__((always_inline))
@@ -61,7 +57,7 @@ INLINE float scalar_weight(const void *w, int kind, int64_t j) {
 
 INLINE size_t element_size(int kind) { return kind == F32 ? 4 : kind == I8 ? 1 : 2; }
 
-#ifdef __AVX2__
+#ifdef CPMLIVE_VECTOR
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -119,7 +115,7 @@ INLINE void float_tile4(const void *w, int kind, const float *scale, const float
         const float *xm = x + m * k;
         float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
         int64_t j = 0;
-#ifdef __AVX2__
+#ifdef CPMLIVE_VECTOR
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
         for (; j + 16 <= k; j += 16) {
             if (m == 0 && kind == I8) prefetch_tile(w0, row_bytes, j, 16);  /* float rows: the hardware keeps up */
@@ -191,7 +187,7 @@ void gemv_i8(const int8_t *w, const float *scale, const float *x, float *y, int6
 static float quantize_row(const float *x, int8_t *codes, int64_t k) {
     float peak = 0;
     int64_t j = 0;
-#ifdef __AVX2__
+#ifdef CPMLIVE_VECTOR
     __m256 top = _mm256_setzero_ps(), magnitude_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (; j + 8 <= k; j += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(x + j), magnitude_mask));
     float lanes[8];
@@ -201,7 +197,7 @@ static float quantize_row(const float *x, int8_t *codes, int64_t k) {
     for (; j < k; j++) peak = fmaxf(peak, fabsf(x[j]));
     float scale = fmaxf(peak / 127.0f, MIN_SCALE);
     j = 0;
-#ifdef __AVX2__
+#ifdef CPMLIVE_VECTOR
     __m256 vscale = _mm256_set1_ps(scale), low = _mm256_set1_ps(-127.0f), high = _mm256_set1_ps(127.0f);
     for (; j + 8 <= k; j += 8) {
         __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + j), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -220,21 +216,22 @@ static float quantize_row(const float *x, int8_t *codes, int64_t k) {
 INLINE int32_t dot_i8(const int8_t *a, const int8_t *b, int64_t k) {
     int32_t s = 0;
     int64_t j = 0;
-#ifdef __AVX2__
-    /* |a| (unsigned) times b with a's sign: maddubs' pair sums stay below 2 * 127 * 127. */
+#ifdef CPMLIVE_VECTOR
+    /* |b| (unsigned) times a with b's sign: |b| <= 128 fits a byte even for the code -128, and
+     * maddubs' pair sums stay below 2 * 128 * 127. */
     __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, ones = _mm256_set1_epi16(1);
     for (; j + 64 <= k; j += 64) {
         __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + j)), b0 = _mm256_loadu_si256((const __m256i *)(b + j));
         __m256i a1 = _mm256_loadu_si256((const __m256i *)(a + j + 32)), b1 = _mm256_loadu_si256((const __m256i *)(b + j + 32));
-        __m256i p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(a0, a0), _mm256_sign_epi8(b0, a0));
-        __m256i p1 = _mm256_maddubs_epi16(_mm256_sign_epi8(a1, a1), _mm256_sign_epi8(b1, a1));
+        __m256i p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(b0, b0), _mm256_sign_epi8(a0, b0));
+        __m256i p1 = _mm256_maddubs_epi16(_mm256_sign_epi8(b1, b1), _mm256_sign_epi8(a1, b1));
         acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(p0, ones));
         acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1, ones));
     }
     for (; j + 32 <= k; j += 32) {
         __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + j)), b0 = _mm256_loadu_si256((const __m256i *)(b + j));
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(a0, a0),
-                                                                            _mm256_sign_epi8(b0, a0)), ones));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(b0, b0),
+                                                                            _mm256_sign_epi8(a0, b0)), ones));
     }
     s = hsum_i32(_mm256_add_epi32(acc0, acc1));
 #endif
@@ -247,13 +244,15 @@ INLINE void dot4_i8(const int8_t *a, const int8_t *b0, const int8_t *b1, const i
                     int64_t k, int prefetch, int32_t out[4]) {
     int64_t j = 0;
     int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#ifdef __AVX2__
+#ifdef CPMLIVE_VECTOR
     __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, ones = _mm256_set1_epi16(1);
     for (; j + 32 <= k; j += 32) {
         if (prefetch) prefetch_tile((const char *)b0, (size_t)k, j, 32);
-        __m256i av = _mm256_loadu_si256((const __m256i *)(a + j)), magnitude = _mm256_sign_epi8(av, av);
-#define DOT_ROW(acc, b) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, \
-                            _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)((b) + j)), av)), ones))
+        __m256i av = _mm256_loadu_si256((const __m256i *)(a + j)), bv;
+        /* |b| (unsigned) times a with b's sign: see dot_i8. */
+#define DOT_ROW(acc, b) bv = _mm256_loadu_si256((const __m256i *)((b) + j)); \
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(bv, bv), \
+                                                                           _mm256_sign_epi8(av, bv)), ones))
         DOT_ROW(c0, b0); DOT_ROW(c1, b1); DOT_ROW(c2, b2); DOT_ROW(c3, b3);
 #undef DOT_ROW
     }
@@ -298,7 +297,7 @@ INLINE float int4_row(const uint8_t *packed, const float *scale, const uint8_t *
     int64_t groups = k / group;
     float correction = 0, s = 0;
     for (int64_t g = 0; g < groups; g++) correction += scale[g] * (float)zero[g] * group_sum[g];
-#ifdef __AVX2__
+#ifdef CPMLIVE_VECTOR
     __m256 total0 = _mm256_setzero_ps(), total1 = total0;
     __m128i low_mask = _mm_set1_epi8(0x0f);
     for (int64_t g = 0; g < groups; g++) {

@@ -3,6 +3,12 @@
 #define CPMLIVE_GEMV_H
 #include <stdint.h>
 
+/* The vector forms need AVX2, FMA and F16C (any x86 CPU since 2013); otherwise the scalar ones run. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define CPMLIVE_VECTOR 1
+#include <immintrin.h>
+#endif
+
 /* Weight formats (see gemv.c). */
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_W8A8 = 4, KIND_I4 = 5 };
 
