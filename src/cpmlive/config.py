@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import dataclass_from_dict
 
 HF_KEY_NAMES = {
     "hidden_size": "dim_model",
@@ -86,13 +87,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
-        if not isinstance(data, dict):
-            raise CpmliveError("config: quantization must be an object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CpmliveError(f"quantization: unknown key {unknown[0]!r}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "quantization", "config: quantization must be an object")
 
 
 MOE_ROUTERS = ("similarity", "mlp", "oracle")
@@ -122,12 +117,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoEConfig":
-        if not isinstance(data, dict):
-            raise CpmliveError("config: moe must be an object")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise CpmliveError(f"moe: unknown key {unknown[0]!r}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "moe", "config: moe must be an object")
 
 
 @dataclass

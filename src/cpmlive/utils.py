@@ -147,6 +147,17 @@ def _kind_ok(value: Any, kind: Any) -> bool:
     return isinstance(value, typing.get_origin(kind) or kind)
 
 
+def dataclass_from_dict(cls: type, data: Any, where: str, not_object: str) -> Any:
+    """``cls(**data)`` for a JSON object whose keys are all fields of ``cls``; otherwise a one-line
+    error: ``not_object`` when ``data`` is not a dict, ``"{where}: unknown key ..."`` for a stray key."""
+    if not isinstance(data, dict):
+        raise CpmliveError(not_object)
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise CpmliveError(f"{where}: unknown key {unknown[0]!r}")
+    return cls(**data)
+
+
 def check_field_types(instance: Any, where: str = "config") -> None:
     """Refuse a dataclass field whose value is not of its annotated type, naming the field:
     ``max_steps=abc`` in a recipe or ``max_new_tokens="5"`` from JSON is one clear line, not a

@@ -153,7 +153,7 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type) -> Plan | None:
 def applies(model: nn.Module, hidden: Tensor, cache: object) -> bool:
     """Whether this step (one new position per row, few rows, float32, inference) can go to C."""
     return (cache is not None and hidden.size(1) == 1 and hidden.dtype == torch.float32 and not model.training
-            and native.applies(hidden) and native.decoder() is not None and not torch.is_autocast_enabled("cpu"))
+            and native.applies(hidden) and not torch.is_autocast_enabled("cpu"))
 
 
 def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, cache: object, start: int) -> Tensor | None:

@@ -61,7 +61,7 @@ from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.kernels import project
 from cpmlive.model.quant import QuantizedLinear
 from cpmlive.resources import model_path
-from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output, replace_submodule
+from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output, dataclass_from_dict, replace_submodule
 
 METHODS = ("lora", "prompt", "bitfit")
 DEFAULT_TARGETS = {"lora": ["project_q", "project_v"], "bitfit": ["attn_norm", "ffn_norm", "output_norm"]}
@@ -125,12 +125,7 @@ class DeltaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DeltaConfig":
-        if not isinstance(data, dict):
-            raise CpmliveError("delta: a config must be a JSON object")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise CpmliveError(f"delta: unknown key {unknown[0]!r}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "delta", "delta: a config must be a JSON object")
 
     @classmethod
     def from_json(cls, text: str) -> "DeltaConfig":
