@@ -247,7 +247,6 @@ class QuantizedLinear(nn.Module):
             out = torch._weight_int8pack_mm(flat.float().contiguous(), weight, self.weight_scale)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-
     def native_layout(self) -> bool:
         """Whether the codes are laid out as the native products read them (CPU, contiguous,
         float32 scales: a checkpoint loaded in another dtype casts its scales too)."""
