@@ -18,7 +18,8 @@ import torch
 
 from cpmlive.config import PRESETS, AntConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.generate import GenerationConfig, decode_steps, fill_blanks, generate_ids
+from cpmlive.infer.engine import Engine, Request, request_for
+from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
 from cpmlive.model.families import family_of, preset_family
@@ -39,6 +40,15 @@ class LM:
         self.tasks: dict[str, TaskSpec] = {}
         self.active: str | None = None
         self.lock = threading.RLock()
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The scheduler ``generate`` and ``stream`` (and a server) run on, made on first use."""
+        with self.lock:
+            if self._engine is None:
+                self._engine = Engine(self.model, self.tokenizer)
+            return self._engine
 
     @property
     def config(self) -> AntConfig:
@@ -145,21 +155,38 @@ class LM:
         return outputs[0] if isinstance(prompt, str) else outputs
 
     def generate_ids(self, texts: Sequence[str], max_new_tokens: int = 64, **kwargs: object) -> list[list[int]]:
+        """New token ids per prompt. Greedy and sampled prompts go through the engine, each as its
+        own request (a seeded batch gives row ``i`` the seed ``seed + i``); beam search, and calls
+        made from a job on the engine's own thread, decode directly."""
         if not texts:
             raise CpmliveError("no prompt given")
         options = self._options(max_new_tokens, kwargs)
         rows = self._prompt_rows(texts, options)
-        return generate_ids(self.model, rows, options, self.tokenizer.eos_id, self.prompt_task)
+        if options.num_beams > 1 or self.engine.on_engine_thread():
+            return generate_ids(self.model, rows, options, self.tokenizer.eos_id, self.prompt_task)
+        handles = [self.engine.submit(self.request(row, options, index)) for index, row in enumerate(rows)]
+        return [handle.result().ids for handle in handles]
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, **kwargs: object) -> Iterator[str]:
-        """Yield the text of each new token as soon as it is chosen."""
+    def request(self, ids: list[int], options: GenerationConfig, index: int = 0, **fields: object) -> Request:
+        """An engine request for ``ids`` under the active adapter."""
+        return request_for(ids, options, index, adapter=self.active, prompt_task=self.prompt_task, **fields)
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, stop: Sequence[str] = (), **kwargs: object) -> Iterator[str]:
+        """Yield new text as soon as it is chosen (held back only while it may be the start of
+        a ``stop`` string, where the text ends)."""
         options = self._options(max_new_tokens, kwargs)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
         row = self._prompt_rows([prompt], options)[0]
-        for emitted in decode_steps(self.model, [row], options, self.tokenizer.eos_id, self.prompt_task):
-            if emitted[0] is not None:
-                yield self.tokenizer.decode([emitted[0]])
+        handle = self.engine.submit(self.request(row, options, stop=tuple(stop)))
+        try:
+            for event in handle:
+                if event.error is not None:
+                    raise CpmliveError(event.error)
+                if event.text:
+                    yield event.text
+        finally:
+            handle.cancel()  # a consumer that stops early frees the row
 
     # ---- blank infilling -------------------------------------------------------------------
 

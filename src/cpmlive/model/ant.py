@@ -113,6 +113,18 @@ class AntCache:
                 for index, row in enumerate(rows.tolist()):
                     store[layer][row].index_copy_(1, columns, piece[index])
 
+    def write_columns(self) -> Tensor:
+        """The column each row's next position goes to (``[B]``, int64): ``length`` for all rows."""
+        return torch.full((self.batch,), self.length, dtype=torch.int64, device=self.device)
+
+    def next_positions(self, count: int) -> Tensor:
+        """Token positions of ``count`` new positions per row when the caller gives none."""
+        return torch.arange(self.length, self.length + count, dtype=torch.int32,
+                            device=self.device).expand(self.batch, count)
+
+    def advance(self, count: int) -> None:
+        self.length += count
+
     def reorder(self, index: Tensor) -> None:
         """Keep the rows ``index`` (beam search re-ranks its hypotheses every step)."""
         for store in (self.keys, self.values):
@@ -125,6 +137,63 @@ class AntCache:
 
 
 MASK_INPUTS = ("context", "span", "segment", "valid", "position")
+
+
+class SlotCache(AntCache):
+    """An :class:`AntCache` whose rows have lengths of their own (``lengths``, ``[B]`` int64): the
+    rows of an engine's running batch, each a request that joined at another time.
+
+    It takes one new position per row per forward: row ``r``'s goes to column ``lengths[r]`` and
+    is also its token position (a row's columns are its positions, from its own prefill on).
+    Attention spans ``max(lengths) + 1`` columns; what a shorter row has not written is invalid
+    in its mask inputs, so it is never seen. The buffers are given (views of the engine's pool).
+    """
+
+    def __init__(self, keys: list[Tensor | None], values: list[Tensor | None], masks: dict[str, Tensor],
+                 lengths: Tensor) -> None:
+        batch, capacity = masks["valid"].shape
+        self.batch, self.capacity, self.num_layers = batch, capacity, len(keys)
+        self.device = lengths.device
+        self.keys, self.values, self.lengths = keys, values, lengths
+        for name in MASK_INPUTS:
+            setattr(self, name, masks[name])
+        self.length = int(lengths.max()) if batch else 0
+
+    def _rows(self) -> Tensor:
+        return torch.arange(self.batch, device=self.device)
+
+    def append_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if inputs["context"].size(1) != 1:
+            raise ValueError("a slot cache takes one new position per row")
+        if self.length + 1 > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {self.length + 1} needed")
+        rows = self._rows()
+        for name in MASK_INPUTS:
+            getattr(self, name)[rows, self.lengths] = inputs[name][:, 0]
+        return {name: getattr(self, name)[:, :self.length + 1] for name in MASK_INPUTS}
+
+    def store(self, layer: int, start: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        rows = self._rows()
+        self.keys[layer][rows, :, self.lengths] = key[:, :, 0]
+        self.values[layer][rows, :, self.lengths] = value[:, :, 0]
+        end = self.length + 1
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def write_columns(self) -> Tensor:
+        return self.lengths
+
+    def next_positions(self, count: int) -> Tensor:
+        return self.lengths.to(torch.int32)[:, None]
+
+    def advance(self, count: int) -> None:
+        self.lengths += count
+        self.length = int(self.lengths.max())
+
+    def adopt(self, rows: Tensor, columns: Tensor, other: AntCache) -> None:
+        raise NotImplementedError("a slot cache is filled by its engine")
+
+    def reorder(self, index: Tensor) -> None:
+        raise NotImplementedError("a slot cache is reordered by its engine")
 
 
 class Attention(nn.Module):
@@ -295,14 +364,14 @@ class CpmAnt(nn.Module):
         """
         start = cache.length if cache is not None else 0
         if position is None:
-            position = token_positions(input_ids, start)
+            position = token_positions(input_ids) if cache is None else cache.next_positions(input_ids.size(1))
         query = mask_inputs(context, span, segment, valid, position)
         key = cache.append_inputs(query) if cache is not None else query
         hidden = self.embed(input_ids, segment, start)
         bias = self.attention_bias(query, key, compute_dtype(hidden))
-        decoded = self._decode_natively(hidden, bias, cache, start)
+        decoded = self._decode_natively(hidden, bias, cache)
         if decoded is not None:
-            cache.length = start + 1
+            cache.advance(1)
             return self.output_norm(decoded)
         for index, block in enumerate(self.layers):
             keep = last if index == len(self.layers) - 1 else None
@@ -311,16 +380,16 @@ class CpmAnt(nn.Module):
             else:
                 hidden = block(hidden, bias, cache, start, keep)
         if cache is not None:
-            cache.length = start + input_ids.size(1)
+            cache.advance(input_ids.size(1))
         return self.output_norm(hidden)
 
-    def _decode_natively(self, hidden: Tensor, bias: Tensor, cache: AntCache | None, start: int) -> Tensor | None:
+    def _decode_natively(self, hidden: Tensor, bias: Tensor, cache: AntCache | None) -> Tensor | None:
         """The blocks' output from one native call (``model.native_decode``) when this is a
         decoding step it can take, else ``None``."""
         if not native_decode.applies(self, hidden, cache):
             return None
         step = native_decode.plan(self, RMSNorm, FeedForward)
-        return None if step is None else native_decode.decode_blocks(self, step, hidden, bias, cache, start)
+        return None if step is None else native_decode.decode_blocks(self, step, hidden, bias, cache)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied output head over the real vocabulary (prompt rows are never outputs)."""
@@ -383,4 +452,4 @@ def build_model(config: AntConfig, device: str | torch.device = "cpu", dtype: to
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
-__all__ = ["AntCache", "CpmAnt", "RMSNorm", "build_model", "relative_position_bucket"]
+__all__ = ["AntCache", "CpmAnt", "RMSNorm", "SlotCache", "build_model", "relative_position_bucket"]

@@ -156,9 +156,10 @@ def applies(model: nn.Module, hidden: Tensor, cache: object) -> bool:
             and native.applies(hidden) and not torch.is_autocast_enabled("cpu"))
 
 
-def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, cache: object, start: int) -> Tensor | None:
-    """The blocks' output for ``hidden`` ``[rows, 1, dim]`` at cache position ``start`` (keys and
-    values are stored there), or ``None`` when the cache is not float32 and contiguous."""
+def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, cache: object) -> Tensor | None:
+    """The blocks' output for ``hidden`` ``[rows, 1, dim]``, each row's keys and values stored at
+    its cache column (``cache.write_columns()``), or ``None`` when the cache is not float32 and
+    contiguous."""
     count = len(model.layers)
     keys, values = (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)()
     for index, block in enumerate(model.layers):
@@ -173,9 +174,12 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, ca
     config = model.config
     out = hidden.reshape(hidden.size(0), -1).contiguous().clone()
     bias = bias.reshape(hidden.size(0), config.num_heads, -1).float().contiguous()
+    columns = cache.write_columns().to(torch.int64).contiguous()
+    if int(columns.max()) >= bias.size(-1):
+        return None
     native.decoder()(step.blocks, count, keys, values, out.data_ptr(), bias.data_ptr(), out.size(0), config.dim_model,
-                     config.num_heads, config.dim_head, step.dim_ff, cache.capacity, start, step.eps,
-                     torch.get_num_threads())
+                     config.num_heads, config.dim_head, step.dim_ff, cache.capacity, columns.data_ptr(),
+                     bias.size(-1), step.eps, torch.get_num_threads())
     return out.view_as(hidden)
 
 

@@ -164,6 +164,10 @@ def _require(condition: bool, message: str) -> None:
 _OVERRIDES: ContextVar[dict[int, str | None]] = ContextVar("cpmlive_active_adapter", default={})
 
 
+# Per-context row assignments {id(DeltaState): [(adapter name or None, row indices), ...]}.
+_ROWS: ContextVar[dict[int, list[tuple[str | None, Tensor]]]] = ContextVar("cpmlive_row_adapters", default={})
+
+
 class DeltaState:
     """Shared by every delta layer of one model: the attached adapters and which one runs."""
 
@@ -174,6 +178,11 @@ class DeltaState:
     def current(self) -> str | None:
         overrides = _OVERRIDES.get()
         return overrides.get(id(self), self.active) if overrides else self.active
+
+    def row_groups(self) -> list[tuple[str | None, Tensor]] | None:
+        """Under :func:`adapters_by_row`: each adapter with the batch rows it runs on."""
+        assigned = _ROWS.get()
+        return assigned.get(id(self)) if assigned else None
 
 
 def delta_state(model: nn.Module) -> DeltaState | None:
@@ -205,6 +214,44 @@ def active_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
         yield
     finally:
         _OVERRIDES.reset(token)
+
+
+@contextlib.contextmanager
+def adapters_by_row(model: nn.Module, names: list[str | None]) -> Iterator[None]:
+    """Row ``i`` of every batch inside the block runs through adapter ``names[i]`` (``None``: the
+    base model), in this thread/task only: an engine's batch mixes requests for several adapters
+    over one copy of the base. Each layer computes its base output for all rows at once and each
+    adapter's part for its own rows."""
+    state = delta_state(model)
+    if state is None:
+        if any(name is not None for name in names):
+            raise CpmliveError("the model has no adapters attached")
+        yield
+        return
+    for name in names:
+        _known_state(model, name)
+    groups: dict[str | None, list[int]] = {}
+    for row, name in enumerate(names):
+        groups.setdefault(name, []).append(row)
+    device = next(model.parameters()).device
+    split = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
+    token = _ROWS.set({**_ROWS.get(), id(state): split})
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def _by_row(state: DeltaState, out: Tensor, part: Any) -> Tensor:
+    """``out`` with the rows of each assigned adapter replaced by ``part(name, rows)`` (``None``:
+    that adapter leaves this layer alone)."""
+    for name, rows in state.row_groups() or ():
+        if name is None:
+            continue
+        replaced = part(name, rows)
+        if replaced is not None:
+            out = out.index_copy(0, rows, replaced.to(out.dtype))
+    return out
 
 
 # ---- delta layers ---------------------------------------------------------------------------------
@@ -239,12 +286,17 @@ class LoraLinear(nn.Linear):
 
     def with_delta(self, x: Tensor, out: Tensor) -> Tensor:
         """``out`` plus the active adapter's low-rank branch of ``x`` (none active: ``out``)."""
+        if self.delta_state.row_groups() is not None:
+            return _by_row(self.delta_state, out, lambda name, rows: None if name not in self.lora_A else
+                           out[rows] + self.low_rank(name, x[rows]).to(out.dtype))
         name = self.delta_state.current()
         if name not in self.lora_A:
             return out
+        return out + self.low_rank(name, x).to(out.dtype)
+
+    def low_rank(self, name: str, x: Tensor) -> Tensor:
         a = self.lora_A[name]
-        delta = self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))))
-        return out + (delta * self.scaling[name]).to(out.dtype)
+        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]
 
     def delta_tensors(self, name: str) -> dict[str, nn.Parameter]:
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
@@ -282,7 +334,7 @@ class LoraQuantizedLinear(QuantizedLinear):
         self.scaling: dict[str, float] = {}
         self.delta_state = state
 
-    with_delta = LoraLinear.with_delta
+    with_delta, low_rank = LoraLinear.with_delta, LoraLinear.low_rank
 
     def forward(self, x: Tensor) -> Tensor:
         return self.with_delta(x, QuantizedLinear.forward(self, x))
@@ -314,6 +366,9 @@ class TunedRMSNorm(RMSNorm):
         self.ln_tuning_layers[name] = copy
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.delta_state.row_groups() is not None:
+            return _by_row(self.delta_state, super().forward(x), lambda name, rows: None
+                           if name not in self.ln_tuning_layers else self.ln_tuning_layers[name](x[rows]))
         name = self.delta_state.current()
         if name in self.ln_tuning_layers:
             return self.ln_tuning_layers[name](x)
@@ -360,9 +415,14 @@ class PromptTable(nn.Embedding):
 
     def forward(self, ids: Tensor) -> Tensor:
         out = super().forward(ids)
+        if self.delta_state.row_groups() is not None:
+            return _by_row(self.delta_state, out, lambda name, rows: None if name not in self.prompt_embeddings
+                           else self.tuned(name, ids[rows], out[rows]))
         name = self.delta_state.current()
-        if name not in self.prompt_embeddings:
-            return out
+        return out if name not in self.prompt_embeddings else self.tuned(name, ids, out)
+
+    def tuned(self, name: str, ids: Tensor, out: Tensor) -> Tensor:
+        """``out`` with the rows of adapter ``name``'s task taken from its tuned prompt."""
         offset = ids - self.task_ids[name] * self.prompt_length
         inside = (offset >= 0) & (offset < self.prompt_length)
         rows = self.prompt_embeddings[name][offset.clamp(0, self.prompt_length - 1)]

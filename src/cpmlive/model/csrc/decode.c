@@ -83,12 +83,13 @@ static void attend(const float *q, const float *key_cache, const float *value_ca
     }
 }
 
-/* Copy this step's keys and values ([rows, heads * dim_head]) to cache position `position`. */
+/* Copy this step's keys and values ([rows, heads * dim_head]) to cache column `columns[r]` of
+ * each row (rows of an engine's batch have lengths of their own). */
 static void store(float *cache, const float *x, int64_t rows, int64_t heads, int64_t dim_head,
-                  int64_t capacity, int64_t position) {
+                  int64_t capacity, const int64_t *columns) {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t h = 0; h < heads; h++)
-            memcpy(cache + ((r * heads + h) * capacity + position) * dim_head, x + (r * heads + h) * dim_head,
+            memcpy(cache + ((r * heads + h) * capacity + columns[r]) * dim_head, x + (r * heads + h) * dim_head,
                    (size_t)dim_head * sizeof(float));
 }
 
@@ -143,14 +144,15 @@ static void gelu_gate(float *a, const float *b, int64_t count) {
     for (; j < count; j++) a[j] = 0.5f * a[j] * (1.0f + erff(a[j] * (float)M_SQRT1_2)) * b[j];
 }
 
-/* `hidden` [rows, dim] in place; `bias` [rows, heads, position + 1]; `key_caches[i]` and
+/* `hidden` [rows, dim] in place; `bias` [rows, heads, keys] (columns a row must not see are
+ * masked there); row r's new keys and values go to column `columns[r]` < keys; `key_caches[i]` and
  * `value_caches[i]` the [rows, heads, capacity, dim_head] cache of block i (NULL without attention).
  * The caches come with each call, so concurrent calls on one model share only read-only state. */
 void decode_blocks(const Block *blocks, int64_t num_blocks, float *const *key_caches, float *const *value_caches,
                    float *hidden, const float *bias, int64_t rows,
                    int64_t dim, int64_t heads, int64_t dim_head, int64_t dim_ff, int64_t capacity,
-                   int64_t position, float eps, int threads) {
-    int64_t width = heads * dim_head, keys = position + 1;
+                   const int64_t *columns, int64_t keys, float eps, int threads) {
+    int64_t width = heads * dim_head;
     float *x = malloc((size_t)(rows * dim) * sizeof(float));
     float *q = malloc((size_t)(rows * width) * sizeof(float)), *k = malloc((size_t)(rows * width) * sizeof(float));
     float *v = malloc((size_t)(rows * width) * sizeof(float)), *att = malloc((size_t)(rows * width) * sizeof(float));
@@ -163,8 +165,8 @@ void decode_blocks(const Block *blocks, int64_t num_blocks, float *const *key_ca
             matrix_product(&blk->q, x, q, rows, threads);
             matrix_product(&blk->k, x, k, rows, threads);
             matrix_product(&blk->v, x, v, rows, threads);
-            store(key_caches[i], k, rows, heads, dim_head, capacity, position);
-            store(value_caches[i], v, rows, heads, dim_head, capacity, position);
+            store(key_caches[i], k, rows, heads, dim_head, capacity, columns);
+            store(value_caches[i], v, rows, heads, dim_head, capacity, columns);
             attend(q, key_caches[i], value_caches[i], bias, att, rows, heads, dim_head, capacity, keys, threads);
             matrix_product(&blk->out, att, y, rows, threads);
             add_into(hidden, y, rows * dim);

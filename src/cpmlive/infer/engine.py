@@ -1,0 +1,481 @@
+"""The engine: one scheduler under ``LM.generate`` / ``LM.stream`` and every server route.
+
+One thread owns the model. Requests arrive on a queue and wait; every iteration of the loop
+
+1. drops what was cancelled, runs queued exclusive jobs (fill, beam search, titles: work that
+   needs the whole model for a moment),
+2. admits waiting requests into the running batch while rows are free and the step's prefill
+   token budget lasts (the first one always), prefills them grouped by adapter and picks each
+   one's first token,
+3. runs one decoding step for every running request at once, each row at its own length in the
+   KV pool (:class:`cpmlive.infer.kv.KVPool`) and through its own adapter
+   (:func:`cpmlive.tune.delta.adapters_by_row`), and picks each row's next token with the
+   request's own sampling parameters and generator.
+
+A request that finishes (end of text, a stop string, ``max_new_tokens``, cancellation) leaves
+the batch at once and its KV rows are reused or given back. A prompt is prefilled whole, never
+in chunks: CPM-Ant's prompt is bidirectional (every prompt token sees every other), so a chunked
+prefill would compute something else.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
+from cpmlive.errors import CpmliveError
+from cpmlive.infer.generate import GenerationConfig, _step_inputs, choose_tokens, prefill, process_logits
+from cpmlive.infer.kv import KVPool
+from cpmlive.model.ant import CpmAnt
+from cpmlive.tune import delta
+
+MAX_BATCH = 32  # running requests
+TOKEN_BUDGET = 4096  # prompt positions prefilled per iteration (one request always goes in)
+STOP_REASONS = ("stop", "length", "cancelled", "error")
+IDLE_EXIT_SECONDS = 2.0  # an engine's thread ends after this long without work (and restarts on demand)
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@dataclass
+class Request:
+    """One generation: prompt ids (starting with ``<s>``), decoding options, and what the engine
+    needs to serve it (its adapter, the adapter's prompt task, stop strings, logprobs)."""
+
+    ids: list[int]
+    options: GenerationConfig = field(default_factory=GenerationConfig)
+    adapter: str | None = None
+    prompt_task: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # top alternatives reported per token (0: only the chosen one's)
+
+
+@dataclass
+class Event:
+    """What one step produced for a request: a token (``None`` on the final event of a request
+    that ended without one), the text it released, and at the end the finish reason."""
+
+    token: int | None
+    text: str = ""
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None]
+
+
+class Handle:
+    """A submitted request: iterate it for its events, ``result()`` for the whole completion,
+    ``cancel()`` to stop it (it leaves the batch at the next step)."""
+
+    def __init__(self, request: Request, sink: Callable[[Event], None] | None = None) -> None:
+        self.request = request
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._sink = sink
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.ids)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        if event.token is not None:
+            self.completion_tokens += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+        if event.finish_reason is not None:
+            self.finished_at, self.finish_reason = time.monotonic(), event.finish_reason
+        (self._sink or self._events.put)(event)
+        if event.finish_reason is not None:
+            self.done.set()
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._sink is not None:
+            raise RuntimeError("this request's events go to its sink")
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self) -> Completion:
+        """Wait for the end; a request that failed raises its error."""
+        ids, texts, logprobs, tops, reason = [], [], [], [], "stop"
+        for event in self:
+            if event.error is not None:
+                raise CpmliveError(event.error)
+            if event.token is not None:
+                ids.append(event.token)
+                logprobs.append(event.logprob)
+                tops.append(event.top_logprobs)
+            texts.append(event.text)
+            reason = event.finish_reason or reason
+        return Completion(ids, "".join(texts), reason, logprobs, tops)
+
+
+class Sequence:
+    """A running request: what it generated, the text it released, its generator."""
+
+    def __init__(self, handle: Handle, width: int, tokenizer: Any) -> None:
+        self.handle, self.request, self.tokenizer = handle, handle.request, tokenizer
+        options = self.request.options
+        self.limit = width + options.max_new_tokens  # KV columns it may need
+        self.history = list(self.request.ids)
+        self.generated: list[int] = []
+        self.released = 0  # characters of the text already emitted
+        self.pending: int | None = None  # the chosen token, fed at the next step
+        self.finished = False
+        self.generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
+        self.hold = max((len(s) for s in self.request.stop), default=1) - 1
+
+    def finish(self, reason: str, text: str = "", token: int | None = None, **extra: Any) -> None:
+        self.finished = True
+        self.handle.emit(Event(token, text, finish_reason=reason, **extra))
+
+    def accept(self, token: int, eos_id: int, logprob: float | None, top: dict[int, float] | None) -> None:
+        """Take the chosen token: emit what it releases, finish when it ends the request."""
+        if token == eos_id:
+            self.finish("stop", self._text()[self.released:], logprob=None)
+            return
+        self.generated.append(token)
+        self.history.append(token)
+        text = self._text()
+        cut = self._stop_at(text)
+        if cut is not None:
+            self.finish("stop", text[self.released:cut], token, logprob=logprob, top_logprobs=top)
+            return
+        if len(self.generated) >= self.request.options.max_new_tokens:
+            self.finish("length", text[self.released:], token, logprob=logprob, top_logprobs=top)
+            return
+        safe = max(self.released, len(text) - self.hold)
+        self.handle.emit(Event(token, text[self.released:safe], logprob, top))
+        self.released = safe
+        self.pending = token
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.generated)
+
+    def _stop_at(self, text: str) -> int | None:
+        """Where the earliest stop string starts in ``text`` (only where it can be new)."""
+        start = max(0, self.released - self.hold)
+        found = [i for i in (text.find(s, start) for s in self.request.stop if s) if i >= 0]
+        return min(found) if found else None
+
+
+class Engine:
+    """The scheduler (see the module docstring). ``submit`` and ``call`` are safe from any thread."""
+
+    def __init__(self, model: CpmAnt, tokenizer: Any, max_batch: int = MAX_BATCH,
+                 token_budget: int = TOKEN_BUDGET) -> None:
+        if max_batch < 1 or token_budget < 1:
+            raise CpmliveError("max_batch and token_budget must be at least 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.token_budget = max_batch, token_budget
+        self.eos_id = tokenizer.eos_id
+        device = model.input_embedding.weight.device
+        self.pool = KVPool(model.config.num_layers, model.config.max_length, device)
+        self.waiting: deque[Handle] = deque()
+        self.running: list[Sequence] = []
+        self._inbox: queue.SimpleQueue[Handle | tuple[Future, Callable, tuple]] = queue.SimpleQueue()
+        self._jobs: deque[tuple[Future, Callable, tuple]] = deque()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closing = False
+        self.steps = 0
+
+    # ---- from any thread ----------------------------------------------------------------------
+
+    def check(self, request: Request) -> None:
+        """Refuse a request the model cannot hold (before it waits)."""
+        options = request.options
+        if options.num_beams != 1:
+            raise CpmliveError("the engine decodes greedily or by sampling; beam search runs as a job (call)")
+        if not request.ids:
+            raise CpmliveError("empty prompt")
+        config = self.model.config
+        needed = config.prompt_length + len(request.ids) + options.max_new_tokens
+        if needed > config.max_length:
+            limit = config.max_length - config.prompt_length - len(request.ids)
+            raise CpmliveError(f"the prompt's {len(request.ids)} tokens and max_new_tokens {options.max_new_tokens} "
+                               f"exceed the model's {config.max_length - config.prompt_length} positions: "
+                               f"ask for at most {max(limit, 0)} new tokens")
+        if request.adapter is not None:
+            state = delta.delta_state(self.model)
+            if state is None or request.adapter not in state.configs:
+                raise CpmliveError(f"no adapter named {request.adapter!r}")
+
+    def submit(self, request: Request, sink: Callable[[Event], None] | None = None) -> Handle:
+        """Queue ``request``; its events go to ``sink`` (called on the engine's thread) or, without
+        one, to the returned handle's iterator."""
+        self.check(request)
+        if self.on_engine_thread():
+            raise CpmliveError("a job running on the engine cannot wait for the engine: decode directly")
+        handle = Handle(request, sink)
+        self._inbox.put(handle)
+        self._ensure_thread()
+        return handle
+
+    def call(self, work: Callable[..., Any], *args: Any) -> Future:
+        """Run ``work(*args)`` on the engine's thread between two steps (the running requests
+        pause meanwhile); the future holds its result or exception."""
+        future: Future = Future()
+        if self.on_engine_thread():
+            future.set_result(work(*args))
+            return future
+        self._inbox.put((future, work, args))
+        self._ensure_thread()
+        return future
+
+    def on_engine_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self.running), "waiting": len(self.waiting) + self._inbox.qsize(),
+                "kv_bytes_used": self.pool.bytes_used(), "kv_bytes_reserved": self.pool.bytes_reserved(),
+                "steps": self.steps}
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread once the current iteration ends (waiting requests stay queued)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        self._closing = True
+        self._inbox.put((Future(), lambda: None, ()))
+        if not self.on_engine_thread():
+            thread.join(timeout)
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._closing = False
+                self._thread = threading.Thread(target=self._loop, name="cpmlive-engine", daemon=True)
+                self._thread.start()
+                _ENGINES.add(self)
+
+    def _idle_exit(self) -> bool:
+        """End the thread when nothing arrived meanwhile (``submit`` starts a new one)."""
+        with self._start_lock:
+            if not self._inbox.empty():
+                return False
+            self._thread = None
+            return True
+
+    # ---- the engine's thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._closing:
+            idle = not (self.running or self.waiting or self._jobs)
+            if not self._take(block=idle) and idle and self._idle_exit():
+                return
+            try:
+                with torch.inference_mode():
+                    self._drop_cancelled()
+                    self._run_jobs()
+                    self._admit()
+                    if self.running:
+                        self._step()
+            except Exception as exc:  # a bug or an exhausted machine: fail what runs, keep serving
+                self._fail_running(f"{type(exc).__name__}: {exc}")
+
+    def _take(self, block: bool) -> bool:
+        """Move what arrived to the queues (waiting up to ``IDLE_EXIT_SECONDS`` for something
+        when ``block``); whether anything did."""
+        took = False
+        try:
+            item = self._inbox.get(block=block, timeout=IDLE_EXIT_SECONDS if block else None)
+            while True:
+                took = True
+                if isinstance(item, Handle):
+                    self.waiting.append(item)
+                else:
+                    self._jobs.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        return took
+
+    def _run_jobs(self) -> None:
+        while self._jobs:
+            future, work, args = self._jobs.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work(*args))
+            except BaseException as exc:  # the caller gets it
+                future.set_exception(exc)
+
+    def _drop_cancelled(self) -> None:
+        for handle in [h for h in self.waiting if h.cancelled.is_set()]:
+            self.waiting.remove(handle)
+            handle.emit(Event(None, finish_reason="cancelled"))
+        for seq in self.running:
+            if seq.handle.cancelled.is_set() and not seq.finished:
+                seq.finish("cancelled")
+        self._remove_finished()
+
+    def _fail_running(self, message: str) -> None:
+        for seq in self.running:
+            if not seq.finished:
+                seq.finish("error", error=message)
+        self.running = []
+        self.pool.release()
+
+    # ---- admission and prefill ------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        chosen: list[Handle] = []
+        budget = self.token_budget
+        prompt_length = self.model.config.prompt_length
+        while self.waiting and len(self.running) + len(chosen) < self.max_batch:
+            cost = prompt_length + len(self.waiting[0].request.ids)
+            if chosen and cost > budget:
+                break
+            chosen.append(self.waiting.popleft())
+            budget -= cost
+        for handles, adapter, prompt_task in self._prefill_groups(chosen):
+            try:
+                self._prefill(handles, adapter, prompt_task)
+            except Exception as exc:  # these requests fail; the running ones go on
+                message = str(exc) if isinstance(exc, CpmliveError) else f"{type(exc).__name__}: {exc}"
+                for handle in handles:
+                    if not handle.done.is_set():
+                        handle.emit(Event(None, finish_reason="error", error=message))
+
+    def _prefill_groups(self, handles: list[Handle]) -> list[tuple[list[Handle], str | None, int | None]]:
+        """Requests prefilled together: the same adapter and prompt task, and each one's new
+        tokens still fit after the group's left padding (else it goes alone)."""
+        config = self.model.config
+        groups: dict[tuple[str | None, int | None], list[Handle]] = {}
+        for handle in handles:
+            groups.setdefault((handle.request.adapter, handle.request.prompt_task), []).append(handle)
+        result = []
+        for (adapter, prompt_task), members in groups.items():
+            width = config.prompt_length + max(len(h.request.ids) for h in members)
+            fits = [h for h in members if width + h.request.options.max_new_tokens <= config.max_length]
+            if fits:
+                result.append((fits, adapter, prompt_task))
+            result += [([h], adapter, prompt_task) for h in members if h not in fits]
+        return result
+
+    def _adapter(self, name: str | None) -> Any:
+        return delta.active_adapter(self.model, name) if delta.delta_state(self.model) is not None else nullcontext()
+
+    def _prefill(self, handles: list[Handle], adapter: str | None, prompt_task: int | None) -> None:
+        model = self.model
+        rows = [h.request.ids for h in handles]
+        batch = build_batch(rows, GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
+                            prompt_task=prompt_task)
+        width = batch.input_ids.size(1)
+        cache = model.new_cache(len(rows), width)
+        with self._adapter(adapter):
+            hidden = prefill(model, batch, cache, [len(r) for r in rows])
+            logits = model.logits(hidden)
+        fresh = [Sequence(h, width, self.tokenizer) for h in handles]
+        need = max(s.limit for s in self.running + fresh)
+        self.pool.reserve(len(self.running) + len(fresh), need)
+        for index, seq in enumerate(fresh):
+            self.pool.insert(cache, index, width)
+            self.running.append(seq)
+        self._choose(fresh, logits)
+
+    # ---- decoding ---------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        seqs = self.running
+        tokens = torch.tensor([s.pending for s in seqs], device=self.pool.device)
+        names = [s.request.adapter for s in seqs]
+        by_row = delta.adapters_by_row(self.model, names) if any(names) else self._adapter(None)
+        with by_row:
+            hidden = self.model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=self.pool.view())
+            logits = self.model.logits(hidden[:, -1])
+        self.steps += 1
+        self._choose(seqs, logits)
+
+    def _choose(self, seqs: list[Sequence], logits: Tensor) -> None:
+        """Each sequence's next token from its row of ``logits``; finished ones leave."""
+        greedy = [not s.request.options.do_sample and _plain(s.request.options) for s in seqs]
+        fast = logits.argmax(-1).tolist() if any(greedy) else None
+        for row, seq in enumerate(seqs):
+            options = seq.request.options
+            if greedy[row]:
+                token = fast[row]
+            else:
+                processed = process_logits(logits[row:row + 1].clone(), [seq.history], len(seq.generated), options,
+                                           self.eos_id)
+                token = int(choose_tokens(processed, options, seq.generator))
+            logprob, top = self._logprobs(seq, logits[row], token)
+            seq.accept(token, self.eos_id, logprob, top)
+        self._remove_finished()
+
+    def _logprobs(self, seq: Sequence, logits: Tensor, token: int) -> tuple[float | None, dict[int, float] | None]:
+        """The model's log-probability of ``token`` and of its ``logprobs`` best alternatives."""
+        wanted = seq.request.logprobs
+        if wanted is None:
+            return None, None
+        logprobs = logits.float().log_softmax(-1)
+        top = None
+        if wanted > 0:
+            values, ids = logprobs.topk(min(wanted, logprobs.numel()))
+            top = dict(zip(ids.tolist(), values.tolist()))
+        return float(logprobs[token]), top
+
+    def _remove_finished(self) -> None:
+        gone = [i for i, s in enumerate(self.running) if s.finished]
+        for slot in reversed(gone):
+            moved = self.pool.remove(slot)
+            if moved is not None:
+                self.running[slot] = self.running[moved]
+            self.running.pop()
+        if gone:
+            self.pool.fit(max((s.limit for s in self.running), default=0))
+
+
+@atexit.register
+def _close_engines() -> None:
+    """Stop every engine's thread before the interpreter (and torch's thread pools) goes away."""
+    for engine in list(_ENGINES):
+        engine.close(timeout=5.0)
+
+
+def _plain(options: GenerationConfig) -> bool:
+    """Whether greedy decoding with ``options`` is a bare argmax (no logits processing)."""
+    return (options.repetition_penalty == 1.0 and not options.sequence_bias and not options.no_repeat_ngram_size
+            and options.min_new_tokens == 0 and options.logits_processor is None)
+
+
+def request_for(ids: list[int], options: GenerationConfig, index: int = 0, **fields: Any) -> Request:
+    """A request for row ``index`` of a batch: a seeded batch gives each row its own seed."""
+    if options.seed is not None and index:
+        options = replace(options, seed=options.seed + index)
+    return Request(ids, options, **fields)
+
+
+__all__ = ["Completion", "Engine", "Event", "Handle", "Request", "STOP_REASONS", "request_for"]
