@@ -19,7 +19,7 @@ from cpmlive.api import LM
 from cpmlive.cli import main
 from cpmlive.apps.headline import MAX_ARTICLE_CHARS
 from cpmlive.serve.app import (MAX_BODY_BYTES, MAX_NAME_CHARS, MAX_REQUEST_CHARS, MAX_TEXT_CHARS, MAX_TEXTS,
-                               RETRY_AFTER_SECONDS, create_app)
+                               RETRY_AFTER_SECONDS, Settings, create_app)
 from cpmlive.serve.dashboard import bind
 from cpmlive.tune import delta
 from cpmlive.tune.task import TaskSpec
@@ -81,9 +81,10 @@ def assert_bad_request(response, contains: str) -> None:
 
 
 def test_page_and_health(client: TestClient) -> None:
-    page = client.get("/")
+    page = client.get("/title")
     assert page.status_code == 200 and "生成标题" in page.text and "<script" in page.text
     assert "http://" not in page.text and "https://" not in page.text
+    assert 'href="/"' in page.text and 'href="/dashboard"' not in page.text  # the site's bar, no run given
     assert client.get("/api/health").json() == {"model": "demo", "adapters": [], "tasks": {}}
 
 
@@ -180,7 +181,7 @@ def test_unexpected_exception_is_a_json_500(lm: LM, monkeypatch: pytest.MonkeyPa
     def broken(*_: object) -> list[str]:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("cpmlive.serve.app.suggest_titles", broken)
+    monkeypatch.setattr("cpmlive.serve.tasks.suggest_titles", broken)
     response = TestClient(create_app(lm), raise_server_exceptions=False).post("/api/titles", json={"article": "好"})
     assert_error(response, 500, "internal error (RuntimeError)")
 
@@ -193,13 +194,13 @@ def wait_until(condition: Callable[[], bool]) -> None:
 
 
 def test_busy_model_answers_503(lm: LM, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cpmlive.serve.app.suggest_titles", fake_titles())
-    app = create_app(lm, max_waiting=0)
+    monkeypatch.setattr("cpmlive.serve.tasks.suggest_titles", fake_titles())
+    app = create_app(lm, Settings(max_batch=1, max_waiting=0))
     body = {"article": ARTICLE, **GREEDY}
     with TestClient(app) as client, ThreadPoolExecutor(1) as other_client:
         with lm.lock:  # the model is busy: the first request waits for it on the model's thread
             first = other_client.submit(client.post, "/api/titles", json=body)
-            wait_until(lambda: app.state.model_worker.pending == 1)
+            wait_until(lambda: app.state.server.in_flight == 1)
             busy = client.post("/api/titles", json=body)
             also_busy = client.post("/api/classify", json={"text": "好"})
         assert first.result().status_code == 200
@@ -212,7 +213,7 @@ def test_busy_model_answers_503(lm: LM, monkeypatch: pytest.MonkeyPatch) -> None
 def test_model_work_runs_on_one_thread(lm: LM, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each thread that runs torch keeps a malloc arena of its own: all model work shares one."""
     threads: list[threading.Thread] = []
-    monkeypatch.setattr("cpmlive.serve.app.suggest_titles", fake_titles(threads))
+    monkeypatch.setattr("cpmlive.serve.tasks.suggest_titles", fake_titles(threads))
     app = create_app(lm)
     body = {"article": ARTICLE, **GREEDY}
     for _ in range(3):  # a client outside ``with`` runs each request on an event loop of its own
@@ -324,7 +325,7 @@ def test_title_page_in_chromium(lm: LM) -> None:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{url}/?beams={FAST['num_beams']}&samples={FAST['samples']}")
+            page.goto(f"{url}/title?beams={FAST['num_beams']}&samples={FAST['samples']}")
             page.wait_for_function("document.getElementById('model').textContent.includes('demo')")
             page.select_option("#count", "3")
             check_titles(page, url)

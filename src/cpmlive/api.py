@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import torch
 
 from cpmlive.config import PRESETS, AntConfig
+from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request, request_for
 from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
@@ -41,6 +42,7 @@ class LM:
         self.active: str | None = None
         self.lock = threading.RLock()
         self._engine: Engine | None = None
+        self.chat_templates: dict[str | None, ChatTemplate] = {}  # by adapter (None: the base model)
 
     @property
     def engine(self) -> Engine:
@@ -74,6 +76,9 @@ class LM:
             spec = TaskSpec.load(path) if (Path(path) / "task.json").is_file() else TaskSpec()
             delta.load_adapter(self.model, path, name=name)
             self.tasks[name] = spec
+            template = ChatTemplate.load(path)
+            if template is not None:
+                self.chat_templates[name] = template
             self.use(name)
         return name
 
@@ -116,12 +121,17 @@ class LM:
     def encode_prompt(self, text: str) -> list[int]:
         """``<s>`` + the text's ids; under a task adapter, the text goes through its template and
         is cut to the adapter's input length, as in fine-tuning."""
+        return self.encode_for(text, self.active)
+
+    def encode_for(self, text: str, adapter: str | None) -> list[int]:
+        """:meth:`encode_prompt` as if ``adapter`` were active."""
         if not isinstance(text, str) or not text.strip():
             raise CpmliveError("empty prompt")
-        if self.task is not None:
-            ids, cut = encode_input(self.tokenizer, self.task, text)
+        task = self.tasks.get(adapter) if adapter else None
+        if task is not None:
+            ids, cut = encode_input(self.tokenizer, task, text)
             if cut:
-                warnings.warn(f"input truncated to its first {self.task.max_input_tokens} tokens", stacklevel=3)
+                warnings.warn(f"input truncated to its first {task.max_input_tokens} tokens", stacklevel=3)
             return ids
         ids = self.tokenizer.encode_for_model(text)
         if ids[:1] != [self.tokenizer.bos_id]:
@@ -167,9 +177,13 @@ class LM:
         handles = [self.engine.submit(self.request(row, options, index)) for index, row in enumerate(rows)]
         return [handle.result().ids for handle in handles]
 
-    def request(self, ids: list[int], options: GenerationConfig, index: int = 0, **fields: object) -> Request:
-        """An engine request for ``ids`` under the active adapter."""
-        return request_for(ids, options, index, adapter=self.active, prompt_task=self.prompt_task, **fields)
+    def request(self, ids: list[int], options: GenerationConfig, index: int = 0, adapter: str | None | bool = True,
+                **fields: object) -> Request:
+        """An engine request for ``ids`` under ``adapter`` (default: the active one)."""
+        name = self.active if adapter is True else adapter
+        spec = self.tasks.get(name) if name else None
+        prompt_task = spec.prompt_task if spec is not None else None
+        return request_for(ids, options, index, adapter=name, prompt_task=prompt_task, **fields)
 
     def stream(self, prompt: str, max_new_tokens: int = 64, stop: Sequence[str] = (), **kwargs: object) -> Iterator[str]:
         """Yield new text as soon as it is chosen (held back only while it may be the start of
@@ -261,6 +275,9 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
         raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
     tokenizer = kind.tokenizer.from_file(find_vocab(vocab, directory, str(name_or_path)), hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))
+    template = ChatTemplate.load(directory) if directory is not None else None
+    if template is not None:
+        lm.chat_templates[None] = template
     paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter or [])
     for path in paths:
         lm.add_adapter(adapter_path(path))

@@ -61,6 +61,15 @@ def finite_float(text: str) -> float:
 
 finite_float.__name__ = "number"
 positive_int = bounded_int(1)
+
+
+def positive_seconds(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
 count = bounded_int(0)
 port_number = bounded_int(0, 65535)
 
@@ -451,14 +460,21 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from cpmlive.serve.app import serve
-
     from cpmlive.resources import shipped_adapters
+    from cpmlive.serve.app import serve
+    from cpmlive.serve.dashboard import check_run_dir
 
+    from cpmlive.serve.runtime import Settings
+
+    model = args.model_path or args.model
     adapters = args.adapter
     if adapters is None:  # the demo model comes with its adapters
-        adapters = shipped_adapters() if args.model == "demo" else []
-    serve(args.model, adapters=adapters, host=args.host, port=args.port)
+        adapters = shipped_adapters() if model == "demo" else []
+    run_dir = check_run_dir(args.run_dir) if args.run_dir else None
+    settings = Settings(api_key=Settings.key_from_environment(args.api_key), max_batch=args.max_batch,
+                        max_waiting=args.max_waiting, timeout=args.timeout, cors_origins=tuple(args.cors_origin or ()),
+                        run_dir=run_dir, served_name=args.served_name)
+    serve(model, adapters=adapters, host=args.host, port=args.port, settings=settings)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -638,12 +654,21 @@ def build_parser() -> Parser:
     dash.add_argument("--port", type=port_number, default=8765)
     dash.set_defaults(run=cmd_dashboard)
 
-    srv = verbs.add_parser("serve", help="serve the headline web app (智取标题) and its JSON API")
-    srv.add_argument("--model", default="demo", help="checkpoint directory, 'demo', or a preset name")
-    srv.add_argument("--adapter", action="append",
+    srv = verbs.add_parser("serve", help="serve a model: the OpenAI-compatible API, fill/title/classify, and the site")
+    srv.add_argument("model_path", nargs="?", metavar="MODEL", help="checkpoint directory, 'demo', or a preset name")
+    srv.add_argument("--model", default="demo", help=argparse.SUPPRESS)
+    srv.add_argument("--adapter", action="append", metavar="[NAME=]PATH",
                      help="adapter directory or shipped name (repeatable; default for demo: the shipped ones)")
-    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=port_number, default=8000)
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (or set CPMLIVE_API_KEY)")
+    srv.add_argument("--max-batch", type=positive_int, default=32, help="requests decoded together (default 32)")
+    srv.add_argument("--max-waiting", type=count, default=64,
+                     help="requests queued beyond a full batch before answering 503 (default 64)")
+    srv.add_argument("--timeout", type=positive_seconds, default=600.0, help="seconds a request may take (default 600)")
+    srv.add_argument("--cors-origin", action="append", help="allow browser pages from this origin (repeatable)")
+    srv.add_argument("--run-dir", help="a training run whose live dashboard the site shows at /dashboard")
+    srv.add_argument("--served-name", help="the base model's name in /v1/models (default: its directory's)")
     srv.set_defaults(run=cmd_serve)
 
     rep = verbs.add_parser("report", help="write a run's training log (markdown and plots)")

@@ -72,6 +72,7 @@ class Event:
     top_logprobs: dict[int, float] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    internal: bool = False  # the error is a fault of ours (a bug, an exhausted machine), not the request's
 
 
 @dataclass
@@ -194,11 +195,13 @@ class Engine:
     """The scheduler (see the module docstring). ``submit`` and ``call`` are safe from any thread."""
 
     def __init__(self, model: CpmAnt, tokenizer: Any, max_batch: int = MAX_BATCH,
-                 token_budget: int = TOKEN_BUDGET) -> None:
+                 token_budget: int = TOKEN_BUDGET, idle_exit: float | None = IDLE_EXIT_SECONDS) -> None:
+        """``idle_exit``: seconds without work after which the thread ends (``None``: it stays, as
+        a server's should: all its model work then runs on one thread for good)."""
         if max_batch < 1 or token_budget < 1:
             raise CpmliveError("max_batch and token_budget must be at least 1")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.token_budget = max_batch, token_budget
+        self.max_batch, self.token_budget, self.idle_exit = max_batch, token_budget, idle_exit
         self.eos_id = tokenizer.eos_id
         device = model.input_embedding.weight.device
         self.pool = KVPool(model.config.num_layers, model.config.max_length, device)
@@ -306,11 +309,11 @@ class Engine:
                 self._fail_running(f"{type(exc).__name__}: {exc}")
 
     def _take(self, block: bool) -> bool:
-        """Move what arrived to the queues (waiting up to ``IDLE_EXIT_SECONDS`` for something
+        """Move what arrived to the queues (waiting up to ``idle_exit`` seconds for something
         when ``block``); whether anything did."""
         took = False
         try:
-            item = self._inbox.get(block=block, timeout=IDLE_EXIT_SECONDS if block else None)
+            item = self._inbox.get(block=block, timeout=self.idle_exit if block else None)
             while True:
                 took = True
                 if isinstance(item, Handle):
@@ -344,7 +347,7 @@ class Engine:
     def _fail_running(self, message: str) -> None:
         for seq in self.running:
             if not seq.finished:
-                seq.finish("error", error=message)
+                seq.finish("error", error=message, internal=True)
         self.running = []
         self.pool.release()
 
@@ -364,10 +367,11 @@ class Engine:
             try:
                 self._prefill(handles, adapter, prompt_task)
             except Exception as exc:  # these requests fail; the running ones go on
-                message = str(exc) if isinstance(exc, CpmliveError) else f"{type(exc).__name__}: {exc}"
+                internal = not isinstance(exc, CpmliveError)
+                message = f"{type(exc).__name__}: {exc}" if internal else str(exc)
                 for handle in handles:
                     if not handle.done.is_set():
-                        handle.emit(Event(None, finish_reason="error", error=message))
+                        handle.emit(Event(None, finish_reason="error", error=message, internal=internal))
 
     def _prefill_groups(self, handles: list[Handle]) -> list[tuple[list[Handle], str | None, int | None]]:
         """Requests prefilled together: the same adapter and prompt task, and each one's new

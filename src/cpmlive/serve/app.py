@@ -1,207 +1,80 @@
-"""``cpmlive serve``: the headline app (智取标题) over one loaded model and its adapters.
+"""``cpmlive serve``: one server for a model and its adapters.
 
-``POST /api/titles`` turns an article into candidate titles, ``POST /api/classify`` labels texts
-with a classification adapter; the adapter is chosen per request over one copy of the base.
+* OpenAI-compatible ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``
+  (``serve.completions``); native ``/v1/fill``, ``/v1/title``, ``/v1/classify`` (``serve.tasks``);
+* ``/healthz`` (readiness: 503 while the model loads), ``/livez`` (liveness), ``/metrics``
+  (Prometheus);
+* the site (``serve.site``): the playground, the headline app and a run's training dashboard
+  under one layout.
 
-Model work runs on one dedicated thread (``ModelWorker``), one request at a time, while the event
-loop keeps answering (the page, health checks). One thread and not starlette's thread pool: every
-thread that runs torch ops gets a glibc malloc arena of its own, which is never given back, so a
-pool of up to 40 threads made the server's memory grow with the number of concurrent requests it
-had seen (``benchmarks/serve_memory.py`` measures it).
+Every generation runs on one engine (``infer.engine``), every other piece of model work on its
+thread as a job. Every input is bounded: the body (``MAX_BODY_BYTES``, 413 above it), each
+field (the request models), the requests in flight (``Settings.max_batch + max_waiting``; one
+more is answered 503 with ``Retry-After`` at once), the time a request may take
+(``Settings.timeout``, then 504). A client that disconnects cancels its work.
 
-Every input is bounded:
+Security as vLLM and llama.cpp do it: the server binds 127.0.0.1 unless told otherwise; with an
+API key (``--api-key`` or ``CPMLIVE_API_KEY``) every ``/v1`` route needs ``Authorization: Bearer
+KEY`` (compared in constant time; 401 otherwise); no cross-origin access unless origins are
+named; a request names only models and adapters the server loaded, and no field becomes a path.
 
-* ``MAX_BODY_BYTES``: the request body as a whole (413 above it);
-* ``MAX_REQUEST_CHARS``: the article (longer ones are refused; those over
-  ``cpmlive.apps.headline.MAX_ARTICLE_CHARS`` are titled from their start, with a warning);
-* ``MAX_TEXTS`` texts per ``/api/classify`` request, of at most ``MAX_TEXT_CHARS`` each;
-* ``MAX_NAME_CHARS``: an adapter name;
-* ``MAX_WAITING``: requests waiting for the model besides the one it runs; a request beyond
-  them is answered 503 with ``Retry-After: RETRY_AFTER_SECONDS`` at once instead of queueing.
-
-Every error response has one shape, ``{"error": "one line"}``: a failure the user can fix is 400
-(413 for a body too large), an unknown path 404, a wrong method 405, a busy model 503, and an
-unexpected exception (a bug; its traceback goes to the server's log) 500.
+Errors on ``/v1`` routes are OpenAI's ``{"error": {"message", "type", "param", "code"}}``; the
+site's older ``/api`` routes keep ``{"error": "one line"}``. A failure the user can fix is 4xx,
+never 500; an unexpected exception (a bug; its traceback goes to the log) is a JSON 500.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hmac
 import os
-import threading
-import time
-import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Sequence
-
-from pydantic import BaseModel, BeforeValidator, Field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from cpmlive.errors import CpmliveError
-from cpmlive.apps.headline import TitleOptions, suggest_titles
+from cpmlive.serve import completions, site, tasks
 from cpmlive.serve.dashboard import bind
+from cpmlive.serve.runtime import MAX_WAITING, RETRY_AFTER_SECONDS, ServerError, ServerState, Settings
+from cpmlive.serve.tasks import MAX_NAME_CHARS, MAX_REQUEST_CHARS, MAX_TEXT_CHARS, MAX_TEXTS, pick_adapter
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
     from cpmlive.api import LM
 
-PAGE = Path(__file__).parent / "pages" / "title.html"
-PREFERRED_TITLE_ADAPTER = "headline"
 MAX_BODY_BYTES = 1 << 20  # room for the longest article and a full classify request, JSON-escaped
-MAX_REQUEST_CHARS = 100_000
-MAX_TEXTS = 64
-MAX_TEXT_CHARS = 2_000
-MAX_NAME_CHARS = 200
-MAX_WAITING = 4
-RETRY_AFTER_SECONDS = 10
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout"}
 
 
-def as_list(value: Any) -> Any:
-    """One text as a list of one (``/api/classify`` takes either)."""
-    return [value] if isinstance(value, str) else value
-
-
-AdapterName = Annotated[str | None, Field(max_length=MAX_NAME_CHARS)]
-Texts = Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]],
-                  BeforeValidator(as_list), Field(max_length=MAX_TEXTS)]
-
-
-class TitleRequest(BaseModel):
-    article: str = Field(max_length=MAX_REQUEST_CHARS)
-    n: int = Field(5, ge=1, le=10)
-    adapter: AdapterName = None
-    num_beams: int = Field(TitleOptions.num_beams, ge=1, le=8)
-    samples: int = Field(TitleOptions.samples, ge=0, le=16)
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-
-
-class ClassifyRequest(BaseModel):
-    text: Texts  # one text or a list of them
-    adapter: AdapterName = None
-
-
-# ---- model work (runs on the model's thread) ------------------------------------------------------
-
-
-def adapter_tasks(lm: LM) -> dict[str, str]:
-    return {name: spec.task for name, spec in lm.tasks.items()}
-
-
-def pick_adapter(lm: LM, requested: str | None, task: str) -> str | None:
-    """The request's adapter (checked to do ``task``), else a loaded one that does; for
-    titles, "headline" first and the base model when none does."""
-    tasks = adapter_tasks(lm)
-    if requested is not None:
-        if requested not in tasks:
-            raise CpmliveError(f"no adapter named {requested!r} (loaded: {', '.join(tasks) or 'none'})")
-        if tasks[requested] != task:
-            raise CpmliveError(f"adapter {requested!r} is for {tasks[requested]}, not {task}")
-        return requested
-    fitting = [name for name, kind in tasks.items() if kind == task]
-    if task == "classify" and not fitting:
-        raise CpmliveError("no classification adapter loaded (start the server with --adapter NAME_OR_PATH)")
-    if PREFERRED_TITLE_ADAPTER in fitting and task == "generate":
-        return PREFERRED_TITLE_ADAPTER
-    return fitting[0] if fitting else None
-
-
-@contextmanager
-def holding(lm: LM, name: str | None) -> Iterator[LM]:
-    """``lm.using(name)``; a model without any adapter is only locked (there is nothing to switch)."""
-    if name is None and not lm.tasks:
-        with lm.lock:
-            yield lm
-        return
-    with lm.using(name) as held:
-        yield held
-
-
-def warning_text(caught: Sequence[warnings.WarningMessage]) -> str | None:
-    messages = dict.fromkeys(str(w.message) for w in caught)
-    return "; ".join(messages) or None
-
-
-def titles_for(lm: LM, request: TitleRequest) -> dict[str, Any]:
-    options = TitleOptions(n=request.n, num_beams=request.num_beams, samples=request.samples, seed=request.seed)
-    name = pick_adapter(lm, request.adapter, "generate")
-    with holding(lm, name), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        titles = suggest_titles(lm, request.article, options)
-    return {"titles": titles, "warning": warning_text(caught), "adapter": name}
-
-
-def labels_for(lm: LM, request: ClassifyRequest) -> dict[str, Any]:
-    name = pick_adapter(lm, request.adapter, "classify")
-    with holding(lm, name):
-        labels = lm.classify(request.text)
-    return {"labels": labels, "adapter": name}
-
-
-class ModelWorker:
-    """The one thread all model work runs on, and the count of requests it holds (running or
-    waiting); ``run`` refuses a request when ``max_waiting`` are already waiting."""
-
-    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
-        self.max_waiting = max_waiting
-        self.pending = 0
-        self._count_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cpmlive-model")
-
-    def _admit(self) -> bool:
-        with self._count_lock:
-            if self.pending > self.max_waiting:
-                return False
-            self.pending += 1
-            return True
-
-    def _release(self, _: Future) -> None:
-        with self._count_lock:
-            self.pending -= 1
-
-    async def run(self, work: Callable[..., Any], *args: Any) -> Any:
-        """``work(*args)`` on the model's thread; 503 when too many requests wait for it.
-
-        A request is counted until its work has finished or been cancelled before it started
-        (a client that went away does not free the model any sooner)."""
-        from fastapi import HTTPException
-
-        if not self._admit():
-            raise HTTPException(503, f"the model is busy with other requests: try again in {RETRY_AFTER_SECONDS} s",
-                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        future = self._executor.submit(work, *args)
-        future.add_done_callback(self._release)
-        return await asyncio.wrap_future(future)
-
-
-# ---- the web app ----------------------------------------------------------------------------------
-
-
-def validation_message(errors: Sequence[dict[str, Any]]) -> str:
-    """The first problem of a rejected request body, on one line."""
+def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+    """The first problem of a rejected request body, on one line, and the field it is in."""
     if not errors:
-        return "invalid request"
+        return "invalid request", None
     error = errors[0]
     if error.get("type") == "json_invalid":
-        return "the request body is not valid JSON"
-    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        return "the request body is not valid JSON", None
+    parts = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if parts and parts[-1] in ("str", "list[str]", "list[constrained-str]", "constrained-str") and len(parts) > 1:
+        parts = parts[:-1]  # pydantic names the union member it tried: the field is enough
+    where = ".".join(parts)
     if not where:
-        return "the request body must be a JSON object"
-    return f"{where}: {' '.join(str(error.get('msg', 'invalid value')).split())}"
+        return "the request body must be a JSON object", None
+    return f"{where}: {' '.join(str(error.get('msg', 'invalid value')).split())}", parts[0]
 
 
-def error_response(message: str, status_code: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The app's one error shape: ``{"error": "one line"}``."""
+def error_response(path: str, message: str, status: int = 400, kind: str | None = None, code: str | None = None,
+                   param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """One error shape per family of routes (see the module docstring)."""
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": " ".join(str(message).split()) or "error"}, status_code=status_code,
-                        headers=headers)
-
-
-def model_label(lm: LM) -> str:
-    return Path(lm.name).name or lm.name
+    line = " ".join(str(message).split()) or "error"
+    if path.startswith("/v1"):
+        body: dict[str, Any] = {"error": {"message": line, "type": kind or OPENAI_TYPES.get(status, "server_error"),
+                                          "param": param, "code": code}}
+    else:
+        body = {"error": line}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def too_large(limit: int) -> str:
@@ -224,7 +97,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.limit:
-            return await error_response(too_large(self.limit), 413)(scope, receive, send)
+            return await error_response(scope["path"], too_large(self.limit), 413)(scope, receive, send)
         read = 0
 
         async def counted() -> dict[str, Any]:
@@ -238,86 +111,163 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class ApiKey:
+    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer KEY``."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        from starlette.datastructures import Headers
+
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+                response = error_response(scope["path"], "invalid or missing API key (send Authorization: Bearer KEY)",
+                                          401, "authentication_error", "invalid_api_key",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error as ``error_response``: starlette's own (404, 405, 413, 503) would be ``{"detail"}``."""
-    from fastapi import Request
+    """Every error as ``error_response``: starlette's own (404, 405, 413) would be ``{"detail"}``."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_message(exc.errors()))
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc.errors())
+        return error_response(request.url.path, message, 400, param=param)
 
     @app.exception_handler(CpmliveError)
-    async def user_error(_: Request, exc: CpmliveError) -> JSONResponse:
-        return error_response(str(exc))
+    async def user_error(request: Request, exc: CpmliveError) -> JSONResponse:
+        return error_response(request.url.path, str(exc))
+
+    @app.exception_handler(ServerError)
+    async def server_error(request: Request, exc: ServerError) -> JSONResponse:
+        return error_response(request.url.path, exc.message, exc.status, exc.kind, exc.code, exc.param, exc.headers)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.detail, exc.status_code, exc.headers)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(request.url.path, exc.detail, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def bug(_: Request, exc: Exception) -> JSONResponse:
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
         # starlette re-raises the exception after this answer, so the server logs its traceback
-        return error_response(f"internal error ({type(exc).__name__}); see the server's log", 500)
+        return error_response(request.url.path, f"internal error ({type(exc).__name__}); see the server's log", 500)
 
 
-def create_app(lm: LM, max_waiting: int = MAX_WAITING) -> FastAPI:
-    """The page at ``/`` and the JSON API over ``lm``; at most ``max_waiting`` requests wait for
-    the model (``app.state.model_worker``) besides the one it runs."""
+def create_app(lm: LM | Callable[[], LM], settings: Settings | None = None, max_waiting: int | None = None) -> FastAPI:
+    """The server over ``lm`` (or over what ``lm()`` loads, in the background: ``/healthz``
+    answers 503 meanwhile); ``app.state.server`` is its :class:`~cpmlive.serve.runtime.ServerState`."""
     from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse
+    from fastapi.responses import JSONResponse, Response
 
-    page = PAGE.read_text(encoding="utf-8")
-    worker = ModelWorker(max_waiting)
+    settings = settings or Settings()
+    if max_waiting is not None:
+        settings.max_waiting = max_waiting
+    state = ServerState(settings)
+    app = FastAPI(title="cpmlive", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    if callable(lm) and not hasattr(lm, "model"):
+        app.state.loading = state.load_in_background(lm)
+    else:
+        state.attach(lm)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
 
-    app = FastAPI(title="cpmlive 智取标题", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.model_worker = worker
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     add_error_handlers(app)
 
-    async def timed(work: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-        start = time.perf_counter()
-        answer = await worker.run(work, *args)
-        return {**answer, "seconds": round(time.perf_counter() - start, 3)}
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable) -> Any:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        state.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
 
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return page
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        if state.lm is None:
+            status = "failed" if state.load_error else "loading"
+            return JSONResponse({"status": status, "error": state.load_error}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return JSONResponse({"status": "ok", "model": state.base_name, **state.engine.stats()})
 
-    @app.get("/api/health")
-    def health() -> dict[str, Any]:
-        return {"model": model_label(lm), "adapters": list(lm.tasks), "tasks": adapter_tasks(lm)}
+    @app.get("/livez")
+    def livez() -> dict[str, str]:
+        return {"status": "alive"}
 
-    @app.post("/api/titles")
-    async def titles(request: TitleRequest) -> dict[str, Any]:
-        return await timed(titles_for, lm, request)
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-    @app.post("/api/classify")
-    async def classify(request: ClassifyRequest) -> dict[str, Any]:
-        return await timed(labels_for, lm, request)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(completions.router(state))
+    app.include_router(tasks.router(state))
+    app.include_router(site.router(state))
     return app
 
 
+def parse_adapter(value: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` or ``PATH`` (named after its directory)."""
+    name, sep, path = value.partition("=")
+    if sep and name and os.sep not in name and not name.startswith("."):
+        return name, path
+    return None, value
+
+
 def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLike] = (),
-          host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load ``model`` with ``adapters`` (directories or shipped names) and serve the app until Ctrl-C."""
+          host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
+    """Load ``model`` with ``adapters`` (``NAME=PATH``, directories or shipped names) and serve until
+    Ctrl-C. The port is bound first and the model loads behind it (``/healthz`` says when it is ready)."""
     import uvicorn
 
     from cpmlive.api import load
     from cpmlive.resources import adapter_path
 
-    paths = [adapter_path(adapter) for adapter in adapters]
+    named = [parse_adapter(str(a)) for a in adapters]
+    paths = [(name, adapter_path(path)) for name, path in named]
+    settings = settings or Settings()
+
+    def load_model() -> LM:
+        lm = load(model)
+        for name, path in paths:
+            lm.add_adapter(path, name=name)
+        return lm
+
+    check_model(model)
     sock = bind(host, port)
     with sock:
-        lm = load(model, adapter=paths)
-        names = ", ".join(lm.tasks) or "none"
-        print(f"智取标题 on {model_label(lm)} (adapters: {names}) at http://{host}:{sock.getsockname()[1]}/ "
-              "(Ctrl-C to stop)", flush=True)
-        server = uvicorn.Server(uvicorn.Config(create_app(lm), log_level="warning"))
+        app = create_app(load_model, settings)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        app.state.server.on_load_error = lambda _: setattr(server, "should_exit", True)
+        if app.state.server.load_error is not None:  # it failed before the callback was set
+            server.should_exit = True
+        address = f"http://{host}:{sock.getsockname()[1]}"
+        print(f"cpmlive serving {model} at {address}/ (OpenAI API at {address}/v1; "
+              f"{'API key required' if settings.api_key else 'no API key'}; Ctrl-C to stop)", flush=True)
         server.run(sockets=[sock])
+    error = app.state.server.load_error
+    if error is not None:
+        raise CpmliveError(error)
 
 
-__all__ = ["MAX_BODY_BYTES", "MAX_REQUEST_CHARS", "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_WAITING", "ClassifyRequest",
-           "ModelWorker", "TitleRequest", "create_app", "pick_adapter", "serve"]
+def check_model(model: str | os.PathLike) -> None:
+    """Refuse a model that names neither a checkpoint nor a preset before binding the port."""
+    from cpmlive.config import PRESETS
+    from cpmlive.resources import model_path
+
+    if not model_path(model).exists() and str(model) not in PRESETS:
+        raise CpmliveError(f"{model}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
+
+
+__all__ = ["MAX_BODY_BYTES", "MAX_NAME_CHARS", "MAX_REQUEST_CHARS", "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_WAITING",
+           "RETRY_AFTER_SECONDS", "Settings", "create_app", "parse_adapter", "pick_adapter", "serve"]

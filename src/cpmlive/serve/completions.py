@@ -1,0 +1,369 @@
+"""OpenAI-compatible ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
+
+Fields as OpenAI documents them, plus vLLM's extras ``top_k``, ``repetition_penalty`` and
+``min_tokens``. ``model`` names the base model or one of the loaded adapters (each listed by
+``/v1/models``, as vLLM lists LoRA adapters). ``temperature`` 0 is greedy decoding.
+``logprobs`` are the model's own log-probabilities (before temperature and filtering); with
+``echo`` the prompt's tokens are returned with ``null`` log-probabilities: CPM-Ant reads its
+prompt bidirectionally, so a prompt token has no left-to-right probability to report.
+Streams send OpenAI's chunks as server-sent events and end with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Literal
+
+from fastapi import Request as HttpRequest
+from pydantic import BaseModel, ConfigDict, Field
+
+from cpmlive.errors import CpmliveError
+from cpmlive.infer.engine import Completion, Request
+from cpmlive.infer.generate import GenerationConfig
+from cpmlive.serve.runtime import ServerError, ServerState
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+MAX_PROMPTS = 16
+MAX_N = 8
+MAX_STOPS = 4
+MAX_STOP_CHARS = 64
+MAX_PROMPT_CHARS = 20_000
+MAX_MESSAGES = 64
+MAX_LOGPROBS = 5
+MAX_SEED = 2**63 - 1
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The decoding fields the two endpoints share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(max_length=200)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    user: str | None = Field(None, max_length=200)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    min_tokens: int = Field(0, ge=0)
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+    def options(self, max_tokens: int, index: int) -> GenerationConfig:
+        if self.min_tokens > max_tokens:
+            raise ServerError(400, f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                              param="min_tokens")
+        sample = self.temperature > 0
+        seed = None if self.seed is None else (self.seed + index) % (MAX_SEED + 1)
+        return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=self.min_tokens, do_sample=sample,
+                                temperature=self.temperature if sample else 1.0, top_k=self.top_k,
+                                top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=seed)
+
+
+class CompletionRequest(Sampling):
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+# ---- building engine requests -------------------------------------------------------------------------
+
+
+def engine_requests(state: ServerState, prompts: list[str], body: Sampling, adapter: str | None,
+                    logprobs: int | None, extra_stops: tuple[str, ...] = ()) -> tuple[list[Request], list[int]]:
+    """``n`` requests per prompt (choice ``i * n + j``), and each prompt's token count."""
+    lm = state.ready()
+    requests, lengths = [], []
+    for i, text in enumerate(prompts):
+        try:
+            ids = lm.encode_for(text, adapter)
+        except CpmliveError as exc:
+            raise ServerError(400, f"prompt: {exc}" if len(prompts) == 1 else f"prompt.{i}: {exc}",
+                              param="prompt") from None
+        lengths.append(len(ids))
+        room = lm.config.max_length - lm.config.prompt_length - len(ids)
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(DEFAULT_MAX_TOKENS, max(room, 1))
+        if max_tokens > room:
+            raise ServerError(400, f"max_tokens {max_tokens} with the prompt's {len(ids)} tokens exceeds the model's "
+                              f"{lm.config.max_length - lm.config.prompt_length} positions: ask for at most "
+                              f"{max(room, 0)}", param="max_tokens", code="context_length_exceeded")
+        for j in range(body.n):
+            requests.append(lm.request(ids, body.options(max_tokens, i * body.n + j), adapter=adapter,
+                                       stop=body.stops() + extra_stops, logprobs=logprobs))
+    return requests, lengths
+
+
+def finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(state: ServerState, result: Completion, prompt_ids: list[int] | None,
+                        offset: int) -> dict[str, Any]:
+    """OpenAI's legacy ``logprobs`` object: tokens, their log-probabilities, the top
+    alternatives and each token's character offset in the choice's text."""
+    decode = state.ready().tokenizer.decode
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    position = 0
+    for token in prompt_ids or []:
+        piece = decode([token])
+        tokens.append(piece)
+        token_logprobs.append(None)
+        tops.append(None)
+        offsets.append(position)
+        position += len(piece)
+    position = offset
+    for token, logprob, top in zip(result.ids, result.logprobs, result.top_logprobs):
+        piece = decode([token])
+        tokens.append(piece)
+        token_logprobs.append(logprob)
+        tops.append({decode([t]): v for t, v in top.items()} if top is not None else None)
+        offsets.append(position)
+        position += len(piece)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def error_event(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, ServerError):
+        return {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code}}
+    return {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}
+
+
+# ---- the routes ---------------------------------------------------------------------------------------
+
+
+def router(state: ServerState) -> APIRouter:
+    from fastapi import APIRouter
+    from fastapi.responses import StreamingResponse
+
+    api = APIRouter()
+
+    @api.get("/v1/models")
+    def models() -> dict[str, Any]:
+        created = int(time.time())
+        names = state.model_names()
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "cpmlive",
+             "root": names[0], "parent": None if name == names[0] else names[0]} for name in names]}
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
+        adapter = state.resolve(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        requests, lengths = engine_requests(state, prompts, body, adapter, body.logprobs)
+        admitted = state.admit()
+        try:
+            generations = state.submit(requests)
+        except BaseException:
+            admitted.release()
+            raise
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return StreamingResponse(stream_completions(state, generations, body, ident, created, prompts, lengths,
+                                                        admitted, http), media_type="text/event-stream")
+        try:
+            results = await collect(generations, http)
+        finally:
+            admitted.release()
+        choices = []
+        for index, result in enumerate(results):
+            prompt = prompts[index // body.n]
+            text = (prompt if body.echo else "") + result.text
+            logprobs = None
+            if body.logprobs is not None:
+                echoed = requests[index].ids if body.echo else None
+                logprobs = completion_logprobs(state, result, echoed, len(prompt) if body.echo else 0)
+            choices.append({"index": index, "text": text, "logprobs": logprobs,
+                            "finish_reason": finish_reason(result.finish_reason)})
+        prompt_tokens = sum(lengths)
+        return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+                "usage": usage(prompt_tokens, sum(len(r.ids) for r in results))}
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, http: HttpRequest) -> Any:
+        adapter = state.resolve(body.model)
+        lm = state.ready()
+        template = lm.chat_templates.get(adapter)
+        if template is None:
+            raise ServerError(400, f"the model {body.model!r} has no chat template (it was not tuned for chat): use "
+                              "/v1/completions", param="model", code="no_chat_template")
+        try:
+            prompt = template.render([m.model_dump() for m in body.messages])
+        except CpmliveError as exc:
+            raise ServerError(400, str(exc), param="messages") from None
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        requests, lengths = engine_requests(state, [prompt], body, adapter, top, tuple(template.stop))
+        admitted = state.admit()
+        try:
+            generations = state.submit(requests)
+        except BaseException:
+            admitted.release()
+            raise
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return StreamingResponse(stream_chat(state, generations, body, ident, created, lengths[0], admitted, http),
+                                     media_type="text/event-stream")
+        try:
+            results = await collect(generations, http)
+        finally:
+            admitted.release()
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                    "logprobs": chat_logprobs(state, r) if body.logprobs else None,
+                    "finish_reason": finish_reason(r.finish_reason)} for i, r in enumerate(results)]
+        return {"id": ident, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
+                "usage": usage(lengths[0], sum(len(r.ids) for r in results))}
+
+    return api
+
+
+def chat_logprobs(state: ServerState, result: Completion) -> dict[str, Any]:
+    decode = state.ready().tokenizer.decode
+    content = []
+    for token, logprob, top in zip(result.ids, result.logprobs, result.top_logprobs):
+        content.append({"token": decode([token]), "logprob": logprob,
+                        "top_logprobs": [{"token": decode([t]), "logprob": v} for t, v in (top or {}).items()]})
+    return {"content": content}
+
+
+async def collect(generations: Any, http: HttpRequest) -> list[Completion]:
+    """Every request's completion (raises the first error)."""
+    count = len(generations.handles)
+    ids: list[list[int]] = [[] for _ in range(count)]
+    texts: list[list[str]] = [[] for _ in range(count)]
+    logprobs: list[list[float | None]] = [[] for _ in range(count)]
+    tops: list[list[Any]] = [[] for _ in range(count)]
+    reasons = [""] * count
+    async with aclosing(generations.events(http)) as events:
+        async for index, event in events:
+            if event.error is not None:
+                raise ServerError(500, f"internal error ({event.error})", "server_error") if event.internal \
+                    else ServerError(400, event.error)
+            if event.token is not None:
+                ids[index].append(event.token)
+                logprobs[index].append(event.logprob)
+                tops[index].append(event.top_logprobs)
+            texts[index].append(event.text)
+            reasons[index] = event.finish_reason or reasons[index]
+    if not all(reasons):
+        raise ServerError(499, "the client closed the connection", "cancelled", "cancelled")
+    return [Completion(ids[i], "".join(texts[i]), reasons[i], logprobs[i], tops[i]) for i in range(count)]
+
+
+async def stream_completions(state: ServerState, generations: Any, body: CompletionRequest, ident: str,
+                             created: int, prompts: list[str], lengths: list[int], admitted: Any,
+                             http: HttpRequest) -> AsyncIterator[str]:
+    decode = state.ready().tokenizer.decode
+    generated = 0
+    try:
+        if body.echo:
+            for index in range(len(generations.handles)):
+                yield sse(chunk_of(ident, created, body.model, index, prompts[index // body.n], None))
+        offsets = [len(prompts[i // body.n]) if body.echo else 0 for i in range(len(generations.handles))]
+        async with aclosing(generations.events(http)) as events:
+            async for index, event in events:
+                if event.error is not None:
+                    yield sse(error_event(ServerError(500, event.error, "server_error")))
+                    break
+                generated += event.token is not None
+                logprobs = None
+                if body.logprobs is not None and event.token is not None:
+                    piece = decode([event.token])
+                    top = {decode([t]): v for t, v in (event.top_logprobs or {}).items()} if body.logprobs else None
+                    logprobs = {"tokens": [piece], "token_logprobs": [event.logprob], "top_logprobs": [top],
+                                "text_offset": [offsets[index]]}
+                    offsets[index] += len(event.text)
+                if event.text or logprobs is not None or event.finish_reason is not None:
+                    reason = finish_reason(event.finish_reason) if event.finish_reason else None
+                    yield sse(chunk_of(ident, created, body.model, index, event.text, reason, logprobs))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield sse({"id": ident, "object": "text_completion", "created": created, "model": body.model,
+                       "choices": [], "usage": usage(sum(lengths), generated)})
+        yield sse("[DONE]")
+    except ServerError as exc:
+        yield sse(error_event(exc))
+    finally:
+        generations.cancel()
+        admitted.release()
+
+
+def chunk_of(ident: str, created: int, model: str, index: int, text: str, reason: str | None,
+             logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"id": ident, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
+
+
+async def stream_chat(state: ServerState, generations: Any, body: ChatRequest, ident: str, created: int,
+                      prompt_tokens: int, admitted: Any, http: HttpRequest) -> AsyncIterator[str]:
+    def chunk(index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+    generated = 0
+    try:
+        for index in range(len(generations.handles)):
+            yield sse(chunk(index, {"role": "assistant", "content": ""}, None))
+        async with aclosing(generations.events(http)) as events:
+            async for index, event in events:
+                if event.error is not None:
+                    yield sse(error_event(ServerError(500, event.error, "server_error")))
+                    break
+                generated += event.token is not None
+                if event.text:
+                    yield sse(chunk(index, {"content": event.text}, None))
+                if event.finish_reason is not None:
+                    yield sse(chunk(index, {}, finish_reason(event.finish_reason)))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                       "choices": [], "usage": usage(prompt_tokens, generated)})
+        yield sse("[DONE]")
+    except ServerError as exc:
+        yield sse(error_event(exc))
+    finally:
+        generations.cancel()
+        admitted.release()
+
+
+__all__ = ["ChatRequest", "CompletionRequest", "router"]

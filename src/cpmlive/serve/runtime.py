@@ -1,0 +1,226 @@
+"""What every route of the server shares: the loaded model and its engine, the bound on requests
+in flight, the metrics, and the bridge from the engine's thread to the event loop.
+
+All model work runs on the engine's one thread (``infer.engine``): generations join its running
+batch, other work (fill, titles, classification) runs there as jobs between two steps. One
+thread and not starlette's pool: every thread that runs torch ops keeps a glibc malloc arena of
+its own, which is never given back, so a pool of 40 threads made memory grow with the number of
+concurrent requests seen (``benchmarks/serve_memory.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from cpmlive.errors import CpmliveError
+from cpmlive.infer.engine import MAX_BATCH, TOKEN_BUDGET, Engine, Event, Handle, Request
+from cpmlive.serve.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from fastapi import Request as HttpRequest
+
+    from cpmlive.api import LM
+
+API_KEY_VARIABLE = "CPMLIVE_API_KEY"
+MAX_WAITING = 64  # requests in flight beyond a full running batch before 503
+RETRY_AFTER_SECONDS = 10
+REQUEST_TIMEOUT_SECONDS = 600.0
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class ServerError(Exception):
+    """An answer other than 200: status, one-line message, OpenAI error type and code."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers
+
+
+@dataclass
+class Settings:
+    """How the server runs (``cpmlive serve`` flags)."""
+
+    api_key: str | None = None
+    max_batch: int = MAX_BATCH
+    token_budget: int = TOKEN_BUDGET
+    max_waiting: int = MAX_WAITING
+    timeout: float = REQUEST_TIMEOUT_SECONDS
+    cors_origins: tuple[str, ...] = ()
+    run_dir: Path | None = None  # a training run whose dashboard the site shows
+    served_name: str | None = None  # the base model's name in /v1/models (default: its directory's)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def key_from_environment(given: str | None) -> str | None:
+        return given if given is not None else (os.environ.get(API_KEY_VARIABLE) or None)
+
+
+class ServerState:
+    """The model (``None`` while it loads), its engine, admission and metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.lm: LM | None = None
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine is not None else {})
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
+        self.on_load_error: Callable[[str], None] | None = None
+
+    # ---- the model ----------------------------------------------------------------------------
+
+    def attach(self, lm: LM) -> None:
+        self.engine = Engine(lm.model, lm.tokenizer, self.settings.max_batch, self.settings.token_budget, idle_exit=None)
+        lm._engine = self.engine  # the model's own generate/stream and the server share one scheduler
+        self.lm = lm
+
+    def load_in_background(self, load: Callable[[], LM]) -> threading.Thread:
+        def run() -> None:
+            try:
+                self.attach(load())
+            except CpmliveError as exc:
+                self.load_error = str(exc)
+            except Exception as exc:  # reported by /healthz rather than lost in a thread
+                self.load_error = f"{type(exc).__name__}: {exc}"
+            if self.load_error is not None and self.on_load_error is not None:
+                self.on_load_error(self.load_error)
+
+        thread = threading.Thread(target=run, name="cpmlive-load", daemon=True)
+        thread.start()
+        return thread
+
+    def ready(self) -> LM:
+        if self.lm is None:
+            message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            raise ServerError(503, message, "server_error", "model_not_ready",
+                              headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        return self.lm
+
+    @property
+    def base_name(self) -> str:
+        lm = self.ready()
+        return self.settings.served_name or Path(lm.name).name or lm.name
+
+    def model_names(self) -> list[str]:
+        """What a request may name: the base model and each loaded adapter."""
+        return [self.base_name, *self.ready().tasks]
+
+    def resolve(self, name: str | None) -> str | None:
+        """The adapter a request's ``model`` names (``None``: the base model)."""
+        lm = self.ready()
+        if name is None or name == self.base_name:
+            return None
+        if name in lm.tasks:
+            return name
+        raise ServerError(404, f"the model {name!r} does not exist (served: {', '.join(self.model_names())})",
+                          "invalid_request_error", "model_not_found", "model")
+
+    # ---- admission ----------------------------------------------------------------------------
+
+    def admit(self) -> "Admitted":
+        limit = self.settings.max_batch + self.settings.max_waiting
+        with self._count_lock:
+            if self.in_flight >= limit:
+                self.metrics.rejected.inc()
+                raise ServerError(503, f"the server is busy ({self.in_flight} requests in flight): "
+                                  f"try again in {RETRY_AFTER_SECONDS} s", "server_error", "overloaded",
+                                  headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            self.in_flight += 1
+        return Admitted(self)
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self.in_flight -= 1
+
+    # ---- work on the engine ---------------------------------------------------------------------
+
+    async def job(self, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)`` on the engine's thread; the request times out after ``settings.timeout``."""
+        self.ready()
+        future = self.engine.call(work, *args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.settings.timeout)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise ServerError(504, f"the request took longer than {self.settings.timeout:g} s", "timeout",
+                              "timeout") from None
+
+    def submit(self, requests: list[Request]) -> "Generations":
+        """Queue ``requests`` on the engine now (a bad one raises before any is queued)."""
+        self.ready()
+        for request in requests:
+            self.engine.check(request)
+        return Generations(self, requests)
+
+
+class Admitted:
+    """A request counted in flight until ``release`` (idempotent; a streamed answer releases
+    when its stream ends, not when the handler returns)."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state, self.released = state, False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.state._release()
+
+
+class Generations:
+    """Several engine requests of one HTTP request, their events merged onto the event loop."""
+
+    def __init__(self, state: ServerState, requests: list[Request]) -> None:
+        self.state = state
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.handles: list[Handle] = []
+        for index, request in enumerate(requests):
+            self.handles.append(state.engine.submit(request, self._sink(index)))
+
+    def _sink(self, index: int) -> Callable[[Event], None]:
+        def deliver(event: Event) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            except RuntimeError:  # the event loop is gone: nobody listens any more
+                self.handles[index].cancel()
+
+        return deliver
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+    async def events(self, request: HttpRequest | None = None) -> AsyncIterator[tuple[int, Event]]:
+        """Every event, in the order the engine produced them, until all requests finished; a
+        client that disconnects, or the timeout, cancels what still runs."""
+        deadline = self.loop.time() + self.state.settings.timeout
+        remaining = len(self.handles)
+        try:
+            while remaining:
+                wait = min(DISCONNECT_POLL_SECONDS, deadline - self.loop.time())
+                if wait <= 0:
+                    raise ServerError(504, f"the request took longer than {self.state.settings.timeout:g} s",
+                                      "timeout", "timeout")
+                try:
+                    index, event = await asyncio.wait_for(self.queue.get(), wait)
+                except asyncio.TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
+                if event.finish_reason is not None:
+                    remaining -= 1
+                    self.state.metrics.observe(self.handles[index])
+                yield index, event
+        finally:
+            self.cancel()
+
+
+__all__ = ["Admitted", "Generations", "ServerError", "ServerState", "Settings"]

@@ -1,0 +1,180 @@
+"""The native routes: ``/v1/fill`` (blank infilling), ``/v1/title`` (the headline app) and
+``/v1/classify`` (a classification adapter), each also at its older ``/api/...`` name for the
+site's pages. They run as jobs on the engine's thread (see ``serve.runtime``), with the adapter
+chosen per request over one copy of the base."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from cpmlive.apps.headline import TitleOptions, suggest_titles
+from cpmlive.errors import CpmliveError
+from cpmlive.serve.runtime import ServerState
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+    from cpmlive.api import LM
+
+PREFERRED_TITLE_ADAPTER = "headline"
+MAX_REQUEST_CHARS = 100_000
+MAX_FILL_CHARS = 4_000
+MAX_BLANK_TOKENS = 32
+MAX_TEXTS = 64
+MAX_TEXT_CHARS = 2_000
+MAX_NAME_CHARS = 200
+
+
+def as_list(value: Any) -> Any:
+    """One text as a list of one (``/v1/classify`` takes either)."""
+    return [value] if isinstance(value, str) else value
+
+
+AdapterName = Annotated[str | None, Field(max_length=MAX_NAME_CHARS)]
+Texts = Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]],
+                  BeforeValidator(as_list), Field(max_length=MAX_TEXTS)]
+
+
+class TitleRequest(BaseModel):
+    article: str = Field(max_length=MAX_REQUEST_CHARS)
+    n: int = Field(5, ge=1, le=10)
+    adapter: AdapterName = None
+    num_beams: int = Field(TitleOptions.num_beams, ge=1, le=8)
+    samples: int = Field(TitleOptions.samples, ge=0, le=16)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+
+class ClassifyRequest(BaseModel):
+    text: Texts  # one text or a list of them
+    adapter: AdapterName = None
+
+
+class FillRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str = Field(max_length=MAX_FILL_CHARS)
+    max_tokens: int = Field(4, ge=1, le=MAX_BLANK_TOKENS)
+    blank_lengths: list[Annotated[int, Field(ge=1, le=MAX_BLANK_TOKENS)]] | None = Field(None, min_length=1,
+                                                                                         max_length=MAX_BLANK_TOKENS)
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    adapter: AdapterName = None
+
+
+# ---- model work (runs on the engine's thread) ---------------------------------------------------
+
+
+def adapter_tasks(lm: LM) -> dict[str, str]:
+    return {name: spec.task for name, spec in lm.tasks.items()}
+
+
+def pick_adapter(lm: LM, requested: str | None, task: str) -> str | None:
+    """The request's adapter (checked to do ``task``), else a loaded one that does; for
+    titles, "headline" first and the base model when none does."""
+    tasks = adapter_tasks(lm)
+    if requested is not None:
+        if requested not in tasks:
+            raise CpmliveError(f"no adapter named {requested!r} (loaded: {', '.join(tasks) or 'none'})")
+        if tasks[requested] != task:
+            raise CpmliveError(f"adapter {requested!r} is for {tasks[requested]}, not {task}")
+        return requested
+    fitting = [name for name, kind in tasks.items() if kind == task]
+    if task == "classify" and not fitting:
+        raise CpmliveError("no classification adapter loaded (start the server with --adapter NAME_OR_PATH)")
+    if PREFERRED_TITLE_ADAPTER in fitting and task == "generate":
+        return PREFERRED_TITLE_ADAPTER
+    return fitting[0] if fitting else None
+
+
+@contextmanager
+def holding(lm: LM, name: str | None) -> Iterator[LM]:
+    """``lm.using(name)``; a model without any adapter is only locked (there is nothing to switch)."""
+    if name is None and not lm.tasks:
+        with lm.lock:
+            yield lm
+        return
+    with lm.using(name) as held:
+        yield held
+
+
+def warning_text(caught: Sequence[warnings.WarningMessage]) -> str | None:
+    messages = dict.fromkeys(str(w.message) for w in caught)
+    return "; ".join(messages) or None
+
+
+def titles_for(lm: LM, request: TitleRequest) -> dict[str, Any]:
+    options = TitleOptions(n=request.n, num_beams=request.num_beams, samples=request.samples, seed=request.seed)
+    name = pick_adapter(lm, request.adapter, "generate")
+    with holding(lm, name), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        titles = suggest_titles(lm, request.article, options)
+    return {"titles": titles, "warning": warning_text(caught), "adapter": name}
+
+
+def labels_for(lm: LM, request: ClassifyRequest) -> dict[str, Any]:
+    name = pick_adapter(lm, request.adapter, "classify")
+    with holding(lm, name):
+        labels = lm.classify(request.text)
+    return {"labels": labels, "adapter": name}
+
+
+def fill_for(lm: LM, request: FillRequest) -> dict[str, Any]:
+    if request.adapter is not None and request.adapter not in lm.tasks:
+        raise CpmliveError(f"no adapter named {request.adapter!r} (loaded: {', '.join(lm.tasks) or 'none'})")
+    sample = request.temperature > 0
+    options = dict(do_sample=sample, temperature=request.temperature if sample else 1.0, top_p=request.top_p,
+                   top_k=request.top_k, seed=request.seed)
+    with holding(lm, request.adapter):
+        fills = lm.fill(request.text, request.max_tokens, request.blank_lengths, return_fills=True, **options)
+    parts = request.text.split("<mask>")
+    text = "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
+    return {"text": text, "fills": fills, "adapter": request.adapter}
+
+
+# ---- the routes ---------------------------------------------------------------------------------------
+
+
+def router(state: ServerState) -> APIRouter:
+    from fastapi import APIRouter
+
+    api = APIRouter()
+
+    async def timed(work: Any, body: BaseModel) -> dict[str, Any]:
+        lm = state.ready()
+        admitted = state.admit()
+        start = time.perf_counter()
+        try:
+            answer = await state.job(work, lm, body)
+        finally:
+            admitted.release()
+        return {**answer, "seconds": round(time.perf_counter() - start, 3)}
+
+    @api.get("/api/health")
+    def health() -> dict[str, Any]:
+        lm = state.ready()
+        return {"model": state.base_name, "adapters": list(lm.tasks), "tasks": adapter_tasks(lm)}
+
+    for prefix in ("/v1", "/api"):
+        @api.post(f"{prefix}/title" if prefix == "/v1" else "/api/titles")
+        async def titles(body: TitleRequest) -> dict[str, Any]:
+            return await timed(titles_for, body)
+
+        @api.post(f"{prefix}/classify")
+        async def classify(body: ClassifyRequest) -> dict[str, Any]:
+            return await timed(labels_for, body)
+
+        @api.post(f"{prefix}/fill")
+        async def fill(body: FillRequest) -> dict[str, Any]:
+            return await timed(fill_for, body)
+
+    return api
+
+
+__all__ = ["ClassifyRequest", "FillRequest", "MAX_NAME_CHARS", "MAX_REQUEST_CHARS", "MAX_TEXTS", "MAX_TEXT_CHARS",
+           "TitleRequest", "pick_adapter", "router"]
