@@ -78,9 +78,12 @@ class ServerState:
     # ---- the model ----------------------------------------------------------------------------
 
     def attach(self, lm: LM) -> None:
-        self.engine = Engine(lm.model, lm.tokenizer, self.settings.max_batch, self.settings.token_budget, idle_exit=None)
-        lm._engine = self.engine  # the model's own generate/stream and the server share one scheduler
-        self.lm = lm
+        """Serve ``lm`` on its engine (its own ``generate`` and the server share one scheduler),
+        whose thread now stays for good."""
+        engine = lm.engine
+        engine.max_batch, engine.token_budget, engine.idle_exit = (self.settings.max_batch,
+                                                                   self.settings.token_budget, None)
+        self.engine, self.lm = engine, lm
 
     def load_in_background(self, load: Callable[[], LM]) -> threading.Thread:
         def run() -> None:
