@@ -71,7 +71,6 @@ def test_greedy_batch_equals_each_request_alone(model, tokenizer, count):
         assert result.finish_reason in ("length", "stop")
         assert result.text == tokenizer.decode(result.ids)
     assert engine.pool.bytes_reserved() == 0  # everything finished: the KV memory is given back
-    engine.close()
 
 
 def test_native_step_takes_rows_of_different_lengths(model, tokenizer):
@@ -85,12 +84,15 @@ def test_native_step_takes_rows_of_different_lengths(model, tokenizer):
     try:
         engine = Engine(model, tokenizer)
         rows = prompts(tokenizer, 3, seed=3)
-        results = run(engine, [Request(ids, GenerationConfig(max_new_tokens=6)) for ids in rows])
+        first = engine.submit(Request(rows[0], GenerationConfig(max_new_tokens=6)))
+        events = iter(first)
+        head = [next(events), next(events)]  # it runs: the others join it at other columns
+        later = run(engine, [Request(ids, GenerationConfig(max_new_tokens=6)) for ids in rows[1:]])
+        got = [[e.token for e in head + list(events) if e.token is not None]] + [r.ids for r in later]
     finally:
         native_decode.decode_blocks = real
     assert any(len(set(columns)) > 1 for columns in calls)  # the rows were at different columns
-    for ids, result in zip(rows, results):
-        assert result.ids == alone(model, ids, GenerationConfig(max_new_tokens=6), tokenizer.eos_id)
+    assert got == [alone(model, ids, GenerationConfig(max_new_tokens=6), tokenizer.eos_id) for ids in rows]
 
 
 def test_requests_join_and_leave_a_running_batch(model, tokenizer):
@@ -109,7 +111,6 @@ def test_requests_join_and_leave_a_running_batch(model, tokenizer):
     for i, (ids, handle) in enumerate(zip(rows[1:], later)):
         assert handle.result().ids == alone(model, ids, GenerationConfig(max_new_tokens=4 + i), tokenizer.eos_id)
     assert engine.steps < 40 + 5 * 8  # they ran together, not one after another
-    engine.close()
 
 
 def test_sampling_per_request_with_its_own_seed(model, tokenizer):
@@ -122,7 +123,6 @@ def test_sampling_per_request_with_its_own_seed(model, tokenizer):
     results = run(engine, [Request(ids, o) for ids, o in zip(rows, options)])
     for ids, o, result in zip(rows, options, results):
         assert result.ids == alone(model, ids, o, tokenizer.eos_id)
-    engine.close()
 
 
 def test_greedy_options_that_process_logits(model, tokenizer):
@@ -133,7 +133,6 @@ def test_greedy_options_that_process_logits(model, tokenizer):
     results = run(engine, [Request(ids, o) for ids, o in zip(rows, options)])
     for ids, o, result in zip(rows, options, results):
         assert result.ids == alone(model, ids, o, tokenizer.eos_id)
-    engine.close()
 
 
 def test_stop_strings_cut_the_text_and_finish(model, tokenizer):
@@ -148,7 +147,6 @@ def test_stop_strings_cut_the_text_and_finish(model, tokenizer):
     assert text == full.text[:cut]
     assert events[-1].finish_reason == "stop"
     assert len([e for e in events if e.token is not None]) < len(full.ids)
-    engine.close()
 
 
 def test_logprobs_are_the_models(model, tokenizer):
@@ -163,7 +161,6 @@ def test_logprobs_are_the_models(model, tokenizer):
     assert result.logprobs[0] == pytest.approx(float(logits.max()), abs=1e-4)
     assert list(result.top_logprobs[0])[0] == result.ids[0] == int(logits.argmax())
     assert len(result.top_logprobs[0]) == 2
-    engine.close()
 
 
 def lora_model():
@@ -191,7 +188,6 @@ def test_each_row_runs_its_own_adapter(tokenizer):
             differ += want != alone(model, ids, GenerationConfig(max_new_tokens=8), tokenizer.eos_id)
         assert result.ids == want, name
     assert differ >= 2  # the adapters change the output, so the check means something
-    engine.close()
 
 
 def test_cancel_frees_the_row_at_once(model, tokenizer):
@@ -206,15 +202,39 @@ def test_cancel_frees_the_row_at_once(model, tokenizer):
     while engine.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats()["running"] == 0
-    engine.close()
 
 
-def test_jobs_run_on_the_engine_thread_between_steps(model, tokenizer):
+def test_jobs_run_on_the_driving_thread(model, tokenizer):
     engine = Engine(model, tokenizer)
-    assert engine.call(lambda: threading.current_thread().name).result(timeout=10) == "cpmlive-engine"
-    with pytest.raises(ValueError):
-        engine.call(lambda: (_ for _ in ()).throw(ValueError("x"))).result(timeout=10)
-    engine.close()
+    assert engine.call(lambda: threading.current_thread()).result(timeout=10) is threading.current_thread()
+    engine.start()  # now a thread of its own drives it, and runs the jobs
+    try:
+        assert engine.call(lambda: threading.current_thread().name).result(timeout=10) == "cpmlive-engine"
+        with pytest.raises(ValueError):
+            engine.call(lambda: (_ for _ in ()).throw(ValueError("x"))).result(timeout=10)
+        rows = prompts(tokenizer, 2, seed=11)
+        got = run(engine, [Request(ids, GenerationConfig(max_new_tokens=5)) for ids in rows])
+        assert [g.ids for g in got] == [alone(model, ids, GenerationConfig(max_new_tokens=5), tokenizer.eos_id)
+                                        for ids in rows]
+    finally:
+        engine.stop()
+
+
+def test_waiters_on_several_threads_share_the_driving(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    rows = prompts(tokenizer, 6, seed=12)
+    options = GenerationConfig(max_new_tokens=9)
+    results = [None] * len(rows)
+
+    def wait(i):
+        results[i] = engine.submit(Request(rows[i], options)).result().ids
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(len(rows))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [alone(model, ids, options, tokenizer.eos_id) for ids in rows]
 
 
 def test_bad_requests_are_refused_at_submit(model, tokenizer):
@@ -226,7 +246,6 @@ def test_bad_requests_are_refused_at_submit(model, tokenizer):
         engine.submit(Request(ids, GenerationConfig(num_beams=2)))
     with pytest.raises(CpmliveError, match="adapter"):
         engine.submit(Request(ids, GenerationConfig(), adapter="nope"))
-    engine.close()
 
 
 def test_a_failing_prefill_fails_only_its_request(model, tokenizer, monkeypatch):
@@ -245,4 +264,3 @@ def test_a_failing_prefill_fails_only_its_request(model, tokenizer, monkeypatch)
         bad.result()
     monkeypatch.setattr(engine, "_prefill", real)
     assert good.result().finish_reason in ("length", "stop")
-    engine.close()

@@ -167,12 +167,12 @@ class LM:
     def generate_ids(self, texts: Sequence[str], max_new_tokens: int = 64, **kwargs: object) -> list[list[int]]:
         """New token ids per prompt. Greedy and sampled prompts go through the engine, each as its
         own request (a seeded batch gives row ``i`` the seed ``seed + i``); beam search, and calls
-        made from a job on the engine's own thread, decode directly."""
+        made from a job the engine runs, decode directly."""
         if not texts:
             raise CpmliveError("no prompt given")
         options = self._options(max_new_tokens, kwargs)
         rows = self._prompt_rows(texts, options)
-        if options.num_beams > 1 or self.engine.on_engine_thread():
+        if options.num_beams > 1 or self.engine.is_driving():
             return generate_ids(self.model, rows, options, self.tokenizer.eos_id, self.prompt_task)
         handles = [self.engine.submit(self.request(row, options, index)) for index, row in enumerate(rows)]
         return [handle.result().ids for handle in handles]

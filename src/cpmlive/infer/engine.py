@@ -44,7 +44,8 @@ from cpmlive.tune import delta
 MAX_BATCH = 32  # running requests
 TOKEN_BUDGET = 4096  # prompt positions prefilled per iteration (one request always goes in)
 STOP_REASONS = ("stop", "length", "cancelled", "error")
-IDLE_EXIT_SECONDS = 2.0  # an engine's thread ends after this long without work (and restarts on demand)
+IDLE_WAIT_SECONDS = 0.05  # a driver with nothing to do waits this long for work before looking again
+HANDOFF_SECONDS = 0.02  # a waiter checks this often whether the driving thread has let go
 _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
 
@@ -88,8 +89,9 @@ class Handle:
     """A submitted request: iterate it for its events, ``result()`` for the whole completion,
     ``cancel()`` to stop it (it leaves the batch at the next step)."""
 
-    def __init__(self, request: Request, sink: Callable[[Event], None] | None = None) -> None:
-        self.request = request
+    def __init__(self, request: Request, sink: Callable[[Event], None] | None = None,
+                 engine: "Engine | None" = None) -> None:
+        self.request, self.engine = request, engine
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._sink = sink
         self.cancelled = threading.Event()
@@ -119,10 +121,21 @@ class Handle:
             self.done.set()
 
     def __iter__(self) -> Iterator[Event]:
+        """The events as they come; while none is there and no other thread drives the engine,
+        this thread drives it (see :meth:`Engine.drive`)."""
         if self._sink is not None:
             raise RuntimeError("this request's events go to its sink")
         while True:
-            event = self._events.get()
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                if self.engine is None or not self.engine.drive(lambda: not self._events.empty(), wait=False):
+                    try:
+                        event = self._events.get(timeout=HANDOFF_SECONDS)
+                    except queue.Empty:
+                        continue
+                else:
+                    continue
             yield event
             if event.finish_reason is not None:
                 return
@@ -192,16 +205,22 @@ class Sequence:
 
 
 class Engine:
-    """The scheduler (see the module docstring). ``submit`` and ``call`` are safe from any thread."""
+    """The scheduler (see the module docstring).
+
+    The engine has no thread of its own unless :meth:`start` gives it one: whichever thread
+    waits for a result drives it (:meth:`drive`), one at a time. This matters on a CPU: each
+    thread that runs OpenMP regions keeps a team of its own, and once there are more OpenMP
+    threads than cores libgomp stops spinning between regions, which made a decoding step on a
+    second thread twice as slow as on the main one. ``cpmlive serve`` drives the engine from the
+    main thread and answers HTTP on another. ``submit`` and ``call`` are safe from any thread.
+    """
 
     def __init__(self, model: CpmAnt, tokenizer: Any, max_batch: int = MAX_BATCH,
-                 token_budget: int = TOKEN_BUDGET, idle_exit: float | None = IDLE_EXIT_SECONDS) -> None:
-        """``idle_exit``: seconds without work after which the thread ends (``None``: it stays, as
-        a server's should: all its model work then runs on one thread for good)."""
+                 token_budget: int = TOKEN_BUDGET) -> None:
         if max_batch < 1 or token_budget < 1:
             raise CpmliveError("max_batch and token_budget must be at least 1")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.token_budget, self.idle_exit = max_batch, token_budget, idle_exit
+        self.max_batch, self.token_budget = max_batch, token_budget
         self.eos_id = tokenizer.eos_id
         device = model.input_embedding.weight.device
         self.pool = KVPool(model.config.num_layers, model.config.max_length, device)
@@ -209,9 +228,10 @@ class Engine:
         self.running: list[Sequence] = []
         self._inbox: queue.SimpleQueue[Handle | tuple[Future, Callable, tuple]] = queue.SimpleQueue()
         self._jobs: deque[tuple[Future, Callable, tuple]] = deque()
+        self._drive_lock = threading.Lock()
+        self._driver: threading.Thread | None = None
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self._closing = False
+        self._stopping = threading.Event()
         self.steps = 0
 
     # ---- from any thread ----------------------------------------------------------------------
@@ -236,86 +256,101 @@ class Engine:
                 raise CpmliveError(f"no adapter named {request.adapter!r}")
 
     def submit(self, request: Request, sink: Callable[[Event], None] | None = None) -> Handle:
-        """Queue ``request``; its events go to ``sink`` (called on the engine's thread) or, without
-        one, to the returned handle's iterator."""
+        """Queue ``request``; its events go to ``sink`` (called on the driving thread) or, without
+        one, to the returned handle's iterator (which drives the engine while it waits)."""
         self.check(request)
-        if self.on_engine_thread():
+        if self.is_driving():
             raise CpmliveError("a job running on the engine cannot wait for the engine: decode directly")
-        handle = Handle(request, sink)
+        handle = Handle(request, sink, self)
         self._inbox.put(handle)
-        self._ensure_thread()
         return handle
 
     def call(self, work: Callable[..., Any], *args: Any) -> Future:
-        """Run ``work(*args)`` on the engine's thread between two steps (the running requests
-        pause meanwhile); the future holds its result or exception."""
+        """Run ``work(*args)`` between two steps (the running requests pause meanwhile): now, on
+        this thread, when no other thread drives the engine, else on the driving thread. The
+        future holds its result or exception."""
         future: Future = Future()
-        if self.on_engine_thread():
-            future.set_result(work(*args))
-            return future
-        self._inbox.put((future, work, args))
-        self._ensure_thread()
+        if self.is_driving():
+            _run_job(future, work, args)
+        elif self._drive_lock.acquire(blocking=False):
+            try:
+                self._driver = threading.current_thread()
+                with torch.inference_mode():
+                    _run_job(future, work, args)
+            finally:
+                self._driver = None
+                self._drive_lock.release()
+        else:
+            self._inbox.put((future, work, args))
         return future
 
-    def on_engine_thread(self) -> bool:
-        return self._thread is not None and threading.current_thread() is self._thread
+    def is_driving(self) -> bool:
+        """Whether this thread is the one running the engine (a job's model work then runs directly)."""
+        return self._driver is threading.current_thread()
+
+    def drive(self, until: Callable[[], bool], wait: bool = True) -> bool:
+        """Run the engine on this thread until ``until()`` holds or :meth:`stop` is called; with
+        ``wait=False``, only if no other thread drives it (returns whether this one did)."""
+        if self.is_driving():
+            raise CpmliveError("the engine is already driven by this thread")
+        if not self._drive_lock.acquire(blocking=wait):
+            return False
+        self._driver = threading.current_thread()
+        try:
+            while not until() and not self._stopping.is_set():
+                self._iterate()
+        finally:
+            self._driver = None
+            self._drive_lock.release()
+        return True
+
+    def run_forever(self) -> None:
+        """Drive the engine on this thread until :meth:`stop`."""
+        self._stopping.clear()
+        self.drive(lambda: False)
+
+    def start(self) -> None:
+        """Give the engine a thread of its own that drives it until :meth:`stop`."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self.drive, args=(lambda: False,), name="cpmlive-engine", daemon=True)
+        self._thread.start()
+        _ENGINES.add(self)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Make the driving thread let go after its current iteration (queued requests stay)."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            self._thread = None
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self.waiting) + self._inbox.qsize(),
                 "kv_bytes_used": self.pool.bytes_used(), "kv_bytes_reserved": self.pool.bytes_reserved(),
                 "steps": self.steps}
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread once the current iteration ends (waiting requests stay queued)."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            return
-        self._closing = True
-        self._inbox.put((Future(), lambda: None, ()))
-        if not self.on_engine_thread():
-            thread.join(timeout)
+    # ---- the driving thread -----------------------------------------------------------------------
 
-    def _ensure_thread(self) -> None:
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._closing = False
-                self._thread = threading.Thread(target=self._loop, name="cpmlive-engine", daemon=True)
-                self._thread.start()
-                _ENGINES.add(self)
-
-    def _idle_exit(self) -> bool:
-        """End the thread when nothing arrived meanwhile (``submit`` starts a new one)."""
-        with self._start_lock:
-            if not self._inbox.empty():
-                return False
-            self._thread = None
-            return True
-
-    # ---- the engine's thread --------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        while not self._closing:
-            idle = not (self.running or self.waiting or self._jobs)
-            if not self._take(block=idle) and idle and self._idle_exit():
-                return
-            try:
-                with torch.inference_mode():
-                    self._drop_cancelled()
-                    self._run_jobs()
-                    self._admit()
-                    if self.running:
-                        self._step()
-            except Exception as exc:  # a bug or an exhausted machine: fail what runs, keep serving
-                self._fail_running(f"{type(exc).__name__}: {exc}")
-
-    def _take(self, block: bool) -> bool:
-        """Move what arrived to the queues (waiting up to ``idle_exit`` seconds for something
-        when ``block``); whether anything did."""
-        took = False
+    def _iterate(self) -> None:
+        idle = not (self.running or self.waiting or self._jobs)
+        self._take(block=idle)
         try:
-            item = self._inbox.get(block=block, timeout=self.idle_exit if block else None)
+            with torch.inference_mode():
+                self._drop_cancelled()
+                self._run_jobs()
+                self._admit()
+                if self.running:
+                    self._step()
+        except Exception as exc:  # a bug or an exhausted machine: fail what runs, keep serving
+            self._fail_running(f"{type(exc).__name__}: {exc}")
+
+    def _take(self, block: bool) -> None:
+        """Move what arrived to the queues (waiting a moment for something when ``block``)."""
+        try:
+            item = self._inbox.get(block=block, timeout=IDLE_WAIT_SECONDS if block else None)
             while True:
-                took = True
                 if isinstance(item, Handle):
                     self.waiting.append(item)
                 else:
@@ -323,17 +358,10 @@ class Engine:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
-        return took
 
     def _run_jobs(self) -> None:
         while self._jobs:
-            future, work, args = self._jobs.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(work(*args))
-            except BaseException as exc:  # the caller gets it
-                future.set_exception(exc)
+            _run_job(*self._jobs.popleft())
 
     def _drop_cancelled(self) -> None:
         for handle in [h for h in self.waiting if h.cancelled.is_set()]:
@@ -463,10 +491,19 @@ class Engine:
 
 
 @atexit.register
-def _close_engines() -> None:
-    """Stop every engine's thread before the interpreter (and torch's thread pools) goes away."""
+def _stop_engines() -> None:
+    """Stop every engine's own thread before the interpreter (and torch's thread pools) goes away."""
     for engine in list(_ENGINES):
-        engine.close(timeout=5.0)
+        engine.stop(timeout=5.0)
+
+
+def _run_job(future: Future, work: Callable[..., Any], args: tuple) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(work(*args))
+    except BaseException as exc:  # the caller gets it
+        future.set_exception(exc)
 
 
 def _plain(options: GenerationConfig) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from cpmlive.errors import CpmliveError
@@ -159,9 +160,11 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(request.url.path, f"internal error ({type(exc).__name__}); see the server's log", 500)
 
 
-def create_app(lm: LM | Callable[[], LM], settings: Settings | None = None, max_waiting: int | None = None) -> FastAPI:
+def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = None,
+               max_waiting: int | None = None) -> FastAPI:
     """The server over ``lm`` (or over what ``lm()`` loads, in the background: ``/healthz``
-    answers 503 meanwhile); ``app.state.server`` is its :class:`~cpmlive.serve.runtime.ServerState`."""
+    answers 503 meanwhile; ``None``: the caller attaches one); ``app.state.server`` is its
+    :class:`~cpmlive.serve.runtime.ServerState`."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
 
@@ -171,7 +174,9 @@ def create_app(lm: LM | Callable[[], LM], settings: Settings | None = None, max_
     state = ServerState(settings)
     app = FastAPI(title="cpmlive", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
-    if callable(lm) and not hasattr(lm, "model"):
+    if lm is None:
+        pass  # the caller loads it (``state.load_here``) and drives the engine
+    elif callable(lm) and not hasattr(lm, "model"):
         app.state.loading = state.load_in_background(lm)
     else:
         state.attach(lm)
@@ -246,18 +251,24 @@ def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLik
     check_model(model)
     sock = bind(host, port)
     with sock:
-        app = create_app(load_model, settings)
+        app = create_app(None, settings)
+        state = app.state.server
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        app.state.server.on_load_error = lambda _: setattr(server, "should_exit", True)
-        if app.state.server.load_error is not None:  # it failed before the callback was set
-            server.should_exit = True
+        http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cpmlive-http", daemon=True)
+        http.start()
         address = f"http://{host}:{sock.getsockname()[1]}"
         print(f"cpmlive serving {model} at {address}/ (OpenAI API at {address}/v1; "
               f"{'API key required' if settings.api_key else 'no API key'}; Ctrl-C to stop)", flush=True)
-        server.run(sockets=[sock])
-    error = app.state.server.load_error
-    if error is not None:
-        raise CpmliveError(error)
+        try:
+            if state.load_here(load_model):  # the model loads and runs on the main thread
+                state.engine.drive(lambda: not http.is_alive())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.should_exit = True
+            http.join(30)
+    if state.load_error is not None:
+        raise CpmliveError(state.load_error)
 
 
 def check_model(model: str | os.PathLike) -> None:

@@ -73,16 +73,17 @@ class ServerState:
         self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine is not None else {})
         self.in_flight = 0
         self._count_lock = threading.Lock()
-        self.on_load_error: Callable[[str], None] | None = None
 
     # ---- the model ----------------------------------------------------------------------------
 
-    def attach(self, lm: LM) -> None:
+    def attach(self, lm: LM, own_thread: bool = True) -> None:
         """Serve ``lm`` on its engine (its own ``generate`` and the server share one scheduler),
-        whose thread now stays for good."""
+        driven by a thread of its own, or (``own_thread=False``) by the caller's
+        ``engine.run_forever()``, as ``cpmlive serve`` does from the main thread."""
         engine = lm.engine
-        engine.max_batch, engine.token_budget, engine.idle_exit = (self.settings.max_batch,
-                                                                   self.settings.token_budget, None)
+        engine.max_batch, engine.token_budget = self.settings.max_batch, self.settings.token_budget
+        if own_thread:
+            engine.start()
         self.engine, self.lm = engine, lm
 
     def load_in_background(self, load: Callable[[], LM]) -> threading.Thread:
@@ -93,12 +94,20 @@ class ServerState:
                 self.load_error = str(exc)
             except Exception as exc:  # reported by /healthz rather than lost in a thread
                 self.load_error = f"{type(exc).__name__}: {exc}"
-            if self.load_error is not None and self.on_load_error is not None:
-                self.on_load_error(self.load_error)
 
         thread = threading.Thread(target=run, name="cpmlive-load", daemon=True)
         thread.start()
         return thread
+
+    def load_here(self, load: Callable[[], LM]) -> bool:
+        """Load on this thread (which will drive the engine); whether it worked."""
+        try:
+            lm = load()
+        except CpmliveError as exc:
+            self.load_error = str(exc)
+            return False
+        self.attach(lm, own_thread=False)
+        return True
 
     def ready(self) -> LM:
         if self.lm is None:
