@@ -60,8 +60,12 @@ def run(engine, requests):
     return [h.result() for h in handles]
 
 
-@pytest.mark.parametrize("count", [3, 7])  # 3 rows: the native step; 7: PyTorch's blocks
-def test_greedy_batch_equals_each_request_alone(model, tokenizer, count):
+@pytest.mark.parametrize("count", [3, 7])
+@pytest.mark.parametrize("blocks", ["native", "pytorch"])
+def test_greedy_batch_equals_each_request_alone(model, tokenizer, count, blocks):
+    if blocks == "pytorch":
+        with native.switched_off():
+            return test_greedy_batch_equals_each_request_alone(model, tokenizer, count, "native")
     engine = Engine(model, tokenizer)
     rows = prompts(tokenizer, count)
     options = [GenerationConfig(max_new_tokens=n) for n in (5, 17, 9, 12, 3, 20, 8)[:count]]

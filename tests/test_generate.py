@@ -308,3 +308,14 @@ def test_batched_and_beam_decoding_pack_the_weights(models, tokenizer, monkeypat
     monkeypatch.setattr(packing, "PACK_MIN_ROWS", 3)
     generate_ids(ours, rows[:2], GenerationConfig(max_new_tokens=16, num_beams=4), EOS)  # packs once
     assert len(calls) == 2 and ours._cpmlive_packing_depth == 0
+
+
+def test_sampling_draws_from_the_distribution():
+    """The inverse-CDF sampler against the probabilities it samples (and never a zero one)."""
+    from cpmlive.infer.generate import sample
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).expand(20_000, -1)
+    drawn = sample(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=5).float() / drawn.numel()
+    assert counts[1] == 0 and counts[4] == 0
+    assert torch.allclose(counts, probs[0], atol=0.015)

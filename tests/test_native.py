@@ -160,13 +160,32 @@ def test_native_step_hidden_states_match_the_blocks_for_w8a8_and_pruned_models()
                     assert torch.allclose(cache.keys[layer], twin.keys[layer], atol=1e-5)
 
 
-def test_models_with_adapters_or_experts_keep_the_pytorch_blocks():
-    from cpmlive.tune.delta import DeltaConfig, attach
+def test_steps_that_run_an_adapter_or_experts_keep_the_pytorch_blocks(monkeypatch):
+    """A model with adapters decodes natively while no adapter runs (its base weights are the
+    base model's), and on PyTorch's blocks when one does, for the whole batch or some rows."""
+    from cpmlive.tune.delta import DeltaConfig, active_adapter, adapters_by_row, attach
 
     model = small_model()
+    base_ids, _ = logits_both_ways(model, monkeypatch)
+    monkeypatch.undo()
+    attach(model, DeltaConfig(method="lora", r=2, target_modules=["project_q", "w_0"]), "a")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(3))
     assert native_decode.plan(model, RMSNorm, FeedForward) is not None
-    attach(model, DeltaConfig(method="lora", r=2), "a")
-    assert native_decode.plan(model, RMSNorm, FeedForward) is None
+    with active_adapter(model, None):
+        ours, reference = logits_both_ways(model, monkeypatch)
+    assert ours == reference == base_ids
+    monkeypatch.undo()
+    hidden = torch.zeros(2, 1, CONFIG.dim_model)
+    cache = model.new_cache(2, 8)
+    with torch.no_grad(), active_adapter(model, "a"):
+        assert not native_decode.applies(model, hidden, cache)
+    with torch.no_grad(), adapters_by_row(model, [None, "a"]):
+        assert not native_decode.applies(model, hidden, cache)
+    with torch.no_grad(), adapters_by_row(model, [None, None]):
+        assert native_decode.applies(model, hidden, cache)
     experts = AntConfig.from_dict(CONFIG.to_dict() | {"moe": {"experts": 4, "top_k": 2}})
     assert native_decode.plan(small_model(experts), RMSNorm, FeedForward) is None
 

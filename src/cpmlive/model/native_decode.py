@@ -91,13 +91,20 @@ def _tensors(layers: list[nn.Module | None]) -> list[Tensor]:
     return found
 
 
+def _base_type(layer: nn.Module, base: type) -> bool:
+    """Whether ``layer`` computes as a plain ``base`` here: it is one, or it is an adapter layer
+    over one (its base weights are its own ``weight``; ``applies`` refused steps that run an adapter)."""
+    return type(layer) is base or (isinstance(layer, base) and hasattr(layer, "delta_state"))
+
+
 def _matrix(layer: nn.Module) -> Matrix | None:
-    if type(layer) is nn.Linear and layer.bias is None and not (layer._forward_hooks or layer._forward_pre_hooks):
+    if _base_type(layer, nn.Linear) and not isinstance(layer, QuantizedLinear) and layer.bias is None \
+            and not (layer._forward_hooks or layer._forward_pre_hooks):
         weight = layer.weight
         if weight.dtype not in KINDS or not weight.is_contiguous() or weight.device.type != "cpu":
             return None
         return Matrix(KINDS[weight.dtype], weight.data_ptr(), None, None, weight.size(0), weight.size(1), 0)
-    if type(layer) is QuantizedLinear and layer.native_layout():
+    if _base_type(layer, QuantizedLinear) and layer.native_layout():
         zero = layer.weight_zero.data_ptr() if layer.bits == 4 else None
         kind = KIND_I4 if layer.bits == 4 else KIND_W8A8 if layer.activations == "int8" else KIND_I8
         return Matrix(kind, layer.weight.data_ptr(), layer.weight_scale.data_ptr(), zero, layer.out_features,
@@ -106,7 +113,7 @@ def _matrix(layer: nn.Module) -> Matrix | None:
 
 
 def _norm(norm: nn.Module, norm_type: type) -> int | None:
-    if type(norm) is not norm_type or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous():
+    if not _base_type(norm, norm_type) or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous():
         return None
     return norm.weight.data_ptr()
 
@@ -150,10 +157,30 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type) -> Plan | None:
     return result
 
 
+# Rows of one step taken by C. More than the single products' ``native.MAX_ROWS``: a step reads
+# each weight tile once for all its rows, and an engine's batch of up to 64 rows still decodes
+# faster here than through PyTorch's blocks (``benchmarks/serve.py`` measures the batch).
+STEP_MAX_ROWS = 64
+
+
 def applies(model: nn.Module, hidden: Tensor, cache: object) -> bool:
-    """Whether this step (one new position per row, few rows, float32, inference) can go to C."""
+    """Whether this step (one new position per row, at most ``STEP_MAX_ROWS`` rows, float32,
+    inference, no adapter running) can go to C."""
     return (cache is not None and hidden.size(1) == 1 and hidden.dtype == torch.float32 and not model.training
-            and native.applies(hidden) and not torch.is_autocast_enabled("cpu"))
+            and 0 < hidden.size(0) <= STEP_MAX_ROWS and hidden.device.type == "cpu" and not torch.is_grad_enabled()
+            and native.available() and not torch.is_autocast_enabled("cpu") and not _adapter_running(model))
+
+
+def _adapter_running(model: nn.Module) -> bool:
+    """Whether an attached adapter (``tune.delta``'s ``delta_state``) runs in this step, for the
+    whole batch or for some of its rows: then the step stays on PyTorch's blocks."""
+    state = getattr(model, "delta_state", None)
+    if state is None:
+        return False
+    groups = state.row_groups()
+    if groups is not None:
+        return any(name is not None for name, _ in groups)
+    return state.current() is not None
 
 
 def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, cache: object) -> Tensor | None:
@@ -183,4 +210,4 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, ca
     return out.view_as(hidden)
 
 
-__all__ = ["Plan", "applies", "decode_blocks", "plan"]
+__all__ = ["Plan", "STEP_MAX_ROWS", "applies", "decode_blocks", "plan"]

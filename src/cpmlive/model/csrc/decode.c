@@ -64,7 +64,7 @@ static void attend(const float *q, const float *key_cache, const float *value_ca
                    float *out, int64_t rows, int64_t heads, int64_t dim_head, int64_t capacity,
                    int64_t keys, int threads) {
     float scale = 1.0f / sqrtf((float)dim_head);
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
     for (int64_t rh = 0; rh < rows * heads; rh++) {
         int64_t r = rh / heads, h = rh % heads;
         const float *qv = q + r * heads * dim_head + h * dim_head;

@@ -105,20 +105,24 @@ INLINE __m256 load8(const void *w, int kind, int64_t j) {
 }
 #endif
 
-/* Four output rows (i .. i+3) of a float-like product; `scale` (or NULL) multiplies each row. */
-INLINE void float_tile4(const void *w, int kind, const float *scale, const float *x, float *y,
-                        int64_t i, int64_t n, int64_t k, int64_t rows) {
-    size_t row_bytes = (size_t)k * element_size(kind);
-    const char *w0 = (const char *)w + i * row_bytes, *w1 = w0 + row_bytes, *w2 = w1 + row_bytes,
-               *w3 = w2 + row_bytes;
+/* Four output rows (i .. i+3) of a float-like product for every input row; `scale` (or NULL)
+ * multiplies each output row. The columns go in chunks of K_CHUNK: the chunk of the four weight
+ * rows stays in L1 while every input row's chunk passes over it. Each input row keeps its eight
+ * vector sums in `acc` between chunks, so it adds its terms in the same order whether it is
+ * alone or in a batch of any size (a row's result never depends on its batch). */
+#define K_CHUNK 512
+#define ROW_BLOCK 64
+
+#ifdef CPMLIVE_VECTOR
+INLINE void float_tile4_chunk(const char *w0, size_t row_bytes, int kind, const float *x, int64_t k,
+                              int64_t rows, int64_t j0, int64_t j1, __m256 (*acc)[8], int prefetch) {
+    const char *w1 = w0 + row_bytes, *w2 = w1 + row_bytes, *w3 = w2 + row_bytes;
     for (int64_t m = 0; m < rows; m++) {
         const float *xm = x + m * k;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        int64_t j = 0;
-#ifdef CPMLIVE_VECTOR
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (; j + 16 <= k; j += 16) {
-            if (m == 0 && kind == I8) prefetch_tile(w0, row_bytes, j, 16);  /* float rows: the hardware keeps up */
+        __m256 a0 = acc[m][0], a1 = acc[m][1], a2 = acc[m][2], a3 = acc[m][3];
+        __m256 b0 = acc[m][4], b1 = acc[m][5], b2 = acc[m][6], b3 = acc[m][7];
+        for (int64_t j = j0; j < j1; j += 16) {
+            if (m == 0 && prefetch) prefetch_tile(w0, row_bytes, j, 16);  /* float rows: the hardware keeps up */
             __m256 x0 = _mm256_loadu_ps(xm + j), x1 = _mm256_loadu_ps(xm + j + 8);
             a0 = _mm256_fmadd_ps(load8(w0, kind, j), x0, a0);
             a1 = _mm256_fmadd_ps(load8(w1, kind, j), x0, a1);
@@ -129,23 +133,49 @@ INLINE void float_tile4(const void *w, int kind, const float *scale, const float
             b2 = _mm256_fmadd_ps(load8(w2, kind, j + 8), x1, b2);
             b3 = _mm256_fmadd_ps(load8(w3, kind, j + 8), x1, b3);
         }
-        s0 = hsum(_mm256_add_ps(a0, b0));
-        s1 = hsum(_mm256_add_ps(a1, b1));
-        s2 = hsum(_mm256_add_ps(a2, b2));
-        s3 = hsum(_mm256_add_ps(a3, b3));
-#endif
-        for (; j < k; j++) {
-            s0 += scalar_weight(w0, kind, j) * xm[j];
-            s1 += scalar_weight(w1, kind, j) * xm[j];
-            s2 += scalar_weight(w2, kind, j) * xm[j];
-            s3 += scalar_weight(w3, kind, j) * xm[j];
-        }
-        float *ym = y + m * n + i;
-        ym[0] = scale ? s0 * scale[i] : s0;
-        ym[1] = scale ? s1 * scale[i + 1] : s1;
-        ym[2] = scale ? s2 * scale[i + 2] : s2;
-        ym[3] = scale ? s3 * scale[i + 3] : s3;
+        acc[m][0] = a0; acc[m][1] = a1; acc[m][2] = a2; acc[m][3] = a3;
+        acc[m][4] = b0; acc[m][5] = b1; acc[m][6] = b2; acc[m][7] = b3;
     }
+}
+#endif
+
+INLINE void float_tile4_block(const char *w0, size_t row_bytes, int kind, const float *scale, const float *x,
+                              float *y, int64_t i, int64_t n, int64_t k, int64_t rows) {
+    const char *w[4] = {w0, w0 + row_bytes, w0 + 2 * row_bytes, w0 + 3 * row_bytes};
+    int64_t j = 0;
+#ifdef CPMLIVE_VECTOR
+    __m256 acc[ROW_BLOCK][8];
+    for (int64_t m = 0; m < rows; m++)
+        for (int c = 0; c < 8; c++) acc[m][c] = _mm256_setzero_ps();
+    int64_t vector_end = k - k % 16;
+    for (; j < vector_end; j += K_CHUNK) {
+        int64_t end = j + K_CHUNK < vector_end ? j + K_CHUNK : vector_end;
+        float_tile4_chunk(w0, row_bytes, kind, x, k, rows, j, end, acc, kind == I8);
+    }
+    j = vector_end;
+#endif
+    for (int64_t m = 0; m < rows; m++) {
+        const float *xm = x + m * k;
+        float *ym = y + m * n + i;
+        for (int c = 0; c < 4; c++) {
+#ifdef CPMLIVE_VECTOR
+            float sum = hsum(_mm256_add_ps(acc[m][c], acc[m][c + 4]));
+#else
+            float sum = 0;
+#endif
+            for (int64_t t = j; t < k; t++) sum += scalar_weight(w[c], kind, t) * xm[t];
+            ym[c] = scale ? sum * scale[i + c] : sum;
+        }
+    }
+}
+
+INLINE void float_tile4(const void *w, int kind, const float *scale, const float *x, float *y,
+                        int64_t i, int64_t n, int64_t k, int64_t rows) {
+    size_t row_bytes = (size_t)k * element_size(kind);
+    const char *w0 = (const char *)w + i * row_bytes;
+    for (int64_t m = 0; m < rows; m += ROW_BLOCK)
+        float_tile4_block(w0, row_bytes, kind, scale, x + m * k, y + m * n, i, n, k,
+                          rows - m < ROW_BLOCK ? rows - m : ROW_BLOCK);
 }
 
 INLINE void float_row(const void *w, int kind, const float *scale, const float *x, float *y,
