@@ -24,6 +24,7 @@ from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
 from cpmlive.model.families import family_of, preset_family
+from cpmlive.model.streaming import parse_size, stream_weights
 from cpmlive.resources import adapter_path, model_path
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
@@ -251,13 +252,16 @@ def find_vocab(vocab: str | os.PathLike | None, directory: Path | None, name: st
 
 def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
          vocab: str | os.PathLike | None = None, hf_tokenizer: bool = False, seed: int = 0,
-         adapter: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> LM:
+         adapter: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+         memory_limit: int | str | None = None) -> LM:
     """A checkpoint (ours, HF's or OpenBMB's: a directory or a weights file), ``"demo"`` (the
     shipped model) or a preset name (random weights).
 
     Random-weight presets need a vocabulary of their ``vocab_size``: pass ``vocab=``.
     ``adapter``: one or more adapter directories (or names of shipped ones, e.g. ``"headline"``);
-    the last one given is active, ``lm.use(name)`` switches.
+    the last one given is active, ``lm.use(name)`` switches. ``memory_limit`` (bytes, or a size
+    such as ``"4GB"``): keep at most that much of the weights resident and stream the other
+    blocks from the checkpoint (``cpmlive.model.streaming``).
     """
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is None and torch.device(device).type == "cpu":
@@ -266,13 +270,16 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     directory: Path | None
     if path.exists():
         kind = family_of(path)
-        model, directory = kind.load(path, dtype=torch_dtype, device=device)
+        keep = {"keep_matrices": True} if memory_limit is not None else {}  # stream the stored bytes as they are
+        model, directory = kind.load(path, dtype=torch_dtype, device=device, **keep)
     elif (kind := preset_family(str(name_or_path))) is not None:
         config = kind.presets[str(name_or_path)]()
         model = kind.build(config, device=device, dtype=torch_dtype or torch.float32, seed=seed).eval()
         directory = None
     else:
         raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
+    if memory_limit is not None:
+        stream_weights(model, parse_size(memory_limit) if isinstance(memory_limit, str) else int(memory_limit))
     tokenizer = kind.tokenizer.from_file(find_vocab(vocab, directory, str(name_or_path)), hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))
     template = ChatTemplate.load(directory) if directory is not None else None

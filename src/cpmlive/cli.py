@@ -130,6 +130,24 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-tokenizer", action="store_true", help="tokenize exactly like HF CpmAntTokenizer")
     parser.add_argument("--adapter", action="append", default=None,
                         help="adapter directory or shipped adapter name (repeatable; the last is active)")
+    add_memory_limit(parser)
+
+
+def memory_size(text: str) -> int:
+    from cpmlive.model.streaming import parse_size
+
+    try:
+        return parse_size(text)
+    except CpmliveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+memory_size.__name__ = "size"
+
+
+def add_memory_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory-limit", type=memory_size, default=None, metavar="SIZE",
+                        help="keep at most SIZE of weights resident (e.g. 4GB); other blocks stream from the checkpoint")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
@@ -143,7 +161,7 @@ def load_lm(args: argparse.Namespace):
     from cpmlive.api import load
 
     return load(args.model, dtype=args.dtype, vocab=args.vocab, hf_tokenizer=args.hf_tokenizer,
-                adapter=getattr(args, "adapter", None))
+                adapter=getattr(args, "adapter", None), memory_limit=getattr(args, "memory_limit", None))
 
 
 @contextmanager
@@ -473,7 +491,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_dir = check_run_dir(args.run_dir) if args.run_dir else None
     settings = Settings(api_key=Settings.key_from_environment(args.api_key), max_batch=args.max_batch,
                         max_waiting=args.max_waiting, timeout=args.timeout, cors_origins=tuple(args.cors_origin or ()),
-                        run_dir=run_dir, served_name=args.served_name)
+                        run_dir=run_dir, served_name=args.served_name, memory_limit=args.memory_limit)
     serve(model, adapters=adapters, host=args.host, port=args.port, settings=settings)
 
 
@@ -669,6 +687,7 @@ def build_parser() -> Parser:
     srv.add_argument("--cors-origin", action="append", help="allow browser pages from this origin (repeatable)")
     srv.add_argument("--run-dir", help="a training run whose live dashboard the site shows at /dashboard")
     srv.add_argument("--served-name", help="the base model's name in /v1/models (default: its directory's)")
+    add_memory_limit(srv)
     srv.set_defaults(run=cmd_serve)
 
     rep = verbs.add_parser("report", help="write a run's training log (markdown and plots)")

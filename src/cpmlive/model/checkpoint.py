@@ -175,14 +175,28 @@ def check_state_dict(state: dict[str, Tensor], config: AntConfig, source: str) -
 
 
 def model_from_state_dict(config: AntConfig, state: dict[str, Tensor], dtype: torch.dtype | None = None,
-                          device: str | torch.device = "cpu", source: str = "checkpoint") -> CpmAnt:
-    """Build on the meta device, then adopt the given tensors (no second copy)."""
+                          device: str | torch.device = "cpu", source: str = "checkpoint",
+                          keep_matrices: bool = False) -> CpmAnt:
+    """Build on the meta device, then adopt the given tensors (no second copy).
+
+    ``keep_matrices``: the weight matrices (every ``Linear`` and the tied embedding) keep the
+    dtype they are stored in, still views of the file, and only the small tensors take ``dtype``:
+    a float16 checkpoint then computes in float32 from its float16 weights (the products convert
+    them exactly), with half the memory and nothing copied (what ``--memory-limit`` streams)."""
     check_state_dict(state, config, source)
     model = empty_model(config)
+    kept = matrix_names(model) if keep_matrices else set()
     if dtype is not None or str(device) != "cpu":
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and k not in kept else None)
+                 for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def matrix_names(model: CpmAnt) -> set[str]:
+    """State-dict names of the weight matrices: every float ``Linear``'s and the embedding's."""
+    names = {f"{name}.weight" for name, module in model.named_modules() if type(module) is torch.nn.Linear}
+    return names | {"input_embedding.weight"}
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,

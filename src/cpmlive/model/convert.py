@@ -308,12 +308,14 @@ def load_any(path: str | os.PathLike,
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> tuple[CpmAnt, Path]:
+                    device: str | torch.device = "cpu", keep_matrices: bool = False) -> tuple[CpmAnt, Path]:
     """A model from a checkpoint in any format (``"demo"`` too), and the directory that holds
-    its vocabulary: HF and OpenBMB checkpoints load as they are, no conversion first."""
+    its vocabulary: HF and OpenBMB checkpoints load as they are, no conversion first.
+    ``keep_matrices``: see :func:`~cpmlive.model.checkpoint.model_from_state_dict`."""
     source = resolve(path)
     state, config = _load(source)
-    return model_from_state_dict(config, state, dtype, device, source=str(source.path)), source.directory
+    model = model_from_state_dict(config, state, dtype, device, source=str(source.path), keep_matrices=keep_matrices)
+    return model, source.directory
 
 
 # ---- writing -------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def project(x: Tensor, layer: nn.Linear | Tensor, epilogue: Epilogue = "none",
         out = _onednn_project(x, _blocked(x, weight), epilogue, other)
         if out is not None:
             return out
+    if weight is not None and weight.dtype != x.dtype and weight.is_floating_point():
+        layer = weight.to(x.dtype)  # weights kept in their stored half dtype, computed in x's (exact)
     out = F.linear(x, layer) if isinstance(layer, Tensor) else layer(x)
     # Outside autograd our own fresh product takes the GELU or the gate in place, so a prompt's
     # FFN holds one fewer [rows, d_ff] tensor at its peak.

@@ -204,9 +204,23 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, ca
     columns = cache.write_columns().to(torch.int64).contiguous()
     if int(columns.max()) >= bias.size(-1):
         return None
-    native.decoder()(step.blocks, count, keys, values, out.data_ptr(), bias.data_ptr(), out.size(0), config.dim_model,
-                     config.num_heads, config.dim_head, step.dim_ff, cache.capacity, columns.data_ptr(),
-                     bias.size(-1), step.eps, torch.get_num_threads())
+    decode = native.decoder()
+    stream = getattr(model, "weight_stream", None)
+
+    def run(first: int, blocks: int) -> None:
+        skip = first * ctypes.sizeof(ctypes.c_void_p)
+        decode(ctypes.addressof(step.blocks) + first * ctypes.sizeof(Block), blocks, ctypes.addressof(keys) + skip,
+               ctypes.addressof(values) + skip, out.data_ptr(), bias.data_ptr(),
+               out.size(0), config.dim_model, config.num_heads, config.dim_head, step.dim_ff, cache.capacity,
+               columns.data_ptr(), bias.size(-1), step.eps, torch.get_num_threads())
+
+    if stream is None:
+        run(0, count)
+    else:  # block by block, so that streamed weights are fetched ahead and dropped after (model.streaming)
+        for index in range(count):
+            stream.before(index)
+            run(index, 1)
+            stream.after(index)
     return out.view_as(hidden)
 
 

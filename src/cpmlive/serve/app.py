@@ -243,7 +243,7 @@ def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLik
     settings = settings or Settings()
 
     def load_model() -> LM:
-        lm = load(model)
+        lm = load(model, memory_limit=settings.memory_limit)
         for name, path in paths:
             lm.add_adapter(path, name=name)
         return lm

@@ -55,6 +55,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     run_dir: Path | None = None  # a training run whose dashboard the site shows
     served_name: str | None = None  # the base model's name in /v1/models (default: its directory's)
+    memory_limit: int | None = None  # bytes of weights kept resident (``model.streaming``)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
