@@ -164,7 +164,8 @@ class Sequence:
         self.limit = width + options.max_new_tokens  # KV columns it may need
         self.history = list(self.request.ids)
         self.generated: list[int] = []
-        self.released = 0  # characters of the text already emitted
+        self.text = ""  # the generated text, a token's string at a time (CPM tokenizers decode by concatenation)
+        self.released = 0  # characters of it already emitted
         self.pending: int | None = None  # the chosen token, fed at the next step
         self.finished = False
         self.generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
@@ -177,11 +178,12 @@ class Sequence:
     def accept(self, token: int, eos_id: int, logprob: float | None, top: dict[int, float] | None) -> None:
         """Take the chosen token: emit what it releases, finish when it ends the request."""
         if token == eos_id:
-            self.finish("stop", self._text()[self.released:], logprob=None)
+            self.finish("stop", self.text[self.released:], logprob=None)
             return
         self.generated.append(token)
         self.history.append(token)
-        text = self._text()
+        self.text += self.tokenizer.decode([token])
+        text = self.text
         cut = self._stop_at(text)
         if cut is not None:
             self.finish("stop", text[self.released:cut], token, logprob=logprob, top_logprobs=top)
@@ -193,9 +195,6 @@ class Sequence:
         self.handle.emit(Event(token, text[self.released:safe], logprob, top))
         self.released = safe
         self.pending = token
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.generated)
 
     def _stop_at(self, text: str) -> int | None:
         """Where the earliest stop string starts in ``text`` (only where it can be new)."""

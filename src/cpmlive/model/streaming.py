@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import torch
 from torch import Tensor, nn
 
 from cpmlive.errors import CpmliveError

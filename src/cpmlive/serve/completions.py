@@ -18,7 +18,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Literal
 
 from fastapi import Request as HttpRequest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
@@ -60,12 +60,19 @@ class Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     user: str | None = Field(None, max_length=200)
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     min_tokens: int = Field(0, ge=0)
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _only_zero(cls, value: float, info: ValidationInfo) -> float:
+        if value != 0:
+            raise ValueError(f"{info.field_name} is not supported (only 0; repetition_penalty is)")
+        return value
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -223,7 +223,8 @@ class Generations:
                     raise ServerError(504, f"the request took longer than {self.state.settings.timeout:g} s",
                                       "timeout", "timeout")
                 try:
-                    index, event = await asyncio.wait_for(self.queue.get(), wait)
+                    index, event = self.queue.get_nowait() if not self.queue.empty() else \
+                        await asyncio.wait_for(self.queue.get(), wait)
                 except asyncio.TimeoutError:
                     if request is not None and await request.is_disconnected():
                         return
