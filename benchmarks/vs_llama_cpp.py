@@ -9,7 +9,7 @@ read of a 2 GB tensor); each row reports the weight bytes read per token and the
 bandwidth they reach.
 
     pip install gguf llama-cpp-python==0.3.16     # llama-cpp-python builds from source (~25 min on 2 cores)
-    python benchmarks/llama_cpp.py [--tokens 32] [--keep /tmp/gguf-450m]
+    python benchmarks/vs_llama_cpp.py [--tokens 32] [--keep /tmp/gguf-450m]
 
 Run it by hand on an otherwise idle machine (it is not a test).
 """
@@ -75,7 +75,7 @@ def write_gguf(path: Path, kind: str) -> None:
         elif kind == "F16":
             writer.add_tensor(name, data.astype(np.float16))
         else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_shape=data.shape, raw_dtype=qtype)
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
     def vector(name: str) -> None:
         writer.add_tensor(name, np.ones(DIM, dtype=np.float32))
