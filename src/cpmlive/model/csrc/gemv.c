@@ -117,12 +117,13 @@ INLINE __m256 load8(const void *w, int kind, int64_t j) {
 INLINE void float_tile4_chunk(const char *w0, size_t row_bytes, int kind, const float *x, int64_t k,
                               int64_t rows, int64_t j0, int64_t j1, __m256 (*acc)[8], int prefetch) {
     const char *w1 = w0 + row_bytes, *w2 = w1 + row_bytes, *w3 = w2 + row_bytes;
+    size_t esize = element_size(kind);
     for (int64_t m = 0; m < rows; m++) {
         const float *xm = x + m * k;
         __m256 a0 = acc[m][0], a1 = acc[m][1], a2 = acc[m][2], a3 = acc[m][3];
         __m256 b0 = acc[m][4], b1 = acc[m][5], b2 = acc[m][6], b3 = acc[m][7];
         for (int64_t j = j0; j < j1; j += 16) {
-            if (m == 0 && prefetch) prefetch_tile(w0, row_bytes, j, 16);  /* float rows: the hardware keeps up */
+            if (m == 0 && prefetch) prefetch_tile(w0, row_bytes, j * esize, 16 * esize);  /* f32 rows: the hardware keeps up */
             __m256 x0 = _mm256_loadu_ps(xm + j), x1 = _mm256_loadu_ps(xm + j + 8);
             a0 = _mm256_fmadd_ps(load8(w0, kind, j), x0, a0);
             a1 = _mm256_fmadd_ps(load8(w1, kind, j), x0, a1);
@@ -150,7 +151,7 @@ INLINE void float_tile4_block(const char *w0, size_t row_bytes, int kind, const 
     int64_t vector_end = k - k % 16;
     for (; j < vector_end; j += K_CHUNK) {
         int64_t end = j + K_CHUNK < vector_end ? j + K_CHUNK : vector_end;
-        float_tile4_chunk(w0, row_bytes, kind, x, k, rows, j, end, acc, kind == I8);
+        float_tile4_chunk(w0, row_bytes, kind, x, k, rows, j, end, acc, kind != F32);
     }
     j = vector_end;
 #endif
