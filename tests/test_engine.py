@@ -268,3 +268,19 @@ def test_a_failing_prefill_fails_only_its_request(model, tokenizer, monkeypatch)
         bad.result()
     monkeypatch.setattr(engine, "_prefill", real)
     assert good.result().finish_reason in ("length", "stop")
+
+
+def test_the_token_budget_spreads_prefills_over_steps(model, tokenizer):
+    """With a budget below two prompts, one waiting request joins per iteration while the
+    running ones keep decoding; each still gets what it would alone."""
+    engine = Engine(model, tokenizer, token_budget=1)
+    rows = prompts(tokenizer, 3, seed=13)
+    options = GenerationConfig(max_new_tokens=6)
+    handles = [engine.submit(Request(ids, options)) for ids in rows]
+    running = []
+    with torch.inference_mode():
+        for _ in range(3):
+            engine._iterate()
+            running.append(len(engine.running))
+    assert running == [1, 2, 3]
+    assert [h.result().ids for h in handles] == [alone(model, ids, options, tokenizer.eos_id) for ids in rows]

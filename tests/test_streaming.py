@@ -131,3 +131,9 @@ def test_the_half_precision_demo_streams_its_stored_weights():
     assert limited.fill("北京是中国的<mask>。") == plain.fill("北京是中国的<mask>。")
     assert resident_bytes(files(Path(limited.name))) <= 26_000_000
     stream.close()
+
+
+def test_serve_with_a_limit_below_one_block_exits_2(capsys):
+    assert main(["serve", "demo", "--memory-limit", "1KB", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "smaller than" in err[0]
