@@ -284,3 +284,28 @@ def test_the_token_budget_spreads_prefills_over_steps(model, tokenizer):
             running.append(len(engine.running))
     assert running == [1, 2, 3]
     assert [h.result().ids for h in handles] == [alone(model, ids, options, tokenizer.eos_id) for ids in rows]
+
+
+def test_a_failing_logits_processor_ends_only_its_request(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    rows = prompts(tokenizer, 2, seed=14)
+
+    def broken(logits, histories):
+        raise ValueError("bad processor")
+
+    good = engine.submit(Request(rows[0], GenerationConfig(max_new_tokens=8)))
+    bad = engine.submit(Request(rows[1], GenerationConfig(max_new_tokens=8, logits_processor=broken)))
+    with pytest.raises(CpmliveError, match="bad processor"):
+        bad.result()
+    assert good.result().ids == alone(model, rows[0], GenerationConfig(max_new_tokens=8), tokenizer.eos_id)
+    with pytest.raises(CpmliveError, match="outside the vocabulary"):
+        engine.submit(Request(rows[0], GenerationConfig(sequence_bias={(10**6,): 1.0})))
+
+
+def test_after_stop_waiters_still_drive(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    engine.start()
+    engine.stop()
+    ids = prompts(tokenizer, 1, seed=15)[0]
+    handle = engine.submit(Request(ids, GenerationConfig(max_new_tokens=4)))
+    assert handle.result().ids == alone(model, ids, GenerationConfig(max_new_tokens=4), tokenizer.eos_id)

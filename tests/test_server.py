@@ -42,9 +42,19 @@ def lm():
 
 
 @pytest.fixture(scope="module")
-def server(lm):
-    with serving(create_app(lm)) as url:
+def app(lm):
+    return create_app(lm)
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    with serving(app) as url:
         yield url
+
+
+@pytest.fixture
+def app_engine(app):
+    return app.state.server.engine
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +247,8 @@ def test_a_request_over_its_time_is_504(lm):
     assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
 
 
-def test_a_client_that_disconnects_cancels_its_generation(lm, server):
-    engine = lm.engine
+def test_a_client_that_disconnects_cancels_its_generation(lm, server, app_engine):
+    engine = app_engine
     host, port = server.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     body = json.dumps({"model": "demo", "prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "stream": True})
@@ -264,6 +274,49 @@ def test_api_key_guards_v1_only(lm):
         with pytest.raises(openai.AuthenticationError):
             wrong.completions.create(model="demo", prompt="好")
         assert json.loads(get_text(url, "/healthz"))["status"] == "ok"
+
+
+def test_api_key_guards_the_sites_api_too_but_not_health_or_preflight(lm):
+    test = TestClient(create_app(lm, Settings(api_key="k", cors_origins=("http://ok.example",))))
+    assert test.post("/api/titles", json={"article": "好"}).status_code == 401
+    assert test.post("/api/fill", json={"text": "今天<mask>"}).status_code == 401
+    assert test.get("/healthz").status_code == 200 and test.get("/").status_code == 200
+    preflight = test.options("/v1/completions", headers={"Origin": "http://ok.example",
+                                                         "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "http://ok.example"
+    keyed = test.post("/api/fill", json={"text": "今天<mask>"}, headers={"Authorization": "Bearer k"})
+    assert keyed.status_code == 200
+
+
+def test_unpaired_surrogates_are_400_not_500(server):
+    for path, body in (("/v1/completions", b'{"model": "demo", "prompt": "\\ud800", "echo": true}'),
+                       ("/v1/fill", b'{"text": "\\ud800<mask>"}')):
+        host, port = server.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 400, response.read()
+        message = json.loads(response.read())["error"]["message"]
+        assert message.startswith(("prompt: ", "text: ")) and ("surrogate" in message or "unicode" in message)
+        conn.close()
+
+
+def test_a_non_streaming_client_that_disconnects_cancels_too(lm, server, app_engine):
+    import socket
+
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"model": "demo", "prompt": PROMPT, "max_tokens": 400, "min_tokens": 400}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    deadline = time.monotonic() + 30
+    while app_engine.stats()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sock.close()
+    deadline = time.monotonic() + 30
+    while app_engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app_engine.stats()["running"] == 0
 
 
 def test_no_cross_origin_access_unless_named(lm):

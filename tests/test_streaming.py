@@ -137,3 +137,14 @@ def test_serve_with_a_limit_below_one_block_exits_2(capsys):
     assert main(["serve", "demo", "--memory-limit", "1KB", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "smaller than" in err[0]
+
+
+def test_changing_a_streamed_weight_in_place_is_refused(tmp_path):
+    model = load_model(checkpoint(tmp_path))
+    stream = stream_weights(model, 3 * BLOCK_BYTES + (1 << 20))
+    index = stream.order[0]
+    with torch.no_grad():
+        model.layers[index].ffn.w_0.weight.mul_(2)
+        with pytest.raises(CpmliveError, match="changed in place"):
+            generate_ids(model, ROWS, OPTIONS, eos_id=7)
+    stream.close()

@@ -110,13 +110,18 @@ class Handle:
         self.cancelled.set()
 
     def emit(self, event: Event) -> None:
+        if self.done.is_set():
+            return  # a request ends once
         if event.token is not None:
             self.completion_tokens += 1
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
         if event.finish_reason is not None:
             self.finished_at, self.finish_reason = time.monotonic(), event.finish_reason
-        (self._sink or self._events.put)(event)
+        try:
+            (self._sink or self._events.put)(event)
+        except Exception:  # a caller's sink failed: nobody can take this request's events any more
+            self.cancel()
         if event.finish_reason is not None:
             self.done.set()
 
@@ -158,7 +163,7 @@ class Handle:
 class Sequence:
     """A running request: what it generated, the text it released, its generator."""
 
-    def __init__(self, handle: Handle, width: int, tokenizer: Any) -> None:
+    def __init__(self, handle: Handle, width: int, tokenizer: Any, device: torch.device) -> None:
         self.handle, self.request, self.tokenizer = handle, handle.request, tokenizer
         options = self.request.options
         self.limit = width + options.max_new_tokens  # KV columns it may need
@@ -168,8 +173,9 @@ class Sequence:
         self.released = 0  # characters of it already emitted
         self.pending: int | None = None  # the chosen token, fed at the next step
         self.finished = False
-        self.generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
-        self.hold = max((len(s) for s in self.request.stop), default=1) - 1
+        self.generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
+        self.stops = tuple(s for s in self.request.stop if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
 
     def finish(self, reason: str, text: str = "", token: int | None = None, **extra: Any) -> None:
         self.finished = True
@@ -199,7 +205,7 @@ class Sequence:
     def _stop_at(self, text: str) -> int | None:
         """Where the earliest stop string starts in ``text`` (only where it can be new)."""
         start = max(0, self.released - self.hold)
-        found = [i for i in (text.find(s, start) for s in self.request.stop if s) if i >= 0]
+        found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
         return min(found) if found else None
 
 
@@ -249,6 +255,9 @@ class Engine:
             raise CpmliveError(f"the prompt's {len(request.ids)} tokens and max_new_tokens {options.max_new_tokens} "
                                f"exceed the model's {config.max_length - config.prompt_length} positions: "
                                f"ask for at most {max(limit, 0)} new tokens")
+        vocab = config.vocab_size
+        if any(not 0 <= t < vocab for key in (options.sequence_bias or {}) for t in key):
+            raise CpmliveError(f"sequence_bias names a token id outside the vocabulary [0, {vocab})")
         if request.adapter is not None:
             state = delta.delta_state(self.model)
             if state is None or request.adapter not in state.configs:
@@ -288,15 +297,15 @@ class Engine:
         return self._driver is threading.current_thread()
 
     def drive(self, until: Callable[[], bool], wait: bool = True) -> bool:
-        """Run the engine on this thread until ``until()`` holds or :meth:`stop` is called; with
-        ``wait=False``, only if no other thread drives it (returns whether this one did)."""
+        """Run the engine on this thread until ``until()`` holds; with ``wait=False``, only if no
+        other thread drives it (returns whether this one did)."""
         if self.is_driving():
             raise CpmliveError("the engine is already driven by this thread")
         if not self._drive_lock.acquire(blocking=wait):
             return False
         self._driver = threading.current_thread()
         try:
-            while not until() and not self._stopping.is_set():
+            while not until():
                 self._iterate()
         finally:
             self._driver = None
@@ -306,14 +315,15 @@ class Engine:
     def run_forever(self) -> None:
         """Drive the engine on this thread until :meth:`stop`."""
         self._stopping.clear()
-        self.drive(lambda: False)
+        self.drive(self._stopping.is_set)
 
     def start(self) -> None:
         """Give the engine a thread of its own that drives it until :meth:`stop`."""
         if self._thread is not None and self._thread.is_alive():
             return
         self._stopping.clear()
-        self._thread = threading.Thread(target=self.drive, args=(lambda: False,), name="cpmlive-engine", daemon=True)
+        self._thread = threading.Thread(target=self.drive, args=(self._stopping.is_set,), name="cpmlive-engine",
+                                        daemon=True)
         self._thread.start()
         _ENGINES.add(self)
 
@@ -396,9 +406,13 @@ class Engine:
             except Exception as exc:  # these requests fail; the running ones go on
                 internal = not isinstance(exc, CpmliveError)
                 message = f"{type(exc).__name__}: {exc}" if internal else str(exc)
+                for seq in self.running:
+                    if seq.handle in handles:
+                        seq.finished = True  # leaves the batch below; its handle gets the error here
                 for handle in handles:
                     if not handle.done.is_set():
                         handle.emit(Event(None, finish_reason="error", error=message, internal=internal))
+                self._remove_finished()
 
     def _prefill_groups(self, handles: list[Handle]) -> list[tuple[list[Handle], str | None, int | None]]:
         """Requests prefilled together: the same adapter and prompt task, and each one's new
@@ -429,7 +443,7 @@ class Engine:
         with self._adapter(adapter):
             hidden = prefill(model, batch, cache, [len(r) for r in rows])
             logits = model.logits(hidden)
-        fresh = [Sequence(h, width, self.tokenizer) for h in handles]
+        fresh = [Sequence(h, width, self.tokenizer, self.pool.device) for h in handles]
         need = max(s.limit for s in self.running + fresh)
         self.pool.reserve(len(self.running) + len(fresh), need)
         for index, seq in enumerate(fresh):
@@ -456,14 +470,18 @@ class Engine:
         fast = logits.argmax(-1).tolist() if any(greedy) else None
         for row, seq in enumerate(seqs):
             options = seq.request.options
-            if greedy[row]:
-                token = fast[row]
-            else:
-                processed = process_logits(logits[row:row + 1].clone(), [seq.history], len(seq.generated), options,
-                                           self.eos_id)
-                token = int(choose_tokens(processed, options, seq.generator))
-            logprob, top = self._logprobs(seq, logits[row], token)
-            seq.accept(token, self.eos_id, logprob, top)
+            try:
+                if greedy[row]:
+                    token = fast[row]
+                else:
+                    processed = process_logits(logits[row:row + 1].clone(), [seq.history], len(seq.generated),
+                                               options, self.eos_id)
+                    token = int(choose_tokens(processed, options, seq.generator))
+                logprob, top = self._logprobs(seq, logits[row], token)
+                seq.accept(token, self.eos_id, logprob, top)
+            except Exception as exc:  # this request's own options failed (a logits_processor...): it alone ends
+                internal = not isinstance(exc, CpmliveError)
+                seq.finish("error", error=f"{type(exc).__name__}: {exc}" if internal else str(exc), internal=internal)
         self._remove_finished()
 
     def _logprobs(self, seq: Sequence, logits: Tensor, token: int) -> tuple[float | None, dict[int, float] | None]:

@@ -4,8 +4,8 @@ Every attention layer has a key and a value buffer ``[rows, heads, width, dim_he
 holds running sequence ``i``. When a sequence leaves, the last row moves into its place, so the
 running rows are always ``0 .. count - 1`` and a step reads contiguous views of them (what the
 native decoding step needs). The buffers grow when a request needs more rows or columns, shrink
-when the batch has halved, and are released when nothing runs, so a finished request's memory
-is given back at once instead of waiting for the server to go idle.
+once the batch uses a quarter of them, and are released when nothing runs, so a finished
+request's memory is reused at once and given back without waiting for the server to go idle.
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ class KVPool:
 
     def bytes_used(self) -> int:
         """Bytes of the keys and values the running sequences have written."""
-        if not self.rows:
+        rows, width, count, lengths = self.rows, self.width, self.count, self.lengths  # read from other threads too
+        tensors = [t for t in (*self.keys, *self.values) if t is not None]
+        if not rows or not width or not tensors:
             return 0
-        per_column = sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
-        per_column //= self.rows * self.width
-        return int(self.lengths[:self.count].sum()) * per_column
+        per_column = sum(t[0, :, 0].numel() * t.element_size() for t in tensors)
+        return int(lengths[:count].sum()) * per_column
 
     # ---- allocation -------------------------------------------------------------------------
 
@@ -87,12 +88,12 @@ class KVPool:
                        min(max(_round_up(width, COLUMN_STEP), self.width), self.max_width))
 
     def fit(self, width: int) -> None:
-        """Shrink to the running rows (needing ``width`` columns) when they use under half."""
+        """Shrink to the running rows (needing ``width`` columns) when they use a quarter or less."""
         if self.count == 0:
             self.release()
             return
         rows, columns = _round_up(self.count, ROW_STEP), min(_round_up(width, COLUMN_STEP), self.max_width)
-        if 2 * rows <= self.rows or 2 * columns <= self.width:
+        if 4 * rows <= self.rows or 4 * columns <= self.width:  # a quarter: a batch that wavers never thrashes
             self._allocate(rows, columns)
 
     def release(self) -> None:

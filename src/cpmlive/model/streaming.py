@@ -116,6 +116,16 @@ class StreamedBlock:
     tensors: list[Tensor]
     nbytes: int
     fetched: threading.Event = field(default_factory=threading.Event)
+    versions: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.versions = [t._version for t in self.tensors]
+
+    def check_unchanged(self) -> None:
+        """Refuse to drop pages a caller wrote to: they would come back from the file as they were."""
+        if any(t._version != v for t, v in zip(self.tensors, self.versions)):
+            raise CpmliveError(f"a weight of streamed block {self.index} was changed in place; a model under "
+                               "--memory-limit is read-only (load it without the limit to change its weights)")
 
     def ranges(self) -> list[tuple[int, int]]:
         return [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in self.tensors]
@@ -202,6 +212,7 @@ class WeightStream:
         block = self.streamed.get(index)
         if block is not None:
             block.fetched.wait()
+            block.check_unchanged()
             self._drop(block)
 
     def _drop(self, block: StreamedBlock) -> None:
@@ -214,7 +225,12 @@ class WeightStream:
                 f"blocks resident, {len(self.streamed)} ({_gb(streamed)}) streamed from the checkpoint")
 
     def close(self) -> None:
+        """Stop the fetching thread (blocks then fault their pages in themselves)."""
         self._work.put(None)
+        self._thread.join(timeout=10)
+        for block in self.streamed.values():
+            block.fetched.set()
+        self.fetch = lambda index: None
 
 
 def _gb(nbytes: int) -> str:

@@ -14,8 +14,8 @@ more is answered 503 with ``Retry-After`` at once), the time a request may take
 (``Settings.timeout``, then 504). A client that disconnects cancels its work.
 
 Security as vLLM and llama.cpp do it: the server binds 127.0.0.1 unless told otherwise; with an
-API key (``--api-key`` or ``CPMLIVE_API_KEY``) every ``/v1`` route needs ``Authorization: Bearer
-KEY`` (compared in constant time; 401 otherwise); no cross-origin access unless origins are
+API key (``--api-key`` or ``CPMLIVE_API_KEY``) every ``/v1`` and ``/api`` route needs
+``Authorization: Bearer KEY`` (compared in constant time; 401 otherwise); no cross-origin access unless origins are
 named; a request names only models and adapters the server loaded, and no field becomes a path.
 
 Errors on ``/v1`` routes are OpenAI's ``{"error": {"message", "type", "param", "code"}}``; the
@@ -48,6 +48,9 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout"}
 
 
+PYDANTIC_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
+
+
 def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
     """The first problem of a rejected request body, on one line, and the field it is in."""
     if not errors:
@@ -55,9 +58,10 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | Non
     error = errors[0]
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    parts = [str(part) for part in error.get("loc", ()) if part != "body"]
-    if parts and parts[-1] in ("str", "list[str]", "list[constrained-str]", "constrained-str") and len(parts) > 1:
-        parts = parts[:-1]  # pydantic names the union member it tried: the field is enough
+    # pydantic also names the union member or validator it tried ("str", "function-after[...]"):
+    # the field names and list indices are enough
+    parts = [str(part) for part in error.get("loc", ()) if part != "body"
+             and (isinstance(part, int) or (str(part).isidentifier() and part not in PYDANTIC_TYPE_NAMES))]
     where = ".".join(parts)
     if not where:
         return "the request body must be a JSON object", None
@@ -112,8 +116,12 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+GUARDED_PREFIXES = ("/v1", "/api/")  # model work and data; pages, /healthz, /livez and /metrics stay open
+
+
 class ApiKey:
-    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer KEY``."""
+    """ASGI middleware: every ``/v1`` and ``/api`` route needs ``Authorization: Bearer KEY``
+    (a CORS preflight, which carries no credentials, passes to the CORS layer)."""
 
     def __init__(self, app: Any, key: str) -> None:
         self.app, self.key = app, key.encode()
@@ -121,7 +129,7 @@ class ApiKey:
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         from starlette.datastructures import Headers
 
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(GUARDED_PREFIXES) and scope["method"] != "OPTIONS":
             given = Headers(scope=scope).get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
@@ -180,14 +188,14 @@ def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = Non
         app.state.loading = state.load_in_background(lm)
     else:
         state.attach(lm)
-    if settings.cors_origins:
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    if settings.cors_origins:  # outermost, so that its headers are on every answer, a 401 too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    if settings.api_key:
-        app.add_middleware(ApiKey, key=settings.api_key)
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     add_error_handlers(app)
 
     @app.middleware("http")

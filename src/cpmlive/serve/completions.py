@@ -18,12 +18,12 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Literal
 
 from fastapi import Request as HttpRequest
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
 from cpmlive.infer.generate import GenerationConfig
-from cpmlive.serve.runtime import ServerError, ServerState
+from cpmlive.serve.runtime import ServerError, ServerState, valid_text
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -38,8 +38,8 @@ MAX_LOGPROBS = 5
 MAX_SEED = 2**63 - 1
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
-Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(valid_text)]
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS), AfterValidator(valid_text)]
 
 
 class StreamOptions(BaseModel):
@@ -98,7 +98,7 @@ class CompletionRequest(Sampling):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+    content: Prompt
 
 
 class ChatRequest(Sampling):
@@ -184,7 +184,6 @@ def error_event(exc: Exception) -> dict[str, Any]:
 
 def router(state: ServerState) -> APIRouter:
     from fastapi import APIRouter
-    from fastapi.responses import StreamingResponse
 
     api = APIRouter()
 
@@ -201,7 +200,7 @@ def router(state: ServerState) -> APIRouter:
         adapter = state.resolve(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         requests, lengths = engine_requests(state, prompts, body, adapter, body.logprobs)
-        admitted = state.admit()
+        admitted = state.admit(len(requests))
         try:
             generations = state.submit(requests)
         except BaseException:
@@ -209,8 +208,8 @@ def router(state: ServerState) -> APIRouter:
             raise
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return StreamingResponse(stream_completions(state, generations, body, ident, created, prompts, lengths,
-                                                        admitted, http), media_type="text/event-stream")
+            return GuardedStream(stream_completions(state, generations, body, ident, created, prompts, lengths,
+                                                    admitted, http), generations, admitted)
         try:
             results = await collect(generations, http)
         finally:
@@ -243,7 +242,7 @@ def router(state: ServerState) -> APIRouter:
             raise ServerError(400, str(exc), param="messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
         requests, lengths = engine_requests(state, [prompt], body, adapter, top, tuple(template.stop))
-        admitted = state.admit()
+        admitted = state.admit(len(requests))
         try:
             generations = state.submit(requests)
         except BaseException:
@@ -251,8 +250,8 @@ def router(state: ServerState) -> APIRouter:
             raise
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return StreamingResponse(stream_chat(state, generations, body, ident, created, lengths[0], admitted, http),
-                                     media_type="text/event-stream")
+            return GuardedStream(stream_chat(state, generations, body, ident, created, lengths[0], admitted, http),
+                                 generations, admitted)
         try:
             results = await collect(generations, http)
         finally:
@@ -264,6 +263,30 @@ def router(state: ServerState) -> APIRouter:
                 "usage": usage(lengths[0], sum(len(r.ids) for r in results))}
 
     return api
+
+
+def guarded_stream_class() -> type:
+    from starlette.responses import StreamingResponse
+
+    class GuardedStream(StreamingResponse):
+        """An SSE answer that cancels its generations and frees its admission however it ends,
+        even when the body never starts (a client gone before the first byte)."""
+
+        def __init__(self, body: AsyncIterator[str], generations: Any, admitted: Any) -> None:
+            super().__init__(body, media_type="text/event-stream")
+            self.generations, self.admitted = generations, admitted
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.generations.cancel()
+                self.admitted.release()
+
+    return GuardedStream
+
+
+GuardedStream = guarded_stream_class()
 
 
 def chat_logprobs(state: ServerState, result: Completion) -> dict[str, Any]:

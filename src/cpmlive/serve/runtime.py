@@ -33,6 +33,16 @@ REQUEST_TIMEOUT_SECONDS = 600.0
 DISCONNECT_POLL_SECONDS = 0.25
 
 
+def valid_text(value: str) -> str:
+    """A request's string, refused when it holds an unpaired surrogate (JSON can escape one; no
+    UTF-8 can carry it back)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains an unpaired surrogate (not valid Unicode text)") from None
+    return value
+
+
 class ServerError(Exception):
     """An answer other than 200: status, one-line message, OpenAI error type and code."""
 
@@ -138,20 +148,22 @@ class ServerState:
 
     # ---- admission ----------------------------------------------------------------------------
 
-    def admit(self) -> "Admitted":
+    def admit(self, count: int = 1) -> "Admitted":
+        """Count ``count`` generations (or one job) in flight, or refuse with 503 when they would
+        pass ``max_batch + max_waiting`` (one request alone is always let in)."""
         limit = self.settings.max_batch + self.settings.max_waiting
         with self._count_lock:
-            if self.in_flight >= limit:
+            if self.in_flight and self.in_flight + count > limit:
                 self.metrics.rejected.inc()
                 raise ServerError(503, f"the server is busy ({self.in_flight} requests in flight): "
                                   f"try again in {RETRY_AFTER_SECONDS} s", "server_error", "overloaded",
                                   headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-            self.in_flight += 1
-        return Admitted(self)
+            self.in_flight += count
+        return Admitted(self, count)
 
-    def _release(self) -> None:
+    def _release(self, count: int) -> None:
         with self._count_lock:
-            self.in_flight -= 1
+            self.in_flight -= count
 
     # ---- work on the engine ---------------------------------------------------------------------
 
@@ -178,13 +190,13 @@ class Admitted:
     """A request counted in flight until ``release`` (idempotent; a streamed answer releases
     when its stream ends, not when the handler returns)."""
 
-    def __init__(self, state: ServerState) -> None:
-        self.state, self.released = state, False
+    def __init__(self, state: ServerState, count: int) -> None:
+        self.state, self.count, self.released = state, count, False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.state._release()
+            self.state._release(self.count)
 
 
 class Generations:
@@ -215,19 +227,22 @@ class Generations:
         """Every event, in the order the engine produced them, until all requests finished; a
         client that disconnects, or the timeout, cancels what still runs."""
         deadline = self.loop.time() + self.state.settings.timeout
+        next_check = self.loop.time() + DISCONNECT_POLL_SECONDS
         remaining = len(self.handles)
         try:
             while remaining:
-                wait = min(DISCONNECT_POLL_SECONDS, deadline - self.loop.time())
-                if wait <= 0:
+                now = self.loop.time()
+                if now >= deadline:
                     raise ServerError(504, f"the request took longer than {self.state.settings.timeout:g} s",
                                       "timeout", "timeout")
+                if request is not None and now >= next_check:  # on a clock: events may never pause
+                    next_check = now + DISCONNECT_POLL_SECONDS
+                    if await request.is_disconnected():
+                        return
                 try:
                     index, event = self.queue.get_nowait() if not self.queue.empty() else \
-                        await asyncio.wait_for(self.queue.get(), wait)
+                        await asyncio.wait_for(self.queue.get(), min(DISCONNECT_POLL_SECONDS, deadline - now))
                 except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
                     continue
                 if event.finish_reason is not None:
                     remaining -= 1
@@ -237,4 +252,4 @@ class Generations:
             self.cancel()
 
 
-__all__ = ["Admitted", "Generations", "ServerError", "ServerState", "Settings"]
+__all__ = ["Admitted", "Generations", "ServerError", "ServerState", "Settings", "valid_text"]

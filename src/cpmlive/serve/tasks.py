@@ -10,11 +10,11 @@ import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from cpmlive.apps.headline import TitleOptions, suggest_titles
 from cpmlive.errors import CpmliveError
-from cpmlive.serve.runtime import ServerState
+from cpmlive.serve.runtime import ServerState, valid_text
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -36,12 +36,12 @@ def as_list(value: Any) -> Any:
 
 
 AdapterName = Annotated[str | None, Field(max_length=MAX_NAME_CHARS)]
-Texts = Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS)]],
+Texts = Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(valid_text)]],
                   BeforeValidator(as_list), Field(max_length=MAX_TEXTS)]
 
 
 class TitleRequest(BaseModel):
-    article: str = Field(max_length=MAX_REQUEST_CHARS)
+    article: Annotated[str, AfterValidator(valid_text)] = Field(max_length=MAX_REQUEST_CHARS)
     n: int = Field(5, ge=1, le=10)
     adapter: AdapterName = None
     num_beams: int = Field(TitleOptions.num_beams, ge=1, le=8)
@@ -56,7 +56,7 @@ class ClassifyRequest(BaseModel):
 
 class FillRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    text: str = Field(max_length=MAX_FILL_CHARS)
+    text: Annotated[str, AfterValidator(valid_text)] = Field(max_length=MAX_FILL_CHARS)
     max_tokens: int = Field(4, ge=1, le=MAX_BLANK_TOKENS)
     blank_lengths: list[Annotated[int, Field(ge=1, le=MAX_BLANK_TOKENS)]] | None = Field(None, min_length=1,
                                                                                          max_length=MAX_BLANK_TOKENS)
