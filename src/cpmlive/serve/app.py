@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import signal
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -267,16 +268,24 @@ def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLik
         address = f"http://{host}:{sock.getsockname()[1]}"
         print(f"cpmlive serving {model} at {address}/ (OpenAI API at {address}/v1; "
               f"{'API key required' if settings.api_key else 'no API key'}; Ctrl-C to stop)", flush=True)
+        previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+            else None
         try:
             if state.load_here(load_model):  # the model loads and runs on the main thread
                 state.engine.drive(lambda: not http.is_alive())
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a container's stop): answer what runs, then go
             pass
         finally:
             server.should_exit = True
             http.join(30)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     if state.load_error is not None:
         raise CpmliveError(state.load_error)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def check_model(model: str | os.PathLike) -> None:
