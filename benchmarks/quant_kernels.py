@@ -9,7 +9,8 @@ product (``F.linear``) and every product this torch build offers for the formats
   followed by ``torch._int_mm``, and fbgemm's ``quantized.linear_dynamic`` (per-tensor activations);
 * int4 group-wise: dequantize-then-``F.linear``, ``torch._weight_int4pack_mm_for_cpu``;
 
-and, for products of at most ``native.MAX_ROWS`` rows, our own loops (``cpmlive.model.native``)
+and, for products of at most ``native.MAX_ROWS`` rows (weight-only int8: ``quant.INT8_NATIVE_MAX_ROWS``),
+our own loops (``cpmlive.model.native``)
 for fp32, bf16, int8 weight-only, int8 x int8 and int4, besides oneDNN's fp32 inner product
 (what the model uses for fp32 decoding without them).
 
@@ -100,7 +101,8 @@ def main() -> None:
         x = torch.randn(rows, args.dim)
         base = None
         for name, (fn, nbytes, reference) in runs.items():
-            if "native" in name and rows > native.MAX_ROWS:
+            limit = quant.INT8_NATIVE_MAX_ROWS if name == "int8 cpmlive native" else native.MAX_ROWS
+            if "native" in name and rows > limit:
                 continue
             ms = timed(lambda: fn(x), args.repeats)
             base = base or ms

@@ -129,10 +129,11 @@ def available() -> bool:
     return not _switched_off and _library() is not None
 
 
-def applies(x: Tensor) -> bool:
-    """Whether a product of ``x`` (floats on the CPU, outside autograd, few rows) goes here."""
+def applies(x: Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """Whether a product of ``x`` (floats on the CPU, outside autograd, at most ``max_rows``
+    rows) goes here."""
     return (x.dtype in FLOAT_WEIGHTS and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and 0 < x.numel() <= MAX_ROWS * x.size(-1) and available())
+            and 0 < x.numel() <= max_rows * x.size(-1) and available())
 
 
 def _rows(x: Tensor) -> Tensor:

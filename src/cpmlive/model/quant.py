@@ -40,6 +40,7 @@ INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4pack kernel 
 # Weight-only products of more rows than this dequantize and use F.linear: torch's int8pack and
 # int4pack kernels lose to that from a few rows on (benchmarks/quant_kernels.py).
 PACKED_KERNEL_MAX_ROWS = 4
+INT8_NATIVE_MAX_ROWS = 64  # our loops beat dequantizing first up to here (benchmarks/quant_kernels.py --rows 16 64)
 # fbgemm's dynamic int8 product: on x86 the fastest int8 product torch has (benchmarks/quant_kernels.py).
 FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 # Scales are floored so that an all-zero row or group codes to zeros instead of dividing by 0.
@@ -258,7 +259,11 @@ class QuantizedLinear(nn.Module):
         return layout and dtypes and (self.bits == 8 or native.int4_supported(self.group_size))
 
     def _native_applies(self, x: Tensor) -> bool:
-        return x.size(-1) == self.in_features and native.applies(x) and self.native_layout()
+        """Our loops for a few rows; for weight-only int8 up to ``INT8_NATIVE_MAX_ROWS`` (a prompt),
+        where PyTorch's exact path would first turn the whole weight into floats."""
+        weight_only_int8 = self.bits == 8 and self.activations == "none"
+        limit = INT8_NATIVE_MAX_ROWS if weight_only_int8 else native.MAX_ROWS
+        return x.size(-1) == self.in_features and native.applies(x, limit) and self.native_layout()
 
     def _native(self, x: Tensor) -> Tensor:
         if self.bits == 8:
