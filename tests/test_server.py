@@ -331,3 +331,21 @@ def test_adapter_flags():
     assert parse_adapter("headline") == (None, "headline")
     assert parse_adapter("mine=runs/a/adapter") == ("mine", "runs/a/adapter")
     assert parse_adapter("runs/x=y/adapter") == (None, "runs/x=y/adapter")
+
+
+def test_admission_counts_generations_not_http_requests():
+    from cpmlive.serve.runtime import ServerError, ServerState
+
+    state = ServerState(Settings(max_batch=1, max_waiting=2))
+    first = state.admit(2)  # e.g. one prompt with n=2
+    with pytest.raises(ServerError) as refused:
+        state.admit(2)
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"]
+    third = state.admit(1)
+    first.release()
+    first.release()  # idempotent
+    assert state.in_flight == 1
+    third.release()
+    assert state.in_flight == 0
+    alone = state.admit(16)  # a single request larger than the bound is still let in when nothing runs
+    alone.release()
