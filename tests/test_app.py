@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from serving import serving
+from serving import chromium_page, serving
 
 import cpmlive
 from cpmlive.api import LM
@@ -26,9 +26,6 @@ from cpmlive.tune.task import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTICLE = ("新华社北京3月5日电 第十四届全国人民代表大会第二次会议今天上午在人民大会堂开幕。"
            "国务院总理作政府工作报告，提出今年经济社会发展的主要预期目标。")
 FAST = {"num_beams": 2, "samples": 1}
@@ -315,25 +312,14 @@ def check_empty_article(page) -> None:
 
 @pytest.mark.slow
 def test_title_page_in_chromium(lm: LM) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (apt-get install -y chromium), as .ci/run does")
-    from playwright.sync_api import sync_playwright
-
-    with running_server(lm) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{url}/title?beams={FAST['num_beams']}&samples={FAST['samples']}")
-            page.wait_for_function("document.getElementById('model').textContent.includes('demo')")
-            page.select_option("#count", "3")
-            check_titles(page, url)
-            page.screenshot(path=str(ARTIFACTS / "title-app.png"), full_page=True, animations="disabled")
-            check_empty_article(page)
-            page.click("#example")
-            assert len(page.input_value("#article")) > 100
-            assert errors == []
-        finally:
-            browser.close()
+    with running_server(lm) as url, chromium_page(1100, 900) as (page, errors):
+        page.goto(f"{url}/title?beams={FAST['num_beams']}&samples={FAST['samples']}")
+        page.wait_for_function("document.getElementById('model').textContent.includes('demo')")
+        page.select_option("#count", "3")
+        check_titles(page, url)
+        page.screenshot(path=str(ARTIFACTS / "title-app.png"), full_page=True, animations="disabled")
+        check_empty_article(page)
+        page.click("#example")
+        assert len(page.input_value("#article")) > 100
+        assert errors == []
     assert (ARTIFACTS / "title-app.png").read_bytes()[:4] == b"\x89PNG"

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from serving import serving
+from serving import chromium_page, serving
 
 from cpmlive.cli import main
 from cpmlive.serve.dashboard import create_app, read_since
@@ -19,9 +19,6 @@ from cpmlive.train.metrics import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LOSS_COLOURS = [(0x93, 0xB4, 0xF5), (0x1D, 0x4E, 0xD8)]
 
 
@@ -157,32 +154,21 @@ LOSS_PIXELS = """colours => {
 
 
 def test_live_page_in_chromium(tmp_path: Path) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install it (apt-get install -y chromium), as .ci/run does")
-    from playwright.sync_api import sync_playwright
-
     run = tmp_path / "run"
-    with live_run_thread(run), running_server(run) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{url}/?poll=400")
-            first = shown_step(page, at_least=30)
-            later = shown_step(page, at_least=first + 3)
-            assert later > first
-            drawn = page.evaluate(LOSS_PIXELS, [list(c) for c in LOSS_COLOURS])
-            assert drawn["points"] >= 2 * later and drawn["hits"] > 100, drawn
-            assert page.inner_text("#status") == "live"
-            assert page.locator("#param-rows tr").count() == 4
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    with live_run_thread(run), running_server(run) as url, chromium_page(1400, 900) as (page, errors):
+        page.goto(f"{url}/?poll=400")
+        first = shown_step(page, at_least=30)
+        later = shown_step(page, at_least=first + 3)
+        assert later > first
+        drawn = page.evaluate(LOSS_PIXELS, [list(c) for c in LOSS_COLOURS])
+        assert drawn["points"] >= 2 * later and drawn["hits"] > 100, drawn
+        assert page.inner_text("#status") == "live"
+        assert page.locator("#param-rows tr").count() == 4
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
-            page.route("**/api/metrics*", lambda route: route.fulfill(status=503, body="down"))
-            page.wait_for_selector("#error.show", timeout=5_000)
-            assert "HTTP 503" in page.inner_text("#error") and page.inner_text("#status") == "offline"
-            assert errors == []
-        finally:
-            browser.close()
+        page.route("**/api/metrics*", lambda route: route.fulfill(status=503, body="down"))
+        page.wait_for_selector("#error.show", timeout=5_000)
+        assert "HTTP 503" in page.inner_text("#error") and page.inner_text("#status") == "offline"
+        assert errors == []
     assert (ARTIFACTS / "dashboard.png").read_bytes()[:4] == b"\x89PNG"

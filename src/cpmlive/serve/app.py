@@ -291,9 +291,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def check_model(model: str | os.PathLike) -> None:
     """Refuse a model that names neither a checkpoint nor a preset before binding the port."""
     from cpmlive.config import PRESETS
+    from cpmlive.model.families import preset_family
     from cpmlive.resources import model_path
 
-    if not model_path(model).exists() and str(model) not in PRESETS:
+    if not model_path(model).exists() and preset_family(str(model)) is None:
         raise CpmliveError(f"{model}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
 
 

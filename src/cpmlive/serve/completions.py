@@ -200,20 +200,12 @@ def router(state: ServerState) -> APIRouter:
         adapter = state.resolve(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         requests, lengths = engine_requests(state, prompts, body, adapter, body.logprobs)
-        admitted = state.admit(len(requests))
-        try:
-            generations = state.submit(requests)
-        except BaseException:
-            admitted.release()
-            raise
+        generations, admitted = state.start(requests)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return GuardedStream(stream_completions(state, generations, body, ident, created, prompts, lengths,
-                                                    admitted, http), generations, admitted)
-        try:
-            results = await collect(generations, http)
-        finally:
-            admitted.release()
+            return GuardedStream(stream_completions(state, generations, body, ident, created, prompts, lengths, http),
+                                 generations, admitted)
+        results = await collect(generations, admitted, http)
         choices = []
         for index, result in enumerate(results):
             prompt = prompts[index // body.n]
@@ -242,20 +234,12 @@ def router(state: ServerState) -> APIRouter:
             raise ServerError(400, str(exc), param="messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
         requests, lengths = engine_requests(state, [prompt], body, adapter, top, tuple(template.stop))
-        admitted = state.admit(len(requests))
-        try:
-            generations = state.submit(requests)
-        except BaseException:
-            admitted.release()
-            raise
+        generations, admitted = state.start(requests)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return GuardedStream(stream_chat(state, generations, body, ident, created, lengths[0], admitted, http),
+            return GuardedStream(stream_chat(state, generations, body, ident, created, lengths[0], http),
                                  generations, admitted)
-        try:
-            results = await collect(generations, http)
-        finally:
-            admitted.release()
+        results = await collect(generations, admitted, http)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
                     "logprobs": chat_logprobs(state, r) if body.logprobs else None,
                     "finish_reason": finish_reason(r.finish_reason)} for i, r in enumerate(results)]
@@ -298,8 +282,15 @@ def chat_logprobs(state: ServerState, result: Completion) -> dict[str, Any]:
     return {"content": content}
 
 
-async def collect(generations: Any, http: HttpRequest) -> list[Completion]:
-    """Every request's completion (raises the first error)."""
+async def collect(generations: Any, admitted: Any, http: HttpRequest) -> list[Completion]:
+    """Every request's completion (raises the first error); the admission ends with it."""
+    try:
+        return await _collect(generations, http)
+    finally:
+        admitted.release()
+
+
+async def _collect(generations: Any, http: HttpRequest) -> list[Completion]:
     count = len(generations.handles)
     ids: list[list[int]] = [[] for _ in range(count)]
     texts: list[list[str]] = [[] for _ in range(count)]
@@ -323,8 +314,9 @@ async def collect(generations: Any, http: HttpRequest) -> list[Completion]:
 
 
 async def stream_completions(state: ServerState, generations: Any, body: CompletionRequest, ident: str,
-                             created: int, prompts: list[str], lengths: list[int], admitted: Any,
+                             created: int, prompts: list[str], lengths: list[int],
                              http: HttpRequest) -> AsyncIterator[str]:
+    """The SSE body; :class:`GuardedStream` cancels and frees the admission however it ends."""
     decode = state.ready().tokenizer.decode
     generated = 0
     try:
@@ -354,9 +346,6 @@ async def stream_completions(state: ServerState, generations: Any, body: Complet
         yield sse("[DONE]")
     except ServerError as exc:
         yield sse(error_event(exc))
-    finally:
-        generations.cancel()
-        admitted.release()
 
 
 def chunk_of(ident: str, created: int, model: str, index: int, text: str, reason: str | None,
@@ -366,7 +355,7 @@ def chunk_of(ident: str, created: int, model: str, index: int, text: str, reason
 
 
 async def stream_chat(state: ServerState, generations: Any, body: ChatRequest, ident: str, created: int,
-                      prompt_tokens: int, admitted: Any, http: HttpRequest) -> AsyncIterator[str]:
+                      prompt_tokens: int, http: HttpRequest) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
         return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
                 "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
@@ -391,9 +380,6 @@ async def stream_chat(state: ServerState, generations: Any, body: ChatRequest, i
         yield sse("[DONE]")
     except ServerError as exc:
         yield sse(error_event(exc))
-    finally:
-        generations.cancel()
-        admitted.release()
 
 
 __all__ = ["ChatRequest", "CompletionRequest", "router"]

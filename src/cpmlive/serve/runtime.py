@@ -185,6 +185,15 @@ class ServerState:
             self.engine.check(request)
         return Generations(self, requests)
 
+    def start(self, requests: list[Request]) -> tuple["Generations", "Admitted"]:
+        """Admit ``requests`` and queue them; nothing stays counted when queueing fails."""
+        admitted = self.admit(len(requests))
+        try:
+            return self.submit(requests), admitted
+        except BaseException:
+            admitted.release()
+            raise
+
 
 class Admitted:
     """A request counted in flight until ``release`` (idempotent; a streamed answer releases
