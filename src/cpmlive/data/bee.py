@@ -1,0 +1,434 @@
+"""CPM-Bee's JSON tasks as token arrays (spec section 7.4).
+
+An input is a JSON object of strings (nested objects allowed). It becomes a tree: ``<root>``,
+then every key as a node and every string value as a leaf one level below its key, numbered in
+depth-first pre-order; each node is one *segment* ``<s> tokens </s>``. The leaves under the
+top-level key ``<ans>`` are the answers: they carry no ``</s>`` and are not context. How two
+segments relate (steps up to their common ancestor, steps down from it) is a small table,
+``segment_rel``, that the model's position bias reads.
+
+Generation replaces every ``<ans>`` leaf with a placeholder ``<ans_k>``, drops the answers'
+tokens from the prompt and decodes each answer in turn (``infer.bee``). Training rows are
+several examples packed end to end, each with its own span (``pack``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import Tensor
+
+from cpmlive.errors import CpmliveError
+from cpmlive.tokenizer.bee import BeeTokenizer
+
+class Shuffler(Protocol):
+    """``random.Random`` or ``numpy.random.RandomState`` (the original shuffles with numpy)."""
+
+    def shuffle(self, x: list) -> None: ...
+
+
+MAX_DEPTH = 8  # what every CPM-Bee script passes
+ANSWER_KEY = "<ans>"
+IGNORE = -100
+
+
+# ---- checking inputs ---------------------------------------------------------------------------
+
+
+def parse_task(text: str, where: str = "input") -> dict:
+    """A JSON task object from text, with one-line errors for what is not one."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CpmliveError(f"{where}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    return check_task(obj, where)
+
+
+def _check_tree(value: Any, path: str, depth: int, where: str) -> None:
+    if isinstance(value, str):
+        return
+    if not isinstance(value, dict):
+        kind = "null" if value is None else type(value).__name__
+        raise CpmliveError(f"{where}: {path} is {kind}; every value must be a string or an object of strings")
+    if depth > MAX_DEPTH:
+        raise CpmliveError(f"{where}: {path} nests deeper than {MAX_DEPTH} levels")
+    for key, child in value.items():
+        if key == ANSWER_KEY and path:
+            raise CpmliveError(f"{where}: {path}.<ans> is not at the top level; CPM-Bee predicts only the "
+                               "<ans> field of the outer object (nest the answers inside it instead)")
+        _check_tree(child, f"{path}.{key}" if path else key, depth + 1, where)
+
+
+def check_task(obj: Any, where: str = "input") -> dict:
+    """``obj`` if it is a task CPM-Bee can answer, else a one-line error saying why not."""
+    if not isinstance(obj, dict):
+        raise CpmliveError(f"{where}: a task is a JSON object, got {type(obj).__name__}")
+    if ANSWER_KEY not in obj:
+        raise CpmliveError(f"{where}: no \"<ans>\" field: say where the answer goes, e.g. \"<ans>\": \"\"")
+    _check_tree(obj, "", 1, where)
+    options = obj.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise CpmliveError(f"{where}: options must be an object like {{\"<option_0>\": \"...\"}}, "
+                           f"got {type(options).__name__}")
+    return obj
+
+
+# ---- the token tree ---------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    value: str
+    depth: int
+    segment: int
+    predict: bool
+    children: list["Node"] = field(default_factory=list)
+
+
+@dataclass
+class TreeArrays:
+    """``convert_data_to_id``'s output for one example: per-token ids and sub indices, context
+    flags and segment ids, the ``num_segments**2`` relation table, and the ext tables (temporary
+    id -> text, and per base name: temporary id -> sub index)."""
+
+    ids: list[int]
+    subs: list[int]
+    context: list[int]
+    segments: list[int]
+    segment_rel: list[int]
+    num_segments: int
+    ext_table: dict[int, str]
+    token_id_table: dict[str, dict[int, int]]
+
+
+def _relation_bucket(up: int, down: int) -> int:
+    bucket = up * MAX_DEPTH + down
+    return bucket + 1 if bucket else 0  # bucket 1 means "another sample"
+
+
+def _build_tree(data: Any, depth: int, predict: bool, nodes: list[Node], shuffle: Shuffler | None) -> list[Node]:
+    if not isinstance(data, dict):
+        leaf = Node(data, depth, len(nodes), predict)
+        nodes.append(leaf)
+        return [leaf]
+    items = list(data.items())
+    if predict and shuffle is not None:
+        order = list(range(len(items)))
+        shuffle.shuffle(order)
+        items = [items[i] for i in order]
+    out = []
+    for key, value in items:
+        node = Node(key, depth, len(nodes), False)
+        nodes.append(node)
+        node.children = _build_tree(value, depth + 1, predict or (depth == 1 and key == ANSWER_KEY), nodes, shuffle)
+        out.append(node)
+    return out
+
+
+def _fill_relations(node: Node, table: list[int], count: int) -> list[tuple[int, int]]:
+    """Relations between every pair of segments below ``node`` whose common ancestor it is."""
+    below = [(node.segment, node.depth)]
+    for child in node.children:
+        sub = _fill_relations(child, table, count)
+        for seg_a, depth_a in sub:
+            for seg_b, depth_b in below:
+                up = min(depth_a - node.depth, MAX_DEPTH - 1)
+                down = min(depth_b - node.depth, MAX_DEPTH - 1)
+                table[seg_a * count + seg_b] = _relation_bucket(up, down)
+                table[seg_b * count + seg_a] = _relation_bucket(down, up)
+        below.extend(sub)
+    return below
+
+
+def base_name(token: str) -> str:
+    """``<mask_0>`` -> ``<mask>``; an unknown run of characters -> ``<unk>``."""
+    if token.startswith("<") and token.endswith(">"):
+        return f"<{token[1:-1].split('_', 1)[0]}>"
+    return "<unk>"
+
+
+def tree_arrays(tokenizer: BeeTokenizer, data: dict, shuffle: Shuffler | None = None,
+                ext_table: dict[int, str] | None = None,
+                token_id_table: dict[str, dict[int, int]] | None = None) -> TreeArrays:
+    """Token arrays of one task object (``shuffle``: permute the items of objects inside
+    ``<ans>``, as training does). The ext tables may continue an earlier example's."""
+    root = Node("<root>", 0, 0, False)
+    nodes = [root]
+    root.children = _build_tree(data, 1, False, nodes, shuffle)
+    count = len(nodes)
+    relations = [0] * (count * count)
+    _fill_relations(root, relations, count)
+    table = dict(ext_table or {})
+    subs_of = {name: dict(mapping) for name, mapping in (token_id_table or {}).items()}
+    ids, subs, context, segments = [], [], [], []
+    for node in nodes:
+        raw, table = tokenizer.encode(node.value, table)
+        node_ids, node_subs = [tokenizer.bos_id], [0]
+        for token_id in raw:
+            if token_id not in table:
+                node_ids.append(token_id)
+                node_subs.append(0)
+                continue
+            name = base_name(table[token_id])
+            if name not in tokenizer.encoder:
+                raise CpmliveError(f"unknown special token {table[token_id]!r} (known kinds: "
+                                   "<mask_k>, <ans_k>, <option_k> and the vocabulary's <...> tokens)")
+            mapping = subs_of.setdefault(name, {})
+            mapping.setdefault(token_id, len(mapping))
+            node_ids.append(tokenizer.encoder[name])
+            node_subs.append(mapping[token_id])
+        if not node.predict:
+            node_ids.append(tokenizer.eos_id)
+            node_subs.append(0)
+        ids += node_ids
+        subs += node_subs
+        context += [0 if node.predict else 1] * len(node_ids)
+        segments += [node.segment] * len(node_ids)
+    return TreeArrays(ids, subs, context, segments, relations, count, table, subs_of)
+
+
+# ---- generation inputs --------------------------------------------------------------------------
+
+
+@dataclass
+class Prompt:
+    """One task prepared for decoding: the prompt's arrays (answers removed), the segment and
+    answer number of each ``<ans>`` leaf in decoding order, where each answer goes in the
+    object, and the row's own extra tokens as ``(base id, sub) -> text``."""
+
+    data: dict
+    ids: list[int]
+    subs: list[int]
+    segments: list[int]
+    segment_rel: list[int]
+    num_segments: int
+    answers: list[tuple[int, int]]
+    paths: list[list[str]]
+    extras: dict[tuple[int, int], str]
+
+
+def _placeholders(value: Any, path: list[str], paths: list[list[str]]) -> Any:
+    if isinstance(value, dict):
+        return {key: _placeholders(child, path + [key], paths) for key, child in value.items()}
+    paths.append(path)
+    return f"<ans_{len(paths)}>"
+
+
+def prompt_for(tokenizer: BeeTokenizer, data: dict) -> Prompt:
+    """Decoding inputs of one task, as the original's ``_convert_to_tensors`` builds them."""
+    check_task(data)
+    paths: list[list[str]] = []
+    marked = dict(data)
+    marked[ANSWER_KEY] = _placeholders(data[ANSWER_KEY], [], paths)
+    tree = tree_arrays(tokenizer, marked)
+    answer_of_sub = {sub: int(tree.ext_table[fake][5:-1])
+                     for fake, sub in tree.token_id_table.get(ANSWER_KEY, {}).items()
+                     if tree.ext_table[fake].startswith("<ans_")}
+    answer_id = tokenizer.encoder[ANSWER_KEY]
+    ids, subs, segments, answers = [], [], [], []
+    for token, sub, ctx, segment in zip(tree.ids, tree.subs, tree.context, tree.segments):
+        if ctx:
+            ids.append(token)
+            subs.append(sub)
+            segments.append(segment)
+        elif token == answer_id:
+            answers.append((segment, answer_of_sub[sub]))
+    if not answers:
+        raise CpmliveError("no answer to predict: the <ans> field holds an empty object")
+    extras = {}
+    for name, mapping in tree.token_id_table.items():
+        if name == ANSWER_KEY:
+            continue
+        for fake, sub in mapping.items():
+            extras[(tokenizer.encoder[name], sub)] = tree.ext_table[fake]
+    return Prompt(data, ids, subs, segments, tree.segment_rel, tree.num_segments, answers, paths, extras)
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt rows and the batch's ext table (``(base id, sub)`` pairs with sub > 0,
+    one output column each after the vocabulary), with each row's column -> text map."""
+
+    inputs: dict[str, Tensor]
+    ext_ids: Tensor
+    ext_subs: Tensor
+    row_tables: list[dict[int, str]]
+
+
+def batch_prompts(prompts: list[Prompt], vocab_size: int, device: torch.device | str = "cpu") -> PromptBatch:
+    width = max(len(p.ids) for p in prompts)
+    rel_width = max(len(p.segment_rel) for p in prompts)
+    columns: dict[tuple[int, int], int] = {}
+    row_tables = []
+    for prompt in prompts:
+        table = {}
+        for (base, sub), text in prompt.extras.items():
+            if sub == 0:
+                table[base] = text
+                continue
+            column = columns.setdefault((base, sub), vocab_size + len(columns))
+            table[column] = text
+        row_tables.append(table)
+
+    def padded(values: list[int], length: int) -> list[int]:
+        return [0] * (length - len(values)) + values
+
+    def tensor(rows: list[list[int]]) -> Tensor:
+        return torch.tensor(rows, dtype=torch.int32, device=device)
+
+    inputs = {
+        "input_ids": tensor([padded(p.ids, width) for p in prompts]),
+        "input_sub": tensor([padded(p.subs, width) for p in prompts]),
+        "position": tensor([padded(list(range(len(p.ids))), width) for p in prompts]),
+        "segment": tensor([padded(p.segments, width) for p in prompts]),
+        "num_segments": tensor([padded([p.num_segments] * len(p.ids), width) for p in prompts]),
+        "segment_rel": tensor([p.segment_rel + [0] * (rel_width - len(p.segment_rel)) for p in prompts]),
+    }
+    batch = len(prompts)
+    inputs["context"] = inputs["num_segments"] != 0
+    inputs["valid"] = inputs["context"].clone()
+    inputs["sample_ids"] = torch.zeros(batch, width, dtype=torch.int32, device=device)
+    inputs["segment_rel_offset"] = torch.zeros(batch, width, dtype=torch.int32, device=device)
+    inputs["span"] = torch.zeros(batch, width, dtype=torch.int32, device=device)
+    pairs = sorted(columns.items(), key=lambda item: item[1])
+    ext_ids = torch.tensor([base for (base, _), _ in pairs] or [0], dtype=torch.int32, device=device)
+    ext_subs = torch.tensor([sub for (_, sub), _ in pairs] or [1], dtype=torch.int32, device=device)
+    if not pairs:
+        ext_ids, ext_subs = ext_ids[:0], ext_subs[:0]
+    return PromptBatch(inputs, ext_ids, ext_subs, row_tables)
+
+
+def filled(prompt: Prompt, answers: dict[int, str]) -> dict:
+    """The task object with answer ``k`` (1-based) at its place; unanswered leaves are null."""
+    data = copy.deepcopy(prompt.data)
+    for number, path in enumerate(prompt.paths, 1):
+        text = answers.get(number)
+        if not path:
+            data[ANSWER_KEY] = text
+            continue
+        node = data[ANSWER_KEY]
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = text
+    return data
+
+
+# ---- training rows ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One training example: its tree arrays and, per token, the target: a vocabulary id, an
+    extra token's ``(base id, sub)`` (packing gives it a batch column), or -100 for none."""
+
+    tree: TreeArrays
+    targets: list[int | tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.tree.ids)
+
+
+def training_example(tokenizer: BeeTokenizer, data: dict, shuffle: Shuffler | None = None) -> Example:
+    """Arrays and next-token targets of one filled-in task (answers present, as training reads
+    them): a non-context token's target is the next token, or ``</s>`` where the next token
+    starts another segment (or the example ends)."""
+    check_task(data)
+    tree = tree_arrays(tokenizer, data, shuffle)
+    targets: list[int | tuple[int, int]] = [IGNORE] * len(tree.ids)
+    for position in range(len(tree.ids)):
+        if tree.context[position]:
+            continue
+        following = position + 1
+        if following == len(tree.ids) or tree.segments[following] != tree.segments[position]:
+            targets[position] = tokenizer.eos_id
+        elif tree.subs[following] > 0:
+            targets[position] = (tree.ids[following], tree.subs[following])
+        else:
+            targets[position] = tree.ids[following]
+    return Example(tree, targets)
+
+
+def pack(examples: list[Example], length: int, vocab_size: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Examples best-fit into rows of ``length`` positions (each its own span), as one batch
+    with a shared ext table; returns the model's inputs plus ``target`` and ``ext_ids``/``ext_subs``."""
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    for example in sorted(examples, key=len, reverse=True):
+        if len(example) > length:
+            raise CpmliveError(f"an example of {len(example)} tokens does not fit rows of {length}")
+        fits = [i for i, free in enumerate(room) if free >= len(example)]
+        if fits:
+            best = min(fits, key=lambda i: room[i])
+            rows[best].append(example)
+            room[best] -= len(example)
+        else:
+            rows.append([example])
+            room.append(length - len(example))
+    columns: dict[tuple[int, int], int] = {}
+    names = ("input_ids", "input_sub", "context", "sample_ids", "num_segments", "segment",
+             "segment_rel_offset", "span", "target", "valid", "position")
+    out = {name: torch.zeros(len(rows), length, dtype=torch.int32) for name in names}
+    out["target"].fill_(IGNORE)
+    rel_rows = []
+    for r, row in enumerate(rows):
+        start, rel = 0, []
+        for span, example in enumerate(row):
+            tree, end = example.tree, start + len(example)
+            view = slice(start, end)
+            out["input_ids"][r, view] = torch.tensor(tree.ids)
+            out["input_sub"][r, view] = torch.tensor(tree.subs)
+            out["context"][r, view] = torch.tensor(tree.context)
+            out["segment"][r, view] = torch.tensor(tree.segments)
+            out["num_segments"][r, view] = tree.num_segments
+            out["segment_rel_offset"][r, view] = len(rel)
+            out["span"][r, view] = span
+            out["valid"][r, view] = 1
+            for pair in zip(tree.ids, tree.subs):
+                if pair[1] > 0:
+                    columns.setdefault(pair, len(columns))
+            targets = [vocab_size + columns[t] if isinstance(t, tuple) else t
+                       for t in example.targets]
+            out["target"][r, view] = torch.tensor(targets)
+            rel += tree.segment_rel
+            start = end
+        out["position"][r] = torch.arange(length)
+        rel_rows.append(rel)
+    width = max(len(rel) for rel in rel_rows)
+    out["segment_rel"] = torch.tensor([rel + [0] * (width - len(rel)) for rel in rel_rows], dtype=torch.int32)
+    out["context"] = out["context"].bool()
+    out["valid"] = out["valid"].bool()
+    pairs = sorted(columns.items(), key=lambda item: item[1])
+    out["ext_ids"] = torch.tensor([base for (base, _), _ in pairs], dtype=torch.int32)
+    out["ext_subs"] = torch.tensor([sub for (_, sub), _ in pairs], dtype=torch.int32)
+    return {name: tensor.to(device) for name, tensor in out.items()}
+
+
+def answers_of(data: dict) -> Iterator[tuple[list[str], str]]:
+    """Every answer leaf of a filled task with its path inside ``<ans>``."""
+    def walk(value: Any, path: list[str]) -> Iterator[tuple[list[str], str]]:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                yield from walk(child, path + [key])
+        else:
+            yield path, value
+    yield from walk(data[ANSWER_KEY], [])
+
+
+def blank_answers(data: dict) -> dict:
+    """The task with every answer emptied (the form generation takes)."""
+    out = dict(data)
+
+    def empty(value: Any) -> Any:
+        return {key: empty(child) for key, child in value.items()} if isinstance(value, dict) else ""
+    out[ANSWER_KEY] = empty(data[ANSWER_KEY])
+    return out
+
+
+__all__ = ["ANSWER_KEY", "Example", "MAX_DEPTH", "Prompt", "PromptBatch", "TreeArrays", "batch_prompts",
+           "blank_answers", "check_task", "filled", "pack", "parse_task", "prompt_for", "training_example",
+           "tree_arrays"]

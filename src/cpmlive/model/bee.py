@@ -1,0 +1,235 @@
+"""CPM-Bee (spec section 7.2): CPM-Ant's blocks with a different way of telling tokens apart.
+
+Shared with CPM-Ant (``model.ant``): the RMS norms, the attention and the gated-GELU FFN, with
+OpenBMB's 1/sqrt(fan-in) factors folded into the weights. What differs, and is spelled out here:
+
+* **Residuals are scaled:** ``h = (h + sublayer(norm(h))) / 1.05`` after both sub-blocks.
+* **No prompt or segment embedding.** A token is its embedding ``E[id]`` (stored as
+  ``E / sqrt(d)``, which is what both the input and the tied output head use), rotated as a whole
+  by the angle ``sub * 16 * inv_freq`` where ``sub`` tells ``<mask_1>`` from ``<mask_2>``
+  (``sub == 0``: no rotation).
+* **Position bias from the JSON tree:** within one segment, the bucketed distance of token
+  positions; between segments, an entry for how the two tree nodes relate (``segment_rel``,
+  built by ``data.bee``), or bucket 1 for different samples.
+* **Extra output columns:** logits are ``h @ E^T`` followed by ``h @ ext^T`` for the batch's
+  extra tokens (``<mask_1>``, ``<option_2>`` ...), each embedded as an input would be.
+* **Masks:** CPM-Ant's context/direction/span mask, plus: a token of an in-context example
+  (``sample_ids > 0``) sees only its own example.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from cpmlive.config import BeeConfig
+from cpmlive.errors import CpmliveError
+from cpmlive.model.ant import AntCache, Block, RMSNorm, autocast_input, relative_position_bucket
+from cpmlive.model.kernels import project
+from cpmlive.utils import compute_dtype
+
+RESIDUAL_SCALE = 1.05
+SUB_DISTANCE_SCALE = 16
+KEY_INPUTS = ("context", "span", "segment", "valid", "position", "sample_ids")
+
+
+class BeeBlock(Block):
+    """CPM-Ant's block with each residual sum divided by 1.05."""
+
+    def forward(self, h: Tensor, bias: Tensor, cache: AntCache | None = None, start: int = 0,
+                keep: int | None = None) -> Tensor:
+        if hasattr(self, "attn"):
+            x = autocast_input(self.attn_norm(h))
+            if keep is not None:
+                h, bias = h[:, -keep:], bias[:, :, -keep:]
+            h = self.attn(x, bias, cache, self.index, start, residual=h, queries=keep) / RESIDUAL_SCALE
+        elif keep is not None:
+            h = h[:, -keep:]
+        if hasattr(self, "ffn"):
+            h = self.ffn(autocast_input(self.ffn_norm(h)), residual=h) / RESIDUAL_SCALE
+        return h
+
+
+@dataclass
+class BeeCache(AntCache):
+    """:class:`AntCache` that also keeps each cached position's sample id, and each row's
+    segment relation table (fixed for a row's whole decoding)."""
+
+    sample_ids: Tensor | None = None
+    segment_rel: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sample_ids = torch.zeros(self.batch, self.capacity, dtype=torch.int32, device=self.device)
+
+    def append_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        start, end = self.length, self.length + inputs["context"].size(1)
+        if end > self.capacity:
+            raise CpmliveError(f"KV cache holds {self.capacity} positions, {end} needed")
+        for name in KEY_INPUTS:
+            getattr(self, name)[:, start:end] = inputs[name]
+        return {name: getattr(self, name)[:, :end] for name in KEY_INPUTS}
+
+    def reorder(self, index: Tensor) -> None:
+        super().reorder(index)
+        self.sample_ids = self.sample_ids.index_select(0, index)
+        if self.segment_rel is not None:
+            self.segment_rel = self.segment_rel.index_select(0, index)
+
+
+def rotate_by_sub(x: Tensor, sub: Tensor, inv_freq: Tensor) -> Tensor:
+    """Rotate each vector of ``x`` (rotate-half form) by ``sub * 16 * inv_freq``."""
+    freqs = (sub * SUB_DISTANCE_SCALE)[..., None].to(inv_freq.dtype) * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * angles.cos().to(x.dtype) + rotated * angles.sin().to(x.dtype)
+
+
+class CpmBee(nn.Module):
+    def __init__(self, config: BeeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model)
+        self.position_bias = nn.Embedding(config.position_bias_num_buckets + config.position_bias_num_segment_buckets,
+                                          config.num_heads)
+        self.layers = nn.ModuleList(BeeBlock(config, i) for i in range(config.num_layers))
+        self.output_norm = RMSNorm(config.dim_model, config.eps)
+        self.gradient_checkpointing = False
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, config.dim_model, 2, dtype=torch.float32) / config.dim_model))
+        # float16 checkpoints round it to float16, as the original does
+        self.register_buffer("inv_freq", inv_freq.to(torch.float16 if config.half else torch.float32), persistent=False)
+
+    # ---- embeddings -----------------------------------------------------------------------------
+
+    def embed(self, ids: Tensor, sub: Tensor) -> Tensor:
+        hidden = self.input_embedding(ids)
+        if not bool((sub != 0).any()):
+            return hidden  # a zero angle is the identity
+        return rotate_by_sub(hidden, sub, self.inv_freq.to(hidden.device))
+
+    def logits(self, hidden: Tensor, ext_ids: Tensor | None = None, ext_subs: Tensor | None = None) -> Tensor:
+        """``[..., vocab + E]``: the tied head, then one column per extra token."""
+        head = getattr(self.input_embedding, "head", None)  # a quantized table multiplies itself
+        logits = head(hidden) if head is not None else project(hidden, self.input_embedding.weight)
+        if ext_ids is None or ext_ids.numel() == 0:
+            return logits
+        ext = self.embed(ext_ids.long(), ext_subs).to(logits.dtype)
+        return torch.cat([logits, hidden.to(ext.dtype) @ ext.T], dim=-1)
+
+    def head_weight(self) -> Tensor:
+        dequantized = getattr(self.input_embedding, "dequantized", None)
+        return dequantized() if dequantized is not None else self.input_embedding.weight
+
+    # ---- the bias and mask ----------------------------------------------------------------------
+
+    def attention_bias(self, query: dict[str, Tensor], key: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        """Position bias plus mask, ``[B, H, Lq, Lk]``.
+
+        ``query`` holds ``context``, ``span``, ``segment``, ``valid``, ``position``,
+        ``sample_ids``, ``num_segments``, ``segment_rel_offset`` and ``segment_rel`` (``[B, R]``);
+        ``key`` the first six for every key column.
+        """
+        cfg = self.config
+        same = (query["sample_ids"][:, :, None] == key["sample_ids"][:, None, :]) & \
+               (query["span"][:, :, None] == key["span"][:, None, :])
+        pair = (query["segment"][:, :, None] * query["num_segments"][:, :, None] + key["segment"][:, None, :]
+                + query["segment_rel_offset"][:, :, None])
+        pair = pair.masked_fill(~same, 0).clamp(0, query["segment_rel"].size(1) - 1)
+        batch, len_q, len_k = pair.shape
+        relation = torch.gather(query["segment_rel"].long(), 1, pair.view(batch, -1).long()).view(batch, len_q, len_k)
+        relation = relation.masked_fill(~same, 1)
+        q_pos, k_pos = query["position"][:, :, None], key["position"][:, None, :]
+        distance = relative_position_bucket(k_pos - q_pos, cfg.position_bias_num_buckets, cfg.position_bias_max_distance)
+        bucket = torch.where(relation == 0, distance.long(), relation - 1 + cfg.position_bias_num_buckets)
+        bias = self.position_bias(bucket).permute(0, 3, 1, 2).to(dtype, memory_format=torch.contiguous_format)
+
+        visible = key["context"][:, None, :] | (~query["context"][:, :, None] & (k_pos <= q_pos))
+        visible = visible & ((query["sample_ids"][:, :, None] == 0) |
+                             (query["sample_ids"][:, :, None] == key["sample_ids"][:, None, :]))
+        visible = visible & (query["span"][:, :, None] == key["span"][:, None, :])
+        visible = visible & query["valid"][:, :, None] & key["valid"][:, None, :]
+        return bias.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, input_sub: Tensor, context: Tensor, segment: Tensor, segment_rel: Tensor,
+                num_segments: Tensor, valid: Tensor, span: Tensor | None = None, sample_ids: Tensor | None = None,
+                segment_rel_offset: Tensor | None = None, position: Tensor | None = None,
+                cache: BeeCache | None = None, last: int | None = None) -> Tensor:
+        """Final hidden states ``[B, L, d]`` of the given positions (see ``CpmAnt.forward``: with
+        a cache they are the positions after ``cache.length``; ``segment_rel`` is then the
+        cache's own when not given)."""
+        zeros = torch.zeros_like(input_ids, dtype=torch.int32)
+        start = cache.length if cache is not None else 0
+        if position is None:
+            position = torch.arange(start, start + input_ids.size(1), dtype=torch.int32,
+                                    device=input_ids.device).expand_as(input_ids)
+        query = {"context": context.bool(), "span": zeros if span is None else span, "segment": segment,
+                 "valid": valid.bool(), "position": position, "sample_ids": zeros if sample_ids is None else sample_ids}
+        if cache is not None:
+            if cache.segment_rel is None:
+                cache.segment_rel = segment_rel
+            key = cache.append_inputs(query)
+        else:
+            key = query
+        query.update(num_segments=num_segments, segment_rel=segment_rel,
+                     segment_rel_offset=zeros if segment_rel_offset is None else segment_rel_offset)
+        hidden = self.embed(input_ids.long(), input_sub)
+        bias = self.attention_bias(query, key, compute_dtype(hidden))
+        for index, block in enumerate(self.layers):
+            keep = last if index == len(self.layers) - 1 else None
+            if self.gradient_checkpointing and self.training and cache is None:
+                hidden = checkpoint(block, hidden, bias, None, 0, keep, use_reentrant=False)
+            else:
+                hidden = block(hidden, bias, cache, start, keep)
+        if cache is not None:
+            cache.advance(input_ids.size(1))
+        return self.output_norm(hidden)
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, capacity: int) -> BeeCache:
+        if capacity > self.config.max_length:
+            raise CpmliveError(f"{capacity} positions needed (the task and its answers); the model takes at most "
+                               f"{self.config.max_length}: shorten the input or lower max_new_tokens")
+        return BeeCache(batch=batch, capacity=capacity, num_layers=self.config.num_layers,
+                        device=self.input_embedding.weight.device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """As ``CpmAnt.init_weights``: 1/sqrt(fan-in) linears (residual writers further scaled
+        by depth), small embeddings, a zero position bias."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
+
+        def normal(tensor: Tensor, std: float) -> None:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = 1.0 / math.sqrt(module.in_features)
+                if name.endswith(("attention_out", "w_out")):
+                    std *= depth_scale
+                normal(module.weight, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        normal(self.input_embedding.weight, 0.02)
+        self.position_bias.weight.zero_()
+
+
+def build_bee(config: BeeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+              seed: int | None = 0) -> CpmBee:
+    model = CpmBee(config)
+    model.init_weights(seed)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+__all__ = ["BeeBlock", "BeeCache", "CpmBee", "build_bee", "rotate_by_sub"]
