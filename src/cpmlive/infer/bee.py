@@ -1,0 +1,239 @@
+"""Filling CPM-Bee's ``<ans>`` fields: beam search as the original ``CPMBeeBeamSearch`` (greedy is
+one beam, as there), and sampling.
+
+Every answer leaf is decoded in turn: decoding starts with ``<s>`` at position 0 in that leaf's
+segment, and ``</s>`` moves to the next leaf. Each step the ``<unk>`` column is barred unless
+the task itself holds an unknown piece, and so are the extra columns of other tasks in the
+batch; a chosen extra column is fed back as its (base id, sub) pair. ``max_new_tokens`` counts
+every decoding step of a task, the ``</s>`` between answers included; the last step's token is
+kept whatever it is (the original's ``max_length=L`` is ``max_new_tokens=L + 2``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from cpmlive.data.bee import Prompt, PromptBatch, batch_prompts, filled, prompt_for
+from cpmlive.infer.generate import GenerationConfig, apply_repetition_penalty, sample, sampling_filter
+from cpmlive.model.bee import BeeCache, CpmBee
+from cpmlive.tokenizer.bee import BeeTokenizer
+
+BARRED = -10000.0  # what the original writes into barred columns (not -inf: log_softmax stays finite)
+
+
+@dataclass
+class Beam:
+    """One live hypothesis: which answer it is in, its tokens as ``(output column, answer
+    number)``, and what it feeds next."""
+
+    answer: int = 0
+    tokens: list[tuple[int, int]] = field(default_factory=list)
+    feed: int = 0
+    feed_sub: int = 0
+    segment: int = 0
+    position: int = 0
+
+
+class Hypotheses:
+    """The original's ``BeamHypotheses``: the ``size`` best finished hypotheses, scored by
+    log-probability over length ** ``length_penalty``; done once no live one can beat the
+    worst (its length test uses the step number, as the original does)."""
+
+    def __init__(self, size: int, length_penalty: float) -> None:
+        self.size, self.length_penalty = size, length_penalty
+        self.items: list[tuple[float, list[tuple[int, int]]]] = []
+        self.worst = 1e9
+
+    def add(self, tokens: list[tuple[int, int]], logprob: float) -> None:
+        score = logprob / len(tokens) ** self.length_penalty
+        if len(self.items) < self.size or score > self.worst:
+            self.items.append((score, tokens))
+            if len(self.items) > self.size:
+                ranked = sorted((s, i) for i, (s, _) in enumerate(self.items))
+                del self.items[ranked[0][1]]
+                self.worst = ranked[1][0]
+            else:
+                self.worst = min(score, self.worst)
+
+    def is_done(self, best_logprob: float, step: int) -> bool:
+        if len(self.items) < self.size:
+            return False
+        return step > 0 and self.worst >= best_logprob / step ** self.length_penalty
+
+    def best(self) -> list[tuple[int, int]]:
+        return max(self.items, key=lambda item: item[0])[1]
+
+
+def bar_columns(logits: Tensor, batch: PromptBatch, rows_per_task: int, unk_id: int, vocab_size: int) -> Tensor:
+    """Bar ``<unk>`` (unless the task has an unknown piece) and other tasks' extra columns."""
+    for task, table in enumerate(batch.row_tables):
+        rows = slice(task * rows_per_task, (task + 1) * rows_per_task)
+        if unk_id not in table:
+            logits[rows, unk_id] = BARRED
+        for column in range(vocab_size, logits.size(-1)):
+            if column not in table:
+                logits[rows, column] = BARRED
+    return logits
+
+
+def _prefill(model: CpmBee, batch: PromptBatch, rows: int, capacity: int) -> BeeCache:
+    tasks = len(batch.row_tables)
+    repeat = rows // tasks
+    inputs = {name: tensor.repeat_interleave(repeat, dim=0) for name, tensor in batch.inputs.items()}
+    cache = model.new_cache(rows, capacity)
+    model(**inputs, cache=cache, last=1)
+    return cache
+
+
+def _step(model: CpmBee, cache: BeeCache, batch: PromptBatch, beams: list[Beam], num_segments: Tensor) -> Tensor:
+    device = num_segments.device
+
+    def column(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)[:, None]
+
+    ones = torch.ones(len(beams), 1, dtype=torch.bool, device=device)
+    hidden = model(column([b.feed for b in beams]), column([b.feed_sub for b in beams]), ones,
+                   column([b.segment for b in beams]), cache.segment_rel, num_segments, ones,
+                   position=column([b.position for b in beams]), cache=cache)
+    return model.logits(hidden[:, -1], batch.ext_ids, batch.ext_subs).float()
+
+
+def _advanced(beam: Beam, column: int, prompt: Prompt, batch: PromptBatch, eos_id: int, bos_id: int,
+              vocab_size: int) -> Beam:
+    number = prompt.answers[beam.answer][1]
+    tokens = beam.tokens + [(column, number)]
+    if column == eos_id:
+        segment = prompt.answers[beam.answer + 1][0]
+        return Beam(beam.answer + 1, tokens, bos_id, 0, segment, 0)
+    feed, sub = column, 0
+    if column >= vocab_size:
+        index = column - vocab_size
+        feed, sub = int(batch.ext_ids[index]), int(batch.ext_subs[index])
+    return Beam(beam.answer, tokens, feed, sub, beam.segment, beam.position + 1)
+
+
+@torch.inference_mode()
+def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], config: GenerationConfig
+                ) -> list[list[tuple[int, int]]]:
+    """Each task's best hypothesis as ``(output column, answer number)`` pairs."""
+    width, vocab = config.num_beams, tokenizer.vocab_size
+    device = model.input_embedding.weight.device
+    batch = batch_prompts(prompts, vocab, device)
+    tasks, rows = len(prompts), len(prompts) * width
+    cache = _prefill(model, batch, rows, batch.inputs["input_ids"].size(1) + config.max_new_tokens)
+    num_segments = batch.inputs["num_segments"][:, -1:].repeat_interleave(width, dim=0)
+    states = [[Beam(0, [], tokenizer.bos_id, 0, p.answers[0][0], 0) for _ in range(width)] for p in prompts]
+    scores = torch.full((tasks, width), -1e9, device=device)
+    scores[:, 0] = 0
+    scores = scores.view(-1)
+    found = [Hypotheses(width, config.length_penalty) for _ in prompts]
+    done = [False] * tasks
+    fed: list[list[int]] = [[] for _ in range(rows)]
+    last = config.max_new_tokens - 1
+    for step in range(config.max_new_tokens):
+        beams = [beam for task in states for beam in task]
+        for row, beam in enumerate(beams):
+            fed[row].append(beam.feed)
+        logits = bar_columns(_step(model, cache, batch, beams, num_segments), batch, width, tokenizer.unk_id, vocab)
+        if config.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, torch.tensor(fed, device=device), config.repetition_penalty)
+        logprobs = logits.log_softmax(-1)
+        columns = logprobs.size(-1)
+        top_scores, top_index = (logprobs + scores[:, None]).view(tasks, -1).topk(2 * width, dim=1)
+        order, new_scores = [], []
+        for task, prompt in enumerate(prompts):
+            done[task] = done[task] or found[task].is_done(float(top_scores[task].max()), step)
+            if done[task]:
+                order += [task * width] * width
+                new_scores += [0.0] * width
+                continue
+            survivors: list[tuple[Beam, float, int]] = []
+            for index, value in zip(top_index[task].tolist(), top_scores[task].tolist()):
+                origin, column = divmod(index, columns)
+                beam = states[task][origin]
+                final = column == tokenizer.eos_id and beam.answer + 1 == len(prompt.answers)
+                if final or step == last:
+                    found[task].add(beam.tokens + [(column, prompt.answers[beam.answer][1])], value)
+                else:
+                    survivors.append((_advanced(beam, column, prompt, batch, tokenizer.eos_id, tokenizer.bos_id,
+                                                vocab), value, task * width + origin))
+                if len(survivors) == width:
+                    break
+            if step < last:
+                states[task] = [beam for beam, _, _ in survivors]
+                order += [origin for _, _, origin in survivors]
+                new_scores += [value for _, value, _ in survivors]
+        if step == last or all(done):
+            break
+        cache.reorder(torch.tensor(order, device=device))
+        fed = [list(fed[i]) for i in order]
+        scores = torch.tensor(new_scores, device=device)
+    return [hyps.best() if hyps.items else [] for hyps in found]
+
+
+@torch.inference_mode()
+def sample_answers(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], config: GenerationConfig
+                   ) -> list[list[tuple[int, int]]]:
+    """Sampled (``do_sample``) decoding: one hypothesis per task, drawn token by token."""
+    vocab = tokenizer.vocab_size
+    device = model.input_embedding.weight.device
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    batch = batch_prompts(prompts, vocab, device)
+    cache = _prefill(model, batch, len(prompts), batch.inputs["input_ids"].size(1) + config.max_new_tokens)
+    num_segments = batch.inputs["num_segments"][:, -1:]
+    beams = [Beam(0, [], tokenizer.bos_id, 0, p.answers[0][0], 0) for p in prompts]
+    results: list[list[tuple[int, int]] | None] = [None] * len(prompts)
+    fed: list[list[int]] = [[] for _ in prompts]
+    for step in range(config.max_new_tokens):
+        for row, beam in enumerate(beams):
+            fed[row].append(beam.feed)
+        logits = bar_columns(_step(model, cache, batch, beams, num_segments), batch, 1, tokenizer.unk_id, vocab)
+        if config.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, torch.tensor(fed, device=device), config.repetition_penalty)
+        if step < config.min_new_tokens:
+            logits[:, tokenizer.eos_id] = float("-inf")
+        chosen = sample(sampling_filter(logits, config).softmax(-1), generator).tolist()
+        for row, (beam, column) in enumerate(zip(beams, chosen)):
+            if results[row] is not None:
+                continue
+            prompt = prompts[row]
+            final = column == tokenizer.eos_id and beam.answer + 1 == len(prompt.answers)
+            if final or step == config.max_new_tokens - 1:
+                results[row] = beam.tokens + [(column, prompt.answers[beam.answer][1])]
+            else:
+                beams[row] = _advanced(beam, column, prompt, batch, tokenizer.eos_id, tokenizer.bos_id, vocab)
+        if all(result is not None for result in results):
+            break
+    return [result or [] for result in results]
+
+
+def answer_texts(tokens: list[tuple[int, int]], table: dict[int, str], tokenizer: BeeTokenizer) -> dict[int, str]:
+    """Answer number -> text (a trailing ``</s>`` dropped), ordinary ``<`` escaped as in inputs."""
+    by_answer: dict[int, list[int]] = {}
+    for column, number in tokens:
+        by_answer.setdefault(number, []).append(column)
+    texts = {}
+    for number, columns in by_answer.items():
+        if columns and columns[-1] == tokenizer.eos_id:
+            columns = columns[:-1]
+        texts[number] = tokenizer.decode(columns, table)
+    return texts
+
+
+def fill_tasks(model: CpmBee, tokenizer: BeeTokenizer, tasks: list[dict], config: GenerationConfig
+               ) -> tuple[list[dict], list[list[tuple[int, int]]]]:
+    """Every task with its ``<ans>`` leaves filled (a leaf decoding never reached is null), and
+    the raw ``(output column, answer number)`` pairs of each."""
+    prompts = [prompt_for(tokenizer, task) for task in tasks]
+    decode = sample_answers if config.do_sample else beam_search
+    results = decode(model, tokenizer, prompts, config)
+    tables = batch_prompts(prompts, tokenizer.vocab_size).row_tables
+    out = [filled(prompt, answer_texts(result, table, tokenizer))
+           for prompt, result, table in zip(prompts, results, tables)]
+    return out, results
+
+
+__all__ = ["Hypotheses", "beam_search", "fill_tasks", "sample_answers"]
