@@ -16,10 +16,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from cpmlive.config import PRESETS, AntConfig
+from cpmlive.config import ALL_PRESETS, AntConfig
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request, request_for
+from cpmlive.data.bee import check_task, parse_task
+from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
@@ -149,7 +151,34 @@ class LM:
                                f"model's {limit} positions: ask for at most {limit - tokens} new tokens")
 
     def _options(self, max_new_tokens: int, kwargs: dict) -> GenerationConfig:
+        if self.is_bee:
+            raise CpmliveError("a CPM-Bee model answers JSON tasks: use lm.bee(task) (or `cpmlive bee`)")
         return GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
+
+    @property
+    def is_bee(self) -> bool:
+        return self.model.config.model_type == "cpm-bee"
+
+    # ---- CPM-Bee JSON tasks -------------------------------------------------------------------
+
+    def bee(self, task: dict | str | Sequence[dict | str], max_new_tokens: int = 64,
+            **kwargs: object) -> dict | list[dict]:
+        """Fill every ``<ans>`` leaf of a CPM-Bee task (a dict, or its JSON text), or of each
+        task of a list (decoded as one batch). Decoding options as for ``generate``
+        (``num_beams``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``seed``); ``max_new_tokens`` counts every decoding step,
+        the ``</s>`` between answers included. A leaf decoding never reaches is ``None``."""
+        if not self.is_bee:
+            raise CpmliveError(f"{self.name or 'this model'} is a CPM-Ant model; `bee` needs a CPM-Bee checkpoint")
+        single = isinstance(task, (dict, str))
+        items = [task] if single else list(task)
+        if not items:
+            raise CpmliveError("no task given")
+        tasks = [parse_task(item, f"task {i + 1}") if isinstance(item, str) else check_task(item, f"task {i + 1}")
+                 for i, item in enumerate(items)]
+        options = GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
+        filled, _ = self.engine.call(fill_tasks, self.model, self.tokenizer, tasks, options).result()
+        return filled[0] if single else filled
 
     def _prompt_rows(self, texts: Sequence[str], options: GenerationConfig) -> list[list[int]]:
         rows = [self.encode_prompt(t) for t in texts]
@@ -215,9 +244,9 @@ class LM:
         """
         if not isinstance(text, str):
             return [self.fill(t, max_new_tokens, blank_lengths, return_fills, **kwargs) for t in text]
+        options = self._options(max_new_tokens, kwargs)
         if MASK not in text:
             raise CpmliveError("fill needs at least one <mask> in the text")
-        options = self._options(max_new_tokens, kwargs)
         if options.num_beams > 1:
             raise CpmliveError("fill decodes greedily or by sampling; num_beams is not supported")
         lengths = list(blank_lengths) if blank_lengths else list(range(1, options.max_new_tokens + 1))
@@ -277,10 +306,16 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
         model = kind.build(config, device=device, dtype=torch_dtype or torch.float32, seed=seed).eval()
         directory = None
     else:
-        raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
+        raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(ALL_PRESETS))})")
     if memory_limit is not None:
         stream_weights(model, parse_size(memory_limit) if isinstance(memory_limit, str) else int(memory_limit))
-    tokenizer = kind.tokenizer.from_file(find_vocab(vocab, directory, str(name_or_path)), hf_compat=hf_tokenizer)
+    vocab_file = find_vocab(vocab, directory, str(name_or_path))
+    if kind.model_type == "cpm-bee":
+        if hf_tokenizer:
+            raise CpmliveError("hf_tokenizer is CPM-Ant's (HF has no CPM-Bee tokenizer)")
+        tokenizer = kind.tokenizer.from_file(vocab_file)
+    else:
+        tokenizer = kind.tokenizer.from_file(vocab_file, hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))
     template = ChatTemplate.load(directory) if directory is not None else None
     if template is not None:

@@ -221,6 +221,39 @@ def cmd_fill(args: argparse.Namespace) -> None:
     print_json({"text": filled, "fills": fills}) if args.json else print(filled)
 
 
+def bee_tasks(args: argparse.Namespace) -> list[dict]:
+    """The tasks of ``cpmlive bee``: one JSON object (argument, ``-`` or ``--file``), or a file
+    of one object per line."""
+    from cpmlive.data.bee import parse_task
+
+    if args.file and args.task is not None:
+        raise CpmliveError("give the task or --file, not both")
+    if not args.file and args.task is None:
+        raise CpmliveError("no task given (pass a JSON object, --file PATH, or - for stdin)")
+    source = args.file or "argument"
+    text = read_text_file(args.file) if args.file else read_text_file("-") if args.task == "-" else args.task
+    stripped = text.strip()
+    if not stripped:
+        raise CpmliveError(f"{source}: empty input")
+    lines = [line for line in stripped.splitlines() if line.strip()]
+    if len(lines) > 1 and all(line.lstrip().startswith("{") and line.rstrip().endswith("}") for line in lines):
+        try:
+            return [parse_task(line, f"{source} line {n}") for n, line in enumerate(lines, 1)]
+        except CpmliveError:
+            pass  # not JSONL: one object over several lines
+    return [parse_task(stripped, source)]
+
+
+def cmd_bee(args: argparse.Namespace) -> None:
+    tasks = bee_tasks(args)
+    lm = load_lm(args)
+    kwargs = generation_kwargs(args)
+    for start in range(0, len(tasks), args.batch_size):
+        for filled in lm.bee(tasks[start:start + args.batch_size], **kwargs):
+            text = json.dumps(filled, ensure_ascii=False, indent=None if args.json else 2)
+            print(text, flush=True)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from cpmlive.model.families import family_of
 
@@ -528,6 +561,19 @@ def build_parser() -> Parser:
                       help="try this blank length (repeatable; default 1..--max-new-tokens)")
     fill.set_defaults(run=cmd_fill)
 
+    bee = verbs.add_parser("bee", help="fill the <ans> fields of a CPM-Bee JSON task")
+    bee.add_argument("model", help="CPM-Bee checkpoint directory, 'bee-demo', or a preset name")
+    bee.add_argument("task", nargs="?", help='the task as JSON, e.g. \'{"input": "...", "prompt": "中翻英", "<ans>": ""}\', '
+                                             "or - to read stdin")
+    bee.add_argument("--file", help="read the task (one JSON object, or one per line) from a UTF-8 file")
+    for name, kind in GENERATION_FLAGS.items():
+        bee.add_argument(f"--{name.replace('_', '-')}", type=kind, default=64 if name == "max_new_tokens" else None)
+    bee.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
+    bee.add_argument("--batch-size", type=positive_int, default=8, help="tasks decoded together")
+    bee.add_argument("--json", action="store_true", help="print each filled object as one line of JSON")
+    add_model_flags(bee)
+    bee.set_defaults(run=cmd_bee)
+
     conv = verbs.add_parser("convert", help="convert OpenBMB .pt / HF / our checkpoints")
     conv.add_argument("src")
     conv.add_argument("dst")
@@ -712,6 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # argparse cannot match an optional positional that follows a flag: take it here.
     if len(extras) == 1 and getattr(args, "text", "") is None and not extras[0].startswith("--"):
         args.text, extras = extras[0], []
+    if len(extras) == 1 and getattr(args, "task", "") is None and not extras[0].startswith("--"):
+        args.task, extras = extras[0], []
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     run: Callable[[argparse.Namespace], None] = args.run

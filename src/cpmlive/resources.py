@@ -14,21 +14,24 @@ from cpmlive.errors import CpmliveError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO = "demo"
+BEE_DEMO = "bee-demo"  # the bilingual CPM-Bee demo
+SHIPPED_MODELS = (DEMO, BEE_DEMO)
 VOCAB_NAME = "vocab.txt"
 
 
-def demo_dir() -> Path:
-    path = ASSETS / DEMO
+def demo_dir(name: str = DEMO) -> Path:
+    path = ASSETS / name
     if not path.is_dir():
-        raise CpmliveError("the demo model is not installed in this package")
+        raise CpmliveError(f"the {name} model is not installed in this package")
     return path
 
 
 def model_path(name_or_path: str | os.PathLike) -> Path:
-    """``"demo"`` is the shipped model (unless a path of that name exists); anything else is a path."""
+    """``"demo"`` (CPM-Ant) and ``"bee-demo"`` (CPM-Bee) are the shipped models (unless a path of
+    that name exists); anything else is a path."""
     path = Path(name_or_path)
-    if str(name_or_path) == DEMO and not path.exists():
-        return demo_dir()
+    if str(name_or_path) in SHIPPED_MODELS and not path.exists():
+        return demo_dir(str(name_or_path))
     return path
 
 
@@ -60,4 +63,4 @@ def vocab_path(model_or_vocab: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["ASSETS", "DEMO", "adapter_path", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]
+__all__ = ["ASSETS", "BEE_DEMO", "DEMO", "adapter_path", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]

@@ -70,11 +70,11 @@ def check_task(obj: Any, where: str = "input") -> dict:
         raise CpmliveError(f"{where}: a task is a JSON object, got {type(obj).__name__}")
     if ANSWER_KEY not in obj:
         raise CpmliveError(f"{where}: no \"<ans>\" field: say where the answer goes, e.g. \"<ans>\": \"\"")
-    _check_tree(obj, "", 1, where)
     options = obj.get("options")
     if options is not None and not isinstance(options, dict):
         raise CpmliveError(f"{where}: options must be an object like {{\"<option_0>\": \"...\"}}, "
                            f"got {type(options).__name__}")
+    _check_tree(obj, "", 1, where)
     return obj
 
 

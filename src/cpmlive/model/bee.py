@@ -100,17 +100,25 @@ class CpmBee(nn.Module):
         self.layers = nn.ModuleList(BeeBlock(config, i) for i in range(config.num_layers))
         self.output_norm = RMSNorm(config.dim_model, config.eps)
         self.gradient_checkpointing = False
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, config.dim_model, 2, dtype=torch.float32) / config.dim_model))
-        # float16 checkpoints round it to float16, as the original does
-        self.register_buffer("inv_freq", inv_freq.to(torch.float16 if config.half else torch.float32), persistent=False)
+        self._inv_freq: Tensor | None = None
 
     # ---- embeddings -----------------------------------------------------------------------------
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        """The rotation's frequencies (made on first use: a model built on the meta device and
+        then given weights still has real ones); float16 checkpoints round them to float16,
+        as the original does."""
+        if self._inv_freq is None or self._inv_freq.device != device:
+            dim = self.config.dim_model
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+            self._inv_freq = inv_freq.to(torch.float16 if self.config.half else torch.float32)
+        return self._inv_freq
 
     def embed(self, ids: Tensor, sub: Tensor) -> Tensor:
         hidden = self.input_embedding(ids)
         if not bool((sub != 0).any()):
             return hidden  # a zero angle is the identity
-        return rotate_by_sub(hidden, sub, self.inv_freq.to(hidden.device))
+        return rotate_by_sub(hidden, sub, self.inv_freq(hidden.device))
 
     def logits(self, hidden: Tensor, ext_ids: Tensor | None = None, ext_subs: Tensor | None = None) -> Tensor:
         """``[..., vocab + E]``: the tied head, then one column per extra token."""

@@ -24,9 +24,10 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from cpmlive.config import AntConfig
+from cpmlive.config import AntConfig, BeeConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
+from cpmlive.model.bee import CpmBee
 from cpmlive.model.quant import install_quantized_layers
 from cpmlive.utils import default_mode, install_directory
 
@@ -124,10 +125,14 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
 # ---- our layout <-> model ---------------------------------------------------------------------
 
 
-def empty_model(config: AntConfig) -> CpmAnt:
+def model_class(config: AntConfig | BeeConfig) -> type[CpmAnt] | type[CpmBee]:
+    return CpmBee if config.model_type == "cpm-bee" else CpmAnt
+
+
+def empty_model(config: AntConfig | BeeConfig) -> CpmAnt | CpmBee:
     """The model on the meta device, with quantized layers where the config says so."""
     with torch.device("meta"):
-        model = CpmAnt(config)
+        model = model_class(config)(config)
         if config.quantization is not None:
             install_quantized_layers(model, config.quantization)
     return model

@@ -203,7 +203,7 @@ def read_torch(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def _read_files(files: list[Path]) -> dict[str, Tensor]:
+def read_files(files: list[Path]) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for file in files:
         state.update(read_safetensors(file) if file.suffix == ".safetensors" else read_torch(file))
@@ -214,7 +214,7 @@ def read_raw(source: Source) -> dict[str, Tensor]:
     """The tensors as stored, with the file's own key names (nothing converted)."""
     if source.format == "ours":
         return read_weights(source.directory)
-    return _read_files(source.weights)
+    return read_files(source.weights)
 
 
 def _meta_state(config: AntConfig, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
@@ -321,7 +321,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 # ---- writing -------------------------------------------------------------------------------------
 
 
-def _weights_dtype(state: dict[str, Tensor]) -> torch.dtype:
+def weights_dtype(state: dict[str, Tensor]) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for tensor in state.values():
         if tensor.is_floating_point():
@@ -329,7 +329,7 @@ def _weights_dtype(state: dict[str, Tensor]) -> torch.dtype:
     return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -355,7 +355,7 @@ def hf_generation_config(config: AntConfig, vocab: Path | None) -> dict:
 
 
 def _write_hf(state: dict[str, Tensor], config: AntConfig, dst: Path, vocab: Path | None) -> None:
-    hf_config = {**config.to_hf(), "dtype": _dtype_name(_weights_dtype(state))}
+    hf_config = {**config.to_hf(), "dtype": dtype_name(weights_dtype(state))}
     build = new_build_directory(dst)
     try:
         atomic_write_text(build / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
@@ -381,7 +381,7 @@ def openbmb_config_dict(config: AntConfig) -> dict:
     return data
 
 
-def _atomic_state_save(state: dict[str, Tensor], path: Path) -> None:
+def atomic_state_save(state: dict[str, Tensor], path: Path) -> None:
     """``torch.save`` (or safetensors for a ``.safetensors`` name) to a temp file, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -408,7 +408,7 @@ def openbmb_files(dst: Path, vocab: Path | None) -> list[Path]:
 def _write_openbmb(state: dict[str, Tensor], config: AntConfig, dst: Path, vocab: Path | None) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: v.contiguous() for k, v in ours_to_openbmb(state, config).items()}
-    _atomic_state_save(flat, dst)
+    atomic_state_save(flat, dst)
     atomic_write_text(dst.with_suffix(".json"), json.dumps(openbmb_config_dict(config), indent=2) + "\n")
     if vocab is not None and dst.parent / VOCAB_NAME in openbmb_files(dst, vocab):
         atomic_write_text(dst.parent / VOCAB_NAME, vocab.read_text(encoding="utf-8"))
@@ -472,7 +472,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: Format = "ours",
         state, config = dequantize_state(state), config.dequantized()
     if target_dtype is not None:
         state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    config = dataclasses.replace(config, half=_weights_dtype(state) == torch.float16)
+    config = dataclasses.replace(config, half=weights_dtype(state) == torch.float16)
     WRITERS[to](state, config, dst, vocab)
     return dst
 
@@ -504,7 +504,7 @@ def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | No
         "config": config.to_dict(),
         "parameters": parameters,
         "tensors": len(raw),
-        "dtypes": sorted({_dtype_name(t.dtype) for t in raw.values()}),
+        "dtypes": sorted({dtype_name(t.dtype) for t in raw.values()}),
         "size_bytes": sum(f.stat().st_size for f in files),
         "files": len(files),
     }
@@ -534,6 +534,6 @@ def quantization_summary(quantization: QuantConfig) -> str:
 
 
 __all__ = [
-    "FORMATS", "Format", "Source", "check_layout", "checkpoint_info", "convert", "detect_format", "find_vocab",
-    "load_any", "openbmb_config_dict", "read_raw", "read_torch", "resolve",
+    "FORMATS", "Format", "Source", "atomic_state_save", "check_destination", "check_layout", "checkpoint_info", "convert", "detect_format", "find_vocab",
+    "load_any", "openbmb_config_dict", "read_files", "read_raw", "read_torch", "resolve", "weights_dtype",
 ]

@@ -16,14 +16,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from cpmlive.config import PRESETS, AntConfig
+from cpmlive.config import BEE_PRESETS, PRESETS, AntConfig, BeeConfig
+from cpmlive.data import bee as bee_layout
 from cpmlive.data import layout as ant_layout
 from cpmlive.errors import CpmliveError
 from cpmlive.model import convert as ant_convert
+from cpmlive.model import bee_convert
 from cpmlive.model.ant import CpmAnt, build_model
+from cpmlive.model.bee import CpmBee, build_bee
 from cpmlive.model.checkpoint import CONFIG_NAME
 from cpmlive.resources import model_path
 from cpmlive.tokenizer import AntTokenizer
+from cpmlive.tokenizer.bee import BeeTokenizer
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,13 @@ ANT = Family(
     info=ant_convert.checkpoint_info, aliases=("cpmant",),
 )
 
-FAMILIES: dict[str, Family] = {ANT.model_type: ANT}
+BEE = Family(
+    model_type="cpm-bee", config=BeeConfig, model=CpmBee, tokenizer=BeeTokenizer, layout=bee_layout,
+    formats=bee_convert.FORMATS, presets=BEE_PRESETS, build=build_bee, load=bee_convert.load_pretrained,
+    convert=bee_convert.convert, info=bee_convert.checkpoint_info,
+)
+
+FAMILIES: dict[str, Family] = {ANT.model_type: ANT, BEE.model_type: BEE}
 DEFAULT = ANT  # OpenBMB checkpoints and bare vocabularies carry no model_type
 
 
@@ -64,8 +74,11 @@ def family(model_type: str) -> Family:
 
 def family_of(path: str | os.PathLike) -> Family:
     """The family of a checkpoint (directory or weights file, ``"demo"`` too), by the
-    ``model_type`` of its ``config.json``; checkpoints without one are CPM-Ant's (OpenBMB's)."""
+    ``model_type`` of its ``config.json``; an OpenBMB checkpoint without one is CPM-Bee's when
+    its config json has CPM-Bee's keys, else CPM-Ant's."""
     directory = model_path(path)
+    if directory.exists() and bee_convert.is_bee_checkpoint(directory):
+        return BEE
     config = directory / CONFIG_NAME if directory.is_dir() else directory.parent / CONFIG_NAME
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
@@ -79,4 +92,4 @@ def preset_family(name: str) -> Family | None:
     return next((entry for entry in FAMILIES.values() if name in entry.presets), None)
 
 
-__all__ = ["ANT", "DEFAULT", "FAMILIES", "Family", "family", "family_of", "preset_family"]
+__all__ = ["ANT", "BEE", "DEFAULT", "FAMILIES", "Family", "family", "family_of", "preset_family"]

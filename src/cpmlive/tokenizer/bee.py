@@ -207,4 +207,42 @@ class BeeTokenizer:
         return unescape(self.decode(ids, ext_table))
 
 
-__all__ = ["BeeTokenizer", "Piece", "SPECIALS", "escape", "split_specials", "unescape"]
+def build_vocab(texts: Iterable[str], size: int, min_char_count: int = 2) -> list[str]:
+    """A CPM-Bee vocabulary of ``size`` entries for greedy longest-match tokenizing: the special
+    tokens at their published ids, every character seen ``min_char_count`` times, then the most
+    frequent Chinese words (jieba's segmentation) and English words (with and without their
+    leading space) and digit groups, by count."""
+    import re
+    from collections import Counter
+
+    import jieba
+
+    jieba.setLogLevel(60)
+    chars: Counter[str] = Counter()
+    words: Counter[str] = Counter()
+    latin = re.compile(r" ?[A-Za-z]+| ?[0-9]{1,3}")
+    for text in texts:
+        chars.update(text)
+        for match in latin.findall(text):
+            words[match] += 1
+            if match.startswith(" "):
+                words[match[1:]] += 1
+        for word in jieba.lcut(text):
+            if 2 <= len(word) <= 4 and all("\u4e00" <= c <= "\u9fff" for c in word):
+                words[word] += 1
+    tokens = list(SPECIALS) + ["<eod>"]
+    taken = set(tokens) | {"\n", " "}
+    for char, count in chars.most_common():
+        if count >= min_char_count and char not in taken and char.isprintable():
+            tokens.append(char)
+            taken.add(char)
+    for word, _ in words.most_common():
+        if len(tokens) >= size:
+            break
+        if word not in taken and len(word) > 1:
+            tokens.append(word)
+            taken.add(word)
+    return tokens[:max(size, len(SPECIALS) + 1)]
+
+
+__all__ = ["BeeTokenizer", "build_vocab", "Piece", "SPECIALS", "escape", "split_specials", "unescape"]
