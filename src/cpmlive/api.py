@@ -29,6 +29,7 @@ from cpmlive.model.families import family_of, preset_family
 from cpmlive.model.streaming import parse_size, stream_weights
 from cpmlive.resources import adapter_path, model_path
 from cpmlive.tokenizer import AntTokenizer
+from cpmlive.tokenizer.bee import BeeTokenizer
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
 from cpmlive.utils import parse_dtype
 
@@ -128,6 +129,7 @@ class LM:
 
     def encode_for(self, text: str, adapter: str | None) -> list[int]:
         """:meth:`encode_prompt` as if ``adapter`` were active."""
+        self._need_ant()
         if not isinstance(text, str) or not text.strip():
             raise CpmliveError("empty prompt")
         task = self.tasks.get(adapter) if adapter else None
@@ -151,9 +153,12 @@ class LM:
                                f"model's {limit} positions: ask for at most {limit - tokens} new tokens")
 
     def _options(self, max_new_tokens: int, kwargs: dict) -> GenerationConfig:
-        if self.is_bee:
-            raise CpmliveError("a CPM-Bee model answers JSON tasks: use lm.bee(task) (or `cpmlive bee`)")
+        self._need_ant()
         return GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
+
+    def _need_ant(self) -> None:
+        if self.is_bee:
+            raise CpmliveError("a CPM-Bee model answers JSON tasks: use lm.bee(task) (or `cpmlive bee`, /v1/bee)")
 
     @property
     def is_bee(self) -> bool:
@@ -279,6 +284,23 @@ def find_vocab(vocab: str | os.PathLike | None, directory: Path | None, name: st
     raise CpmliveError(f"{directory}: no {VOCAB_NAME} in the checkpoint; pass vocab=PATH (--vocab)")
 
 
+# The tokens the published CPM-Bee 3B config leaves out of the vocabulary (spec section 7.1).
+BEE_3B_MISSING = ("）", "（", "…")
+
+
+def bee_tokenizer_for(vocab: Path, vocab_size: int) -> BeeTokenizer:
+    """The CPM-Bee tokenizer of a vocabulary file, cut to a model whose config has the 3B's three
+    fewer tokens: those characters then read as unknown (ext) pieces, where the original would
+    index past the end of the embedding."""
+    tokenizer = BeeTokenizer.from_file(vocab)
+    extra = tokenizer.tokens[vocab_size:]
+    if tokenizer.vocab_size > vocab_size and tuple(extra) == BEE_3B_MISSING[:len(extra)]:
+        return BeeTokenizer(tokenizer.tokens[:vocab_size], source=str(vocab))
+    if tokenizer.vocab_size != vocab_size:
+        raise CpmliveError(f"{vocab}: the vocabulary has {tokenizer.vocab_size} tokens, the model expects {vocab_size}")
+    return tokenizer
+
+
 def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
          vocab: str | os.PathLike | None = None, hf_tokenizer: bool = False, seed: int = 0,
          adapter: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -313,7 +335,7 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     if kind.model_type == "cpm-bee":
         if hf_tokenizer:
             raise CpmliveError("hf_tokenizer is CPM-Ant's (HF has no CPM-Bee tokenizer)")
-        tokenizer = kind.tokenizer.from_file(vocab_file)
+        tokenizer = bee_tokenizer_for(vocab_file, model.config.vocab_size)
     else:
         tokenizer = kind.tokenizer.from_file(vocab_file, hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))

@@ -283,11 +283,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from cpmlive.config import PRESETS
+    from cpmlive.config import ALL_PRESETS
 
     from cpmlive.model.families import family_of
 
-    if args.model in PRESETS and not Path(args.model).exists():
+    if args.model in ALL_PRESETS and not Path(args.model).exists():
         info = preset_info(args.model)
     else:
         info = family_of(args.model).info(args.model)
@@ -440,7 +440,47 @@ def cmd_title(args: argparse.Namespace) -> None:
         print("\n".join(titles))
 
 
+def read_jsonl_tasks(path: str) -> list[dict]:
+    from cpmlive.data.bee import parse_task
+
+    lines = [(n, line) for n, line in enumerate(read_text_file(path).splitlines(), 1) if line.strip()]
+    if not lines:
+        raise CpmliveError(f"{path}: no tasks")
+    return [parse_task(line, f"{path} line {n}") for n, line in lines]
+
+
+def evaluate_bee(args: argparse.Namespace) -> None:
+    """``evaluate`` on a CPM-Bee model: answer metrics of filled tasks (``--data``), or the
+    loss of each text line as one answer (``--text``)."""
+    lm = load_lm(args)
+    if args.data:
+        from cpmlive.apps.bee_eval import evaluate_tasks
+
+        tasks = read_jsonl_tasks(args.data)
+        result = evaluate_tasks(lm, tasks, batch_size=args.batch_size, progress=not args.json,
+                                num_beams=args.num_beams or 1)
+        metrics = result["metrics"]
+    else:
+        from cpmlive.infer.bee import text_loss
+
+        lines = [line for line in read_text_file(args.text).splitlines() if line.strip()]
+        if not lines:
+            raise CpmliveError(f"{args.text}: no text to evaluate")
+        metrics = text_loss(lm.model, lm.tokenizer, lines)
+    if args.json:
+        print_json(metrics)
+    else:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from cpmlive.model.families import family_of
+    from cpmlive.resources import model_path
+
+    if not args.text and not args.data:
+        raise CpmliveError("give --text FILE (language-model loss) or --data FILE.jsonl (task metrics)")
+    if model_path(args.model).exists() and family_of(args.model).model_type == "cpm-bee":
+        return evaluate_bee(args)
     if args.data:
         return evaluate_task(args)
     if not args.text:

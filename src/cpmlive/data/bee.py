@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
 

@@ -11,11 +11,13 @@ kept whatever it is (the original's ``max_length=L`` is ``max_new_tokens=L + 2``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from cpmlive.errors import CpmliveError
 from cpmlive.data.bee import Prompt, PromptBatch, batch_prompts, filled, prompt_for
 from cpmlive.infer.generate import GenerationConfig, apply_repetition_penalty, sample, sampling_filter
 from cpmlive.model.bee import BeeCache, CpmBee
@@ -221,6 +223,29 @@ def answer_texts(tokens: list[tuple[int, int]], table: dict[int, str], tokenizer
             columns = columns[:-1]
         texts[number] = tokenizer.decode(columns, table)
     return texts
+
+
+@torch.inference_mode()
+def text_loss(model: CpmBee, tokenizer: BeeTokenizer, texts: list[str], batch_rows: int = 8) -> dict:
+    """Bits per character and perplexity of each text as the answer of ``{"<ans>": text}``
+    (what the bilingual demo pretrains on), every answer token and its ``</s>`` scored."""
+    from cpmlive.data.bee import pack, training_example
+    from cpmlive.tokenizer.bee import escape
+    from cpmlive.train.bee import batch_loss
+
+    examples = [training_example(tokenizer, {"<ans>": escape(text)}) for text in texts]
+    length = max(len(e) for e in examples)
+    if length > model.config.max_length:
+        raise CpmliveError(f"a line is {length} positions long; the model takes at most {model.config.max_length}")
+    nats = tokens = 0.0
+    for start in range(0, len(examples), batch_rows):
+        chunk = examples[start:start + batch_rows]
+        loss, count = batch_loss(model, pack(chunk, length, tokenizer.vocab_size, model.input_embedding.weight.device))
+        nats += float(loss) * count
+        tokens += count
+    chars = sum(len(text) + 1 for text in texts)  # the </s> stands for the end of each line
+    return {"bits_per_char": nats / chars / math.log(2), "perplexity": math.exp(nats / tokens),
+            "chars": chars, "tokens": int(tokens), "documents": len(texts)}
 
 
 def fill_tasks(model: CpmBee, tokenizer: BeeTokenizer, tasks: list[dict], config: GenerationConfig

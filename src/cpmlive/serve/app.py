@@ -32,7 +32,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from cpmlive.errors import CpmliveError
-from cpmlive.serve import completions, site, tasks
+from cpmlive.serve import bee, completions, site, tasks
 from cpmlive.serve.dashboard import bind
 from cpmlive.serve.runtime import MAX_WAITING, RETRY_AFTER_SECONDS, ServerError, ServerState, Settings
 from cpmlive.serve.tasks import MAX_NAME_CHARS, MAX_REQUEST_CHARS, MAX_TEXT_CHARS, MAX_TEXTS, pick_adapter
@@ -64,6 +64,8 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | Non
     parts = [str(part) for part in error.get("loc", ()) if part != "body"
              and (isinstance(part, int) or (str(part).isidentifier() and part not in PYDANTIC_TYPE_NAMES))]
     where = ".".join(parts)
+    if not where and error.get("type") == "value_error":  # a check of the whole body
+        return str(error.get("msg", "invalid request")).removeprefix("Value error, "), None
     if not where:
         return "the request body must be a JSON object", None
     return f"{where}: {' '.join(str(error.get('msg', 'invalid value')).split())}", parts[0]
@@ -226,6 +228,7 @@ def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = Non
 
     app.include_router(completions.router(state))
     app.include_router(tasks.router(state))
+    app.include_router(bee.router(state))
     app.include_router(site.router(state))
     return app
 
@@ -290,12 +293,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def check_model(model: str | os.PathLike) -> None:
     """Refuse a model that names neither a checkpoint nor a preset before binding the port."""
-    from cpmlive.config import PRESETS
+    from cpmlive.config import ALL_PRESETS
     from cpmlive.model.families import preset_family
     from cpmlive.resources import model_path
 
     if not model_path(model).exists() and preset_family(str(model)) is None:
-        raise CpmliveError(f"{model}: no such checkpoint or preset (presets: {', '.join(sorted(PRESETS))})")
+        raise CpmliveError(f"{model}: no such checkpoint or preset (presets: {', '.join(sorted(ALL_PRESETS))})")
 
 
 __all__ = ["MAX_BODY_BYTES", "MAX_NAME_CHARS", "MAX_REQUEST_CHARS", "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_WAITING",

@@ -1,4 +1,4 @@
-"""The site: the playground (``/``), the headline app (``/title``) and, when the server was given
+"""The site: the playground (``/``), the headline app (``/title``), CPM-Bee's JSON tasks (``/bee``) and, when the server was given
 a training run, its live dashboard (``/dashboard``), under one navigation bar and style.
 
 Each page is a self-contained file in ``pages/`` (no CDN: the site works offline); the bar is
@@ -37,7 +37,7 @@ def page_text(name: str) -> str:
 
 
 def links(state: ServerState) -> list[tuple[str, str]]:
-    found = [("/", "Playground 试验场"), ("/title", "智取标题")]
+    found = [("/", "Playground 试验场"), ("/title", "智取标题"), ("/bee", "CPM-Bee 任务")]
     if state.settings.run_dir is not None:
         found.append(("/dashboard", "Training 训练"))
     return found
@@ -68,6 +68,10 @@ def router(state: ServerState) -> APIRouter:
     @site.get("/title", response_class=HTMLResponse)
     def title() -> str:
         return with_layout(state, "title.html", "/title")
+
+    @site.get("/bee", response_class=HTMLResponse)
+    def bee() -> str:
+        return with_layout(state, "bee.html", "/bee")
 
     @site.get("/dashboard", response_class=HTMLResponse)
     def dashboard() -> str:

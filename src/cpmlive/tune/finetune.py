@@ -215,7 +215,7 @@ class Finetuner:
                 loss = self.loss(pairs)
             (loss / config.grad_accum).backward()
             total += loss.item() / config.grad_accum
-            tokens += sum(len(i) + len(t) for i, t in pairs)
+            tokens += self.count_tokens(pairs)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip).item()
         self.optimizer.step()
@@ -227,6 +227,9 @@ class Finetuner:
                 "loss": finite_or_none(total), "lr": lr, "tokens": pos.tokens, "tokens_per_s": tokens / seconds,
                 "grad_norm": finite_or_none(grad_norm), "memory_mb": round(memory_mb(), 1),
                 "elapsed_s": round(pos.elapsed, 3), "time": time.time()}
+
+    def count_tokens(self, pairs: list) -> int:
+        return sum(len(i) + len(t) for i, t in pairs)
 
     def loss(self, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
         if self.config.task == "classify" and self.config.classify_loss == "labels":
@@ -367,10 +370,108 @@ class Finetuner:
                         "best": better, "time": time.time()})
 
 
+# CPM-Bee's fine-tuning script tunes LoRA on the attention's queries and values.
+BEE_LORA_TARGETS = ["project_q", "project_v"]
+
+
+class BeeFinetuner(Finetuner):
+    """The same loop for a CPM-Bee model on JSONL of filled task objects (one per line, as
+    ``cpmlive bee`` takes them with the answers given): the loss is on the ``<ans>`` leaves."""
+
+    def __init__(self, config: FinetuneConfig, resume: str | None = None) -> None:
+        from cpmlive.tokenizer.bee import BeeTokenizer
+
+        self.config = config
+        self.run_dir = Path(config.out)
+        path = resolve_model_path(config.model)
+        refuse_existing_run(self.run_dir, resume, markers=(BEST,))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.vocab_path = path / VOCAB_NAME
+        self.tokenizer = BeeTokenizer.from_file(self.vocab_path)
+        self.model = family_of(path).load(path, dtype=torch.float32)[0].train()
+        delta = dict(config.delta)
+        if delta.get("method") == "prompt":
+            raise CpmliveError("soft prompts live in CPM-Ant's prompt table; a CPM-Bee model tunes lora or norm deltas")
+        if delta.get("method", "lora") == "lora":
+            delta.setdefault("target_modules", BEE_LORA_TARGETS)
+        self.delta = deltas.DeltaConfig.from_dict(delta)
+        deltas.attach(self.model, self.delta)
+        self.train_pairs = self._examples(config.data)
+        self.eval_pairs = self._examples(config.eval) if config.eval else []
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = adamw([{"params": trainable, "weight_decay": config.weight_decay}], config.lr,
+                               (config.beta1, config.beta2))
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_pairs) / (config.batch_size * config.grad_accum)))
+        self.total_steps = config.max_steps or max(1, round(config.epochs * self.steps_per_epoch))
+        self.schedule = Schedule.of(config, max_steps=self.total_steps)
+        self.position = Position()
+        if resume:
+            self._resume(resume)
+        atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
+        self.log = MetricsLog(self.run_dir)
+
+    def _examples(self, path: str) -> list:
+        from cpmlive.data.bee import parse_task, training_example
+
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise CpmliveError(f"{path}: no such file") from None
+        except UnicodeDecodeError:
+            raise CpmliveError(f"{path}: not UTF-8 text") from None
+        rng = random.Random(self.config.seed)
+        examples = [training_example(self.tokenizer, parse_task(line, f"{path} line {n}"), shuffle=rng)
+                    for n, line in enumerate(lines, 1) if line.strip()]
+        if not examples:
+            raise CpmliveError(f"{path}: no tasks")
+        longest = max(len(e) for e in examples)
+        if longest > self.model.config.max_length:
+            raise CpmliveError(f"{path}: a task is {longest} tokens long; the model takes at most "
+                               f"{self.model.config.max_length}")
+        return examples
+
+    def count_tokens(self, pairs: list) -> int:
+        return sum(len(example) for example in pairs)
+
+    def loss(self, pairs: list) -> torch.Tensor:
+        from cpmlive.data.bee import pack
+        from cpmlive.train.bee import batch_loss
+
+        batch = pack(pairs, max(len(e) for e in pairs), self.tokenizer.vocab_size)
+        return batch_loss(self.model, batch)[0]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        from cpmlive.data.bee import pack
+        from cpmlive.train.bee import batch_loss
+
+        self.model.eval()
+        try:
+            total, count = 0.0, 0
+            size = self.config.batch_size
+            for start in range(0, len(self.eval_pairs), size):
+                chunk = self.eval_pairs[start:start + size]
+                loss, n = batch_loss(self.model, pack(chunk, max(len(e) for e in chunk), self.tokenizer.vocab_size))
+                total, count = total + loss.item() * n, count + n
+            return {"loss": total / max(count, 1)}
+        finally:
+            self.model.train()
+
+    def save_adapter(self, directory: Path, metrics: dict[str, Any] | None = None) -> None:
+        deltas.save_adapter(self.model, directory)
+        shutil.copyfile(self.vocab_path, directory / VOCAB_NAME)
+        if metrics is not None:
+            atomic_write_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+
 def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
     """Train; returns the best adapter's directory."""
-    Finetuner(config, resume).run()
+    path = resolve_model_path(config.model)
+    kind = BeeFinetuner if family_of(path).model_type == "cpm-bee" else Finetuner
+    kind(config, resume).run()
     return Path(config.out) / BEST
 
 
-__all__ = ["FinetuneConfig", "Finetuner", "finetune"]
+__all__ = ["BeeFinetuner", "FinetuneConfig", "Finetuner", "finetune"]

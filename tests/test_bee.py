@@ -1,0 +1,215 @@
+"""CPM-Bee wherever a model goes: `cpmlive bee` (and its bad inputs), convert and info, evaluate,
+int8 quantization, --memory-limit, LoRA fine-tuning into a PEFT-layout adapter, the engine,
+``/v1/bee`` and the site's ``/bee`` page."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+
+import cpmlive
+from cpmlive.config import preset
+from cpmlive.errors import CpmliveError
+from cpmlive.model import bee_convert
+from cpmlive.model.ant import build_model
+from cpmlive.model.checkpoint import save_checkpoint
+from cpmlive.model.families import family_of
+from cpmlive.serve.app import create_app
+
+from conftest import ANT_VOCAB, FIXTURES, REFERENCE
+from serving import chromium_page, serving
+from test_cli import assert_clean_error, run
+
+BEE = REFERENCE / "bee-tiny"
+VOCAB = FIXTURES / "cpm-bee-vocab.txt"
+TRANSLATE = {"input": "北京是中国的首都", "prompt": "中翻英", "<ans>": ""}
+FILL = {"document": "今天天气是真的<mask_0>，我们去了<mask_1>", "<ans>": {"<mask_0>": "", "<mask_1>": ""}}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The reference's tiny random CPM-Bee, converted from its OpenBMB file into our layout."""
+    out = tmp_path_factory.mktemp("bee") / "tiny"
+    result = run("convert", BEE / "model.safetensors", out, "--vocab", VOCAB)
+    assert result.returncode == 0, result.stderr.decode()
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint):
+    return cpmlive.load(checkpoint)
+
+
+def test_convert_round_trips_the_openbmb_state(checkpoint, tmp_path):
+    assert family_of(checkpoint).model_type == "cpm-bee"
+    assert family_of(BEE / "model.safetensors").model_type == "cpm-bee"
+    back = tmp_path / "back.pt"
+    assert run("convert", checkpoint, back, "--to", "openbmb").returncode == 0
+    original, again = load_file(BEE / "model.safetensors"), torch.load(back)
+    assert sorted(original) == sorted(again)
+    assert max((original[k] - again[k]).abs().max().item() for k in original) <= 1e-6
+    assert json.loads(back.with_suffix(".json").read_text())["position_bias_num_segment_buckets"] == 256
+    info = json.loads(run("info", checkpoint, "--json").stdout)
+    assert info["model_type"] == "cpm-bee" and info["parameters"] == 2_843_584
+    assert_clean_error(run("convert", checkpoint, tmp_path / "hf", "--to", "hf"), "converts to ours or openbmb")
+
+
+def test_bee_cli_prints_the_filled_object(checkpoint, lm):
+    result = run("bee", checkpoint, json.dumps(TRANSLATE, ensure_ascii=False), "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr.decode()
+    shown = json.loads(result.stdout)
+    assert shown == lm.bee(TRANSLATE, max_new_tokens=8) and shown["<ans>"]
+    assert "\n  " in result.stdout.decode()  # pretty by default, one line with --json
+    lines = run("bee", checkpoint, "--file", "-", "--json", "--num-beams", "3", "--max-new-tokens", "6",
+                stdin=(json.dumps(TRANSLATE) + "\n" + json.dumps(FILL) + "\n").encode()).stdout.decode().splitlines()
+    assert [json.loads(line) for line in lines] == lm.bee([TRANSLATE, FILL], max_new_tokens=6, num_beams=3)
+    sampled = [run("bee", checkpoint, json.dumps(FILL), "--do-sample", "--seed", "3", "--json").stdout for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_bee_batches_equal_single_tasks(lm):
+    """A batch shares one ext table, yet each task's answers are what it gets alone."""
+    alone = [lm.bee(task, max_new_tokens=6, num_beams=2) for task in (TRANSLATE, FILL)]
+    assert lm.bee([TRANSLATE, FILL], max_new_tokens=6, num_beams=2) == alone
+
+
+@pytest.fixture(scope="module")
+def ant_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ant") / "tiny"
+    config = preset("tiny")
+    save_checkpoint(build_model(config, seed=1), config, path, vocab=ANT_VOCAB)
+    return path
+
+
+@pytest.mark.parametrize("task,fragment", [
+    ('{"input": "x", ', "invalid JSON"),
+    ('{"input": "x"}', 'no "<ans>" field'),
+    ('{"input": {"<ans>": ""}, "<ans>": ""}', "is not at the top level"),
+    ('{"input": "x", "options": ["a", "b"], "<ans>": ""}', "options must be an object"),
+    ('{"input": 3, "<ans>": ""}', "must be a string or an object of strings"),
+    ('["x"]', "a task is a JSON object"),
+    ('{"input": "<custom_token>", "<ans>": ""}', "unknown special token"),
+    ('{"input": "x < y", "<ans>": ""}', "write a literal < as <<"),
+])
+def test_bad_tasks_are_one_line_errors(checkpoint, task, fragment):
+    assert_clean_error(run("bee", checkpoint, task), fragment)
+
+
+def test_other_bad_input_is_one_line_errors(checkpoint, ant_checkpoint):
+    assert_clean_error(run("bee", checkpoint, json.dumps(TRANSLATE), "--max-new-tokens", "3000"),
+                       "the model takes at most 2048")
+    assert_clean_error(run("bee", ant_checkpoint, json.dumps(TRANSLATE)), "needs a CPM-Bee checkpoint")
+    assert_clean_error(run("bee", checkpoint), "no task given")
+    assert_clean_error(run("generate", checkpoint, "你好"), "use lm.bee(task)")
+
+
+def test_evaluate_scores_answers_and_text(checkpoint, tmp_path):
+    data = tmp_path / "tasks.jsonl"
+    data.write_text(json.dumps({**TRANSLATE, "<ans>": "Beijing"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    metrics = json.loads(run("evaluate", checkpoint, "--data", data, "--json").stdout)
+    assert set(metrics) == {"exact_match", "rougeL", "answers"} and metrics["answers"] == 1
+    text = tmp_path / "text.txt"
+    text.write_text("北京是中国的首都\n", encoding="utf-8")
+    loss = json.loads(run("evaluate", checkpoint, "--text", text, "--json").stdout)
+    assert loss["documents"] == 1 and loss["bits_per_char"] > 0
+
+
+def test_int8_and_memory_limit_keep_the_answers(checkpoint, lm, tmp_path):
+    out = tmp_path / "int8"
+    result = run("quantize", checkpoint, out, "--bits", "8")
+    assert result.returncode == 0, result.stderr.decode()
+    quantized = cpmlive.load(out)
+    assert quantized.model.config.quantization.bits == 8
+    task = [TRANSLATE, FILL]
+    reference = lm.bee(task, max_new_tokens=6)
+    assert quantized.bee(task, max_new_tokens=6)[0]["<ans>"]
+    streamed = cpmlive.load(checkpoint, memory_limit="11.5MB")
+    assert streamed.bee(task, max_new_tokens=6) == reference
+    with pytest.raises(CpmliveError, match="smaller than"):
+        cpmlive.load(checkpoint, memory_limit="1MB")
+
+
+def test_lora_finetune_writes_a_peft_adapter_that_changes_answers(checkpoint, lm, tmp_path):
+    rows = [{**TRANSLATE, "<ans>": "Beijing is the capital of China."},
+            {"document": "今天<mask_0>很好", "<ans>": {"<mask_0>": "天气"}},
+            {"input": "你好", "options": {"<option_0>": "hi", "<option_1>": "bye"}, "<ans>": "<option_0>"}]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows * 4), encoding="utf-8")
+    out = tmp_path / "run"
+    result = run("finetune", "--model", checkpoint, "--data", data, "--eval", data, "--out", out,
+                 "max_steps=30", "batch_size=4", "lr=0.05", "eval_every=10", "save_every=10", "progress=false")
+    assert result.returncode == 0, result.stderr.decode()
+    config = json.loads((out / "best" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == ["project_q", "project_v"]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["val_loss"] for r in evals if r.get("type") == "eval"]
+    assert losses[-1] < losses[0]
+    tuned = cpmlive.load(checkpoint, adapter=out / "best")
+    assert tuned.bee(TRANSLATE, max_new_tokens=12) != lm.bee(TRANSLATE, max_new_tokens=12)
+    assert_clean_error(run("finetune", "--model", checkpoint, "--data", data, "--out", tmp_path / "p",
+                           "delta.method=prompt"), "a CPM-Bee model tunes lora or norm")
+
+
+def test_v1_bee_answers_and_refuses_bad_requests(lm):
+    client = TestClient(create_app(lm))
+    answer = client.post("/v1/bee", json={"task": TRANSLATE, "max_tokens": 8}).json()
+    assert answer["result"] == lm.bee(TRANSLATE, max_new_tokens=8)
+    batch = client.post("/v1/bee", json={"tasks": [TRANSLATE, FILL], "max_tokens": 6, "num_beams": 2}).json()
+    assert batch["results"] == lm.bee([TRANSLATE, FILL], max_new_tokens=6, num_beams=2)
+    for body, fragment in [({"task": {"input": "x"}}, "no \"<ans>\" field"),
+                           ({"task": TRANSLATE, "tasks": [TRANSLATE]}, "either task"),
+                           ({"task": {"<ans>": {}}}, "no answer to predict"),
+                           ({"task": TRANSLATE, "max_tokens": 3000}, "max_tokens")]:
+        response = client.post("/v1/bee", json=body)
+        assert response.status_code == 400, response.text
+        assert fragment in response.json()["error"]["message"]
+    served = client.get("/v1/models").json()["data"][0]["id"]
+    completion = client.post("/v1/completions", json={"model": served, "prompt": "你好", "max_tokens": 2})
+    assert completion.status_code == 400 and "lm.bee" in completion.json()["error"]["message"]
+
+
+def test_v1_bee_on_an_ant_server_is_a_clear_400():
+    client = TestClient(create_app(cpmlive.load("demo")))
+    response = client.post("/v1/bee", json={"task": TRANSLATE})
+    assert response.status_code == 400 and "needs a CPM-Bee model" in response.json()["error"]["message"]
+
+
+def test_the_bee_page_in_chromium(lm, tmp_path):
+    with serving(create_app(lm)) as url, chromium_page(1100, 800) as (page, errors):
+        page.goto(f"{url}/bee")
+        page.select_option("#example", index=3)  # the <mask_k> fill-in example
+        page.fill("#tokens", "6")
+        page.click("#fill")
+        page.wait_for_selector("#answers .path")
+        paths = page.locator("#answers .path").all_text_contents()
+        assert paths[0].endswith("<mask_0>")
+        shown = json.loads(page.locator("#filled").text_content())
+        task = json.loads(page.locator("#task").input_value())
+        assert shown == lm.bee(task, max_new_tokens=6)
+        page.fill("#task", "{not json")
+        page.click("#fill")
+        assert "not valid JSON" in page.locator("#error").text_content()
+        page.screenshot(path=str(tmp_path / "bee.png"))
+        assert not errors, errors
+
+
+def test_tokenizer_of_the_3b_checkpoint_drops_the_tokens_it_lacks():
+    """The published 3B config has 86580 tokens, the vocabulary 86583 (spec 7.1)."""
+    from cpmlive.api import bee_tokenizer_for
+
+    tokenizer = bee_tokenizer_for(VOCAB, 86580)
+    assert tokenizer.vocab_size == 86580
+    ids, ext = tokenizer.encode("（全角）")
+    assert all(i < 86580 or i in ext for i in ids) and "（" in ext.values()
+    with pytest.raises(CpmliveError, match="86583 tokens"):
+        bee_tokenizer_for(VOCAB, 80000)
+
+
+def test_a_bee_python_api_error_for_ant_models():
+    with pytest.raises(CpmliveError, match="needs a CPM-Bee checkpoint"):
+        cpmlive.load("demo").bee(TRANSLATE)
+    assert subprocess.run([sys.executable, "-c", "import cpmlive"]).returncode == 0
