@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import cpmlive
 from cpmlive.config import preset
 from cpmlive.errors import CpmliveError
-from cpmlive.model import bee_convert
 from cpmlive.model.ant import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.model.families import family_of

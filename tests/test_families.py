@@ -27,7 +27,7 @@ def test_unknown_model_type_is_one_line(tmp_path, capsys):
     with pytest.raises(CpmliveError, match="'gpt9' is not a known model family"):
         families.family_of(tmp_path / "m")
     assert main(["info", str(tmp_path / "m")]) == 2
-    assert "not a known model family (known: cpm-ant)" in capsys.readouterr().err
+    assert "not a known model family (known: cpm-ant, cpm-bee)" in capsys.readouterr().err
 
 
 def test_a_new_family_is_one_entry(tmp_path, capsys, monkeypatch):

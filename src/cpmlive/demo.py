@@ -11,6 +11,15 @@ PROMPTS = ["中国人民", "今天天气", "宝玉笑道："]
 FILLS = ["北京是中国的<mask>。", "新华社北京1月5日电，国务院总理<mask>今天会见了外国客人。"]
 ARTICLE = ("新华社北京1月5日电 国务院总理李鹏今天在人民大会堂会见了来访的美国国务卿奥尔布赖特，"
            "双方就中美关系和共同关心的国际问题交换了意见。")
+BEE_TASKS = [
+    {"input": "打开一个新的文本文档。", "prompt": "中翻英", "<ans>": ""},
+    {"input": "Select the text that you want to format.", "prompt": "英翻中", "<ans>": ""},
+    {"input": "要插入图片，", "prompt": "往后写", "<ans>": ""},
+    {"input": "图书馆：library；苹果：apple；学校：school", "question": "苹果的意思是什么？", "<ans>": ""},
+    {"input": "学校", "question": "这个词的英文意思是？",
+     "options": {"<option_0>": "apple", "<option_1>": "school", "<option_2>": "river", "<option_3>": "to run"},
+     "<ans>": ""},
+]
 REVIEWS = ["房间很干净，服务也很周到，下次还会再来。", "书的印刷质量太差了，错别字很多，不推荐购买。",
            "电池不耐用，用了两天就坏了。"]
 
@@ -71,6 +80,25 @@ def main() -> int:
     for piece in lm.stream("在新的一年里，", max_new_tokens=24, repetition_penalty=1.2):
         print(piece, end="", flush=True)
     print()
+    return bee_tour()
+
+
+def bee_tour() -> int:
+    """The bilingual CPM-Bee demo (``"bee-demo"``): one task of each kind, as JSON in and out."""
+    import json
+
+    import cpmlive
+
+    try:
+        bee = cpmlive.load("bee-demo")
+    except CpmliveError as exc:
+        print(f"cpmlive demo: {exc}", file=sys.stderr)
+        return 2
+    section(f"CPM-Bee JSON tasks (bee-demo, {bee.model.num_parameters() / 1e6:.1f}M parameters)")
+    started = time.perf_counter()
+    for filled in bee.bee(BEE_TASKS, max_new_tokens=40, num_beams=3):
+        print(json.dumps(filled, ensure_ascii=False))
+    print(f"({time.perf_counter() - started:.2f}s for {len(BEE_TASKS)} tasks as one batch, beam 3)")
     return 0
 
 

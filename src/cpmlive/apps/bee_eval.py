@@ -118,3 +118,76 @@ def baseline_answer(kind: str, task: dict, dictionary: Dictionary) -> str:
 
 
 __all__ = ["Dictionary", "baseline_answer", "evaluate_tasks", "predict", "rouge_l", "scores"]
+
+
+# ---- the demo's per-task table -------------------------------------------------------------------
+
+
+def kind_table(lm: LM, held_out: dict[str, list[dict]], dictionary: Dictionary, per_kind: int,
+               batch_size: int = 16, progress: bool = True, **options: object) -> dict[str, dict]:
+    """For each task kind, the model's and the baseline's scores on ``per_kind`` held-out tasks
+    drawn with a fixed seed (ROUGE-L for the text kinds, exact match for QA and choice)."""
+    import random
+
+    table = {}
+    for kind, tasks in held_out.items():
+        chosen = random.Random(0).sample(tasks, min(per_kind, len(tasks)))
+        predictions = [row[0] for row in predict(lm, chosen, batch_size, progress, **options)]
+        references = [unescape(next(answers_of(task))[1]) for task in chosen]
+        baseline = [baseline_answer(kind, task, dictionary) for task in chosen]
+        table[kind] = {"tasks": len(chosen), "model": scores(predictions, references),
+                       "baseline": scores(baseline, references),
+                       "examples": [{"task": t, "prediction": p} for t, p in zip(chosen[:3], predictions[:3])]}
+    return table
+
+
+HEADLINE = {"continuation": "rougeL", "zh2en": "rougeL", "en2zh": "rougeL", "qa": "exact_match", "choice": "exact_match"}
+BASELINES = {"continuation": "repeat the input", "zh2en": "CC-CEDICT word by word", "en2zh": "CC-CEDICT word by word",
+             "qa": "first entry's gloss", "choice": "always option 0"}
+
+
+def markdown(table: dict[str, dict]) -> str:
+    lines = ["| task | held-out tasks | metric | cpmlive bee-demo | baseline | baseline is |", "|---|---|---|---|---|---|"]
+    for kind, row in table.items():
+        metric = HEADLINE[kind]
+        lines.append(f"| {kind} | {row['tasks']} | {metric} | {row['model'][metric]:.3f} | "
+                     f"{row['baseline'][metric]:.3f} | {BASELINES[kind]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    import cpmlive
+    from cpmlive.data.bilingual import cedict_entries
+    from cpmlive.errors import CpmliveError
+
+    parser = argparse.ArgumentParser(prog="python -m cpmlive.apps.bee_eval",
+                                     description="the bilingual demo's per-task table against simple baselines")
+    parser.add_argument("model", nargs="?", default="bee-demo")
+    parser.add_argument("--held-out", type=Path, required=True, help="held_out.json of the demo's build")
+    parser.add_argument("--per-kind", type=int, default=100)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        lm = cpmlive.load(args.model)
+        held_out = json.loads(args.held_out.read_text(encoding="utf-8"))
+        table = kind_table(lm, held_out, Dictionary(cedict_entries()), args.per_kind, num_beams=args.num_beams,
+                           max_new_tokens=48)
+    except CpmliveError as exc:
+        print(f"bee_eval: {exc}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        from cpmlive.utils import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(table, ensure_ascii=False, indent=2) + "\n")
+    print(markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

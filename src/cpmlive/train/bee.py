@@ -103,9 +103,10 @@ def train(model: CpmBee, tokenizer: BeeTokenizer, examples_for_step: Callable[[i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        records.append({"step": step, "loss": float(loss), "tokens": tokens})
+        value = float(loss.detach())
+        records.append({"step": step, "loss": value, "tokens": tokens})
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{value:.3f}")
         if step % config.save_every == 0 or step == config.steps:
             trainable = {name for name, p in model.named_parameters() if p.requires_grad}
             snapshot = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "records": records,
