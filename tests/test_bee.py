@@ -55,6 +55,9 @@ def test_convert_round_trips_the_openbmb_state(checkpoint, tmp_path):
     info = json.loads(run("info", checkpoint, "--json").stdout)
     assert info["model_type"] == "cpm-bee" and info["parameters"] == 2_843_584
     assert_clean_error(run("convert", checkpoint, tmp_path / "hf", "--to", "hf"), "converts to ours or openbmb")
+    shown = json.loads(run("tokenize", checkpoint, "北京<mask_0>😀", "--json").stdout)
+    assert shown == {"ids": [12247, 86583, 86584], "pieces": ["北京", "<mask_0>", "😀"],
+                     "ext_table": {"86583": "<mask_0>", "86584": "😀"}}
 
 
 def test_bee_cli_prints_the_filled_object(checkpoint, lm):
@@ -155,6 +158,7 @@ def test_lora_finetune_writes_a_peft_adapter_that_changes_answers(checkpoint, lm
 
 def test_v1_bee_answers_and_refuses_bad_requests(lm):
     client = TestClient(create_app(lm))
+    assert "CPM-Bee 任务" in client.get("/").text  # a CPM-Bee model's playground is the JSON-task page
     answer = client.post("/v1/bee", json={"task": TRANSLATE, "max_tokens": 8}).json()
     assert answer["result"] == lm.bee(TRANSLATE, max_new_tokens=8)
     batch = client.post("/v1/bee", json={"tasks": [TRANSLATE, FILL], "max_tokens": 6, "num_beams": 2}).json()

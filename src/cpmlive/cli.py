@@ -328,11 +328,18 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
     text = prompt_from(args)
     kind = family_of(args.model_or_vocab) if model_path(args.model_or_vocab).is_dir() else DEFAULT
-    tokenizer = kind.tokenizer.from_file(vocab_path(args.model_or_vocab), hf_compat=args.hf)
-    ids = tokenizer.encode(text)
-    pieces = [tokenizer.id_to_token(i) for i in ids]
+    if kind.model_type == "cpm-bee":
+        if args.hf:
+            raise CpmliveError("--hf is CPM-Ant's (HF has no CPM-Bee tokenizer)")
+        tokenizer = kind.tokenizer.from_file(vocab_path(args.model_or_vocab))
+        ids, ext = tokenizer.encode(text)
+        pieces = [ext[i] if i in ext else tokenizer.id_to_token(i) for i in ids]
+    else:
+        tokenizer = kind.tokenizer.from_file(vocab_path(args.model_or_vocab), hf_compat=args.hf)
+        ids, ext = tokenizer.encode(text), {}
+        pieces = [tokenizer.id_to_token(i) for i in ids]
     if args.json:
-        print_json({"ids": ids, "pieces": pieces})
+        print_json({"ids": ids, "pieces": pieces, **({"ext_table": ext} if ext else {})})
     else:
         print(" ".join(f"{p!r}:{i}" for p, i in zip(pieces, ids)))
 

@@ -63,6 +63,8 @@ def router(state: ServerState) -> APIRouter:
 
     @site.get("/", response_class=HTMLResponse)
     def playground() -> str:
+        if state.lm is not None and state.lm.is_bee:  # a CPM-Bee model's playground is its JSON tasks
+            return with_layout(state, "bee.html", "/")
         return with_layout(state, "playground.html", "/")
 
     @site.get("/title", response_class=HTMLResponse)
