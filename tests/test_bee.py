@@ -183,7 +183,8 @@ def test_v1_bee_on_an_ant_server_is_a_clear_400():
 
 def test_the_bee_page_in_chromium(lm, tmp_path):
     with serving(create_app(lm)) as url, chromium_page(1100, 800) as (page, errors):
-        page.goto(f"{url}/bee")
+        page.goto(f"{url}/")
+        assert page.locator("nav.site a.page").all_text_contents() == ["CPM-Bee 任务"]
         page.select_option("#example", index=3)  # the <mask_k> fill-in example
         page.fill("#tokens", "6")
         page.click("#fill")

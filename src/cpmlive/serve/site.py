@@ -37,7 +37,10 @@ def page_text(name: str) -> str:
 
 
 def links(state: ServerState) -> list[tuple[str, str]]:
-    found = [("/", "Playground 试验场"), ("/title", "智取标题"), ("/bee", "CPM-Bee 任务")]
+    if state.lm is not None and state.lm.is_bee:  # its playground is the JSON-task page; 智取标题 is CPM-Ant's
+        found = [("/", "CPM-Bee 任务")]
+    else:
+        found = [("/", "Playground 试验场"), ("/title", "智取标题")]
     if state.settings.run_dir is not None:
         found.append(("/dashboard", "Training 训练"))
     return found
