@@ -75,7 +75,10 @@ def test_make_demo_tour_runs_every_section():
     assert out.returncode == 0, out.stderr
     sections = [line.split("==")[1].strip() for line in out.stdout.splitlines() if line.startswith("== ")]
     assert [s.split()[0] for s in sections] == ["the", "tokenize", "generate", "generate", "fill", "title",
-                                                 "classify", "stream"]
+                                                 "classify", "stream", "CPM-Bee"]
+    bee_lines = [line for line in out.stdout.split("== CPM-Bee")[1].splitlines() if line.startswith("{")]
+    filled = [json.loads(line) for line in bee_lines]
+    assert len(filled) == 5 and all(isinstance(task["<ans>"], str) and task["<ans>"] for task in filled)
     classified = out.stdout.split("== classify")[1].split("== stream")[0].split()
     assert {"正面", "负面"} & set(classified)
     titles = [line for line in out.stdout.split("== title")[1].split("== classify")[0].splitlines()

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--row-length", type=int, default=256)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this model directory: every step is then a task-phase step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out", type=Path, default=None, help="where the final model goes (default RUN_DIR/final)")
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -81,17 +85,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"vocab {tokenizer.vocab_size}, {len(pretrain)} pretraining and {len(tasks)} task examples, "
           f"held out: {', '.join(f'{k} {len(v)}' for k, v in data.held_out.items())}", file=sys.stderr)
     model = build_bee(config, seed=0)
-    print(f"{model.num_parameters() / 1e6:.1f}M parameters", file=sys.stderr)
     switch = int(args.steps * PRETRAIN_SHARE)
-    loop = LoopConfig(steps=args.steps, rows=args.rows, row_length=args.row_length, warmup_steps=100)
+    if args.init is not None:
+        from cpmlive.model.bee_convert import load_pretrained
+
+        model = load_pretrained(args.init, dtype=torch.float32)[0]
+        switch = 0
+    print(f"{model.num_parameters() / 1e6:.1f}M parameters", file=sys.stderr)
+    loop = LoopConfig(steps=args.steps, rows=args.rows, row_length=args.row_length, warmup_steps=100 if args.init is None else 20,
+                      lr=args.lr, min_lr=args.lr / 10)
 
     def save(m, directory: Path) -> None:
         save_checkpoint(m, config, directory / "model", vocab=args.run_dir / "vocab.txt")
 
-    train(model, tokenizer, lambda step: pretrain if step <= switch else mixed, loop, args.run_dir / "run",
+    run_name = "run" if args.init is None else "run-continued"
+    train(model, tokenizer, lambda step: pretrain if step <= switch else mixed, loop, args.run_dir / run_name,
           args.resume, save, desc="bee demo")
-    final = args.run_dir / "final"
-    save_checkpoint(model, config, final, vocab=args.run_dir / "vocab.txt", dtype=torch.float16)
+    final = args.out or args.run_dir / "final"
+    save_checkpoint(model, config, final, vocab=args.run_dir / "vocab.txt")
     print(f"wrote {final}", file=sys.stderr)
     return 0
 
