@@ -23,6 +23,8 @@ def bee():
 def test_the_demo_ships_within_budget(bee):
     size = sum(p.stat().st_size for p in DEMO.iterdir() if p.is_file())
     assert size <= 50 * 1024**2
+    shards = sorted(DEMO.glob("*.safetensors"))
+    assert shards and all(f.stat().st_size < 20 * 2**20 for f in shards)  # as the CPM-Ant demo's
     assert bee.model.config.model_type == "cpm-bee" and bee.tokenizer.vocab_size == bee.model.config.vocab_size
 
 

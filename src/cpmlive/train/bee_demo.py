@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     train(model, tokenizer, lambda step: pretrain if step <= switch else mixed, loop, args.run_dir / run_name,
           args.resume, save, desc="bee demo")
     final = args.out or args.run_dir / "final"
-    save_checkpoint(model, config, final, vocab=args.run_dir / "vocab.txt")
+    # shards below 20 MB, as the package ships them
+    save_checkpoint(model, config, final, vocab=args.run_dir / "vocab.txt", shard_bytes=18 * 2**20)
     print(f"wrote {final}", file=sys.stderr)
     return 0
 
