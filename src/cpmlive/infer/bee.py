@@ -118,12 +118,12 @@ def _advanced(beam: Beam, column: int, prompt: Prompt, batch: PromptBatch, eos_i
 
 
 @torch.inference_mode()
-def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], config: GenerationConfig
-                ) -> list[list[tuple[int, int]]]:
-    """Each task's best hypothesis as ``(output column, answer number)`` pairs."""
+def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], config: GenerationConfig,
+                batch: PromptBatch) -> list[list[tuple[int, int]]]:
+    """Each task's best hypothesis as ``(output column, answer number)`` pairs (``batch``: the
+    prompts' :func:`~cpmlive.data.bee.batch_prompts` on the model's device)."""
     width, vocab = config.num_beams, tokenizer.vocab_size
     device = model.input_embedding.weight.device
-    batch = batch_prompts(prompts, vocab, device)
     tasks, rows = len(prompts), len(prompts) * width
     cache = _prefill(model, batch, rows, batch.inputs["input_ids"].size(1) + config.max_new_tokens)
     num_segments = batch.inputs["num_segments"][:, -1:].repeat_interleave(width, dim=0)
@@ -177,13 +177,12 @@ def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], c
 
 
 @torch.inference_mode()
-def sample_answers(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], config: GenerationConfig
-                   ) -> list[list[tuple[int, int]]]:
+def sample_answers(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], config: GenerationConfig,
+                   batch: PromptBatch) -> list[list[tuple[int, int]]]:
     """Sampled (``do_sample``) decoding: one hypothesis per task, drawn token by token."""
     vocab = tokenizer.vocab_size
     device = model.input_embedding.weight.device
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    batch = batch_prompts(prompts, vocab, device)
     cache = _prefill(model, batch, len(prompts), batch.inputs["input_ids"].size(1) + config.max_new_tokens)
     num_segments = batch.inputs["num_segments"][:, -1:]
     beams = [Beam(0, [], tokenizer.bos_id, 0, p.answers[0][0], 0) for p in prompts]
@@ -253,11 +252,11 @@ def fill_tasks(model: CpmBee, tokenizer: BeeTokenizer, tasks: list[dict], config
     """Every task with its ``<ans>`` leaves filled (a leaf decoding never reached is null), and
     the raw ``(output column, answer number)`` pairs of each."""
     prompts = [prompt_for(tokenizer, task) for task in tasks]
+    batch = batch_prompts(prompts, tokenizer.vocab_size, model.input_embedding.weight.device)
     decode = sample_answers if config.do_sample else beam_search
-    results = decode(model, tokenizer, prompts, config)
-    tables = batch_prompts(prompts, tokenizer.vocab_size).row_tables
+    results = decode(model, tokenizer, prompts, config, batch)
     out = [filled(prompt, answer_texts(result, table, tokenizer))
-           for prompt, result, table in zip(prompts, results, tables)]
+           for prompt, result, table in zip(prompts, results, batch.row_tables)]
     return out, results
 
 

@@ -416,32 +416,35 @@ class CpmAnt(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """An init that trains stably from scratch.
+        """An init that trains stably from scratch (:func:`init_stack`)."""
+        init_stack(self, self.config.num_layers, (self.input_embedding, self.prompt_embedding, self.segment_embedding),
+                   seed)
 
-        Linear layers get std 1/sqrt(fan_in) (OpenBMB's unit-scaled N(0,1) with the scale
-        folded in); the projections that write into the residual stream are further divided
-        by sqrt(2 * num_layers) so the stream does not grow with depth; embeddings start small
-        (std 0.02, as OpenBMB's) and the position bias at zero.
-        """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
 
-        def normal(tensor: Tensor, std: float) -> None:
-            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+@torch.no_grad()
+def init_stack(model: nn.Module, num_layers: int, embeddings: tuple[nn.Embedding, ...], seed: int | None) -> None:
+    """Linear layers get std 1/sqrt(fan_in) (OpenBMB's unit-scaled N(0,1) with the scale
+    folded in); the projections that write into the residual stream are further divided
+    by sqrt(2 * num_layers) so the stream does not grow with depth; embeddings start small
+    (std 0.02, as OpenBMB's) and the position bias at zero."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    depth_scale = 1.0 / math.sqrt(2 * num_layers)
 
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = 1.0 / math.sqrt(module.in_features)
-                if name.endswith(("attention_out", "w_out")):
-                    std *= depth_scale
-                normal(module.weight, std)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        for embedding in (self.input_embedding, self.prompt_embedding, self.segment_embedding):
-            normal(embedding.weight, 0.02)
-        self.position_bias.weight.zero_()
+    def normal(tensor: Tensor, std: float) -> None:
+        tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            std = 1.0 / math.sqrt(module.in_features)
+            if name.endswith(("attention_out", "w_out")):
+                std *= depth_scale
+            normal(module.weight, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+    for embedding in embeddings:
+        normal(embedding.weight, 0.02)
+    model.position_bias.weight.zero_()
 
 
 def build_model(config: AntConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

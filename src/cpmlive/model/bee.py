@@ -19,7 +19,6 @@ OpenBMB's 1/sqrt(fan-in) factors folded into the weights. What differs, and is s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cpmlive.config import BeeConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import AntCache, Block, RMSNorm, autocast_input, relative_position_bucket
+from cpmlive.model.ant import AntCache, Block, RMSNorm, autocast_input, init_stack, relative_position_bucket
 from cpmlive.model.kernels import project
 from cpmlive.utils import compute_dtype
 
@@ -211,26 +210,9 @@ class CpmBee(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """As ``CpmAnt.init_weights``: 1/sqrt(fan-in) linears (residual writers further scaled
-        by depth), small embeddings, a zero position bias."""
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
-
-        def normal(tensor: Tensor, std: float) -> None:
-            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
-
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = 1.0 / math.sqrt(module.in_features)
-                if name.endswith(("attention_out", "w_out")):
-                    std *= depth_scale
-                normal(module.weight, std)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        normal(self.input_embedding.weight, 0.02)
-        self.position_bias.weight.zero_()
+        """As CPM-Ant's (:func:`~cpmlive.model.ant.init_stack`)."""
+        init_stack(self, self.config.num_layers, (self.input_embedding,), seed)
 
 
 def build_bee(config: BeeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

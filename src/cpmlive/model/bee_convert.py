@@ -12,7 +12,6 @@ CPM-Bee's OpenBMB key names are CPM-Ant's for the shared parts, so the name and 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -24,16 +23,15 @@ from cpmlive.config import BeeConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.bee import CpmBee
 from cpmlive.model.checkpoint import (
-    CONFIG_NAME, INDEX_NAME, VOCAB_NAME, WEIGHTS_NAME, check_layer_count, check_state_dict, expected_shapes,
-    model_from_state_dict, openbmb_to_ours, ours_to_openbmb, read_weights, save_checkpoint,
+    CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_layer_count, check_state_dict, expected_shapes,
+    model_from_state_dict, openbmb_to_ours, ours_to_openbmb, read_weights,
 )
 from cpmlive.model.convert import (
-    TORCH_SUFFIXES, Source, atomic_state_save, check_destination, check_layout, dtype_name, find_vocab,
-    openbmb_files, read_files, weights_dtype,
+    TORCH_SUFFIXES, Source, check_destination, check_layout, dtype_name, find_vocab, openbmb_config_file, read_files,
+    write_converted,
 )
-from cpmlive.model.quant import dequantize_state
 from cpmlive.resources import model_path
-from cpmlive.utils import atomic_write_text, parse_dtype
+from cpmlive.utils import parse_dtype
 
 FORMATS: tuple[str, ...] = ("ours", "openbmb")
 BEE_ONLY_KEY = "position_bias_num_segment_buckets"  # in every CPM-Bee config, in no CPM-Ant one
@@ -45,13 +43,6 @@ def _config_json(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def openbmb_config_file(weights: Path) -> Path | None:
-    for candidate in (weights.with_suffix(".json"), weights.parent / CONFIG_NAME):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def is_bee_checkpoint(path: str | os.PathLike) -> bool:
@@ -116,24 +107,6 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     return model, source.directory
 
 
-def openbmb_config_dict(config: BeeConfig) -> dict:
-    data = {k: v for k, v in config.to_dict().items() if k != "model_type"}
-    if data["mask_modules"] is None:
-        del data["mask_modules"]
-    return data
-
-
-def _write(state: dict[str, Tensor], config: BeeConfig, dst: Path, to: str, vocab: Path | None) -> None:
-    if to == "ours":
-        save_checkpoint(state, config, dst, vocab=vocab)
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_state_save({k: v.contiguous() for k, v in ours_to_openbmb(state, config).items()}, dst)
-    atomic_write_text(dst.with_suffix(".json"), json.dumps(openbmb_config_dict(config), indent=2) + "\n")
-    if vocab is not None and dst.parent / VOCAB_NAME in openbmb_files(dst, vocab):
-        atomic_write_text(dst.parent / VOCAB_NAME, vocab.read_text(encoding="utf-8"))
-
-
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours",
             config_path: str | os.PathLike | None = None, vocab_path: str | os.PathLike | None = None,
             dtype: torch.dtype | str | None = None, force: bool = False, dequantize: bool = False) -> Path:
@@ -145,13 +118,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours",
     dst = Path(dst)
     check_destination(dst, to, vocab, force)
     state, config = read_state(source)
-    if config.quantization is not None and (dequantize or to != "ours"):
-        state, config = dequantize_state(state), config.dequantized()
-    target = parse_dtype(dtype)
-    if target is not None:
-        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-    config = dataclasses.replace(config, half=weights_dtype(state) == torch.float16)
-    _write(state, config, dst, to, vocab)
+    write_converted(state, config, dst, to, vocab, parse_dtype(dtype), dequantize)
     return dst
 
 

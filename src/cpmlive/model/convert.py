@@ -148,7 +148,7 @@ def _openbmb_file(directory: Path) -> Path:
     return candidates[0]
 
 
-def _openbmb_config_file(weights: Path) -> Path | None:
+def openbmb_config_file(weights: Path) -> Path | None:
     for candidate in (weights.with_suffix(".json"), weights.parent / CONFIG_NAME):
         if candidate.is_file():
             return candidate
@@ -176,7 +176,7 @@ def resolve(path: str | os.PathLike, config_path: str | os.PathLike | None = Non
     given = Path(config_path) if config_path is not None else None
     if fmt == "openbmb":
         weights = path if path.is_file() else _openbmb_file(path)
-        return Source(path, fmt, weights.parent, [weights], given or _openbmb_config_file(weights))
+        return Source(path, fmt, weights.parent, [weights], given or openbmb_config_file(weights))
     if fmt == "hf":
         return Source(path, fmt, path, _hf_weight_files(path), given or path / CONFIG_NAME)
     if not (path / WEIGHTS_NAME).is_file() and not (path / INDEX_NAME).is_file():
@@ -321,7 +321,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 # ---- writing -------------------------------------------------------------------------------------
 
 
-def weights_dtype(state: dict[str, Tensor]) -> torch.dtype:
+def _weights_dtype(state: dict[str, Tensor]) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for tensor in state.values():
         if tensor.is_floating_point():
@@ -355,7 +355,7 @@ def hf_generation_config(config: AntConfig, vocab: Path | None) -> dict:
 
 
 def _write_hf(state: dict[str, Tensor], config: AntConfig, dst: Path, vocab: Path | None) -> None:
-    hf_config = {**config.to_hf(), "dtype": dtype_name(weights_dtype(state))}
+    hf_config = {**config.to_hf(), "dtype": dtype_name(_weights_dtype(state))}
     build = new_build_directory(dst)
     try:
         atomic_write_text(build / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
@@ -381,7 +381,7 @@ def openbmb_config_dict(config: AntConfig) -> dict:
     return data
 
 
-def atomic_state_save(state: dict[str, Tensor], path: Path) -> None:
+def _atomic_state_save(state: dict[str, Tensor], path: Path) -> None:
     """``torch.save`` (or safetensors for a ``.safetensors`` name) to a temp file, then rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -408,7 +408,7 @@ def openbmb_files(dst: Path, vocab: Path | None) -> list[Path]:
 def _write_openbmb(state: dict[str, Tensor], config: AntConfig, dst: Path, vocab: Path | None) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: v.contiguous() for k, v in ours_to_openbmb(state, config).items()}
-    atomic_state_save(flat, dst)
+    _atomic_state_save(flat, dst)
     atomic_write_text(dst.with_suffix(".json"), json.dumps(openbmb_config_dict(config), indent=2) + "\n")
     if vocab is not None and dst.parent / VOCAB_NAME in openbmb_files(dst, vocab):
         atomic_write_text(dst.parent / VOCAB_NAME, vocab.read_text(encoding="utf-8"))
@@ -468,13 +468,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: Format = "ours",
     dst = Path(dst)
     check_destination(dst, to, vocab, force)
     state, config = _load(source)
+    write_converted(state, config, dst, to, vocab, target_dtype, dequantize)
+    return dst
+
+
+def write_converted(state: dict[str, Tensor], config, dst: Path, to: Format, vocab: Path | None,
+                    dtype: torch.dtype | None = None, dequantize: bool = False) -> None:
+    """Write a state dict in our layout to ``dst`` in format ``to`` (any model family whose
+    OpenBMB names are CPM-Ant's): dequantized when asked or when ``to`` has no quantized form,
+    cast to ``dtype``, with ``half`` following the weights."""
     if config.quantization is not None and (dequantize or to != "ours"):
         state, config = dequantize_state(state), config.dequantized()
-    if target_dtype is not None:
-        state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    config = dataclasses.replace(config, half=weights_dtype(state) == torch.float16)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    config = dataclasses.replace(config, half=_weights_dtype(state) == torch.float16)
     WRITERS[to](state, config, dst, vocab)
-    return dst
 
 
 # ---- describing ----------------------------------------------------------------------------------
@@ -534,6 +542,6 @@ def quantization_summary(quantization: QuantConfig) -> str:
 
 
 __all__ = [
-    "FORMATS", "Format", "Source", "atomic_state_save", "check_destination", "check_layout", "checkpoint_info", "convert", "detect_format", "find_vocab",
-    "load_any", "openbmb_config_dict", "read_files", "read_raw", "read_torch", "resolve", "weights_dtype",
+    "FORMATS", "Format", "Source", "check_destination", "check_layout", "checkpoint_info", "convert", "detect_format", "find_vocab",
+    "load_any", "openbmb_config_dict", "openbmb_config_file", "read_files", "read_raw", "read_torch", "resolve", "write_converted",
 ]

@@ -161,6 +161,12 @@ class Finetuner:
         self.label_ids = [encode_target(self.tokenizer, self.spec, label) for label in self.spec.labels]
         self.train_pairs = [self.encode(e) for e in self.train_examples]
         self.eval_pairs = [self.encode(e) for e in self.eval_examples]
+        self._prepare_run(resume)
+
+    def _prepare_run(self, resume: str | None) -> None:
+        """Optimizer, schedule and data position for the attached delta and ``train_pairs``
+        (restored from a checkpoint when resuming), the recipe as run, the metrics log."""
+        config = self.config
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = adamw([{"params": trainable, "weight_decay": config.weight_decay}], config.lr,
                                (config.beta1, config.beta2))
@@ -400,17 +406,7 @@ class BeeFinetuner(Finetuner):
         deltas.attach(self.model, self.delta)
         self.train_pairs = self._examples(config.data)
         self.eval_pairs = self._examples(config.eval) if config.eval else []
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = adamw([{"params": trainable, "weight_decay": config.weight_decay}], config.lr,
-                               (config.beta1, config.beta2))
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_pairs) / (config.batch_size * config.grad_accum)))
-        self.total_steps = config.max_steps or max(1, round(config.epochs * self.steps_per_epoch))
-        self.schedule = Schedule.of(config, max_steps=self.total_steps)
-        self.position = Position()
-        if resume:
-            self._resume(resume)
-        atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
-        self.log = MetricsLog(self.run_dir)
+        self._prepare_run(resume)
 
     def _examples(self, path: str) -> list:
         from cpmlive.data.bee import parse_task, training_example
