@@ -120,8 +120,47 @@ class MoEConfig:
         return dataclass_from_dict(cls, data, "moe", "config: moe must be an object")
 
 
+class StackConfig:
+    """What CPM-Ant's and CPM-Bee's configs share: both are dataclasses with OpenBMB's
+    ``num_heads``, ``dim_head``, ``mask_modules`` and a ``quantization``."""
+
+    @property
+    def dim_attention(self) -> int:
+        """Width of q/k/v: may differ from ``dim_model`` in pruned models."""
+        return self.num_heads * self.dim_head
+
+    def has_attention(self, layer: int) -> bool:
+        return self.mask_modules is None or not self.mask_modules[layer][0]
+
+    def has_ffn(self, layer: int) -> bool:
+        return self.mask_modules is None or not self.mask_modules[layer][1]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def dequantized(self) -> Any:
+        """The same architecture with float weights."""
+        return dataclasses.replace(self, quantization=None)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if strict and unknown:
+            raise CpmliveError(f"config: unknown key {unknown[0]!r}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise CpmliveError(f"config: {exc}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        from cpmlive.utils import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
+
+
 @dataclass
-class AntConfig:
+class AntConfig(StackConfig):
     """Every CPM-Ant hyper-parameter, named as in OpenBMB's ``cpm-ant-10b.json``.
 
     ``mask_modules`` is ``None`` for a full model, or one ``[attention_removed, ffn_removed]``
@@ -199,17 +238,6 @@ class AntConfig:
         if self.moe is not None and self.quantization is not None:
             raise CpmliveError("config: a MoEfied model cannot be quantized (yet): quantize before moefying")
 
-    @property
-    def dim_attention(self) -> int:
-        """Width of q/k/v: may differ from ``dim_model`` in pruned models."""
-        return self.num_heads * self.dim_head
-
-    def has_attention(self, layer: int) -> bool:
-        return self.mask_modules is None or not self.mask_modules[layer][0]
-
-    def has_ffn(self, layer: int) -> bool:
-        return self.mask_modules is None or not self.mask_modules[layer][1]
-
     # ---- serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,24 +246,6 @@ class AntConfig:
             if data[name] is None:
                 del data[name]  # plain checkpoints keep the config.json they always had
         return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def dequantized(self) -> "AntConfig":
-        """The same architecture with float weights."""
-        return dataclasses.replace(self, quantization=None)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> "AntConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if strict and unknown:
-            raise CpmliveError(f"config: unknown key {unknown[0]!r}")
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise CpmliveError(f"config: {exc}") from None
 
     @classmethod
     def from_openbmb(cls, data: dict[str, Any]) -> "AntConfig":
@@ -277,11 +287,6 @@ class AntConfig:
             return cls.from_dict(data)
         return cls.from_openbmb(data)
 
-    def save(self, path: str | os.PathLike) -> None:
-        from cpmlive.utils import atomic_write_text
-
-        atomic_write_text(path, self.to_json() + "\n")
-
 
 def _spread_mask(num_layers: int, keep_attention: int, keep_ffn: int) -> list[list[bool]]:
     """Remove sub-blocks evenly over depth (the published counts; the exact layers come with
@@ -311,7 +316,7 @@ PRESETS: dict[str, Any] = {
 
 
 @dataclass
-class BeeConfig:
+class BeeConfig(StackConfig):
     """Every CPM-Bee hyper-parameter, named as in OpenBMB's ``cpm-bee-10b.json``.
 
     ``mask_modules`` as for CPM-Ant: the compressed CPM-Bee 5B/2B/1B keep 24 layers and drop
@@ -370,42 +375,15 @@ class BeeConfig:
             raise CpmliveError("config: quantization must be an object")
 
     @property
-    def dim_attention(self) -> int:
-        return self.num_heads * self.dim_head
-
-    @property
     def moe(self) -> None:
         """CPM-Bee blocks are dense (``moefy`` is CPM-Ant's)."""
         return None
-
-    def has_attention(self, layer: int) -> bool:
-        return self.mask_modules is None or not self.mask_modules[layer][0]
-
-    def has_ffn(self, layer: int) -> bool:
-        return self.mask_modules is None or not self.mask_modules[layer][1]
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if data["quantization"] is None:
             del data["quantization"]
         return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def dequantized(self) -> "BeeConfig":
-        return dataclasses.replace(self, quantization=None)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> "BeeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if strict and unknown:
-            raise CpmliveError(f"config: unknown key {unknown[0]!r}")
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise CpmliveError(f"config: {exc}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BeeConfig":
@@ -422,11 +400,6 @@ class BeeConfig:
         if data.get("model_type", "cpm-bee") != "cpm-bee":
             raise CpmliveError(f"{path}: model_type {data['model_type']!r} is not a CPM-Bee config")
         return cls.from_dict(data, strict="model_type" in data)
-
-    def save(self, path: str | os.PathLike) -> None:
-        from cpmlive.utils import atomic_write_text
-
-        atomic_write_text(path, self.to_json() + "\n")
 
 
 # The deepest segment relation: (7 up, 7 down) is bucket 7 * 8 + 7 + 1 (spec section 7.4).
