@@ -19,7 +19,8 @@ LAYERS = [
     {"data"},
     {"model"},
     {"train"},
-    {"tune", "compress", "align"},
+    {"tune", "compress"},
+    {"align"},  # builds on delta tuning
     {"infer"},
     {"api"},
     {"__init__"},

@@ -1,0 +1,1 @@
+"""Alignment: instruction tuning, reward models, DPO, PPO and GRPO over delta tuning."""
