@@ -167,7 +167,7 @@ class Finetuner:
         """Optimizer, schedule and data position for the attached delta and ``train_pairs``
         (restored from a checkpoint when resuming), the recipe as run, the metrics log."""
         config = self.config
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = self.trainable_parameters()
         self.optimizer = adamw([{"params": trainable, "weight_decay": config.weight_decay}], config.lr,
                                (config.beta1, config.beta2))
         self.steps_per_epoch = max(1, math.ceil(len(self.train_pairs) / (config.batch_size * config.grad_accum)))
@@ -178,6 +178,9 @@ class Finetuner:
             self._resume(resume)
         atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
         self.log = MetricsLog(self.run_dir)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _task_spec(self) -> TaskSpec:
         config = self.config
@@ -222,8 +225,7 @@ class Finetuner:
             (loss / config.grad_accum).backward()
             total += loss.item() / config.grad_accum
             tokens += self.count_tokens(pairs)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), config.grad_clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started

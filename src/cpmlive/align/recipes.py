@@ -1,0 +1,583 @@
+"""The alignment recipes, ``cpmlive align sft|rm|dpo|ppo|grpo``, on fine-tuning's loop (steps,
+validation every N steps, the best adapter kept, exact resume, Ctrl-C saves; see
+``tune.finetune``), with LoRA on the policy by default.
+
+* ``sft``: the completion's (assistant turns') token-mean cross-entropy.
+* ``rm``: backbone + LoRA + a scalar head on the last token, pairwise logistic loss; the head
+  is saved beside the adapter (``reward_head.safetensors``).
+* ``dpo``: DPO / robust DPO / IPO; the reference is the same base with the adapter off.
+* ``ppo``: sampled rollouts, the reward model's score minus ``kl_coef``·KL to the reference, a
+  value head on the policy's hidden states, GAE, clipped policy and value losses.
+* ``grpo``: ``num_samples`` rollouts per prompt, group-relative advantages, no critic.
+
+The rollout recipes score with a reward model (``reward_model=DIR``, an ``rm`` run's adapter on
+the same base, attached to the one copy of the weights as adapter ``reward``) or, for
+``reward=rouge``, with ROUGE-L against the record's reference answer. Metrics use TRL's names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from cpmlive.align import losses
+from cpmlive.align.policy import (Pair, ScalarHead, completion_hidden, completion_logprobs, reference_of, sample_completions, sequence_scores, target_ids, token_logprobs)
+from cpmlive.data.align import PreferencePair, PromptedText, preference_pairs, prompts, sft_examples
+from cpmlive.data.chat import ChatTemplate
+from cpmlive.errors import CpmliveError
+from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_safetensors
+from cpmlive.model.families import family_of
+from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
+from cpmlive.tokenizer import AntTokenizer
+from cpmlive.train.checkpoints import refuse_existing_run
+from cpmlive.train.core import autocast, learning_rate, memory_mb, set_learning_rate
+from cpmlive.train.metrics import finite_or_none
+from cpmlive.tune import delta as deltas
+from cpmlive.tune.finetune import BEST, Finetuner, resolve_model_path
+from cpmlive.tune.task import TaskSpec
+from cpmlive.utils import atomic_write_text
+
+METHODS = ("sft", "rm", "dpo", "ppo", "grpo")
+REWARD_HEAD = "reward_head.safetensors"
+VALUE_HEAD = "value_head.safetensors"
+ALIGN_FILE = "align.json"
+REWARD_ADAPTER = "reward"
+REFERENCE_ADAPTER = "reference"
+
+
+@dataclass
+class AlignConfig(Recipe):
+    method: str = "sft"
+    model: str = "demo"
+    data: str = ""
+    eval: str = ""
+    out: str = "runs/align"
+    adapter: str = ""  # start from this adapter (an SFT run's best/); a frozen copy of it is the reference
+    delta: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
+    max_input_tokens: int = 160
+    max_output_tokens: int = 48
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    progress: bool = True
+    # dpo
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"
+    # ppo / grpo
+    reward: str = "model"
+    reward_model: str = ""
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    temperature: float = 1.0
+    ppo_epochs: int = 2
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    num_samples: int = 4
+    eval_prompts: int = 32
+
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "max_input_tokens": Bound(2), "max_output_tokens": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
+        "grad_accum": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "lr": POSITIVE,
+        "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "beta1": FRACTION,
+        "beta2": FRACTION, "grad_clip": POSITIVE, "seed": NON_NEGATIVE, "eval_every": AT_LEAST_ONE,
+        "save_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE, "beta": POSITIVE,
+        "label_smoothing": Bound(0, 0.5, high_open=True), "kl_coef": NON_NEGATIVE, "temperature": POSITIVE,
+        "ppo_epochs": AT_LEAST_ONE, "clip_range": POSITIVE, "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE,
+        "gamma": Bound(0, 1), "lam": Bound(0, 1), "num_samples": Bound(2), "eval_prompts": AT_LEAST_ONE,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "method": METHODS, "schedule": SCHEDULES, "precision": PRECISIONS, "loss_type": losses.DPO_LOSSES,
+        "reward": ("model", "rouge"), "kl_estimator": losses.KL_ESTIMATORS,
+    }
+
+    def check(self) -> None:
+        if not self.data:
+            raise CpmliveError("config: data is required (a JSONL file; see `cpmlive align --help`)")
+        if self.max_steps < 1 and self.epochs <= 0:
+            raise CpmliveError("config: max_steps or epochs must be > 0")
+        if self.method in ("ppo", "grpo") and self.reward == "model" and not self.reward_model:
+            raise CpmliveError(f"config: {self.method} needs reward_model=DIR (an `align rm` run's best adapter) "
+                               "or reward=rouge")
+        if self.method == "ppo" and self.max_steps < 1:
+            raise CpmliveError("config: ppo runs for max_steps rollout batches; set max_steps")
+        if self.method == "grpo" and self.max_steps < 1:
+            raise CpmliveError("config: grpo runs for max_steps rollout batches; set max_steps")
+        deltas.DeltaConfig.from_dict(self.delta)
+
+    @property
+    def chosen_metric(self) -> str:
+        return {"sft": "loss", "rm": "accuracy", "dpo": "loss", "ppo": "reward", "grpo": "reward"}[self.method]
+
+
+def chat_spec(template: ChatTemplate, config: AlignConfig) -> TaskSpec:
+    """The task spec saved with an aligned adapter: ``generate`` wraps a prompt in the chat
+    template's user turn and opens the assistant's, as training saw it."""
+    wrapped = template.render([{"role": "user", "content": "\x00"}]).replace("{", "{{").replace("}", "}}")
+    return TaskSpec("generate", wrapped.replace("\x00", "{input}"), config.max_input_tokens, config.max_output_tokens)
+
+
+class AlignTrainer(Finetuner):
+    """Shared set-up: the policy (base + delta), the tokenizer, the data, the loop's state."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, config: AlignConfig, resume: str | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.out)
+        path = resolve_model_path(config.model)
+        if family_of(path).model_type != "cpm-ant":
+            raise CpmliveError(f"{config.model}: alignment recipes take a CPM-Ant model")
+        refuse_existing_run(self.run_dir, resume, markers=(BEST,))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.model_path = path
+        self.vocab_path = path / VOCAB_NAME
+        self.tokenizer = AntTokenizer.from_file(self.vocab_path)
+        self.model = family_of(path).load(path, dtype=torch.float32)[0].train()
+        limit = self.model.config.max_length - self.model.config.prompt_length - 1
+        if config.max_input_tokens + config.max_output_tokens > limit:
+            raise CpmliveError(f"config: max_input_tokens + max_output_tokens is {config.max_input_tokens} + "
+                               f"{config.max_output_tokens}; the model takes at most {limit}")
+        self.template = ChatTemplate.load(path) or ChatTemplate()
+        self.spec = chat_spec(self.template, config)
+        self.heads: dict[str, ScalarHead] = {}
+        self.attach_models()
+        self.attach_policy()
+        self.train_pairs = self.read(config.data)
+        self.eval_pairs = self.read(config.eval) if config.eval else []
+        self._prepare_run(resume)
+
+    def attach_models(self) -> None:
+        """Anything attached before the trained adapter (a frozen reward adapter)."""
+
+    def attach_policy(self) -> None:
+        """The trained adapter: a new delta, or a copy of ``adapter`` (another copy, frozen, is the
+        reference: TRL's way of re-training an adapter)."""
+        self.reference: str | None = None
+        if self.config.adapter:
+            self.reference = deltas.load_adapter(self.model, self.config.adapter, name=REFERENCE_ADAPTER)
+            deltas.load_adapter(self.model, self.config.adapter, name="default", trainable=True)
+            self.delta = deltas.delta_state(self.model).configs["default"]
+        else:
+            self.delta = deltas.DeltaConfig.from_dict(self.config.delta)
+            deltas.attach(self.model, self.delta)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        heads = [p for head in self.heads.values() for p in head.parameters()]
+        return [p for p in self.model.parameters() if p.requires_grad] + heads
+
+    # ---- encoding --------------------------------------------------------------------------
+
+    def prompt_ids(self, text: str, where: str) -> list[int]:
+        ids = [self.tokenizer.bos_id, *[i for i in self.tokenizer.encode_for_model(text) if i != self.tokenizer.bos_id]]
+        if len(ids) > self.config.max_input_tokens:
+            raise CpmliveError(f"{where}: the prompt is {len(ids)} tokens (with <s> and the chat template); "
+                               f"max_input_tokens is {self.config.max_input_tokens}: shorten it or raise the limit")
+        return ids
+
+    def completion_ids(self, text: str) -> list[int]:
+        ids = [i for i in self.tokenizer.encode_for_model(text) if i != self.tokenizer.bos_id]
+        return ids[:self.config.max_output_tokens] + [self.tokenizer.eos_id]
+
+    def read(self, path: str) -> list:
+        raise NotImplementedError
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        config = self.config
+        step = self.position.step + 1
+        lr = learning_rate(self.schedule, step)
+        set_learning_rate(self.optimizer, lr)
+        started = time.perf_counter()
+        record, tokens = self.optimize()
+        seconds = time.perf_counter() - started
+        pos = self.position
+        pos.step, pos.tokens, pos.elapsed = step, pos.tokens + tokens, pos.elapsed + seconds
+        return {"type": "train", "step": step, "epoch": pos.epoch + pos.index / max(len(self.train_pairs), 1),
+                **{k: finite_or_none(float(v)) for k, v in record.items()}, "lr": lr, "tokens": pos.tokens,
+                "tokens_per_s": tokens / seconds, "memory_mb": round(memory_mb(), 1),
+                "elapsed_s": round(pos.elapsed, 3), "time": time.time(), "method": config.method}
+
+    def optimize(self) -> tuple[dict[str, float], int]:
+        """Gradient-accumulated batches of :meth:`batch_loss`, one optimizer step."""
+        totals: dict[str, float] = {}
+        tokens = 0
+        for _ in range(self.config.grad_accum):
+            items = self.next_pairs()
+            with autocast(self.config.precision):
+                loss, metrics = self.batch_loss(items)
+            (loss / self.config.grad_accum).backward()
+            for name, value in {"loss": loss.item(), **metrics}.items():
+                totals[name] = totals.get(name, 0.0) + value / self.config.grad_accum
+            tokens += self.count_tokens(items)
+        totals["grad_norm"] = self.apply_gradients()
+        return totals, tokens
+
+    def apply_gradients(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.grad_clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def batch_loss(self, items: list) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def count_tokens(self, items: list) -> int:
+        return sum(sum(len(part) for part in item if isinstance(part, list)) for item in items)
+
+    # ---- validation and saving -------------------------------------------------------------
+
+    def validate(self, step: int) -> None:
+        if not self.eval_pairs:
+            self.save_best({"step": step})
+            return
+        metrics = self.evaluate()
+        better = self.is_better(metrics)
+        if better:
+            self.position.best, self.position.best_step = metrics[self.config.chosen_metric], step
+            self.save_best(metrics)
+        self.log.write({"type": "eval", "step": step, **{f"val_{k}": finite_or_none(v) for k, v in metrics.items()},
+                        "best": better, "time": time.time()})
+
+    def is_better(self, metrics: dict[str, float]) -> bool:
+        name = self.config.chosen_metric
+        value, best = metrics[name], self.position.best
+        if not math.isfinite(value):
+            return False
+        return best is None or (value < best if name == "loss" else value > best)
+
+    def save_adapter(self, directory: Path, metrics: dict[str, Any] | None = None) -> None:
+        deltas.save_adapter(self.model, directory, "default", base_model_name_or_path=str(self.config.model))
+        self.spec.save(directory)
+        self.template.save(directory)
+        shutil.copyfile(self.vocab_path, directory / VOCAB_NAME)
+        self.save_heads(directory)
+        atomic_write_text(directory / ALIGN_FILE, json.dumps({"method": self.config.method, "model": self.config.model},
+                                                             indent=2) + "\n")
+        if metrics is not None:
+            atomic_write_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    def save_heads(self, directory: Path) -> None:
+        """The trained scalar heads beside the adapter."""
+
+    def read_checkpoint(self, path: Path) -> dict[str, Any]:
+        state = super().read_checkpoint(path)
+        self.load_heads(path / "adapter")
+        return state
+
+    def load_heads(self, directory: Path) -> None:
+        """Refill the trained scalar heads from a saved adapter directory."""
+
+    # ---- shared measurements ---------------------------------------------------------------
+
+    def pair_logprobs(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        logps, mask = completion_logprobs(self.model, pairs)
+        return logps.sum(1), mask.sum(1)
+
+
+# ---- SFT --------------------------------------------------------------------------------------------
+
+
+class SftTrainer(AlignTrainer):
+    def read(self, path: str) -> list[Pair]:
+        return [(self.prompt_ids(e.prompt, e.where or path), self.completion_ids(e.completion))
+                for e in sft_examples(path, self.template)]
+
+    def batch_loss(self, items: list[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
+        logps, tokens = self.pair_logprobs(items)
+        return -logps.sum() / tokens.sum(), {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            total, count = 0.0, 0.0
+            for start in range(0, len(self.eval_pairs), self.config.batch_size):
+                logps, tokens = self.pair_logprobs(self.eval_pairs[start:start + self.config.batch_size])
+                total, count = total - logps.sum().item(), count + tokens.sum().item()
+            return {"loss": total / max(count, 1)}
+        finally:
+            self.model.train()
+
+
+# ---- preference recipes -------------------------------------------------------------------------------
+
+
+class PreferenceTrainer(AlignTrainer):
+    """Pairs ``(prompt ids, chosen ids, rejected ids)``."""
+
+    def read(self, path: str) -> list[tuple[list[int], list[int], list[int]]]:
+        out = []
+        for pair in preference_pairs(path, self.template):
+            chosen, rejected = self.completion_ids(pair.chosen), self.completion_ids(pair.rejected)
+            if chosen == rejected:
+                raise CpmliveError(f"{pair.where}: 'chosen' and 'rejected' are the same once cut to "
+                                   f"max_output_tokens={self.config.max_output_tokens}")
+            out.append((self.prompt_ids(pair.prompt, pair.where), chosen, rejected))
+        return out
+
+    @staticmethod
+    def split(items: list) -> tuple[list[Pair], list[Pair]]:
+        return [(p, c) for p, c, _ in items], [(p, r) for p, _, r in items]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            sums: dict[str, float] = {}
+            for start in range(0, len(self.eval_pairs), self.config.batch_size):
+                chunk = self.eval_pairs[start:start + self.config.batch_size]
+                loss, metrics = self.batch_loss(chunk)
+                for name, value in {"loss": loss.item(), **metrics}.items():
+                    sums[name] = sums.get(name, 0.0) + value * len(chunk)
+            return {name: value / len(self.eval_pairs) for name, value in sums.items()}
+        finally:
+            self.model.train()
+
+
+class RewardTrainer(PreferenceTrainer):
+    def attach_models(self) -> None:
+        self.heads["reward"] = ScalarHead(self.model.config.dim_model)
+
+    def batch_loss(self, items: list) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = self.split(items)
+        scores = sequence_scores(self.model, self.heads["reward"], chosen + rejected)
+        chosen_scores, rejected_scores = scores.chunk(2)
+        loss = losses.reward_loss(chosen_scores, rejected_scores)
+        margin = (chosen_scores - rejected_scores).detach()
+        return loss, {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
+                      "mean_reward": scores.mean().item()}
+
+    def save_heads(self, directory: Path) -> None:
+        save_safetensors({k: v.detach() for k, v in self.heads["reward"].state_dict().items()}, directory / REWARD_HEAD)
+
+    def load_heads(self, directory: Path) -> None:
+        load_head(self.heads["reward"], directory / REWARD_HEAD)
+
+
+class DpoTrainer(PreferenceTrainer):
+    def batch_loss(self, items: list) -> tuple[torch.Tensor, dict[str, float]]:
+        chosen, rejected = self.split(items)
+        logps, tokens = self.pair_logprobs(chosen + rejected)
+        with reference_of(self.model, self.reference):
+            reference, _ = self.pair_logprobs(chosen + rejected)
+        config = self.config
+        (pc, pr), (rc, rr), (tc, tr) = logps.chunk(2), reference.chunk(2), tokens.chunk(2)
+        result = losses.dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing, config.loss_type, tc, tr)
+        return result.losses.mean(), {**result.metrics(), "logps/chosen": pc.mean().item(),
+                                      "logps/rejected": pr.mean().item()}
+
+
+# ---- rollout recipes ----------------------------------------------------------------------------------
+
+
+def load_head(head: ScalarHead, path: Path) -> None:
+    if not path.is_file():
+        raise CpmliveError(f"{path.parent}: no {path.name} (not a reward model made by `cpmlive align rm`)")
+    head.load_state_dict(read_safetensors(path))
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over characters (rouge-score's LCS, Chinese split per character)."""
+    from rouge_score import rouge_scorer
+
+    chars = lambda text: " ".join(c for c in text if not c.isspace())  # noqa: E731
+    if not candidate.strip() or not reference.strip():
+        return 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
+    return scorer.score(chars(reference), chars(candidate))["rougeL"].fmeasure
+
+
+class _CharTokenizer:
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return text.split()
+
+
+class RolloutTrainer(AlignTrainer):
+    """Prompts in, sampled completions scored by a reward (model or ROUGE-L)."""
+
+    def attach_models(self) -> None:
+        if self.config.reward != "model":
+            return
+        directory = Path(self.config.reward_model)
+        marker = directory / ALIGN_FILE
+        if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")).get("method") != "rm":
+            raise CpmliveError(f"{directory}: not a reward model (an `align rm` run's best/ directory)")
+        deltas.load_adapter(self.model, directory, name=REWARD_ADAPTER)
+        self.reward_head = ScalarHead(self.model.config.dim_model)
+        load_head(self.reward_head, directory / REWARD_HEAD)
+        self.reward_head.requires_grad_(False)
+
+    def read(self, path: str) -> list[tuple[list[int], str]]:
+        return [(self.prompt_ids(p.prompt, p.where or path), p.completion) for p in prompts(path, self.template)]
+
+    def count_tokens(self, items: list) -> int:
+        return sum(len(ids) for ids, _ in items)
+
+    def sample(self, prompt_rows: list[list[int]]) -> list[list[int]]:
+        self.model.eval()
+        try:
+            return sample_completions(self.model, prompt_rows, self.config.max_output_tokens, self.tokenizer.eos_id,
+                                      self.config.temperature)
+        finally:
+            self.model.train()
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i != self.tokenizer.eos_id])
+
+    @torch.no_grad()
+    def rewards(self, pairs: list[Pair], references: list[str]) -> torch.Tensor:
+        if self.config.reward == "rouge":
+            return torch.tensor([rouge_l(self.text(c), ref) for (_, c), ref in zip(pairs, references)])
+        fixed = [(p, c if c else [self.tokenizer.eos_id]) for p, c in pairs]
+        with deltas.active_adapter(self.model, REWARD_ADAPTER):
+            return sequence_scores(self.model, self.reward_head, fixed).float()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward and KL of sampled answers to the first ``eval_prompts`` dev prompts."""
+        items = self.eval_pairs[:self.config.eval_prompts]
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self.config.seed + 1)  # the same draws every time: comparable across steps
+        try:
+            pairs = [(ids, c if c else [self.tokenizer.eos_id]) for (ids, _), c in
+                     zip(items, self.sample([ids for ids, _ in items]))]
+            scores = self.rewards(pairs, [ref for _, ref in items])
+            logps, mask = completion_logprobs(self.model, pairs)
+            with reference_of(self.model, self.reference):
+                reference, _ = completion_logprobs(self.model, pairs)
+        finally:
+            torch.random.set_rng_state(state)
+        kl = ((logps - reference) * mask).sum(1)
+        return {"reward": scores.mean().item(), "kl": kl.mean().item(),
+                "length": mask.sum(1).mean().item()}
+
+    def rollout(self, items: list[tuple[list[int], str]], copies: int) -> tuple[list[Pair], list[str]]:
+        rows = [ids for ids, _ in items for _ in range(copies)]
+        references = [ref for _, ref in items for _ in range(copies)]
+        completions = self.sample(rows)
+        return [(p, c if c else [self.tokenizer.eos_id]) for p, c in zip(rows, completions)], references
+
+
+class PpoTrainer(RolloutTrainer):
+    def attach_models(self) -> None:
+        super().attach_models()
+        self.heads["value"] = ScalarHead(self.model.config.dim_model)
+
+    def policy_and_values(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, mask = completion_hidden(self.model, pairs)
+        logps = token_logprobs(self.model, hidden, target_ids(pairs, hidden.device), mask)
+        return logps, self.heads["value"](hidden) * mask, mask
+
+    def optimize(self) -> tuple[dict[str, float], int]:
+        config = self.config
+        items = self.next_pairs()
+        pairs, references = self.rollout(items, 1)
+        scores = self.rewards(pairs, references)
+        with torch.no_grad():
+            old_logps, old_values, mask = self.policy_and_values(pairs)
+            with reference_of(self.model, self.reference):
+                ref_logps, _ = completion_logprobs(self.model, pairs)
+        rewards, kl = losses.shaped_rewards(scores, old_logps, ref_logps, mask, config.kl_coef, config.kl_estimator)
+        advantages, returns = losses.generalized_advantages(rewards, old_values, mask, config.gamma, config.lam)
+        stats: dict[str, list[float]] = {}
+        for _ in range(config.ppo_epochs):
+            with autocast(config.precision):
+                logps, values, _ = self.policy_and_values(pairs)
+            policy_loss, policy_clip = losses.clipped_policy_loss(logps, old_logps, advantages, mask, config.clip_range)
+            value_loss, value_clip = losses.clipped_value_loss(values, old_values, returns, mask, config.clip_range_value)
+            (policy_loss + config.vf_coef * value_loss).backward()
+            grad_norm = self.apply_gradients()
+            for name, value in (("loss/policy_avg", policy_loss), ("loss/value_avg", value_loss),
+                                ("policy/clipfrac_avg", policy_clip), ("val/clipfrac_avg", value_clip)):
+                stats.setdefault(name, []).append(value.item())
+            stats.setdefault("grad_norm", []).append(grad_norm)
+        kl_sum = kl.sum(1).mean().item()
+        record = {name: sum(v) / len(v) for name, v in stats.items()}
+        record.update({"loss": record["loss/policy_avg"] + config.vf_coef * record["loss/value_avg"],
+                       "objective/kl": kl_sum, "objective/scores": scores.mean().item(),
+                       "objective/non_score_reward": -config.kl_coef * kl_sum,
+                       "objective/rlhf_reward": scores.mean().item() - config.kl_coef * kl_sum,
+                       "objective/entropy": -(old_logps.sum(1)).mean().item(),
+                       "val/num_eos_tokens": float(sum(c[-1] == self.tokenizer.eos_id for _, c in pairs)),
+                       "val/ratio": torch.exp((logps - old_logps) * mask).sum().item() / mask.sum().item()})
+        return record, sum(len(p) + len(c) for p, c in pairs)
+
+    def save_heads(self, directory: Path) -> None:
+        save_safetensors({k: v.detach() for k, v in self.heads["value"].state_dict().items()}, directory / VALUE_HEAD)
+
+    def load_heads(self, directory: Path) -> None:
+        self.heads["value"].load_state_dict(read_safetensors(directory / VALUE_HEAD))
+
+
+class GrpoTrainer(RolloutTrainer):
+    def optimize(self) -> tuple[dict[str, float], int]:
+        config = self.config
+        items = self.next_pairs()
+        pairs, references = self.rollout(items, config.num_samples)
+        scores = self.rewards(pairs, references)
+        advantages = losses.group_advantages(scores, config.num_samples)
+        with torch.no_grad():
+            old_logps, mask = completion_logprobs(self.model, pairs)
+            with reference_of(self.model, self.reference):
+                ref_logps, _ = completion_logprobs(self.model, pairs)
+        stats: dict[str, list[float]] = {}
+        for _ in range(config.ppo_epochs):
+            with autocast(config.precision):
+                logps, _ = completion_logprobs(self.model, pairs)
+            loss, kl = losses.grpo_loss(logps, old_logps, ref_logps, advantages, mask, config.clip_range, config.kl_coef)
+            loss.backward()
+            stats.setdefault("grad_norm", []).append(self.apply_gradients())
+            stats.setdefault("loss", []).append(loss.item())
+            stats.setdefault("kl", []).append(kl.item())
+        groups = scores.view(-1, config.num_samples)
+        record = {name: sum(v) / len(v) for name, v in stats.items()}
+        kl_sum = ((old_logps - ref_logps) * mask).sum(1).mean().item()
+        record.update({"reward": scores.mean().item(), "reward_std": groups.std(1).mean().item(),
+                       "frac_reward_zero_std": (groups.std(1) < 1e-6).float().mean().item(),
+                       "objective/kl": kl_sum, "objective/rlhf_reward": scores.mean().item() - config.kl_coef * kl_sum,
+                       "completions/mean_length": mask.sum(1).mean().item()})
+        return record, sum(len(p) + len(c) for p, c in pairs)
+
+
+TRAINERS: dict[str, type[AlignTrainer]] = {"sft": SftTrainer, "rm": RewardTrainer, "dpo": DpoTrainer,
+                                           "ppo": PpoTrainer, "grpo": GrpoTrainer}
+
+
+def align(config: AlignConfig, resume: str | None = None) -> Path:
+    """Run the recipe; returns the best adapter's directory."""
+    TRAINERS[config.method](config, resume).run()
+    return Path(config.out) / BEST
+
+
+__all__ = ["ALIGN_FILE", "AlignConfig", "AlignTrainer", "METHODS", "PreferencePair", "PromptedText", "REWARD_HEAD",
+           "TRAINERS", "align", "chat_spec", "load_head", "rouge_l"]
