@@ -138,11 +138,47 @@ class LM:
             if cut:
                 warnings.warn(f"input truncated to its first {task.max_input_tokens} tokens", stacklevel=3)
             return ids
+        return self.encode_raw(text)
+
+    def encode_raw(self, text: str) -> list[int]:
+        """``<s>`` + the text's ids, no task template (a chat-rendered prompt is already laid out)."""
         ids = self.tokenizer.encode_for_model(text)
         if ids[:1] != [self.tokenizer.bos_id]:
             ids = [self.tokenizer.bos_id] + ids
         self._check_length(len(ids))
         return ids
+
+    # ---- chat -------------------------------------------------------------------------------
+
+    def chat_template(self, adapter: str | None | bool = True) -> ChatTemplate:
+        """The chat template of ``adapter`` (default: the active one); refused when it has none."""
+        name = self.active if adapter is True else adapter
+        template = self.chat_templates.get(name)
+        if template is None:
+            raise CpmliveError("this model has no chat template (it was not tuned for chat): tune one with "
+                               "`cpmlive align sft`, or use generate")
+        return template
+
+    def chat_stream(self, messages: Sequence[dict], max_new_tokens: int = 128, **kwargs: object) -> Iterator[str]:
+        """The assistant's next message, streamed; generation stops where the template's next turn opens."""
+        template = self.chat_template()
+        options = self._options(max_new_tokens, kwargs)
+        if options.num_beams > 1:
+            raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
+        ids = self.encode_raw(template.render(list(messages)))
+        self._check_length(len(ids), options.max_new_tokens)
+        handle = self.engine.submit(self.request(ids, options, stop=tuple(template.stop)))
+        try:
+            for event in handle:
+                if event.error is not None:
+                    raise CpmliveError(event.error)
+                if event.text:
+                    yield event.text
+        finally:
+            handle.cancel()
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 128, **kwargs: object) -> str:
+        return "".join(self.chat_stream(messages, max_new_tokens, **kwargs))
 
     def _check_length(self, tokens: int, new_tokens: int = 0) -> None:
         limit = self.config.max_length - self.config.prompt_length

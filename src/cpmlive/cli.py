@@ -407,6 +407,103 @@ def cmd_data_sentiment(args: argparse.Namespace) -> None:
                     for name, c in counts.items()) + f" -> {args.out}")
 
 
+def instruction_split(args: argparse.Namespace) -> dict:
+    from cpmlive.data.instructions import build_items, load_sources, split_items
+
+    print("cpmlive: reading headlines, reviews, help pages, poems and CC-CEDICT (fetched once, cached)",
+          file=sys.stderr)
+    return split_items(build_items(load_sources(), seed=args.seed),
+                       {"train": args.per_task, "dev": args.eval_size, "test": args.eval_size})
+
+
+def print_task_counts(counts: dict[str, dict[str, int]], out: str) -> None:
+    for name, per_task in counts.items():
+        print(f"{name}: {sum(per_task.values())} ({', '.join(f'{t} {n}' for t, n in per_task.items())})")
+    print(f"-> {out}")
+
+
+def cmd_data_instructions(args: argparse.Namespace) -> None:
+    from cpmlive.data.instructions import write_items
+
+    check_output(args.out, args.force)
+    print_task_counts(write_items(args.out, instruction_split(args), "sft"), args.out)
+
+
+def cmd_data_preferences(args: argparse.Namespace) -> None:
+    from cpmlive.data.align import write_jsonl
+    from cpmlive.data.instructions import write_items
+
+    check_output(args.out, args.force)
+    split = instruction_split(args)
+    print_task_counts(write_items(args.out, split, "preference"), args.out)
+    if args.model is None:
+        return
+    from cpmlive.align.onpolicy import on_policy_pairs
+
+    lm = load_lm(args)
+    template = lm.chat_templates.get(lm.active)
+    for name, items in split.items():
+        chosen = items if args.on_policy == 0 else items[:args.on_policy]
+        pairs = list(on_policy_pairs(lm.model, lm.tokenizer, chosen, template, seed=args.seed))
+        write_jsonl(Path(args.out) / f"on_policy_{name}.jsonl", pairs)
+        print(f"on-policy {name}: {len(pairs)} pairs from {len(chosen)} prompts")
+
+
+def cmd_align(args: argparse.Namespace) -> None:
+    from cpmlive.align.recipes import AlignConfig, align
+
+    overrides = [f"method={args.method}", *args.overrides]
+    for key in ("model", "data", "eval", "out", "adapter"):
+        if getattr(args, key) is not None:
+            overrides.append(f"{key}={getattr(args, key)}")
+    config = AlignConfig.from_file(args.config, overrides)
+    best = align(config, resume=args.resume)
+    print(f"best adapter -> {best}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    lm = load_lm(args)
+    lm.chat_template()  # refuse a model without one before the first prompt
+    options = {"do_sample": args.temperature > 0, "temperature": args.temperature or 1.0, "top_p": args.top_p,
+               "seed": args.seed}
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("用户> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        pieces = []
+        with warnings_as_lines():
+            for piece in lm.chat_stream(messages, max_new_tokens=args.max_new_tokens, **options):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def evaluate_pairs(args: argparse.Namespace) -> None:
+    from cpmlive.align.evaluate import pair_metrics, reward_head_of
+    from cpmlive.resources import adapter_path
+
+    lm = load_lm(args)
+    adapter = adapter_path(args.adapter[-1]) if args.adapter else None
+    metrics = pair_metrics(lm.model, lm.tokenizer, args.pairs, lm.chat_templates.get(lm.active),
+                           reward_head_of(adapter, lm.model), batch_size=args.batch_size)
+    if args.json:
+        print_json(metrics)
+    else:
+        print(f"pair accuracy {metrics['pair_accuracy']:.4f}  mean margin {metrics['mean_margin']:.4f}  "
+              f"({metrics['pairs']} pairs)")
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from cpmlive.train.launch import pretrain
     from cpmlive.train.pretrain import PretrainConfig
@@ -484,8 +581,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from cpmlive.model.families import family_of
     from cpmlive.resources import model_path
 
+    if args.pairs:
+        if args.text or args.data:
+            raise CpmliveError("--pairs is evaluated on its own: drop --text / --data")
+        return evaluate_pairs(args)
     if not args.text and not args.data:
-        raise CpmliveError("give --text FILE (language-model loss) or --data FILE.jsonl (task metrics)")
+        raise CpmliveError("give --text FILE (language-model loss), --data FILE.jsonl (task metrics) or "
+                           "--pairs FILE.jsonl (preference accuracy)")
     if model_path(args.model).exists() and family_of(args.model).model_type == "cpm-bee":
         return evaluate_bee(args)
     if args.data:
@@ -705,11 +807,28 @@ def build_parser() -> Parser:
     senti.add_argument("--seed", type=count, default=0)
     add_force(senti)
     senti.set_defaults(run=cmd_data_sentiment)
+    inst = data_verbs.add_parser("instructions", help="SFT data ({prompt, completion}) from the corpora, by task")
+    prefs = data_verbs.add_parser("preferences", help="preference pairs ({prompt, chosen, rejected}) from ground "
+                                  "truth, and on-policy pairs with --model")
+    for sub in (inst, prefs):
+        sub.add_argument("--out", required=True, help="output directory (train/dev/test.jsonl)")
+        sub.add_argument("--per-task", type=positive_int, default=2000, help="training items per task")
+        sub.add_argument("--eval-size", type=positive_int, default=100, help="dev and test items per task")
+        sub.add_argument("--seed", type=count, default=0)
+        add_force(sub)
+    inst.set_defaults(run=cmd_data_instructions)
+    prefs.add_argument("--model", default=None, help="also write on_policy_*.jsonl: the real answer against this "
+                       "model's sample")
+    prefs.add_argument("--on-policy", type=count, default=200, help="prompts sampled per split (0: all)")
+    add_model_flags(prefs)
+    prefs.set_defaults(run=cmd_data_preferences)
 
     ev = verbs.add_parser("evaluate", help="language-model loss of a text file: bits/char and perplexity")
     ev.add_argument("model")
     ev.add_argument("--text", help="UTF-8 text file, one document per line: bits/char and perplexity")
     ev.add_argument("--data", help="task JSONL file: ROUGE (generate) or accuracy/macro-F1 (classify)")
+    ev.add_argument("--pairs", help="preference JSONL ({prompt, chosen, rejected}): pair accuracy and mean margin "
+                    "(log-probability, or a reward model adapter's score)")
     ev.add_argument("--task", choices=("generate", "classify"), default=None,
                     help="default: the adapter's task, else generate")
     ev.add_argument("--num-beams", type=positive_int, default=None,
@@ -741,6 +860,34 @@ def build_parser() -> Parser:
     tune.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint dir")
     tune.add_argument("overrides", nargs="*", help="key=value overrides (delta.r=16, lr=5e-4, ...)")
     tune.set_defaults(run=cmd_finetune)
+
+    al = verbs.add_parser("align", help="align a model: sft, rm (reward model), dpo, ppo or grpo (TRL's data formats)")
+    methods = al.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for method, what in (("sft", "instruction tuning on {prompt, completion} or {messages}"),
+                         ("rm", "a reward model on {prompt, chosen, rejected}"),
+                         ("dpo", "direct preference optimisation (sigmoid, robust or ipo loss)"),
+                         ("ppo", "PPO against a reward model (reward_model=DIR)"),
+                         ("grpo", "GRPO: group-relative advantages over num_samples rollouts")):
+        sub = methods.add_parser(method, help=what)
+        sub.add_argument("--config", help="YAML recipe (see recipes/)")
+        sub.add_argument("--model", default=None, help="base checkpoint directory or 'demo'")
+        sub.add_argument("--data", default=None, help="training JSONL")
+        sub.add_argument("--eval", default=None, help="validation JSONL")
+        sub.add_argument("--out", default=None, help="run directory (its best/ is the adapter)")
+        sub.add_argument("--adapter", default=None, help="start from this adapter (its frozen copy is the reference)")
+        sub.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint dir")
+        sub.add_argument("overrides", nargs="*", help="key=value overrides (beta=0.1, max_steps=60, ...)")
+        sub.set_defaults(run=cmd_align)
+
+    chat = verbs.add_parser("chat", help="talk to a chat-tuned model (streaming; /reset, /exit)")
+    chat.add_argument("model")
+    chat.add_argument("--system", default=None, help="a system message that opens the conversation")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=128)
+    chat.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy")
+    chat.add_argument("--top-p", type=finite_float, default=1.0)
+    chat.add_argument("--seed", type=count, default=None)
+    add_model_flags(chat)
+    chat.set_defaults(run=cmd_chat)
 
     title = verbs.add_parser("title", help="candidate headlines for an article (智取标题)")
     title.add_argument("text", nargs="?", help="the article, or - to read stdin")

@@ -38,7 +38,8 @@ from cpmlive.data.align import write_jsonl
 
 SPLITS = ("train", "dev", "test")
 TASKS = ("headline", "sentiment", "zh2en", "en2zh", "poem", "gloss")
-BODY_CHARS = 160
+BODY_CHARS = 120
+MAX_CHARS = 120  # longest review / Chinese paragraph / verse line taken, so prompts fit the demo's window
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "headline": ("为下面的新闻写一个标题：\n{body}", "给这篇报道拟一个标题。\n{body}", "{body}\n这篇新闻的标题是什么？"),
@@ -178,8 +179,9 @@ def load_sources(poems: int = 6000, cache_dir: str | None = None) -> Sources:
     for group in article_groups(people_daily_headlines(cache_dir=cache_dir)):
         key = f"people-daily:{group[0].line}"
         sources.headlines += [(key, pair.title, pair.body) for pair in group]
-    sources.reviews = list(load_sentiment(cache_dir))
-    sources.translations = libreoffice_pairs(cache_dir)
+    sources.reviews = [(text, label) for text, label in load_sentiment(cache_dir) if len(text) <= MAX_CHARS]
+    sources.translations = [(zh, en) for zh, en in libreoffice_pairs(cache_dir)
+                            if len(zh) <= MAX_CHARS and len(en) <= MAX_CHARS * 2]
     for document in chinese_poetry(cache_dir):
         lines = document.split("\n")
         if len(lines) >= 3 and lines[0].endswith("》") and all(4 <= len(line) <= 24 for line in lines[1:]):

@@ -111,13 +111,15 @@ class ChatRequest(Sampling):
 
 
 def engine_requests(state: ServerState, prompts: list[str], body: Sampling, adapter: str | None,
-                    logprobs: int | None, extra_stops: tuple[str, ...] = ()) -> tuple[list[Request], list[int]]:
-    """``n`` requests per prompt (choice ``i * n + j``), and each prompt's token count."""
+                    logprobs: int | None, extra_stops: tuple[str, ...] = (),
+                    rendered: bool = False) -> tuple[list[Request], list[int]]:
+    """``n`` requests per prompt (choice ``i * n + j``), and each prompt's token count. A
+    ``rendered`` prompt (a chat template's output) skips the adapter's task template."""
     lm = state.ready()
     requests, lengths = [], []
     for i, text in enumerate(prompts):
         try:
-            ids = lm.encode_for(text, adapter)
+            ids = lm.encode_raw(text) if rendered else lm.encode_for(text, adapter)
         except CpmliveError as exc:
             raise ServerError(400, f"prompt: {exc}" if len(prompts) == 1 else f"prompt.{i}: {exc}",
                               param="prompt") from None
@@ -233,7 +235,7 @@ def router(state: ServerState) -> APIRouter:
         except CpmliveError as exc:
             raise ServerError(400, str(exc), param="messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
-        requests, lengths = engine_requests(state, [prompt], body, adapter, top, tuple(template.stop))
+        requests, lengths = engine_requests(state, [prompt], body, adapter, top, tuple(template.stop), rendered=True)
         generations, admitted = state.start(requests)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
