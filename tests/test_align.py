@@ -155,6 +155,21 @@ def test_resume_reproduces_the_uninterrupted_run(world, trained, method, tmp_pat
     assert strip(read_records(tmp_path / "full")) == strip(read_records(tmp_path / "half"))
 
 
+def test_the_servers_chat_endpoint_uses_the_sft_template(world, trained):
+    import openai
+    from serving import serving
+
+    from cpmlive.serve.app import create_app
+
+    lm = cpmlive.load(world["base"], adapter=trained["sft"])
+    messages = [{"role": "user", "content": "北京今天下雪了吗？"}]
+    expected = lm.chat(messages, max_new_tokens=6)
+    with serving(create_app(lm)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        answer = client.chat.completions.create(model="best", messages=messages, max_tokens=6, temperature=0)
+    assert answer.choices[0].message.content == expected
+
+
 def test_rouge_l_reward():
     assert rouge_l("北京下雪", "北京下雪") == pytest.approx(1.0)
     assert rouge_l("", "北京") == 0.0

@@ -37,7 +37,7 @@ from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_safetens
 from cpmlive.model.families import family_of
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
-from cpmlive.train.checkpoints import refuse_existing_run
+from cpmlive.train.checkpoints import refuse_existing_run, warn
 from cpmlive.train.core import autocast, learning_rate, memory_mb, set_learning_rate
 from cpmlive.train.metrics import finite_or_none
 from cpmlive.tune import delta as deltas
@@ -335,13 +335,18 @@ class PreferenceTrainer(AlignTrainer):
     """Pairs ``(prompt ids, chosen ids, rejected ids)``."""
 
     def read(self, path: str) -> list[tuple[list[int], list[int], list[int]]]:
-        out = []
+        out, same = [], 0
         for pair in preference_pairs(path, self.template):
             chosen, rejected = self.completion_ids(pair.chosen), self.completion_ids(pair.rejected)
             if chosen == rejected:
-                raise CpmliveError(f"{pair.where}: 'chosen' and 'rejected' are the same once cut to "
-                                   f"max_output_tokens={self.config.max_output_tokens}")
+                same += 1
+                continue
             out.append((self.prompt_ids(pair.prompt, pair.where), chosen, rejected))
+        if same:
+            warn(f"{path}: {same} pairs left out, their answers being the same once cut to "
+                 f"max_output_tokens={self.config.max_output_tokens}")
+        if not out:
+            raise CpmliveError(f"{path}: no pair differs within max_output_tokens={self.config.max_output_tokens}")
         return out
 
     @staticmethod

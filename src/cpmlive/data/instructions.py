@@ -181,7 +181,7 @@ def load_sources(poems: int = 6000, cache_dir: str | None = None) -> Sources:
         sources.headlines += [(key, pair.title, pair.body) for pair in group]
     sources.reviews = [(text, label) for text, label in load_sentiment(cache_dir) if len(text) <= MAX_CHARS]
     sources.translations = [(zh, en) for zh, en in libreoffice_pairs(cache_dir)
-                            if len(zh) <= MAX_CHARS and len(en) <= MAX_CHARS * 2]
+                            if len(zh) <= MAX_CHARS // 2 and len(en) <= MAX_CHARS]  # English is ~1 token a letter
     for document in chinese_poetry(cache_dir):
         lines = document.split("\n")
         if len(lines) >= 3 and lines[0].endswith("》") and all(4 <= len(line) <= 24 for line in lines[1:]):

@@ -1,0 +1,167 @@
+"""Alignment at demo scale, one run: the instruction data from the corpora, then SFT → reward
+model → DPO → PPO and GRPO on the shipped demo model (LoRA), each measured on held-out splits.
+
+* SFT: per-task ROUGE-L (characters) and exact match of greedy answers, before (the base demo
+  model, prompted with the same chat layout) and after;
+* reward model: held-out pair accuracy and mean margin (an untrained head, then trained);
+* DPO (from the SFT adapter): held-out pair accuracy and mean log-probability margin before/after;
+* PPO and GRPO (from the SFT adapter, on headline prompts, the reward model's score): reward and
+  KL curves (PNG), and the headline ROUGE-L of the policy before and after RL.
+
+Each stage is a run directory under ``--work``; a finished stage is reused when the script is run
+again, and an interrupted one resumes (``--resume auto``), so the script can be stopped at any point.
+
+    .venv/bin/python benchmarks/align.py --work runs/align-bench --out benchmarks/results/align
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import cpmlive
+from cpmlive.align.evaluate import pair_metrics, reward_head_of
+from cpmlive.align.recipes import AlignConfig, align, rouge_l
+from cpmlive.data.chat import ChatTemplate
+from cpmlive.data.instructions import build_items, load_sources, split_items, write_items
+from cpmlive.train.metrics import read_records
+
+TEMPLATE = ChatTemplate()
+
+
+def stage(name: str, config: AlignConfig) -> Path:
+    best = Path(config.out) / "best"
+    if (Path(config.out) / "done").is_file():
+        return best
+    started = time.time()
+    resume = "auto" if Path(config.out).exists() else None
+    align(config, resume=resume)
+    (Path(config.out) / "done").write_text(f"{time.time() - started:.0f}\n")
+    print(f"{name}: {time.time() - started:.0f} s", flush=True)
+    return best
+
+
+def answers(lm, items, adapter: Path | None, max_new_tokens: int) -> list[str]:
+    """Greedy answers, cut at the first line break (the template's turns are lines)."""
+    if adapter is None:
+        texts = lm.generate([TEMPLATE.render([{"role": "user", "content": i.prompt}]) for i in items],
+                            max_new_tokens=max_new_tokens)
+    else:
+        texts = lm.generate([i.prompt for i in items], max_new_tokens=max_new_tokens)
+    return [t.split("\n")[0].strip() for t in texts]
+
+
+def task_metrics(model: str, items, adapter: Path | None, max_new_tokens: int = 32) -> dict[str, dict[str, float]]:
+    lm = cpmlive.load(model, adapter=adapter) if adapter else cpmlive.load(model)
+    out: dict[str, dict[str, float]] = {}
+    predictions = answers(lm, items, adapter, max_new_tokens)
+    for task in sorted({i.task for i in items}):
+        pairs = [(p, i.answer) for p, i in zip(predictions, items) if i.task == task]
+        out[task] = {"rouge_l": sum(rouge_l(p, a) for p, a in pairs) / len(pairs),
+                     "exact": sum(p == a.strip() for p, a in pairs) / len(pairs), "n": len(pairs)}
+    return out
+
+
+def pair_figures(model: str, path: Path, adapter: Path | None, reward: bool = False) -> dict[str, float]:
+    lm = cpmlive.load(model, adapter=adapter) if adapter else cpmlive.load(model)
+    head = reward_head_of(adapter, lm.model) if reward else None
+    if reward and head is None:  # the untrained head: what the reward model starts from
+        from cpmlive.align.policy import ScalarHead
+
+        torch.manual_seed(0)
+        head = ScalarHead(lm.model.config.dim_model)
+    return pair_metrics(lm.model, lm.tokenizer, str(path), lm.chat_templates.get(lm.active), head)
+
+
+def plot_curves(runs: dict[str, Path], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run in runs.items():
+        train = [r for r in read_records(run) if r["type"] == "train"]
+        evals = [r for r in read_records(run) if r["type"] == "eval"]
+        key = "objective/scores" if name == "PPO" else "reward"
+        axes[0].plot([r["step"] for r in train], [r[key] for r in train], alpha=0.5, label=f"{name} train reward")
+        axes[0].plot([r["step"] for r in evals], [r["val_reward"] for r in evals], marker="o", label=f"{name} dev reward")
+        axes[1].plot([r["step"] for r in train], [r["objective/kl"] for r in train], label=f"{name} KL (train)")
+        axes[1].plot([r["step"] for r in evals], [r["val_kl"] for r in evals], marker="o", label=f"{name} KL (dev)")
+    axes[0].set(title="reward-model score of sampled answers", xlabel="step")
+    axes[1].set(title="KL to the SFT policy (nats per answer)", xlabel="step")
+    for axis in axes:
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--work", default="runs/align-bench")
+    parser.add_argument("--out", default="benchmarks/results/align")
+    parser.add_argument("--per-task", type=int, default=600)
+    parser.add_argument("--eval-size", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=150, help="SFT / RM / DPO steps")
+    parser.add_argument("--rl-steps", type=int, default=30, help="PPO / GRPO rollout batches")
+    args = parser.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    split = split_items(build_items(load_sources(), seed=0),
+                        {"train": args.per_task, "dev": args.eval_size, "test": args.eval_size})
+    write_items(work / "sft", split, "sft")
+    write_items(work / "pairs", split, "preference")
+    headline = {name: [i for i in items if i.task == "headline"] for name, items in split.items()}
+    write_items(work / "headline", headline, "sft")
+    results: dict = {"counts": {name: len(items) for name, items in split.items()}}
+    common = dict(model=args.model, progress=True, max_input_tokens=192, max_output_tokens=40, batch_size=8,
+                  eval_every=50, save_every=50)
+
+    sft = stage("sft", AlignConfig(method="sft", data=str(work / "sft/train.jsonl"), eval=str(work / "sft/dev.jsonl"),
+                                   out=str(work / "run-sft"), max_steps=args.steps, lr=2e-3, **common))
+    results["sft"] = {"before": task_metrics(args.model, split["test"], None),
+                      "after": task_metrics(args.model, split["test"], sft)}
+    print(json.dumps(results["sft"], ensure_ascii=False), flush=True)
+
+    rm = stage("rm", AlignConfig(method="rm", data=str(work / "pairs/train.jsonl"), eval=str(work / "pairs/dev.jsonl"),
+                                 out=str(work / "run-rm"), max_steps=args.steps, lr=2e-3, **common))
+    results["rm"] = {"before": pair_figures(args.model, work / "pairs/test.jsonl", None, reward=True),
+                     "after": pair_figures(args.model, work / "pairs/test.jsonl", rm, reward=True)}
+    print(json.dumps(results["rm"]), flush=True)
+
+    dpo = stage("dpo", AlignConfig(method="dpo", data=str(work / "pairs/train.jsonl"),
+                                   eval=str(work / "pairs/dev.jsonl"), out=str(work / "run-dpo"), adapter=str(sft),
+                                   max_steps=args.steps, lr=1e-3, beta=0.1, **common))
+    results["dpo"] = {"before": pair_figures(args.model, work / "pairs/test.jsonl", sft),
+                      "after": pair_figures(args.model, work / "pairs/test.jsonl", dpo)}
+    print(json.dumps(results["dpo"]), flush=True)
+
+    rl = dict(common, batch_size=8, eval_every=10, save_every=10, max_output_tokens=24, eval_prompts=32)
+    ppo = stage("ppo", AlignConfig(method="ppo", data=str(work / "headline/train.jsonl"),
+                                   eval=str(work / "headline/dev.jsonl"), out=str(work / "run-ppo"), adapter=str(sft),
+                                   reward_model=str(rm), max_steps=args.rl_steps, lr=5e-4, kl_coef=0.05, **rl))
+    grpo = stage("grpo", AlignConfig(method="grpo", data=str(work / "headline/train.jsonl"),
+                                     eval=str(work / "headline/dev.jsonl"), out=str(work / "run-grpo"),
+                                     adapter=str(sft), reward_model=str(rm), max_steps=args.rl_steps, lr=5e-4,
+                                     kl_coef=0.05, num_samples=4, **dict(rl, batch_size=2)))
+    results["rl"] = {"sft": task_metrics(args.model, headline["test"], sft)["headline"],
+                     "ppo": task_metrics(args.model, headline["test"], ppo)["headline"],
+                     "grpo": task_metrics(args.model, headline["test"], grpo)["headline"]}
+    for name, run in (("ppo", work / "run-ppo"), ("grpo", work / "run-grpo")):
+        evals = [r for r in read_records(run) if r["type"] == "eval"]
+        results["rl"][name].update({"first_dev_reward": evals[0]["val_reward"], "last_dev_reward": evals[-1]["val_reward"],
+                                    "last_dev_kl": evals[-1]["val_kl"]})
+    plot_curves({"PPO": work / "run-ppo", "GRPO": work / "run-grpo"}, out / "rl_curves.png")
+    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    print(json.dumps(results["rl"], ensure_ascii=False), flush=True)
+
+
+if __name__ == "__main__":
+    main()
