@@ -57,7 +57,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 def config(world, method: str, out: str, **extra) -> AlignConfig:
     data = "sft" if method == "sft" else "pairs"
-    fields = dict(method=method, model=str(world["base"]), data=str(world[data]), eval=str(world[data + "_dev"]),
+    fields = dict(method=method, model=str(extra.pop("model", world["base"])), data=str(world[data]), eval=str(world[data + "_dev"]),
                   out=str(world["root"] / out), max_steps=12, eval_every=6, save_every=6, batch_size=8,
                   progress=False, max_input_tokens=40, max_output_tokens=12, lr=3e-3)
     return AlignConfig(**{**fields, **extra})
@@ -140,10 +140,29 @@ def test_ppo_with_the_reward_model_and_grpo_with_rouge(world, trained):
     assert all(0 <= r["reward"] <= 1 for r in train) and "frac_reward_zero_std" in train[0]
 
 
-@pytest.mark.parametrize("method", ["dpo", "ppo"])
-def test_resume_reproduces_the_uninterrupted_run(world, trained, method, tmp_path):
+def test_full_tuning_writes_a_checkpoint_and_dpo_keeps_a_frozen_copy(world, tmp_path):
+    run(world, "sft", str(tmp_path / "sft"), tuning="full", lr=2e-3, max_steps=8, eval_every=8, save_every=4)
+    best = tmp_path / "sft" / "best"
+    assert (best / "config.json").is_file() and not (best / "adapter_config.json").exists()
+    lm = cpmlive.load(best)
+    assert lm.chat([{"role": "user", "content": "北京今天下雪了吗？"}], max_new_tokens=4) is not None
+    records = run(world, "dpo", str(tmp_path / "dpo"), tuning="full", model=str(best), lr=1e-3, max_steps=6,
+                  eval_every=3, save_every=3, beta=0.5)
+    train = [r for r in records if r["type"] == "train"]
+    assert train[0]["rewards/margins"] == pytest.approx(0, abs=1e-4)
+    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
+    before = pair_metrics(lm.model, lm.tokenizer, str(world["pairs_dev"]))
+    tuned = cpmlive.load(tmp_path / "dpo" / "best")
+    assert pair_metrics(tuned.model, tuned.tokenizer, str(world["pairs_dev"]))["mean_margin"] > before["mean_margin"]
+    with pytest.raises(CpmliveError, match="full tuning starts from model="):
+        config(world, "dpo", "x", tuning="full", adapter=str(best))
+
+
+@pytest.mark.parametrize("method,tuning", [("dpo", "lora"), ("ppo", "lora"), ("ppo", "full")])
+def test_resume_reproduces_the_uninterrupted_run(world, trained, method, tuning, tmp_path):
     extra = {"dpo": {}, "ppo": {"reward_model": str(trained["rm"]), "eval_prompts": 2, "batch_size": 2}}[method]
-    common = dict(max_steps=4, eval_every=2, save_every=2, adapter=str(trained["sft"]), **extra)
+    start = {"adapter": str(trained["sft"])} if tuning == "lora" else {"tuning": "full"}
+    common = dict(max_steps=4, eval_every=2, save_every=2, **start, **extra)
     full = TRAINERS[method](config(world, method, str(tmp_path / "full"), **common))
     full.run()
     half = TRAINERS[method](config(world, method, str(tmp_path / "half"), **common))

@@ -17,6 +17,7 @@ the same base, attached to the one copy of the weights as adapter ``reward``) or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -24,20 +25,21 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
 from cpmlive.align import losses
-from cpmlive.align.policy import (Pair, ScalarHead, completion_hidden, completion_logprobs, reference_of, sample_completions, sequence_scores, target_ids, token_logprobs)
+from cpmlive.align.policy import (Pair, ScalarHead, completion_hidden, completion_logprobs, reference_of,
+                                  sample_completions, sequence_scores, target_ids, token_logprobs)
 from cpmlive.data.align import PreferencePair, PromptedText, preference_pairs, prompts, sft_examples
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
-from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_safetensors
+from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_checkpoint, save_safetensors
 from cpmlive.model.families import family_of
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
-from cpmlive.train.checkpoints import refuse_existing_run, warn
+from cpmlive.train.checkpoints import check_optimizer_fits, read_trainer_state, refuse_existing_run, warn
 from cpmlive.train.core import autocast, learning_rate, memory_mb, set_learning_rate
 from cpmlive.train.metrics import finite_or_none
 from cpmlive.tune import delta as deltas
@@ -61,6 +63,7 @@ class AlignConfig(Recipe):
     eval: str = ""
     out: str = "runs/align"
     adapter: str = ""  # start from this adapter (an SFT run's best/); a frozen copy of it is the reference
+    tuning: str = "lora"  # lora: the delta below on a frozen base; full: every weight (best/ is a checkpoint)
     delta: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
     max_input_tokens: int = 160
     max_output_tokens: int = 48
@@ -113,7 +116,7 @@ class AlignConfig(Recipe):
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "method": METHODS, "schedule": SCHEDULES, "precision": PRECISIONS, "loss_type": losses.DPO_LOSSES,
-        "reward": ("model", "rouge"), "kl_estimator": losses.KL_ESTIMATORS,
+        "reward": ("model", "rouge"), "kl_estimator": losses.KL_ESTIMATORS, "tuning": ("lora", "full"),
     }
 
     def check(self) -> None:
@@ -128,6 +131,8 @@ class AlignConfig(Recipe):
             raise CpmliveError("config: ppo runs for max_steps rollout batches; set max_steps")
         if self.method == "grpo" and self.max_steps < 1:
             raise CpmliveError("config: grpo runs for max_steps rollout batches; set max_steps")
+        if self.tuning == "full" and self.adapter:
+            raise CpmliveError("config: full tuning starts from model= (e.g. a full SFT run's best/), not adapter=")
         deltas.DeltaConfig.from_dict(self.delta)
 
     @property
@@ -145,7 +150,7 @@ def chat_spec(template: ChatTemplate, config: AlignConfig) -> TaskSpec:
 class AlignTrainer(Finetuner):
     """Shared set-up: the policy (base + delta), the tokenizer, the data, the loop's state."""
 
-    kind: ClassVar[str] = ""
+    needs_reference: ClassVar[bool] = False
 
     def __init__(self, config: AlignConfig, resume: str | None = None) -> None:
         self.config = config
@@ -179,8 +184,17 @@ class AlignTrainer(Finetuner):
 
     def attach_policy(self) -> None:
         """The trained adapter: a new delta, or a copy of ``adapter`` (another copy, frozen, is the
-        reference: TRL's way of re-training an adapter)."""
+        reference: TRL's way of re-training an adapter). Full tuning trains every weight, and a
+        second, frozen copy of the model is the reference."""
         self.reference: str | None = None
+        self.reference_model: torch.nn.Module | None = None
+        if self.config.tuning == "full":
+            self.delta = None
+            if self.needs_reference:
+                self.reference_model = family_of(self.model_path).load(self.model_path, dtype=torch.float32)[0].eval()
+                self.reference_model.requires_grad_(False)
+            self.model.requires_grad_(True)
+            return
         if self.config.adapter:
             self.reference = deltas.load_adapter(self.model, self.config.adapter, name=REFERENCE_ADAPTER)
             deltas.load_adapter(self.model, self.config.adapter, name="default", trainable=True)
@@ -188,6 +202,9 @@ class AlignTrainer(Finetuner):
         else:
             self.delta = deltas.DeltaConfig.from_dict(self.config.delta)
             deltas.attach(self.model, self.delta)
+
+    def progress_label(self) -> str:
+        return f"align {self.config.method}"
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         heads = [p for head in self.heads.values() for p in head.parameters()]
@@ -275,7 +292,10 @@ class AlignTrainer(Finetuner):
         return best is None or (value < best if name == "loss" else value > best)
 
     def save_adapter(self, directory: Path, metrics: dict[str, Any] | None = None) -> None:
-        deltas.save_adapter(self.model, directory, "default", base_model_name_or_path=str(self.config.model))
+        if self.config.tuning == "full":
+            save_checkpoint(self.model, self.model.config, directory, vocab=self.vocab_path)
+        else:
+            deltas.save_adapter(self.model, directory, "default", base_model_name_or_path=str(self.config.model))
         self.spec.save(directory)
         self.template.save(directory)
         shutil.copyfile(self.vocab_path, directory / VOCAB_NAME)
@@ -289,18 +309,42 @@ class AlignTrainer(Finetuner):
         """The trained scalar heads beside the adapter."""
 
     def read_checkpoint(self, path: Path) -> dict[str, Any]:
-        state = super().read_checkpoint(path)
+        if self.config.tuning == "full":
+            state = read_trainer_state(path, ("optimizer", "position", "rng"))
+            check_optimizer_fits(self.optimizer, state["optimizer"], path)
+            weights = family_of(path / "adapter").load(path / "adapter", dtype=torch.float32)[0].state_dict()
+            with torch.no_grad():
+                for name, tensor in self.model.state_dict().items():
+                    tensor.copy_(weights[name])
+        else:
+            state = super().read_checkpoint(path)
         self.load_heads(path / "adapter")
         return state
 
     def load_heads(self, directory: Path) -> None:
         """Refill the trained scalar heads from a saved adapter directory."""
 
+    @contextlib.contextmanager
+    def as_reference(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference model, under no_grad: the policy with its trained adapter off, or
+        the separate copy full tuning keeps."""
+        if self.reference_model is not None:
+            with torch.no_grad():
+                yield self.reference_model
+        else:
+            with reference_of(self.model, self.reference):
+                yield self.model
+
     # ---- shared measurements ---------------------------------------------------------------
 
     def pair_logprobs(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, mask = completion_logprobs(self.model, pairs)
-        return logps.sum(1), mask.sum(1)
+        return pair_logprobs(self.model, pairs)
+
+
+def pair_logprobs(model: torch.nn.Module, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each completion's summed log-probability and its token count."""
+    logps, mask = completion_logprobs(model, pairs)
+    return logps.sum(1), mask.sum(1)
 
 
 # ---- SFT --------------------------------------------------------------------------------------------
@@ -389,11 +433,13 @@ class RewardTrainer(PreferenceTrainer):
 
 
 class DpoTrainer(PreferenceTrainer):
+    needs_reference = True
+
     def batch_loss(self, items: list) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = self.split(items)
         logps, tokens = self.pair_logprobs(chosen + rejected)
-        with reference_of(self.model, self.reference):
-            reference, _ = self.pair_logprobs(chosen + rejected)
+        with self.as_reference() as model:
+            reference, _ = pair_logprobs(model, chosen + rejected)
         config = self.config
         (pc, pr), (rc, rr), (tc, tr) = logps.chunk(2), reference.chunk(2), tokens.chunk(2)
         result = losses.dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing, config.loss_type, tc, tr)
@@ -430,6 +476,8 @@ class _CharTokenizer:
 class RolloutTrainer(AlignTrainer):
     """Prompts in, sampled completions scored by a reward (model or ROUGE-L)."""
 
+    needs_reference = True
+
     def attach_models(self) -> None:
         if self.config.reward != "model":
             return
@@ -437,7 +485,11 @@ class RolloutTrainer(AlignTrainer):
         marker = directory / ALIGN_FILE
         if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")).get("method") != "rm":
             raise CpmliveError(f"{directory}: not a reward model (an `align rm` run's best/ directory)")
-        deltas.load_adapter(self.model, directory, name=REWARD_ADAPTER)
+        self.reward_model = self.model
+        if self.config.tuning == "full":  # the policy's weights move: the reward model keeps its own copy
+            base = resolve_model_path(json.loads(marker.read_text(encoding="utf-8")).get("model", self.config.model))
+            self.reward_model = family_of(base).load(base, dtype=torch.float32)[0].eval()
+        deltas.load_adapter(self.reward_model, directory, name=REWARD_ADAPTER)
         self.reward_head = ScalarHead(self.model.config.dim_model)
         load_head(self.reward_head, directory / REWARD_HEAD)
         self.reward_head.requires_grad_(False)
@@ -464,8 +516,8 @@ class RolloutTrainer(AlignTrainer):
         if self.config.reward == "rouge":
             return torch.tensor([rouge_l(self.text(c), ref) for (_, c), ref in zip(pairs, references)])
         fixed = [(p, c if c else [self.tokenizer.eos_id]) for p, c in pairs]
-        with deltas.active_adapter(self.model, REWARD_ADAPTER):
-            return sequence_scores(self.model, self.reward_head, fixed).float()
+        with deltas.active_adapter(self.reward_model, REWARD_ADAPTER):
+            return sequence_scores(self.reward_model, self.reward_head, fixed).float()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -478,8 +530,8 @@ class RolloutTrainer(AlignTrainer):
                      zip(items, self.sample([ids for ids, _ in items]))]
             scores = self.rewards(pairs, [ref for _, ref in items])
             logps, mask = completion_logprobs(self.model, pairs)
-            with reference_of(self.model, self.reference):
-                reference, _ = completion_logprobs(self.model, pairs)
+            with self.as_reference() as model:
+                reference, _ = completion_logprobs(model, pairs)
         finally:
             torch.random.set_rng_state(state)
         kl = ((logps - reference) * mask).sum(1)
@@ -510,8 +562,8 @@ class PpoTrainer(RolloutTrainer):
         scores = self.rewards(pairs, references)
         with torch.no_grad():
             old_logps, old_values, mask = self.policy_and_values(pairs)
-            with reference_of(self.model, self.reference):
-                ref_logps, _ = completion_logprobs(self.model, pairs)
+            with self.as_reference() as model:
+                ref_logps, _ = completion_logprobs(model, pairs)
         rewards, kl = losses.shaped_rewards(scores, old_logps, ref_logps, mask, config.kl_coef, config.kl_estimator)
         advantages, returns = losses.generalized_advantages(rewards, old_values, mask, config.gamma, config.lam)
         stats: dict[str, list[float]] = {}
@@ -553,8 +605,8 @@ class GrpoTrainer(RolloutTrainer):
         advantages = losses.group_advantages(scores, config.num_samples)
         with torch.no_grad():
             old_logps, mask = completion_logprobs(self.model, pairs)
-            with reference_of(self.model, self.reference):
-                ref_logps, _ = completion_logprobs(self.model, pairs)
+            with self.as_reference() as model:
+                ref_logps, _ = completion_logprobs(model, pairs)
         stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
             with autocast(config.precision):

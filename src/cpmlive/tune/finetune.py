@@ -182,6 +182,9 @@ class Finetuner:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def progress_label(self) -> str:
+        return "finetune"
+
     def _task_spec(self) -> TaskSpec:
         config = self.config
         labels = sorted({e.target for e in self.train_examples}) if config.task == "classify" else []
@@ -327,7 +330,7 @@ class Finetuner:
         trainable, total = deltas.trainable_parameters(self.model)
         self.log.write({"type": "start", "step": self.position.step, "config": config.to_dict(),
                         "trainable": trainable, "parameters": total, "time": time.time()})
-        bar = progress_bar(self.total_steps, self.position.step, "finetune", config.progress)
+        bar = progress_bar(self.total_steps, self.position.step, self.progress_label(), config.progress)
         saved = self.position.step
         try:
             with StopRequest() as stop:
