@@ -247,3 +247,21 @@ def test_bad_input_is_one_line_exit_2(world, trained, tmp_path):
     assert "--pairs" in bad(["evaluate", base, "--pairs", str(world["pairs"]), "--text", str(world["pairs"])])
     with pytest.raises(CpmliveError, match="no chat template"):
         cpmlive.load(world["base"]).chat([{"role": "user", "content": "你好"}])
+
+
+def test_dashboard_charts_the_alignment_metrics(world, trained, tmp_path):
+    from serving import chromium_page, serving
+
+    from cpmlive.serve.dashboard import create_app
+
+    run(world, "dpo", str(tmp_path / "dpo"), adapter=str(trained["sft"]), max_steps=4, eval_every=2, save_every=4)
+    with serving(create_app(tmp_path / "dpo")) as url, chromium_page(1400, 1200) as (page, errors):
+        page.goto(f"{url}/?poll=300")
+        page.wait_for_function("() => !document.getElementById('align-section').hidden", timeout=15_000)
+        points = {name: int(page.get_attribute(f"#chart-align-{name}", "data-points")) for name in ("rewards", "kl")}
+        # rewards/chosen, rejected, margins: 4 steps each, val margins at 2 evaluations; accuracies likewise
+        assert points == {"rewards": 3 * 4 + 2, "kl": 4 + 2}, points
+        artifacts = Path(__file__).resolve().parents[1] / "artifacts"
+        artifacts.mkdir(exist_ok=True)
+        page.screenshot(path=str(artifacts / "dashboard-align.png"), full_page=True)
+        assert errors == []
