@@ -31,6 +31,8 @@ from cpmlive.data.instructions import build_items, load_sources, split_items, wr
 from cpmlive.train.metrics import read_records
 
 TEMPLATE = ChatTemplate()
+ROOT = Path(__file__).resolve().parents[1]
+DECODING = {"repetition_penalty": 1.2}  # greedy; the demo model loops without it
 
 
 def stage(name: str, config: AlignConfig) -> Path:
@@ -49,9 +51,9 @@ def answers(lm, items, adapter: Path | None, max_new_tokens: int) -> list[str]:
     """Greedy answers, cut at the first line break (the template's turns are lines)."""
     if adapter is None:
         texts = lm.generate([TEMPLATE.render([{"role": "user", "content": i.prompt}]) for i in items],
-                            max_new_tokens=max_new_tokens)
+                            max_new_tokens=max_new_tokens, **DECODING)
     else:
-        texts = lm.generate([i.prompt for i in items], max_new_tokens=max_new_tokens)
+        texts = lm.generate([i.prompt for i in items], max_new_tokens=max_new_tokens, **DECODING)
     return [t.split("\n")[0].strip() for t in texts]
 
 
@@ -106,13 +108,14 @@ def main() -> None:
     parser.add_argument("--model", default="demo")
     parser.add_argument("--work", default="runs/align-bench")
     parser.add_argument("--out", default="benchmarks/results/align")
-    parser.add_argument("--per-task", type=int, default=600)
+    parser.add_argument("--per-task", type=int, default=600, help="training items per task")
     parser.add_argument("--eval-size", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=150, help="SFT / RM / DPO steps")
-    parser.add_argument("--rl-steps", type=int, default=30, help="PPO / GRPO rollout batches")
+    parser.add_argument("--steps", type=int, default=None, help="SFT / RM / DPO steps (default: the recipes')")
+    parser.add_argument("--rl-steps", type=int, default=None, help="PPO / GRPO rollout batches (default: the recipes')")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
+    work = work.resolve()
     out.mkdir(parents=True, exist_ok=True)
     split = split_items(build_items(load_sources(), seed=0),
                         {"train": args.per_task, "dev": args.eval_size, "test": args.eval_size})
@@ -121,36 +124,32 @@ def main() -> None:
     headline = {name: [i for i in items if i.task == "headline"] for name, items in split.items()}
     write_items(work / "headline", headline, "sft")
     results: dict = {"counts": {name: len(items) for name, items in split.items()}}
-    common = dict(model=args.model, progress=True, max_input_tokens=192, max_output_tokens=40, batch_size=8,
-                  eval_every=50, save_every=50)
 
-    sft = stage("sft", AlignConfig(method="sft", data=str(work / "sft/train.jsonl"), eval=str(work / "sft/dev.jsonl"),
-                                   out=str(work / "run-sft"), max_steps=args.steps, lr=2e-3, **common))
+    def recipe(method: str, data: str, **extra: object) -> AlignConfig:
+        """``recipes/align-METHOD.yaml`` on this run's data and directories."""
+        overrides = [f"data={work / data}/train.jsonl", f"eval={work / data}/dev.jsonl", f"out={work / f'run-{method}'}",
+                     f"model={args.model}", *[f"{k}={v}" for k, v in extra.items()]]
+        return AlignConfig.from_file(ROOT / "recipes" / f"align-{method}.yaml", overrides)
+
+    steps = {} if args.steps is None else {"max_steps": args.steps}
+    rl_steps = {} if args.rl_steps is None else {"max_steps": args.rl_steps}
+    sft = stage("sft", recipe("sft", "sft", **steps))
     results["sft"] = {"before": task_metrics(args.model, split["test"], None),
                       "after": task_metrics(args.model, split["test"], sft)}
     print(json.dumps(results["sft"], ensure_ascii=False), flush=True)
 
-    rm = stage("rm", AlignConfig(method="rm", data=str(work / "pairs/train.jsonl"), eval=str(work / "pairs/dev.jsonl"),
-                                 out=str(work / "run-rm"), max_steps=args.steps, lr=2e-3, **common))
+    rm = stage("rm", recipe("rm", "pairs", **steps))
     results["rm"] = {"before": pair_figures(args.model, work / "pairs/test.jsonl", None, reward=True),
                      "after": pair_figures(args.model, work / "pairs/test.jsonl", rm, reward=True)}
     print(json.dumps(results["rm"]), flush=True)
 
-    dpo = stage("dpo", AlignConfig(method="dpo", data=str(work / "pairs/train.jsonl"),
-                                   eval=str(work / "pairs/dev.jsonl"), out=str(work / "run-dpo"), adapter=str(sft),
-                                   max_steps=args.steps, lr=1e-3, beta=0.1, **common))
+    dpo = stage("dpo", recipe("dpo", "pairs", adapter=sft, **steps))
     results["dpo"] = {"before": pair_figures(args.model, work / "pairs/test.jsonl", sft),
                       "after": pair_figures(args.model, work / "pairs/test.jsonl", dpo)}
     print(json.dumps(results["dpo"]), flush=True)
 
-    rl = dict(common, batch_size=8, eval_every=10, save_every=10, max_output_tokens=24, eval_prompts=32)
-    ppo = stage("ppo", AlignConfig(method="ppo", data=str(work / "headline/train.jsonl"),
-                                   eval=str(work / "headline/dev.jsonl"), out=str(work / "run-ppo"), adapter=str(sft),
-                                   reward_model=str(rm), max_steps=args.rl_steps, lr=5e-4, kl_coef=0.05, **rl))
-    grpo = stage("grpo", AlignConfig(method="grpo", data=str(work / "headline/train.jsonl"),
-                                     eval=str(work / "headline/dev.jsonl"), out=str(work / "run-grpo"),
-                                     adapter=str(sft), reward_model=str(rm), max_steps=args.rl_steps, lr=5e-4,
-                                     kl_coef=0.05, num_samples=4, **dict(rl, batch_size=2)))
+    ppo = stage("ppo", recipe("ppo", "headline", adapter=sft, reward_model=rm, **rl_steps))
+    grpo = stage("grpo", recipe("grpo", "headline", adapter=sft, reward_model=rm, **rl_steps))
     results["rl"] = {"sft": task_metrics(args.model, headline["test"], sft)["headline"],
                      "ppo": task_metrics(args.model, headline["test"], ppo)["headline"],
                      "grpo": task_metrics(args.model, headline["test"], grpo)["headline"]}

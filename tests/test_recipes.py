@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cpmlive.align.recipes import AlignConfig
 from cpmlive.compress.pipeline import CompressRecipe
 from cpmlive.tune.delta import DeltaConfig
 from cpmlive.tune.finetune import FinetuneConfig
@@ -28,6 +29,8 @@ def test_recipe_parses_into_its_config(path: Path) -> None:
     data = yaml.safe_load(path.read_text("utf-8"))
     if "steps" in data:
         config = CompressRecipe.from_file(path)
+    elif "method" in data:
+        config = AlignConfig.from_file(path)
     elif "task" in data:
         config = FinetuneConfig.from_file(path)
         DeltaConfig.from_dict(config.delta)

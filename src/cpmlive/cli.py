@@ -408,12 +408,16 @@ def cmd_data_sentiment(args: argparse.Namespace) -> None:
 
 
 def instruction_split(args: argparse.Namespace) -> dict:
-    from cpmlive.data.instructions import build_items, load_sources, split_items
+    from cpmlive.data.instructions import TASKS, build_items, load_sources, split_items
 
     print("cpmlive: reading headlines, reviews, help pages, poems and CC-CEDICT (fetched once, cached)",
           file=sys.stderr)
-    return split_items(build_items(load_sources(), seed=args.seed),
-                       {"train": args.per_task, "dev": args.eval_size, "test": args.eval_size})
+    tasks = set(args.tasks.split(",")) if args.tasks else set(TASKS)
+    unknown = sorted(tasks - set(TASKS))
+    if unknown:
+        raise CpmliveError(f"--tasks: unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
+    items = [item for item in build_items(load_sources(), seed=args.seed) if item.task in tasks]
+    return split_items(items, {"train": args.per_task, "dev": args.eval_size, "test": args.eval_size})
 
 
 def print_task_counts(counts: dict[str, dict[str, int]], out: str) -> None:
@@ -814,6 +818,8 @@ def build_parser() -> Parser:
         sub.add_argument("--out", required=True, help="output directory (train/dev/test.jsonl)")
         sub.add_argument("--per-task", type=positive_int, default=2000, help="training items per task")
         sub.add_argument("--eval-size", type=positive_int, default=100, help="dev and test items per task")
+        sub.add_argument("--tasks", default=None, help="comma-separated tasks to keep (headline, sentiment, zh2en, "
+                         "en2zh, poem, gloss; default: all)")
         sub.add_argument("--seed", type=count, default=0)
         add_force(sub)
     inst.set_defaults(run=cmd_data_instructions)

@@ -151,6 +151,7 @@ class AlignTrainer(Finetuner):
     """Shared set-up: the policy (base + delta), the tokenizer, the data, the loop's state."""
 
     needs_reference: ClassVar[bool] = False
+    evaluate_first: ClassVar[bool] = False
 
     def __init__(self, config: AlignConfig, resume: str | None = None) -> None:
         self.config = config
@@ -271,6 +272,14 @@ class AlignTrainer(Finetuner):
         return sum(sum(len(part) for part in item if isinstance(part, list)) for item in items)
 
     # ---- validation and saving -------------------------------------------------------------
+
+    def run(self):
+        """The loop; a rollout recipe first measures the policy it starts from (step 0)."""
+        if self.evaluate_first and self.position.step == 0 and self.eval_pairs:
+            metrics = self.evaluate()
+            self.log.write({"type": "eval", "step": 0, **{f"val_{k}": finite_or_none(v) for k, v in metrics.items()},
+                            "best": False, "time": time.time()})
+        return super().run()
 
     def validate(self, step: int) -> None:
         if not self.eval_pairs:
@@ -477,6 +486,7 @@ class RolloutTrainer(AlignTrainer):
     """Prompts in, sampled completions scored by a reward (model or ROUGE-L)."""
 
     needs_reference = True
+    evaluate_first = True
 
     def attach_models(self) -> None:
         if self.config.reward != "model":
