@@ -11,7 +11,7 @@ model → DPO → PPO and GRPO on the shipped demo model (LoRA), each measured o
 Each stage is a run directory under ``--work``; a finished stage is reused when the script is run
 again, and an interrupted one resumes (``--resume auto``), so the script can be stopped at any point.
 
-    .venv/bin/python benchmarks/align.py --work runs/align-bench --out benchmarks/results/align
+    .venv/bin/python benchmarks/align.py --work runs/align-bench   # figures and curves into docs/
 """
 
 from __future__ import annotations
@@ -103,16 +103,44 @@ def plot_curves(runs: dict[str, Path], out: Path) -> None:
     figure.savefig(out, dpi=110)
 
 
+def markdown(results: dict) -> str:
+    """The README's tables."""
+    sft = results["sft"]
+    lines = ["| task (test, n) | base: ROUGE-L / exact | SFT: ROUGE-L / exact |", "|---|---|---|"]
+    for task, after in sft["after"].items():
+        before = sft["before"][task]
+        lines.append(f"| {task} ({after['n']}) | {before['rouge_l']:.3f} / {before['exact']:.3f} | "
+                     f"{after['rouge_l']:.3f} / {after['exact']:.3f} |")
+    lines += ["", "| preference pairs (test) | pair accuracy | mean margin |", "|---|---|---|"]
+    for label, row in (("reward model, untrained head", results["rm"]["before"]),
+                       ("reward model, trained", results["rm"]["after"]),
+                       ("SFT policy (log-probability)", results["dpo"]["before"]),
+                       ("DPO policy (log-probability)", results["dpo"]["after"])):
+        lines.append(f"| {label} | {row['pair_accuracy']:.3f} | {row['mean_margin']:.3f} |")
+    rl = results["rl"]
+    lines += ["", "| headline policy (test) | ROUGE-L | exact | dev reward: start → end | dev KL at the end |",
+              "|---|---|---|---|---|", f"| SFT | {rl['sft']['rouge_l']:.3f} | {rl['sft']['exact']:.3f} | | |"]
+    for name in ("ppo", "grpo"):
+        row = rl[name]
+        lines.append(f"| SFT + {name.upper()} | {row['rouge_l']:.3f} | {row['exact']:.3f} | "
+                     f"{row['first_dev_reward']:.3f} → {row['last_dev_reward']:.3f} | {row['last_dev_kl']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--work", default="runs/align-bench")
-    parser.add_argument("--out", default="benchmarks/results/align")
+    parser.add_argument("--out", default="docs", help="where align-rl.png and align-results.json go")
     parser.add_argument("--per-task", type=int, default=600, help="training items per task")
     parser.add_argument("--eval-size", type=int, default=40)
     parser.add_argument("--steps", type=int, default=None, help="SFT / RM / DPO steps (default: the recipes')")
     parser.add_argument("--rl-steps", type=int, default=None, help="PPO / GRPO rollout batches (default: the recipes')")
+    parser.add_argument("--report", action="store_true", help="print the tables of OUT/align-results.json and stop")
     args = parser.parse_args()
+    if args.report:
+        print(markdown(json.loads((Path(args.out) / "align-results.json").read_text())))
+        return
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()
@@ -157,9 +185,9 @@ def main() -> None:
         evals = [r for r in read_records(run) if r["type"] == "eval"]
         results["rl"][name].update({"first_dev_reward": evals[0]["val_reward"], "last_dev_reward": evals[-1]["val_reward"],
                                     "last_dev_kl": evals[-1]["val_kl"]})
-    plot_curves({"PPO": work / "run-ppo", "GRPO": work / "run-grpo"}, out / "rl_curves.png")
-    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
-    print(json.dumps(results["rl"], ensure_ascii=False), flush=True)
+    plot_curves({"PPO": work / "run-ppo", "GRPO": work / "run-grpo"}, out / "align-rl.png")
+    (out / "align-results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+    print(markdown(results), flush=True)
 
 
 if __name__ == "__main__":
