@@ -101,3 +101,12 @@ def test_on_policy_pairs_reject_the_models_own_samples(tmp_path):
     again = list(on_policy_pairs(lm.model, lm.tokenizer, items, max_new_tokens=6, seed=3))
     assert pairs == again  # seeded
     assert all(p["chosen"] == i.answer and p["rejected"] != i.answer for p, i in zip(pairs, items))
+
+
+def test_capped_splits_are_a_sample_not_the_first_items():
+    """Sources come sorted (every positive review first): a cap must not keep one label only."""
+    sources = Sources(reviews=[(f"好评{i}，很好", "正面") for i in range(200)] +
+                      [(f"差评{i}，很差", "负面") for i in range(200)])
+    capped = split_items(build_items(sources, seed=0), {"train": 40, "dev": 40, "test": 40})
+    labels = [item.answer for item in capped["train"]]
+    assert 10 < labels.count("正面") < 30

@@ -151,11 +151,16 @@ def build_items(sources: Sources, seed: int = 0) -> list[Item]:
     return items
 
 
+def _sample_key(item: Item) -> bytes:
+    return hashlib.sha1(f"{item.task}\0{item.source}\0{item.prompt}".encode("utf-8")).digest()
+
+
 def split_items(items: list[Item], per_task: dict[str, int]) -> dict[str, list[Item]]:
-    """Items by split, at most ``per_task[split]`` of each task per split (in source order)."""
+    """Items by split, at most ``per_task[split]`` of each task per split: a sample in a stable
+    hashed order, not the first ones (sources come sorted, e.g. every positive review first)."""
     out: dict[str, list[Item]] = {name: [] for name in SPLITS}
     counts: dict[tuple[str, str], int] = {}
-    for item in items:
+    for item in sorted(items, key=_sample_key):
         split = split_of(item.source)
         key = (split, item.task)
         if counts.get(key, 0) < per_task[split]:
