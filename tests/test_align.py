@@ -244,6 +244,10 @@ def test_bad_input_is_one_line_exit_2(world, trained, tmp_path):
                                                  "max_steps=2"])
     assert "not a reward model" in bad(["align", "ppo", "--model", base, "--data", str(world["pairs"]), "--out",
                                         str(tmp_path / "f"), f"reward_model={trained['sft']}", "max_steps=2"])
+    bare = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": "问"}])
+    assert "bare.jsonl line 1: reward=rouge scores against a reference" in bad(
+        ["align", "grpo", "--model", base, "--data", str(bare), "--out", str(tmp_path / "g"), "reward=rouge",
+         "max_steps=2"])
     assert "--pairs" in bad(["evaluate", base, "--pairs", str(world["pairs"]), "--text", str(world["pairs"])])
     with pytest.raises(CpmliveError, match="no chat template"):
         cpmlive.load(world["base"]).chat([{"role": "user", "content": "你好"}])

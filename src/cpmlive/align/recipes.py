@@ -505,7 +505,13 @@ class RolloutTrainer(AlignTrainer):
         self.reward_head.requires_grad_(False)
 
     def read(self, path: str) -> list[tuple[list[int], str]]:
-        return [(self.prompt_ids(p.prompt, p.where or path), p.completion) for p in prompts(path, self.template)]
+        records = prompts(path, self.template)
+        if self.config.reward == "rouge":
+            missing = next((p for p in records if not p.completion.strip()), None)
+            if missing is not None:
+                raise CpmliveError(f"{missing.where}: reward=rouge scores against a reference answer; this record "
+                                   "has no 'completion' or 'chosen'")
+        return [(self.prompt_ids(p.prompt, p.where or path), p.completion) for p in records]
 
     def count_tokens(self, items: list) -> int:
         return sum(len(ids) for ids, _ in items)
