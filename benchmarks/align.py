@@ -3,7 +3,7 @@ model → DPO → PPO and GRPO on the shipped demo model (LoRA), each measured o
 
 * SFT: per-task ROUGE-L (characters) and exact match of greedy answers, before (the base demo
   model, prompted with the same chat layout) and after;
-* reward model: held-out pair accuracy and mean margin (an untrained head, then trained);
+* reward model (from the SFT adapter): held-out pair accuracy and mean margin, untrained head and trained;
 * DPO (from the SFT adapter): held-out pair accuracy and mean log-probability margin before/after;
 * PPO and GRPO (from the SFT adapter, on headline prompts, the reward model's score): reward and
   KL curves (PNG), and the headline ROUGE-L of the policy before and after RL.
@@ -71,7 +71,7 @@ def task_metrics(model: str, items, adapter: Path | None, max_new_tokens: int = 
 def pair_figures(model: str, path: Path, adapter: Path | None, reward: bool = False) -> dict[str, float]:
     lm = cpmlive.load(model, adapter=adapter) if adapter else cpmlive.load(model)
     head = reward_head_of(adapter, lm.model) if reward else None
-    if reward and head is None:  # the untrained head: what the reward model starts from
+    if reward and head is None:  # an untrained head on the SFT policy: where the reward model starts
         from cpmlive.align.policy import ScalarHead
 
         torch.manual_seed(0)
@@ -112,7 +112,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {task} ({after['n']}) | {before['rouge_l']:.3f} / {before['exact']:.3f} | "
                      f"{after['rouge_l']:.3f} / {after['exact']:.3f} |")
     lines += ["", "| preference pairs (test) | pair accuracy | mean margin |", "|---|---|---|"]
-    for label, row in (("reward model, untrained head", results["rm"]["before"]),
+    for label, row in (("reward model at the start (SFT + untrained head)", results["rm"]["before"]),
                        ("reward model, trained", results["rm"]["after"]),
                        ("SFT policy (log-probability)", results["dpo"]["before"]),
                        ("DPO policy (log-probability)", results["dpo"]["after"])):
@@ -166,8 +166,8 @@ def main() -> None:
                       "after": task_metrics(args.model, split["test"], sft)}
     print(json.dumps(results["sft"], ensure_ascii=False), flush=True)
 
-    rm = stage("rm", recipe("rm", "pairs", **steps))
-    results["rm"] = {"before": pair_figures(args.model, work / "pairs/test.jsonl", None, reward=True),
+    rm = stage("rm", recipe("rm", "pairs", adapter=sft, **steps))
+    results["rm"] = {"before": pair_figures(args.model, work / "pairs/test.jsonl", sft, reward=True),
                      "after": pair_figures(args.model, work / "pairs/test.jsonl", rm, reward=True)}
     print(json.dumps(results["rm"]), flush=True)
 

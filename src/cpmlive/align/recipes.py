@@ -197,7 +197,8 @@ class AlignTrainer(Finetuner):
             self.model.requires_grad_(True)
             return
         if self.config.adapter:
-            self.reference = deltas.load_adapter(self.model, self.config.adapter, name=REFERENCE_ADAPTER)
+            if self.needs_reference:
+                self.reference = deltas.load_adapter(self.model, self.config.adapter, name=REFERENCE_ADAPTER)
             deltas.load_adapter(self.model, self.config.adapter, name="default", trainable=True)
             self.delta = deltas.delta_state(self.model).configs["default"]
         else:
