@@ -89,7 +89,7 @@ def plot_curves(runs: dict[str, Path], out: Path) -> None:
     for name, run in runs.items():
         train = [r for r in read_records(run) if r["type"] == "train"]
         evals = [r for r in read_records(run) if r["type"] == "eval"]
-        key = "objective/scores" if name == "PPO" else "reward"
+        key = "objective/scores" if name.startswith("PPO") else "reward"
         axes[0].plot([r["step"] for r in train], [r[key] for r in train], alpha=0.5, label=f"{name} train reward")
         axes[0].plot([r["step"] for r in evals], [r["val_reward"] for r in evals], marker="o", label=f"{name} dev reward")
         axes[1].plot([r["step"] for r in train], [r["objective/kl"] for r in train], label=f"{name} KL (train)")
@@ -118,12 +118,15 @@ def markdown(results: dict) -> str:
                        ("DPO policy (log-probability)", results["dpo"]["after"])):
         lines.append(f"| {label} | {row['pair_accuracy']:.3f} | {row['mean_margin']:.3f} |")
     rl = results["rl"]
-    lines += ["", "| headline policy (test) | ROUGE-L | exact | dev reward: start → end | dev KL at the end |",
-              "|---|---|---|---|---|", f"| SFT | {rl['sft']['rouge_l']:.3f} | {rl['sft']['exact']:.3f} | | |"]
-    for name in ("ppo", "grpo"):
+    lines += ["", "| headline policy (test) | ROUGE-L | exact | dev reward: start → end | dev answer tokens: start → end "
+              "| dev KL at the end |", "|---|---|---|---|---|---|",
+              f"| SFT | {rl['sft']['rouge_l']:.3f} | {rl['sft']['exact']:.3f} | | | |"]
+    labels = {"ppo": "SFT + PPO", "ppo_eos": "SFT + PPO, missing_eos_penalty 1", "grpo": "SFT + GRPO"}
+    for name, label in labels.items():
         row = rl[name]
-        lines.append(f"| SFT + {name.upper()} | {row['rouge_l']:.3f} | {row['exact']:.3f} | "
-                     f"{row['first_dev_reward']:.3f} → {row['last_dev_reward']:.3f} | {row['last_dev_kl']:.3f} |")
+        lines.append(f"| {label} | {row['rouge_l']:.3f} | {row['exact']:.3f} | "
+                     f"{row['first_dev_reward']:.3f} → {row['last_dev_reward']:.3f} | "
+                     f"{row['first_dev_length']:.1f} → {row['last_dev_length']:.1f} | {row['last_dev_kl']:.3f} |")
     return "\n".join(lines)
 
 
@@ -178,14 +181,23 @@ def main() -> None:
 
     ppo = stage("ppo", recipe("ppo", "headline", adapter=sft, reward_model=rm, **rl_steps))
     grpo = stage("grpo", recipe("grpo", "headline", adapter=sft, reward_model=rm, **rl_steps))
+    # The same PPO with TRL's missing_eos_penalty: the reward model likes long answers, and
+    # without it the policy learns to run to the token limit.
+    eos = recipe("ppo", "headline", adapter=sft, reward_model=rm, missing_eos_penalty=1.0, **rl_steps)
+    eos.out = str(work / "run-ppo-eos")
+    ppo_eos = stage("ppo-eos", eos)
+    runs = {"ppo": (ppo, work / "run-ppo"), "ppo_eos": (ppo_eos, work / "run-ppo-eos"),
+            "grpo": (grpo, work / "run-grpo")}
     results["rl"] = {"sft": task_metrics(args.model, headline["test"], sft)["headline"],
-                     "ppo": task_metrics(args.model, headline["test"], ppo)["headline"],
-                     "grpo": task_metrics(args.model, headline["test"], grpo)["headline"]}
-    for name, run in (("ppo", work / "run-ppo"), ("grpo", work / "run-grpo")):
+                     **{name: task_metrics(args.model, headline["test"], best)["headline"]
+                        for name, (best, _) in runs.items()}}
+    for name, (_, run) in runs.items():
         evals = [r for r in read_records(run) if r["type"] == "eval"]
         results["rl"][name].update({"first_dev_reward": evals[0]["val_reward"], "last_dev_reward": evals[-1]["val_reward"],
-                                    "last_dev_kl": evals[-1]["val_kl"]})
-    plot_curves({"PPO": work / "run-ppo", "GRPO": work / "run-grpo"}, out / "align-rl.png")
+                                    "last_dev_kl": evals[-1]["val_kl"], "first_dev_length": evals[0]["val_length"],
+                                    "last_dev_length": evals[-1]["val_length"]})
+    plot_curves({"PPO": work / "run-ppo", "PPO, missing_eos_penalty 1": work / "run-ppo-eos", "GRPO": work / "run-grpo"},
+                out / "align-rl.png")
     (out / "align-results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
     print(markdown(results), flush=True)
 

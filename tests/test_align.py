@@ -269,3 +269,12 @@ def test_dashboard_charts_the_alignment_metrics(world, trained, tmp_path):
         artifacts.mkdir(exist_ok=True)
         page.screenshot(path=str(artifacts / "dashboard-align.png"), full_page=True)
         assert errors == []
+
+
+def test_missing_eos_penalty_lowers_unfinished_rollouts(world, tmp_path):
+    trainer = TRAINERS["grpo"](config(world, "grpo", str(tmp_path / "g"), reward="rouge", missing_eos_penalty=0.5,
+                                      max_steps=1))
+    eos = trainer.tokenizer.eos_id
+    answer = trainer.completion_ids("北京今天下雪。")
+    scores = trainer.rewards([([6], answer), ([6], answer[:-1])], ["北京今天下雪。"] * 2)
+    assert scores.tolist() == pytest.approx([1.0, 0.5]) and answer[-1] == eos

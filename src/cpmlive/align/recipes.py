@@ -94,6 +94,7 @@ class AlignConfig(Recipe):
     reward_model: str = ""
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
+    missing_eos_penalty: float = 0.0  # TRL's: subtracted from the score of a rollout that never ends
     temperature: float = 1.0
     ppo_epochs: int = 2
     clip_range: float = 0.2
@@ -111,7 +112,7 @@ class AlignConfig(Recipe):
         "beta2": FRACTION, "grad_clip": POSITIVE, "seed": NON_NEGATIVE, "eval_every": AT_LEAST_ONE,
         "save_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE, "beta": POSITIVE,
         "label_smoothing": Bound(0, 0.5, high_open=True), "kl_coef": NON_NEGATIVE, "temperature": POSITIVE,
-        "ppo_epochs": AT_LEAST_ONE, "clip_range": POSITIVE, "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE,
+        "ppo_epochs": AT_LEAST_ONE, "missing_eos_penalty": NON_NEGATIVE, "clip_range": POSITIVE, "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE,
         "gamma": Bound(0, 1), "lam": Bound(0, 1), "num_samples": Bound(2), "eval_prompts": AT_LEAST_ONE,
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -530,11 +531,15 @@ class RolloutTrainer(AlignTrainer):
 
     @torch.no_grad()
     def rewards(self, pairs: list[Pair], references: list[str]) -> torch.Tensor:
+        """Each rollout's score; one that ran out of tokens before ``</s>`` loses
+        ``missing_eos_penalty`` (a reward model that likes long answers is otherwise gamed by length)."""
         if self.config.reward == "rouge":
-            return torch.tensor([rouge_l(self.text(c), ref) for (_, c), ref in zip(pairs, references)])
-        fixed = [(p, c if c else [self.tokenizer.eos_id]) for p, c in pairs]
-        with deltas.active_adapter(self.reward_model, REWARD_ADAPTER):
-            return sequence_scores(self.reward_model, self.reward_head, fixed).float()
+            scores = torch.tensor([rouge_l(self.text(c), ref) for (_, c), ref in zip(pairs, references)])
+        else:
+            with deltas.active_adapter(self.reward_model, REWARD_ADAPTER):
+                scores = sequence_scores(self.reward_model, self.reward_head, pairs).float()
+        unfinished = torch.tensor([c[-1] != self.tokenizer.eos_id for _, c in pairs])
+        return scores - self.config.missing_eos_penalty * unfinished.float()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
