@@ -79,7 +79,7 @@ def pair_figures(model: str, path: Path, adapter: Path | None, reward: bool = Fa
     return pair_metrics(lm.model, lm.tokenizer, str(path), lm.chat_templates.get(lm.active), head)
 
 
-def plot_curves(runs: dict[str, Path], out: Path) -> None:
+def plot_curves(runs: dict[str, Path], out: Path, reward_title: str = "reward-model score of sampled answers") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +94,7 @@ def plot_curves(runs: dict[str, Path], out: Path) -> None:
         axes[0].plot([r["step"] for r in evals], [r["val_reward"] for r in evals], marker="o", label=f"{name} dev reward")
         axes[1].plot([r["step"] for r in train], [r["objective/kl"] for r in train], label=f"{name} KL (train)")
         axes[1].plot([r["step"] for r in evals], [r["val_kl"] for r in evals], marker="o", label=f"{name} KL (dev)")
-    axes[0].set(title="reward-model score of sampled answers", xlabel="step")
+    axes[0].set(title=reward_title, xlabel="step")
     axes[1].set(title="KL to the SFT policy (nats per answer)", xlabel="step")
     for axis in axes:
         axis.legend(fontsize=8)
@@ -121,7 +121,8 @@ def markdown(results: dict) -> str:
     lines += ["", "| headline policy (test) | ROUGE-L | exact | dev reward: start → end | dev answer tokens: start → end "
               "| dev KL at the end |", "|---|---|---|---|---|---|",
               f"| SFT | {rl['sft']['rouge_l']:.3f} | {rl['sft']['exact']:.3f} | | | |"]
-    labels = {"ppo": "SFT + PPO", "ppo_eos": "SFT + PPO, missing_eos_penalty 1", "grpo": "SFT + GRPO"}
+    labels = {"ppo": "SFT + PPO", "ppo_eos": "SFT + PPO, missing_eos_penalty 1", "grpo": "SFT + GRPO",
+              "grpo_rouge": "SFT + GRPO, reward = ROUGE-L (no reward model)"}
     for name, label in labels.items():
         row = rl[name]
         lines.append(f"| {label} | {row['rouge_l']:.3f} | {row['exact']:.3f} | "
@@ -186,8 +187,12 @@ def main() -> None:
     eos = recipe("ppo", "headline", adapter=sft, reward_model=rm, missing_eos_penalty=1.0, **rl_steps)
     eos.out = str(work / "run-ppo-eos")
     ppo_eos = stage("ppo-eos", eos)
+    # GRPO on a reward that cannot be gamed that way: ROUGE-L against the reference title.
+    rouge = recipe("grpo", "headline", adapter=sft, reward="rouge", **rl_steps)
+    rouge.out = str(work / "run-grpo-rouge")
+    grpo_rouge = stage("grpo-rouge", rouge)
     runs = {"ppo": (ppo, work / "run-ppo"), "ppo_eos": (ppo_eos, work / "run-ppo-eos"),
-            "grpo": (grpo, work / "run-grpo")}
+            "grpo": (grpo, work / "run-grpo"), "grpo_rouge": (grpo_rouge, work / "run-grpo-rouge")}
     results["rl"] = {"sft": task_metrics(args.model, headline["test"], sft)["headline"],
                      **{name: task_metrics(args.model, headline["test"], best)["headline"]
                         for name, (best, _) in runs.items()}}
@@ -198,6 +203,8 @@ def main() -> None:
                                     "last_dev_length": evals[-1]["val_length"]})
     plot_curves({"PPO": work / "run-ppo", "PPO, missing_eos_penalty 1": work / "run-ppo-eos", "GRPO": work / "run-grpo"},
                 out / "align-rl.png")
+    plot_curves({"GRPO, reward = ROUGE-L": work / "run-grpo-rouge"}, out / "align-grpo-rouge.png",
+                "ROUGE-L of sampled titles against the reference")
     (out / "align-results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
     print(markdown(results), flush=True)
 
