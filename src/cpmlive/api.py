@@ -167,15 +167,7 @@ class LM:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
         ids = self.encode_raw(template.render(list(messages)))
         self._check_length(len(ids), options.max_new_tokens)
-        handle = self.engine.submit(self.request(ids, options, stop=tuple(template.stop)))
-        try:
-            for event in handle:
-                if event.error is not None:
-                    raise CpmliveError(event.error)
-                if event.text:
-                    yield event.text
-        finally:
-            handle.cancel()
+        yield from self._streamed(self.request(ids, options, stop=tuple(template.stop)))
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int = 128, **kwargs: object) -> str:
         return "".join(self.chat_stream(messages, max_new_tokens, **kwargs))
@@ -263,7 +255,11 @@ class LM:
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
         row = self._prompt_rows([prompt], options)[0]
-        handle = self.engine.submit(self.request(row, options, stop=tuple(stop)))
+        yield from self._streamed(self.request(row, options, stop=tuple(stop)))
+
+    def _streamed(self, request: Request) -> Iterator[str]:
+        """The text of one engine request as it is decoded."""
+        handle = self.engine.submit(request)
         try:
             for event in handle:
                 if event.error is not None:

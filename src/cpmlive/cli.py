@@ -456,10 +456,7 @@ def cmd_data_preferences(args: argparse.Namespace) -> None:
 def cmd_align(args: argparse.Namespace) -> None:
     from cpmlive.align.recipes import AlignConfig, align
 
-    overrides = [f"method={args.method}", *args.overrides]
-    for key in ("model", "data", "eval", "out", "adapter"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
+    overrides = [f"method={args.method}", *flag_overrides(args, ("model", "data", "eval", "out", "adapter"))]
     config = AlignConfig.from_file(args.config, overrides)
     best = align(config, resume=args.resume)
     print(f"best adapter -> {best}")
@@ -518,14 +515,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         print(f"trained {state.step} steps, {state.tokens} tokens -> {config.out}")
 
 
+def flag_overrides(args: argparse.Namespace, keys: Sequence[str]) -> list[str]:
+    """The ``key=value`` overrides given, then one per recipe flag given (``--data F``: ``data=F``)."""
+    return [*args.overrides, *(f"{key}={getattr(args, key)}" for key in keys if getattr(args, key) is not None)]
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from cpmlive.tune.finetune import FinetuneConfig, finetune
 
-    overrides = list(args.overrides)
-    for key in ("model", "task", "data", "eval", "out"):
-        if getattr(args, key) is not None:
-            overrides.append(f"{key}={getattr(args, key)}")
-    config = FinetuneConfig.from_file(args.config, overrides)
+    config = FinetuneConfig.from_file(args.config, flag_overrides(args, ("model", "task", "data", "eval", "out")))
     best = finetune(config, resume=args.resume)
     print(f"best adapter -> {best}")
 

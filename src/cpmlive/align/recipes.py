@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
+from rouge_score import rouge_scorer
 
 from cpmlive.align import losses
 from cpmlive.align.policy import (Pair, ScalarHead, completion_hidden, completion_logprobs, reference_of,
@@ -37,13 +38,14 @@ from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_checkpoint, save_safetensors
 from cpmlive.model.families import family_of
-from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
+from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.checkpoints import check_optimizer_fits, read_trainer_state, refuse_existing_run, warn
 from cpmlive.train.core import autocast, learning_rate, memory_mb, set_learning_rate
 from cpmlive.train.metrics import finite_or_none
 from cpmlive.tune import delta as deltas
-from cpmlive.tune.finetune import BEST, Finetuner, resolve_model_path
+from cpmlive.tune.finetune import BEST, Finetuner, FinetuneConfig, resolve_model_path
+from cpmlive.tune.metrics import CharTokenizer
 from cpmlive.tune.task import TaskSpec
 from cpmlive.utils import atomic_write_text
 
@@ -105,15 +107,13 @@ class AlignConfig(Recipe):
     num_samples: int = 4
     eval_prompts: int = 32
 
+    # The loop's knobs are fine-tuning's; a prompt needs <s> and one token.
     RANGES: ClassVar[dict[str, Bound]] = {
-        "max_input_tokens": Bound(2), "max_output_tokens": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
-        "grad_accum": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "lr": POSITIVE,
-        "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "beta1": FRACTION,
-        "beta2": FRACTION, "grad_clip": POSITIVE, "seed": NON_NEGATIVE, "eval_every": AT_LEAST_ONE,
-        "save_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE, "beta": POSITIVE,
-        "label_smoothing": Bound(0, 0.5, high_open=True), "kl_coef": NON_NEGATIVE, "temperature": POSITIVE,
-        "ppo_epochs": AT_LEAST_ONE, "missing_eos_penalty": NON_NEGATIVE, "clip_range": POSITIVE, "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE,
-        "gamma": Bound(0, 1), "lam": Bound(0, 1), "num_samples": Bound(2), "eval_prompts": AT_LEAST_ONE,
+        **FinetuneConfig.RANGES, "max_input_tokens": Bound(2),
+        "beta": POSITIVE, "label_smoothing": Bound(0, 0.5, high_open=True), "kl_coef": NON_NEGATIVE,
+        "temperature": POSITIVE, "ppo_epochs": AT_LEAST_ONE, "missing_eos_penalty": NON_NEGATIVE,
+        "clip_range": POSITIVE, "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE, "gamma": Bound(0, 1),
+        "lam": Bound(0, 1), "num_samples": Bound(2), "eval_prompts": AT_LEAST_ONE,
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "method": METHODS, "schedule": SCHEDULES, "precision": PRECISIONS, "loss_type": losses.DPO_LOSSES,
@@ -467,21 +467,14 @@ def load_head(head: ScalarHead, path: Path) -> None:
     head.load_state_dict(read_safetensors(path))
 
 
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over characters (rouge-score's LCS, Chinese split per character)."""
-    from rouge_score import rouge_scorer
+_ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], tokenizer=CharTokenizer())
 
-    chars = lambda text: " ".join(c for c in text if not c.isspace())  # noqa: E731
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over characters, as ``tune.metrics.rouge`` counts it (0 for an empty side)."""
     if not candidate.strip() or not reference.strip():
         return 0.0
-    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CharTokenizer())
-    return scorer.score(chars(reference), chars(candidate))["rougeL"].fmeasure
-
-
-class _CharTokenizer:
-    @staticmethod
-    def tokenize(text: str) -> list[str]:
-        return text.split()
+    return _ROUGE_L.score(reference, candidate)["rougeL"].fmeasure
 
 
 class RolloutTrainer(AlignTrainer):
