@@ -24,10 +24,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from cpmlive.config import AntConfig, BeeConfig
+from cpmlive.config import AntConfig, BeeConfig, Cpm1Config
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.bee import CpmBee
+from cpmlive.model.cpm1 import Cpm1
 from cpmlive.model.quant import install_quantized_layers
 from cpmlive.utils import default_mode, install_directory
 
@@ -125,8 +126,11 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
 # ---- our layout <-> model ---------------------------------------------------------------------
 
 
-def model_class(config: AntConfig | BeeConfig) -> type[CpmAnt] | type[CpmBee]:
-    return CpmBee if config.model_type == "cpm-bee" else CpmAnt
+MODEL_CLASSES = {"cpm-ant": CpmAnt, "cpm-bee": CpmBee, "cpm1": Cpm1}
+
+
+def model_class(config: AntConfig | BeeConfig | Cpm1Config) -> type[CpmAnt] | type[CpmBee] | type[Cpm1]:
+    return MODEL_CLASSES[config.model_type]
 
 
 def empty_model(config: AntConfig | BeeConfig) -> CpmAnt | CpmBee:

@@ -16,18 +16,20 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-from cpmlive.config import BEE_PRESETS, PRESETS, AntConfig, BeeConfig
+from cpmlive.config import BEE_PRESETS, CPM1_PRESETS, PRESETS, AntConfig, BeeConfig, Cpm1Config
 from cpmlive.data import bee as bee_layout
 from cpmlive.data import layout as ant_layout
 from cpmlive.errors import CpmliveError
 from cpmlive.model import convert as ant_convert
-from cpmlive.model import bee_convert
+from cpmlive.model import bee_convert, cpm1_convert
 from cpmlive.model.ant import CpmAnt, build_model
 from cpmlive.model.bee import CpmBee, build_bee
-from cpmlive.model.checkpoint import CONFIG_NAME
+from cpmlive.model.cpm1 import Cpm1, build_cpm1
+from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME
 from cpmlive.resources import model_path
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tokenizer.bee import BeeTokenizer
+from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Family:
     convert: Callable[..., Path]
     info: Callable[..., dict]
     aliases: tuple[str, ...] = ()  # other model_type spellings (HF's) of the same family
+    vocab_name: str = VOCAB_NAME  # the vocabulary file a checkpoint directory holds
 
 
 ANT = Family(
@@ -60,7 +63,14 @@ BEE = Family(
     convert=bee_convert.convert, info=bee_convert.checkpoint_info,
 )
 
-FAMILIES: dict[str, Family] = {ANT.model_type: ANT, BEE.model_type: BEE}
+CPM1 = Family(
+    model_type="cpm1", config=Cpm1Config, model=Cpm1, tokenizer=Cpm1Tokenizer, layout=ant_layout,
+    formats=cpm1_convert.FORMATS, presets=CPM1_PRESETS, build=build_cpm1, load=cpm1_convert.load_pretrained,
+    convert=cpm1_convert.convert, info=cpm1_convert.checkpoint_info, aliases=("gpt2",),
+    vocab_name=Cpm1Tokenizer.vocab_file,
+)
+
+FAMILIES: dict[str, Family] = {ANT.model_type: ANT, BEE.model_type: BEE, CPM1.model_type: CPM1}
 DEFAULT = ANT  # OpenBMB checkpoints and bare vocabularies carry no model_type
 
 
@@ -79,6 +89,8 @@ def family_of(path: str | os.PathLike) -> Family:
     directory = model_path(path)
     if directory.exists() and bee_convert.is_bee_checkpoint(directory):
         return BEE
+    if cpm1_convert.is_cpm1_checkpoint(directory):
+        return CPM1
     config = directory / CONFIG_NAME if directory.is_dir() else directory.parent / CONFIG_NAME
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
@@ -92,4 +104,4 @@ def preset_family(name: str) -> Family | None:
     return next((entry for entry in FAMILIES.values() if name in entry.presets), None)
 
 
-__all__ = ["ANT", "BEE", "DEFAULT", "FAMILIES", "Family", "family", "family_of", "preset_family"]
+__all__ = ["ANT", "BEE", "CPM1", "DEFAULT", "FAMILIES", "Family", "family", "family_of", "preset_family"]
