@@ -30,6 +30,7 @@ from cpmlive.model.streaming import parse_size, stream_weights
 from cpmlive.resources import adapter_path, model_path
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tokenizer.bee import BeeTokenizer
+from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
 from cpmlive.utils import parse_dtype
 
@@ -143,8 +144,10 @@ class LM:
     def encode_raw(self, text: str) -> list[int]:
         """``<s>`` + the text's ids, no task template (a chat-rendered prompt is already laid out)."""
         ids = self.tokenizer.encode_for_model(text)
-        if ids[:1] != [self.tokenizer.bos_id]:
+        if getattr(self.tokenizer, "adds_bos", True) and ids[:1] != [self.tokenizer.bos_id]:
             ids = [self.tokenizer.bos_id] + ids
+        if not ids:
+            raise CpmliveError("the prompt has no tokens")
         self._check_length(len(ids))
         return ids
 
@@ -191,6 +194,10 @@ class LM:
     @property
     def is_bee(self) -> bool:
         return self.model.config.model_type == "cpm-bee"
+
+    @property
+    def is_cpm1(self) -> bool:
+        return self.model.config.model_type == "cpm1"
 
     # ---- CPM-Bee JSON tasks -------------------------------------------------------------------
 
@@ -281,6 +288,8 @@ class LM:
         """
         if not isinstance(text, str):
             return [self.fill(t, max_new_tokens, blank_lengths, return_fills, **kwargs) for t in text]
+        if self.is_cpm1:
+            raise CpmliveError("blank infilling is CPM-Ant's objective; CPM-1 is a left-to-right model: use generate")
         options = self._options(max_new_tokens, kwargs)
         if MASK not in text:
             raise CpmliveError("fill needs at least one <mask> in the text")
@@ -301,19 +310,42 @@ class LM:
         return "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
 
 
-def find_vocab(vocab: str | os.PathLike | None, directory: Path | None, name: str) -> Path:
+def find_vocab(vocab: str | os.PathLike | None, directory: Path | None, name: str,
+               vocab_name: str = VOCAB_NAME) -> Path:
     """The vocabulary given, else the checkpoint's own: never another model's."""
     if vocab is not None:
         path = Path(vocab)
         if not path.is_file():
             raise CpmliveError(f"{vocab}: vocabulary file not found")
         return path
-    if directory is not None and (directory / VOCAB_NAME).is_file():
-        return directory / VOCAB_NAME
+    if directory is not None and (directory / vocab_name).is_file():
+        return directory / vocab_name
     if directory is None:
         raise CpmliveError(f"preset {name} has random weights and no vocabulary: pass vocab=PATH (--vocab) "
-                           "with its vocab_size tokens (e.g. the published cpm-ant-vocab.txt)")
-    raise CpmliveError(f"{directory}: no {VOCAB_NAME} in the checkpoint; pass vocab=PATH (--vocab)")
+                           f"with its vocab_size tokens (e.g. the published {'cpm-ant-vocab.txt' if vocab_name == VOCAB_NAME else vocab_name})")
+    raise CpmliveError(f"{directory}: no {vocab_name} in the checkpoint; pass vocab=PATH (--vocab)")
+
+
+def cpm1_tokenizer_for(vocab: Path, vocab_size: int) -> Cpm1Tokenizer:
+    """CPM-1's tokenizer of a SentencePiece model that fits the embedding; a CPM-Ant/Bee
+    ``vocab.txt`` or a model of another size is refused in one line."""
+    if vocab.suffix == ".txt":
+        raise CpmliveError(f"{vocab}: a one-token-a-line vocabulary is CPM-Ant's or CPM-Bee's; CPM-1 reads a "
+                           f"SentencePiece {Cpm1Tokenizer.vocab_file}")
+    tokenizer = Cpm1Tokenizer(vocab)
+    if tokenizer.vocab_size != vocab_size:
+        raise CpmliveError(f"{vocab}: the SentencePiece model has {tokenizer.vocab_size} pieces, the embedding "
+                           f"{vocab_size} rows")
+    return tokenizer
+
+
+def check_not_sentencepiece(vocab: Path) -> None:
+    """A SentencePiece model given to CPM-Ant or CPM-Bee is refused in one line (it is CPM-1's)."""
+    with open(vocab, "rb") as handle:
+        head = handle.read(4096)
+    if b"\x00" in head:
+        raise CpmliveError(f"{vocab}: a binary (SentencePiece) model is CPM-1's vocabulary; this checkpoint reads a "
+                           f"one-token-a-line {VOCAB_NAME}")
 
 
 # The tokens the published CPM-Bee 3B config leaves out of the vocabulary (spec section 7.1).
@@ -363,8 +395,14 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
         raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(ALL_PRESETS))})")
     if memory_limit is not None:
         stream_weights(model, parse_size(memory_limit) if isinstance(memory_limit, str) else int(memory_limit))
-    vocab_file = find_vocab(vocab, directory, str(name_or_path))
-    if kind.model_type == "cpm-bee":
+    vocab_file = find_vocab(vocab, directory, str(name_or_path), kind.vocab_name)
+    if kind.model_type != "cpm1":
+        check_not_sentencepiece(vocab_file)
+    if kind.model_type == "cpm1":
+        if hf_tokenizer:
+            raise CpmliveError("hf_tokenizer is CPM-Ant's; CPM-1's tokenizer is the original recipe")
+        tokenizer = cpm1_tokenizer_for(vocab_file, model.config.vocab_size)
+    elif kind.model_type == "cpm-bee":
         if hf_tokenizer:
             raise CpmliveError("hf_tokenizer is CPM-Ant's (HF has no CPM-Bee tokenizer)")
         tokenizer = bee_tokenizer_for(vocab_file, model.config.vocab_size)

@@ -323,12 +323,20 @@ def preset_info(name: str) -> dict:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from cpmlive.model.families import DEFAULT, family_of
+    from cpmlive.model.families import CPM1, DEFAULT, family_of
     from cpmlive.resources import model_path, vocab_path
 
     text = prompt_from(args)
     kind = family_of(args.model_or_vocab) if model_path(args.model_or_vocab).is_dir() else DEFAULT
-    if kind.model_type == "cpm-bee":
+    if kind is DEFAULT and Path(args.model_or_vocab).suffix == ".model":
+        kind = CPM1  # a bare SentencePiece model is CPM-1's vocabulary
+    if kind.model_type == "cpm1":
+        if args.hf:
+            raise CpmliveError("--hf is CPM-Ant's; CPM-1's tokenizer is the original jieba + SentencePiece recipe")
+        tokenizer = kind.tokenizer.from_file(vocab_path(args.model_or_vocab, kind.vocab_name))
+        ids, ext = tokenizer.encode(text), {}
+        pieces = [tokenizer.id_to_token(i) for i in ids]
+    elif kind.model_type == "cpm-bee":
         if args.hf:
             raise CpmliveError("--hf is CPM-Ant's (HF has no CPM-Bee tokenizer)")
         tokenizer = kind.tokenizer.from_file(vocab_path(args.model_or_vocab))

@@ -53,11 +53,11 @@ def adapter_path(name_or_path: str | os.PathLike) -> Path:
                        f"(shipped: {', '.join(shipped_adapters()) or 'none'})")
 
 
-def vocab_path(model_or_vocab: str | os.PathLike) -> Path:
-    """A vocabulary file, or the ``vocab.txt`` of a checkpoint directory (``"demo"`` included)."""
+def vocab_path(model_or_vocab: str | os.PathLike, name: str = VOCAB_NAME) -> Path:
+    """A vocabulary file, or the ``vocab.txt`` (``name``) of a checkpoint directory (``"demo"`` included)."""
     path = model_path(model_or_vocab)
     if path.is_dir():
-        path = path / VOCAB_NAME
+        path = path / name
     if not path.is_file():
         raise CpmliveError(f"{model_or_vocab}: no vocabulary file found")
     return path
