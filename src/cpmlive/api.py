@@ -23,6 +23,7 @@ from cpmlive.infer.engine import Engine, Request, request_for
 from cpmlive.data.bee import check_task, parse_task
 from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
+from cpmlive.infer.vote import Vote, vote
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
 from cpmlive.model.families import family_of, preset_family
@@ -246,6 +247,24 @@ class LM:
             return generate_ids(self.model, rows, options, self.tokenizer.eos_id, self.prompt_task)
         handles = [self.engine.submit(self.request(row, options, index)) for index, row in enumerate(rows)]
         return [handle.result().ids for handle in handles]
+
+    def sample(self, prompt: str, num_return_sequences: int, max_new_tokens: int = 64,
+               **kwargs: object) -> list[str]:
+        """``num_return_sequences`` continuations of one prompt, sampled unless beam or greedy
+        options say otherwise (a seed gives sample ``i`` the seed ``seed + i``)."""
+        if num_return_sequences < 1:
+            raise CpmliveError("num_return_sequences must be at least 1")
+        return self.generate([prompt] * num_return_sequences, max_new_tokens=max_new_tokens, **kwargs)
+
+    def vote(self, prompt: str, num_return_sequences: int = 5, max_new_tokens: int = 32,
+             stop: Sequence[str] = (), **kwargs: object) -> Vote:
+        """Self-consistency: sample ``num_return_sequences`` answers (``do_sample`` is implied),
+        cut each at its first line break or ``stop`` string, and return the most frequent with
+        every answer's count (:func:`cpmlive.infer.vote.vote`)."""
+        kwargs.setdefault("do_sample", True)
+        if not kwargs["do_sample"]:
+            raise CpmliveError("voting needs sampled answers (greedy ones are all the same)")
+        return vote(self.sample(prompt, num_return_sequences, max_new_tokens, **kwargs), stop)
 
     def request(self, ids: list[int], options: GenerationConfig, index: int = 0, adapter: str | None | bool = True,
                 **fields: object) -> Request:

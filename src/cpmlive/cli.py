@@ -196,9 +196,29 @@ def print_json(data: object) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    prompt = prompt_from(args)
+    from cpmlive.infer.vote import fill_template
+
+    prompt = fill_template(prompt_from(args), args.input)
+    samples = args.num_return_sequences
+    if args.vote and samples is None:
+        raise CpmliveError("--vote needs --num-return-sequences K (the number of answers to sample)")
+    if samples is not None and args.stream:
+        raise CpmliveError("--stream prints one continuation; drop --num-return-sequences")
     lm = load_lm(args)
     kwargs = generation_kwargs(args)
+    if args.vote:
+        result = lm.vote(prompt, samples, stop=args.stop or (), **kwargs)
+        if args.json:
+            print_json(result.to_dict())
+            return
+        print(f"{result.answer}\t({result.count}/{result.total})")
+        for answer, count in result.distribution:
+            print(f"  {count:>3}  {answer!r}", file=sys.stderr)
+        return
+    if samples is not None:
+        texts = lm.sample(prompt, samples, **kwargs)
+        print_json({"texts": texts}) if args.json else print("\n---\n".join(texts))
+        return
     if args.stream:
         if args.json:
             raise CpmliveError("--stream prints plain text; drop --json")
@@ -712,6 +732,12 @@ def build_parser() -> Parser:
     gen = verbs.add_parser("generate", help="continue a prompt")
     add_generation_flags(gen, default_new_tokens=64)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument("--input", default=None, help="the text for the prompt's {input} slot (a few-shot prompt file)")
+    gen.add_argument("--num-return-sequences", type=positive_int, default=None, metavar="K",
+                     help="generate K continuations (sampled with --do-sample or --vote)")
+    gen.add_argument("--vote", action="store_true",
+                     help="sample K answers, cut each at its first line break or --stop, print the most frequent")
+    gen.add_argument("--stop", action="append", default=None, help="a string that ends an answer (repeatable)")
     gen.set_defaults(run=cmd_generate)
 
     fill = verbs.add_parser("fill", help="fill every <mask> in the text (blank infilling)")

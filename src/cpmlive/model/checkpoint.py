@@ -163,8 +163,27 @@ def check_layer_count(names: Iterable[str], config: AntConfig, source: str) -> N
         raise CpmliveError(f"{source}: the config has {config.num_layers} layers, the weights {found}")
 
 
+# Keys only one family's weights have (ours and the published layouts), to name the family of
+# weights given under another family's config.
+FAMILY_KEYS = {
+    "cpm1": ("position_embedding.weight", "transformer.wte.weight", "word_embeddings.weight"),
+    "cpm-ant": ("segment_embedding.weight", "cpmant.segment_embedding.weight"),
+}
+FAMILY_NAMES = {"cpm1": "CPM-1 (GPT-2)", "cpm-ant": "CPM-Ant", "cpm-bee": "CPM-Bee"}
+
+
+def check_family(names: Iterable[str], config: AntConfig, source: str) -> None:
+    """Refuse weights of another family than the config's, naming both."""
+    names = set(names)
+    for model_type, keys in FAMILY_KEYS.items():
+        if model_type != config.model_type and any(key in names for key in keys):
+            raise CpmliveError(f"{source}: the config says {FAMILY_NAMES[config.model_type]}, but the weights are "
+                               f"a {FAMILY_NAMES[model_type]} checkpoint's")
+
+
 def check_state_dict(state: dict[str, Tensor], config: AntConfig, source: str) -> None:
     """Name the first missing, unexpected or mis-shaped key."""
+    check_family(state, config, source)
     check_layer_count(state, config, source)
     expected = expected_shapes(config)
     for name, shape in expected.items():

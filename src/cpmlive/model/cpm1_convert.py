@@ -33,7 +33,7 @@ from torch import Tensor
 from cpmlive.config import CPM1_PRESETS, Cpm1Config
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import (
-    CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_state_dict, install_checkpoint, model_from_state_dict,
+    CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_family, check_state_dict, install_checkpoint, model_from_state_dict,
     new_build_directory, read_weights, save_checkpoint, write_weights,
 )
 from cpmlive.model.convert import (
@@ -48,10 +48,6 @@ from cpmlive.utils import atomic_write_text, parse_dtype
 FORMATS: tuple[str, ...] = ("ours", "hf")
 ITERATION_FILE = "latest_checkpointed_iteration.txt"
 SHARD_FILE = re.compile(r"mp_rank_(\d\d)(?:_model_states\.pt|/model_optim_rng\.pt)$")
-# Key names that say which family a state dict is (a config and weights that disagree are refused).
-ANT_KEYS = ("segment_embedding.weight", "prompt_embedding.weight", "cpmant.segment_embedding.weight",
-            "encoder.output_layernorm.weight")
-BEE_KEYS = ("position_bias.relative_attention_bias", "encoder.layers.0.self_att.self_attention.project_q.weight")
 
 # ---- names: HF GPT-2 <-> ours ------------------------------------------------------------------
 
@@ -322,16 +318,6 @@ def resolve(path: str | os.PathLike, config_path: str | os.PathLike | None = Non
     raise CpmliveError(f"{path}: not a CPM-1 checkpoint (no GPT-2 or CPM-1 config.json, no Megatron shards)")
 
 
-def check_family(state: dict[str, Tensor] | list[str], source: str) -> None:
-    """Refuse another family's weights under a CPM-1 config."""
-    names = set(state)
-    if any(key in names for key in ANT_KEYS):
-        raise CpmliveError(f"{source}: the config says CPM-1, but the weights are a CPM-Ant checkpoint's "
-                           "(segment and prompt embeddings)")
-    if any(key in names for key in BEE_KEYS):
-        raise CpmliveError(f"{source}: the config says CPM-1, but the weights are a CPM-Bee checkpoint's")
-
-
 def read_state(source: Source) -> tuple[dict[str, Tensor], Cpm1Config]:
     """(state dict in our layout, config), every key and shape checked."""
     where = str(source.path)
@@ -341,9 +327,8 @@ def read_state(source: Source) -> tuple[dict[str, Tensor], Cpm1Config]:
     else:
         config = Cpm1Config.load(source.config)
         raw = read_weights(source.directory) if source.format == "ours" else read_files(source.weights)
-        check_family(raw, where)
+        check_family(raw, config, where)
         state = raw if source.format == "ours" else hf_to_ours(raw, config, where)
-    check_family(state, where)
     check_state_dict(state, config, where)
     return state, config
 
