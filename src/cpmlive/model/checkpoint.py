@@ -156,6 +156,8 @@ LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def check_layer_count(names: Iterable[str], config: AntConfig, source: str) -> None:
     """Compare the config's depth with the weights' before building anything of that depth: a
     config that claims 100,000 layers is refused at once, not after minutes of building."""
+    names = list(names)
+    check_family(names, config, source)
     found = 1 + max((int(m.group(1)) for name in names if (m := LAYER_KEY.search(name))), default=-1)
     empty_tail = all(config.mask_modules is not None and all(config.mask_modules[i])
                      for i in range(found, config.num_layers))
@@ -183,7 +185,6 @@ def check_family(names: Iterable[str], config: AntConfig, source: str) -> None:
 
 def check_state_dict(state: dict[str, Tensor], config: AntConfig, source: str) -> None:
     """Name the first missing, unexpected or mis-shaped key."""
-    check_family(state, config, source)
     check_layer_count(state, config, source)
     expected = expected_shapes(config)
     for name, shape in expected.items():
