@@ -92,9 +92,8 @@ def test_masks_stay_finite_in_half_precision(hf_model, dtype):
     ids = torch.randint(1, CONFIG.vocab_size, (2, 9))
     valid = torch.ones(2, 9, dtype=torch.bool)
     valid[0, :4] = False  # padding rows see nothing: a -inf fill would make them NaN
-    bias, _ = ours.attention_mask({"position": torch.arange(9)[None].expand(2, 9), "span": torch.zeros(2, 9),
-                                   "valid": valid}, {"position": torch.arange(9)[None].expand(2, 9),
-                                                     "span": torch.zeros(2, 9), "valid": valid}, dtype)
+    inputs = {"position": torch.arange(9)[None].expand(2, 9), "span": torch.zeros(2, 9), "valid": valid}
+    bias = ours.attention_mask(ours.visibility(inputs, inputs)[0], dtype)
     assert torch.isfinite(bias).all()
     with torch.no_grad():
         assert torch.isfinite(ours.logits(ours(ids, valid=valid)).float()).all()

@@ -47,7 +47,7 @@ from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
-from cpmlive.model.checkpoint import VOCAB_NAME, load_model, save_checkpoint
+from cpmlive.model.checkpoint import checkpoint_vocab, load_model, save_checkpoint
 from cpmlive.model.families import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, Recipe
@@ -209,7 +209,7 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
     original, directory = family_of(src).load(src, dtype=torch.float32)
     if original.config.quantization is not None:
         raise CpmliveError(f"{src}: already quantized; compress its float checkpoint")
-    vocab = directory / VOCAB_NAME if (directory / VOCAB_NAME).is_file() else None
+    vocab = checkpoint_vocab(directory)
     model = original
     history = []
     for index, step in enumerate(recipe.steps, 1):

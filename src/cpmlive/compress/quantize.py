@@ -35,10 +35,10 @@ from tqdm import tqdm
 from cpmlive.config import QuantConfig
 from cpmlive.data.layout import GENERATION, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.tokenizer import AntTokenizer
+from cpmlive.tokenizer import text_tokenizer
 from cpmlive.utils import check_output, replace_submodule
 from cpmlive.model.ant import Block, CpmAnt
-from cpmlive.model.checkpoint import VOCAB_NAME, save_checkpoint
+from cpmlive.model.checkpoint import VOCAB_NAME, checkpoint_vocab, save_checkpoint
 from cpmlive.model.families import family_of
 from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.quant import (
@@ -377,13 +377,13 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
                            "quantize its float checkpoint instead")
     check_quantizable(model, config)
     config = dataclasses.replace(config, source=weights_fingerprint(model.config.to_dict(), model.state_dict()))
-    vocab = directory / VOCAB_NAME if (directory / VOCAB_NAME).is_file() else None
+    vocab = checkpoint_vocab(directory)
     batches = None
     if calibration is not None:
         lines = read_calibration_text(calibration)
         if vocab is None:
             raise CpmliveError(f"{src}: no {VOCAB_NAME} to tokenize the calibration text with")
-        tokenizer = AntTokenizer.from_file(vocab)
+        tokenizer = text_tokenizer(vocab)
         rows = calibration_rows((tokenizer.encode(line) for line in lines), samples, sample_tokens)
         batches = calibration_batches(rows, tokenizer.bos_id, model.config.prompt_length)
         config = dataclasses.replace(config, calibration={

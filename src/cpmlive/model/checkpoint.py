@@ -33,13 +33,14 @@ from cpmlive.model.quant import install_quantized_layers
 from cpmlive.utils import default_mode, install_directory
 
 CONFIG_NAME = "config.json"
+SPIECE_NAME = "spiece.model"  # CPM-1's vocabulary (a SentencePiece model), where CPM-Ant/Bee have vocab.txt
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 VOCAB_NAME = "vocab.txt"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 # The files a checkpoint directory is made of, in our layout and HF's: a write into an existing
 # directory replaces these (an older write's other shards included) and keeps every other file.
-CHECKPOINT_FILE = re.compile(r"config\.json|vocab\.txt|tokenizer_config\.json|generation_config\.json"
+CHECKPOINT_FILE = re.compile(r"config\.json|vocab\.txt|spiece\.model|tokenizer_config\.json|generation_config\.json"
                              r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
                              r"|pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json")
 
@@ -320,12 +321,22 @@ def save_checkpoint(model_or_state: CpmAnt | dict[str, Tensor], config: AntConfi
         config.save(build / CONFIG_NAME)
         write_weights(state, build, shard_bytes)
         if vocab is not None:
-            write_vocab(vocab, build / VOCAB_NAME)
+            write_vocab(vocab, build / vocab_file_name(vocab))
         install_checkpoint(build, target)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
     return target
+
+
+def vocab_file_name(vocab: str | os.PathLike | Iterable[str]) -> str:
+    """The name a vocabulary takes in a checkpoint: ``spiece.model`` for a SentencePiece model."""
+    return SPIECE_NAME if isinstance(vocab, (str, os.PathLike)) and Path(vocab).suffix == ".model" else VOCAB_NAME
+
+
+def checkpoint_vocab(directory: Path) -> Path | None:
+    """A checkpoint directory's vocabulary file (``vocab.txt`` or ``spiece.model``), if any."""
+    return next((directory / name for name in (VOCAB_NAME, SPIECE_NAME) if (directory / name).is_file()), None)
 
 
 def write_vocab(vocab: str | os.PathLike | Iterable[str], path: Path) -> None:

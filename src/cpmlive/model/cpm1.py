@@ -125,18 +125,23 @@ class Cpm1(nn.Module):
         self.output_norm = nn.LayerNorm(config.dim_model, eps=config.eps)
         self.gradient_checkpointing = False
 
-    def attention_mask(self, query: dict[str, Tensor], key: dict[str, Tensor],
-                       dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The additive mask ``[B, H, Lq, Lk]`` (0 where a key is seen, the dtype's finite minimum
-        elsewhere, so fp16/bf16 padding rows stay finite) and each query's absolute position."""
+    @staticmethod
+    def visibility(query: dict[str, Tensor], key: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Which keys each query sees (``[B, Lq, Lk]``: those at or before it in its span, valid
+        ones, none for a padding query) and each query's absolute position (how many valid
+        tokens of its span come before it)."""
         seen = key["position"][:, None, :] <= query["position"][:, :, None]
         seen = seen & (query["span"][:, :, None] == key["span"][:, None, :]) & key["valid"][:, None, :]
         absolute = (seen.sum(-1) - 1).clamp(min=0)
-        seen = seen & query["valid"][:, :, None]
+        return seen & query["valid"][:, :, None], absolute
+
+    def attention_mask(self, seen: Tensor, dtype: torch.dtype) -> Tensor:
+        """The additive mask ``[B, H, Lq, Lk]``: 0 where a key is seen, the dtype's finite minimum
+        elsewhere (a fully masked padding row stays finite in fp16/bf16 instead of NaN)."""
         batch, length, keys = seen.shape
         bias = torch.zeros(batch, 1, length, keys, dtype=dtype, device=seen.device)
         bias.masked_fill_(~seen[:, None], torch.finfo(dtype).min)
-        return bias.expand(batch, self.config.num_heads, length, keys), absolute
+        return bias.expand(batch, self.config.num_heads, length, keys)
 
     def forward(self, input_ids: Tensor, segment: Tensor | None = None, context: Tensor | None = None,
                 span: Tensor | None = None, valid: Tensor | None = None, cache: AntCache | None = None,
@@ -149,12 +154,12 @@ class Cpm1(nn.Module):
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
         query = mask_inputs(zeros, zeros if span is None else span, zeros, valid, position)
         key = cache.append_inputs(query) if cache is not None else query
-        dtype = compute_dtype(self.input_embedding.weight)
-        bias, absolute = self.attention_mask(query, key, dtype)
+        seen, absolute = self.visibility(query, key)
         furthest = int(absolute.max()) if absolute.numel() else 0
         if furthest >= self.config.max_length:
             raise CpmliveError(f"position {furthest} is past the model's {self.config.max_length} positions")
         hidden = self.input_embedding(input_ids) + self.position_embedding(absolute)
+        bias = self.attention_mask(seen, compute_dtype(hidden))
         for index, block in enumerate(self.layers):
             keep = last if index == len(self.layers) - 1 else None
             if self.gradient_checkpointing and self.training and cache is None:

@@ -867,17 +867,17 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     """Load a base checkpoint (a directory or ``"demo"``), fold the adapter in and write the
     result in our checkpoint format (with the base's vocabulary). An ``out`` that already holds
     files is refused unless ``force`` (then only the checkpoint's files are replaced)."""
-    from cpmlive.model.checkpoint import VOCAB_NAME, load_model, save_checkpoint
+    from cpmlive.model.checkpoint import checkpoint_vocab, save_checkpoint
+    from cpmlive.model.families import family_of
 
     base_dir = model_path(base)
     if Path(out).resolve() == base_dir.resolve():
         raise CpmliveError(f"{out}: the output would overwrite the base checkpoint")
     check_output(out, force)
-    model = load_model(base_dir)
+    model, _ = family_of(base_dir).load(base_dir)
     load_adapter(model, adapter)
     merge(model)
-    vocab = base_dir / VOCAB_NAME
-    return save_checkpoint(model, model.config, out, vocab=vocab if vocab.is_file() else None, dtype=dtype)
+    return save_checkpoint(model, model.config, out, vocab=checkpoint_vocab(base_dir), dtype=dtype)
 
 
 __all__ = [

@@ -31,12 +31,12 @@ from cpmlive.config import AntConfig
 from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
-from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, new_build_directory, replace_directory
+from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, checkpoint_vocab, new_build_directory, replace_directory
 from cpmlive.model.families import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.resources import model_path
-from cpmlive.tokenizer import AntTokenizer
+from cpmlive.tokenizer import text_tokenizer
 from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, read_trainer_state,
                                        refuse_existing_run, resume_point, warn, write_checkpoint)
 from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, restore_optimizer,
@@ -143,13 +143,13 @@ class Finetuner:
         self.config = config
         self.run_dir = Path(config.out)
         model_path = resolve_model_path(config.model)
-        config.check_fits_model(AntConfig.load(model_path / CONFIG_NAME))
+        config.check_fits_model(family_of(model_path).config.load(model_path / CONFIG_NAME))
         refuse_existing_run(self.run_dir, resume, markers=(BEST,))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.vocab_path = model_path / VOCAB_NAME
-        self.tokenizer = AntTokenizer.from_file(self.vocab_path)
+        self.vocab_path = checkpoint_vocab(model_path) or model_path / VOCAB_NAME
+        self.tokenizer = text_tokenizer(self.vocab_path)
         self.train_examples = read_examples(config.data, config.task)
         self.eval_examples = read_examples(config.eval, config.task) if config.eval else []
         self.model: CpmAnt = family_of(model_path).load(model_path, dtype=torch.float32)[0].train()
@@ -287,7 +287,7 @@ class Finetuner:
     def save_adapter(self, directory: Path, metrics: dict[str, Any] | None = None) -> None:
         deltas.save_adapter(self.model, directory)
         self.spec.save(directory)
-        shutil.copyfile(self.vocab_path, directory / VOCAB_NAME)
+        shutil.copyfile(self.vocab_path, directory / self.vocab_path.name)
         if metrics is not None:
             atomic_write_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
@@ -462,7 +462,7 @@ class BeeFinetuner(Finetuner):
 
     def save_adapter(self, directory: Path, metrics: dict[str, Any] | None = None) -> None:
         deltas.save_adapter(self.model, directory)
-        shutil.copyfile(self.vocab_path, directory / VOCAB_NAME)
+        shutil.copyfile(self.vocab_path, directory / self.vocab_path.name)
         if metrics is not None:
             atomic_write_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
