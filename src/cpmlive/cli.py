@@ -398,11 +398,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     import shutil
 
     from cpmlive.data.store import prepare
+    from cpmlive.model.checkpoint import vocab_file_name
 
     stats = prepare(args.sources, args.vocab, args.out, val_fraction=args.val_fraction, seed=args.seed,
                     workers=args.workers, progress=not args.quiet, force=args.force)
-    if not Path(args.out, "vocab.txt").exists() or not Path(args.out, "vocab.txt").samefile(args.vocab):
-        shutil.copyfile(args.vocab, Path(args.out) / "vocab.txt")
+    kept = Path(args.out, vocab_file_name(args.vocab))  # vocab.txt, or spiece.model for CPM-1
+    if not kept.exists() or not kept.samefile(args.vocab):
+        shutil.copyfile(args.vocab, kept)
     print(source_table(stats["per_source"]))
     print(f"{stats['documents']} documents, {stats['chars']} chars, {stats['tokens']} tokens "
           f"(train {stats['train']['documents']} docs, val {stats['val']['documents']} docs) -> {args.out}")
@@ -882,7 +884,7 @@ def build_parser() -> Parser:
     add_model_flags(ev)
     ev.set_defaults(run=cmd_evaluate)
 
-    pre = verbs.add_parser("pretrain", help="pretrain CPM-Ant with its two objectives")
+    pre = verbs.add_parser("pretrain", help="pretrain CPM-Ant (its two objectives) or CPM-1 (left-to-right LM)")
     pre.add_argument("--config", help="YAML recipe (see recipes/)")
     pre.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run) or a checkpoint dir")
     pre.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")

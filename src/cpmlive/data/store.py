@@ -45,7 +45,9 @@ import numpy as np
 from cpmlive.data.corpora import DEFAULT_MIN_CHARS, clean_paragraphs, iter_source
 from cpmlive.errors import CpmliveError
 from cpmlive.utils import atomic_write, check_output
+from cpmlive.tokenizer import text_tokenizer
 from cpmlive.tokenizer.ant import NEWLINE_TOKEN, SPACE_TOKEN, AntTokenizer
+from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
 
 FORMAT = "cpmlive-token-store"
 FORMAT_VERSION = 2
@@ -67,7 +69,7 @@ def vocab_fingerprint(vocab: str | os.PathLike[str] | AntTokenizer) -> str:
     ``vocab.txt``) this is the sha256 of the file content; a BOM, CRLF line
     ends or a final newline do not change it.
     """
-    tokenizer = vocab if isinstance(vocab, AntTokenizer) else AntTokenizer.from_file(vocab)
+    tokenizer = vocab if isinstance(vocab, (AntTokenizer, Cpm1Tokenizer)) else text_tokenizer(vocab)
     tokens = (tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size))
     text = "\n".join(_FILE_FORMS.get(token, token) for token in tokens)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -112,12 +114,12 @@ class _ShardTask:
     dtype: str
 
 
-_worker_tokenizers: dict[str, AntTokenizer] = {}
+_worker_tokenizers: dict[str, AntTokenizer | Cpm1Tokenizer] = {}
 
 
-def _tokenizer_for(vocab_path: str) -> AntTokenizer:
+def _tokenizer_for(vocab_path: str) -> AntTokenizer | Cpm1Tokenizer:
     if vocab_path not in _worker_tokenizers:
-        _worker_tokenizers[vocab_path] = AntTokenizer.from_file(vocab_path)
+        _worker_tokenizers[vocab_path] = text_tokenizer(vocab_path)
     return _worker_tokenizers[vocab_path]
 
 
@@ -381,7 +383,7 @@ def prepare(
     started = time.monotonic()
     sources = [str(source) for source in sources]
     _check_options(sources, val_fraction, min_chars, shard_documents)
-    tokenizer = AntTokenizer.from_file(vocab_path)
+    tokenizer = text_tokenizer(vocab_path)
     out = Path(out_dir)
     if not (out / SHARD_DIR).is_dir():
         check_output(out, force)
@@ -519,7 +521,7 @@ class TokenStore:
 
     def check_vocab(self, vocab: AntTokenizer | str | os.PathLike[str]) -> None:
         """CpmliveError unless the data was prepared with this vocabulary."""
-        tokenizer = vocab if isinstance(vocab, AntTokenizer) else AntTokenizer.from_file(vocab)
+        tokenizer = vocab if isinstance(vocab, (AntTokenizer, Cpm1Tokenizer)) else text_tokenizer(vocab)
         fingerprint = vocab_fingerprint(tokenizer)
         expected = self.meta["vocab"]
         if fingerprint != expected["sha256"] or tokenizer.vocab_size != expected["size"]:

@@ -9,6 +9,10 @@ A mixture weights the sources of the store: an epoch holds each piece of a sourc
 ``w`` ``floor(w)`` times, plus a seeded share ``w - floor(w)`` of its pieces once more (a new
 share every epoch), so 0.25 visits a quarter of a source per epoch and 3 visits it three times.
 Sources the mixture does not name keep weight 1; weight 0 leaves a source out.
+
+Two objectives: CPM-Ant's (each piece infilled or generated, p = 0.5, behind its task's soft
+prompt) and ``causal`` (CPM-1's GPT-style language modelling: a piece with the token before it,
+every next token a target, the document's end token included).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 
 from cpmlive.data.layout import GENERATION, INFILLING
-from cpmlive.data.objectives import Batch, make_instance, make_record, pack
+from cpmlive.data.objectives import Batch, Instance, make_instance, make_record, pack
 from cpmlive.data.store import TokenStore
 from cpmlive.errors import CpmliveError
 
@@ -72,12 +76,32 @@ def mixture_shares(pieces: np.ndarray, weights: np.ndarray, sources: list[str]) 
     return {name: float(share) for name, share in zip(sources, tokens / tokens.sum())}
 
 
+OBJECTIVES = ("cpm-ant", "causal")
+CAUSAL_TASK = 1  # logged as the generation loss (``objectives.TASK_NAMES``)
+
+
+def causal_instance(document: np.ndarray, start: int, length: int) -> Instance:
+    """Piece ``start:start+length`` of a document's text as a left-to-right row: its inputs are
+    the token before it (the document's start token for the first piece) and the piece, each
+    predicting the next (the document's end token after the last piece)."""
+    window = document[start:start + length + 2].astype(np.int64)
+    inputs, targets = window[:-1], window[1:]
+    count = len(inputs)
+    return Instance(input=inputs, target=targets, context=np.zeros(count, dtype=bool),
+                    position=np.arange(count, dtype=np.int64), segment=np.zeros(count, dtype=np.int64),
+                    task=np.full(count, CAUSAL_TASK, dtype=np.int64), length=count)
+
+
 class PretrainStream:
-    """Batches of ``batch_size`` rows of ``seq_length`` with both objectives, p = 0.5 each."""
+    """Batches of ``batch_size`` rows of ``seq_length``: CPM-Ant's two objectives (p = 0.5 each)
+    or the ``causal`` one."""
 
     def __init__(self, store: TokenStore, seq_length: int, batch_size: int, seed: int = 0,
                  prompt_length: int = 32, min_tokens: int = 8, vocab_size: int | None = None,
-                 mixture: Mapping[str, float] | None = None) -> None:
+                 mixture: Mapping[str, float] | None = None, objective: str = "cpm-ant") -> None:
+        if objective not in OBJECTIVES:
+            raise CpmliveError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        self.objective = objective
         self.store, self.seq_length, self.batch_size = store, seq_length, batch_size
         self.seed, self.prompt_length = seed, prompt_length
         self.vocab_size = vocab_size
@@ -116,6 +140,8 @@ class PretrainStream:
 
     def _instance(self, epoch: int, index: int):
         doc, start, length, _ = self.pieces[self._epoch_order(epoch)[index]]
+        if self.objective == "causal":
+            return causal_instance(self.store.document(int(doc)), int(start), int(length))
         tokens = self.store.document(int(doc))[1 + start:1 + start + length].astype(np.int64).tolist()
         rng = np.random.default_rng([self.seed, epoch, index])
         task = INFILLING if rng.random() < 0.5 else GENERATION
@@ -146,7 +172,7 @@ class PretrainStream:
     def _mark_prompts(self, batch: Batch) -> Batch:
         """Give every span's prompt ids the ``vocab_size + id`` form so each one is looked up in
         the prompt table (the original looked up only the first span's; see objectives.py)."""
-        if self.vocab_size is not None:
+        if self.vocab_size is not None and self.objective == "cpm-ant":
             prompt = (batch.segment == 0) & batch.valid
             batch.input_ids = torch.where(prompt, batch.input_ids + self.vocab_size, batch.input_ids)
         return batch
@@ -159,9 +185,10 @@ class PretrainStream:
 
 
 def fixed_batches(store: TokenStore, seq_length: int, batch_size: int, count: int, seed: int = 1234,
-                  vocab_size: int | None = None) -> list[Batch]:
+                  vocab_size: int | None = None, prompt_length: int = 32, objective: str = "cpm-ant") -> list[Batch]:
     """The same ``count`` batches every time (validation)."""
-    stream = PretrainStream(store, seq_length, batch_size, seed=seed, vocab_size=vocab_size)
+    stream = PretrainStream(store, seq_length, batch_size, seed=seed, vocab_size=vocab_size,
+                            prompt_length=prompt_length, objective=objective)
     total_pieces = len(stream.pieces)
     batches = []
     for _ in range(count):
@@ -171,5 +198,5 @@ def fixed_batches(store: TokenStore, seq_length: int, batch_size: int, count: in
     return batches
 
 
-__all__ = ["PretrainStream", "StreamPosition", "document_pieces", "fixed_batches", "mixture_shares",
+__all__ = ["OBJECTIVES", "PretrainStream", "causal_instance", "StreamPosition", "document_pieces", "fixed_batches", "mixture_shares",
            "source_weights"]

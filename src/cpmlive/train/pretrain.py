@@ -24,17 +24,18 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from cpmlive.config import AntConfig, preset
+from cpmlive.config import AntConfig, Cpm1Config, preset
 from cpmlive.data.objectives import Batch
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream, check_mixture_weight, fixed_batches, source_weights
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import CpmAnt
-from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, expected_shapes, load_model, save_checkpoint
+from cpmlive.model.checkpoint import (CONFIG_NAME, VOCAB_NAME, checkpoint_vocab, expected_shapes, model_class,
+                                      save_checkpoint)
 from cpmlive.model.families import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
-from cpmlive.tokenizer import AntTokenizer
+from cpmlive.tokenizer import text_tokenizer
 from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, read_trainer_state,
                                        refuse_existing_run, resume_point, warn, write_checkpoint)
 from cpmlive.train.core import (Schedule, adamw, autocast, decay_groups, learning_rate, memory_mb, progress_bar,
@@ -143,15 +144,21 @@ def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.opti
 # ---- the recipe -----------------------------------------------------------------------------------
 
 
-def new_model_config(config: PretrainConfig) -> AntConfig:
+def new_model_config(config: PretrainConfig) -> AntConfig | Cpm1Config:
     """The architecture a recipe trains from scratch: its preset with ``model_overrides``."""
-    return AntConfig.from_dict({**preset(config.model).to_dict(), "half": False, **config.model_overrides})
+    base = preset(config.model)
+    return type(base).from_dict({**base.to_dict(), "half": False, **config.model_overrides})
 
 
-def run_model_config(config: PretrainConfig) -> AntConfig:
+def run_model_config(config: PretrainConfig) -> AntConfig | Cpm1Config:
     """The architecture the run will train: the checkpoint directory's, else the preset's."""
     source = Path(config.model)
-    return AntConfig.load(source / CONFIG_NAME) if source.is_dir() else new_model_config(config)
+    return family_of(source).config.load(source / CONFIG_NAME) if source.is_dir() else new_model_config(config)
+
+
+def objective_of(model_config: AntConfig | Cpm1Config) -> str:
+    """CPM-Ant's two objectives, or CPM-1's left-to-right language modelling."""
+    return "causal" if model_config.model_type == "cpm1" else "cpm-ant"
 
 
 def check_fits_model(config: PretrainConfig, model_config: AntConfig) -> None:
@@ -176,15 +183,16 @@ def build_or_load_model(config: PretrainConfig) -> CpmAnt:
     if source.is_dir():
         model, _ = family_of(source).load(source, dtype=torch.float32)
         return model.train()
-    model = CpmAnt(new_model_config(config))
+    model_config = new_model_config(config)
+    model = model_class(model_config)(model_config)
     model.init_weights(config.seed)
     return model.train()
 
 
 def vocab_for(config: PretrainConfig) -> Path:
-    candidates = [Path(config.model) / VOCAB_NAME, Path(config.data) / VOCAB_NAME]
-    for path in candidates:
-        if path.is_file():
+    for directory in (Path(config.model), Path(config.data)):
+        path = checkpoint_vocab(directory) if directory.is_dir() else None
+        if path is not None:
             return path
     raise CpmliveError(f"no {VOCAB_NAME} in {config.data} (write the vocabulary used by `data prepare` there)")
 
@@ -234,7 +242,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.vocab_path = vocab_for(config)
-        tokenizer = AntTokenizer.from_file(self.vocab_path)
+        tokenizer = text_tokenizer(self.vocab_path)
         train_store.check_vocab(tokenizer)
         self.model = build_or_load_model(config)
         if self.model.config.vocab_size != tokenizer.vocab_size:
@@ -245,9 +253,11 @@ class Trainer:
         vocab_size = self.model.config.vocab_size
         self.stream = PretrainStream(train_store, config.seq_length, config.batch_size, seed=config.seed,
                                      prompt_length=self.model.config.prompt_length, vocab_size=vocab_size,
-                                     mixture=config.mixture)
+                                     mixture=config.mixture, objective=objective_of(self.model.config))
         self.val_batches = fixed_batches(TokenStore(config.data, "val"), config.seq_length, config.batch_size,
-                                         config.eval_batches, vocab_size=vocab_size)
+                                         config.eval_batches, vocab_size=vocab_size,
+                                         prompt_length=self.model.config.prompt_length,
+                                         objective=objective_of(self.model.config))
         self.optimizer = make_optimizer(self.model, config)
         self.state = RunState()
         if resume:
@@ -273,7 +283,7 @@ class Trainer:
         """A checkpoint's weights and trainer state, checked to fit this run; CpmliveError if not."""
         trainer = read_trainer_state(path, ("optimizer", "stream", "state", "rng"))
         check_optimizer_fits(self.optimizer, trainer["optimizer"], path)
-        loaded = load_model(path / "model", dtype=torch.float32)
+        loaded, _ = family_of(path / "model").load(path / "model", dtype=torch.float32)
         check_same_architecture(loaded.config, self.model.config, path)
         return loaded.state_dict(), trainer
 
