@@ -19,6 +19,7 @@ def test_cpm_ant_checkpoints_in_every_format_are_cpm_ant(tmp_path):
     for source in ("demo", tmp_path / "hf", tmp_path / "openbmb" / "demo.pt"):
         assert families.family_of(source) is families.ANT
     assert families.preset_family("ant-10b") is families.ANT and families.preset_family("nope") is None
+    assert families.preset_family("cpm1-2.6b") is families.CPM1 and families.family("gpt2") is families.CPM1
 
 
 def test_unknown_model_type_is_one_line(tmp_path, capsys):
@@ -27,7 +28,7 @@ def test_unknown_model_type_is_one_line(tmp_path, capsys):
     with pytest.raises(CpmliveError, match="'gpt9' is not a known model family"):
         families.family_of(tmp_path / "m")
     assert main(["info", str(tmp_path / "m")]) == 2
-    assert "not a known model family (known: cpm-ant, cpm-bee)" in capsys.readouterr().err
+    assert "not a known model family (known: cpm-ant, cpm-bee, cpm1)" in capsys.readouterr().err
 
 
 def test_a_new_family_is_one_entry(tmp_path, capsys, monkeypatch):

@@ -128,6 +128,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     parser.add_argument("--vocab", default=None, help="vocabulary file (default: the checkpoint's vocab.txt)")
     parser.add_argument("--hf-tokenizer", action="store_true", help="tokenize exactly like HF CpmAntTokenizer")
+    parser.add_argument("--stored-weights", action="store_true",
+                        help="keep a float16 checkpoint's matrices in float16 (compute in float32 from them)")
     parser.add_argument("--adapter", action="append", default=None,
                         help="adapter directory or shipped adapter name (repeatable; the last is active)")
     add_memory_limit(parser)
@@ -161,7 +163,8 @@ def load_lm(args: argparse.Namespace):
     from cpmlive.api import load
 
     return load(args.model, dtype=args.dtype, vocab=args.vocab, hf_tokenizer=args.hf_tokenizer,
-                adapter=getattr(args, "adapter", None), memory_limit=getattr(args, "memory_limit", None))
+                adapter=getattr(args, "adapter", None), memory_limit=getattr(args, "memory_limit", None),
+                stored_weights=getattr(args, "stored_weights", False))
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import zipfile
@@ -189,8 +190,12 @@ def _megatron_name(name: str) -> str:
 
 def read_megatron_shard(path: Path) -> tuple[dict[str, Tensor], int | None]:
     """One rank's weights with the release's own names, and the model-parallel size it records."""
+    mmap = zipfile.is_zipfile(path)
     try:
-        data = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=False)
+        try:
+            data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except pickle.UnpicklingError:  # the release also pickles its training arguments, as Megatron loads it
+            data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
     except Exception as exc:  # torch.load raises many types for a damaged file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CpmliveError(f"{path}: unreadable Megatron shard ({reason})") from None
