@@ -7,6 +7,9 @@ shape in int8 against this machine's memory roofline.
 2. The ``cpm1-2.6b`` shape in int8 (weights and the tied head; built layer by layer, never in
    float), greedy tokens/s against the bound the measured read bandwidth sets: every token
    streams all int8 weights once.
+3. Memory of conversion and loading: the ~350M shape as a float16 Megatron release (two
+   model-parallel shards), converted to ours and loaded, each in a fresh process; peak resident
+   memory (``VmHWM``, which counts mapped file pages too) above a process that only imports.
 
     python benchmarks/cpm1.py                 # both parts
     python benchmarks/cpm1.py --skip-2.6b     # part 1 only
@@ -18,7 +21,11 @@ import argparse
 import math
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -135,6 +142,70 @@ def int8_2p6b(new_tokens: int, bandwidth: float) -> list[list[str]]:
              f"{built:.0f}", f"{peak:.1f}"]]
 
 
+PEAK = "import re; print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+
+
+def peak_mb(code: str) -> float:
+    """Peak resident MB of a fresh Python running ``code`` (then reading its own VmHWM)."""
+    out = subprocess.run([sys.executable, "-c", f"{code}\n{PEAK}"], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def megatron_release(hf, root: Path) -> int:
+    """The weights as CPM-Generate ships them: float16, two column/row-parallel shards; returns bytes."""
+    state = {k: v.half() for k, v in hf.state_dict().items()}
+    shards: list[dict] = [{}, {}]
+
+    def put(name, tensor, dim=None):
+        for rank in (0, 1):
+            shards[rank][name] = tensor if dim is None else tensor.chunk(2, dim)[rank].clone()
+
+    put("word_embeddings.weight", state["transformer.wte.weight"], 0)
+    put("position_embeddings.weight", state["transformer.wpe.weight"])
+    for layer in range(SHAPE_350M.num_layers):
+        h, m = f"transformer.h.{layer}.", f"transformer.layers.{layer}."
+        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            put(f"{m}{ours}.weight", state[f"{h}{theirs}.weight"])
+            put(f"{m}{ours}.bias", state[f"{h}{theirs}.bias"])
+        q, k, v = state[h + "attn.c_attn.weight"].t().chunk(3, 0)
+        qb, kb, vb = state[h + "attn.c_attn.bias"].chunk(3)
+        for rank in (0, 1):
+            shards[rank][m + "attention.query_key_value.weight"] = torch.cat([t.chunk(2, 0)[rank] for t in (q, k, v)])
+            shards[rank][m + "attention.query_key_value.bias"] = torch.cat([t.chunk(2)[rank] for t in (qb, kb, vb)])
+        put(m + "attention.dense.weight", state[h + "attn.c_proj.weight"].t(), 1)
+        put(m + "attention.dense.bias", state[h + "attn.c_proj.bias"])
+        put(m + "mlp.dense_h_to_4h.weight", state[h + "mlp.c_fc.weight"].t(), 0)
+        put(m + "mlp.dense_h_to_4h.bias", state[h + "mlp.c_fc.bias"], 0)
+        put(m + "mlp.dense_4h_to_h.weight", state[h + "mlp.c_proj.weight"].t(), 1)
+        put(m + "mlp.dense_4h_to_h.bias", state[h + "mlp.c_proj.bias"])
+    put("transformer.final_layernorm.weight", state["transformer.ln_f.weight"])
+    put("transformer.final_layernorm.bias", state["transformer.ln_f.bias"])
+    (root / "release").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("release")
+    for rank, shard in enumerate(shards):
+        torch.save({"module": shard, "mp_world_size": 2}, root / "release" / f"mp_rank_{rank:02d}_model_states.pt")
+    return sum(f.stat().st_size for f in (root / "release").iterdir())
+
+
+def conversion_memory() -> list[list[str]]:
+    hf = hf_model(SHAPE_350M)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        size = megatron_release(hf, root / "megatron") / 1e6
+        del hf
+        base = peak_mb("import torch, cpmlive, cpmlive.model.cpm1_convert")
+        convert = peak_mb(f"from cpmlive.model.cpm1_convert import convert; convert({str(root / 'megatron')!r}, "
+                          f"{str(root / 'ours')!r})")
+        load = peak_mb(f"import cpmlive.model.cpm1_convert as c; m, _ = c.load_pretrained({str(root / 'ours')!r}, "
+                       "keep_matrices=True)")
+        load32 = peak_mb(f"import torch, cpmlive.model.cpm1_convert as c; "
+                         f"m, _ = c.load_pretrained({str(root / 'ours')!r}, dtype=torch.float32)")
+    return [["convert the Megatron release to ours", f"{size:.0f}", f"{convert - base:.0f}", f"{(convert - base) / size:.2f}"],
+            ["load ours, float16 matrices kept", f"{size:.0f}", f"{load - base:.0f}", f"{(load - base) / size:.2f}"],
+            ["load ours as float32 (2x the bytes by definition)", f"{size:.0f}", f"{load32 - base:.0f}",
+             f"{(load32 - base) / size:.2f}"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -142,10 +213,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8-tokens", type=int, default=16)
     parser.add_argument("--skip-2.6b", dest="skip_big", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
     rows = decode_350m(args.new_tokens, args.prompt_tokens, args.repeats)
     print(table(["case", "HF tok/s", "ours tok/s", "ours / HF", "greedy ids vs HF"], rows))
+    if not args.skip_memory:
+        print("\n" + table(["~350M, float16", "checkpoint MB", "peak RSS above imports, MB", "x checkpoint"],
+                            conversion_memory()))
     if args.skip_big:
         return
     bandwidth = read_bandwidth()

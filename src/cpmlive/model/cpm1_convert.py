@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import shutil
-import zipfile
 from pathlib import Path
 
 import torch
@@ -190,12 +189,13 @@ def _megatron_name(name: str) -> str:
 
 def read_megatron_shard(path: Path) -> tuple[dict[str, Tensor], int | None]:
     """One rank's weights with the release's own names, and the model-parallel size it records."""
-    mmap = zipfile.is_zipfile(path)
+    # Read into memory, not mapped: each source tensor is freed as it is merged (a map's pages
+    # would stay resident beside the merged copies, about twice the checkpoint at peak).
     try:
         try:
-            data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+            data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:  # the release also pickles its training arguments, as Megatron loads it
-            data = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+            data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch.load raises many types for a damaged file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CpmliveError(f"{path}: unreadable Megatron shard ({reason})") from None
