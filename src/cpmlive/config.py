@@ -272,15 +272,7 @@ class AntConfig(StackConfig):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "AntConfig":
         """Read our, OpenBMB's or HF's ``config.json`` (told apart by their key names)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CpmliveError(f"{path}: config file not found") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CpmliveError(f"{path}: not a valid JSON config ({exc})") from None
-        if not isinstance(data, dict):
-            raise CpmliveError(f"{path}: a config must be a JSON object")
+        data = read_json_config(path)
         if data.get("model_type") == "cpmant" or "hidden_size" in data:
             return cls.from_hf(data)
         if data.get("model_type", "cpm-ant") == "cpm-ant" and set(data) <= {f.name for f in dataclasses.fields(cls)}:
@@ -388,15 +380,7 @@ class BeeConfig(StackConfig):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BeeConfig":
         """Read our or OpenBMB's ``config.json`` (OpenBMB's has no ``model_type``)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CpmliveError(f"{path}: config file not found") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CpmliveError(f"{path}: not a valid JSON config ({exc})") from None
-        if not isinstance(data, dict):
-            raise CpmliveError(f"{path}: a config must be a JSON object")
+        data = read_json_config(path)
         if data.get("model_type", "cpm-bee") != "cpm-bee":
             raise CpmliveError(f"{path}: model_type {data['model_type']!r} is not a CPM-Bee config")
         return cls.from_dict(data, strict="model_type" in data)
