@@ -473,7 +473,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: Format = "ours",
 
 
 def write_converted(state: dict[str, Tensor], config, dst: Path, to: Format, vocab: Path | None,
-                    dtype: torch.dtype | None = None, dequantize: bool = False) -> None:
+                    dtype: torch.dtype | None = None, dequantize: bool = False,
+                    writers: dict[str, Callable[..., None]] = WRITERS) -> None:
     """Write a state dict in our layout to ``dst`` in format ``to`` (any model family whose
     OpenBMB names are CPM-Ant's): dequantized when asked or when ``to`` has no quantized form,
     cast to ``dtype``, with ``half`` following the weights."""
@@ -482,7 +483,7 @@ def write_converted(state: dict[str, Tensor], config, dst: Path, to: Format, voc
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     config = dataclasses.replace(config, half=_weights_dtype(state) == torch.float16)
-    WRITERS[to](state, config, dst, vocab)
+    writers[to](state, config, dst, vocab)
 
 
 # ---- describing ----------------------------------------------------------------------------------

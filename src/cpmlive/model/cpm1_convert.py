@@ -19,7 +19,6 @@ conversion holds about one checkpoint, never two.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
@@ -38,9 +37,9 @@ from cpmlive.model.checkpoint import (
 )
 from cpmlive.model.convert import (
     GENERATION_CONFIG_NAME, Source, _hf_weight_files, _weights_dtype, check_destination, dtype_name, read_files,
+    write_converted,
 )
 from cpmlive.model.cpm1 import Cpm1
-from cpmlive.model.quant import dequantize_state
 from cpmlive.resources import model_path
 from cpmlive.tokenizer.cpm1 import VOCAB_FILE
 from cpmlive.utils import atomic_write_text, parse_dtype
@@ -402,13 +401,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours",
     state, config = read_state(source)
     if vocab is not None:
         check_vocab(vocab, config, str(vocab))
-    if config.quantization is not None and (dequantize or to != "ours"):
-        state, config = dequantize_state(state), config.dequantized()
-    target = parse_dtype(dtype)
-    if target is not None:
-        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
-    config = dataclasses.replace(config, half=_weights_dtype(state) == torch.float16)
-    (_write_hf if to == "hf" else _write_ours)(state, config, dst, vocab)
+    write_converted(state, config, dst, to, vocab, parse_dtype(dtype), dequantize,
+                    writers={"ours": _write_ours, "hf": _write_hf})
     return dst
 
 
