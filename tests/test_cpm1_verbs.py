@@ -241,6 +241,7 @@ def test_vote_and_few_shot_prompt_file_from_the_cli(checkpoint, tmp_path):
 
 def test_bad_input_is_one_line(checkpoint, tmp_path, ant_vocab_path):
     assert_clean_error(run("generate", checkpoint, "好" * 1100), "this model takes at most 1024")
+    assert_clean_error(run("generate", checkpoint, "好", "--num-return-sequences", "100000"), "out of range")
     assert_clean_error(run("generate", checkpoint, "好", "--vocab", ant_vocab_path), "CPM-1 reads a SentencePiece")
     small = train_spm(tmp_path / "small.model", vocab_size=2800)
     assert_clean_error(run("generate", checkpoint, "好", "--vocab", small), "2800 pieces, the embedding 3000 rows")

@@ -738,7 +738,7 @@ def build_parser() -> Parser:
     add_generation_flags(gen, default_new_tokens=64)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--input", default=None, help="the text for the prompt's {input} slot (a few-shot prompt file)")
-    gen.add_argument("--num-return-sequences", type=positive_int, default=None, metavar="K",
+    gen.add_argument("--num-return-sequences", type=bounded_int(1, 256), default=None, metavar="K",
                      help="generate K continuations (sampled with --do-sample or --vote)")
     gen.add_argument("--vote", action="store_true",
                      help="sample K answers, cut each at its first line break or --stop, print the most frequent")
