@@ -136,7 +136,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def memory_size(text: str) -> int:
-    from cpmlive.model.streaming import parse_size
+    from cpmlive.utils import parse_size
 
     try:
         return parse_size(text)

@@ -1,5 +1,9 @@
 """Small helpers shared by every stage: atomic writes, safe output destinations, and the dtype
-products run in."""
+products run in.
+
+torch is imported inside the functions that need it, never at the top: the CLI imports this
+module to parse its arguments, and ``cpmlive --help`` or a usage error must not pay for torch.
+"""
 
 from __future__ import annotations
 
@@ -10,31 +14,36 @@ from pathlib import Path
 import dataclasses
 import types
 import typing
-from typing import Any, BinaryIO, Callable, Collection
-
-import torch
-from torch import Tensor
+import re
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Collection
 
 from cpmlive.errors import CpmliveError
 
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}  # name -> attribute of torch
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """A dtype by any of its usual names (``None`` and ``"auto"``: keep the stored one)."""
+    import torch
+
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return None
     if dtype not in DTYPES:
         raise CpmliveError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    return getattr(torch, DTYPES[dtype])
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype products of ``x`` run in: autocast's when it is on, else ``x``'s own."""
+    import torch
+
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
@@ -43,6 +52,20 @@ def replace_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module)
     """Put ``module`` at the dotted ``path`` of ``root`` (``layers.0.attn.project_q``)."""
     parent, _, leaf = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+         "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"4GB"``, ``"512MiB"``, ``"1.5g"``, ``"300000000"`` -> bytes (decimal units, ``i`` binary)."""
+    match = SIZE.match(str(text))
+    unit = (match.group(2) or "").lower() if match else ""
+    if match is None or unit not in UNITS:
+        raise CpmliveError(f"{text!r} is not a size (for example 4GB, 512MiB or 300000000)")
+    return int(float(match.group(1)) * UNITS[unit])
 
 
 def default_mode(directory: bool = False) -> int:

@@ -26,7 +26,6 @@ import ctypes
 import ctypes.util
 import mmap
 import queue
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,27 +34,16 @@ from typing import Iterable
 from torch import Tensor, nn
 
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import parse_size
 
 MADV_DONTNEED = 4
 MADV_WILLNEED = 3
 MADV_POPULATE_READ = 22  # Linux 5.14
 PAGE = mmap.PAGESIZE
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-         "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
-
-
-def parse_size(text: str) -> int:
-    """``"4GB"``, ``"512MiB"``, ``"1.5g"``, ``"300000000"`` -> bytes (decimal units, ``i`` binary)."""
-    match = SIZE.match(str(text))
-    unit = (match.group(2) or "").lower() if match else ""
-    if match is None or unit not in UNITS:
-        raise CpmliveError(f"{text!r} is not a size (for example 4GB, 512MiB or 300000000)")
-    return int(float(match.group(1)) * UNITS[unit])
 
 
 def _madvise(start: int, end: int, advice: int) -> bool:

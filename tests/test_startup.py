@@ -1,0 +1,85 @@
+"""``cpmlive --help``, each verb's ``--help`` and every usage error answer without importing torch.
+
+Importing torch (and numpy, transformers, fastapi) is what made a usage error take seconds; a
+fresh interpreter that parses the command line must not have any of them in ``sys.modules``
+afterwards. The modules the parser needs (``cpmlive.cli``, ``cpmlive.utils``, ``cpmlive.errors``)
+import the heavy ones inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cpmlive.cli import build_parser
+
+HEAVY = ("torch", "numpy", "transformers", "fastapi", "uvicorn", "safetensors", "jieba", "sentencepiece")
+
+PROBE = """
+import json, sys
+from cpmlive.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "heavy": sorted(m for m in %r if m in sys.modules)}))
+""" % (HEAVY,)
+
+
+def verb_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every verb and sub-verb of the parser (``generate``, ``data prepare``, ``align dpo``, ...)."""
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.append((*prefix, name))
+                paths.extend(verb_paths(sub, (*prefix, name)))
+    return paths
+
+
+VERBS = verb_paths(build_parser())
+
+
+def parse_in_fresh_interpreter(*argv: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_every_verb_is_probed():
+    assert {("generate",), ("title",), ("serve",), ("data", "prepare"), ("align", "dpo")} <= set(VERBS)
+
+
+def test_help_imports_nothing_heavy():
+    probe = parse_in_fresh_interpreter("--help")
+    assert probe == {"code": 0, "heavy": []}
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=" ".join)
+def test_verb_help_imports_nothing_heavy(verb):
+    probe = parse_in_fresh_interpreter(*verb, "--help")
+    assert probe == {"code": 0, "heavy": []}
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=" ".join)
+def test_usage_error_imports_nothing_heavy(verb):
+    probe = parse_in_fresh_interpreter(*verb, "--no-such-flag")
+    assert probe == {"code": 2, "heavy": []}
+
+
+@pytest.mark.parametrize("argv", [
+    ("generate", "demo", "hi", "--memory-limit", "4XB"),
+    ("generate", "demo", "hi", "--max-new-tokens", "0"),
+    ("serve", "--memory-limit", "lots"),
+    ("title", "正文", "--num-beams", "-1"),
+    ("serve", "--port", "70000"),
+    (),
+], ids=repr)
+def test_bad_flag_values_import_nothing_heavy(argv):
+    """Validators that run while parsing (sizes, ranges) are refused before anything heavy loads."""
+    probe = parse_in_fresh_interpreter(*argv)
+    assert probe == {"code": 2, "heavy": []}
