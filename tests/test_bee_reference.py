@@ -85,7 +85,7 @@ def test_tree_arrays_equal_convert_data_to_id(tokenizer, cases, name):
     assert arrays.subs == expected["id_subs"]
     assert arrays.context == expected["context"]
     assert arrays.segments == expected["segment_ids"]
-    assert arrays.segment_rel == expected["segment_rel"]
+    assert arrays.segment_rel.tolist() == expected["segment_rel"]
     assert arrays.num_segments == expected["num_segments"]
     assert {str(k): v for k, v in arrays.ext_table.items()} == expected["ext_table"]
     assert {k: {str(i): j for i, j in m.items()} for k, m in arrays.token_id_table.items()} == expected["token_id_table"]

@@ -99,15 +99,10 @@ class TreeArrays:
     subs: list[int]
     context: list[int]
     segments: list[int]
-    segment_rel: list[int]
+    segment_rel: Tensor
     num_segments: int
     ext_table: dict[int, str]
     token_id_table: dict[str, dict[int, int]]
-
-
-def _relation_bucket(up: int, down: int) -> int:
-    bucket = up * MAX_DEPTH + down
-    return bucket + 1 if bucket else 0  # bucket 1 means "another sample"
 
 
 def _build_tree(data: Any, depth: int, predict: bool, nodes: list[Node], shuffle: Shuffler | None) -> list[Node]:
@@ -129,19 +124,31 @@ def _build_tree(data: Any, depth: int, predict: bool, nodes: list[Node], shuffle
     return out
 
 
-def _fill_relations(node: Node, table: list[int], count: int) -> list[tuple[int, int]]:
-    """Relations between every pair of segments below ``node`` whose common ancestor it is."""
-    below = [(node.segment, node.depth)]
-    for child in node.children:
-        sub = _fill_relations(child, table, count)
-        for seg_a, depth_a in sub:
-            for seg_b, depth_b in below:
-                up = min(depth_a - node.depth, MAX_DEPTH - 1)
-                down = min(depth_b - node.depth, MAX_DEPTH - 1)
-                table[seg_a * count + seg_b] = _relation_bucket(up, down)
-                table[seg_b * count + seg_a] = _relation_bucket(down, up)
-        below.extend(sub)
-    return below
+def segment_relations(nodes: list[Node]) -> Tensor:
+    """The ``len(nodes)**2`` relation table, row-major (int32): entry ``(a, b)`` is
+    ``up * MAX_DEPTH + down`` for the steps from segment ``a`` up to the deepest common ancestor
+    of ``a`` and ``b`` and down to ``b`` (each clipped to ``MAX_DEPTH - 1``), plus one when not 0
+    (bucket 1 means "another sample").
+
+    The table is the model's input and has a square's size, but the Python work is linear: in
+    pre-order every subtree is a run of segments, so the common ancestor's depth is one square
+    block per node (deeper nodes overwrite), and the buckets are whole-table tensor operations
+    (a pair-by-pair loop grew with the square of the segments in Python steps)."""
+    count = len(nodes)
+    ends = [node.segment + 1 for node in nodes]
+    for node in reversed(nodes):
+        for child in node.children:
+            ends[node.segment] = max(ends[node.segment], ends[child.segment])
+    common = torch.zeros(count, count, dtype=torch.int8)
+    for node in nodes:
+        if ends[node.segment] - node.segment > 1:
+            common[node.segment:ends[node.segment], node.segment:ends[node.segment]] = node.depth
+    common.diagonal().copy_(torch.tensor([node.depth for node in nodes], dtype=torch.int8))
+    depth = torch.tensor([node.depth for node in nodes], dtype=torch.int8)
+    table = (depth[:, None] - common).clamp_(max=MAX_DEPTH - 1).int().mul_(MAX_DEPTH)
+    table += (depth[None, :] - common).clamp_(max=MAX_DEPTH - 1)
+    table += table > 0
+    return table.view(-1)
 
 
 def base_name(token: str) -> str:
@@ -159,14 +166,12 @@ def tree_arrays(tokenizer: BeeTokenizer, data: dict, shuffle: Shuffler | None = 
     root = Node("<root>", 0, 0, False)
     nodes = [root]
     root.children = _build_tree(data, 1, False, nodes, shuffle)
-    count = len(nodes)
-    relations = [0] * (count * count)
-    _fill_relations(root, relations, count)
     table = dict(ext_table or {})
+    ids_of = {text: token_id for token_id, text in table.items()}
     subs_of = {name: dict(mapping) for name, mapping in (token_id_table or {}).items()}
     ids, subs, context, segments = [], [], [], []
     for node in nodes:
-        raw, table = tokenizer.encode(node.value, table)
+        raw = tokenizer.encode_into(node.value, table, ids_of)
         node_ids, node_subs = [tokenizer.bos_id], [0]
         for token_id in raw:
             if token_id not in table:
@@ -188,7 +193,7 @@ def tree_arrays(tokenizer: BeeTokenizer, data: dict, shuffle: Shuffler | None = 
         subs += node_subs
         context += [0 if node.predict else 1] * len(node_ids)
         segments += [node.segment] * len(node_ids)
-    return TreeArrays(ids, subs, context, segments, relations, count, table, subs_of)
+    return TreeArrays(ids, subs, context, segments, segment_relations(nodes), len(nodes), table, subs_of)
 
 
 # ---- generation inputs --------------------------------------------------------------------------
@@ -204,7 +209,7 @@ class Prompt:
     ids: list[int]
     subs: list[int]
     segments: list[int]
-    segment_rel: list[int]
+    segment_rel: Tensor
     num_segments: int
     answers: list[tuple[int, int]]
     paths: list[list[str]]
@@ -286,7 +291,8 @@ def batch_prompts(prompts: list[Prompt], vocab_size: int, device: torch.device |
         "position": tensor([padded(list(range(len(p.ids))), width) for p in prompts]),
         "segment": tensor([padded(p.segments, width) for p in prompts]),
         "num_segments": tensor([padded([p.num_segments] * len(p.ids), width) for p in prompts]),
-        "segment_rel": tensor([p.segment_rel + [0] * (rel_width - len(p.segment_rel)) for p in prompts]),
+        "segment_rel": torch.stack([torch.nn.functional.pad(p.segment_rel, (0, rel_width - len(p.segment_rel)))
+                                    for p in prompts]).to(device),
     }
     batch = len(prompts)
     inputs["context"] = inputs["num_segments"] != 0
@@ -375,7 +381,7 @@ def pack(examples: list[Example], length: int, vocab_size: int, device: torch.de
     out["target"].fill_(IGNORE)
     rel_rows = []
     for r, row in enumerate(rows):
-        start, rel = 0, []
+        start, rel, rel_length = 0, [], 0
         for span, example in enumerate(row):
             tree, end = example.tree, start + len(example)
             view = slice(start, end)
@@ -384,7 +390,7 @@ def pack(examples: list[Example], length: int, vocab_size: int, device: torch.de
             out["context"][r, view] = torch.tensor(tree.context)
             out["segment"][r, view] = torch.tensor(tree.segments)
             out["num_segments"][r, view] = tree.num_segments
-            out["segment_rel_offset"][r, view] = len(rel)
+            out["segment_rel_offset"][r, view] = rel_length
             out["span"][r, view] = span
             out["valid"][r, view] = 1
             for pair in zip(tree.ids, tree.subs):
@@ -393,12 +399,13 @@ def pack(examples: list[Example], length: int, vocab_size: int, device: torch.de
             targets = [vocab_size + columns[t] if isinstance(t, tuple) else t
                        for t in example.targets]
             out["target"][r, view] = torch.tensor(targets)
-            rel += tree.segment_rel
+            rel.append(tree.segment_rel)
+            rel_length += len(tree.segment_rel)
             start = end
         out["position"][r] = torch.arange(length)
-        rel_rows.append(rel)
+        rel_rows.append(torch.cat(rel))
     width = max(len(rel) for rel in rel_rows)
-    out["segment_rel"] = torch.tensor([rel + [0] * (width - len(rel)) for rel in rel_rows], dtype=torch.int32)
+    out["segment_rel"] = torch.stack([torch.nn.functional.pad(rel, (0, width - len(rel))) for rel in rel_rows])
     out["context"] = out["context"].bool()
     out["valid"] = out["valid"].bool()
     pairs = sorted(columns.items(), key=lambda item: item[1])

@@ -69,16 +69,16 @@ class Hypotheses:
         return max(self.items, key=lambda item: item[0])[1]
 
 
-def bar_columns(logits: Tensor, batch: PromptBatch, rows_per_task: int, unk_id: int, vocab_size: int) -> Tensor:
-    """Bar ``<unk>`` (unless the task has an unknown piece) and other tasks' extra columns."""
+def barred_columns(batch: PromptBatch, rows_per_task: int, unk_id: int, vocab_size: int) -> Tensor:
+    """Per decoding row, the columns it may not choose: ``<unk>`` (unless its task has an unknown
+    piece) and other tasks' extra columns. Made once per batch, applied each step as one
+    ``masked_fill`` (a loop over every extra column each step grew with the task's unknown pieces)."""
+    barred = torch.zeros(len(batch.row_tables), vocab_size + len(batch.ext_ids), dtype=torch.bool)
+    barred[:, vocab_size:] = True
     for task, table in enumerate(batch.row_tables):
-        rows = slice(task * rows_per_task, (task + 1) * rows_per_task)
-        if unk_id not in table:
-            logits[rows, unk_id] = BARRED
-        for column in range(vocab_size, logits.size(-1)):
-            if column not in table:
-                logits[rows, column] = BARRED
-    return logits
+        barred[task, unk_id] = unk_id not in table
+        barred[task, [column for column in table if column >= vocab_size]] = False
+    return barred.repeat_interleave(rows_per_task, dim=0).to(batch.ext_ids.device)
 
 
 def _prefill(model: CpmBee, batch: PromptBatch, rows: int, capacity: int) -> BeeCache:
@@ -134,12 +134,13 @@ def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], c
     found = [Hypotheses(width, config.length_penalty) for _ in prompts]
     done = [False] * tasks
     fed: list[list[int]] = [[] for _ in range(rows)]
+    barred = barred_columns(batch, width, tokenizer.unk_id, vocab)
     last = config.max_new_tokens - 1
     for step in range(config.max_new_tokens):
         beams = [beam for task in states for beam in task]
         for row, beam in enumerate(beams):
             fed[row].append(beam.feed)
-        logits = bar_columns(_step(model, cache, batch, beams, num_segments), batch, width, tokenizer.unk_id, vocab)
+        logits = _step(model, cache, batch, beams, num_segments).masked_fill_(barred, BARRED)
         if config.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, torch.tensor(fed, device=device), config.repetition_penalty)
         logprobs = logits.log_softmax(-1)
@@ -188,10 +189,11 @@ def sample_answers(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt]
     beams = [Beam(0, [], tokenizer.bos_id, 0, p.answers[0][0], 0) for p in prompts]
     results: list[list[tuple[int, int]] | None] = [None] * len(prompts)
     fed: list[list[int]] = [[] for _ in prompts]
+    barred = barred_columns(batch, 1, tokenizer.unk_id, vocab)
     for step in range(config.max_new_tokens):
         for row, beam in enumerate(beams):
             fed[row].append(beam.feed)
-        logits = bar_columns(_step(model, cache, batch, beams, num_segments), batch, 1, tokenizer.unk_id, vocab)
+        logits = _step(model, cache, batch, beams, num_segments).masked_fill_(barred, BARRED)
         if config.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, torch.tensor(fed, device=device), config.repetition_penalty)
         if step < config.min_new_tokens:

@@ -68,7 +68,8 @@ def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | Non
         return str(error.get("msg", "invalid request")).removeprefix("Value error, "), None
     if not where:
         return "the request body must be a JSON object", None
-    return f"{where}: {' '.join(str(error.get('msg', 'invalid value')).split())}", parts[0]
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{where}: {' '.join(message.split())}", parts[0]
 
 
 def error_response(path: str, message: str, status: int = 400, kind: str | None = None, code: str | None = None,

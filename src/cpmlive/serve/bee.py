@@ -4,12 +4,13 @@ on the engine's thread like the other native routes; the site's ``/bee`` page ca
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from cpmlive.data.bee import ANSWER_KEY, check_task
 from cpmlive.errors import CpmliveError
-from cpmlive.serve.runtime import ServerState
+from cpmlive.serve.runtime import ServerState, valid_text
 from cpmlive.serve.tasks import MAX_NAME_CHARS, holding
 
 if TYPE_CHECKING:
@@ -19,12 +20,62 @@ if TYPE_CHECKING:
 
 MAX_TASKS = 16
 MAX_BEE_TOKENS = 512
+MAX_TASK_CHARS = 20_000  # a task's keys and values together, as /v1/completions bounds a prompt
+MAX_TASK_KEYS = 512  # each key is a segment of at least two tokens: more fit no CPM-Bee model
+MAX_ANSWERS = 256  # <ans> leaves; each costs at least one of max_tokens' steps
+
+
+def strings_of(value: dict[str, Any]) -> Iterator[str]:
+    """Every key and string value of a checked task (nested at most ``MAX_DEPTH`` levels)."""
+    for key, child in value.items():
+        yield key
+        if isinstance(child, dict):
+            yield from strings_of(child)
+        else:
+            yield child
+
+
+def count_keys(value: dict[str, Any]) -> int:
+    return sum(1 + (count_keys(child) if isinstance(child, dict) else 0) for child in value.values())
+
+
+def count_leaves(value: dict[str, Any] | str) -> int:
+    return sum(map(count_leaves, value.values())) if isinstance(value, dict) else 1
+
+
+def bounded_task(task: dict[str, Any]) -> dict[str, Any]:
+    """A task CPM-Bee can answer (``check_task``: strings and objects, ``<ans>`` at the top, at
+    most ``MAX_DEPTH`` levels) within the request's bounds on characters, keys and answers, with
+    no unpaired surrogate in any key or value: checked while the request is parsed, so that no
+    oversized task reaches the model's thread (the prompt's relation table grows with the square
+    of its keys)."""
+    try:
+        check_task(task, "task")
+    except CpmliveError as exc:
+        raise ValueError(str(exc).removeprefix("task: ")) from None
+    keys = count_keys(task)
+    if keys > MAX_TASK_KEYS:
+        raise ValueError(f"the task has {keys} keys; at most {MAX_TASK_KEYS}")
+    answers = count_leaves(task[ANSWER_KEY])
+    if not answers:
+        raise ValueError("no answer to predict: the <ans> field holds an empty object")
+    if answers > MAX_ANSWERS:
+        raise ValueError(f"the task has {answers} <ans> fields to fill; at most {MAX_ANSWERS}")
+    chars = 0
+    for text in strings_of(task):
+        chars += len(valid_text(text))
+    if chars > MAX_TASK_CHARS:
+        raise ValueError(f"the task's keys and values hold {chars} characters; at most {MAX_TASK_CHARS}")
+    return task
+
+
+BeeTask = Annotated[dict[str, Any], AfterValidator(bounded_task)]
 
 
 class BeeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task: dict[str, Any] | None = None
-    tasks: list[dict[str, Any]] | None = Field(None, min_length=1, max_length=MAX_TASKS)
+    task: BeeTask | None = None
+    tasks: list[BeeTask] | None = Field(None, min_length=1, max_length=MAX_TASKS)
     max_tokens: int = Field(64, ge=1, le=MAX_BEE_TOKENS)
     num_beams: int = Field(1, ge=1, le=8)
     temperature: float = Field(0.0, ge=0, le=2)

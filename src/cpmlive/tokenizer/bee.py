@@ -177,7 +177,12 @@ class BeeTokenizer:
         """Ids of ``text`` and the ext table extended with its unknown pieces and specials that
         are not vocabulary entries (``ext_table`` itself is not modified)."""
         table = dict(ext_table or {})
-        ids_of = {value: key for key, value in table.items()}
+        return self.encode_into(text, table, {value: key for key, value in table.items()}), table
+
+    def encode_into(self, text: str, table: dict[int, str], ids_of: dict[str, int]) -> list[int]:
+        """``encode`` that extends ``table`` and its inverse ``ids_of`` in place: the segments of
+        one example share them, and copying them for each segment made a task's cost grow with
+        the square of its segments."""
         ids = []
         for piece in self.tokenize(text):
             if piece.is_unk or (piece.is_special and piece.token not in self.encoder):
@@ -187,7 +192,7 @@ class BeeTokenizer:
                 ids.append(ids_of[piece.token])
             else:
                 ids.append(self.encoder[piece.token])
-        return ids, table
+        return ids
 
     def decode(self, ids: Iterable[int], ext_table: dict[int, str] | None = None) -> str:
         """Text of ``ids``: ordinary pieces escaped (``<`` as ``<<``), specials and ext entries as

@@ -1,0 +1,189 @@
+"""The server's request surface, hardening round 3 (issue 28): ``/v1/bee`` bounds a task before
+any model work and builds its prompt in linear Python steps; a route or verb a family cannot
+serve says so in one line; strict request types and clear messages; the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import pytest
+from fastapi.testclient import TestClient
+
+import cpmlive
+from cpmlive.data.bee import MAX_DEPTH, prompt_for, tree_arrays
+from cpmlive.serve.app import create_app
+from cpmlive.serve.bee import MAX_ANSWERS, MAX_TASK_CHARS, MAX_TASK_KEYS
+
+TRANSLATE = {"input": "北京是中国的首都", "prompt": "中翻英", "<ans>": ""}
+
+
+@pytest.fixture(scope="module")
+def bee_lm():
+    return cpmlive.load("bee-demo")
+
+
+@pytest.fixture(scope="module")
+def ant_lm():
+    return cpmlive.load("demo")
+
+
+@pytest.fixture(scope="module")
+def bee_client(bee_lm):
+    return TestClient(create_app(bee_lm))
+
+
+@pytest.fixture(scope="module")
+def ant_client(ant_lm):
+    return TestClient(create_app(ant_lm))
+
+
+def error_of(response) -> str:
+    assert response.status_code == 400, response.text
+    return response.json()["error"]["message"]
+
+
+# ---- point 1: /v1/bee bounds a task before any work; prompt building is linear --------------------
+
+
+def nested(depth: int) -> dict:
+    value: dict | str = ""
+    for level in range(depth):
+        value = {f"k{level}": value}
+    return {"<ans>": "", "deep": value}
+
+
+@pytest.mark.parametrize(("task", "fragment"), [
+    ({"input": "x", "<ans>": {f"q{i}": "" for i in range(MAX_ANSWERS + 1)}}, f"at most {MAX_ANSWERS}"),
+    ({"<ans>": "", **{f"k{i}": {"a": "b"} for i in range(MAX_TASK_KEYS // 2 + 1)}}, f"at most {MAX_TASK_KEYS}"),
+    ({"input": "好" * MAX_TASK_CHARS, "<ans>": ""}, f"at most {MAX_TASK_CHARS}"),
+    (nested(MAX_DEPTH + 1), f"deeper than {MAX_DEPTH}"),
+    ({"<ans>": {}}, "no answer to predict"),
+    ({"input": 3, "<ans>": ""}, "every value must be a string"),
+])
+def test_an_oversized_or_bad_bee_task_is_refused_before_any_model_work(bee_lm, task, fragment):
+    app = create_app(bee_lm)
+    jobs = []
+
+    async def spy(work, *args, **kwargs):
+        jobs.append(work)
+        raise AssertionError("the task reached the model's thread")
+
+    app.state.server.job = spy
+    client = TestClient(app)
+    for body in ({"task": task}, {"tasks": [TRANSLATE, task]}):
+        assert fragment in error_of(client.post("/v1/bee", json=body))
+    assert jobs == []
+
+
+def test_the_5000_leaf_task_of_the_issue_is_refused_at_once(bee_client):
+    task = {"input": "x" * 60_000, "<ans>": {f"问题{i}": "" for i in range(5000)}}
+    assert "at most" in error_of(bee_client.post("/v1/bee", json={"task": task}))
+    assert bee_client.get("/healthz").json()["status"] == "ok"
+
+
+def python_calls(build) -> int:
+    """Python and C function calls made by ``build()``: a count of steps, not a time."""
+    calls = Counter()
+
+    def count(frame, event, arg):
+        calls[event] += 1
+
+    sys.setprofile(count)
+    try:
+        build()
+    finally:
+        sys.setprofile(None)
+    return calls["call"] + calls["c_call"]
+
+
+def test_prompt_building_takes_linear_python_steps(bee_lm):
+    def steps(leaves: int) -> int:
+        task = {"input": "今天天气不错", "<ans>": {f"问题{i}": {"a": "", "b": ""} for i in range(leaves)}}
+        return python_calls(lambda: prompt_for(bee_lm.tokenizer, task))
+
+    small, large = steps(100), steps(400)
+    assert large < 4.5 * small  # four times the leaves: linear is ~4x, the pairwise loop was ~16x
+
+
+def pairwise_relations(data: dict) -> list[int]:
+    """The original ``convert_data_to_id``'s relation table, pair by pair (the reference)."""
+    nodes: list[tuple[int, list]] = [(0, [])]  # (depth, children), pre-order
+
+    def build(value, depth: int) -> list[int]:
+        if not isinstance(value, dict):
+            nodes.append((depth, []))
+            return [len(nodes) - 1]
+        out = []
+        for key, child in value.items():
+            nodes.append((depth, []))
+            index = len(nodes) - 1
+            nodes[index][1].extend(build(child, depth + 1))
+            out.append(index)
+        return out
+
+    nodes[0][1].extend(build(data, 1))
+    count = len(nodes)
+    table = [0] * count * count
+
+    def bucket(up: int, down: int) -> int:
+        value = up * MAX_DEPTH + down
+        return value + 1 if value else 0
+
+    def fill(node: int) -> list[int]:
+        depth = nodes[node][0]
+        below = [node]
+        for child in nodes[node][1]:
+            sub = fill(child)
+            for a in sub:
+                for b in below:
+                    up, down = min(nodes[a][0] - depth, MAX_DEPTH - 1), min(nodes[b][0] - depth, MAX_DEPTH - 1)
+                    table[a * count + b], table[b * count + a] = bucket(up, down), bucket(down, up)
+            below.extend(sub)
+        return below
+
+    fill(0)
+    return table
+
+
+@pytest.mark.parametrize("data", [
+    TRANSLATE,
+    {"a": {"b": {"c": "x", "d": {"e": "y"}}, "f": "z"}, "<ans>": {"g": "", "h": {"i": ""}}},
+    nested(MAX_DEPTH - 1) | {"wide": {f"k{i}": "v" for i in range(12)}},
+])
+def test_segment_relations_equal_the_pairwise_reference(bee_lm, data):
+    arrays = tree_arrays(bee_lm.tokenizer, data)
+    assert arrays.segment_rel.tolist() == pairwise_relations(data)
+
+
+def test_a_lone_surrogate_anywhere_in_a_bee_task_is_400(bee_client):
+    for body in (b'{"task": {"<ans>": "", "in\\ud800put": "x"}}',
+                 b'{"task": {"<ans>": {"a": "\\udfff"}}}',
+                 b'{"tasks": [{"<ans>": ""}, {"<ans>": "", "n": {"m": {"\\ud83d": "x"}}}]}'):
+        response = bee_client.post("/v1/bee", content=body, headers={"Content-Type": "application/json"})
+        assert "surrogate" in error_of(response), body
+    assert json.loads(bee_client.post("/v1/bee", json={"task": TRANSLATE, "max_tokens": 2}).text)["result"]
+
+
+def test_barred_columns_equal_the_per_column_loop(bee_lm):
+    import torch
+
+    from cpmlive.data.bee import batch_prompts
+    from cpmlive.infer.bee import BARRED, barred_columns
+
+    tokenizer = bee_lm.tokenizer
+    tasks = [{"document": "今天<mask_0>和<mask_1>", "<ans>": {"<mask_0>": "", "<mask_1>": ""}},
+             {"input": "😀 ☃ 北京", "<ans>": ""}, TRANSLATE]
+    batch = batch_prompts([prompt_for(tokenizer, t) for t in tasks], tokenizer.vocab_size)
+    width, columns = 2, tokenizer.vocab_size + len(batch.ext_ids)
+    expected = torch.zeros(len(tasks) * width, columns)
+    for task, table in enumerate(batch.row_tables):  # the original's loop
+        rows = slice(task * width, (task + 1) * width)
+        if tokenizer.unk_id not in table:
+            expected[rows, tokenizer.unk_id] = BARRED
+        for column in range(tokenizer.vocab_size, columns):
+            if column not in table:
+                expected[rows, column] = BARRED
+    barred = barred_columns(batch, width, tokenizer.unk_id, tokenizer.vocab_size)
+    assert len(batch.ext_ids) >= 2 and torch.equal(torch.zeros_like(expected).masked_fill_(barred, BARRED), expected)
