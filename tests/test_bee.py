@@ -178,7 +178,7 @@ def test_v1_bee_answers_and_refuses_bad_requests(lm):
 def test_v1_bee_on_an_ant_server_is_a_clear_400():
     client = TestClient(create_app(cpmlive.load("demo")))
     response = client.post("/v1/bee", json={"task": TRANSLATE})
-    assert response.status_code == 400 and "needs a CPM-Bee model" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "needs a CPM-Bee checkpoint" in response.json()["error"]["message"]
 
 
 def test_the_bee_page_in_chromium(lm, tmp_path):

@@ -187,3 +187,71 @@ def test_barred_columns_equal_the_per_column_loop(bee_lm):
                 expected[rows, column] = BARRED
     barred = barred_columns(batch, width, tokenizer.unk_id, tokenizer.vocab_size)
     assert len(batch.ext_ids) >= 2 and torch.equal(torch.zeros_like(expected).masked_fill_(barred, BARRED), expected)
+
+
+# ---- point 3: what a family cannot do is refused in one line, everywhere ---------------------------
+
+ARTICLE = "新华社北京电 今天，北京迎来了今年的第一场雪。市民纷纷走上街头赏雪拍照。"
+ROUTES = [  # (method, path, ability, body)
+    ("POST", "/v1/completions", "generate", {"model": "m", "prompt": "好", "max_tokens": 2}),
+    ("POST", "/v1/chat/completions", "chat", {"model": "m", "messages": [{"role": "user", "content": "好"}]}),
+    ("POST", "/v1/fill", "fill", {"text": "今天<mask>"}),
+    ("POST", "/api/fill", "fill", {"text": "今天<mask>"}),
+    ("POST", "/v1/title", "title", {"article": ARTICLE, "num_beams": 1, "samples": 0}),
+    ("POST", "/api/titles", "title", {"article": ARTICLE, "num_beams": 1, "samples": 0}),
+    ("POST", "/v1/classify", "classify", {"text": "好"}),
+    ("POST", "/api/classify", "classify", {"text": "好"}),
+    ("POST", "/v1/bee", "bee", {"task": TRANSLATE, "max_tokens": 2}),
+    ("GET", "/title", "title", None),
+    ("GET", "/bee", "bee", None),
+]
+
+
+@pytest.mark.parametrize("model", ["demo", "bee-demo"])
+def test_every_route_a_family_cannot_serve_is_a_400_naming_it(model, ant_lm, bee_lm):
+    lm = ant_lm if model == "demo" else bee_lm
+    app = create_app(lm)
+    jobs = []
+
+    async def spy(work, *args, **kwargs):
+        jobs.append(work)
+        raise AssertionError("refused work reached the model's thread")
+
+    app.state.server.job = spy
+    client = TestClient(app)
+    refused = [route for route in ROUTES if not lm.family.can(route[2])]
+    assert refused  # demo cannot answer JSON tasks; bee-demo does nothing else
+    for method, path, ability, body in refused:
+        for sent in (body, {"not": "even valid"}):  # refused before the body is looked at
+            response = client.request(method, path, json=sent)
+            assert response.status_code == 400, (path, response.text)
+            error = response.json()["error"]
+            message = error["message"] if path.startswith("/v1") else error
+            assert message.startswith(f"{lm.family.name} cannot ") and "needs a" in message, (path, message)
+    assert jobs == []
+
+
+@pytest.mark.parametrize("model", ["demo", "bee-demo"])
+def test_every_python_method_a_family_cannot_do_says_so(model, ant_lm, bee_lm):
+    from cpmlive.apps.headline import suggest_titles
+    from cpmlive.errors import CpmliveError
+
+    lm = ant_lm if model == "demo" else bee_lm
+    calls = {"generate": lambda: lm.generate("好", max_new_tokens=1), "fill": lambda: lm.fill("今天<mask>"),
+             "chat": lambda: lm.chat([{"role": "user", "content": "好"}]), "classify": lambda: lm.classify("好"),
+             "title": lambda: suggest_titles(lm, ARTICLE), "bee": lambda: lm.bee(TRANSLATE, max_new_tokens=1)}
+    for ability, call in calls.items():
+        if not lm.can(ability):
+            with pytest.raises(CpmliveError, match=f"^{lm.family.name} cannot "):
+                call()
+
+
+def test_the_title_verb_on_a_bee_model_is_one_line():
+    from test_cli import assert_clean_error, run
+
+    assert_clean_error(run("title", "--model", "bee-demo", ARTICLE), "CPM-Bee cannot suggest titles")
+
+
+def test_the_bee_sites_bar_names_only_its_pages(bee_client, ant_client):
+    assert "智取标题" not in bee_client.get("/").text and "CPM-Bee 任务" in bee_client.get("/").text
+    assert "智取标题" in ant_client.get("/").text and ant_client.get("/title").status_code == 200

@@ -26,7 +26,7 @@ from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
 from cpmlive.infer.vote import Vote, vote
 from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
-from cpmlive.model.families import family_of, preset_family
+from cpmlive.model.families import Family, family, family_of, preset_family
 from cpmlive.model.streaming import parse_size, stream_weights
 from cpmlive.resources import adapter_path, model_path
 from cpmlive.tokenizer import AntTokenizer
@@ -111,6 +111,7 @@ class LM:
 
     def classify(self, texts: str | Sequence[str]) -> str | list[str]:
         """The most likely label of each text under the active classification adapter."""
+        self.require("classify")
         spec = self.task
         if spec is None or spec.task != "classify":
             raise CpmliveError("classify needs a classification adapter (load one with adapter=PATH)")
@@ -131,7 +132,7 @@ class LM:
 
     def encode_for(self, text: str, adapter: str | None) -> list[int]:
         """:meth:`encode_prompt` as if ``adapter`` were active."""
-        self._need_ant()
+        self.require("generate")
         if not isinstance(text, str) or not text.strip():
             raise CpmliveError("empty prompt")
         task = self.tasks.get(adapter) if adapter else None
@@ -156,6 +157,7 @@ class LM:
 
     def chat_template(self, adapter: str | None | bool = True) -> ChatTemplate:
         """The chat template of ``adapter`` (default: the active one); refused when it has none."""
+        self.require("chat")
         name = self.active if adapter is True else adapter
         template = self.chat_templates.get(name)
         if template is None:
@@ -185,12 +187,20 @@ class LM:
                                f"model's {limit} positions: ask for at most {limit - tokens} new tokens")
 
     def _options(self, max_new_tokens: int, kwargs: dict) -> GenerationConfig:
-        self._need_ant()
+        self.require("generate")
         return GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
 
-    def _need_ant(self) -> None:
-        if self.is_bee:
-            raise CpmliveError("a CPM-Bee model answers JSON tasks: use lm.bee(task) (or `cpmlive bee`, /v1/bee)")
+    @property
+    def family(self) -> Family:
+        return family(self.model.config.model_type)
+
+    def can(self, ability: str) -> bool:
+        """Whether this model's family does ``ability`` (a key of ``model.families.ABILITIES``)."""
+        return self.family.can(ability)
+
+    def require(self, ability: str) -> None:
+        """Refuse, in one line, what this model's family cannot do (before any work)."""
+        self.family.require(ability)
 
     @property
     def is_bee(self) -> bool:
@@ -209,8 +219,7 @@ class LM:
         (``num_beams``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
         ``repetition_penalty``, ``seed``); ``max_new_tokens`` counts every decoding step,
         the ``</s>`` between answers included. A leaf decoding never reaches is ``None``."""
-        if not self.is_bee:
-            raise CpmliveError(f"{self.name or 'this model'} is a CPM-Ant model; `bee` needs a CPM-Bee checkpoint")
+        self.require("bee")
         single = isinstance(task, (dict, str))
         items = [task] if single else list(task)
         if not items:
@@ -307,8 +316,7 @@ class LM:
         """
         if not isinstance(text, str):
             return [self.fill(t, max_new_tokens, blank_lengths, return_fills, **kwargs) for t in text]
-        if self.is_cpm1:
-            raise CpmliveError("blank infilling is CPM-Ant's objective; CPM-1 is a left-to-right model: use generate")
+        self.require("fill")
         options = self._options(max_new_tokens, kwargs)
         if MASK not in text:
             raise CpmliveError("fill needs at least one <mask> in the text")

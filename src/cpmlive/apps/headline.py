@@ -208,6 +208,7 @@ class Candidate:
 
 def title_candidates(lm: LM, article: str, options: TitleOptions | None = None) -> list[Candidate]:
     """Every distinct title of the right length from the three sources, scored (``rank_titles``)."""
+    lm.require("title")
     options = options or TitleOptions()
     spec: TaskSpec = lm.task or TaskSpec()
     article = clean_article(article)

@@ -31,12 +31,26 @@ from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tokenizer.bee import BeeTokenizer
 from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
 
+# What a family may be asked to do, and how a refusal names it; each family lists its own, and
+# ``cpmlive.LM``, the server's routes and the CLI's verbs ask ``Family.require`` before any work.
+ABILITIES = {
+    "generate": "generate text (generate, /v1/completions)",
+    "chat": "chat (chat, /v1/chat/completions)",
+    "fill": "fill <mask> blanks (fill, /v1/fill)",
+    "title": "suggest titles (the headline app: title, /v1/title)",
+    "classify": "classify text (/v1/classify)",
+    "bee": "answer JSON tasks (bee, /v1/bee)",
+}
+
 
 @dataclass(frozen=True)
 class Family:
-    """One model family and the functions that read, write and describe its checkpoints."""
+    """One model family, what it can do (``abilities``, keys of :data:`ABILITIES`) and the
+    functions that read, write and describe its checkpoints."""
 
     model_type: str
+    name: str  # as people write it: "CPM-Ant"
+    abilities: frozenset[str]
     config: type
     model: type
     tokenizer: type
@@ -49,22 +63,38 @@ class Family:
     info: Callable[..., dict]
     aliases: tuple[str, ...] = ()  # other model_type spellings (HF's) of the same family
     vocab_name: str = VOCAB_NAME  # the vocabulary file a checkpoint directory holds
+    hint: str = ""  # what the family does instead, said after a refusal
+
+    def can(self, ability: str) -> bool:
+        if ability not in ABILITIES:
+            raise ValueError(f"unknown ability {ability!r}")  # a programming error, not the user's
+        return ability in self.abilities
+
+    def require(self, ability: str) -> None:
+        """Refuse ``ability`` in one line when this family cannot do it."""
+        if not self.can(ability):
+            owners = " or ".join(entry.name for entry in FAMILIES.values() if ability in entry.abilities)
+            hint = f"; {self.hint}" if self.hint else ""
+            raise CpmliveError(f"{self.name} cannot {ABILITIES[ability]}: that needs a {owners} checkpoint{hint}")
 
 
 ANT = Family(
-    model_type="cpm-ant", config=AntConfig, model=CpmAnt, tokenizer=AntTokenizer, layout=ant_layout,
+    model_type="cpm-ant", name="CPM-Ant", abilities=frozenset({"generate", "chat", "fill", "title", "classify"}),
+    config=AntConfig, model=CpmAnt, tokenizer=AntTokenizer, layout=ant_layout,
     formats=ant_convert.FORMATS, presets=PRESETS, build=build_model, load=ant_convert.load_pretrained, convert=ant_convert.convert,
     info=ant_convert.checkpoint_info, aliases=("cpmant",),
 )
 
 BEE = Family(
-    model_type="cpm-bee", config=BeeConfig, model=CpmBee, tokenizer=BeeTokenizer, layout=bee_layout,
+    model_type="cpm-bee", name="CPM-Bee", abilities=frozenset({"bee"}),
+    hint="a CPM-Bee model answers JSON tasks: use lm.bee(task) (or `cpmlive bee`, /v1/bee)", config=BeeConfig, model=CpmBee, tokenizer=BeeTokenizer, layout=bee_layout,
     formats=bee_convert.FORMATS, presets=BEE_PRESETS, build=build_bee, load=bee_convert.load_pretrained,
     convert=bee_convert.convert, info=bee_convert.checkpoint_info,
 )
 
 CPM1 = Family(
-    model_type="cpm1", config=Cpm1Config, model=Cpm1, tokenizer=Cpm1Tokenizer, layout=ant_layout,
+    model_type="cpm1", name="CPM-1", abilities=frozenset({"generate", "chat", "title", "classify"}),
+    hint="CPM-1 is a left-to-right model: use generate", config=Cpm1Config, model=Cpm1, tokenizer=Cpm1Tokenizer, layout=ant_layout,
     formats=cpm1_convert.FORMATS, presets=CPM1_PRESETS, build=build_cpm1, load=cpm1_convert.load_pretrained,
     convert=cpm1_convert.convert, info=cpm1_convert.checkpoint_info, aliases=("gpt2",),
     vocab_name=Cpm1Tokenizer.vocab_file,
@@ -104,4 +134,4 @@ def preset_family(name: str) -> Family | None:
     return next((entry for entry in FAMILIES.values() if name in entry.presets), None)
 
 
-__all__ = ["ANT", "BEE", "CPM1", "DEFAULT", "FAMILIES", "Family", "family", "family_of", "preset_family"]
+__all__ = ["ABILITIES", "ANT", "BEE", "CPM1", "DEFAULT", "FAMILIES", "Family", "family", "family_of", "preset_family"]

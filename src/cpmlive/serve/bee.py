@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from cpmlive.data.bee import ANSWER_KEY, check_task
 from cpmlive.errors import CpmliveError
 from cpmlive.serve.runtime import ServerState, valid_text
-from cpmlive.serve.tasks import MAX_NAME_CHARS, holding
+from cpmlive.serve.tasks import MAX_NAME_CHARS, holding, needs
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -95,8 +95,6 @@ class BeeRequest(BaseModel):
 
 
 def answers_for(lm: LM, request: BeeRequest) -> dict[str, Any]:
-    if not lm.is_bee:
-        raise CpmliveError("this server's model is CPM-Ant; /v1/bee needs a CPM-Bee model")
     if request.adapter is not None and request.adapter not in lm.tasks:
         raise CpmliveError(f"no adapter named {request.adapter!r} (loaded: {', '.join(lm.tasks) or 'none'})")
     sample = request.temperature > 0
@@ -115,7 +113,7 @@ def router(state: ServerState) -> APIRouter:
 
     api = APIRouter()
 
-    @api.post("/v1/bee")
+    @api.post("/v1/bee", dependencies=[needs(state, "bee")])
     async def bee(body: BeeRequest) -> dict[str, Any]:
         lm = state.ready()
         admitted = state.admit(len(body.tasks) if body.tasks is not None else 1)

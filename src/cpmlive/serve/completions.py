@@ -24,6 +24,7 @@ from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
 from cpmlive.infer.generate import GenerationConfig
 from cpmlive.serve.runtime import ServerError, ServerState, valid_text
+from cpmlive.serve.tasks import needs
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -197,7 +198,7 @@ def router(state: ServerState) -> APIRouter:
             {"id": name, "object": "model", "created": created, "owned_by": "cpmlive",
              "root": names[0], "parent": None if name == names[0] else names[0]} for name in names]}
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", dependencies=[needs(state, "generate")])
     async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
         adapter = state.resolve(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -222,7 +223,7 @@ def router(state: ServerState) -> APIRouter:
         return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
                 "usage": usage(prompt_tokens, sum(len(r.ids) for r in results))}
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", dependencies=[needs(state, "chat")])
     async def chat(body: ChatRequest, http: HttpRequest) -> Any:
         adapter = state.resolve(body.model)
         lm = state.ready()

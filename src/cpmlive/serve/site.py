@@ -36,11 +36,20 @@ def page_text(name: str) -> str:
     return (PAGES / name).read_text(encoding="utf-8")
 
 
+def bee_first(state: ServerState) -> bool:
+    """A model that answers JSON tasks and does not generate text (CPM-Bee's): its playground
+    is the JSON-task page."""
+    return state.lm is not None and state.lm.can("bee") and not state.lm.can("generate")
+
+
 def links(state: ServerState) -> list[tuple[str, str]]:
-    if state.lm is not None and state.lm.is_bee:  # its playground is the JSON-task page; 智取标题 is CPM-Ant's
+    """The pages of what the model's family does (``model.families``)."""
+    if bee_first(state):
         found = [("/", "CPM-Bee 任务")]
     else:
-        found = [("/", "Playground 试验场"), ("/title", "智取标题")]
+        found = [("/", "Playground 试验场")]
+        if state.lm is None or state.lm.can("title"):
+            found.append(("/title", "智取标题"))
     if state.settings.run_dir is not None:
         found.append(("/dashboard", "Training 训练"))
     return found
@@ -61,20 +70,19 @@ def router(state: ServerState) -> APIRouter:
     from fastapi.responses import HTMLResponse, JSONResponse
 
     from cpmlive.serve.runtime import ServerError
+    from cpmlive.serve.tasks import needs
 
     site = APIRouter()
 
     @site.get("/", response_class=HTMLResponse)
     def playground() -> str:
-        if state.lm is not None and state.lm.is_bee:  # a CPM-Bee model's playground is its JSON tasks
-            return with_layout(state, "bee.html", "/")
-        return with_layout(state, "playground.html", "/")
+        return with_layout(state, "bee.html" if bee_first(state) else "playground.html", "/")
 
-    @site.get("/title", response_class=HTMLResponse)
+    @site.get("/title", response_class=HTMLResponse, dependencies=[needs(state, "title")])
     def title() -> str:
         return with_layout(state, "title.html", "/title")
 
-    @site.get("/bee", response_class=HTMLResponse)
+    @site.get("/bee", response_class=HTMLResponse, dependencies=[needs(state, "bee")])
     def bee() -> str:
         return with_layout(state, "bee.html", "/bee")
 

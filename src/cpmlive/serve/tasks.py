@@ -70,6 +70,19 @@ class FillRequest(BaseModel):
 # ---- model work (runs on the engine's thread) ---------------------------------------------------
 
 
+def needs(state: ServerState, ability: str) -> Any:
+    """A route's dependency: what the served model's family cannot do (``model.families``) is
+    refused with 400 before the body is read or any work is admitted (while the model loads,
+    the route's own ``state.ready()`` answers 503)."""
+    from fastapi import Depends
+
+    async def check() -> None:
+        if state.lm is not None:
+            state.lm.require(ability)
+
+    return Depends(check)
+
+
 def adapter_tasks(lm: LM) -> dict[str, str]:
     return {name: spec.task for name, spec in lm.tasks.items()}
 
@@ -161,15 +174,15 @@ def router(state: ServerState) -> APIRouter:
         return {"model": state.base_name, "adapters": list(lm.tasks), "tasks": adapter_tasks(lm)}
 
     for prefix in ("/v1", "/api"):
-        @api.post(f"{prefix}/title" if prefix == "/v1" else "/api/titles")
+        @api.post(f"{prefix}/title" if prefix == "/v1" else "/api/titles", dependencies=[needs(state, "title")])
         async def titles(body: TitleRequest) -> dict[str, Any]:
             return await timed(titles_for, body)
 
-        @api.post(f"{prefix}/classify")
+        @api.post(f"{prefix}/classify", dependencies=[needs(state, "classify")])
         async def classify(body: ClassifyRequest) -> dict[str, Any]:
             return await timed(labels_for, body)
 
-        @api.post(f"{prefix}/fill")
+        @api.post(f"{prefix}/fill", dependencies=[needs(state, "fill")])
         async def fill(body: FillRequest) -> dict[str, Any]:
             return await timed(fill_for, body)
 
