@@ -285,6 +285,20 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from cpmlive.download import download
+    from cpmlive.model.families import family_of
+
+    path = download(args.repo, revision=args.revision, out=args.out, include=args.include)
+    print(f"downloaded {args.repo} to {path}")
+    try:
+        name = family_of(path).name
+    except CpmliveError:
+        return  # not a checkpoint cpmlive recognises as a whole (an --include subset, a config alone)
+    print(f"{name} checkpoint; every model verb reads it as it is, or convert it to ours (float16, safetensors):")
+    print(f"  cpmlive convert {path} {args.repo.split('/')[-1]} --dtype float16")
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from cpmlive.compress.quantize import quantize_checkpoint
     from cpmlive.config import QuantConfig
@@ -782,6 +796,14 @@ def build_parser() -> Parser:
     quant.add_argument("--bits", type=int, choices=[8, 4], required=True)
     quant.add_argument("--group-size", type=positive_int, default=None,
                        help="inputs per int4 scale (default 64; must divide every layer's width)")
+    down = verbs.add_parser("download", help="download a published model repository from the Hugging Face Hub")
+    down.add_argument("repo", help="owner/name, e.g. openbmb/cpm-ant-10b (README: Getting the published models)")
+    down.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    down.add_argument("--out", default=None, help="write the files here (default: the hub's cache, HF_HOME)")
+    down.add_argument("--include", nargs="+", default=None, metavar="PATTERN",
+                      help="only the files matching these glob patterns (e.g. config.json '*.bin' vocab.txt)")
+    down.set_defaults(run=cmd_download)
+
     quant.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
                        help="round to nearest, or calibrated GPTQ / AWQ (need --calibration)")
     quant.add_argument("--calibration", default=None, help="UTF-8 text file to calibrate on (one document a line)")
