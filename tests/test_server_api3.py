@@ -255,3 +255,52 @@ def test_the_title_verb_on_a_bee_model_is_one_line():
 def test_the_bee_sites_bar_names_only_its_pages(bee_client, ant_client):
     assert "智取标题" not in bee_client.get("/").text and "CPM-Bee 任务" in bee_client.get("/").text
     assert "智取标题" in ant_client.get("/").text and ant_client.get("/title").status_code == 200
+
+
+# ---- point 6: strict types, clear messages, model optional -------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "body", "fragment"), [
+    ("/v1/completions", {"prompt": "好", "max_tokens": True}, "max_tokens: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "好", "max_tokens": "4"}, "max_tokens: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "好", "max_tokens": 4.0}, "max_tokens: Input should be a valid integer"),
+    ("/v1/completions", {"prompt": "好", "temperature": "0"}, "temperature: Input should be a valid number"),
+    ("/v1/completions", {"prompt": "好", "echo": "true"}, "echo: Input should be a valid boolean"),
+    ("/v1/completions", {"prompt": "好", "stream": 1}, "stream: Input should be a valid boolean"),
+    ("/v1/completions", {"prompt": "好", "seed": "1"}, "seed: Input should be a valid integer"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
+    ("/v1/fill", {"text": "今天<mask>", "max_tokens": True}, "max_tokens: Input should be a valid integer"),
+    ("/v1/title", {"article": ARTICLE, "n": "3"}, "n: Input should be a valid integer"),
+    ("/v1/bee", {"task": TRANSLATE, "max_tokens": True}, "max_tokens: Input should be a valid integer"),
+])
+def test_numbers_and_booleans_are_strict(path, body, fragment, ant_client, bee_client):
+    client = bee_client if path == "/v1/bee" else ant_client
+    assert fragment in error_of(client.post(path, json=body))
+
+
+@pytest.mark.parametrize(("stop", "message"), [
+    ("", "stop: an empty stop sequence would match before any text: leave it out"),
+    (["好", ""], "stop.1: an empty stop sequence would match before any text: leave it out"),
+    (["好"] * 10_000, "stop: at most 4 stop sequences, not 10000"),
+    (["好"] * 5, "stop: at most 4 stop sequences, not 5"),
+    (["好" * 65], "stop.0: String should have at most 64 characters"),
+])
+def test_stop_sequences_are_refused_with_the_reason(ant_client, stop, message):
+    assert error_of(ant_client.post("/v1/completions", json={"prompt": "好", "stop": stop})) == message
+
+
+def test_too_many_prompts_are_named(ant_client):
+    assert error_of(ant_client.post("/v1/completions", json={"prompt": ["好"] * 17})) == \
+        "prompt: at most 16 prompts, not 17"
+
+
+def test_a_request_without_model_is_served_by_the_base_model(ant_client):
+    body = {"prompt": "今天天气不错，", "max_tokens": 3, "temperature": 0}
+    unnamed = ant_client.post("/v1/completions", json=body)
+    assert unnamed.status_code == 200, unnamed.text
+    named = ant_client.post("/v1/completions", json={**body, "model": "demo"}).json()
+    assert unnamed.json()["model"] == "demo" and unnamed.json()["choices"] == named["choices"]
+    streamed = ant_client.post("/v1/completions", json={**body, "stream": True}).text
+    assert '"model": "demo"' in streamed and streamed.rstrip().endswith("data: [DONE]")
+    chat = ant_client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "好"}]})
+    assert "the model 'demo' has no chat template" in error_of(chat)

@@ -52,11 +52,19 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 PYDANTIC_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
 
 
+def most_relevant(errors: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The problem to report: pydantic lists one per member of a union (``stop``: a string or a
+    list), and a member refused only for the input's type ("Input should be a valid string" for a
+    list) is the one the client did not mean."""
+    meant = [error for error in errors if not str(error.get("type", "")).endswith("_type")]
+    return (meant or list(errors))[0]
+
+
 def validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
-    """The first problem of a rejected request body, on one line, and the field it is in."""
+    """The most relevant problem of a rejected request body, on one line, and the field it is in."""
     if not errors:
         return "invalid request", None
-    error = errors[0]
+    error = most_relevant(errors)
     if error.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     # pydantic also names the union member or validator it tried ("str", "function-after[...]"):

@@ -73,7 +73,7 @@ BeeTask = Annotated[dict[str, Any], AfterValidator(bounded_task)]
 
 
 class BeeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     task: BeeTask | None = None
     tasks: list[BeeTask] | None = Field(None, min_length=1, max_length=MAX_TASKS)
     max_tokens: int = Field(64, ge=1, le=MAX_BEE_TOKENS)

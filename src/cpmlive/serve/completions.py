@@ -18,7 +18,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Literal
 
 from fastapi import Request as HttpRequest
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
@@ -39,25 +39,45 @@ MAX_LOGPROBS = 5
 MAX_SEED = 2**63 - 1
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
+
+def not_empty(value: str) -> str:
+    if not value:
+        raise ValueError("an empty stop sequence would match before any text: leave it out")
+    return value
+
+
+def at_most(limit: int, what: str) -> BeforeValidator:
+    """A list bound checked before its items are (and named, where pydantic would count items)."""
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and len(value) > limit:
+            raise ValueError(f"at most {limit} {what}, not {len(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(valid_text)]
-Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS), AfterValidator(valid_text)]
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS), AfterValidator(valid_text), AfterValidator(not_empty)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class Sampling(BaseModel):
-    """The decoding fields the two endpoints share."""
+    """The decoding fields the two endpoints share; every request model is strict (JSON's types
+    as sent: ``true`` is no number, ``"4"`` no integer). Without ``model`` the base model answers, as
+    in vLLM and llama.cpp."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(max_length=200)
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = Field(None, max_length=200)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS), at_most(MAX_STOPS, "stop sequences")] \
+        | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -76,8 +96,7 @@ class Sampling(BaseModel):
         return value
 
     def stops(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return tuple(s for s in stops if s)
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     def options(self, max_tokens: int, index: int) -> GenerationConfig:
         if self.min_tokens > max_tokens:
@@ -91,13 +110,14 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS)]
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS),
+                               at_most(MAX_PROMPTS, "prompts")]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant"]
     content: Prompt
 
@@ -201,6 +221,7 @@ def router(state: ServerState) -> APIRouter:
     @api.post("/v1/completions", dependencies=[needs(state, "generate")])
     async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
         adapter = state.resolve(body.model)
+        body.model = body.model or state.base_name
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         requests, lengths = engine_requests(state, prompts, body, adapter, body.logprobs)
         generations, admitted = state.start(requests)
@@ -226,6 +247,7 @@ def router(state: ServerState) -> APIRouter:
     @api.post("/v1/chat/completions", dependencies=[needs(state, "chat")])
     async def chat(body: ChatRequest, http: HttpRequest) -> Any:
         adapter = state.resolve(body.model)
+        body.model = body.model or state.base_name
         lm = state.ready()
         template = lm.chat_templates.get(adapter)
         if template is None:

@@ -41,6 +41,9 @@ Texts = Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterVal
 
 
 class TitleRequest(BaseModel):
+    """The headline app's request; like every request model, strict: JSON's types as sent."""
+
+    model_config = ConfigDict(strict=True)
     article: Annotated[str, AfterValidator(valid_text)] = Field(max_length=MAX_REQUEST_CHARS)
     n: int = Field(5, ge=1, le=10)
     adapter: AdapterName = None
@@ -50,12 +53,13 @@ class TitleRequest(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
     text: Texts  # one text or a list of them
     adapter: AdapterName = None
 
 
 class FillRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     text: Annotated[str, AfterValidator(valid_text)] = Field(max_length=MAX_FILL_CHARS)
     max_tokens: int = Field(4, ge=1, le=MAX_BLANK_TOKENS)
     blank_lengths: list[Annotated[int, Field(ge=1, le=MAX_BLANK_TOKENS)]] | None = Field(None, min_length=1,
