@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -83,3 +84,25 @@ def test_bad_flag_values_import_nothing_heavy(argv):
     """Validators that run while parsing (sizes, ranges) are refused before anything heavy loads."""
     probe = parse_in_fresh_interpreter(*argv)
     assert probe == {"code": 2, "heavy": []}
+
+
+LOAD_PROBE = """
+import json, sys
+import cpmlive
+lm = cpmlive.load(sys.argv[1])
+if lm.model.config.model_type == "cpm-ant":
+    lm.generate_ids(["你好"], max_new_tokens=2)
+print(json.dumps(sorted(m for m in %r if m in sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("model", ["demo", "bee-demo"])
+def test_loading_and_generating_import_no_compiler_or_transformers(model):
+    """Loading builds the model on the meta device first; torch's random initialisers there go
+    through torch._dynamo, whose import cost more than the rest of the load. Nothing on the
+    load and generate path needs torch._dynamo or transformers."""
+    unwanted = ("torch._dynamo", "transformers", "fastapi", "uvicorn")
+    result = subprocess.run([sys.executable, "-c", LOAD_PROBE % (unwanted,), model], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []

@@ -33,6 +33,19 @@ from cpmlive.model.moe import MoEFeedForward
 from cpmlive.utils import compute_dtype
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` without its random init on the meta device (shapes only, no values).
+
+    Every load builds the model on meta first (``empty_model``); there torch draws ``normal_``
+    through a Python reference wrapped in ``torch._dynamo.disable``, so the first meta embedding
+    imports all of ``torch._dynamo``, which costs more than the rest of the load. On a real
+    device the init is torch's, drawing from the same generator as before."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     """Weight-only RMS norm; the normalisation is done in float32 whatever the input dtype."""
 
@@ -302,10 +315,10 @@ class CpmAnt(nn.Module):
         super().__init__()
         self.config = config
         d = config.dim_model
-        self.input_embedding = nn.Embedding(config.vocab_size, d)
-        self.prompt_embedding = nn.Embedding(config.prompt_types * config.prompt_length, d)
-        self.segment_embedding = nn.Embedding(config.segment_types, d)
-        self.position_bias = nn.Embedding(
+        self.input_embedding = Embedding(config.vocab_size, d)
+        self.prompt_embedding = Embedding(config.prompt_types * config.prompt_length, d)
+        self.segment_embedding = Embedding(config.segment_types, d)
+        self.position_bias = Embedding(
             config.segment_types**2 + config.position_bias_num_buckets, config.num_heads)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.output_norm = RMSNorm(d, config.eps)
@@ -455,4 +468,4 @@ def build_model(config: AntConfig, device: str | torch.device = "cpu", dtype: to
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
-__all__ = ["AntCache", "CpmAnt", "RMSNorm", "SlotCache", "build_model", "relative_position_bucket"]
+__all__ = ["AntCache", "CpmAnt", "Embedding", "RMSNorm", "SlotCache", "build_model", "relative_position_bucket"]

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cpmlive.config import BeeConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import AntCache, Block, RMSNorm, autocast_input, init_stack, relative_position_bucket
+from cpmlive.model.ant import AntCache, Block, Embedding, RMSNorm, autocast_input, init_stack, relative_position_bucket
 from cpmlive.model.kernels import project
 from cpmlive.utils import compute_dtype
 
@@ -93,8 +93,8 @@ class CpmBee(nn.Module):
     def __init__(self, config: BeeConfig) -> None:
         super().__init__()
         self.config = config
-        self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model)
-        self.position_bias = nn.Embedding(config.position_bias_num_buckets + config.position_bias_num_segment_buckets,
+        self.input_embedding = Embedding(config.vocab_size, config.dim_model)
+        self.position_bias = Embedding(config.position_bias_num_buckets + config.position_bias_num_segment_buckets,
                                           config.num_heads)
         self.layers = nn.ModuleList(BeeBlock(config, i) for i in range(config.num_layers))
         self.output_norm = RMSNorm(config.dim_model, config.eps)

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cpmlive.config import Cpm1Config
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import AntCache, autocast_input, mask_inputs, token_positions
+from cpmlive.model.ant import AntCache, Embedding, autocast_input, mask_inputs, token_positions
 from cpmlive.model.kernels import attention, project
 from cpmlive.utils import compute_dtype
 
@@ -119,8 +119,8 @@ class Cpm1(nn.Module):
     def __init__(self, config: Cpm1Config) -> None:
         super().__init__()
         self.config = config
-        self.input_embedding = nn.Embedding(config.vocab_size, config.dim_model)
-        self.position_embedding = nn.Embedding(config.max_length, config.dim_model)
+        self.input_embedding = Embedding(config.vocab_size, config.dim_model)
+        self.position_embedding = Embedding(config.max_length, config.dim_model)
         self.layers = nn.ModuleList(Cpm1Block(config, i) for i in range(config.num_layers))
         self.output_norm = nn.LayerNorm(config.dim_model, eps=config.eps)
         self.gradient_checkpointing = False

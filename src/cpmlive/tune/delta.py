@@ -55,7 +55,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import RMSNorm
+from cpmlive.model.ant import Embedding, RMSNorm
 from cpmlive.model.checkpoint import read_safetensors
 from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.kernels import project
@@ -439,7 +439,7 @@ class PromptTable(nn.Embedding):
         del self.task_ids[name]
 
     def plain(self, merge: str | None = None) -> nn.Embedding:
-        layer = nn.Embedding(self.num_embeddings, self.embedding_dim, device="meta")
+        layer = Embedding(self.num_embeddings, self.embedding_dim, device="meta")
         layer.weight = self.weight
         if merge is not None:
             start = self.task_ids[merge] * self.prompt_length
