@@ -20,10 +20,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @contextmanager
-def serving(app: FastAPI, stop_timeout: float = 30) -> Iterator[str]:
-    """The app's base URL while it serves on a free local port."""
+def serving(app: FastAPI, stop_timeout: float = 30, config: uvicorn.Config | None = None) -> Iterator[str]:
+    """The app's base URL while it serves on a free local port (with ``config``, uvicorn's
+    configuration of that app, e.g. ``serve.app.server_config``'s)."""
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(config or uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

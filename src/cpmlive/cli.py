@@ -722,7 +722,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_dir = check_run_dir(args.run_dir) if args.run_dir else None
     settings = Settings(api_key=Settings.key_from_environment(args.api_key), max_batch=args.max_batch,
                         max_waiting=args.max_waiting, timeout=args.timeout, cors_origins=tuple(args.cors_origin or ()),
-                        run_dir=run_dir, served_name=args.served_name, memory_limit=args.memory_limit)
+                        run_dir=run_dir, served_name=args.served_name, memory_limit=args.memory_limit,
+                        max_connections=args.max_connections, header_timeout=args.header_timeout)
     serve(model, adapters=adapters, host=args.host, port=args.port, settings=settings)
 
 
@@ -989,6 +990,11 @@ def build_parser() -> Parser:
     srv.add_argument("--max-waiting", type=count, default=64,
                      help="requests queued beyond a full batch before answering 503 (default 64)")
     srv.add_argument("--timeout", type=positive_seconds, default=600.0, help="seconds a request may take (default 600)")
+    srv.add_argument("--max-connections", type=positive_int, default=1000,
+                     help="open connections at once; one more is answered 503 (default 1000, within the open-file "
+                          "limit)")
+    srv.add_argument("--header-timeout", type=positive_seconds, default=20.0,
+                     help="seconds for a request's headers to arrive before the connection is closed (default 20)")
     srv.add_argument("--cors-origin", action="append", help="allow browser pages from this origin (repeatable)")
     srv.add_argument("--run-dir", help="a training run whose live dashboard the site shows at /dashboard")
     srv.add_argument("--served-name", help="the base model's name in /v1/models (default: its directory's)")

@@ -11,7 +11,8 @@ Every generation runs on one engine (``infer.engine``), every other piece of mod
 thread as a job. Every input is bounded: the body (``MAX_BODY_BYTES``, 413 above it), each
 field (the request models), the requests in flight (``Settings.max_batch + max_waiting``; one
 more is answered 503 with ``Retry-After`` at once), the time a request may take
-(``Settings.timeout``, then 504). A client that disconnects cancels its work.
+(``Settings.timeout``, then 504), the open connections and the time their headers take
+(``serve.connections``). A client that disconnects cancels its work.
 
 Security as vLLM and llama.cpp do it: the server binds 127.0.0.1 unless told otherwise; with an
 API key (``--api-key`` or ``CPMLIVE_API_KEY``) every ``/v1`` and ``/api`` route needs
@@ -250,6 +251,17 @@ def parse_adapter(value: str) -> tuple[str | None, str]:
     return None, value
 
 
+def server_config(app: FastAPI, settings: Settings) -> Any:
+    """uvicorn's configuration for ``app``: connections bounded by ``settings.max_connections``
+    (and the open-file limit) and ``settings.header_timeout``."""
+    import uvicorn
+
+    from cpmlive.serve.connections import connection_cap, guarded_protocol
+
+    protocol = guarded_protocol(connection_cap(settings.max_connections), settings.header_timeout)
+    return uvicorn.Config(app, log_level="warning", http=protocol)
+
+
 def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLike] = (),
           host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
     """Load ``model`` with ``adapters`` (``NAME=PATH``, directories or shipped names) and serve until
@@ -274,7 +286,7 @@ def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLik
     with sock:
         app = create_app(None, settings)
         state = app.state.server
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        server = uvicorn.Server(server_config(app, settings))
         http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="cpmlive-http", daemon=True)
         http.start()
         address = f"http://{host}:{sock.getsockname()[1]}"

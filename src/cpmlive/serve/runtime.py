@@ -31,6 +31,8 @@ MAX_WAITING = 64  # requests in flight beyond a full running batch before 503
 RETRY_AFTER_SECONDS = 10
 REQUEST_TIMEOUT_SECONDS = 600.0
 DISCONNECT_POLL_SECONDS = 0.25
+MAX_CONNECTIONS = 1000  # open connections; one more is answered 503 and closed
+HEADER_TIMEOUT_SECONDS = 20.0  # for a request's headers to arrive (Apache's RequestReadTimeout: 20 to 40)
 
 
 def valid_text(value: str) -> str:
@@ -66,6 +68,8 @@ class Settings:
     run_dir: Path | None = None  # a training run whose dashboard the site shows
     served_name: str | None = None  # the base model's name in /v1/models (default: its directory's)
     memory_limit: int | None = None  # bytes of weights kept resident (``model.streaming``)
+    max_connections: int = MAX_CONNECTIONS
+    header_timeout: float = HEADER_TIMEOUT_SECONDS
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
