@@ -1,17 +1,23 @@
-"""The server's runtime under issue 28 ("Hardening, round 3"): connections and their headers
-are bounded (point 5)."""
+"""The server's runtime under issue 28 ("Hardening, round 3"): every cancelled generation is
+in the metrics (point 4), connections and their headers are bounded (point 5)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import socket
+from contextlib import aclosing
 
 import pytest
+from fastapi.testclient import TestClient
 from serving import serving
 
 import cpmlive
+from cpmlive.infer.engine import Request
+from cpmlive.infer.generate import GenerationConfig
 from cpmlive.serve.app import Settings, create_app, server_config
 
+PROMPT = "今天天气不错，"
 BOUND = 30  # seconds: a guard against a hang, never a measurement
 
 
@@ -20,9 +26,46 @@ def lm():
     return cpmlive.load("demo")
 
 
+def long_request(lm, tokens=40):
+    return Request(lm.encode_raw(PROMPT), GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens))
+
+
 def address(url):
     host, port = url.removeprefix("http://").split(":")
     return host, int(port)
+
+
+# ---- point 4: cancelled generations are in the metrics ----------------------------------------------
+
+
+def metric(text, name):
+    lines = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_cancelled_generations_are_counted_with_their_tokens_and_latencies(lm):
+    app = create_app(lm)
+    state, count = app.state.server, 3
+
+    async def start_and_leave():
+        generations = state.submit([long_request(lm, 100) for _ in range(count)])
+        seen = set()
+        async with aclosing(generations.events()) as events:
+            async for index, event in events:
+                seen.add(index)
+                if len(seen) == count:
+                    break  # the client is gone: what still runs is cancelled
+        return generations.handles
+
+    handles = asyncio.run(start_and_leave())
+    assert all(h.done.wait(BOUND) for h in handles)
+    assert [h.finish_reason for h in handles] == ["cancelled"] * count
+    text = TestClient(app).get("/metrics").text
+    assert metric(text, 'cpmlive_request_success_total{finished_reason="cancelled"}') == count
+    assert metric(text, "cpmlive_generation_tokens_total") == sum(h.completion_tokens for h in handles) >= count
+    assert metric(text, "cpmlive_prompt_tokens_total") == sum(h.prompt_tokens for h in handles)
+    assert metric(text, "cpmlive_e2e_request_latency_seconds_count") == count
+    assert metric(text, "cpmlive_time_to_first_token_seconds_count") == count
 
 
 # ---- point 5: connections and header time are bounded ----------------------------------------------

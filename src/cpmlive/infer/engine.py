@@ -21,6 +21,7 @@ prefill would compute something else.
 from __future__ import annotations
 
 import atexit
+import logging
 import queue
 import threading
 import time
@@ -47,6 +48,7 @@ STOP_REASONS = ("stop", "length", "cancelled", "error")
 IDLE_WAIT_SECONDS = 0.05  # a driver with nothing to do waits this long for work before looking again
 HANDOFF_SECONDS = 0.02  # a waiter checks this often whether the driving thread has let go
 _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,10 +92,11 @@ class Handle:
     ``cancel()`` to stop it (it leaves the batch at the next step)."""
 
     def __init__(self, request: Request, sink: Callable[[Event], None] | None = None,
-                 engine: "Engine | None" = None) -> None:
+                 engine: "Engine | None" = None, on_finish: Callable[["Handle"], None] | None = None) -> None:
         self.request, self.engine = request, engine
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._sink = sink
+        self._on_finish = on_finish
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self.submitted_at = time.monotonic()
@@ -123,7 +126,17 @@ class Handle:
         except Exception:  # a caller's sink failed: nobody can take this request's events any more
             self.cancel()
         if event.finish_reason is not None:
-            self.done.set()
+            self._finished()
+
+    def _finished(self) -> None:
+        """Tell ``on_finish`` (once: every request ends exactly once, whatever ended it), then
+        whoever waits on ``done``."""
+        if self._on_finish is not None:
+            try:
+                self._on_finish(self)
+            except Exception:  # an observer's failure must not stop the engine
+                _LOG.exception("on_finish of a request failed")
+        self.done.set()
 
     def __iter__(self) -> Iterator[Event]:
         """The events as they come; while none is there and no other thread drives the engine,
@@ -263,13 +276,16 @@ class Engine:
             if state is None or request.adapter not in state.configs:
                 raise CpmliveError(f"no adapter named {request.adapter!r}")
 
-    def submit(self, request: Request, sink: Callable[[Event], None] | None = None) -> Handle:
+    def submit(self, request: Request, sink: Callable[[Event], None] | None = None,
+               on_finish: Callable[[Handle], None] | None = None) -> Handle:
         """Queue ``request``; its events go to ``sink`` (called on the driving thread) or, without
-        one, to the returned handle's iterator (which drives the engine while it waits)."""
+        one, to the returned handle's iterator (which drives the engine while it waits).
+        ``on_finish(handle)`` is called on the driving thread once the request has ended, for
+        whatever reason (its end, an error, a cancellation)."""
         self.check(request)
         if self.is_driving():
             raise CpmliveError("a job running on the engine cannot wait for the engine: decode directly")
-        handle = Handle(request, sink, self)
+        handle = Handle(request, sink, self, on_finish)
         self._inbox.put(handle)
         return handle
 

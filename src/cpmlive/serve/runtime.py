@@ -6,6 +6,9 @@ batch, other work (fill, titles, classification) runs there as jobs between two 
 thread and not starlette's pool: every thread that runs torch ops keeps a glibc malloc arena of
 its own, which is never given back, so a pool of 40 threads made memory grow with the number of
 concurrent requests seen (``benchmarks/serve_memory.py``).
+
+Every generation is counted in the metrics once, when the engine ends it, whatever ended it
+(its end, an error, its client gone, the timeout).
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ class Generations:
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.handles: list[Handle] = []
         for index, request in enumerate(requests):
-            self.handles.append(state.engine.submit(request, self._sink(index)))
+            self.handles.append(state.engine.submit(request, self._sink(index), on_finish=state.metrics.observe))
 
     def _sink(self, index: int) -> Callable[[Event], None]:
         def deliver(event: Event) -> None:
@@ -257,9 +260,7 @@ class Generations:
                         await asyncio.wait_for(self.queue.get(), min(DISCONNECT_POLL_SECONDS, deadline - now))
                 except asyncio.TimeoutError:
                     continue
-                if event.finish_reason is not None:
-                    remaining -= 1
-                    self.state.metrics.observe(self.handles[index])
+                remaining -= event.finish_reason is not None
                 yield index, event
         finally:
             self.cancel()
