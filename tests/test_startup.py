@@ -13,10 +13,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cpmlive.cli import build_parser
+
+from conftest import ANT_VOCAB, REFERENCE
 
 HEAVY = ("torch", "numpy", "transformers", "fastapi", "uvicorn", "safetensors", "jieba", "sentencepiece")
 
@@ -106,3 +109,69 @@ def test_loading_and_generating_import_no_compiler_or_transformers(model):
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+# ---- jieba's dictionary, loaded by first character ------------------------------------------------
+
+ENTRIES = json.loads((REFERENCE / "ant-tokenizer.json").read_text(encoding="utf-8"))["entries"]
+
+
+@pytest.fixture(scope="module")
+def stock_jieba():
+    import jieba
+
+    tokenizer = jieba.Tokenizer()
+    tokenizer.initialize()
+    return tokenizer
+
+
+def long_text() -> str:
+    """Every 5th vocabulary entry, in lines of 60 entries: thousands of distinct characters."""
+    words = ANT_VOCAB.read_text(encoding="utf-8").split("\n")[::5]
+    return "\n".join("".join(words[i:i + 60]) for i in range(0, len(words), 60))
+
+
+def test_segmenter_cuts_as_jieba(tmp_path, monkeypatch, stock_jieba):
+    from cpmlive.tokenizer.jieba_dict import Segmenter
+
+    monkeypatch.setenv("CPMLIVE_CACHE", str(tmp_path))
+    for segmenter in (Segmenter(), Segmenter()):  # the first writes the cache, the second reads it
+        for entry in ENTRIES:
+            assert list(segmenter.cut(entry["text"])) == entry["orig_jieba_pieces"]
+        text = long_text()
+        assert list(segmenter.cut(text)) == list(stock_jieba.cut(text))
+        assert list(segmenter.cut(text, HMM=False)) == list(stock_jieba.cut(text, HMM=False))
+        assert segmenter.tokenizer.total == stock_jieba.total
+    assert len(list(tmp_path.glob("jieba-prefix-*.marshal"))) == 1
+
+
+def test_a_short_text_loads_a_small_part_of_the_dictionary(tmp_path, monkeypatch, stock_jieba):
+    """A one-shot command loads the entries of its text's characters, not all of jieba's."""
+    monkeypatch.setenv("CPMLIVE_CACHE", str(tmp_path))
+    from cpmlive.tokenizer import ant
+
+    monkeypatch.setattr(ant, "_jieba_tokenizer", None)
+    assert ant.jieba_pieces("今天天气真好！") == ["今天天气", "真", "好", "！"]
+    loaded = ant._jieba().tokenizer.FREQ
+    assert 0 < len(loaded) < len(stock_jieba.FREQ) // 100
+    assert all(loaded[word] == stock_jieba.FREQ[word] for word in loaded)
+
+
+@pytest.mark.parametrize("cache", ["a file, not a directory", "a corrupt cache"])
+def test_segmenter_without_a_usable_cache(tmp_path, monkeypatch, stock_jieba, cache):
+    from cpmlive.tokenizer.jieba_dict import Segmenter, cache_path
+
+    import jieba
+
+    if cache == "a file, not a directory":
+        (tmp_path / "file").write_text("x")
+        monkeypatch.setenv("CPMLIVE_CACHE", str(tmp_path / "file"))
+    else:
+        monkeypatch.setenv("CPMLIVE_CACHE", str(tmp_path))
+        path = cache_path(Path(jieba.__file__).parent / jieba.DEFAULT_DICT_NAME)
+        path.write_bytes(b"not marshal")
+    segmenter = Segmenter()
+    text = long_text()[:3000]
+    assert list(segmenter.cut(text)) == list(stock_jieba.cut(text))
+    if cache == "a corrupt cache":
+        assert len(segmenter.tokenizer.FREQ) < len(stock_jieba.FREQ)  # rewritten, then read by part

@@ -13,7 +13,6 @@ space and a newline; in memory those two entries *are* ``" "`` and ``"\\n"``.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -52,7 +51,8 @@ _jieba_tokenizer: Any = None
 
 
 def _jieba() -> Any:
-    """A private, initialised jieba tokenizer (loaded once, on first use).
+    """A private jieba tokenizer (made once, on first use), whose dictionary loads only the
+    entries a text needs (:mod:`cpmlive.tokenizer.jieba_dict`).
 
     A private instance keeps words that other code adds to jieba's global
     dictionary from changing our segmentation.
@@ -61,12 +61,9 @@ def _jieba() -> Any:
     if _jieba_tokenizer is None:
         with _jieba_lock:
             if _jieba_tokenizer is None:
-                import jieba
+                from cpmlive.tokenizer.jieba_dict import Segmenter
 
-                jieba.setLogLevel(logging.WARNING)
-                tokenizer = jieba.Tokenizer()
-                tokenizer.initialize()
-                _jieba_tokenizer = tokenizer
+                _jieba_tokenizer = Segmenter()
     return _jieba_tokenizer
 
 
