@@ -1,11 +1,14 @@
-"""The server's runtime under issue 28 ("Hardening, round 3"): every cancelled generation is
-in the metrics (point 4), connections and their headers are bounded (point 5)."""
+"""The server's runtime under issue 28 ("Hardening, round 3"): jobs stop when their request
+ends and run in slices between the streams' steps (point 2), every cancelled generation is in
+the metrics (point 4), connections and their headers are bounded (point 5)."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import socket
+import threading
 from contextlib import aclosing
 
 import pytest
@@ -13,8 +16,11 @@ from fastapi.testclient import TestClient
 from serving import serving
 
 import cpmlive
-from cpmlive.infer.engine import Request
+from cpmlive.data.layout import GENERATION, build_batch
+from cpmlive.infer import engine as engine_module
+from cpmlive.infer.engine import Engine, Request
 from cpmlive.infer.generate import GenerationConfig
+from cpmlive.serve import tasks
 from cpmlive.serve.app import Settings, create_app, server_config
 
 PROMPT = "今天天气不错，"
@@ -26,6 +32,20 @@ def lm():
     return cpmlive.load("demo")
 
 
+@pytest.fixture
+def engine(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def forward(lm):
+    """One model call, as each step of a job (a batch of classify, a decoding step of a title) makes."""
+    batch = build_batch([lm.encode_raw(PROMPT)], GENERATION, lm.config.prompt_length)
+    lm.model(**batch.as_inputs())
+
+
 def long_request(lm, tokens=40):
     return Request(lm.encode_raw(PROMPT), GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens))
 
@@ -33,6 +53,96 @@ def long_request(lm, tokens=40):
 def address(url):
     host, port = url.removeprefix("http://").split(":")
     return host, int(port)
+
+
+# ---- point 2: jobs are cancellable between steps and run in slices ---------------------------------
+
+
+def test_a_cancelled_job_stops_at_its_next_model_call(lm, engine):
+    calls, reached, go = [], threading.Event(), threading.Event()
+
+    def work():
+        for index in range(50):
+            forward(lm)
+            calls.append(index)
+            if index == 2:
+                reached.set()
+                go.wait(BOUND)
+        return "ran to the end"
+
+    job = engine.call(work)
+    assert reached.wait(BOUND)
+    job.cancel()  # while it runs, between its third and fourth model call
+    go.set()
+    assert isinstance(job.exception(timeout=BOUND), engine_module.Cancelled)
+    assert calls == [0, 1, 2] and job.steps == 3
+
+
+def test_streams_take_a_step_between_each_two_model_calls_of_a_job(lm, engine):
+    log, streaming = [], threading.Event()
+
+    def sink(event):  # on the engine's thread, as the job is: the log's order is the order of the work
+        log.append("token")
+        streaming.set()
+
+    handle = engine.submit(long_request(lm), sink)
+    assert streaming.wait(BOUND)
+
+    def work():
+        for _ in range(5):
+            forward(lm)
+            log.append("job")
+
+    engine.call(work).result(timeout=BOUND)
+    handle.cancel()
+    first, last = log.index("job"), len(log) - 1 - log[::-1].index("job")
+    assert log[first:last + 1] == ["job", "token"] * 4 + ["job"]
+
+
+def test_a_timed_out_job_stops_and_holds_its_slot_until_it_has(lm, monkeypatch):
+    app = create_app(lm, Settings(timeout=0.2))
+    state = app.state.server
+    started, gate, calls = threading.Event(), threading.Event(), []
+
+    def endless(lm, body):
+        started.set()
+        gate.wait(BOUND)  # no model call until the answer went out
+        while len(calls) < 1000:
+            forward(lm)
+            calls.append(1)
+        return {}
+
+    monkeypatch.setattr(tasks, "fill_for", endless)
+    with TestClient(app) as test:
+        response = test.post("/v1/fill", json={"text": "今天<mask>"})
+    assert response.status_code == 504 and started.is_set()
+    assert state.in_flight == 1  # the work has not stopped yet: its slot is still taken
+    gate.set()
+    state.engine.call(lambda: None).result(timeout=BOUND)  # runs once the timed-out job has ended
+    assert calls == [] and state.in_flight == 0  # its first model call after the timeout stopped it
+
+
+def test_a_client_that_disconnects_cancels_its_job(lm, monkeypatch):
+    started, stopped, calls = threading.Event(), threading.Event(), []
+
+    def endless(lm, body):
+        started.set()
+        try:
+            while len(calls) < 1000:
+                forward(lm)
+                calls.append(1)
+        finally:
+            stopped.set()
+        return {}
+
+    monkeypatch.setattr(tasks, "labels_for", endless)
+    with serving(create_app(lm)) as url:
+        body = json.dumps({"text": "好"}).encode()
+        with socket.create_connection(address(url)) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert started.wait(BOUND)
+        assert stopped.wait(BOUND) and len(calls) < 1000
 
 
 # ---- point 4: cancelled generations are in the metrics ----------------------------------------------

@@ -2,8 +2,10 @@
 
 One thread owns the model. Requests arrive on a queue and wait; every iteration of the loop
 
-1. drops what was cancelled, runs queued exclusive jobs (fill, beam search, titles: work that
-   needs the whole model for a moment),
+1. drops what was cancelled, runs queued jobs (fill, beam search, titles, classification: work
+   that needs the whole model) one at a time, in slices: before each of a job's model calls the
+   running requests take one decoding step, so a long job slows the streams but never stalls
+   them, and a cancelled job (a timeout, a client gone) stops at its next model call,
 2. admits waiting requests into the running batch while rows are free and the step's prefill
    token budget lasts (the first one always), prefills them grouped by adapter and picks each
    one's first token,
@@ -49,6 +51,10 @@ IDLE_WAIT_SECONDS = 0.05  # a driver with nothing to do waits this long for work
 HANDOFF_SECONDS = 0.02  # a waiter checks this often whether the driving thread has let go
 _ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 _LOG = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Raised inside a cancelled job at its next model call: the job's work stops there."""
 
 
 @dataclass
@@ -173,6 +179,24 @@ class Handle:
         return Completion(ids, "".join(texts), reason, logprobs, tops)
 
 
+class Job(Future):
+    """Model work that :meth:`Engine.call` runs between two steps; a future of its result.
+
+    ``cancel()`` stops it wherever it is: a queued job never starts, a running one raises
+    :class:`Cancelled` at its next model call (its own ``finally`` blocks run as usual), and
+    the job is done once its work has stopped. ``steps`` counts the model calls it made."""
+
+    def __init__(self, work: Callable[..., Any], args: tuple) -> None:
+        super().__init__()
+        self.work, self.args = work, args
+        self.stop_asked = threading.Event()
+        self.steps = 0
+
+    def cancel(self) -> bool:
+        self.stop_asked.set()
+        return super().cancel()
+
+
 class Sequence:
     """A running request: what it generated, the text it released, its generator."""
 
@@ -244,8 +268,10 @@ class Engine:
         self.pool = KVPool(model.config.num_layers, model.config.max_length, device)
         self.waiting: deque[Handle] = deque()
         self.running: list[Sequence] = []
-        self._inbox: queue.SimpleQueue[Handle | tuple[Future, Callable, tuple]] = queue.SimpleQueue()
-        self._jobs: deque[tuple[Future, Callable, tuple]] = deque()
+        self._inbox: queue.SimpleQueue[Handle | Job] = queue.SimpleQueue()
+        self._jobs: deque[Job] = deque()
+        self._running_jobs: list[Job] = []  # the job running now, and any job it called in turn
+        self._between = False  # the running requests' step between a job's model calls is under way
         self._drive_lock = threading.Lock()
         self._driver: threading.Thread | None = None
         self._thread: threading.Thread | None = None
@@ -289,24 +315,24 @@ class Engine:
         self._inbox.put(handle)
         return handle
 
-    def call(self, work: Callable[..., Any], *args: Any) -> Future:
-        """Run ``work(*args)`` between two steps (the running requests pause meanwhile): now, on
-        this thread, when no other thread drives the engine, else on the driving thread. The
-        future holds its result or exception."""
-        future: Future = Future()
+    def call(self, work: Callable[..., Any], *args: Any) -> Job:
+        """Run ``work(*args)`` as a job (see :class:`Job`): now, on this thread, when no other
+        thread drives the engine, else on the driving thread. The running requests take a
+        decoding step before each of its model calls. The job holds its result or exception."""
+        job = Job(work, args)
         if self.is_driving():
-            _run_job(future, work, args)
+            self._run(job)
         elif self._drive_lock.acquire(blocking=False):
             try:
                 self._driver = threading.current_thread()
                 with torch.inference_mode():
-                    _run_job(future, work, args)
+                    self._run(job)
             finally:
                 self._driver = None
                 self._drive_lock.release()
         else:
-            self._inbox.put((future, work, args))
-        return future
+            self._inbox.put(job)
+        return job
 
     def is_driving(self) -> bool:
         """Whether this thread is the one running the engine (a job's model work then runs directly)."""
@@ -379,14 +405,53 @@ class Engine:
                 if isinstance(item, Handle):
                     self.waiting.append(item)
                 else:
-                    self._jobs.append(item)
+                    self._jobs.append(item)  # run by _run_jobs, never inside another job
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
     def _run_jobs(self) -> None:
         while self._jobs:
-            _run_job(*self._jobs.popleft())
+            self._run(self._jobs.popleft())
+
+    def _run(self, job: Job) -> None:
+        """Run ``job`` with :meth:`_between_steps` before each of its model calls (a job that a
+        job calls shares the outer one's hook)."""
+        if not job.set_running_or_notify_cancel():
+            return
+        hook = self.model.register_forward_pre_hook(self._between_steps) if not self._running_jobs else None
+        self._running_jobs.append(job)
+        try:
+            job.set_result(job.work(*job.args))
+        except Exception as exc:  # the caller gets it (Cancelled too)
+            job.set_exception(exc)
+        except BaseException:  # Ctrl-C on the driving thread: the job ends, the interrupt goes on
+            job.set_exception(Cancelled("interrupted"))
+            raise
+        finally:
+            self._running_jobs.pop()
+            if hook is not None:
+                hook.remove()
+
+    def _between_steps(self, module: Any, args: Any) -> None:
+        """Before a job's model call: stop a cancelled job, else give the running requests one
+        decoding step (and admit waiting ones), so that they go on while the job runs."""
+        if self._between or not self.is_driving():
+            return  # the requests' own model calls, or another thread's use of the model
+        if any(job.stop_asked.is_set() for job in self._running_jobs):
+            raise Cancelled("the job was cancelled")
+        self._running_jobs[-1].steps += 1
+        self._take(block=False)
+        self._between = True
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if self.running:
+                self._step()
+        except Exception as exc:  # as in _iterate: what runs fails, the job goes on
+            self._fail_running(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._between = False
 
     def _drop_cancelled(self) -> None:
         for handle in [h for h in self.waiting if h.cancelled.is_set()]:
@@ -530,15 +595,6 @@ def _stop_engines() -> None:
         engine.stop(timeout=5.0)
 
 
-def _run_job(future: Future, work: Callable[..., Any], args: tuple) -> None:
-    if not future.set_running_or_notify_cancel():
-        return
-    try:
-        future.set_result(work(*args))
-    except BaseException as exc:  # the caller gets it
-        future.set_exception(exc)
-
-
 def _plain(options: GenerationConfig) -> bool:
     """Whether greedy decoding with ``options`` is a bare argmax (no logits processing)."""
     return (options.repetition_penalty == 1.0 and not options.sequence_bias and not options.no_repeat_ngram_size
@@ -552,4 +608,4 @@ def request_for(ids: list[int], options: GenerationConfig, index: int = 0, **fie
     return Request(ids, options, **fields)
 
 
-__all__ = ["Completion", "Engine", "Event", "Handle", "Request", "STOP_REASONS", "request_for"]
+__all__ = ["Cancelled", "Completion", "Engine", "Event", "Handle", "Job", "Request", "STOP_REASONS", "request_for"]

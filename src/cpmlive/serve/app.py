@@ -129,6 +129,33 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class CountRequests:
+    """ASGI middleware: each answer counted by route and status (``cpmlive_http_requests``).
+    Plain ASGI, not ``@app.middleware("http")``: behind starlette's ``BaseHTTPMiddleware``,
+    ``request.is_disconnected()`` never sees a client leave (its ``receive`` must suspend, and
+    the poll cancels it first), so a non-streamed request's work ran on after its client left."""
+
+    def __init__(self, app: Any, metrics: Any) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")  # set by the router on this same scope
+            self.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+
+
 GUARDED_PREFIXES = ("/v1", "/api/")  # model work and data; pages, /healthz, /livez and /metrics stay open
 
 
@@ -211,12 +238,7 @@ def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = Non
                            allow_headers=["Authorization", "Content-Type"])
     add_error_handlers(app)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable) -> Any:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=state.metrics)  # outermost: every answer is counted
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

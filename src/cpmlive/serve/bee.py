@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Iterator
 
+from fastapi import Request as HttpRequest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from cpmlive.data.bee import ANSWER_KEY, check_task
@@ -114,12 +115,12 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter()
 
     @api.post("/v1/bee", dependencies=[needs(state, "bee")])
-    async def bee(body: BeeRequest) -> dict[str, Any]:
+    async def bee(body: BeeRequest, http: HttpRequest) -> dict[str, Any]:
         lm = state.ready()
         admitted = state.admit(len(body.tasks) if body.tasks is not None else 1)
         start = time.perf_counter()
         try:
-            answer = await state.job(answers_for, lm, body)
+            answer = await state.job(answers_for, lm, body, http=http, admitted=admitted)
         finally:
             admitted.release()
         return {**answer, "seconds": round(time.perf_counter() - start, 3)}

@@ -2,13 +2,16 @@
 in flight, the metrics, and the bridge from the engine's thread to the event loop.
 
 All model work runs on the engine's one thread (``infer.engine``): generations join its running
-batch, other work (fill, titles, classification) runs there as jobs between two steps. One
-thread and not starlette's pool: every thread that runs torch ops keeps a glibc malloc arena of
-its own, which is never given back, so a pool of 40 threads made memory grow with the number of
-concurrent requests seen (``benchmarks/serve_memory.py``).
+batch, other work (fill, titles, classification) runs there as jobs, in slices between the
+batch's steps (``infer.engine.Job``). One thread and not starlette's pool: every thread that
+runs torch ops keeps a glibc malloc arena of its own, which is never given back, so a pool of 40
+threads made memory grow with the number of concurrent requests seen
+(``benchmarks/serve_memory.py``).
 
-Every generation is counted in the metrics once, when the engine ends it, whatever ended it
-(its end, an error, its client gone, the timeout).
+Whatever a request started ends when the request does: its time is up (504) or its client has
+gone: :class:`Watch` says which, its generations are cancelled and its job stops at the job's
+next model call. Every generation is counted in
+the metrics once, when the engine ends it, whatever ended it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
@@ -174,16 +178,28 @@ class ServerState:
 
     # ---- work on the engine ---------------------------------------------------------------------
 
-    async def job(self, work: Callable[..., Any], *args: Any) -> Any:
-        """``work(*args)`` on the engine's thread; the request times out after ``settings.timeout``."""
+    async def job(self, work: Callable[..., Any], *args: Any, http: HttpRequest | None = None,
+                  admitted: "Admitted | None" = None) -> Any:
+        """``work(*args)`` as a job on the engine's thread. When the request's time is up, its
+        client (``http``) has gone, the job is cancelled (it stops at
+        its next model call) and this raises; ``admitted`` stays counted until the work has
+        stopped, not only until the answer."""
         self.ready()
-        future = self.engine.call(work, *args)
+        job = self.engine.call(work, *args)
+        if admitted is not None:
+            admitted.hold(job)
+        done = asyncio.wrap_future(job)
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # read even when nobody waits any more
+        watch = Watch(self, http)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.settings.timeout)
-        except asyncio.TimeoutError:
-            future.cancel()
-            raise ServerError(504, f"the request took longer than {self.settings.timeout:g} s", "timeout",
-                              "timeout") from None
+            while not done.done():
+                reason = await watch.reason()
+                if reason is not None:
+                    raise reason
+                await asyncio.wait({done}, timeout=watch.wait_seconds())
+        finally:
+            job.cancel()  # nothing when it is done
+        return done.result()
 
     def submit(self, requests: list[Request]) -> "Generations":
         """Queue ``requests`` on the engine now (a bad one raises before any is queued)."""
@@ -204,15 +220,57 @@ class ServerState:
 
 class Admitted:
     """A request counted in flight until ``release`` (idempotent; a streamed answer releases
-    when its stream ends, not when the handler returns)."""
+    when its stream ends, not when the handler returns) and until the work it ``hold``s is done."""
 
     def __init__(self, state: ServerState, count: int) -> None:
         self.state, self.count, self.released = state, count, False
+        self._asked = False
+        self._work: Future | None = None
+        self._lock = threading.Lock()
+
+    def hold(self, work: Future) -> None:
+        """Stay counted until ``work`` is done too (a job cancelled by a timeout still runs up
+        to its next model call after the answer went out)."""
+        self._work = work
+        work.add_done_callback(lambda _: self._settle())
 
     def release(self) -> None:
-        if not self.released:
+        self._asked = True
+        self._settle()
+
+    def _settle(self) -> None:
+        with self._lock:
+            if self.released or not self._asked or (self._work is not None and not self._work.done()):
+                return
             self.released = True
-            self.state._release(self.count)
+        self.state._release(self.count)
+
+
+class Watch:
+    """What ends a request's work early: its time (``settings.timeout``), its client gone
+    (looked at every ``DISCONNECT_POLL_SECONDS``)."""
+
+    def __init__(self, state: ServerState, http: HttpRequest | None) -> None:
+        self.state, self.http = state, http
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.time() + state.settings.timeout
+        self.next_check = self.loop.time() + DISCONNECT_POLL_SECONDS
+
+    async def reason(self) -> ServerError | None:
+        """The error that ends the request now (status 499: the client has gone), or ``None``."""
+        now = self.loop.time()
+        if now >= self.deadline:
+            return ServerError(504, f"the request took longer than {self.state.settings.timeout:g} s", "timeout",
+                               "timeout")
+        if self.http is not None and now >= self.next_check:  # on a clock: events may never pause
+            self.next_check = now + DISCONNECT_POLL_SECONDS
+            if await self.http.is_disconnected():
+                return ServerError(499, "the client closed the connection", "cancelled", "cancelled")
+        return None
+
+    def wait_seconds(self) -> float:
+        """How long to wait for work before looking again."""
+        return max(0.0, min(DISCONNECT_POLL_SECONDS, self.deadline - self.loop.time()))
 
 
 class Generations:
@@ -241,23 +299,20 @@ class Generations:
 
     async def events(self, request: HttpRequest | None = None) -> AsyncIterator[tuple[int, Event]]:
         """Every event, in the order the engine produced them, until all requests finished; a
-        client that disconnects, or the timeout, cancels what still runs."""
-        deadline = self.loop.time() + self.state.settings.timeout
-        next_check = self.loop.time() + DISCONNECT_POLL_SECONDS
+        client that disconnects ends them silently, the timeout with its error (see
+        :class:`Watch`); either way what still runs is cancelled."""
+        watch = Watch(self.state, request)
         remaining = len(self.handles)
         try:
             while remaining:
-                now = self.loop.time()
-                if now >= deadline:
-                    raise ServerError(504, f"the request took longer than {self.state.settings.timeout:g} s",
-                                      "timeout", "timeout")
-                if request is not None and now >= next_check:  # on a clock: events may never pause
-                    next_check = now + DISCONNECT_POLL_SECONDS
-                    if await request.is_disconnected():
-                        return
+                reason = await watch.reason()
+                if reason is not None and reason.status == 499:
+                    return
+                if reason is not None:
+                    raise reason
                 try:
                     index, event = self.queue.get_nowait() if not self.queue.empty() else \
-                        await asyncio.wait_for(self.queue.get(), min(DISCONNECT_POLL_SECONDS, deadline - now))
+                        await asyncio.wait_for(self.queue.get(), watch.wait_seconds())
                 except asyncio.TimeoutError:
                     continue
                 remaining -= event.finish_reason is not None
@@ -266,4 +321,4 @@ class Generations:
             self.cancel()
 
 
-__all__ = ["Admitted", "Generations", "ServerError", "ServerState", "Settings", "valid_text"]
+__all__ = ["Admitted", "Generations", "ServerError", "ServerState", "Settings", "Watch", "valid_text"]

@@ -10,6 +10,7 @@ import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, Iterator, Sequence
 
+from fastapi import Request as HttpRequest
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from cpmlive.apps.headline import TitleOptions, suggest_titles
@@ -162,12 +163,12 @@ def router(state: ServerState) -> APIRouter:
 
     api = APIRouter()
 
-    async def timed(work: Any, body: BaseModel) -> dict[str, Any]:
+    async def timed(work: Any, body: BaseModel, http: HttpRequest) -> dict[str, Any]:
         lm = state.ready()
         admitted = state.admit()
         start = time.perf_counter()
         try:
-            answer = await state.job(work, lm, body)
+            answer = await state.job(work, lm, body, http=http, admitted=admitted)
         finally:
             admitted.release()
         return {**answer, "seconds": round(time.perf_counter() - start, 3)}
@@ -179,16 +180,16 @@ def router(state: ServerState) -> APIRouter:
 
     for prefix in ("/v1", "/api"):
         @api.post(f"{prefix}/title" if prefix == "/v1" else "/api/titles", dependencies=[needs(state, "title")])
-        async def titles(body: TitleRequest) -> dict[str, Any]:
-            return await timed(titles_for, body)
+        async def titles(body: TitleRequest, http: HttpRequest) -> dict[str, Any]:
+            return await timed(titles_for, body, http)
 
         @api.post(f"{prefix}/classify", dependencies=[needs(state, "classify")])
-        async def classify(body: ClassifyRequest) -> dict[str, Any]:
-            return await timed(labels_for, body)
+        async def classify(body: ClassifyRequest, http: HttpRequest) -> dict[str, Any]:
+            return await timed(labels_for, body, http)
 
         @api.post(f"{prefix}/fill", dependencies=[needs(state, "fill")])
-        async def fill(body: FillRequest) -> dict[str, Any]:
-            return await timed(fill_for, body)
+        async def fill(body: FillRequest, http: HttpRequest) -> dict[str, Any]:
+            return await timed(fill_for, body, http)
 
     return api
 
