@@ -1,14 +1,20 @@
 """The server's runtime under issue 28 ("Hardening, round 3"): jobs stop when their request
 ends and run in slices between the streams' steps (point 2), every cancelled generation is in
-the metrics (point 4), connections and their headers are bounded (point 5)."""
+the metrics (point 4), connections and their headers are bounded (point 5), and a shutdown
+ends the streams in flight with an error at once (point 8)."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from contextlib import aclosing
 
 import pytest
@@ -227,3 +233,47 @@ def test_connections_beyond_the_cap_are_refused_while_the_others_are_served(lm):
         finally:
             for sock in idle:
                 sock.close()
+
+
+# ---- point 8: Ctrl-C ends the streams in flight with an error, at once -------------------------------
+
+
+def test_ctrl_c_ends_a_stream_in_flight_with_a_shutdown_error(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "stderr").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "cpmlive", "serve", "demo", "--port", "0"], env=env,
+                              stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = server.stdout.readline()
+        assert " at http://" in line, (line, (tmp_path / "stderr").read_text())
+        host, port = address(line.split(" at ")[1].split("/ ")[0])
+        wait_until_ready(host, port)
+        conn = http.client.HTTPConnection(host, port, timeout=BOUND)
+        body = {"model": "demo", "prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "n": 8, "stream": True}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")  # it runs
+        server.send_signal(signal.SIGINT)
+        events = [e for e in response.read().decode().split("\n\n") if e.strip()]  # socket timeout: BOUND
+        last = json.loads(events[-1].removeprefix("data: "))
+        assert last["error"]["code"] == "shutdown", events[-3:]
+        assert server.wait(BOUND) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def wait_until_ready(host, port):
+    deadline = time.monotonic() + 120  # the model loads behind the bound port
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection(host, port, timeout=BOUND)
+        try:
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    pytest.fail("the server did not become ready")

@@ -12,7 +12,8 @@ thread as a job. Every input is bounded: the body (``MAX_BODY_BYTES``, 413 above
 field (the request models), the requests in flight (``Settings.max_batch + max_waiting``; one
 more is answered 503 with ``Retry-After`` at once), the time a request may take
 (``Settings.timeout``, then 504), the open connections and the time their headers take
-(``serve.connections``). A client that disconnects cancels its work.
+(``serve.connections``). A client that disconnects cancels its work; so does a shutdown
+(Ctrl-C, SIGTERM), which ends every stream in flight with a ``shutdown`` error event.
 
 Security as vLLM and llama.cpp do it: the server binds 127.0.0.1 unless told otherwise; with an
 API key (``--api-key`` or ``CPMLIVE_API_KEY``) every ``/v1`` and ``/api`` route needs
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from cpmlive.api import LM
 
 MAX_BODY_BYTES = 1 << 20  # room for the longest article and a full classify request, JSON-escaped
+SHUTDOWN_GRACE_SECONDS = 5  # for answers in flight to end after Ctrl-C (each ends within DISCONNECT_POLL_SECONDS)
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout"}
@@ -275,19 +277,22 @@ def parse_adapter(value: str) -> tuple[str | None, str]:
 
 def server_config(app: FastAPI, settings: Settings) -> Any:
     """uvicorn's configuration for ``app``: connections bounded by ``settings.max_connections``
-    (and the open-file limit) and ``settings.header_timeout``."""
+    (and the open-file limit) and ``settings.header_timeout``, a bounded graceful shutdown."""
     import uvicorn
 
     from cpmlive.serve.connections import connection_cap, guarded_protocol
 
     protocol = guarded_protocol(connection_cap(settings.max_connections), settings.header_timeout)
-    return uvicorn.Config(app, log_level="warning", http=protocol)
+    return uvicorn.Config(app, log_level="warning", http=protocol, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
 
 
 def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLike] = (),
           host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:
     """Load ``model`` with ``adapters`` (``NAME=PATH``, directories or shipped names) and serve until
-    Ctrl-C. The port is bound first and the model loads behind it (``/healthz`` says when it is ready)."""
+    Ctrl-C. The port is bound first and the model loads behind it (``/healthz`` says when it is ready).
+    The first Ctrl-C (or SIGTERM) once the model is loaded shuts down: what is in flight ends
+    with a ``shutdown`` error while the engine goes on driving their cancellation; a second one,
+    or one during loading, stops at once."""
     import uvicorn
 
     from cpmlive.api import load
@@ -314,24 +319,42 @@ def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLik
         address = f"http://{host}:{sock.getsockname()[1]}"
         print(f"cpmlive serving {model} at {address}/ (OpenAI API at {address}/v1; "
               f"{'API key required' if settings.api_key else 'no API key'}; Ctrl-C to stop)", flush=True)
-        previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
-            else None
+        previous = _on_stop(lambda: _shut_down(state, server))
         try:
             if state.load_here(load_model):  # the model loads and runs on the main thread
                 state.engine.drive(lambda: not http.is_alive())
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a container's stop): answer what runs, then go
-            pass
+        except KeyboardInterrupt:  # a second Ctrl-C, or one while the model loads: go now
+            server.force_exit = True
         finally:
+            state.close()
             server.should_exit = True
-            http.join(30)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            http.join(SHUTDOWN_GRACE_SECONDS + 5)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     if state.load_error is not None:
         raise CpmliveError(state.load_error)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _on_stop(stop: Callable[[], None]) -> dict[int, Any]:
+    """Call ``stop`` on Ctrl-C and SIGTERM (a container's stop) instead of raising; the previous
+    handlers (none off the main thread, where signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, frame: object) -> None:
+        stop()
+
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _shut_down(state: ServerState, server: Any) -> None:
+    """The first stop signal ends what is in flight with an error and lets uvicorn close
+    gracefully, with the engine still driven meanwhile; the second, or one while the model
+    loads (nothing to drain yet), interrupts the main thread."""
+    if state.closing.is_set() or state.engine is None:
+        raise KeyboardInterrupt
+    state.close()
+    server.should_exit = True
 
 
 def check_model(model: str | os.PathLike) -> None:

@@ -8,9 +8,9 @@ runs torch ops keeps a glibc malloc arena of its own, which is never given back,
 threads made memory grow with the number of concurrent requests seen
 (``benchmarks/serve_memory.py``).
 
-Whatever a request started ends when the request does: its time is up (504) or its client has
-gone: :class:`Watch` says which, its generations are cancelled and its job stops at the job's
-next model call. Every generation is counted in
+Whatever a request started ends when the request does: its time is up (504), its client has
+gone, or the server shuts down (503 ``shutdown``): :class:`Watch` says which, its generations
+are cancelled and its job stops at the job's next model call. Every generation is counted in
 the metrics once, when the engine ends it, whatever ended it.
 """
 
@@ -95,6 +95,12 @@ class ServerState:
         self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine is not None else {})
         self.in_flight = 0
         self._count_lock = threading.Lock()
+        self.closing = threading.Event()  # set when the server shuts down
+
+    def close(self) -> None:
+        """Begin the shutdown: requests in flight end with a ``shutdown`` error at their next
+        look (within ``DISCONNECT_POLL_SECONDS``), new ones are refused."""
+        self.closing.set()
 
     # ---- the model ----------------------------------------------------------------------------
 
@@ -163,6 +169,8 @@ class ServerState:
         """Count ``count`` generations (or one job) in flight, or refuse with 503 when they would
         pass ``max_batch + max_waiting`` (one request alone is always let in)."""
         limit = self.settings.max_batch + self.settings.max_waiting
+        if self.closing.is_set():
+            raise shutting_down()
         with self._count_lock:
             if self.in_flight and self.in_flight + count > limit:
                 self.metrics.rejected.inc()
@@ -181,7 +189,7 @@ class ServerState:
     async def job(self, work: Callable[..., Any], *args: Any, http: HttpRequest | None = None,
                   admitted: "Admitted | None" = None) -> Any:
         """``work(*args)`` as a job on the engine's thread. When the request's time is up, its
-        client (``http``) has gone, the job is cancelled (it stops at
+        client (``http``) has gone or the server shuts down, the job is cancelled (it stops at
         its next model call) and this raises; ``admitted`` stays counted until the work has
         stopped, not only until the answer."""
         self.ready()
@@ -206,6 +214,8 @@ class ServerState:
         self.ready()
         for request in requests:
             self.engine.check(request)
+        if self.closing.is_set():
+            raise shutting_down()
         return Generations(self, requests)
 
     def start(self, requests: list[Request]) -> tuple["Generations", "Admitted"]:
@@ -248,7 +258,7 @@ class Admitted:
 
 class Watch:
     """What ends a request's work early: its time (``settings.timeout``), its client gone
-    (looked at every ``DISCONNECT_POLL_SECONDS``)."""
+    (looked at every ``DISCONNECT_POLL_SECONDS``), the server's shutdown."""
 
     def __init__(self, state: ServerState, http: HttpRequest | None) -> None:
         self.state, self.http = state, http
@@ -258,6 +268,8 @@ class Watch:
 
     async def reason(self) -> ServerError | None:
         """The error that ends the request now (status 499: the client has gone), or ``None``."""
+        if self.state.closing.is_set():
+            return shutting_down()
         now = self.loop.time()
         if now >= self.deadline:
             return ServerError(504, f"the request took longer than {self.state.settings.timeout:g} s", "timeout",
@@ -271,6 +283,11 @@ class Watch:
     def wait_seconds(self) -> float:
         """How long to wait for work before looking again."""
         return max(0.0, min(DISCONNECT_POLL_SECONDS, self.deadline - self.loop.time()))
+
+
+def shutting_down() -> ServerError:
+    return ServerError(503, "the server is shutting down", "server_error", "shutdown",
+                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 class Generations:
@@ -299,8 +316,8 @@ class Generations:
 
     async def events(self, request: HttpRequest | None = None) -> AsyncIterator[tuple[int, Event]]:
         """Every event, in the order the engine produced them, until all requests finished; a
-        client that disconnects ends them silently, the timeout with its error (see
-        :class:`Watch`); either way what still runs is cancelled."""
+        client that disconnects ends them silently, the timeout and the shutdown with their
+        error (see :class:`Watch`); either way what still runs is cancelled."""
         watch = Watch(self.state, request)
         remaining = len(self.handles)
         try:
@@ -321,4 +338,5 @@ class Generations:
             self.cancel()
 
 
-__all__ = ["Admitted", "Generations", "ServerError", "ServerState", "Settings", "Watch", "valid_text"]
+__all__ = ["Admitted", "Generations", "ServerError", "ServerState", "Settings", "Watch", "shutting_down",
+           "valid_text"]
