@@ -20,8 +20,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from rouge_score import rouge_scorer
-
 from cpmlive.errors import CpmliveError
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -43,6 +41,8 @@ def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
 
 def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Mean character-level ROUGE-1/2/L F-measure over pairs, in percent."""
+    from rouge_score import rouge_scorer  # imports nltk: only when scoring, not with every fine-tuning import
+
     _check_pairs(predictions, references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=CharTokenizer())
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
