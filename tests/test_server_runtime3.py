@@ -244,7 +244,9 @@ def test_ctrl_c_ends_a_stream_in_flight_with_a_shutdown_error(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "cpmlive", "serve", "demo", "--port", "0"], env=env,
                               stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        line = server.stdout.readline()
+        line = ""
+        while " at http://" not in line and server.poll() is None:  # the banner, once the port is bound
+            line = server.stdout.readline()
         assert " at http://" in line, (line, (tmp_path / "stderr").read_text())
         host, port = address(line.split(" at ")[1].split("/ ")[0])
         wait_until_ready(host, port)
@@ -254,7 +256,7 @@ def test_ctrl_c_ends_a_stream_in_flight_with_a_shutdown_error(tmp_path):
         response = conn.getresponse()
         assert response.status == 200 and response.readline().startswith(b"data: ")  # it runs
         server.send_signal(signal.SIGINT)
-        events = [e for e in response.read().decode().split("\n\n") if e.strip()]  # socket timeout: BOUND
+        events = [e.strip() for e in response.read().decode().split("\n\n") if e.strip()]  # socket timeout: BOUND
         last = json.loads(events[-1].removeprefix("data: "))
         assert last["error"]["code"] == "shutdown", events[-3:]
         assert server.wait(BOUND) == 0

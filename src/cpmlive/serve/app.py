@@ -31,8 +31,13 @@ import hmac
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict
+
+from cpmlive import __version__
 from cpmlive.errors import CpmliveError
 from cpmlive.serve import bee, completions, site, tasks
 from cpmlive.serve.dashboard import bind
@@ -40,9 +45,6 @@ from cpmlive.serve.runtime import MAX_WAITING, RETRY_AFTER_SECONDS, ServerError,
 from cpmlive.serve.tasks import MAX_NAME_CHARS, MAX_REQUEST_CHARS, MAX_TEXT_CHARS, MAX_TEXTS, pick_adapter
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
     from cpmlive.api import LM
 
 MAX_BODY_BYTES = 1 << 20  # room for the longest article and a full classify request, JSON-escaped
@@ -210,19 +212,64 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(request.url.path, f"internal error ({type(exc).__name__}); see the server's log", 500)
 
 
+# ---- the OpenAPI document (/openapi.json, /docs) ---------------------------------------------------
+
+OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+SITE_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+
+
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with the errors as this server answers them: a request it cannot
+    parse is 400, not FastAPI's 422, and every route's other answers carry the error shape of
+    its family of routes (OpenAI's under ``/v1``, ``{"error": "..."}`` elsewhere)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        components.update(OpenAIError=OPENAI_ERROR, SiteError=SITE_ERROR)
+        for path, operations in document["paths"].items():
+            shape = "OpenAIError" if path.startswith("/v1") else "SiteError"
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                operation["responses"]["default"] = {
+                    "description": "an error: 4xx for a request the server will not serve (never 5xx for bad input)",
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}}}
+        app.openapi_schema = document
+    return app.openapi_schema
+
+
+class Health(BaseModel):
+    """``/healthz``: ``ok`` with the engine's counts, or ``loading`` / ``failed`` (503)."""
+
+    model_config = ConfigDict(extra="allow")
+    status: Literal["ok", "loading", "failed"]
+    model: str | None = None
+    error: str | None = None
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"]
+
+
 def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = None,
                max_waiting: int | None = None) -> FastAPI:
     """The server over ``lm`` (or over what ``lm()`` loads, in the background: ``/healthz``
     answers 503 meanwhile; ``None``: the caller attaches one); ``app.state.server`` is its
-    :class:`~cpmlive.serve.runtime.ServerState`."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
-
+    :class:`~cpmlive.serve.runtime.ServerState`. Its OpenAPI document is at ``/openapi.json``
+    and Swagger UI at ``/docs``, as vLLM serves them (the page loads Swagger UI's script and style
+    from a CDN: offline, /openapi.json still answers)."""
     settings = settings or Settings()
     if max_waiting is not None:
         settings.max_waiting = max_waiting
     state = ServerState(settings)
-    app = FastAPI(title="cpmlive", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="cpmlive", version=__version__, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_document(app)
     app.state.server = state
     if lm is None:
         pass  # the caller loads it (``state.load_here``) and drives the engine
@@ -242,7 +289,7 @@ def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = Non
 
     app.add_middleware(CountRequests, metrics=state.metrics)  # outermost: every answer is counted
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     def healthz() -> JSONResponse:
         if state.lm is None:
             status = "failed" if state.load_error else "loading"
@@ -250,11 +297,11 @@ def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = Non
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         return JSONResponse({"status": "ok", "model": state.base_name, **state.engine.stats()})
 
-    @app.get("/livez")
+    @app.get("/livez", response_model=Liveness)
     def livez() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Iterator
 from fastapi import Request as HttpRequest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from cpmlive.data.bee import ANSWER_KEY, check_task
+from cpmlive.data.bee import ANSWER_KEY, MAX_DEPTH, check_task
 from cpmlive.errors import CpmliveError
 from cpmlive.serve.runtime import ServerState, valid_text
-from cpmlive.serve.tasks import MAX_NAME_CHARS, holding, needs
+from cpmlive.serve.tasks import MAX_NAME_CHARS, Integer, holding, needs
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -70,20 +70,24 @@ def bounded_task(task: dict[str, Any]) -> dict[str, Any]:
     return task
 
 
-BeeTask = Annotated[dict[str, Any], AfterValidator(bounded_task)]
+BeeTask = Annotated[dict[str, Any], AfterValidator(bounded_task), Field(
+    description=f'a CPM-Bee task: an object of strings and objects (at most {MAX_DEPTH} levels) with an "<ans>" field '
+                f"at the top, whose string leaves are filled; at most {MAX_TASK_KEYS} keys, {MAX_ANSWERS} answers and "
+                f"{MAX_TASK_CHARS} characters of keys and values")]
 
 
 class BeeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"task": {"input": "北京是中国的首都", "prompt": "中翻英", "<ans>": ""}, "max_tokens": 16}]})
     task: BeeTask | None = None
     tasks: list[BeeTask] | None = Field(None, min_length=1, max_length=MAX_TASKS)
-    max_tokens: int = Field(64, ge=1, le=MAX_BEE_TOKENS)
-    num_beams: int = Field(1, ge=1, le=8)
+    max_tokens: Integer = Field(64, ge=1, le=MAX_BEE_TOKENS)
+    num_beams: Integer = Field(1, ge=1, le=8)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
+    top_k: Integer = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: Integer | None = Field(None, ge=0, le=2**32 - 1)
     adapter: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
     @model_validator(mode="after")
@@ -93,6 +97,16 @@ class BeeRequest(BaseModel):
         if self.temperature > 0 and self.num_beams > 1:
             raise ValueError("sampling (temperature > 0) and num_beams > 1 do not combine")
         return self
+
+
+class BeeResponse(BaseModel):
+    """``result`` (for ``task``) or ``results`` (for ``tasks``): each task with its ``<ans>``
+    leaves filled (a leaf decoding never reached is null)."""
+
+    result: dict[str, Any] | None = None
+    results: list[dict[str, Any]] | None = None
+    adapter: str | None
+    seconds: float
 
 
 def answers_for(lm: LM, request: BeeRequest) -> dict[str, Any]:
@@ -114,7 +128,8 @@ def router(state: ServerState) -> APIRouter:
 
     api = APIRouter()
 
-    @api.post("/v1/bee", dependencies=[needs(state, "bee")])
+    @api.post("/v1/bee", dependencies=[needs(state, "bee")], response_model=BeeResponse,
+              response_model_exclude_unset=True)
     async def bee(body: BeeRequest, http: HttpRequest) -> dict[str, Any]:
         lm = state.ready()
         admitted = state.admit(len(body.tasks) if body.tasks is not None else 1)

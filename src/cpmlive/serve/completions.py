@@ -24,7 +24,7 @@ from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
 from cpmlive.infer.generate import GenerationConfig
 from cpmlive.serve.runtime import ServerError, ServerState, valid_text
-from cpmlive.serve.tasks import needs
+from cpmlive.serve.tasks import Integer, needs
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -57,7 +57,8 @@ def at_most(limit: int, what: str) -> BeforeValidator:
 
 
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(valid_text)]
-Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS), AfterValidator(valid_text), AfterValidator(not_empty)]
+Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS, json_schema_extra={"minLength": 1}), AfterValidator(valid_text),
+                 AfterValidator(not_empty)]
 
 
 class StreamOptions(BaseModel):
@@ -72,21 +73,21 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = Field(None, max_length=200)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Integer | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: Integer = Field(1, ge=1, le=MAX_N)
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS), at_most(MAX_STOPS, "stop sequences")] \
         | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: Integer | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = Field(None, max_length=200)
-    top_k: int = Field(0, ge=0)
+    top_k: Integer = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Integer = Field(0, ge=0)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -110,9 +111,12 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "今天天气不错，", "max_tokens": 8, "temperature": 0},
+        {"prompt": ["春天来了，", "今天"], "max_tokens": 4, "n": 2, "seed": 1, "logprobs": 2, "echo": True}]})
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PROMPTS),
                                at_most(MAX_PROMPTS, "prompts")]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Integer | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
 
@@ -123,9 +127,102 @@ class Message(BaseModel):
 
 
 class ChatRequest(Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 8, "logprobs": True, "top_logprobs": 2}]})
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Integer | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+# ---- the answers (the OpenAPI document's response bodies) -----------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(BaseModel):
+    """OpenAI's completion; with ``stream`` the answer is server-sent events of its chunks."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatResponse(BaseModel):
+    """OpenAI's chat completion; with ``stream`` the answer is server-sent events of its chunks."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+             "description": "one server-sent event: data is a chunk (OpenAI's, as JSON) or an error object, and the "
+                            "last event's data is [DONE]"}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+                  "description": "the answer, or with stream: true its chunks as server-sent events"}}
 
 
 # ---- building engine requests -------------------------------------------------------------------------
@@ -210,7 +307,7 @@ def router(state: ServerState) -> APIRouter:
 
     api = APIRouter()
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=ModelList)
     def models() -> dict[str, Any]:
         created = int(time.time())
         names = state.model_names()
@@ -218,7 +315,8 @@ def router(state: ServerState) -> APIRouter:
             {"id": name, "object": "model", "created": created, "owned_by": "cpmlive",
              "root": names[0], "parent": None if name == names[0] else names[0]} for name in names]}
 
-    @api.post("/v1/completions", dependencies=[needs(state, "generate")])
+    @api.post("/v1/completions", dependencies=[needs(state, "generate")], response_model=CompletionResponse,
+              responses=STREAMED)
     async def completions(body: CompletionRequest, http: HttpRequest) -> Any:
         adapter = state.resolve(body.model)
         body.model = body.model or state.base_name
@@ -244,7 +342,8 @@ def router(state: ServerState) -> APIRouter:
         return {"id": ident, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
                 "usage": usage(prompt_tokens, sum(len(r.ids) for r in results))}
 
-    @api.post("/v1/chat/completions", dependencies=[needs(state, "chat")])
+    @api.post("/v1/chat/completions", dependencies=[needs(state, "chat")], response_model=ChatResponse,
+              responses=STREAMED)
     async def chat(body: ChatRequest, http: HttpRequest) -> Any:
         adapter = state.resolve(body.model)
         body.model = body.model or state.base_name

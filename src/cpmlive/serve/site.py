@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from cpmlive.serve.dashboard import read_since
 from cpmlive.serve.runtime import ServerState
 
@@ -65,6 +67,19 @@ def with_layout(state: ServerState, name: str, here: str) -> str:
     return text.replace("<body>", "<body>\n" + bar, 1)
 
 
+class RunMetrics(BaseModel):
+    """``/api/metrics``: the training run's records written after byte ``since`` of its log."""
+
+    run: str
+    now: float
+    exists: bool
+    records: list[dict[str, Any]]
+    next: int
+    file: str | None
+    reset: bool
+    more: bool
+
+
 def router(state: ServerState) -> APIRouter:
     from fastapi import APIRouter, Query
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -92,7 +107,7 @@ def router(state: ServerState) -> APIRouter:
             raise ServerError(404, "this server shows no training run (start it with --run-dir RUN)")
         return with_layout(state, "dashboard.html", "/dashboard")
 
-    @site.get("/api/metrics")
+    @site.get("/api/metrics", response_model=RunMetrics)
     def run_metrics(since: int = Query(0, ge=0), file: str | None = None) -> Any:
         run = state.settings.run_dir
         if run is None:

@@ -31,45 +31,84 @@ MAX_TEXT_CHARS = 2_000
 MAX_NAME_CHARS = 200
 
 
+def whole_number(value: Any) -> Any:
+    """JSON's ``4.0`` is the integer 4 (JSON Schema's "integer" allows it, so the document does);
+    ``true`` and ``"4"`` stay refused by the request models' strict mode."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(whole_number)]
+
+
 def as_list(value: Any) -> Any:
     """One text as a list of one (``/v1/classify`` takes either)."""
     return [value] if isinstance(value, str) else value
 
 
 AdapterName = Annotated[str | None, Field(max_length=MAX_NAME_CHARS)]
-Texts = Annotated[list[Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(valid_text)]],
-                  BeforeValidator(as_list), Field(max_length=MAX_TEXTS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(valid_text)]
+Texts = Annotated[list[Text], BeforeValidator(as_list, json_schema_input_type=Text | Annotated[
+    list[Text], Field(max_length=MAX_TEXTS)]), Field(max_length=MAX_TEXTS)]
 
 
 class TitleRequest(BaseModel):
     """The headline app's request; like every request model, strict: JSON's types as sent."""
 
-    model_config = ConfigDict(strict=True)
-    article: Annotated[str, AfterValidator(valid_text)] = Field(max_length=MAX_REQUEST_CHARS)
-    n: int = Field(5, ge=1, le=10)
+    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [
+        {"article": "新华社北京电 今天，北京迎来了今年的第一场雪。市民纷纷走上街头赏雪拍照。", "n": 3}]})
+    article: Annotated[str, AfterValidator(valid_text)] = Field(
+        max_length=MAX_REQUEST_CHARS, description="the article to suggest titles for")
+    n: Integer = Field(5, ge=1, le=10)
     adapter: AdapterName = None
-    num_beams: int = Field(TitleOptions.num_beams, ge=1, le=8)
-    samples: int = Field(TitleOptions.samples, ge=0, le=16)
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    num_beams: Integer = Field(TitleOptions.num_beams, ge=1, le=8)
+    samples: Integer = Field(TitleOptions.samples, ge=0, le=16)
+    seed: Integer = Field(0, ge=0, le=2**32 - 1)
 
 
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(strict=True)
-    text: Texts  # one text or a list of them
+    model_config = ConfigDict(strict=True, json_schema_extra={"examples": [{"text": ["这部电影真好看", "太难吃了"]}]})
+    text: Texts = Field(description="one text or a list of them; the answer's labels are one label or a list")
     adapter: AdapterName = None
 
 
 class FillRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True,
+                              json_schema_extra={"examples": [{"text": "北京是中国的<mask>。", "max_tokens": 2}]})
     text: Annotated[str, AfterValidator(valid_text)] = Field(max_length=MAX_FILL_CHARS)
-    max_tokens: int = Field(4, ge=1, le=MAX_BLANK_TOKENS)
-    blank_lengths: list[Annotated[int, Field(ge=1, le=MAX_BLANK_TOKENS)]] | None = Field(None, min_length=1,
+    max_tokens: Integer = Field(4, ge=1, le=MAX_BLANK_TOKENS)
+    blank_lengths: list[Annotated[Integer, Field(ge=1, le=MAX_BLANK_TOKENS)]] | None = Field(None, min_length=1,
                                                                                          max_length=MAX_BLANK_TOKENS)
     temperature: float = Field(0.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    top_k: Integer = Field(0, ge=0)
+    seed: Integer | None = Field(None, ge=0, le=2**32 - 1)
     adapter: AdapterName = None
+
+
+class TitleResponse(BaseModel):
+    titles: list[str]
+    warning: str | None  # e.g. the article was truncated
+    adapter: str | None
+    seconds: float
+
+
+class ClassifyResponse(BaseModel):
+    labels: str | list[str]  # as the request's text: one or a list
+    adapter: str | None
+    seconds: float
+
+
+class FillResponse(BaseModel):
+    text: str
+    fills: list[str]
+    adapter: str | None
+    seconds: float
+
+
+class ServedModel(BaseModel):
+    model: str
+    adapters: list[str]
+    tasks: dict[str, str]
 
 
 # ---- model work (runs on the engine's thread) ---------------------------------------------------
@@ -173,21 +212,22 @@ def router(state: ServerState) -> APIRouter:
             admitted.release()
         return {**answer, "seconds": round(time.perf_counter() - start, 3)}
 
-    @api.get("/api/health")
+    @api.get("/api/health", response_model=ServedModel)
     def health() -> dict[str, Any]:
         lm = state.ready()
         return {"model": state.base_name, "adapters": list(lm.tasks), "tasks": adapter_tasks(lm)}
 
     for prefix in ("/v1", "/api"):
-        @api.post(f"{prefix}/title" if prefix == "/v1" else "/api/titles", dependencies=[needs(state, "title")])
+        @api.post(f"{prefix}/title" if prefix == "/v1" else "/api/titles", dependencies=[needs(state, "title")],
+                  response_model=TitleResponse)
         async def titles(body: TitleRequest, http: HttpRequest) -> dict[str, Any]:
             return await timed(titles_for, body, http)
 
-        @api.post(f"{prefix}/classify", dependencies=[needs(state, "classify")])
+        @api.post(f"{prefix}/classify", dependencies=[needs(state, "classify")], response_model=ClassifyResponse)
         async def classify(body: ClassifyRequest, http: HttpRequest) -> dict[str, Any]:
             return await timed(labels_for, body, http)
 
-        @api.post(f"{prefix}/fill", dependencies=[needs(state, "fill")])
+        @api.post(f"{prefix}/fill", dependencies=[needs(state, "fill")], response_model=FillResponse)
         async def fill(body: FillRequest, http: HttpRequest) -> dict[str, Any]:
             return await timed(fill_for, body, http)
 
