@@ -89,6 +89,23 @@ def test_bad_flag_values_import_nothing_heavy(argv):
     assert probe == {"code": 2, "heavy": []}
 
 
+@pytest.mark.parametrize("argv", [
+    ("generate", "demo"),
+    ("generate", "demo", "你好", "--vote"),
+    ("fill", "demo"),
+    ("title",),
+    ("title", "  "),
+    ("tokenize", "demo"),
+    ("generate", "no-such-model", "你好"),
+    ("chat", "no-such-model"),
+    ("title", "正文", "--model", "no-such-model"),
+], ids=repr)
+def test_bad_input_before_the_model_imports_nothing_heavy(argv):
+    """A missing text, an empty article or a wrong model name is refused (exit 2) before torch loads."""
+    probe = parse_in_fresh_interpreter(*argv)
+    assert probe == {"code": 2, "heavy": []}
+
+
 RUN_PROBE = """
 import contextlib, io, json, sys
 from cpmlive.cli import main

@@ -28,7 +28,7 @@ from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
 from cpmlive.model.families import Family, family, family_of, preset_family
 from cpmlive.model.streaming import parse_size, stream_weights
-from cpmlive.resources import adapter_path, model_path
+from cpmlive.resources import adapter_path, check_model
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tokenizer.bee import BeeTokenizer
 from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
@@ -411,7 +411,7 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     torch_dtype = parse_dtype(dtype)
     if torch_dtype is None and torch.device(device).type == "cpu":
         torch_dtype = torch.float32  # CPUs have no fast float16 kernels: compute float16 checkpoints in float32
-    path = model_path(name_or_path)
+    path = check_model(name_or_path)
     directory: Path | None
     if path.exists():
         kind = family_of(path)

@@ -160,6 +160,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def load_lm(args: argparse.Namespace):
+    from cpmlive.resources import check_model
+
+    check_model(args.model)  # a wrong name is refused before torch is imported
     from cpmlive.api import load
 
     return load(args.model, dtype=args.dtype, vocab=args.vocab, hf_tokenizer=args.hf_tokenizer,
@@ -360,10 +363,10 @@ def preset_info(name: str) -> dict:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    text = prompt_from(args)
     from cpmlive.model.families import CPM1, DEFAULT, family_of
     from cpmlive.resources import model_path, vocab_path
 
-    text = prompt_from(args)
     kind = family_of(args.model_or_vocab) if model_path(args.model_or_vocab).is_dir() else DEFAULT
     if kind is DEFAULT and Path(args.model_or_vocab).suffix == ".model":
         kind = CPM1  # a bare SentencePiece model is CPM-1's vocabulary
@@ -576,11 +579,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_title(args: argparse.Namespace) -> None:
-    from cpmlive.apps.headline import TitleOptions, suggest_titles
-
     article = read_text_file(args.file) if args.file else prompt_from(args)
     if not article.strip():
         raise CpmliveError("the article is empty")
+    from cpmlive.resources import check_model
+
+    check_model(args.model)
+    from cpmlive.apps.headline import TitleOptions, suggest_titles
+
     options = TitleOptions(n=args.n, num_beams=args.num_beams, samples=args.samples, min_chars=args.min_chars,
                            max_chars=args.max_chars, seed=args.seed, lead_sentences=args.lead_sentences)
     if args.adapter is None and args.model == "demo":
