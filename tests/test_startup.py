@@ -163,7 +163,7 @@ def test_segmenter_cuts_as_jieba(tmp_path, monkeypatch, stock_jieba):
         assert list(segmenter.cut(text)) == list(stock_jieba.cut(text))
         assert list(segmenter.cut(text, HMM=False)) == list(stock_jieba.cut(text, HMM=False))
         assert segmenter.tokenizer.total == stock_jieba.total
-    assert len(list(tmp_path.glob("jieba-prefix-*.marshal"))) == 1
+    assert len(list(tmp_path.glob("cpmlive/jieba-prefix-*.marshal"))) == 1
 
 
 def test_a_short_text_loads_a_small_part_of_the_dictionary(tmp_path, monkeypatch, stock_jieba):

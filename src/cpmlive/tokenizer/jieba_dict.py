@@ -6,8 +6,8 @@ that costs about half as much CPU as importing torch. Segmenting a text only eve
 substrings of that text, so only the entries whose first character occurs in it are needed.
 
 This keeps jieba's dictionary split by first character, each part marshalled on its own, in a
-cache file under the user's cache directory (``$XDG_CACHE_HOME/cpmlive``, else
-``~/.cache/cpmlive``; ``CPMLIVE_CACHE`` overrides), written once from jieba's own dictionary.
+cache file under ``cpmlive/`` in ``$CPMLIVE_CACHE``, ``$XDG_CACHE_HOME`` or ``~/.cache`` (as
+the native kernels), written once from jieba's own dictionary.
 Before each cut the parts for the text's new characters are added to the tokenizer's plain
 ``FREQ`` dict, so jieba runs unchanged, with the same entries and total, and cuts exactly as a
 fully initialised ``jieba.Tokenizer``. Without a usable cache directory it initialises jieba fully.
@@ -29,10 +29,9 @@ FORMAT = 1
 
 
 def cache_dir() -> Path:
-    """Where cpmlive keeps files it can rebuild (``CPMLIVE_CACHE``, else the XDG cache directory)."""
-    if os.environ.get("CPMLIVE_CACHE"):
-        return Path(os.environ["CPMLIVE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpmlive"
+    """Where cpmlive keeps files it can rebuild, under the same root as the native kernels."""
+    root = os.environ.get("CPMLIVE_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "cpmlive"
 
 
 def cache_path(dictionary: Path) -> Path:
