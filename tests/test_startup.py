@@ -190,6 +190,7 @@ def test_segmenter_without_a_usable_cache(tmp_path, monkeypatch, stock_jieba, ca
     else:
         monkeypatch.setenv("CPMLIVE_CACHE", str(tmp_path))
         path = cache_path(Path(jieba.__file__).parent / jieba.DEFAULT_DICT_NAME)
+        path.parent.mkdir(parents=True)
         path.write_bytes(b"not marshal")
     segmenter = Segmenter()
     text = long_text()[:3000]
