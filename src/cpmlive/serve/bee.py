@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 MAX_TASKS = 16
 MAX_BEE_TOKENS = 512
 MAX_TASK_CHARS = 20_000  # a task's keys and values together, as /v1/completions bounds a prompt
-MAX_TASK_KEYS = 512  # each key is a segment of at least two tokens: more fit no CPM-Bee model
+MAX_TASK_KEYS = 512  # each key is a segment (2+ tokens) and the relation table is the segments' square
 MAX_ANSWERS = 256  # <ans> leaves; each costs at least one of max_tokens' steps
 
 
