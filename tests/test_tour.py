@@ -59,3 +59,36 @@ def test_demo_reviews_are_the_first_of_the_test_split():
 
     assert REVIEWS == split_sentiment(load_sentiment())["test"][:len(REVIEWS)]
 
+
+@pytest.mark.parametrize("name, family", [("demo", "CPM-Ant"), ("bee-demo", "CPM-Bee"), ("cpm1-demo", "CPM-1")])
+def test_every_family_ships_a_demo(name, family):
+    from cpmlive.model.families import family_of
+    from cpmlive.resources import SHIPPED_MODELS
+
+    assert name in SHIPPED_MODELS and family_of(name).name == family
+
+
+def test_cpm1_demo_generates_with_cpm_generate_special_pieces():
+    import cpmlive
+    from cpmlive.resources import demo_dir
+    from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
+
+    assert sum(p.stat().st_size for p in demo_dir("cpm1-demo").iterdir()) <= 30_000_000
+    lm = cpmlive.load("cpm1-demo")
+    assert isinstance(lm.tokenizer, Cpm1Tokenizer)
+    pieces = [lm.tokenizer.id_to_token(i) for i in range(8)]
+    assert pieces == ["<unk>", "<s>", "</s>", "\u2583", "<sep>", "<pad>", "<mask>", "<eod>"]
+    assert lm.tokenizer.eos_id == 7 and lm.model.config.vocab_size == lm.tokenizer.vocab_size
+    text = lm.generate("中国", max_new_tokens=4, min_new_tokens=4)
+    assert text and text == lm.generate("中国", max_new_tokens=4, min_new_tokens=4)
+
+
+def test_cpm1_demo_recipe_builds_the_shipped_architecture():
+    import json
+
+    from cpmlive.resources import demo_dir
+    from cpmlive.train.pretrain import PretrainConfig, new_model_config
+
+    config = PretrainConfig.from_file(README.parent / "recipes" / "cpm1-demo.yaml")
+    shipped = json.loads((demo_dir("cpm1-demo") / "config.json").read_text("utf-8"))
+    assert {**new_model_config(config).to_dict(), "half": True} == shipped

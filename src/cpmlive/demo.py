@@ -95,7 +95,7 @@ def main() -> int:
     for piece in lm.stream("在新的一年里，", max_new_tokens=24, repetition_penalty=1.2):
         print(piece, end="", flush=True)
     print()
-    return bee_tour()
+    return bee_tour() or cpm1_tour()
 
 
 def bee_tour() -> int:
@@ -114,6 +114,23 @@ def bee_tour() -> int:
     for filled in bee.bee(BEE_TASKS, max_new_tokens=40, num_beams=3):
         print(json.dumps(filled, ensure_ascii=False))
     print(f"({time.perf_counter() - started:.2f}s for {len(BEE_TASKS)} tasks as one batch, beam 3)")
+    return 0
+
+
+def cpm1_tour() -> int:
+    """The small CPM-1 demo (``"cpm1-demo"``): GPT-2 over jieba + SentencePiece, left to right only."""
+    import cpmlive
+
+    try:
+        lm = cpmlive.load("cpm1-demo")
+    except CpmliveError as exc:
+        print(f"cpmlive demo: {exc}", file=sys.stderr)
+        return 2
+    section(f"CPM-1 (cpm1-demo, {lm.model.num_parameters() / 1e6:.1f}M parameters)")
+    text = "清华大学 计算机系"
+    print(text, "->", lm.tokenizer.tokenize(text))
+    for prompt in PROMPTS:
+        print(f"{prompt}|{lm.generate(prompt, max_new_tokens=32, min_new_tokens=8, repetition_penalty=1.2)}")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""What ships inside the package, resolved in one place: the demo model (``"demo"``), the
-adapters trained on it (``"headline"``, ``"sentiment"``) and vocabulary files.
+"""What ships inside the package, resolved in one place: the demo models (``"demo"``, CPM-Ant;
+``"bee-demo"``, CPM-Bee; ``"cpm1-demo"``, CPM-1), the adapters trained on it (``"headline"``, ``"sentiment"``) and vocabulary files.
 
 Every verb and the Python API name these the same way; this module sits below every stage, so
 each of them may resolve a name without importing a higher layer.
@@ -15,7 +15,8 @@ from cpmlive.errors import CpmliveError
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEMO = "demo"
 BEE_DEMO = "bee-demo"  # the bilingual CPM-Bee demo
-SHIPPED_MODELS = (DEMO, BEE_DEMO)
+CPM1_DEMO = "cpm1-demo"  # a small CPM-1 (GPT-2) with its own SentencePiece vocabulary: recipes/cpm1-demo.yaml
+SHIPPED_MODELS = (DEMO, BEE_DEMO, CPM1_DEMO)
 VOCAB_NAME = "vocab.txt"
 
 
@@ -27,8 +28,8 @@ def demo_dir(name: str = DEMO) -> Path:
 
 
 def model_path(name_or_path: str | os.PathLike) -> Path:
-    """``"demo"`` (CPM-Ant) and ``"bee-demo"`` (CPM-Bee) are the shipped models (unless a path of
-    that name exists); anything else is a path."""
+    """``"demo"`` (CPM-Ant), ``"bee-demo"`` (CPM-Bee) and ``"cpm1-demo"`` (CPM-1) are the shipped
+    models (unless a path of that name exists); anything else is a path."""
     path = Path(name_or_path)
     if str(name_or_path) in SHIPPED_MODELS and not path.exists():
         return demo_dir(str(name_or_path))
@@ -74,4 +75,4 @@ def vocab_path(model_or_vocab: str | os.PathLike, name: str = VOCAB_NAME) -> Pat
     return path
 
 
-__all__ = ["ASSETS", "BEE_DEMO", "DEMO", "adapter_path", "check_model", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]
+__all__ = ["ASSETS", "BEE_DEMO", "CPM1_DEMO", "DEMO", "adapter_path", "check_model", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]

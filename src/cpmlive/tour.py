@@ -63,6 +63,14 @@ TOURS: dict[str, list[str]] = {
         """cpmlive bee bee-demo '{"input": {"<ans>": ""}, "<ans>": ""}'""",
         """cpmlive bee demo '{"input": "北京", "<ans>": ""}'""",
     ],
+    "cpm1": [
+        "cpmlive info cpm1-demo",
+        'cpmlive tokenize cpm1-demo "清华大学 计算机系" --json',
+        'cpmlive generate cpm1-demo "中国的首都是" --max-new-tokens 24 --repetition-penalty 1.2',
+        'cpmlive generate cpm1-demo "宝玉笑道：" --max-new-tokens 24 --repetition-penalty 1.2',
+        'cpmlive generate cpm1-demo "新华社北京1月5日电" --max-new-tokens 24 --repetition-penalty 1.2 --json',
+        'cpmlive fill cpm1-demo "北京是中国的<mask>。"',
+    ],
 }
 
 
