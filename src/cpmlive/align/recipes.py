@@ -33,7 +33,8 @@ from rouge_score import rouge_scorer
 from cpmlive.align import losses
 from cpmlive.align.policy import (Pair, ScalarHead, completion_hidden, completion_logprobs, reference_of,
                                   sample_completions, sequence_scores, target_ids, token_logprobs)
-from cpmlive.data.align import PreferencePair, PromptedText, preference_pairs, prompts, sft_examples
+from cpmlive.data.align import (TRUNCATION_MODES, PreferencePair, PromptedText, preference_pairs, prompts, sft_examples,
+                                truncate_prompt)
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_checkpoint, save_safetensors
@@ -69,6 +70,10 @@ class AlignConfig(Recipe):
     delta: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
     max_input_tokens: int = 160
     max_output_tokens: int = 48
+    # TRL's prompt truncation: a prompt over max_prompt_length tokens keeps <s> and its last (keep_end) or
+    # first (keep_start) max_prompt_length - 1; 0: none, and a prompt over max_input_tokens is refused
+    max_prompt_length: int = 0
+    truncation_mode: str = "keep_end"
     batch_size: int = 8
     grad_accum: int = 1
     epochs: float = 1.0
@@ -109,7 +114,7 @@ class AlignConfig(Recipe):
 
     # The loop's knobs are fine-tuning's; a prompt needs <s> and one token.
     RANGES: ClassVar[dict[str, Bound]] = {
-        **FinetuneConfig.RANGES, "max_input_tokens": Bound(2),
+        **FinetuneConfig.RANGES, "max_input_tokens": Bound(2), "max_prompt_length": NON_NEGATIVE,
         "beta": POSITIVE, "label_smoothing": Bound(0, 0.5, high_open=True), "kl_coef": NON_NEGATIVE,
         "temperature": POSITIVE, "ppo_epochs": AT_LEAST_ONE, "missing_eos_penalty": NON_NEGATIVE,
         "clip_range": POSITIVE, "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE, "gamma": Bound(0, 1),
@@ -118,6 +123,7 @@ class AlignConfig(Recipe):
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "method": METHODS, "schedule": SCHEDULES, "precision": PRECISIONS, "loss_type": losses.DPO_LOSSES,
         "reward": ("model", "rouge"), "kl_estimator": losses.KL_ESTIMATORS, "tuning": ("lora", "full"),
+        "truncation_mode": TRUNCATION_MODES,
     }
 
     def check(self) -> None:
@@ -134,6 +140,9 @@ class AlignConfig(Recipe):
             raise CpmliveError("config: grpo runs for max_steps rollout batches; set max_steps")
         if self.tuning == "full" and self.adapter:
             raise CpmliveError("config: full tuning starts from model= (e.g. a full SFT run's best/), not adapter=")
+        if self.max_prompt_length and not 2 <= self.max_prompt_length <= self.max_input_tokens:
+            raise CpmliveError(f"config: max_prompt_length must be 0 (no truncation) or 2..max_input_tokens "
+                               f"({self.max_input_tokens}): <s> and at least one token; got {self.max_prompt_length}")
         deltas.DeltaConfig.from_dict(self.delta)
 
     @property
@@ -216,10 +225,17 @@ class AlignTrainer(Finetuner):
     # ---- encoding --------------------------------------------------------------------------
 
     def prompt_ids(self, text: str, where: str) -> list[int]:
-        ids = [self.tokenizer.bos_id, *[i for i in self.tokenizer.encode_for_model(text) if i != self.tokenizer.bos_id]]
-        if len(ids) > self.config.max_input_tokens:
+        """``<s>`` and the prompt's ids, cut to ``max_prompt_length`` as TRL cuts a prompt (``<s>``
+        stays: CPM-Ant reads it first); a prompt still over ``max_input_tokens`` is refused."""
+        config = self.config
+        ids = [i for i in self.tokenizer.encode_for_model(text) if i != self.tokenizer.bos_id]
+        if config.max_prompt_length:
+            ids = truncate_prompt(ids, config.max_prompt_length - 1, config.truncation_mode)
+        ids = [self.tokenizer.bos_id, *ids]
+        if len(ids) > config.max_input_tokens:
             raise CpmliveError(f"{where}: the prompt is {len(ids)} tokens (with <s> and the chat template); "
-                               f"max_input_tokens is {self.config.max_input_tokens}: shorten it or raise the limit")
+                               f"max_input_tokens is {config.max_input_tokens}: shorten it, raise the limit or "
+                               "set max_prompt_length=N (truncation_mode=keep_end|keep_start) to cut it as TRL does")
         return ids
 
     def completion_ids(self, text: str) -> list[int]:

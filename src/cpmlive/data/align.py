@@ -25,6 +25,9 @@ from cpmlive.errors import CpmliveError
 from cpmlive.utils import atomic_write_text
 
 
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
 @dataclass(frozen=True)
 class PromptedText:
     """A rendered prompt (the chat template applied) and a completion (may be empty)."""
@@ -157,9 +160,24 @@ def prompts(path: str | Path, template: ChatTemplate) -> list[PromptedText]:
     return out
 
 
+def truncate_prompt(ids: list[int], max_length: int, mode: str = "keep_end") -> list[int]:
+    """TRL's prompt truncation (``max_prompt_length`` with ``truncation_mode``): a prompt longer
+    than ``max_length`` keeps its last (``keep_end``, where a chat prompt opens the answer's turn)
+    or its first ``max_length`` ids."""
+    if max_length < 1:
+        raise ValueError("max_length must be at least 1")
+    if len(ids) <= max_length:
+        return ids
+    if mode == "keep_end":
+        return ids[-max_length:]
+    if mode == "keep_start":
+        return ids[:max_length]
+    raise ValueError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}")
+
+
 def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-__all__ = ["PreferencePair", "PromptedText", "json_lines", "preference_pairs", "prompts", "render_prompt",
-           "sft_examples", "write_jsonl"]
+__all__ = ["PreferencePair", "PromptedText", "TRUNCATION_MODES", "json_lines", "preference_pairs", "prompts",
+           "render_prompt", "sft_examples", "truncate_prompt", "write_jsonl"]
