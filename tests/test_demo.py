@@ -75,8 +75,10 @@ def test_make_demo_tour_runs_every_section():
     assert out.returncode == 0, out.stderr
     sections = [line.split("==")[1].strip() for line in out.stdout.splitlines() if line.startswith("== ")]
     assert [s.split()[0] for s in sections] == ["the", "tokenize", "generate", "generate", "fill", "title",
-                                                 "classify", "stream", "CPM-Bee"]
+                                                 "classify", "stream", "CPM-Bee", "CPM-1"]
     bee_lines = [line for line in out.stdout.split("== CPM-Bee")[1].splitlines() if line.startswith("{")]
+    cpm1_lines = out.stdout.split("== CPM-1")[1].splitlines()
+    assert len([line for line in cpm1_lines if "|" in line]) == 3  # one continuation per prompt
     filled = [json.loads(line) for line in bee_lines]
     assert len(filled) == 5 and all(isinstance(task["<ans>"], str) and task["<ans>"] for task in filled)
     classified = out.stdout.split("== classify")[1].split("== stream")[0].split()
