@@ -29,8 +29,9 @@ def test_prune_distill_quantize_gives_a_model_every_verb_reads(setup, tmp_path):
     original, small = load_model(model_dir), load_model(out)
     assert small.config.num_heads * small.config.dim_ff < original.config.num_heads * original.config.dim_ff
     assert sum(f.stat().st_size for f in out.iterdir()) < sum(f.stat().st_size for f in model_dir.iterdir())
-    steps = sorted(p.name for p in (tmp_path / "small.run").iterdir())
+    steps = sorted(p.name for p in (tmp_path / "small.run").iterdir() if p.is_dir())
     assert steps == ["step-1-prune", "step-2-distill", "step-3-quantize"]
+    assert (tmp_path / "small.run" / "compress-run.json").is_file()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, "-m", "cpmlive", "generate", str(out), "今天", "--max-new-tokens", "3"],
                             capture_output=True, env=env, timeout=300)

@@ -161,8 +161,9 @@ class LM:
         name = self.active if adapter is True else adapter
         template = self.chat_templates.get(name)
         if template is None:
-            raise CpmliveError("this model has no chat template (it was not tuned for chat): tune one with "
-                               "`cpmlive align sft`, or use generate")
+            tune = ("tune one with `cpmlive align sft`, or use generate" if self.family.model_type == "cpm-ant"
+                    else f"the alignment recipes tune CPM-Ant models, not {self.family.name}: use generate")
+            raise CpmliveError(f"this model has no chat template (it was not tuned for chat): {tune}")
         return template
 
     def chat_stream(self, messages: Sequence[dict], max_new_tokens: int = 128, **kwargs: object) -> Iterator[str]:
@@ -185,6 +186,15 @@ class LM:
         if tokens + new_tokens > limit:
             raise CpmliveError(f"the prompt's {tokens} tokens and max_new_tokens {new_tokens} exceed the "
                                f"model's {limit} positions: ask for at most {limit - tokens} new tokens")
+
+    def _check_blanks(self, tokens: int, blanks: int, longest: int) -> None:
+        """The text's own tokens first, then the blanks at their longest (max_new_tokens each by default)."""
+        self._check_length(tokens)
+        limit = self.config.max_length - self.config.prompt_length
+        if tokens + blanks * longest > limit:
+            raise CpmliveError(f"{blanks} blank{'s' * (blanks != 1)} of up to {longest} tokens (max_new_tokens, "
+                               f"or the longest blank length) and the text's {tokens} tokens exceed the model's "
+                               f"{limit} positions: ask for at most {(limit - tokens) // blanks} tokens a blank")
 
     def _options(self, max_new_tokens: int, kwargs: dict) -> GenerationConfig:
         self.require("generate")
@@ -326,7 +336,7 @@ class LM:
         if not lengths or min(lengths) < 1:
             raise CpmliveError("blank lengths must be positive")
         pieces = [self.tokenizer.encode_for_model(part)[1:] if part else [] for part in text.split(MASK)]
-        self._check_length(1 + sum(map(len, pieces)) + max(lengths) * (len(pieces) - 1) + 1)
+        self._check_blanks(1 + sum(map(len, pieces)) + 1, len(pieces) - 1, max(lengths))
         candidates = fill_blanks(self.model, pieces, lengths, options, self.tokenizer.bos_id,
                                  self.tokenizer.eos_id)
         blanks, _ = max(candidates, key=lambda item: item[1])

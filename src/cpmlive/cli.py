@@ -159,12 +159,26 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def run_adapter(name: str) -> str:
+    """``--adapter RUN_DIR`` of a fine-tuning or alignment run means its ``best/`` adapter (said in a note)."""
+    from cpmlive.tune.delta import CONFIG_NAME
+    from cpmlive.tune.finetune import BEST
+
+    path, best = Path(name), Path(name) / BEST
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and (best / CONFIG_NAME).is_file():
+        print(f"cpmlive: note: {path} is a training run: using its best adapter, {best}", file=sys.stderr)
+        return str(best)
+    return name
+
+
 def load_lm(args: argparse.Namespace):
     from cpmlive.resources import check_model
 
     check_model(args.model)  # a wrong name is refused before torch is imported
     from cpmlive.api import load
 
+    if getattr(args, "adapter", None):
+        args.adapter = [run_adapter(name) for name in args.adapter]
     return load(args.model, dtype=args.dtype, vocab=args.vocab, hf_tokenizer=args.hf_tokenizer,
                 adapter=getattr(args, "adapter", None), memory_limit=getattr(args, "memory_limit", None),
                 stored_weights=getattr(args, "stored_weights", False))
@@ -310,8 +324,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise CpmliveError("--group-size is for 4 bits; 8-bit weights have one scale per output channel")
     config = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.method,
                          activations=args.activations, embedding=not args.float_embedding)
-    out = quantize_checkpoint(args.model, args.out, config, calibration=args.calibration, samples=args.samples,
-                              sample_tokens=args.sample_tokens, force=args.force)
+    with warnings_as_lines():
+        out = quantize_checkpoint(args.model, args.out, config, calibration=args.calibration, samples=args.samples,
+                                  sample_tokens=args.sample_tokens, force=args.force)
     print(f"wrote {out}")
 
 
@@ -319,7 +334,11 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from cpmlive.compress.pipeline import CompressRecipe, compress
 
     recipe = CompressRecipe.from_file(args.recipe, args.overrides)
-    print(f"wrote {compress(args.model, args.out, recipe, resume=args.resume, force=args.force)}")
+    if recipe.run_time:
+        print(f"cpmlive: {args.recipe} takes {recipe.run_time}", file=sys.stderr)
+    with warnings_as_lines():
+        out = compress(args.model, args.out, recipe, resume=args.resume, force=args.force)
+    print(f"wrote {out}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -421,7 +440,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     from cpmlive.model.checkpoint import vocab_file_name
 
     stats = prepare(args.sources, args.vocab, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                    workers=args.workers, progress=not args.quiet, force=args.force)
+                    workers=args.workers, progress=not args.quiet, force=args.force, max_docs=args.max_docs)
     kept = Path(args.out, vocab_file_name(args.vocab))  # vocab.txt, or spiece.model for CPM-1
     if not kept.exists() or not kept.samefile(args.vocab):
         shutil.copyfile(args.vocab, kept)
@@ -579,6 +598,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_title(args: argparse.Namespace) -> None:
+    if args.file and args.text is not None:
+        raise CpmliveError("give the article or --file, not both")
     article = read_text_file(args.file) if args.file else prompt_from(args)
     if not article.strip():
         raise CpmliveError("the article is empty")
@@ -865,6 +886,8 @@ def build_parser() -> Parser:
     prep.add_argument("--seed", type=count, default=0)
     prep.add_argument("--workers", type=positive_int, default=None)
     prep.add_argument("--quiet", action="store_true")
+    prep.add_argument("--max-docs", type=positive_int, default=None, metavar="N",
+                      help="keep the first N documents of each source (a quick store: see recipes/compress-quick.yaml)")
     add_force(prep)
     prep.set_defaults(run=cmd_data_prepare)
     heads = data_verbs.add_parser("headlines", help="People's Daily 1998 (title, body) pairs as train/dev/test JSONL")
@@ -1031,6 +1054,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.text, extras = extras[0], []
     if len(extras) == 1 and getattr(args, "task", "") is None and not extras[0].startswith("--"):
         args.task, extras = extras[0], []
+    # argparse fills a `key=value ...` positional once: overrides after a flag (--recipe R a=1) arrive here.
+    if isinstance(getattr(args, "overrides", None), list) and extras and not any(e.startswith("-") for e in extras):
+        args.overrides, extras = [*args.overrides, *extras], []
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     run: Callable[[argparse.Namespace], None] = args.run

@@ -75,28 +75,95 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...],
                     text_keys: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    """``key=value`` (YAML-parsed value); ``section.key=value`` sets one key of a mapping.
+    """``key=value`` (YAML-parsed value); a dotted key reaches into mappings and lists:
+    ``model_overrides.dim_model=96``, ``steps.0.prune.steps=20`` (or ``steps[0].prune.steps=20``).
 
-    For ``text_keys`` (the string fields) a value YAML does not read as a string is kept as
-    typed: ``out=2024`` is the directory ``"2024"`` and ``template={input}`` the template
-    ``"{input}"``, not a number and a mapping."""
+    A missing mapping on the way is made. A list item that is a one-key mapping of settings (a
+    compress step, ``{prune: {...}}``) lets them be named directly: ``steps.0.steps=20``. For
+    ``text_keys`` (the string fields) a value YAML does not read as a string is kept as typed:
+    ``out=2024`` is the directory ``"2024"`` and ``template={input}`` the template ``"{input}"``,
+    not a number and a mapping."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise CpmliveError(f"override {item!r} is not key=value")
-        target, *rest = key.split(".")
+        path = override_path(key, item)
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
-        if rest:
-            section = data.setdefault(target, {})
-            if not isinstance(section, dict):
-                raise CpmliveError(f"override {item!r}: {target} is not a mapping")
-            section[rest[0]] = parsed
-        else:
-            data[target] = parsed if target not in text_keys or isinstance(parsed, str) else value
+        if len(path) == 1 and path[0] in text_keys and not isinstance(parsed, str):
+            parsed = value
+        _assign(data, path, parsed, item)
     return data
+
+
+def override_path(key: str, item: str) -> list[str | int]:
+    """``steps.0.prune.steps`` or ``steps[0].prune.steps``: the mapping keys and list indices in order."""
+    parts: list[str | int] = []
+    for piece in key.replace("[", ".[").split("."):
+        bracketed = piece.startswith("[") and piece.endswith("]")
+        name = piece[1:-1] if bracketed else piece
+        if not name or "[" in name or "]" in name or (bracketed and not _is_index(name)):
+            raise CpmliveError(f"override {item!r}: {key!r} is not a dotted key such as steps.0.prune.steps")
+        parts.append(int(name) if _is_index(name) else name)
+    return parts
+
+
+def _is_index(name: str) -> bool:
+    return name.removeprefix("-").isdigit()
+
+
+def _assign(data: dict[str, Any], path: list[str | int], value: Any, item: str) -> None:
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        where = _dotted(path[:depth + 1])
+        if isinstance(node, list):
+            node = node[_index(node, part, _dotted(path[:depth]), item)]
+            if not isinstance(node, (dict, list)):
+                raise CpmliveError(f"override {item!r}: {where} is {node!r}, not a mapping or list")
+            node = _settings_of_step(node, path[depth + 1])
+            continue
+        if isinstance(part, int):
+            raise CpmliveError(f"override {item!r}: {_dotted(path[:depth]) or 'the recipe'} is a mapping, "
+                               f"not a list (no index {part})")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise CpmliveError(f"override {item!r}: {where} is {node!r}, not a mapping or list")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_index(node, last, _dotted(path[:-1]), item)] = value
+    elif isinstance(last, int):
+        raise CpmliveError(f"override {item!r}: {_dotted(path[:-1]) or 'the recipe'} is a mapping, "
+                           f"not a list (no index {last})")
+    else:
+        node[last] = value
+
+
+def _index(items: list, part: str | int, where: str, item: str) -> int:
+    if not isinstance(part, int):
+        raise CpmliveError(f"override {item!r}: {where} is a list: give an index (such as {where}.0), not {part!r}")
+    if not -len(items) <= part < len(items):
+        raise CpmliveError(f"override {item!r}: {where} has {len(items)} item{'s' * (len(items) != 1)}, "
+                           f"no index {part}")
+    return part
+
+
+def _settings_of_step(node: dict | list, following: str | int) -> Any:
+    """``{prune: {...}}`` reached through a list, with a next key that is not ``prune``: its settings."""
+    if isinstance(node, dict) and len(node) == 1 and isinstance(following, str) and following not in node:
+        (kind,) = node
+        if node[kind] is None:
+            node[kind] = {}
+        if isinstance(node[kind], dict):
+            return node[kind]
+    return node
+
+
+def _dotted(path: list[str | int]) -> str:
+    return ".".join(str(part) for part in path)
 
 
 class Recipe:

@@ -79,7 +79,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     """Call ``write`` on a temporary file beside ``path``, then rename it into place, so
     readers see the old file or the new one, never half of either."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise named_error(exc, path) from None
     try:
         os.chmod(tmp, default_mode())
         with os.fdopen(fd, "wb") as handle:
@@ -87,9 +90,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise named_error(exc, path) from None
         raise
+
+
+def named_error(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path``: a failed write names the file meant, not its temporary twin (or nothing)."""
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path)) if exc.errno else OSError(f"{path}: {exc}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

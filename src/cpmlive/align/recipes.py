@@ -41,7 +41,8 @@ from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_checkpoi
 from cpmlive.model.families import family_of
 from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
-from cpmlive.train.checkpoints import check_optimizer_fits, read_trainer_state, refuse_existing_run, warn
+from cpmlive.train.checkpoints import (check_optimizer_fits, cleaned_up_on_failure, read_trainer_state,
+                                       refuse_existing_run, warn)
 from cpmlive.train.core import autocast, learning_rate, memory_mb, set_learning_rate
 from cpmlive.train.metrics import finite_or_none
 from cpmlive.tune import delta as deltas
@@ -663,7 +664,8 @@ TRAINERS: dict[str, type[AlignTrainer]] = {"sft": SftTrainer, "rm": RewardTraine
 
 def align(config: AlignConfig, resume: str | None = None) -> Path:
     """Run the recipe; returns the best adapter's directory."""
-    TRAINERS[config.method](config, resume).run()
+    with cleaned_up_on_failure(Path(config.out)):
+        TRAINERS[config.method](config, resume).run()
     return Path(config.out) / BEST
 
 

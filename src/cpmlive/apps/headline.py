@@ -45,6 +45,7 @@ _CLAUSE_RE = re.compile(r"[，。！？；：\n]")
 _SENTENCE_END_RE = re.compile(r"(?<=[。！？\n])")
 _NOT_TEXT_RE = re.compile(r"[\s\W_]+")
 _WORDLIKE_RE = re.compile(r"[^\W_]")
+HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")  # the headline model reads Chinese: an article needs some
 
 
 @dataclass
@@ -212,6 +213,8 @@ def title_candidates(lm: LM, article: str, options: TitleOptions | None = None) 
     options = options or TitleOptions()
     spec: TaskSpec = lm.task or TaskSpec()
     article = clean_article(article)
+    if not HAN.search(article):
+        raise CpmliveError("the headline model is Chinese-only: the article has no Chinese characters")
     row, cut = encode_input(lm.tokenizer, spec, article)
     if cut:
         warnings.warn(f"article truncated to its first {spec.max_input_tokens} tokens", stacklevel=3)

@@ -29,6 +29,7 @@ import copy
 import dataclasses
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +60,8 @@ from cpmlive.utils import atomic_write_text, check_output
 STEP_KINDS = ("prune", "distill", "sparse24", "qat", "quantize", "moefy")
 COMPRESSION_NAME = "compression.json"  # how the model was made; `cpmlive info` shows it
 DONE = "done"
+RUN_MARKER = "compress-run.json"  # written first into OUT.run/: tells a compress run from any other directory
+STEP_DIR = re.compile(r"step-\d+-(" + "|".join(STEP_KINDS) + ")")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class CompressRecipe(Recipe):
     calibration_rows: int = 64
     seed: int = 0
     progress: bool = True
+    run_time: str = ""  # what the recipe takes, as measured by its author; `cpmlive compress` prints it
 
     RANGES = {"seq_length": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "save_every": AT_LEAST_ONE,
               "keep_checkpoints": AT_LEAST_ONE, "calibration_rows": AT_LEAST_ONE}
@@ -203,12 +207,12 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
     """Run every step of ``recipe`` on ``src`` and write the result to the model directory ``out``."""
     out = check_output(out, force)
     run_dir = out.with_name(out.name + ".run")
-    if resume is None and run_dir.exists() and any(run_dir.iterdir()):
-        raise CpmliveError(f"{run_dir} holds an earlier compress run of {out}; continue it with --resume auto "
-                           "or remove it")
+    check_run_dir(run_dir, out, resume)
     original, directory = family_of(src).load(src, dtype=torch.float32)
     if original.config.quantization is not None:
         raise CpmliveError(f"{src}: already quantized; compress its float checkpoint")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / RUN_MARKER, json.dumps({"output": str(out), "source": str(src)}) + "\n")
     vocab = checkpoint_vocab(directory)
     model = original
     history = []
@@ -236,6 +240,23 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
               "data": recipe.data, "seed": recipe.seed}
     atomic_write_text(written / COMPRESSION_NAME, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return written
+
+
+def check_run_dir(run_dir: Path, out: Path, resume: str | None) -> None:
+    """``OUT.run/`` is new or empty, or (to resume) a compress run: one with the marker this writes
+    first, or only ``step-N-kind`` directories (a run from before the marker)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CpmliveError(f"{run_dir} is a file; compress keeps its run there: move it away")
+    entries = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    if not entries:
+        return
+    ours = (run_dir / RUN_MARKER).is_file() or all(STEP_DIR.fullmatch(entry.name) for entry in entries)
+    if not ours:
+        raise CpmliveError(f"{run_dir} exists and is not a compress run (no {RUN_MARKER}); compress keeps its run "
+                           "there: move it away or choose another OUT")
+    if resume is None:
+        raise CpmliveError(f"{run_dir} holds an earlier compress run of {out}; continue it with --resume auto "
+                           "or remove it")
 
 
 def _moefied(model: CpmAnt, settings: MoEStep, calibration: list | None) -> CpmAnt:
@@ -318,7 +339,7 @@ class TrainingRun:
         found = resume_point(self.step_dir, "auto", lambda path: read_trainer_state(path, ("step", "model")))
         if found is not None:
             self.restore(found[1])
-        log = MetricsLog(self.step_dir)
+        log = MetricsLog(self.step_dir, self.step)
         bar = progress_bar(self.settings.steps, self.step, f"compress {self.label}", self.recipe.progress)
         try:
             with StopRequest() as stop:

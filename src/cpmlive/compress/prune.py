@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,7 @@ INITIAL_LOG_ALPHA = 3.0  # every gate starts (almost surely) open
 # Short second-moment memory for the gates: once a gate saturates its gradient shrinks, and with
 # Adam's usual 0.999 the large early gradients would keep its steps tiny when the multipliers turn.
 MASK_BETAS = (0.0, 0.9)
+TARGET_SLACK = 0.1  # a pruned model further than this from its target share is warned about
 
 
 class HardConcrete(nn.Module):
@@ -304,8 +306,26 @@ class GateTrainer:
         self.model.eval()
         pruned = pruned_model(self.model, self.masks, self.config.multiple_of)
         self.masks.detach()
+        warn_off_target(kept_share(self.model, pruned), self.config.target, self.config.steps)
         return pruned
 
 
-__all__ = ["GateTrainer", "HardConcrete", "Lagrangian", "PruneConfig", "Lagrangian", "PrunedShape", "PruningMasks", "binarise", "check_target",
+def kept_share(original: nn.Module, pruned: nn.Module) -> float:
+    """The share of the prunable projection weights (q, k, v, attention out, FFN) that ``pruned`` kept."""
+    def prunable(model: nn.Module) -> int:
+        return sum(p.numel() for name, p in model.named_parameters()
+                   if ".attn.project_" in name or ".attn.attention_out." in name or ".ffn.w_" in name)
+
+    return prunable(pruned) / prunable(original)
+
+
+def warn_off_target(kept: float, target: float, steps: int) -> None:
+    """A pruned model more than ``TARGET_SLACK`` away from its target is said so, in one line."""
+    if abs(kept - target) > TARGET_SLACK:
+        warnings.warn(f"prune kept {kept:.0%} of the prunable parameters against a target of {target:.0%} "
+                      f"after {steps} steps (the gates had not reached it: give more steps or a larger mask_lr "
+                      f"/ lagrangian_lr)", stacklevel=2)
+
+
+__all__ = ["GateTrainer", "HardConcrete", "Lagrangian", "PruneConfig", "Lagrangian", "PrunedShape", "PruningMasks", "binarise", "check_target", "kept_share", "warn_off_target",
            "prunable_parameters", "pruned_model", "sliced_state"]

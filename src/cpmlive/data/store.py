@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -144,15 +145,17 @@ def _tokenize_shard(task: _ShardTask) -> tuple[int, int]:
 
 
 def _documents(
-    sources: Sequence[str], min_chars: int, cache_dir: PathLike | None, counts: dict[str, Counter[str]]
+    sources: Sequence[str], min_chars: int, cache_dir: PathLike | None, counts: dict[str, Counter[str]],
+    max_docs: int | None = None,
 ) -> Iterator[tuple[int, str]]:
-    """(source index, cleaned text) of every document; ``counts[source]`` gets its drop tallies."""
+    """(source index, cleaned text) of every document (the first ``max_docs`` of each source when
+    given); ``counts[source]`` gets its drop tallies."""
     seen: set[bytes] = set()
     for index, source in enumerate(sources):
         tally = counts.setdefault(source, Counter())
         texts = clean_paragraphs(iter_source(source, cache_dir=cache_dir), min_chars=min_chars, counts=tally,
                                  seen=seen)
-        for text in texts:
+        for text in itertools.islice(texts, max_docs):
             yield index, text
 
 
@@ -333,11 +336,11 @@ def _default_workers() -> int:
 
 
 def _count_documents(
-    sources: Sequence[str], min_chars: int, cache_dir: PathLike | None
+    sources: Sequence[str], min_chars: int, cache_dir: PathLike | None, max_docs: int | None = None
 ) -> tuple[int, int, dict[str, Counter[str]]]:
     """Totals, and per source its kept documents/chars and drop tallies; an empty source is an error."""
     counts: dict[str, Counter[str]] = {}
-    for index, text in _documents(sources, min_chars, cache_dir, counts):
+    for index, text in _documents(sources, min_chars, cache_dir, counts, max_docs):
         counts[sources[index]].update(documents=1, chars=len(text))
     for source in sources:
         tally = counts[source]
@@ -368,6 +371,7 @@ def prepare(
     cache_dir: PathLike | None = None,
     progress: bool = True,
     force: bool = False,
+    max_docs: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``sources`` (embedded corpus names or paths) into ``out_dir``.
 
@@ -377,12 +381,16 @@ def prepare(
     ``shard_documents``, and split by document into train/val. Returns the
     metadata written to ``meta.json`` plus ``seconds`` and ``shards_reused``.
 
+    ``max_docs`` keeps the first that many documents of each source (a quick store for a trial run).
+
     ``out_dir`` must be new or empty, or hold an interrupted run's shards (which are resumed);
     with ``force`` an existing directory is written over (only this writer's files).
     """
     started = time.monotonic()
     sources = [str(source) for source in sources]
     _check_options(sources, val_fraction, min_chars, shard_documents)
+    if max_docs is not None and max_docs < 1:
+        raise CpmliveError(f"max_docs must be at least 1, got {max_docs}")
     tokenizer = text_tokenizer(vocab_path)
     out = Path(out_dir)
     if not (out / SHARD_DIR).is_dir():
@@ -393,11 +401,11 @@ def prepare(
         plan.shard_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CpmliveError(f"cannot create output directory {out}: {exc.strerror}") from exc
-    documents, chars, counts = _count_documents(sources, min_chars, cache_dir)
+    documents, chars, counts = _count_documents(sources, min_chars, cache_dir, max_docs)
     shards = -(-documents // shard_documents)
     workers = max(1, min(workers or _default_workers(), shards))
     with _progress_bar(chars, progress) as bar:
-        paths, reused = _tokenize_all(_documents(sources, min_chars, cache_dir, {}), plan, workers, bar)
+        paths, reused = _tokenize_all(_documents(sources, min_chars, cache_dir, {}, max_docs), plan, workers, bar)
     assembled = _assemble(paths, out, seed, val_fraction)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -412,6 +420,8 @@ def prepare(
         "train": assembled["train"], "val": assembled["val"],
         "per_source": _per_source_meta(sources, counts, assembled["per_source"]),
     }
+    if max_docs is not None:
+        meta["max_docs"] = max_docs
     text = json.dumps(meta, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
     atomic_write(out / META_FILE, lambda handle: handle.write(text.encode("utf-8")))
     shutil.rmtree(plan.shard_dir, ignore_errors=True)

@@ -30,6 +30,7 @@ from cpmlive.errors import CpmliveError
 from cpmlive.model.kernels import attention, project
 import cpmlive.model.native_decode as native_decode
 from cpmlive.model.moe import MoEFeedForward
+from cpmlive.model.quant import count_parameters
 from cpmlive.utils import compute_dtype
 
 
@@ -427,7 +428,7 @@ class CpmAnt(nn.Module):
                         device=self.input_embedding.weight.device)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     def init_weights(self, seed: int | None = None) -> None:
         """An init that trains stably from scratch (:func:`init_stack`)."""

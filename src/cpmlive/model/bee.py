@@ -29,6 +29,7 @@ from cpmlive.config import BeeConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import AntCache, Block, Embedding, RMSNorm, autocast_input, init_stack, relative_position_bucket
 from cpmlive.model.kernels import project
+from cpmlive.model.quant import count_parameters
 from cpmlive.utils import compute_dtype
 
 RESIDUAL_SCALE = 1.05
@@ -208,7 +209,7 @@ class CpmBee(nn.Module):
                         device=self.input_embedding.weight.device)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     def init_weights(self, seed: int | None = None) -> None:
         """As CPM-Ant's (:func:`~cpmlive.model.ant.init_stack`)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import Tensor
 
 from cpmlive.config import AntConfig, BeeConfig, Cpm1Config
@@ -261,6 +261,22 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike) -> Non
     private 0600 files, which other users of a shared checkpoint folder could not read)."""
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, default_mode())
+
+
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """``safetensors.torch.save`` with a header that is the same for the same input: the writer
+    keeps ``__metadata__`` in a hash map, so with several keys their order (and so the file's
+    bytes) changed from one run to the next. The keys are sorted here, the tensors kept in the
+    order of their data."""
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    found = header.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(found.items()))} if found else {}
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
 
 
 def write_weights(state: dict[str, Tensor], directory: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
@@ -527,5 +543,5 @@ def ours_to_hf(state: dict[str, Tensor], config: AntConfig) -> dict[str, Tensor]
 __all__ = [
     "CONFIG_NAME", "INDEX_NAME", "VOCAB_NAME", "WEIGHTS_NAME", "check_state_dict", "config_from_openbmb_state",
     "hf_to_ours", "load_model", "model_from_state_dict", "openbmb_to_ours", "ours_to_hf", "ours_to_openbmb",
-    "read_safetensors", "read_weights", "save_checkpoint",
+    "read_safetensors", "read_weights", "safetensors_bytes", "save_checkpoint",
 ]

@@ -30,6 +30,7 @@ from cpmlive.config import Cpm1Config
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import AntCache, Embedding, autocast_input, mask_inputs, token_positions
 from cpmlive.model.kernels import attention, project
+from cpmlive.model.quant import count_parameters
 from cpmlive.utils import compute_dtype
 
 
@@ -187,7 +188,7 @@ class Cpm1(nn.Module):
                         device=self.input_embedding.weight.device)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return count_parameters(self)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

@@ -291,6 +291,14 @@ class QuantizedEmbedding(QuantizedLinear):
 # ---- whole models -----------------------------------------------------------------------------
 
 
+def count_parameters(model: nn.Module) -> int:
+    """The model's weights, a quantized layer's int8 / packed int4 codes counted as the
+    ``in x out`` weights they stand for (its scales and zero points not at all)."""
+    floats = sum(p.numel() for p in model.parameters())
+    return floats + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Every bias-free linear layer of the blocks: q, k, v, attention output and the FFN."""
     return [name for name, module in model.named_modules()
@@ -335,6 +343,6 @@ def dequantize_state(state: dict[str, Tensor], dtype: torch.dtype = torch.float3
     return out
 
 
-__all__ = ["QuantizedEmbedding", "QuantizedLinear", "dequantize_int4", "dequantize_int8", "dequantize_state",
+__all__ = ["QuantizedEmbedding", "QuantizedLinear", "count_parameters", "dequantize_int4", "dequantize_int8", "dequantize_state",
            "install_quantized_layers", "int4_codes", "int4_group_params", "int8_matmul_per_token",
            "is_quantized", "pack_int4", "quantizable_linears", "quantize_int4", "quantize_int8", "unpack_int4"]

@@ -21,9 +21,10 @@ import shutil
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -213,6 +214,25 @@ def refuse_existing_run(run_dir: Path, resume: str | None, markers: tuple[str, .
                            "or choose another out")
 
 
+@contextmanager
+def cleaned_up_on_failure(run_dir: Path) -> Iterator[None]:
+    """A run that fails before its first checkpoint leaves ``run_dir`` as it found it: made
+    new, it is removed; empty, it is emptied again. One with a checkpoint is kept (to resume)."""
+    run_dir = Path(run_dir)
+    existed = run_dir.is_dir()
+    fresh = not run_dir.exists() or (existed and not any(run_dir.iterdir()))
+    try:
+        yield
+    except BaseException:
+        if fresh and run_dir.is_dir() and not step_dirs(run_dir) and not (run_dir / "checkpoints" / LATEST).exists():
+            for entry in [run_dir] if not existed else list(run_dir.iterdir()):
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        raise
+
+
 # ---- interrupts -------------------------------------------------------------------------------
 
 
@@ -252,7 +272,8 @@ class StopRequest:
 
 
 __all__ = [
-    "LATEST", "StopRequest", "TRAINER_STATE", "check_optimizer_fits", "checkpoint_dir", "existing_run",
+    "LATEST", "StopRequest", "TRAINER_STATE", "check_optimizer_fits", "checkpoint_dir", "cleaned_up_on_failure",
+    "existing_run",
     "latest_checkpoint", "publish", "read_trainer_state", "refuse_existing_run", "resume_candidates",
     "resume_point", "step_dirs", "step_of", "warn", "write_checkpoint",
 ]

@@ -1,7 +1,9 @@
 """The live record of a run: append-only JSON lines, flushed per line.
 
 A crash can leave a torn last line; readers skip any line that does not parse, so the file
-never blocks a resume or a dashboard. After a resume, the newest record of a step wins.
+never blocks a resume or a dashboard. A resumed run first drops the records of the steps after
+its checkpoint (they are run again), so the file holds one record of each kind per step, as an
+uninterrupted run's does.
 """
 
 from __future__ import annotations
@@ -14,15 +16,35 @@ from typing import Any, Iterator
 
 import torch
 
+from cpmlive.errors import CpmliveError
+from cpmlive.utils import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    """Appends records to ``RUN_DIR/metrics.jsonl``; ``resumed_step``: the step of the checkpoint
+    the run continues from (records of later steps are dropped first)."""
+
+    def __init__(self, run_dir: str | os.PathLike, resumed_step: int | None = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_step is not None and self.path.is_file():
+            self._drop_after(resumed_step)
         self._repair_torn_tail()
         self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _drop_after(self, step: int) -> None:
+        """Rewrite the file (atomically) without the records of steps after ``step`` and torn lines."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
 
     def _repair_torn_tail(self) -> None:
         """A line cut by a crash would glue onto the next record: end it first."""
@@ -33,8 +55,11 @@ class MetricsLog:
                     handle.write(b"\n")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False, default=_plain) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps(record, ensure_ascii=False, allow_nan=False, default=_plain) + "\n")
+            self._handle.flush()
+        except OSError as exc:  # a full disk or a vanished mount: the error alone would not say where
+            raise CpmliveError(f"{self.path}: cannot write the run's metrics ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         self._handle.close()

@@ -264,7 +264,8 @@ class Trainer:
             self._resume(resume)
         if self.is_main:
             atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
-        self.log: MetricsLog | _NoLog = MetricsLog(self.run_dir) if self.is_main else _NoLog()
+        resumed = self.state.step if resume else None
+        self.log: MetricsLog | _NoLog = MetricsLog(self.run_dir, resumed) if self.is_main else _NoLog()
         self.tensorboard = tensorboard_writer(self.run_dir) if config.tensorboard and self.is_main else None
 
     def prepare_model(self, model: CpmAnt) -> CpmAnt:

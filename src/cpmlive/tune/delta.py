@@ -51,12 +51,11 @@ from typing import Any, Iterator, Union
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from cpmlive.errors import CpmliveError
 from cpmlive.model.ant import Embedding, RMSNorm
-from cpmlive.model.checkpoint import read_safetensors
+from cpmlive.model.checkpoint import read_safetensors, safetensors_bytes
 from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.kernels import project
 from cpmlive.model.quant import QuantizedLinear

@@ -37,8 +37,8 @@ from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.resources import model_path
 from cpmlive.tokenizer import text_tokenizer
-from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, read_trainer_state,
-                                       refuse_existing_run, resume_point, warn, write_checkpoint)
+from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, cleaned_up_on_failure,
+                                       read_trainer_state, refuse_existing_run, resume_point, warn, write_checkpoint)
 from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, restore_optimizer,
                                 rng_state, set_learning_rate, set_rng_state)
 from cpmlive.train.metrics import MetricsLog, finite_or_none
@@ -177,7 +177,7 @@ class Finetuner:
         if resume:
             self._resume(resume)
         atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
-        self.log = MetricsLog(self.run_dir)
+        self.log = MetricsLog(self.run_dir, self.position.step if resume else None)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -471,7 +471,8 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
     """Train; returns the best adapter's directory."""
     path = resolve_model_path(config.model)
     kind = BeeFinetuner if family_of(path).model_type == "cpm-bee" else Finetuner
-    kind(config, resume).run()
+    with cleaned_up_on_failure(Path(config.out)):
+        kind(config, resume).run()
     return Path(config.out) / BEST
 
 
