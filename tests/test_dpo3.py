@@ -67,12 +67,12 @@ def dpo_config(world, out: str, **extra: object) -> AlignConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(world) -> DpoTrainer:
-    torch.set_num_threads(1)
+def run(world) -> tuple[DpoTrainer, dict[str, float]]:
+    """The recipe's run, and its training-pair figures before it."""
     trainer = DpoTrainer(dpo_config(world, "dpo"))
-    trainer.before = train_metrics(trainer)
+    before = train_metrics(trainer)
     trainer.run()
-    return trainer
+    return trainer, before
 
 
 @torch.no_grad()
@@ -155,9 +155,10 @@ def trl_layout_logprobs(model, inputs: dict, prompts: list[list[int]]) -> torch.
     return out
 
 
-def test_dpo_batch_loss_equals_trls_dpo_trainer(trained):
+def test_dpo_batch_loss_equals_trls_dpo_trainer(run):
     """The trained policy and its reference on one batch: our loss and logged rewards are what
     TRL's ``DPOTrainer._compute_loss`` makes of TRL's collated batch of the same pairs."""
+    trained = run[0]
     items = trained.train_pairs[:8]
     loss, metrics = trained.batch_loss(items)
     examples = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in items]
@@ -186,11 +187,12 @@ def test_dpo_batch_loss_equals_trls_dpo_trainer(trained):
 # ---- learning ------------------------------------------------------------------------------------
 
 
-def test_the_dpo_recipe_raises_training_pair_accuracy(trained):
+def test_the_dpo_recipe_raises_training_pair_accuracy(run):
     """At the recipe's settings 40 steps on 32 pairs must fit them: the implicit rewards rank the
     chosen answer first on nearly every training pair, and the policy itself on more of them, with
     wider margins. (At the recipe's former lr 5e-4 on q and v the implicit margin stayed near 0.)"""
-    before, after = trained.before, train_metrics(trained)
+    trainer, before = run
+    after = train_metrics(trainer)
     assert before["reward_margin"] == pytest.approx(0, abs=1e-5)  # the policy starts as the reference
     assert after["reward_accuracy"] >= 0.9 and after["reward_margin"] > 0.5
     assert after["pair_accuracy"] >= before["pair_accuracy"] + 0.125
