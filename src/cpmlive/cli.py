@@ -818,12 +818,6 @@ def build_parser() -> Parser:
     add_force(conv)
     conv.set_defaults(run=cmd_convert)
 
-    quant = verbs.add_parser("quantize", help="quantize a checkpoint's weights to int8 or int4")
-    quant.add_argument("model", help="float checkpoint (any format) or 'demo'")
-    quant.add_argument("out", help="output model directory")
-    quant.add_argument("--bits", type=int, choices=[8, 4], required=True)
-    quant.add_argument("--group-size", type=positive_int, default=None,
-                       help="inputs per int4 scale (default 64; must divide every layer's width)")
     down = verbs.add_parser("download", help="download a published model repository from the Hugging Face Hub")
     down.add_argument("repo", help="owner/name, e.g. openbmb/cpm-ant-10b (README: Getting the published models)")
     down.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
@@ -832,6 +826,12 @@ def build_parser() -> Parser:
                       help="only the files matching these glob patterns (e.g. config.json '*.bin' vocab.txt)")
     down.set_defaults(run=cmd_download)
 
+    quant = verbs.add_parser("quantize", help="quantize a checkpoint's weights to int8 or int4")
+    quant.add_argument("model", help="float checkpoint (any format) or 'demo'")
+    quant.add_argument("out", help="output model directory")
+    quant.add_argument("--bits", type=int, choices=[8, 4], required=True)
+    quant.add_argument("--group-size", type=positive_int, default=None,
+                       help="inputs per int4 scale (default 64; must divide every layer's width)")
     quant.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
                        help="round to nearest, or calibrated GPTQ / AWQ (need --calibration)")
     quant.add_argument("--calibration", default=None, help="UTF-8 text file to calibrate on (one document a line)")
