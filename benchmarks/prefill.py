@@ -58,9 +58,9 @@ def main() -> None:
         fp32_error = (ours_prefill(ours, inputs, False) - reference).abs().max().item()
         bf16_error = (ours_prefill(ours, inputs, True) - reference).abs().max().item()
         times = compare({
-            "hf": lambda: hf_prefill(hf, input_ids),
-            "fp32": lambda: ours_prefill(ours, inputs, False),
-            "bf16": lambda: ours_prefill(ours, inputs, True),
+            "hf": lambda hf=hf: hf_prefill(hf, input_ids),
+            "fp32": lambda ours=ours: ours_prefill(ours, inputs, False),
+            "bf16": lambda ours=ours: ours_prefill(ours, inputs, True),
         }, args.repeats)
         rate = {name: batch * length / statistics.median(t) for name, t in times.items()}
         label = f"{shape} ({millions(count(ours))})"

@@ -16,7 +16,7 @@ from cpmlive.cli import main
 from cpmlive.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig
-from cpmlive.apps.headline import TitleOptions, suggest_titles
+from cpmlive.apps.headline import TitleOptions
 from cpmlive.model.convert import convert, load_any
 from cpmlive.tune.task import classify_scores
 
