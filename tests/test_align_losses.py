@@ -4,7 +4,6 @@ stand-in ``self`` that holds only what the method reads; the model is replaced b
 
 from __future__ import annotations
 
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -16,31 +15,7 @@ trl = pytest.importorskip("trl")
 from trl.trainer.dpo_trainer import DPOTrainer  # noqa: E402
 from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 from trl.trainer.reward_trainer import RewardTrainer  # noqa: E402
-
-
-class Accelerator:
-    device = torch.device("cpu")
-    num_processes = 1
-
-    @staticmethod
-    def gather(tensor):
-        return tensor
-
-    gather_for_metrics = gather
-
-    @staticmethod
-    def reduce(tensor, reduction="sum"):
-        return tensor
-
-    @staticmethod
-    def unwrap_model(model):
-        return model
-
-
-def trainer_stub(**fields) -> SimpleNamespace:
-    base = dict(accelerator=Accelerator(), _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-                _total_train_tokens=0, _tp_size=1, model=SimpleNamespace(training=True), aux_loss_enabled=False)
-    return SimpleNamespace(**{**base, **fields})
+from trl_stubs import trainer_stub  # noqa: E402
 
 
 def completion_batch(seed: int, batch: int = 4, width: int = 7):

@@ -6,7 +6,6 @@ cut as TRL cuts it (``max_prompt_length``, ``truncation_mode``) instead of refus
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,6 +26,7 @@ from cpmlive.tokenizer import AntTokenizer
 
 trl = pytest.importorskip("trl")
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer  # noqa: E402
+from trl_stubs import trainer_stub  # noqa: E402
 
 CITIES = ["北京", "上海", "广州", "深圳", "南京", "武汉", "成都", "西安"]
 THINGS = ["下雪", "开会", "修路", "办展", "植树", "赛跑", "演出", "招聘"]
@@ -123,25 +123,6 @@ def test_completion_logprobs_equal_step_by_step_decoding(world):
 # ---- the loss against TRL's trainer ----------------------------------------------------------------
 
 
-class Accelerator:
-    device = torch.device("cpu")
-    num_processes = 1
-
-    @staticmethod
-    def gather(tensor):
-        return tensor
-
-    gather_for_metrics = gather
-
-    @staticmethod
-    def reduce(tensor, reduction="sum"):
-        return tensor
-
-    @staticmethod
-    def unwrap_model(model):
-        return model
-
-
 def trl_layout_logprobs(model, inputs: dict, prompts: list[list[int]]) -> torch.Tensor:
     """What a causal LM returns to TRL's loss: at column t, log p(input_ids[t + 1]) where that
     token is a completion token (TRL's ``completion_mask``), 0 elsewhere. The rows are TRL's
@@ -167,11 +148,8 @@ def test_dpo_batch_loss_equals_trls_dpo_trainer(run):
     with trained.as_reference() as reference:
         ref_chosen, ref_rejected = trl_layout_logprobs(reference, inputs, prompts).sum(1).chunk(2)
     policy = trl_layout_logprobs(trained.model, inputs, prompts)
-    stub = SimpleNamespace(accelerator=Accelerator(), _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-                           _total_train_tokens=0, _tp_size=1, model=SimpleNamespace(training=True),
-                           aux_loss_enabled=False, beta=trained.config.beta, label_smoothing=0.0,
-                           loss_types=["sigmoid"], loss_weights=[1.0], ld_alpha=None, precompute_ref_logps=True,
-                           f_divergence_type="reverse_kl", use_weighting=False)
+    stub = trainer_stub(beta=trained.config.beta, label_smoothing=0.0, loss_types=["sigmoid"], loss_weights=[1.0],
+                        ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl", use_weighting=False)
     outputs = SimpleNamespace(log_probs=policy, entropy=torch.zeros_like(policy),
                               mean_logits=torch.zeros_like(policy), is_top1=torch.zeros_like(policy, dtype=torch.bool))
     expected = DPOTrainer._compute_loss(stub, lambda **kwargs: outputs,

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cpmlive"
 # Lowest first; a part may import only parts of a lower layer.
 LAYERS = [
     {"errors"},
-    {"utils", "resources"},
+    {"utils", "resources", "download"},  # download: fetching published checkpoints, beside what ships
     {"config", "recipe", "tokenizer"},
     {"data"},
     {"model"},
@@ -27,7 +27,7 @@ LAYERS = [
     {"apps"},
     {"serve"},
     {"cli"},
-    {"demo", "__main__"},
+    {"demo", "tour", "__main__"},  # tour: the README's commands, run through the CLI
 ]
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
 

@@ -59,6 +59,19 @@ def nested(depth: int) -> dict:
     return {"<ans>": "", "deep": value}
 
 
+def client_with_job_spy(lm) -> tuple[TestClient, list]:
+    """A client of a server whose model thread records, and fails, any job that reaches it."""
+    app = create_app(lm)
+    jobs: list = []
+
+    async def spy(work, *args, **kwargs):
+        jobs.append(work)
+        raise AssertionError("refused work reached the model's thread")
+
+    app.state.server.job = spy
+    return TestClient(app), jobs
+
+
 @pytest.mark.parametrize(("task", "fragment"), [
     ({"input": "x", "<ans>": {f"q{i}": "" for i in range(MAX_ANSWERS + 1)}}, f"at most {MAX_ANSWERS}"),
     ({"<ans>": "", **{f"k{i}": {"a": "b"} for i in range(MAX_TASK_KEYS // 2 + 1)}}, f"at most {MAX_TASK_KEYS}"),
@@ -68,15 +81,7 @@ def nested(depth: int) -> dict:
     ({"input": 3, "<ans>": ""}, "every value must be a string"),
 ])
 def test_an_oversized_or_bad_bee_task_is_refused_before_any_model_work(bee_lm, task, fragment):
-    app = create_app(bee_lm)
-    jobs = []
-
-    async def spy(work, *args, **kwargs):
-        jobs.append(work)
-        raise AssertionError("the task reached the model's thread")
-
-    app.state.server.job = spy
-    client = TestClient(app)
+    client, jobs = client_with_job_spy(bee_lm)
     for body in ({"task": task}, {"tasks": [TRANSLATE, task]}):
         assert fragment in error_of(client.post("/v1/bee", json=body))
     assert jobs == []
@@ -215,15 +220,7 @@ ROUTES = [  # (method, path, ability, body)
 @pytest.mark.parametrize("model", ["demo", "bee-demo"])
 def test_every_route_a_family_cannot_serve_is_a_400_naming_it(model, ant_lm, bee_lm):
     lm = ant_lm if model == "demo" else bee_lm
-    app = create_app(lm)
-    jobs = []
-
-    async def spy(work, *args, **kwargs):
-        jobs.append(work)
-        raise AssertionError("refused work reached the model's thread")
-
-    app.state.server.job = spy
-    client = TestClient(app)
+    client, jobs = client_with_job_spy(lm)
     refused = [route for route in ROUTES if not lm.family.can(route[2])]
     assert refused  # demo cannot answer JSON tasks; bee-demo does nothing else
     for method, path, ability, body in refused:

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from cpmlive.config import ALL_PRESETS, AntConfig
+from cpmlive.config import ALL_PRESETS, AntConfig, check_model
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request, request_for
@@ -28,7 +28,7 @@ from cpmlive.model.ant import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
 from cpmlive.model.families import Family, family, family_of, preset_family
 from cpmlive.model.streaming import parse_size, stream_weights
-from cpmlive.resources import adapter_path, check_model
+from cpmlive.resources import adapter_path
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tokenizer.bee import BeeTokenizer
 from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer

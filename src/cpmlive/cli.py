@@ -172,7 +172,7 @@ def run_adapter(name: str) -> str:
 
 
 def load_lm(args: argparse.Namespace):
-    from cpmlive.resources import check_model
+    from cpmlive.config import check_model
 
     check_model(args.model)  # a wrong name is refused before torch is imported
     from cpmlive.api import load
@@ -603,7 +603,7 @@ def cmd_title(args: argparse.Namespace) -> None:
     article = read_text_file(args.file) if args.file else prompt_from(args)
     if not article.strip():
         raise CpmliveError("the article is empty")
-    from cpmlive.resources import check_model
+    from cpmlive.config import check_model
 
     check_model(args.model)
     from cpmlive.apps.headline import TitleOptions, suggest_titles

@@ -549,8 +549,20 @@ def preset(name: str) -> AntConfig | BeeConfig | Cpm1Config:
     return ALL_PRESETS[name]()
 
 
+def check_model(name_or_path: str | os.PathLike) -> Path:
+    """The path a model name stands for (:func:`cpmlive.resources.model_path`), refusing a name
+    that is neither a path nor a preset. Light (no torch): the CLI calls it before it imports
+    anything that loads models."""
+    from cpmlive.resources import model_path
+
+    path = model_path(name_or_path)
+    if not path.exists() and str(name_or_path) not in ALL_PRESETS:
+        raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(ALL_PRESETS))})")
+    return path
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(AntConfig)]
 
 
-__all__ = ["AntConfig", "BeeConfig", "BEE_PRESETS", "CPM1_PRESETS", "Cpm1Config", "ALL_PRESETS", "MoEConfig", "QuantConfig", "PRESETS", "preset", "field_names"]
+__all__ = ["AntConfig", "BeeConfig", "BEE_PRESETS", "CPM1_PRESETS", "Cpm1Config", "ALL_PRESETS", "MoEConfig", "QuantConfig", "PRESETS", "check_model", "preset", "field_names"]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from cpmlive.errors import CpmliveError
+
+if TYPE_CHECKING:
+    from cpmlive.api import LM
 
 PROMPTS = ["中国人民", "今天天气", "宝玉笑道："]
 FILLS = ["北京是中国的<mask>。", "新华社北京1月5日电，国务院总理<mask>今天会见了外国客人。"]
@@ -41,18 +45,26 @@ def section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 60 - len(title)))
 
 
-def main() -> int:
+def load_or_report(name: str, **kwargs: object) -> LM | None:
+    """A shipped model, or ``None`` after saying on stderr why it did not load."""
     import cpmlive
+
+    try:
+        return cpmlive.load(name, **kwargs)
+    except CpmliveError as exc:
+        print(f"cpmlive demo: {exc}", file=sys.stderr)
+        return None
+
+
+def main() -> int:
     from cpmlive.resources import demo_dir
     from cpmlive.apps.headline import TitleOptions, suggest_titles
     from cpmlive.model.convert import checkpoint_info
 
-    try:
-        lm = cpmlive.load("demo", adapter=["headline", "sentiment"])
-        lm.use(None)
-    except CpmliveError as exc:
-        print(f"cpmlive demo: {exc}", file=sys.stderr)
+    lm = load_or_report("demo", adapter=["headline", "sentiment"])
+    if lm is None:
         return 2
+    lm.use(None)
     info = checkpoint_info(demo_dir())
     config = info["config"]
     section("the demo model")
@@ -102,12 +114,8 @@ def bee_tour() -> int:
     """The bilingual CPM-Bee demo (``"bee-demo"``): one task of each kind, as JSON in and out."""
     import json
 
-    import cpmlive
-
-    try:
-        bee = cpmlive.load("bee-demo")
-    except CpmliveError as exc:
-        print(f"cpmlive demo: {exc}", file=sys.stderr)
+    bee = load_or_report("bee-demo")
+    if bee is None:
         return 2
     section(f"CPM-Bee JSON tasks (bee-demo, {bee.model.num_parameters() / 1e6:.1f}M parameters)")
     started = time.perf_counter()
@@ -119,12 +127,8 @@ def bee_tour() -> int:
 
 def cpm1_tour() -> int:
     """The small CPM-1 demo (``"cpm1-demo"``): GPT-2 over jieba + SentencePiece, left to right only."""
-    import cpmlive
-
-    try:
-        lm = cpmlive.load("cpm1-demo")
-    except CpmliveError as exc:
-        print(f"cpmlive demo: {exc}", file=sys.stderr)
+    lm = load_or_report("cpm1-demo")
+    if lm is None:
         return 2
     section(f"CPM-1 (cpm1-demo, {lm.model.num_parameters() / 1e6:.1f}M parameters)")
     text = "清华大学 计算机系"

@@ -36,17 +36,6 @@ def model_path(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
-def check_model(name_or_path: str | os.PathLike) -> Path:
-    """:func:`model_path`, refusing a name that is neither a path nor a preset. Light (no torch):
-    the CLI calls it before it imports anything that loads models."""
-    from cpmlive.config import ALL_PRESETS
-
-    path = model_path(name_or_path)
-    if not path.exists() and str(name_or_path) not in ALL_PRESETS:
-        raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(ALL_PRESETS))})")
-    return path
-
-
 def shipped_adapters() -> list[str]:
     """Names of the adapters installed with the package (trained on the demo model)."""
     root = ASSETS / "adapters"
@@ -75,4 +64,4 @@ def vocab_path(model_or_vocab: str | os.PathLike, name: str = VOCAB_NAME) -> Pat
     return path
 
 
-__all__ = ["ASSETS", "BEE_DEMO", "CPM1_DEMO", "DEMO", "adapter_path", "check_model", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]
+__all__ = ["ASSETS", "BEE_DEMO", "CPM1_DEMO", "DEMO", "adapter_path", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]

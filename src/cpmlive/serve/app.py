@@ -406,15 +406,13 @@ def _shut_down(state: ServerState, server: Any) -> None:
 
 def check_model(model: str | os.PathLike) -> None:
     """Refuse a model that names neither a checkpoint nor a preset before binding the port."""
-    from cpmlive.config import ALL_PRESETS
+    from cpmlive.config import check_model as named_model
     from cpmlive.model.convert import detect_format
-    from cpmlive.model.families import family_of, preset_family
-    from cpmlive.resources import model_path
+    from cpmlive.model.families import family_of
 
-    if not model_path(model).exists() and preset_family(str(model)) is None:
-        raise CpmliveError(f"{model}: no such checkpoint or preset (presets: {', '.join(sorted(ALL_PRESETS))})")
-    if model_path(model).exists() and family_of(model).model_type == "cpm-ant":
-        detect_format(model_path(model))  # a directory with no checkpoint in it is refused here too
+    path = named_model(model)
+    if path.exists() and family_of(model).model_type == "cpm-ant":
+        detect_format(path)  # a directory with no checkpoint in it is refused here too
 
 
 __all__ = ["MAX_BODY_BYTES", "MAX_NAME_CHARS", "MAX_REQUEST_CHARS", "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_WAITING",

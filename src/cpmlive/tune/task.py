@@ -141,7 +141,8 @@ def classify_scores(model: CpmAnt, tokenizer: AntTokenizer, spec: TaskSpec, text
     if not spec.labels:
         raise CpmliveError("this task has no labels")
     label_ids = [encode_target(tokenizer, spec, label) for label in spec.labels]
-    pairs = [(encode_input(tokenizer, spec, text)[0], ids) for text in texts for ids in label_ids]
+    inputs = [encode_input(tokenizer, spec, text)[0] for text in texts]  # once per text, not once per label
+    pairs = [(ids, label) for ids in inputs for label in label_ids]
     scores = []
     per_batch = max(1, batch_size // len(label_ids)) * len(label_ids)
     for start in range(0, len(pairs), per_batch):
