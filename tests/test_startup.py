@@ -99,6 +99,8 @@ def test_bad_flag_values_import_nothing_heavy(argv):
     ("generate", "no-such-model", "你好"),
     ("chat", "no-such-model"),
     ("title", "正文", "--model", "no-such-model"),
+    ("bee", "bee-demo", "{bad json"),
+    ("bee", "bee-demo", '{"input": "北京"}'),
 ], ids=repr)
 def test_bad_input_before_the_model_imports_nothing_heavy(argv):
     """A missing text, an empty article or a wrong model name is refused (exit 2) before torch loads."""

@@ -264,7 +264,7 @@ def cmd_fill(args: argparse.Namespace) -> None:
 def bee_tasks(args: argparse.Namespace) -> list[dict]:
     """The tasks of ``cpmlive bee``: one JSON object (argument, ``-`` or ``--file``), or a file
     of one object per line."""
-    from cpmlive.data.bee import parse_task
+    from cpmlive.data.bee_json import parse_task
 
     if args.file and args.task is not None:
         raise CpmliveError("give the task or --file, not both")
@@ -621,7 +621,7 @@ def cmd_title(args: argparse.Namespace) -> None:
 
 
 def read_jsonl_tasks(path: str) -> list[dict]:
-    from cpmlive.data.bee import parse_task
+    from cpmlive.data.bee_json import parse_task
 
     lines = [(n, line) for n, line in enumerate(read_text_file(path).splitlines(), 1) if line.strip()]
     if not lines:
