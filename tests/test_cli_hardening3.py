@@ -230,6 +230,18 @@ def test_a_failed_align_leaves_no_out_directory(tmp_path):
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
 
 
+def test_a_failed_run_keeps_the_best_adapter_validation_wrote(tmp_path):
+    """A run that fails after validation saved its best adapter, but before any checkpoint, keeps it."""
+    from cpmlive.train.checkpoints import cleaned_up_on_failure
+
+    run = tmp_path / "run"
+    with pytest.raises(MemoryError), cleaned_up_on_failure(run, keep=("best",)):
+        (run / "best").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
+        raise MemoryError
+    assert (run / "best").is_dir() and (run / "metrics.jsonl").is_file()
+
+
 def test_a_package_archive_is_downloaded_once_for_all_its_members(tmp_path, monkeypatch):
     import zipfile
 
@@ -247,6 +259,26 @@ def test_a_package_archive_is_downloaded_once_for_all_its_members(tmp_path, monk
     first = fetch.fetch_package_file("pkg", "1.0", "pkg/a.txt", cache_dir=tmp_path)
     second = fetch.fetch_package_file("pkg", "1.0", "pkg/b.txt", cache_dir=tmp_path)
     assert (first.read_text(), second.read_text(), calls) == ("A", "B", ["pkg"])
+
+
+def test_a_damaged_cached_archive_is_fetched_once_more(tmp_path, monkeypatch):
+    import zipfile
+
+    calls = []
+
+    def download(package: str, version: str, into: Path) -> Path:
+        calls.append(package)
+        archive = into / f"{package}-{version}.zip"
+        with zipfile.ZipFile(archive, "w") as bundle:
+            bundle.writestr("pkg/a.txt", "A")
+        return archive
+
+    torn = tmp_path / fetch.ARCHIVES / "pkg-1.0" / "pkg-1.0.zip"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"PK\x03\x04 torn")
+    monkeypatch.setattr(fetch, "_pip_download", download)
+    assert fetch.fetch_package_file("pkg", "1.0", "pkg/a.txt", cache_dir=tmp_path).read_text() == "A"
+    assert calls == ["pkg"]
 
 
 def test_a_failed_write_names_the_file_meant(tmp_path, monkeypatch):

@@ -130,6 +130,22 @@ def test_download_into_the_cache_and_include_filters(hub, tmp_path):
     assert not (out / "b.json").exists()
 
 
+def test_a_cached_download_is_found_again_offline(hub, tmp_path, monkeypatch):
+    """The cache records which commit the branch names, so HF_HUB_OFFLINE (and transformers
+    offline) finds the snapshot an online download left."""
+    import huggingface_hub.constants as constants
+
+    online = download("openbmb/cpm-demo")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert download("openbmb/cpm-demo") == online
+
+
+def test_cli_download_without_a_config_names_no_family(hub, tmp_path, capsys):
+    assert main(["download", "someone/only-text", "--out", str(tmp_path / "text")]) == 0
+    printed = capsys.readouterr().out
+    assert "downloaded someone/only-text" in printed and "checkpoint" not in printed and "convert" not in printed
+
+
 def test_cli_download_honours_hf_endpoint_and_names_the_convert_command(hub, tmp_path):
     """A fresh process, the stand-in named only by HF_ENDPOINT (as a user would set it)."""
     out = tmp_path / "ant"

@@ -308,6 +308,8 @@ def cmd_download(args: argparse.Namespace) -> None:
 
     path = download(args.repo, revision=args.revision, out=args.out, include=args.include)
     print(f"downloaded {args.repo} to {path}")
+    if not (path / "config.json").is_file():
+        return  # an --include subset without the config: not a checkpoint to read or convert yet
     try:
         name = family_of(path).name
     except CpmliveError:

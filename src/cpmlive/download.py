@@ -46,22 +46,20 @@ def _reason(exc: Exception, repo: str, revision: str | None) -> str:
     return f"{repo}: download failed ({where}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
 
 
-def _resolve(repo: str, revision: str | None, include: list[str] | None) -> str | None:
-    """The commit ``revision`` names, after checking that some file matches ``include``, so a bad
-    repository, revision or pattern is refused before any transfer. Offline (``HF_HUB_OFFLINE``),
-    ``revision`` itself: the cache answers."""
+def _check_remote(repo: str, revision: str | None, include: list[str] | None) -> None:
+    """Refuse a bad repository, revision or pattern before any transfer (some file must match
+    ``include``). Offline (``HF_HUB_OFFLINE``) there is nothing to ask: the cache answers."""
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.utils import filter_repo_objects
 
     if constants.HF_HUB_OFFLINE:
-        return revision
+        return
     info = huggingface_hub.HfApi().repo_info(repo, revision=revision)
     names = [sibling.rfilename for sibling in info.siblings or []]
     if not list(filter_repo_objects(names, allow_patterns=include or None)):
         raise CpmliveError(f"{repo}: no file matches {' '.join(include or ['*'])} "
                            f"(the repository has: {', '.join(sorted(names)[:12]) or 'no files'})")
-    return info.sha or revision
 
 
 def download(repo: str, revision: str | None = None, out: str | os.PathLike[str] | None = None,
@@ -76,8 +74,10 @@ def download(repo: str, revision: str | None = None, out: str | os.PathLike[str]
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise CpmliveError(f"{out}: exists and is not a directory")
     try:
-        commit = _resolve(repo, revision, include)
-        path = huggingface_hub.snapshot_download(repo_id=repo, revision=commit, local_dir=out,
+        _check_remote(repo, revision, include)  # refuse a bad repo, revision or pattern before any transfer
+        # the revision as given, not the commit it resolved to: a branch's ref is then recorded in
+        # the hub's cache, so an offline run (HF_HUB_OFFLINE=1, transformers) finds the snapshot
+        path = huggingface_hub.snapshot_download(repo_id=repo, revision=revision, local_dir=out,
                                                  allow_patterns=include or None)
     except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.HFValidationError,
             errors.IncompleteSnapshotError) as exc:

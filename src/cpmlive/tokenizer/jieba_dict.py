@@ -85,7 +85,7 @@ class Segmenter:
             if loaded is None:
                 self._write_parts(path)
                 loaded = read_parts(path)
-        except OSError:
+        except (OSError, RuntimeError):  # RuntimeError: no home directory to put the cache under
             return False
         if loaded is None:
             return False

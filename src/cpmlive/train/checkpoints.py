@@ -24,7 +24,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -215,16 +215,19 @@ def refuse_existing_run(run_dir: Path, resume: str | None, markers: tuple[str, .
 
 
 @contextmanager
-def cleaned_up_on_failure(run_dir: Path) -> Iterator[None]:
+def cleaned_up_on_failure(run_dir: Path, keep: Sequence[str] = ()) -> Iterator[None]:
     """A run that fails before its first checkpoint leaves ``run_dir`` as it found it: made
-    new, it is removed; empty, it is emptied again. One with a checkpoint is kept (to resume)."""
+    new, it is removed; empty, it is emptied again. One with a checkpoint is kept (to resume),
+    and so is one holding any of ``keep`` (a best adapter validation wrote before a checkpoint)."""
     run_dir = Path(run_dir)
     existed = run_dir.is_dir()
     fresh = not run_dir.exists() or (existed and not any(run_dir.iterdir()))
     try:
         yield
     except BaseException:
-        if fresh and run_dir.is_dir() and not step_dirs(run_dir) and not (run_dir / "checkpoints" / LATEST).exists():
+        kept = any((run_dir / name).exists() for name in keep)
+        if fresh and run_dir.is_dir() and not kept and not step_dirs(run_dir) \
+                and not (run_dir / "checkpoints" / LATEST).exists():
             for entry in [run_dir] if not existed else list(run_dir.iterdir()):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)

@@ -471,7 +471,7 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
     """Train; returns the best adapter's directory."""
     path = resolve_model_path(config.model)
     kind = BeeFinetuner if family_of(path).model_type == "cpm-bee" else Finetuner
-    with cleaned_up_on_failure(Path(config.out)):
+    with cleaned_up_on_failure(Path(config.out), keep=(BEST,)):
         kind(config, resume).run()
     return Path(config.out) / BEST
 
