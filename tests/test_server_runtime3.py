@@ -216,6 +216,21 @@ def test_headers_that_do_not_arrive_in_time_close_the_connection(lm):
             assert read_all(kept) == b""
 
 
+def test_a_body_that_does_not_arrive_in_time_is_answered_408(lm):
+    """Headers on time, then a trickled body: the connection must not be held for ever."""
+    app = create_app(lm, Settings(header_timeout=0.2))
+    with serving(app, config=server_config(app, app.state.server.settings)) as url:
+        with socket.create_connection(address(url), timeout=BOUND) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+            answer = read_until(slow, b"}}")
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.2 s" in answer
+        served = http.client.HTTPConnection(*address(url), timeout=BOUND)  # a whole body is still read
+        served.request("POST", "/v1/fill", body=json.dumps({"text": "北京<mask>"}),
+                       headers={"Content-Type": "application/json"})
+        assert served.getresponse().status == 200
+
+
 def test_connections_beyond_the_cap_are_refused_while_the_others_are_served(lm):
     app = create_app(lm, Settings(max_connections=3))
     with serving(app, config=server_config(app, app.state.server.settings)) as url:

@@ -1025,7 +1025,8 @@ def build_parser() -> Parser:
                      help="open connections at once; one more is answered 503 (default 1000, within the open-file "
                           "limit)")
     srv.add_argument("--header-timeout", type=positive_seconds, default=20.0,
-                     help="seconds for a request's headers to arrive before the connection is closed (default 20)")
+                     help="seconds for a request's headers to arrive before the connection is closed, and "
+                          "again for its body after them before a 408 (default 20)")
     srv.add_argument("--cors-origin", action="append", help="allow browser pages from this origin (repeatable)")
     srv.add_argument("--run-dir", help="a training run whose live dashboard the site shows at /dashboard")
     srv.add_argument("--served-name", help="the base model's name in /v1/models (default: its directory's)")

@@ -127,22 +127,21 @@ class Handle:
                 self.first_token_at = time.monotonic()
         if event.finish_reason is not None:
             self.finished_at, self.finish_reason = time.monotonic(), event.finish_reason
+            self._observe()  # before the last event leaves: whoever reads it finds the request counted
         try:
             (self._sink or self._events.put)(event)
         except Exception:  # a caller's sink failed: nobody can take this request's events any more
             self.cancel()
         if event.finish_reason is not None:
-            self._finished()
+            self.done.set()
 
-    def _finished(self) -> None:
-        """Tell ``on_finish`` (once: every request ends exactly once, whatever ended it), then
-        whoever waits on ``done``."""
+    def _observe(self) -> None:
+        """Tell ``on_finish`` (once: every request ends exactly once, whatever ended it)."""
         if self._on_finish is not None:
             try:
                 self._on_finish(self)
             except Exception:  # an observer's failure must not stop the engine
                 _LOG.exception("on_finish of a request failed")
-        self.done.set()
 
     def __iter__(self) -> Iterator[Event]:
         """The events as they come; while none is there and no other thread drives the engine,
@@ -426,7 +425,8 @@ class Engine:
         except Exception as exc:  # the caller gets it (Cancelled too)
             job.set_exception(exc)
         except BaseException:  # Ctrl-C on the driving thread: the job ends, the interrupt goes on
-            job.set_exception(Cancelled("interrupted"))
+            if not job.done():
+                job.set_exception(Cancelled("interrupted"))
             raise
         finally:
             self._running_jobs.pop()

@@ -27,6 +27,7 @@ never 500; an unexpected exception (a bug; its traceback goes to the log) is a J
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import signal
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 1 << 20  # room for the longest article and a full classify request, JSON-escaped
 SHUTDOWN_GRACE_SECONDS = 5  # for answers in flight to end after Ctrl-C (each ends within DISCONNECT_POLL_SECONDS)
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                404: "not_found_error", 405: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
                 422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout"}
 
 
@@ -106,10 +107,13 @@ def too_large(limit: int) -> str:
 class BodyLimit:
     """ASGI middleware: a request body over ``limit`` bytes is answered 413 in the app's error
     shape, at once when its Content-Length says so, else as soon as the bytes read pass it.
-    (Starlette's ``max_body_size`` answers in plain text, whatever the app's handlers say.)"""
+    (Starlette's ``max_body_size`` answers in plain text, whatever the app's handlers say.)
+    A body that has not all arrived ``timeout`` seconds after its headers is answered 408: a
+    client that trickles its body would otherwise hold a connection, and a slot under
+    ``--max-connections``, for ever."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         from starlette.datastructures import Headers
@@ -120,11 +124,18 @@ class BodyLimit:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.limit:
             return await error_response(scope["path"], too_large(self.limit), 413)(scope, receive, send)
-        read = 0
+        read, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def counted() -> dict[str, Any]:
-            nonlocal read
-            message = await receive()
+            nonlocal read, complete
+            if complete:  # after the body only a disconnect comes, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - asyncio.get_running_loop().time(), 0))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout:g} s") from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             read += len(message.get("body", b""))
             if read > self.limit:
                 raise HTTPException(413, too_large(self.limit))
@@ -279,7 +290,7 @@ def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = Non
         state.attach(lm)
     if settings.api_key:
         app.add_middleware(ApiKey, key=settings.api_key)
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, timeout=settings.header_timeout)
     if settings.cors_origins:  # outermost, so that its headers are on every answer, a 401 too
         from fastapi.middleware.cors import CORSMiddleware
 

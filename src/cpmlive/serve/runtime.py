@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.engine import MAX_BATCH, TOKEN_BUDGET, Engine, Event, Handle, Request
+from cpmlive.infer.engine import MAX_BATCH, TOKEN_BUDGET, Cancelled, Engine, Event, Handle, Request
 from cpmlive.serve.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -207,7 +207,10 @@ class ServerState:
                 await asyncio.wait({done}, timeout=watch.wait_seconds())
         finally:
             job.cancel()  # nothing when it is done
-        return done.result()
+        try:
+            return done.result()
+        except Cancelled:  # stopped under it by the server itself (a second Ctrl-C)
+            raise shutting_down() from None
 
     def submit(self, requests: list[Request]) -> "Generations":
         """Queue ``requests`` on the engine now (a bad one raises before any is queued)."""
