@@ -24,10 +24,11 @@ from serving import serving
 import cpmlive
 from cpmlive.data.layout import GENERATION, build_batch
 from cpmlive.infer import engine as engine_module
-from cpmlive.infer.engine import Engine, Request
+from cpmlive.infer.engine import Cancelled, Engine, Request
 from cpmlive.infer.generate import GenerationConfig
 from cpmlive.serve import tasks
 from cpmlive.serve.app import Settings, create_app, server_config
+from cpmlive.serve.runtime import ServerError
 
 PROMPT = "今天天气不错，"
 BOUND = 30  # seconds: a guard against a hang, never a measurement
@@ -214,6 +215,18 @@ def test_headers_that_do_not_arrive_in_time_close_the_connection(lm):
             assert read_until(kept, b'"alive"}').startswith(b"HTTP/1.1 200")
             kept.sendall(b"GET /livez HTTP/1.1\r\n")  # the next request on it trickles
             assert read_all(kept) == b""
+
+
+def test_a_job_the_server_itself_stopped_answers_503_not_500(lm):
+    """A second Ctrl-C stops the job under the request: that is the server shutting down."""
+    state = create_app(lm).state.server
+
+    def interrupted() -> None:
+        raise Cancelled("interrupted")
+
+    with pytest.raises(ServerError) as caught:
+        asyncio.run(state.job(interrupted))
+    assert (caught.value.status, caught.value.code) == (503, "shutdown")
 
 
 def test_a_body_that_does_not_arrive_in_time_is_answered_408(lm):
