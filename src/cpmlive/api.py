@@ -161,7 +161,7 @@ class LM:
         name = self.active if adapter is True else adapter
         template = self.chat_templates.get(name)
         if template is None:
-            tune = ("tune one with `cpmlive align sft`, or use generate" if self.family.model_type == "cpm-ant"
+            tune = ("tune one with `cpmlive align sft`, or use generate" if self.family.can("align")
                     else f"the alignment recipes tune CPM-Ant models, not {self.family.name}: use generate")
             raise CpmliveError(f"this model has no chat template (it was not tuned for chat): {tune}")
         return template

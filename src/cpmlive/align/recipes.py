@@ -168,7 +168,7 @@ class AlignTrainer(Finetuner):
         self.config = config
         self.run_dir = Path(config.out)
         path = resolve_model_path(config.model)
-        if family_of(path).model_type != "cpm-ant":
+        if not family_of(path).can("align"):
             raise CpmliveError(f"{config.model}: alignment recipes take a CPM-Ant model")
         refuse_existing_run(self.run_dir, resume, markers=(BEST,))
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -377,7 +377,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
     """Quantize a float checkpoint (any format, ``"demo"`` too) into the model directory ``out``
     (written atomically: an interrupted run leaves nothing there)."""
     kind = family_of(src)
-    if config.method != "rtn" and kind.model_type != "cpm-ant":
+    if config.method != "rtn" and not kind.can("calibrate"):
         raise CpmliveError(f"{src}: GPTQ/AWQ calibration is CPM-Ant's ({kind.name}: use --method rtn)")
     out = check_output(out, force)
     model, directory = kind.load(src, dtype=torch.float32)

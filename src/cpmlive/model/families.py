@@ -40,6 +40,8 @@ ABILITIES = {
     "title": "suggest titles (the headline app: title, /v1/title)",
     "classify": "classify text (/v1/classify)",
     "bee": "answer JSON tasks (bee, /v1/bee)",
+    "align": "be aligned (align sft/rm/dpo/ppo/grpo)",
+    "calibrate": "be quantized with calibration (quantize --method gptq|awq)",
 }
 
 
@@ -79,7 +81,8 @@ class Family:
 
 
 ANT = Family(
-    model_type="cpm-ant", name="CPM-Ant", abilities=frozenset({"generate", "chat", "fill", "title", "classify"}),
+    model_type="cpm-ant", name="CPM-Ant",
+    abilities=frozenset({"generate", "chat", "fill", "title", "classify", "align", "calibrate"}),
     config=AntConfig, model=CpmAnt, tokenizer=AntTokenizer, layout=ant_layout,
     formats=ant_convert.FORMATS, presets=PRESETS, build=build_model, load=ant_convert.load_pretrained, convert=ant_convert.convert,
     info=ant_convert.checkpoint_info, aliases=("cpmant",),
