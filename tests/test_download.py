@@ -199,6 +199,20 @@ def test_check_repo_id():
             check_repo_id(bad)
 
 
+def test_out_that_holds_someones_files_is_refused_unless_forced(hub, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text("my own", encoding="utf-8")
+    assert main(["download", "openbmb/cpm-demo", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "config.json").read_text(encoding="utf-8") == "my own"
+    (out / "config.json").unlink()
+    (out / "notes.txt").write_text("kept", encoding="utf-8")
+    assert main(["download", "openbmb/cpm-demo", "--out", str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "kept"
+    assert (out / "config.json").read_bytes() == REPOS["openbmb/cpm-demo"]["config.json"]
+
+
 def test_out_that_is_a_file_is_refused(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")

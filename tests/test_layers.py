@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cpmlive"
 # Lowest first; a part may import only parts of a lower layer.
 LAYERS = [
     {"errors"},
-    {"utils", "resources", "download"},  # download: fetching published checkpoints, beside what ships
-    {"config", "recipe", "tokenizer"},
+    {"utils", "resources"},
+    {"config", "recipe", "tokenizer", "download"},  # download: fetching published checkpoints
     {"data"},
     {"model"},
     {"train"},

@@ -306,7 +306,7 @@ def cmd_download(args: argparse.Namespace) -> None:
     from cpmlive.download import download
     from cpmlive.model.families import family_of
 
-    path = download(args.repo, revision=args.revision, out=args.out, include=args.include)
+    path = download(args.repo, revision=args.revision, out=args.out, include=args.include, force=args.force)
     print(f"downloaded {args.repo} to {path}")
     if not (path / "config.json").is_file():
         return  # an --include subset without the config: not a checkpoint to read or convert yet
@@ -826,6 +826,7 @@ def build_parser() -> Parser:
     down.add_argument("--out", default=None, help="write the files here (default: the hub's cache, HF_HOME)")
     down.add_argument("--include", nargs="+", default=None, metavar="PATTERN",
                       help="only the files matching these glob patterns (e.g. config.json '*.bin' vocab.txt)")
+    add_force(down)
     down.set_defaults(run=cmd_download)
 
     quant = verbs.add_parser("quantize", help="quantize a checkpoint's weights to int8 or int4")

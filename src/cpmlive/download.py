@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from cpmlive.errors import CpmliveError
+from cpmlive.utils import check_output
 
 # owner/name as the hub spells them: letters, digits, '-', '_', '.'; neither part starts with '.' or '-'
 _REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
@@ -63,9 +64,10 @@ def _check_remote(repo: str, revision: str | None, include: list[str] | None) ->
 
 
 def download(repo: str, revision: str | None = None, out: str | os.PathLike[str] | None = None,
-             include: list[str] | None = None) -> Path:
+             include: list[str] | None = None, force: bool = False) -> Path:
     """Download ``repo`` (every file, or those matching the ``include`` glob patterns) and return
-    its directory: ``out`` if given, else the snapshot in the hub's cache."""
+    its directory: ``out`` if given, else the snapshot in the hub's cache. An ``out`` that holds
+    other files is refused unless ``force`` (what an interrupted download left there resumes)."""
     import httpx2  # huggingface_hub's HTTP client
     import huggingface_hub
     from huggingface_hub import errors
@@ -73,6 +75,8 @@ def download(repo: str, revision: str | None = None, out: str | os.PathLike[str]
     check_repo_id(repo)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise CpmliveError(f"{out}: exists and is not a directory")
+    if out is not None:
+        check_output(out, force, resumable=(".cache",))  # huggingface_hub's resume state in a local_dir
     try:
         _check_remote(repo, revision, include)  # refuse a bad repo, revision or pattern before any transfer
         # the revision as given, not the commit it resolved to: a branch's ref is then recorded in
