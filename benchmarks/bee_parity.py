@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cpmlive.config import BeeConfig
+from cpmlive.model.bee.config import BeeConfig
 from cpmlive.data.bee import batch_prompts, prompt_for
 from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.generate import GenerationConfig
-from cpmlive.model.bee import CpmBee
-from cpmlive.model.checkpoint import openbmb_to_ours
+from cpmlive.model.bee.model import CpmBee
+from cpmlive.model.openbmb import openbmb_to_ours
 from cpmlive.tokenizer.bee import BeeTokenizer
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"

@@ -20,7 +20,7 @@ from pathlib import Path
 import cpmlive
 from cpmlive.compress.pipeline import CompressRecipe, TrainingRun, TrainingStep, compress
 from cpmlive.infer.score import score_texts
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import load_model, save_checkpoint
 from demo_quality import split_texts
 from quantize import decode_rate, prefill_rate

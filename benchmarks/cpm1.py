@@ -29,12 +29,14 @@ from pathlib import Path
 
 import torch
 
-from cpmlive.config import Cpm1Config, QuantConfig, preset
+from cpmlive.model.cpm1.config import Cpm1Config
+from cpmlive.config import QuantConfig
+from cpmlive.model.registry import preset
 from cpmlive.infer.generate import GenerationConfig, generate_ids
 from cpmlive.model.checkpoint import model_from_state_dict
-from cpmlive.model.cpm1 import Cpm1, build_cpm1
-from cpmlive.model.cpm1_convert import hf_to_ours
-from cpmlive.model.quant import QuantizedEmbedding, QuantizedLinear, install_quantized_layers, quantize_int8
+from cpmlive.model.cpm1.model import Cpm1, build_cpm1
+from cpmlive.model.cpm1.convert import hf_to_ours
+from cpmlive.model.runtime.quant import QuantizedEmbedding, QuantizedLinear, install_quantized_layers, quantize_int8
 
 from decode import compare, quiet_transformers, table
 from quantize import read_bandwidth
@@ -193,12 +195,12 @@ def conversion_memory() -> list[list[str]]:
         root = Path(tmp)
         size = megatron_release(hf, root / "megatron") / 1e6
         del hf
-        base = peak_mb("import torch, cpmlive, cpmlive.model.cpm1_convert")
-        convert = peak_mb(f"from cpmlive.model.cpm1_convert import convert; convert({str(root / 'megatron')!r}, "
+        base = peak_mb("import torch, cpmlive, cpmlive.model.cpm1.convert")
+        convert = peak_mb(f"from cpmlive.model.cpm1.convert import convert; convert({str(root / 'megatron')!r}, "
                           f"{str(root / 'ours')!r})")
-        load = peak_mb(f"import cpmlive.model.cpm1_convert as c; m, _ = c.load_pretrained({str(root / 'ours')!r}, "
+        load = peak_mb(f"import cpmlive.model.cpm1.convert as c; m, _ = c.load_pretrained({str(root / 'ours')!r}, "
                        "keep_matrices=True)")
-        load32 = peak_mb(f"import torch, cpmlive.model.cpm1_convert as c; "
+        load32 = peak_mb(f"import torch, cpmlive.model.cpm1.convert as c; "
                          f"m, _ = c.load_pretrained({str(root / 'ours')!r}, dtype=torch.float32)")
     return [["convert the Megatron release to ours", f"{size:.0f}", f"{convert - base:.0f}", f"{(convert - base) / size:.2f}"],
             ["load ours, float16 matrices kept", f"{size:.0f}", f"{load - base:.0f}", f"{(load - base) / size:.2f}"],

@@ -19,10 +19,10 @@ import warnings
 
 import torch
 
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.infer.generate import GenerationConfig, generate_ids
-from cpmlive.model.ant import CpmAnt, build_model
-from cpmlive.model.checkpoint import ours_to_hf
+from cpmlive.model.ant.model import CpmAnt, build_model
+from cpmlive.model.ant.keys import ours_to_hf
 
 EOS = 7
 BOS = 6

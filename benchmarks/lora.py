@@ -39,7 +39,8 @@ def rss_bytes() -> int:
 def shape_config(shape: str):
     """``demo`` (the shipped model's config), a preset name, or a ``config.json`` path; fp32."""
     from cpmlive.resources import ASSETS
-    from cpmlive.config import PRESETS, AntConfig, preset
+    from cpmlive.model.ant.config import PRESETS, AntConfig
+    from cpmlive.model.registry import preset
 
     if shape == "demo":
         config = AntConfig.load(ASSETS / "demo" / "config.json")
@@ -79,7 +80,7 @@ def next_token_loss(model, batch: dict):
 def child(mode: str, precision: str, args: argparse.Namespace) -> None:
     import torch
 
-    from cpmlive.model.ant import build_model
+    from cpmlive.model.ant.model import build_model
     from cpmlive.train.core import autocast
     from cpmlive.tune.delta import DeltaConfig, attach, trainable_parameters
 
@@ -118,7 +119,7 @@ def run_child(mode: str, precision: str, args: argparse.Namespace) -> dict:
 
 def disk_sizes(shape: str) -> tuple[int, int]:
     """Bytes of the r=8 LoRA adapter and of the full fp32 checkpoint."""
-    from cpmlive.model.ant import build_model
+    from cpmlive.model.ant.model import build_model
     from cpmlive.model.checkpoint import save_checkpoint
     from cpmlive.tune.delta import DeltaConfig, adapter_size, attach, save_adapter
 

@@ -35,8 +35,8 @@ PROMPT_IDS = [6, 1271, 2064, 9, 4417, 33, 1036, 25, 12, 1650, 300, 88]
 
 
 def write_float(shape: str, target: Path) -> None:
-    from cpmlive.config import AntConfig
-    from cpmlive.model.ant import build_model
+    from cpmlive.model.ant.config import AntConfig
+    from cpmlive.model.ant.model import build_model
     from cpmlive.model.checkpoint import save_checkpoint
 
     config = AntConfig(vocab_size=30720, half=False, **SHAPES[shape])
@@ -69,7 +69,7 @@ def peak_rss() -> int:
 def child(path: str, limit: int | None, new_tokens: int) -> None:
     from cpmlive.infer.generate import GenerationConfig, decode_steps, generate_ids
     from cpmlive.model.checkpoint import load_model
-    from cpmlive.model.streaming import stream_weights
+    from cpmlive.model.runtime.streaming import stream_weights
 
     model = load_model(path)
     note = ""
@@ -114,7 +114,7 @@ def main() -> None:
     if args.child:
         return child(args.child, args.limit_bytes, args.new_tokens)
 
-    from cpmlive.model.streaming import parse_size
+    from cpmlive.model.runtime.streaming import parse_size
 
     path = Path(args.keep or f"/tmp/cpmlive-memory-{args.shape}")
     if not (path / "config.json").is_file():

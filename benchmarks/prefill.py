@@ -23,7 +23,7 @@ from decode import build_ours, compare, count, hf_from_ours, millions, quiet_tra
 
 from cpmlive.data.layout import GENERATION
 from cpmlive.infer.generate import build_batch
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 
 
 def hf_prefill(hf, input_ids: torch.Tensor) -> torch.Tensor:

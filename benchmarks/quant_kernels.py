@@ -2,7 +2,7 @@
 
 For one ``[out, in]`` linear layer (default 4096 x 4096) at a few row counts it times the fp32
 product (``F.linear``) and every product this torch build offers for the formats
-``cpmlive.model.quant`` stores:
+``cpmlive.model.runtime.quant`` stores:
 
 * int8 per output channel, weight-only: dequantize-then-``F.linear``, ``torch._weight_int8pack_mm``;
 * int8 per output channel with int8 activations (dynamic, per token): our per-token quantization
@@ -10,7 +10,7 @@ product (``F.linear``) and every product this torch build offers for the formats
 * int4 group-wise: dequantize-then-``F.linear``, ``torch._weight_int4pack_mm_for_cpu``;
 
 and, for products of at most ``native.MAX_ROWS`` rows (weight-only int8: ``quant.INT8_NATIVE_MAX_ROWS``),
-our own loops (``cpmlive.model.native``)
+our own loops (``cpmlive.model.runtime.native``)
 for fp32, bf16, int8 weight-only, int8 x int8 and int4, besides oneDNN's fp32 inner product
 (what the model uses for fp32 decoding without them).
 
@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from cpmlive.model import kernels, native, quant
+from cpmlive.model.runtime import kernels, native, quant
 
 
 def timed(fn, repeats: int) -> float:

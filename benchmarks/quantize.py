@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 import cpmlive
-from cpmlive.model import native
+from cpmlive.model.runtime import native
 from cpmlive.compress.quantize import calibration_batches, quantize_model
 from cpmlive.config import QuantConfig
 from cpmlive.data.layout import GENERATION, build_batch
 from cpmlive.data.store import TokenStore
 from cpmlive.infer.score import score_texts
 from cpmlive.model.checkpoint import save_checkpoint
-from cpmlive.model.quant import QuantizedLinear
+from cpmlive.model.runtime.quant import QuantizedLinear
 from decode import build_ours, compare, ours_decode, random_rows, table
 from demo_quality import split_texts
 

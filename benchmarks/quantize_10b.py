@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from cpmlive.config import QuantConfig, preset
+from cpmlive.config import QuantConfig
+from cpmlive.model.registry import preset
 from cpmlive.infer.generate import GenerationConfig, generate_ids
-from cpmlive.model.ant import CpmAnt, RMSNorm
-from cpmlive.model.quant import QuantizedLinear, install_quantized_layers, quantize_int8
+from cpmlive.model.ant.model import CpmAnt, RMSNorm
+from cpmlive.model.runtime.quant import QuantizedLinear, install_quantized_layers, quantize_int8
 
 
 def peak_gb() -> float:

@@ -49,8 +49,8 @@ def random_model(shape: str, directory: Path) -> Path:
     """A checkpoint of ``shape`` with random weights and the demo's vocabulary."""
     sys.path.insert(0, str(ROOT / "src"))
     import cpmlive
-    from cpmlive.config import AntConfig
-    from cpmlive.model.ant import build_model
+    from cpmlive.model.ant.config import AntConfig
+    from cpmlive.model.ant.model import build_model
     from cpmlive.model.checkpoint import VOCAB_NAME, save_checkpoint
 
     demo = cpmlive.load("demo")

@@ -42,11 +42,11 @@ import torch
 from decode import BOS, EOS, count, hf_config, millions, quiet_transformers, shape_config, table
 from load_memory import peak_bytes, reset_peak
 
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.data.objectives import IGNORE_INDEX, Batch
 from cpmlive.data.stream import PretrainStream
-from cpmlive.model.ant import CpmAnt, build_model
-from cpmlive.model.checkpoint import ours_to_hf
+from cpmlive.model.ant.model import CpmAnt, build_model
+from cpmlive.model.ant.keys import ours_to_hf
 from cpmlive.train.pretrain import PretrainConfig, RunState, Trainer, make_optimizer
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "src" / "cpmlive" / "assets" / "demo" / "config.json"

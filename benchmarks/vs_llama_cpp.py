@@ -118,8 +118,9 @@ def time_llama_cpp(llm, tokens: int) -> float:
 
 def our_model(kind: str) -> torch.nn.Module:
     from cpmlive.compress.quantize import quantize_model
-    from cpmlive.config import AntConfig, QuantConfig
-    from cpmlive.model.ant import build_model
+    from cpmlive.model.ant.config import AntConfig
+    from cpmlive.config import QuantConfig
+    from cpmlive.model.ant.model import build_model
     from cpmlive.model.checkpoint import matrix_names
 
     config = AntConfig(vocab_size=VOCAB, dim_model=DIM, num_heads=HEADS, dim_head=HEAD_DIM, dim_ff=FFN,

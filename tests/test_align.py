@@ -14,11 +14,12 @@ import torch
 import cpmlive
 from cpmlive.align.evaluate import pair_metrics, reward_head_of
 from cpmlive.align.recipes import AlignConfig, TRAINERS, rouge_l
-from cpmlive.config import AntConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.registry import preset
 from cpmlive.data.align import preference_pairs, sft_examples
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.resources import ASSETS
 from cpmlive.train.metrics import read_records

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpmlive.model import kernels
-from cpmlive.model.kernels import attention
+from cpmlive.model.runtime import kernels
+from cpmlive.model.runtime.kernels import attention
 
 BATCH, HEADS, DIM = 2, 3, 16
 

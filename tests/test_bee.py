@@ -12,11 +12,11 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 import cpmlive
-from cpmlive.config import preset
+from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import save_checkpoint
-from cpmlive.model.families import family_of
+from cpmlive.model.registry import family_of
 from cpmlive.serve.app import create_app
 
 from conftest import ANT_VOCAB, FIXTURES, REFERENCE

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpmlive.config import BEE_PRESETS, BeeConfig
+from cpmlive.model.bee.config import PRESETS as BEE_PRESETS, BeeConfig
 from cpmlive.data import bee as tasks
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.generate import GenerationConfig
-from cpmlive.model.bee import CpmBee
-from cpmlive.model.checkpoint import openbmb_to_ours
+from cpmlive.model.bee.model import CpmBee
+from cpmlive.model.openbmb import openbmb_to_ours
 from cpmlive.tokenizer.bee import BeeTokenizer
 from cpmlive.train.bee import batch_loss
 

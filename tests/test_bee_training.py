@@ -4,11 +4,11 @@ exactly)."""
 
 import torch
 
-from cpmlive.config import BeeConfig
+from cpmlive.model.bee.config import BeeConfig
 from cpmlive.data import bee_tasks
 from cpmlive.data.bee import answers_of, check_task
 from cpmlive.data.bilingual import Entry, _IdBlocks, _is_pair
-from cpmlive.model.bee import build_bee
+from cpmlive.model.bee.model import build_bee
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.tokenizer.bee import SPECIALS, BeeTokenizer, build_vocab
 from cpmlive.train.bee import LoopConfig, examples_of, train

@@ -12,15 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpmlive.config import AntConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
 from cpmlive.model import checkpoint
-from cpmlive.model.ant import CpmAnt, build_model
+from cpmlive.model.ant.model import CpmAnt, build_model
 from cpmlive.model.checkpoint import (
-    INDEX_NAME, WEIGHTS_NAME, config_from_openbmb_state, expected_shapes, load_model, read_safetensors,
-    save_checkpoint, write_weights,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    expected_shapes,
+    load_model,
+    read_safetensors,
+    save_checkpoint,
+    write_weights,
 )
-from cpmlive.model.convert import checkpoint_info, convert, detect_format, load_any
+from cpmlive.model.ant.keys import config_from_openbmb_state
+from cpmlive.model.ant.convert import checkpoint_info, convert, detect_format, load_any
 
 from conftest import REFERENCE
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cpmlive.config import preset
-from cpmlive.model.ant import build_model
+from cpmlive.model.registry import preset
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 
 from conftest import ANT_VOCAB, REFERENCE

@@ -22,7 +22,7 @@ from cpmlive.data import fetch
 from cpmlive.data.store import TokenStore, prepare
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import load_model, save_checkpoint
-from cpmlive.model.families import preset_family
+from cpmlive.model.registry import preset_family
 from cpmlive.recipe import apply_overrides
 from cpmlive.serve.app import check_model
 from cpmlive.tokenizer.vocab import build_vocab, save_vocab

@@ -119,7 +119,7 @@ def test_qat_trains_through_the_final_rounding_and_resumes_exactly(setup, tmp_pa
 def test_fake_quantized_layers_round_forward_and_pass_gradients_straight_through():
     from cpmlive.compress.qat import FakeQuantLinear
     from cpmlive.config import QuantConfig
-    from cpmlive.model import quant
+    from cpmlive.model.runtime import quant
 
     base = torch.nn.Linear(64, 32, bias=False)
     layer = FakeQuantLinear(base, QuantConfig(bits=4, group_size=32))

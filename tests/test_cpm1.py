@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import cpmlive
-from cpmlive.config import Cpm1Config, preset
+from cpmlive.model.cpm1.config import Cpm1Config
+from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
-from cpmlive.model.cpm1 import build_cpm1
-from cpmlive.model.cpm1_convert import convert, hf_to_ours, ours_to_hf
-from cpmlive.model.families import family_of
+from cpmlive.model.cpm1.model import build_cpm1
+from cpmlive.model.cpm1.convert import convert, hf_to_ours, ours_to_hf
+from cpmlive.model.registry import family_of
 
 from cpm1_helpers import hf_gpt2, train_spm
 
@@ -223,7 +224,7 @@ def test_a_missing_megatron_shard_is_named(hf_model, tmp_path):
 
 
 def test_the_other_family_is_refused(tmp_path, hf_dir, ant_vocab_path):
-    from cpmlive.model.ant import build_model
+    from cpmlive.model.ant.model import build_model
     from cpmlive.model.checkpoint import save_checkpoint
 
     ant = save_checkpoint(build_model(preset("tiny")), preset("tiny"), tmp_path / "ant", vocab=ant_vocab_path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cpmlive
-from cpmlive.config import Cpm1Config
+from cpmlive.model.cpm1.config import Cpm1Config
 
 from cpm1_helpers import hf_gpt2, review_lines, train_spm
 from serving import serving
@@ -189,7 +189,7 @@ def constant_model(tokenizer, probabilities: dict[int, float]):
     writes zero, the final LayerNorm outputs its bias, and the tied head reads that bias against
     embedding rows built so the logits are the wanted log-probabilities."""
     from cpmlive.api import LM
-    from cpmlive.model.cpm1 import build_cpm1
+    from cpmlive.model.cpm1.model import build_cpm1
 
     config = Cpm1Config(vocab_size=tokenizer.vocab_size, dim_model=16, dim_ff=32, num_layers=1, num_heads=2,
                         dim_head=8, half=False, max_length=256)

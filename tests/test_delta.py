@@ -10,10 +10,10 @@ from safetensors import safe_open
 from torch import nn
 
 from cpmlive.cli import main
-from cpmlive.config import preset
+from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig, generate_ids
-from cpmlive.model.ant import CpmAnt, build_model
+from cpmlive.model.ant.model import CpmAnt, build_model
 from cpmlive.model.checkpoint import load_model, save_checkpoint
 from cpmlive.tune.delta import (CONFIG_NAME, SIDECAR_NAME, WEIGHTS_NAME, DeltaConfig, active_adapter, adapter_size,
                                 adapter_tensors, attach, base_hash, base_state_dict, find_targets, load_adapter,

@@ -24,7 +24,7 @@ import pytest
 from cpmlive.cli import main
 from cpmlive.download import check_repo_id, download
 from cpmlive.errors import CpmliveError
-from cpmlive.model.convert import checkpoint_info
+from cpmlive.model.ant.convert import checkpoint_info
 from cpmlive.resources import demo_dir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from cpmlive.align.evaluate import pair_metrics
 from cpmlive.align.policy import completion_logprobs
 from cpmlive.align.recipes import AlignConfig, DpoTrainer
-from cpmlive.config import AntConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.registry import preset
 from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.resources import ASSETS
 from cpmlive.tokenizer import AntTokenizer

@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request
 from cpmlive.infer.generate import GenerationConfig, generate_ids
-from cpmlive.model import native
-from cpmlive.model.ant import build_model
+from cpmlive.model.runtime import native
+from cpmlive.model.ant.model import build_model
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tune import delta
 
@@ -79,7 +79,7 @@ def test_greedy_batch_equals_each_request_alone(model, tokenizer, count, blocks)
 
 def test_native_step_takes_rows_of_different_lengths(model, tokenizer):
     assert native.available(), "a C compiler is needed (the CI installs gcc)"
-    from cpmlive.model import native_decode
+    from cpmlive.model.runtime import native_decode
 
     calls = []
     real = native_decode.decode_blocks

@@ -9,8 +9,8 @@ import pytest
 
 from cpmlive.cli import main
 from cpmlive.errors import CpmliveError
-from cpmlive.model import families
-from cpmlive.model.convert import convert
+from cpmlive.model import registry as families
+from cpmlive.model.ant.convert import convert
 
 
 def test_cpm_ant_checkpoints_in_every_format_are_cpm_ant(tmp_path):

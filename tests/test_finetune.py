@@ -10,12 +10,13 @@ import torch
 
 import cpmlive
 from cpmlive.resources import ASSETS
-from cpmlive.config import AntConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
 from cpmlive.data.layout import GENERATION
 from cpmlive.infer.generate import _step_inputs, build_batch
 from cpmlive.apps.headline import rank_titles
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.train.metrics import latest_by_step, read_records
 from cpmlive.tune.finetune import FinetuneConfig, Finetuner

@@ -9,19 +9,20 @@ import torch
 import transformers
 
 from cpmlive.api import LM
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.config import preset
+from cpmlive.model.registry import preset
 from cpmlive.data.layout import GENERATION, INFILLING
 from cpmlive.infer import generate as generation
 from cpmlive.infer import packing
 from cpmlive.infer.generate import (GenerationConfig, build_batch, fill_layout,
                                     generate_ids, prefill, prefill_groups, sampling_filter)
 from cpmlive.infer.packing import packed_weights
-from cpmlive.model import kernels
-from cpmlive.model.ant import build_model
-from cpmlive.model.checkpoint import hf_to_ours, model_from_state_dict
-from cpmlive.model.kernels import project
+from cpmlive.model.runtime import kernels
+from cpmlive.model.ant.model import build_model
+from cpmlive.model.checkpoint import model_from_state_dict
+from cpmlive.model.ant.keys import hf_to_ours
+from cpmlive.model.runtime.kernels import project
 from cpmlive.tokenizer import AntTokenizer
 
 from conftest import ANT_VOCAB

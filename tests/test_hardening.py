@@ -13,11 +13,11 @@ import transformers
 
 import cpmlive
 from cpmlive.cli import main
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig
 from cpmlive.apps.headline import TitleOptions
-from cpmlive.model.convert import convert, load_any
+from cpmlive.model.ant.convert import convert, load_any
 from cpmlive.tune.task import classify_scores
 
 from conftest import ANT_VOCAB
@@ -226,7 +226,7 @@ def test_hf_and_openbmb_checkpoints_load_as_they_are(tmp_path, demo_lm):
 
 
 def test_config_claiming_huge_depth_is_refused_before_building(tmp_path, capsys, monkeypatch):
-    import cpmlive.model.ant as ant
+    import cpmlive.model.ant.model as ant
 
     convert("demo", tmp_path / "deep")
     config = json.loads((tmp_path / "deep" / "config.json").read_text(encoding="utf-8"))

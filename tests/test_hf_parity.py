@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import load_model, read_safetensors, read_weights
-from cpmlive.model.convert import convert, detect_format, load_any
+from cpmlive.model.ant.convert import convert, detect_format, load_any
 
 from conftest import ANT_VOCAB, REFERENCE
 

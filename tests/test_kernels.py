@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpmlive.model.kernels import project
+from cpmlive.model.runtime.kernels import project
 
 IN, OUT = 24, 40
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpmlive.config import AntConfig
-from cpmlive.model.checkpoint import model_from_state_dict, openbmb_to_ours, read_safetensors
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.checkpoint import model_from_state_dict, read_safetensors
+from cpmlive.model.openbmb import openbmb_to_ours
 
 from conftest import REFERENCE
 

@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 from cpmlive.compress.moefy import activation_sparsity, balanced_clusters, ffn_inputs, moefy, train_router
 from cpmlive.compress.quantize import calibration_batches
-from cpmlive.config import AntConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 
 CONFIG = AntConfig.from_dict({**preset("tiny").to_dict(), "dim_ff": 256})
 
@@ -87,7 +88,7 @@ def test_gated_gelu_is_not_relu_sparse():
 def test_a_moefied_model_saves_loads_and_exports_dense_to_hf(tmp_path):
     transformers = pytest.importorskip("transformers")
     from cpmlive.model.checkpoint import load_model, save_checkpoint
-    from cpmlive.model.convert import convert
+    from cpmlive.model.ant.convert import convert
 
     from conftest import ANT_VOCAB
 

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from cpmlive.compress.quantize import quantize_model
-from cpmlive.config import AntConfig, QuantConfig
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.config import QuantConfig
 from cpmlive.infer.generate import GenerationConfig, generate_ids
-from cpmlive.model import native, native_decode
-from cpmlive.model.ant import FeedForward, RMSNorm, build_model
-from cpmlive.model.quant import dequantize_int4, int8_matmul_per_token, quantize_int4, quantize_int8
+from cpmlive.model.runtime import native, native_decode
+from cpmlive.model.ant.model import FeedForward, RMSNorm, build_model
+from cpmlive.model.runtime.quant import dequantize_int4, int8_matmul_per_token, quantize_int4, quantize_int8
 
 # Shapes with a ragged tail of output rows (not a multiple of 4) and of columns (not of 16 / 64).
 SHAPES = [(37, 45), (64, 128), (20, 200)]
@@ -213,7 +214,7 @@ def test_int8_inputs_meet_the_code_minus_128(lib):
 
 
 def test_layers_whose_scales_are_not_float32_keep_the_pytorch_product():
-    from cpmlive.model.quant import QuantizedLinear
+    from cpmlive.model.runtime.quant import QuantizedLinear
 
     layer = QuantizedLinear(64, 8, QuantConfig(bits=8))
     assert layer.native_layout()

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from cpmlive.config import AntConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.registry import preset
 from cpmlive.data.objectives import (
     GENERATION, IGNORE_INDEX, INFILLING, Batch, BatchPacker, Instance, OriginalRng, chunk_document, make_instance,
     make_record, pack,
 )
 from cpmlive.model import loss as head_loss
-from cpmlive.model.ant import build_model
-from cpmlive.model.checkpoint import model_from_state_dict, openbmb_to_ours, read_safetensors
+from cpmlive.model.ant.model import build_model
+from cpmlive.model.checkpoint import model_from_state_dict, read_safetensors
+from cpmlive.model.openbmb import openbmb_to_ours
 from cpmlive.model.loss import LinearCrossEntropy, head_losses, masked_lm_loss
 
 from conftest import REFERENCE

@@ -11,13 +11,14 @@ from cpmlive.compress.distill import DistillConfig, distillation_loss, hidden_ms
 from cpmlive.compress.prune import (
     GateTrainer, HardConcrete, PruneConfig, PruningMasks, binarise, prunable_parameters, pruned_model, sliced_state,
 )
-from cpmlive.config import AntConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.registry import preset
 from cpmlive.data.layout import GENERATION, build_batch
 from cpmlive.data.objectives import make_instance, make_record, pack
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import load_model, model_from_state_dict, save_checkpoint
-from cpmlive.model.convert import convert
+from cpmlive.model.ant.convert import convert
 from cpmlive.model.loss import masked_lm_loss
 
 from conftest import ANT_VOCAB

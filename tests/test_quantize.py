@@ -13,10 +13,12 @@ from cpmlive.compress.quantize import (
     HessianCollector, awq_scale_block, awq_search, block_input_samples, calibration_batches, fake_quantized,
     gptq_codes, quantize_model, rtn_codes,
 )
-from cpmlive.config import AntConfig, QuantConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.config import QuantConfig
+from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
-from cpmlive.model import quant
-from cpmlive.model.ant import build_model
+from cpmlive.model.runtime import quant
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import load_model, read_weights, save_checkpoint
 
 from conftest import ANT_VOCAB
@@ -336,7 +338,7 @@ def test_quantized_demo_fills_titles_and_serves_with_the_shipped_adapter(tmp_pat
 
     import cpmlive
     from cpmlive.cli import main
-    from cpmlive.model import native_decode
+    from cpmlive.model.runtime import native_decode
     from cpmlive.resources import adapter_path
     from cpmlive.serve.app import create_app
 

@@ -345,9 +345,9 @@ def fuzzed_app():
     from conftest import ANT_VOCAB
 
     from cpmlive.api import LM
-    from cpmlive.config import preset
+    from cpmlive.model.registry import preset
     from cpmlive.data.chat import ChatTemplate
-    from cpmlive.model.ant import build_model
+    from cpmlive.model.ant.model import build_model
     from cpmlive.tokenizer import AntTokenizer
     from cpmlive.tune import delta
     from cpmlive.tune.task import TaskSpec

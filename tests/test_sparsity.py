@@ -8,11 +8,11 @@ from torch.ao.pruning import WeightNormSparsifier
 from cpmlive.compress.pipeline import compress
 from cpmlive.compress.quantize import calibration_batches
 from cpmlive.compress.sparsity import block_linears, follows_2of4, input_norms, mask_2of4, sparsify_2of4
-from cpmlive.config import preset
+from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import load_model
-from cpmlive.model.quant import dequantize_state
+from cpmlive.model.runtime.quant import dequantize_state
 from cpmlive.model.checkpoint import read_weights
 
 from tiny_store import make_model_and_store, recipe

@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import cpmlive.model.native as native
+import cpmlive.model.runtime.native as native
 from cpmlive.cli import main
 from cpmlive.compress.quantize import quantize_model
-from cpmlive.config import AntConfig, QuantConfig
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.config import QuantConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig, generate_ids
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import load_model, save_checkpoint
-from cpmlive.model.streaming import parse_size, resident_bytes, spread_order, stream_weights
+from cpmlive.model.runtime.streaming import parse_size, resident_bytes, spread_order, stream_weights
 
 CONFIG = AntConfig(vocab_size=512, dim_model=256, dim_ff=1024, num_layers=6, num_heads=4, dim_head=64,
                    prompt_length=4, max_length=128, half=False)

@@ -62,7 +62,7 @@ def test_demo_reviews_are_the_first_of_the_test_split():
 
 @pytest.mark.parametrize("name, family", [("demo", "CPM-Ant"), ("bee-demo", "CPM-Bee"), ("cpm1-demo", "CPM-1")])
 def test_every_family_ships_a_demo(name, family):
-    from cpmlive.model.families import family_of
+    from cpmlive.model.registry import family_of
     from cpmlive.resources import SHIPPED_MODELS
 
     assert name in SHIPPED_MODELS and family_of(name).name == family

@@ -3,9 +3,10 @@
 from pathlib import Path
 
 from cpmlive.compress.pipeline import CompressRecipe
-from cpmlive.config import AntConfig, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.registry import preset
 from cpmlive.data.store import prepare
-from cpmlive.model.ant import build_model
+from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.tokenizer.vocab import build_vocab, save_vocab
 

@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from cpmlive.config import ALL_PRESETS, AntConfig, check_model
+from cpmlive.model.registry import ALL_PRESETS, check_model
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request, request_for
@@ -24,10 +25,10 @@ from cpmlive.data.bee import check_task, parse_task
 from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
 from cpmlive.infer.vote import Vote, vote
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME
-from cpmlive.model.families import Family, family, family_of, preset_family
-from cpmlive.model.streaming import parse_size, stream_weights
+from cpmlive.model.registry import Family, family, family_of, preset_family
+from cpmlive.model.runtime.streaming import parse_size, stream_weights
 from cpmlive.resources import adapter_path
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.tokenizer.bee import BeeTokenizer
@@ -413,7 +414,7 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     ``adapter``: one or more adapter directories (or names of shipped ones, e.g. ``"headline"``);
     the last one given is active, ``lm.use(name)`` switches. ``memory_limit`` (bytes, or a size
     such as ``"4GB"``): keep at most that much of the weights resident and stream the other
-    blocks from the checkpoint (``cpmlive.model.streaming``). ``stored_weights``: keep the weight
+    blocks from the checkpoint (``cpmlive.model.runtime.streaming``). ``stored_weights``: keep the weight
     matrices of a float16/bf16 checkpoint in that dtype and compute in float32 from them (the same
     values: the products convert them exactly), with half the memory and half the bytes read per
     decoded token; CPM-1's release is float16.

@@ -172,7 +172,7 @@ def run_adapter(name: str) -> str:
 
 
 def load_lm(args: argparse.Namespace):
-    from cpmlive.config import check_model
+    from cpmlive.model.registry import check_model
 
     check_model(args.model)  # a wrong name is refused before torch is imported
     from cpmlive.api import load
@@ -295,7 +295,7 @@ def cmd_bee(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from cpmlive.model.families import family_of
+    from cpmlive.model.registry import family_of
 
     out = family_of(args.src).convert(args.src, args.dst, to=args.to, config_path=args.config, vocab_path=args.vocab,
                   dtype=args.dtype, force=args.force, dequantize=args.dequantize)
@@ -304,7 +304,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_download(args: argparse.Namespace) -> None:
     from cpmlive.download import download
-    from cpmlive.model.families import family_of
+    from cpmlive.model.registry import family_of
 
     path = download(args.repo, revision=args.revision, out=args.out, include=args.include, force=args.force)
     print(f"downloaded {args.repo} to {path}")
@@ -344,9 +344,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from cpmlive.config import ALL_PRESETS
+    from cpmlive.model.registry import ALL_PRESETS
 
-    from cpmlive.model.families import family_of
+    from cpmlive.model.registry import family_of
 
     if args.model in ALL_PRESETS and not Path(args.model).exists():
         info = preset_info(args.model)
@@ -373,7 +373,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def preset_info(name: str) -> dict:
     import torch
 
-    from cpmlive.model.families import preset_family
+    from cpmlive.model.registry import preset_family
 
     kind = preset_family(name)
     config = kind.presets[name]()
@@ -385,12 +385,12 @@ def preset_info(name: str) -> dict:
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
     text = prompt_from(args)
-    from cpmlive.model.families import CPM1, DEFAULT, family_of
+    from cpmlive.model.registry import DEFAULT, family, family_of
     from cpmlive.resources import model_path, vocab_path
 
     kind = family_of(args.model_or_vocab) if model_path(args.model_or_vocab).is_dir() else DEFAULT
     if kind is DEFAULT and Path(args.model_or_vocab).suffix == ".model":
-        kind = CPM1  # a bare SentencePiece model is CPM-1's vocabulary
+        kind = family("cpm1")  # a bare SentencePiece model is CPM-1's vocabulary
     if kind.model_type == "cpm1":
         if args.hf:
             raise CpmliveError("--hf is CPM-Ant's; CPM-1's tokenizer is the original jieba + SentencePiece recipe")
@@ -605,7 +605,7 @@ def cmd_title(args: argparse.Namespace) -> None:
     article = read_text_file(args.file) if args.file else prompt_from(args)
     if not article.strip():
         raise CpmliveError("the article is empty")
-    from cpmlive.config import check_model
+    from cpmlive.model.registry import check_model
 
     check_model(args.model)
     from cpmlive.apps.headline import TitleOptions, suggest_titles
@@ -656,7 +656,7 @@ def evaluate_bee(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from cpmlive.model.families import family_of
+    from cpmlive.model.registry import family_of
     from cpmlive.resources import model_path
 
     if args.pairs:

@@ -59,7 +59,7 @@ def load_or_report(name: str, **kwargs: object) -> LM | None:
 def main() -> int:
     from cpmlive.resources import demo_dir
     from cpmlive.apps.headline import TitleOptions, suggest_titles
-    from cpmlive.model.convert import checkpoint_info
+    from cpmlive.model.ant.convert import checkpoint_info
 
     lm = load_or_report("demo", adapter=["headline", "sentiment"])
     if lm is None:

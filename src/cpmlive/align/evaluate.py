@@ -17,7 +17,7 @@ from cpmlive.align.recipes import REWARD_HEAD, load_head
 from cpmlive.data.align import preference_pairs
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 
 
 def reward_head_of(adapter: str | Path | None, model: CpmAnt) -> ScalarHead | None:

@@ -16,7 +16,7 @@ import torch
 from cpmlive.align.policy import sample_completions
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.data.instructions import Item
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 
 
 def on_policy_pairs(model: CpmAnt, tokenizer: Any, items: Sequence[Item], template: ChatTemplate | None = None,

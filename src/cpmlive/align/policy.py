@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.task import example_batch
 

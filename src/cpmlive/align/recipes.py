@@ -38,7 +38,7 @@ from cpmlive.data.align import (TRUNCATION_MODES, PreferencePair, PromptedText, 
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_checkpoint, save_safetensors
-from cpmlive.model.families import family_of
+from cpmlive.model.registry import family_of
 from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.train.checkpoints import (check_optimizer_fits, cleaned_up_on_failure, read_trainer_state,

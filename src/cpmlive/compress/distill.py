@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cpmlive.data.objectives import IGNORE_INDEX, Batch
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.loss import LinearCrossEntropy, head_losses
 
 DISTILL_ROWS = 512

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpmlive.compress.quantize import feed_inputs
-from cpmlive.config import AntConfig, MoEConfig
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.config import MoEConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt, FeedForward
-from cpmlive.model.moe import MoEFeedForward
+from cpmlive.model.ant.model import CpmAnt, FeedForward
+from cpmlive.model.runtime.moe import MoEFeedForward
 
 
 def balanced_clusters(vectors: Tensor, experts: int, iterations: int = 15, seed: int = 0) -> Tensor:

@@ -47,9 +47,9 @@ from cpmlive.config import MoEConfig, QuantConfig
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import checkpoint_vocab, load_model, save_checkpoint
-from cpmlive.model.families import family_of
+from cpmlive.model.registry import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, Recipe
 from cpmlive.train.checkpoints import TRAINER_STATE, StopRequest, read_trainer_state, resume_point, write_checkpoint

@@ -29,9 +29,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import model_from_state_dict
 
 # Louizos et al.'s stretch interval and temperature, as CoFi and Sheared-LLaMA use them.

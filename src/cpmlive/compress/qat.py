@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmlive.config import QuantConfig
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.compress.quantize import fake_quantized
-from cpmlive.model.quant import INT8_MAX, MIN_SCALE
+from cpmlive.model.runtime.quant import INT8_MAX, MIN_SCALE
 from cpmlive.utils import replace_submodule
 
 

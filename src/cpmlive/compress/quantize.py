@@ -15,7 +15,7 @@
 
 The tied embedding / head is int8 round-to-nearest per row in every method (int8 rounding of
 it is near free, and GPTQ would need the head's own inputs for a table the input also reads).
-The model's layers become :class:`cpmlive.model.quant.QuantizedLinear`; the formats are
+The model's layers become :class:`cpmlive.model.runtime.quant.QuantizedLinear`; the formats are
 described there.
 """
 
@@ -38,12 +38,20 @@ from cpmlive.data.layout import GENERATION, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.tokenizer import text_tokenizer
 from cpmlive.utils import check_output, replace_submodule
-from cpmlive.model.ant import Block, CpmAnt
+from cpmlive.model.ant.model import Block, CpmAnt
 from cpmlive.model.checkpoint import VOCAB_NAME, checkpoint_vocab, save_checkpoint
-from cpmlive.model.families import family_of
+from cpmlive.model.registry import family_of
 from cpmlive.model.fingerprint import weights_fingerprint
-from cpmlive.model.quant import (
-    QuantizedEmbedding, QuantizedLinear, dequantize_int4, dequantize_int8, int4_codes, int4_group_params, is_quantized, pack_int4, quantize_int4,
+from cpmlive.model.runtime.quant import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    dequantize_int4,
+    dequantize_int8,
+    int4_codes,
+    int4_group_params,
+    is_quantized,
+    pack_int4,
+    quantize_int4,
     quantize_int8,
 )
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from cpmlive.compress.quantize import feed_inputs
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 
 GROUP, KEPT = 4, 2
 METHODS = ("magnitude", "wanda")

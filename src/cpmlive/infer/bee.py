@@ -20,7 +20,7 @@ from torch import Tensor
 from cpmlive.errors import CpmliveError
 from cpmlive.data.bee import Prompt, PromptBatch, batch_prompts, filled, prompt_for
 from cpmlive.infer.generate import GenerationConfig, apply_repetition_penalty, sample, sampling_filter
-from cpmlive.model.bee import BeeCache, CpmBee
+from cpmlive.model.bee.model import BeeCache, CpmBee
 from cpmlive.tokenizer.bee import BeeTokenizer
 
 BARRED = -10000.0  # what the original writes into barred columns (not -inf: log_softmax stays finite)

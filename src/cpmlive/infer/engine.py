@@ -41,7 +41,7 @@ from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig, _step_inputs, choose_tokens, prefill, process_logits
 from cpmlive.infer.kv import KVPool
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.tune import delta
 
 MAX_BATCH = 32  # running requests

@@ -17,7 +17,7 @@ from torch import Tensor
 from cpmlive.data.layout import GENERATION, INFILLING, TEXT_SEGMENT, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.packing import packing_for
-from cpmlive.model.ant import AntCache, CpmAnt, mask_inputs, token_positions
+from cpmlive.model.ant.model import AntCache, CpmAnt, mask_inputs, token_positions
 from cpmlive.utils import check_field_types
 
 MAX_BEAMS = 64

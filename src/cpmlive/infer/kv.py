@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cpmlive.model.ant import MASK_INPUTS, AntCache, SlotCache
+from cpmlive.model.ant.model import MASK_INPUTS, AntCache, SlotCache
 
 ROW_STEP = 4  # rows are allocated in multiples of this
 COLUMN_STEP = 64  # and columns in multiples of this (up to the model's max_length)

@@ -15,8 +15,8 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from cpmlive.model.ant import Attention, CpmAnt, FeedForward
-from cpmlive.model.kernels import BLOCKED_MIN_ROWS, pack_weights, packable, unpack_weights
+from cpmlive.model.ant.model import Attention, CpmAnt, FeedForward
+from cpmlive.model.runtime.kernels import BLOCKED_MIN_ROWS, pack_weights, packable, unpack_weights
 
 # A generation with fewer rows would never read the copies.
 PACK_MIN_ROWS = BLOCKED_MIN_ROWS

@@ -14,7 +14,7 @@ import torch
 
 from cpmlive.data.layout import GENERATION
 from cpmlive.infer.generate import build_batch
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 
 
 @dataclass

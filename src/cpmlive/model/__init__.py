@@ -1,5 +1,2 @@
-"""CPM-Ant model and its checkpoints."""
-
-from cpmlive.model.ant import AntCache, CpmAnt, build_model
-
-__all__ = ["AntCache", "CpmAnt", "build_model"]
+"""The models: one folder per family (``ant``, ``bee``, ``cpm1``), the shared checkpoint code,
+the CPU runtime (``runtime``) and the registry that lists the families."""

@@ -1,4 +1,5 @@
-"""Checkpoints: our directory format, and the OpenBMB and HF state dicts (spec section 2).
+"""Checkpoints in our directory format, for every family (spec section 2); each family's
+published layouts are in its folder.
 
 Our format is a directory with ``config.json``, ``model.safetensors`` (sharded with
 ``model.safetensors.index.json`` above ``shard_bytes``) and ``vocab.txt``. Weights carry the
@@ -24,12 +25,9 @@ import torch
 from safetensors.torch import save, save_file
 from torch import Tensor
 
-from cpmlive.config import AntConfig, BeeConfig, Cpm1Config
+from cpmlive.config import StackConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
-from cpmlive.model.bee import CpmBee
-from cpmlive.model.cpm1 import Cpm1
-from cpmlive.model.quant import install_quantized_layers
+from cpmlive.model.runtime.quant import install_quantized_layers
 from cpmlive.utils import default_mode, install_directory
 
 CONFIG_NAME = "config.json"
@@ -127,14 +125,13 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
 # ---- our layout <-> model ---------------------------------------------------------------------
 
 
-MODEL_CLASSES = {"cpm-ant": CpmAnt, "cpm-bee": CpmBee, "cpm1": Cpm1}
+def model_class(config: StackConfig) -> type[torch.nn.Module]:
+    from cpmlive.model.registry import family
+
+    return family(config.model_type).model
 
 
-def model_class(config: AntConfig | BeeConfig | Cpm1Config) -> type[CpmAnt] | type[CpmBee] | type[Cpm1]:
-    return MODEL_CLASSES[config.model_type]
-
-
-def empty_model(config: AntConfig | BeeConfig) -> CpmAnt | CpmBee:
+def empty_model(config: StackConfig) -> torch.nn.Module:
     """The model on the meta device, with quantized layers where the config says so."""
     with torch.device("meta"):
         model = model_class(config)(config)
@@ -143,18 +140,18 @@ def empty_model(config: AntConfig | BeeConfig) -> CpmAnt | CpmBee:
     return model
 
 
-def expected_shapes(config: AntConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: StackConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in empty_model(config).state_dict().items()}
 
 
-def expected_dtypes(config: AntConfig) -> dict[str, torch.dtype]:
+def expected_dtypes(config: StackConfig) -> dict[str, torch.dtype]:
     return {name: t.dtype for name, t in empty_model(config).state_dict().items()}
 
 
 LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def check_layer_count(names: Iterable[str], config: AntConfig, source: str) -> None:
+def check_layer_count(names: Iterable[str], config: StackConfig, source: str) -> None:
     """Compare the config's depth with the weights' before building anything of that depth: a
     config that claims 100,000 layers is refused at once, not after minutes of building."""
     names = list(names)
@@ -166,25 +163,21 @@ def check_layer_count(names: Iterable[str], config: AntConfig, source: str) -> N
         raise CpmliveError(f"{source}: the config has {config.num_layers} layers, the weights {found}")
 
 
-# Keys only one family's weights have (ours and the published layouts), to name the family of
-# weights given under another family's config.
-FAMILY_KEYS = {
-    "cpm1": ("position_embedding.weight", "transformer.wte.weight", "word_embeddings.weight"),
-    "cpm-ant": ("segment_embedding.weight", "cpmant.segment_embedding.weight"),
-}
-FAMILY_NAMES = {"cpm1": "CPM-1 (GPT-2)", "cpm-ant": "CPM-Ant", "cpm-bee": "CPM-Bee"}
 
 
-def check_family(names: Iterable[str], config: AntConfig, source: str) -> None:
+def check_family(names: Iterable[str], config: StackConfig, source: str) -> None:
     """Refuse weights of another family than the config's, naming both."""
+    from cpmlive.model.registry import families, family
+
     names = set(names)
-    for model_type, keys in FAMILY_KEYS.items():
-        if model_type != config.model_type and any(key in names for key in keys):
-            raise CpmliveError(f"{source}: the config says {FAMILY_NAMES[config.model_type]}, but the weights are "
-                               f"a {FAMILY_NAMES[model_type]} checkpoint's")
+    ours = family(config.model_type)
+    for other in families().values():
+        if other is not ours and any(key in names for key in other.signature_keys):
+            raise CpmliveError(f"{source}: the config says {ours.weights_name or ours.name}, but the weights are "
+                               f"a {other.weights_name or other.name} checkpoint's")
 
 
-def check_state_dict(state: dict[str, Tensor], config: AntConfig, source: str) -> None:
+def check_state_dict(state: dict[str, Tensor], config: StackConfig, source: str) -> None:
     """Name the first missing, unexpected or mis-shaped key."""
     check_layer_count(state, config, source)
     expected = expected_shapes(config)
@@ -204,9 +197,9 @@ def check_state_dict(state: dict[str, Tensor], config: AntConfig, source: str) -
         raise CpmliveError(f"{source}: unexpected weight {extra[0]!r} for this config")
 
 
-def model_from_state_dict(config: AntConfig, state: dict[str, Tensor], dtype: torch.dtype | None = None,
+def model_from_state_dict(config: StackConfig, state: dict[str, Tensor], dtype: torch.dtype | None = None,
                           device: str | torch.device = "cpu", source: str = "checkpoint",
-                          keep_matrices: bool = False) -> CpmAnt:
+                          keep_matrices: bool = False) -> torch.nn.Module:
     """Build on the meta device, then adopt the given tensors (no second copy).
 
     ``keep_matrices``: the weight matrices (every ``Linear`` and the tied embedding) keep the
@@ -223,21 +216,23 @@ def model_from_state_dict(config: AntConfig, state: dict[str, Tensor], dtype: to
     return model.eval()
 
 
-def matrix_names(model: CpmAnt) -> set[str]:
+def matrix_names(model: torch.nn.Module) -> set[str]:
     """State-dict names of the weight matrices: every float ``Linear``'s and the embedding's."""
     names = {f"{name}.weight" for name, module in model.named_modules() if type(module) is torch.nn.Linear}
     return names | {"input_embedding.weight"}
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> CpmAnt:
+               device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a checkpoint directory in our format."""
     directory = Path(path)
     if not directory.exists():
         raise CpmliveError(f"{directory}: no such checkpoint")
     if not directory.is_dir():
         raise CpmliveError(f"{directory}: a checkpoint is a directory (use `cpmlive convert` for other formats)")
-    config = AntConfig.load(directory / CONFIG_NAME)
+    from cpmlive.model.registry import family_of
+
+    config = family_of(directory).config.load(directory / CONFIG_NAME)
     if not (directory / WEIGHTS_NAME).is_file() and not (directory / INDEX_NAME).is_file():
         raise CpmliveError(f"{directory}: no {WEIGHTS_NAME} in the checkpoint")
     return model_from_state_dict(config, read_weights(directory), dtype, device, source=str(directory))
@@ -322,7 +317,7 @@ def install_checkpoint(build: Path, target: Path) -> None:
     install_directory(build, target, owned=is_checkpoint_file)
 
 
-def save_checkpoint(model_or_state: CpmAnt | dict[str, Tensor], config: AntConfig, path: str | os.PathLike,
+def save_checkpoint(model_or_state: torch.nn.Module | dict[str, Tensor], config: StackConfig, path: str | os.PathLike,
                     vocab: str | os.PathLike | Iterable[str] | None = None, dtype: torch.dtype | None = None,
                     shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``config.json``, the weights and ``vocab.txt`` atomically (temp dir + rename). Into an
@@ -365,183 +360,7 @@ def write_vocab(vocab: str | os.PathLike | Iterable[str], path: Path) -> None:
         path.write_text("".join(f"{token}\n" for token in vocab), encoding="utf-8")
 
 
-# ---- OpenBMB <-> ours ------------------------------------------------------------------------
-
-OPENBMB_LAYER = {
-    "self_att.layernorm_before_attention.weight": "attn_norm.weight",
-    "self_att.self_attention.project_q.weight": "attn.project_q.weight",
-    "self_att.self_attention.project_k.weight": "attn.project_k.weight",
-    "self_att.self_attention.project_v.weight": "attn.project_v.weight",
-    "self_att.self_attention.attention_out.weight": "attn.attention_out.weight",
-    "ffn.layernorm_before_ffn.weight": "ffn_norm.weight",
-    "ffn.ffn.w_in.w_0.weight": "ffn.w_0.weight",
-    "ffn.ffn.w_in.w_1.weight": "ffn.w_1.weight",
-    "ffn.ffn.w_out.weight": "ffn.w_out.weight",
-}
-OPENBMB_TOP = {
-    "encoder.output_layernorm.weight": "output_norm.weight",
-    "prompt_embedding.weight": "prompt_embedding.weight",
-    "segment_embedding.weight": "segment_embedding.weight",
-    "input_embedding.weight": "input_embedding.weight",
-    "position_bias.relative_attention_bias": "position_bias.weight",
-}
-
-
-def fan_in_scale(ours: str, config: AntConfig) -> float:
-    """The factor OpenBMB applies at run time and we fold into the stored weight."""
-    if ours.endswith(("embedding.weight", "project_q.weight", "project_k.weight", "project_v.weight",
-                      "w_0.weight", "w_1.weight")):
-        return 1.0 / math.sqrt(config.dim_model)
-    if ours.endswith("attention_out.weight"):
-        return 1.0 / math.sqrt(config.dim_attention)
-    if ours.endswith("w_out.weight"):
-        return 1.0 / math.sqrt(config.dim_ff)
-    return 1.0
-
-
-def _openbmb_name_to_ours(name: str) -> str | None:
-    if name in OPENBMB_TOP:
-        return OPENBMB_TOP[name]
-    match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", name)
-    if match and match.group(2) in OPENBMB_LAYER:
-        return f"layers.{match.group(1)}.{OPENBMB_LAYER[match.group(2)]}"
-    return None
-
-
-def _scaled(tensor: Tensor, factor: float) -> Tensor:
-    if factor == 1.0:
-        return tensor
-    return (tensor.float() * factor).to(tensor.dtype)
-
-
-def openbmb_to_ours(state: dict[str, Tensor], config: AntConfig) -> dict[str, Tensor]:
-    out = {}
-    for name, tensor in state.items():
-        ours = _openbmb_name_to_ours(name)
-        if ours is None:
-            raise CpmliveError(f"not a CPM-Ant OpenBMB state dict: unknown key {name!r}")
-        out[ours] = _scaled(tensor, fan_in_scale(ours, config))
-    return out
-
-
-def _ours_name_to_openbmb(name: str) -> str:
-    reverse_top = {v: k for k, v in OPENBMB_TOP.items()}
-    reverse_layer = {v: k for k, v in OPENBMB_LAYER.items()}
-    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if match and match.group(2) in reverse_layer:
-        return f"encoder.layers.{match.group(1)}.{reverse_layer[match.group(2)]}"
-    if not match and name in reverse_top:
-        return reverse_top[name]
-    raise CpmliveError(f"not a CPM-Ant state dict in our layout: unknown key {name!r}")
-
-
-def ours_to_openbmb(state: dict[str, Tensor], config: AntConfig) -> dict[str, Tensor]:
-    return {_ours_name_to_openbmb(name): _scaled(tensor, 1.0 / fan_in_scale(name, config))
-            for name, tensor in state.items()}
-
-
-def config_from_openbmb_state(state: dict[str, Tensor], prompt_length: int = 32) -> AntConfig:
-    """Read the shapes back into a config (an OpenBMB ``.pt`` carries no config)."""
-    try:
-        vocab_size, dim_model = state["input_embedding.weight"].shape
-        segment_types = state["segment_embedding.weight"].shape[0]
-        bias_rows, num_heads = state["position_bias.relative_attention_bias"].shape
-        prompt_rows = state["prompt_embedding.weight"].shape[0]
-    except KeyError as exc:
-        raise CpmliveError(f"not a CPM-Ant OpenBMB state dict: no {exc.args[0]!r}") from None
-    layer_ids = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
-    num_layers = max(layer_ids) + 1 if layer_ids else 0
-    dim_attention, dim_ff = None, None
-    mask = []
-    for i in range(num_layers):
-        q = state.get(f"encoder.layers.{i}.self_att.self_attention.project_q.weight")
-        w0 = state.get(f"encoder.layers.{i}.ffn.ffn.w_in.w_0.weight")
-        if q is not None:
-            dim_attention = q.shape[0]
-        if w0 is not None:
-            dim_ff = w0.shape[0]
-        mask.append([q is None, w0 is None])
-    if dim_attention is None or dim_ff is None:
-        raise CpmliveError("cannot infer the config: no layer has both attention and FFN weights")
-    return AntConfig(vocab_size=vocab_size, dim_model=dim_model, dim_ff=dim_ff, num_layers=num_layers,
-                     num_heads=num_heads, dim_head=dim_attention // num_heads,
-                     position_bias_num_buckets=bias_rows - segment_types**2, half=False,
-                     prompt_types=prompt_rows // prompt_length, prompt_length=prompt_length,
-                     segment_types=segment_types,
-                     mask_modules=mask if any(a or f for a, f in mask) else None)
-
-
-# ---- HF <-> ours -----------------------------------------------------------------------------
-
-
-def hf_to_ours(state: dict[str, Tensor], config: AntConfig) -> tuple[dict[str, Tensor], AntConfig]:
-    """Map an HF ``CpmAntForCausalLM``/``CpmAntModel`` state dict; zeroed output projections
-    (how removed sub-blocks are written to HF) become removed sub-blocks again."""
-    state = {k.removeprefix("cpmant."): v for k, v in state.items()}
-    head = state.pop("lm_head.weight", None)
-    try:
-        table = state.pop("input_embedding.weight")
-        out = {"input_embedding.weight": table[: config.vocab_size],
-               "prompt_embedding.weight": table[config.vocab_size:],
-               "segment_embedding.weight": state.pop("segment_embedding.weight"),
-               "position_bias.weight": state.pop("position_bias.relative_attention_bias"),
-               "output_norm.weight": state.pop("encoder.output_layernorm.weight")}
-    except KeyError as exc:
-        raise CpmliveError(f"not a CpmAnt HF state dict: no 'cpmant.{exc.args[0]}'") from None
-    if head is not None and not torch.equal(head[: config.vocab_size], out["input_embedding.weight"]):
-        raise CpmliveError("lm_head.weight differs from the input embedding: CPM-Ant ties them, "
-                           "this checkpoint is not a CPM-Ant")
-    for name, tensor in state.items():
-        match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", name)
-        if not match or match.group(2) not in OPENBMB_LAYER:
-            raise CpmliveError(f"not a CpmAnt HF state dict: unknown key {name!r}")
-        out[f"layers.{match.group(1)}.{OPENBMB_LAYER[match.group(2)]}"] = tensor
-    mask = []
-    for i in range(config.num_layers):
-        attn_out = out.get(f"layers.{i}.attn.attention_out.weight")
-        ffn_out = out.get(f"layers.{i}.ffn.w_out.weight")
-        if attn_out is None or ffn_out is None:
-            missing = "self_att.self_attention.attention_out" if attn_out is None else "ffn.ffn.w_out"
-            raise CpmliveError(f"not a CpmAnt HF state dict: no 'cpmant.encoder.layers.{i}.{missing}.weight'")
-        mask.append([not attn_out.any().item(), not ffn_out.any().item()])
-    if config.mask_modules is not None:
-        mask = [[a or ca, f or cf] for (a, f), (ca, cf) in zip(mask, config.mask_modules)]
-    if any(a or f for a, f in mask):
-        for i, (no_attn, no_ffn) in enumerate(mask):
-            prefixes = (["attn_norm.", "attn."] if no_attn else []) + (["ffn_norm.", "ffn."] if no_ffn else [])
-            for key in [k for k in out if any(k.startswith(f"layers.{i}.{p}") for p in prefixes)]:
-                del out[key]
-        config = AntConfig.from_dict({**config.to_dict(), "mask_modules": mask})
-    return out, config
-
-
-def ours_to_hf(state: dict[str, Tensor], config: AntConfig) -> dict[str, Tensor]:
-    """HF has every sub-block: a removed one is written with a zero output projection."""
-    out = {
-        "cpmant.input_embedding.weight": torch.cat([state["input_embedding.weight"],
-                                                    state["prompt_embedding.weight"]]),
-        "cpmant.segment_embedding.weight": state["segment_embedding.weight"],
-        "cpmant.position_bias.relative_attention_bias": state["position_bias.weight"],
-        "cpmant.encoder.output_layernorm.weight": state["output_norm.weight"],
-        "lm_head.weight": state["input_embedding.weight"].clone(),
-    }
-    reverse = {v: k for k, v in OPENBMB_LAYER.items()}
-    like = state["input_embedding.weight"]
-    d, a, ff = config.dim_model, config.dim_attention, config.dim_ff
-    filler = {"attn_norm.weight": (d,), "attn.project_q.weight": (a, d), "attn.project_k.weight": (a, d),
-              "attn.project_v.weight": (a, d), "attn.attention_out.weight": (d, a), "ffn_norm.weight": (d,),
-              "ffn.w_0.weight": (ff, d), "ffn.w_1.weight": (ff, d), "ffn.w_out.weight": (d, ff)}
-    for i in range(config.num_layers):
-        for local, shape in filler.items():
-            tensor = state.get(f"layers.{i}.{local}")
-            if tensor is None:
-                tensor = like.new_ones(shape) if local.endswith("norm.weight") else like.new_zeros(shape)
-            out[f"cpmant.encoder.layers.{i}.{reverse[local]}"] = tensor
-    return out
-
-
 __all__ = [
-    "CONFIG_NAME", "INDEX_NAME", "VOCAB_NAME", "WEIGHTS_NAME", "check_state_dict", "config_from_openbmb_state",
-    "hf_to_ours", "load_model", "model_from_state_dict", "openbmb_to_ours", "ours_to_hf", "ours_to_openbmb",
+    "CONFIG_NAME", "INDEX_NAME", "VOCAB_NAME", "WEIGHTS_NAME", "check_state_dict", "load_model", "model_from_state_dict",
     "read_safetensors", "read_weights", "safetensors_bytes", "save_checkpoint",
 ]

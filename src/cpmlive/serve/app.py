@@ -417,9 +417,9 @@ def _shut_down(state: ServerState, server: Any) -> None:
 
 def check_model(model: str | os.PathLike) -> None:
     """Refuse a model that names neither a checkpoint nor a preset before binding the port."""
-    from cpmlive.config import check_model as named_model
-    from cpmlive.model.convert import detect_format
-    from cpmlive.model.families import family_of
+    from cpmlive.model.registry import check_model as named_model
+    from cpmlive.model.ant.convert import detect_format
+    from cpmlive.model.registry import family_of
 
     path = named_model(model)
     if path.exists() and family_of(model).model_type == "cpm-ant":

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cpmlive.data.bee import IGNORE, Example, pack, training_example
-from cpmlive.model.bee import CpmBee
+from cpmlive.model.bee.model import CpmBee
 from cpmlive.tokenizer.bee import BeeTokenizer
 from cpmlive.train.checkpoints import TRAINER_STATE, read_trainer_state, resume_point, write_checkpoint
 from cpmlive.train.core import (Schedule, adamw, decay_groups, learning_rate, progress_bar, restore_optimizer,

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from cpmlive.config import BeeConfig
+from cpmlive.model.bee.config import BeeConfig
 from cpmlive.data.bee_tasks import build, entry_text, usable_entries
 from cpmlive.data.bilingual import cedict_entries, libreoffice_pairs
 from cpmlive.errors import CpmliveError
-from cpmlive.model.bee import build_bee
+from cpmlive.model.bee.model import build_bee
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.tokenizer.bee import BeeTokenizer, build_vocab
 from cpmlive.train.bee import LoopConfig, examples_of, train
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_bee(config, seed=0)
     switch = int(args.steps * PRETRAIN_SHARE)
     if args.init is not None:
-        from cpmlive.model.bee_convert import load_pretrained
+        from cpmlive.model.bee.convert import load_pretrained
 
         model = load_pretrained(args.init, dtype=torch.float32)[0]
         switch = 0

@@ -24,15 +24,17 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from cpmlive.config import AntConfig, Cpm1Config, preset
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.model.cpm1.config import Cpm1Config
+from cpmlive.model.registry import preset
 from cpmlive.data.objectives import Batch
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream, check_mixture_weight, fixed_batches, source_weights
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import (CONFIG_NAME, VOCAB_NAME, checkpoint_vocab, expected_shapes, model_class,
                                       save_checkpoint)
-from cpmlive.model.families import family_of
+from cpmlive.model.registry import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.tokenizer import text_tokenizer

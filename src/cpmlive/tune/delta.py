@@ -3,7 +3,7 @@
 HF PEFT is the reference (same target matching, same LoRA arithmetic and initialisation, same
 file layout), but the layers are our own, for two reasons:
 
-* a LoRA layer computes its base product through :func:`cpmlive.model.kernels.project`, so float32
+* a LoRA layer computes its base product through :func:`cpmlive.model.runtime.kernels.project`, so float32
   decoding keeps the oneDNN path that PEFT's wrapper would bypass;
 * which adapter runs can be chosen per call and per thread (:func:`active_adapter`), so one
   server can answer each request with its own adapter over one copy of the base.
@@ -54,11 +54,11 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import Embedding, RMSNorm
+from cpmlive.model.ant.model import Embedding, RMSNorm
 from cpmlive.model.checkpoint import read_safetensors, safetensors_bytes
 from cpmlive.model.fingerprint import weights_fingerprint
-from cpmlive.model.kernels import project
-from cpmlive.model.quant import QuantizedLinear
+from cpmlive.model.runtime.kernels import project
+from cpmlive.model.runtime.quant import QuantizedLinear
 from cpmlive.resources import model_path
 from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output, dataclass_from_dict, replace_submodule
 
@@ -867,7 +867,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, out: s
     result in our checkpoint format (with the base's vocabulary). An ``out`` that already holds
     files is refused unless ``force`` (then only the checkpoint's files are replaced)."""
     from cpmlive.model.checkpoint import checkpoint_vocab, save_checkpoint
-    from cpmlive.model.families import family_of
+    from cpmlive.model.registry import family_of
 
     base_dir = model_path(base)
     if Path(out).resolve() == base_dir.resolve():

@@ -27,12 +27,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, checkpoint_vocab, new_build_directory, replace_directory
-from cpmlive.model.families import family_of
+from cpmlive.model.registry import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
 from cpmlive.resources import model_path

@@ -27,7 +27,7 @@ from torch import Tensor
 from cpmlive.data.layout import GENERATION, TEXT_SEGMENT
 from cpmlive.data.objectives import IGNORE_INDEX, Batch
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.tokenizer import AntTokenizer
 from cpmlive.utils import atomic_write_text
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from cpmlive.config import QuantConfig
 from cpmlive.errors import CpmliveError
-import cpmlive.model.native as native
+import cpmlive.model.runtime.native as native
 from cpmlive.utils import replace_submodule
 
 INT8_MAX = 127
@@ -155,7 +155,7 @@ class QuantizedLinear(nn.Module):
     Products with a gradient to pass back (a LoRA adapter trained on top, as QLoRA does) use the
     dequantized weight; inference uses the fastest product this CPU has for the format, as
     ``benchmarks/quant_kernels.py`` measures them: up to ``native.MAX_ROWS`` rows (decoding),
-    our own loops over the codes as stored (:mod:`cpmlive.model.native`); beyond that, or
+    our own loops over the codes as stored (:mod:`cpmlive.model.runtime.native`); beyond that, or
     without a C compiler, int8 with int8 inputs -> fbgemm's dynamic product (by far the fastest
     of torch's int8 paths on x86) and weight-only int8 / int4 -> torch's ``_weight_int8pack_mm``
     / ``_weight_int4pack_mm_for_cpu`` up to ``PACKED_KERNEL_MAX_ROWS`` rows, the dequantized

@@ -19,15 +19,29 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cpmlive.config import BeeConfig
+from cpmlive.model.bee.config import BeeConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.bee import CpmBee
+from cpmlive.model.bee.model import CpmBee
 from cpmlive.model.checkpoint import (
-    CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_layer_count, check_state_dict, expected_shapes,
-    model_from_state_dict, openbmb_to_ours, ours_to_openbmb, read_weights,
+    CONFIG_NAME,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    check_layer_count,
+    check_state_dict,
+    expected_shapes,
+    model_from_state_dict,
+    read_weights,
 )
-from cpmlive.model.convert import (
-    TORCH_SUFFIXES, Source, check_destination, check_layout, dtype_name, find_vocab, openbmb_config_file, read_files,
+from cpmlive.model.openbmb import openbmb_to_ours, ours_to_openbmb
+from cpmlive.model.ant.convert import (
+    TORCH_SUFFIXES,
+    Source,
+    check_destination,
+    check_layout,
+    dtype_name,
+    find_vocab,
+    openbmb_config_file,
+    read_files,
     write_converted,
 )
 from cpmlive.resources import model_path

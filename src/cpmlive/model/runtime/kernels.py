@@ -2,7 +2,7 @@
 
 * :func:`project`: one bias-free linear product followed by a named :data:`Epilogue`.
   Outside autograd and autocast, a product of at most ``native.MAX_ROWS`` rows (a decoding
-  step) goes to our own matrix-vector loops (:mod:`cpmlive.model.native`) when they are built;
+  step) goes to our own matrix-vector loops (:mod:`cpmlive.model.runtime.native`) when they are built;
   otherwise a float32 product of at most ``ONEDNN_MAX_ROWS`` rows goes to oneDNN's inner
   product, which streams a plain ``[out, in]`` weight faster than the BLAS call behind
   ``F.linear`` on CPU and applies the epilogue in the same call; everything else (training,
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import cpmlive.model.native as native
+import cpmlive.model.runtime.native as native
 
 Epilogue = Literal["none", "gelu", "gate", "residual"]
 # Whether each epilogue takes the ``other`` tensor, and the oneDNN binary op of those that do.

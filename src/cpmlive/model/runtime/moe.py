@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 
 
 class MoEFeedForward(nn.Module):

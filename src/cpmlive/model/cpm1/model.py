@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cpmlive.config import Cpm1Config
+from cpmlive.model.cpm1.config import Cpm1Config
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import AntCache, Embedding, autocast_input, mask_inputs, token_positions
-from cpmlive.model.kernels import attention, project
-from cpmlive.model.quant import count_parameters
+from cpmlive.model.ant.model import AntCache, Embedding, autocast_input, mask_inputs, token_positions
+from cpmlive.model.runtime.kernels import attention, project
+from cpmlive.model.runtime.quant import count_parameters
 from cpmlive.utils import compute_dtype
 
 

@@ -26,16 +26,31 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from cpmlive.config import AntConfig, QuantConfig
+from cpmlive.model.ant.config import AntConfig
+from cpmlive.config import QuantConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import CpmAnt
-from cpmlive.model.quant import dequantize_state
+from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.runtime.quant import dequantize_state
 from cpmlive.model.checkpoint import (
-    CONFIG_NAME, INDEX_NAME, VOCAB_NAME, WEIGHTS_NAME, check_layer_count, check_state_dict, config_from_openbmb_state,
-    expected_shapes, hf_to_ours, install_checkpoint, model_from_state_dict, new_build_directory, openbmb_to_ours,
-    ours_to_hf, ours_to_openbmb, read_safetensors, read_weights, save_checkpoint, save_safetensors, write_vocab,
+    CONFIG_NAME,
+    INDEX_NAME,
+    VOCAB_NAME,
+    WEIGHTS_NAME,
+    check_layer_count,
+    check_state_dict,
+    expected_shapes,
+    install_checkpoint,
+    model_from_state_dict,
+    new_build_directory,
+    read_safetensors,
+    read_weights,
+    save_checkpoint,
+    save_safetensors,
+    write_vocab,
     write_weights,
 )
+from cpmlive.model.ant.keys import config_from_openbmb_state, hf_to_ours, ours_to_hf
+from cpmlive.model.openbmb import openbmb_to_ours, ours_to_openbmb
 from cpmlive.resources import model_path
 from cpmlive.utils import atomic_write_text, check_output, default_mode, parse_dtype
 

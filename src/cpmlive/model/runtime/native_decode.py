@@ -4,7 +4,7 @@ A decoding step of a ~450M model does about 150 small products and as many small
 operations; from Python each costs tens of microseconds of dispatch, as much as the int8 weights
 take to stream. :func:`decode_blocks` hands the whole stack of blocks to C instead: it computes
 what ``Block.forward`` computes for one new position per row, writing keys and values into the
-model's own :class:`~cpmlive.model.ant.AntCache` tensors, so prompts (prefilled by PyTorch) and
+model's own :class:`~cpmlive.model.ant.model.AntCache` tensors, so prompts (prefilled by PyTorch) and
 steps share one cache. Embedding, attention bias, final norm and head stay in PyTorch.
 
 :func:`plan` says whether a model can take this path (float or quantized plain layers, float32
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-import cpmlive.model.native as native
-from cpmlive.model.quant import QuantizedLinear
+import cpmlive.model.runtime.native as native
+from cpmlive.model.runtime.quant import QuantizedLinear
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KIND_I8, KIND_W8A8, KIND_I4 = 3, 4, 5

@@ -29,17 +29,23 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cpmlive.config import CPM1_PRESETS, Cpm1Config
+from cpmlive.model.cpm1.config import PRESETS as CPM1_PRESETS, Cpm1Config
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import (
     CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_family, check_state_dict, install_checkpoint, model_from_state_dict,
     new_build_directory, read_weights, save_checkpoint, write_weights,
 )
-from cpmlive.model.convert import (
-    GENERATION_CONFIG_NAME, Source, _hf_weight_files, _weights_dtype, check_destination, dtype_name, read_files,
+from cpmlive.model.ant.convert import (
+    GENERATION_CONFIG_NAME,
+    Source,
+    _hf_weight_files,
+    _weights_dtype,
+    check_destination,
+    dtype_name,
+    read_files,
     write_converted,
 )
-from cpmlive.model.cpm1 import Cpm1
+from cpmlive.model.cpm1.model import Cpm1
 from cpmlive.resources import model_path
 from cpmlive.tokenizer.cpm1 import VOCAB_FILE
 from cpmlive.utils import atomic_write_text, parse_dtype

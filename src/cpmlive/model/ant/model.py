@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cpmlive.config import AntConfig
+from cpmlive.model.ant.config import AntConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.kernels import attention, project
-import cpmlive.model.native_decode as native_decode
-from cpmlive.model.moe import MoEFeedForward
-from cpmlive.model.quant import count_parameters
+from cpmlive.model.runtime.kernels import attention, project
+import cpmlive.model.runtime.native_decode as native_decode
+from cpmlive.model.runtime.moe import MoEFeedForward
+from cpmlive.model.runtime.quant import count_parameters
 from cpmlive.utils import compute_dtype
 
 

@@ -105,7 +105,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def decoder():
-    """``decode_blocks`` of ``csrc/decode.c`` (see :mod:`cpmlive.model.native_decode`), or ``None``."""
+    """``decode_blocks`` of ``csrc/decode.c`` (see :mod:`cpmlive.model.runtime.native_decode`), or ``None``."""
     lib = _library()
     return None if lib is None else lib.decode_blocks
 
@@ -157,7 +157,7 @@ def matvec(x: Tensor, weight: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
 
 def matvec_int8(x: Tensor, codes: Tensor, scale: Tensor, int8_inputs: bool, lib: ctypes.CDLL | None = None) -> Tensor:
     """``x @ (codes * scale[:, None]).T``; with ``int8_inputs`` each row of ``x`` is first
-    quantized to int8 (absmax / 127), as :func:`cpmlive.model.quant.int8_matmul_per_token` does."""
+    quantized to int8 (absmax / 127), as :func:`cpmlive.model.runtime.quant.int8_matmul_per_token` does."""
     rows = _rows(x)
     out, shape = _out(x, rows, codes.size(0))
     lib = lib or _library()

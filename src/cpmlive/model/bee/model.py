@@ -25,11 +25,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cpmlive.config import BeeConfig
+from cpmlive.model.bee.config import BeeConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant import AntCache, Block, Embedding, RMSNorm, autocast_input, init_stack, relative_position_bucket
-from cpmlive.model.kernels import project
-from cpmlive.model.quant import count_parameters
+from cpmlive.model.ant.model import (
+    AntCache,
+    Block,
+    Embedding,
+    RMSNorm,
+    autocast_input,
+    init_stack,
+    relative_position_bucket,
+)
+from cpmlive.model.runtime.kernels import project
+from cpmlive.model.runtime.quant import count_parameters
 from cpmlive.utils import compute_dtype
 
 RESIDUAL_SCALE = 1.05
@@ -212,7 +220,7 @@ class CpmBee(nn.Module):
         return count_parameters(self)
 
     def init_weights(self, seed: int | None = None) -> None:
-        """As CPM-Ant's (:func:`~cpmlive.model.ant.init_stack`)."""
+        """As CPM-Ant's (:func:`~cpmlive.model.ant.model.init_stack`)."""
         init_stack(self, self.config.num_layers, (self.input_embedding,), seed)
 
 

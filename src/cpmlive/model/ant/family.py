@@ -1,0 +1,15 @@
+"""CPM-Ant's entry in the registry."""
+
+from cpmlive.model.ant import convert
+from cpmlive.model.ant.config import PRESETS, AntConfig
+from cpmlive.model.ant.model import CpmAnt, build_model
+from cpmlive.model.registry import Family
+from cpmlive.tokenizer import AntTokenizer
+
+FAMILY = Family(
+    model_type="cpm-ant", name="CPM-Ant",
+    abilities=frozenset({"generate", "chat", "fill", "title", "classify", "align", "calibrate"}),
+    config=AntConfig, model=CpmAnt, tokenizer=AntTokenizer, presets=PRESETS, build=build_model,
+    load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info, aliases=("cpmant",),
+    signature_keys=("segment_embedding.weight", "cpmant.segment_embedding.weight"),
+)

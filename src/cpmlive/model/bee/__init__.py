@@ -1,0 +1,1 @@
+"""CPM-Bee: its config and presets, model, checkpoint formats and registry entry (``family.py``)."""

@@ -1,0 +1,15 @@
+"""CPM-Bee's entry in the registry."""
+
+from cpmlive.model.bee import convert
+from cpmlive.model.bee.config import PRESETS, BeeConfig
+from cpmlive.model.bee.model import CpmBee, build_bee
+from cpmlive.model.registry import Family
+from cpmlive.tokenizer.bee import BeeTokenizer
+
+FAMILY = Family(
+    model_type="cpm-bee", name="CPM-Bee", abilities=frozenset({"bee"}),
+    hint="a CPM-Bee model answers JSON tasks: use lm.bee(task) (or `cpmlive bee`, /v1/bee)",
+    config=BeeConfig, model=CpmBee, tokenizer=BeeTokenizer, presets=PRESETS, build=build_bee,
+    load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info,
+    claims=convert.is_bee_checkpoint,
+)
