@@ -59,6 +59,12 @@ class Family:
     # the family of weights given under another family's config.
     signature_keys: tuple[str, ...] = ()
     weights_name: str = ""  # how an error names this family's weights; ``name`` when empty
+    # How it reads text, as vLLM's interfaces declare it: left to right (``causal``) or as a
+    # prefix-LM over the whole context (CPM-Ant's spans); an encoder feeding a decoder.
+    causal: bool = False
+    encoder_decoder: bool = False
+    native_decode: bool = False  # a decoding step can run in our C kernels (model/runtime/native_decode.py)
+    pretrain_objective: str | None = None  # the objective of cpmlive.data.stream it pretrains with, if any
 
     def can(self, ability: str) -> bool:
         if ability not in ABILITIES:

@@ -12,4 +12,5 @@ FAMILY = Family(
     config=AntConfig, model=CpmAnt, tokenizer=AntTokenizer, presets=PRESETS, build=build_model,
     load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info, aliases=("cpmant",),
     signature_keys=("segment_embedding.weight", "cpmant.segment_embedding.weight"),
+    native_decode=True, pretrain_objective="cpm-ant",
 )
