@@ -4,6 +4,7 @@ function or under ``TYPE_CHECKING`` (every import statement counts)."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 from collections import defaultdict
 from pathlib import Path
 
@@ -98,3 +99,15 @@ def test_no_import_cycle_between_modules():
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_the_layers_picture_matches_the_code():
+    """docs/layers.png (drawn by docs/layers.py) shows today's layers and model families."""
+    from PIL import Image
+
+    root = PACKAGE.parents[1]
+    spec = importlib.util.spec_from_file_location("layers_picture", root / "docs" / "layers.py")
+    picture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(picture)
+    drawn = Image.open(root / "docs" / "layers.png").text["Description"]
+    assert drawn == picture.description(), "redraw it: .venv/bin/python docs/layers.py"
