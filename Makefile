@@ -14,6 +14,7 @@ demo: $(VENV)
 	$(BIN)/python -m cpmlive.demo
 
 test: $(VENV)
+	$(BIN)/ruff check src tests benchmarks docs
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)
