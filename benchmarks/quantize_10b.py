@@ -20,7 +20,8 @@ import torch
 from cpmlive.config import QuantConfig
 from cpmlive.model.registry import preset
 from cpmlive.infer.generate import GenerationConfig, generate_ids
-from cpmlive.model.ant.model import CpmAnt, RMSNorm
+from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import RMSNorm
 from cpmlive.model.runtime.quant import QuantizedLinear, install_quantized_layers, quantize_int8
 
 

@@ -15,7 +15,8 @@ from cpmlive.model.ant.config import AntConfig
 from cpmlive.config import QuantConfig
 from cpmlive.infer.generate import GenerationConfig, generate_ids
 from cpmlive.model.runtime import native, native_decode
-from cpmlive.model.ant.model import FeedForward, RMSNorm, build_model
+from cpmlive.model.ant.model import build_model
+from cpmlive.model.stack import FeedForward, RMSNorm
 from cpmlive.model.runtime.quant import dequantize_int4, int8_matmul_per_token, quantize_int4, quantize_int8
 
 # Shapes with a ragged tail of output rows (not a multiple of 4) and of columns (not of 16 / 64).
@@ -83,7 +84,7 @@ def test_products_of_many_rows_or_with_autograd_stay_in_pytorch():
 
 
 def test_the_switch_turns_the_library_off():
-    code = "from cpmlive.model import native; print(native.available())"
+    code = "from cpmlive.model.runtime import native; print(native.available())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "CPMLIVE_NATIVE": "0"})
     assert out.stdout.strip() == "False", out.stderr

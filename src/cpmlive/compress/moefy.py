@@ -28,8 +28,9 @@ from cpmlive.compress.quantize import feed_inputs
 from cpmlive.model.ant.config import AntConfig
 from cpmlive.config import MoEConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt, FeedForward
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.runtime.moe import MoEFeedForward
+from cpmlive.model.stack import FeedForward
 
 
 def balanced_clusters(vectors: Tensor, experts: int, iterations: int = 15, seed: int = 0) -> Tensor:

@@ -38,7 +38,8 @@ from cpmlive.data.layout import GENERATION, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.tokenizer import text_tokenizer
 from cpmlive.utils import check_output, replace_submodule
-from cpmlive.model.ant.model import Block, CpmAnt
+from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Block
 from cpmlive.model.checkpoint import VOCAB_NAME, checkpoint_vocab, save_checkpoint
 from cpmlive.model.registry import family_of
 from cpmlive.model.fingerprint import weights_fingerprint

@@ -17,7 +17,8 @@ from torch import Tensor
 from cpmlive.data.layout import GENERATION, INFILLING, TEXT_SEGMENT, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.packing import packing_for
-from cpmlive.model.ant.model import AntCache, CpmAnt, mask_inputs, token_positions
+from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.cache import KVCache, mask_inputs, token_positions
 from cpmlive.utils import check_field_types
 
 MAX_BEAMS = 64
@@ -112,7 +113,7 @@ def prefill_groups(lengths: list[int], prompt_length: int, overhead: int) -> lis
     return groups[::-1]
 
 
-def prefill(model: CpmAnt, batch: PromptBatch, cache: AntCache, lengths: list[int]) -> Tensor:
+def prefill(model: CpmAnt, batch: PromptBatch, cache: KVCache, lengths: list[int]) -> Tensor:
     """Run left-padded prompts into ``cache``; return each row's last hidden state ``[B, d]``.
 
     Rows of very different lengths are prefilled in groups (:func:`prefill_groups`), each
@@ -466,6 +467,6 @@ def completion_scores(model: CpmAnt, pieces: list[list[int]], fills: list[list[l
 
 
 __all__ = [
-    "GenerationConfig", "PromptBatch", "GENERATION", "INFILLING", "AntCache", "beam_search", "build_batch",
+    "GenerationConfig", "PromptBatch", "GENERATION", "INFILLING", "KVCache", "beam_search", "build_batch",
     "decode_steps", "fill_blanks", "generate_ids", "prefill", "prefill_groups", "process_logits", "sampling_filter",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cpmlive.model.ant.model import MASK_INPUTS, AntCache, SlotCache
+from cpmlive.model.cache import MASK_INPUTS, KVCache, SlotCache
 
 ROW_STEP = 4  # rows are allocated in multiples of this
 COLUMN_STEP = 64  # and columns in multiples of this (up to the model's max_length)
@@ -105,7 +105,7 @@ class KVPool:
 
     # ---- rows -------------------------------------------------------------------------------
 
-    def insert(self, cache: AntCache, row: int, width: int) -> int:
+    def insert(self, cache: KVCache, row: int, width: int) -> int:
         """Copy row ``row`` of a prefilled ``cache`` (its first ``width`` columns) into a new last
         row; returns that row's index. :meth:`reserve` room first."""
         for layer, key in enumerate(cache.keys):

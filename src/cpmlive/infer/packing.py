@@ -15,8 +15,9 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from cpmlive.model.ant.model import Attention, CpmAnt, FeedForward
+from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.runtime.kernels import BLOCKED_MIN_ROWS, pack_weights, packable, unpack_weights
+from cpmlive.model.stack import Attention, FeedForward
 
 # A generation with fewer rows would never read the copies.
 PACK_MIN_ROWS = BLOCKED_MIN_ROWS
@@ -66,10 +67,16 @@ def packed_weights(model: nn.Module) -> Iterator[None]:
 def _projection_weights(model: nn.Module) -> list[Tensor]:
     """The weights ``project`` reads directly (a tuned layer's inner base is not one) and the
     tied head, those that can be packed."""
-    weights = [child.weight for module in model.modules() if isinstance(module, (Attention, FeedForward))
+    weights = [child.weight for module in model.modules() if _packed_kind(module)
                for child in module.children() if type(child) is nn.Linear and child.bias is None]
     weights += [module.input_embedding.weight for module in model.modules() if isinstance(module, CpmAnt)]
     return [weight for weight in weights if packable(weight)]
+
+
+def _packed_kind(module: nn.Module) -> bool:
+    """Whether ``module``'s products read blocked copies: the bias-free attention and the gated FFN
+    (CPM-1's biased attention and MLP keep their plain weights)."""
+    return isinstance(module, FeedForward) or (isinstance(module, Attention) and not module.biased)
 
 
 __all__ = ["PACK_MIN_NEW_TOKENS", "PACK_MIN_ROWS", "packed_weights", "packing_for"]

@@ -16,7 +16,10 @@ from cpmlive.utils import compute_dtype
 LOSS_ROW_BUCKET = 256
 
 
-class AntLike(Protocol):
+class TiedHeadModel(Protocol):
+    """A model of any family as the loss reads it: called with the packed rows' inputs, its
+    output head tied to its input embedding."""
+
     input_embedding: torch.nn.Module
 
     def head_weight(self) -> Tensor: ...  # the tied output head's float weight
@@ -84,7 +87,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
-def masked_lm_loss(model: AntLike, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+def masked_lm_loss(model: TiedHeadModel, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-mean cross-entropy over positions with a target, plus the same per task.
 
     Only the hidden states at target positions go through the vocabulary projection
@@ -110,4 +113,4 @@ def masked_lm_loss(model: AntLike, batch: Batch) -> tuple[Tensor, dict[str, Tens
     return total / count, per_task
 
 
-__all__ = ["AntLike", "LOSS_ROW_BUCKET", "LinearCrossEntropy", "head_losses", "masked_lm_loss"]
+__all__ = ["TiedHeadModel", "LOSS_ROW_BUCKET", "LinearCrossEntropy", "head_losses", "masked_lm_loss"]

@@ -54,7 +54,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import Embedding, RMSNorm
+from cpmlive.model.stack import Embedding, RMSNorm
 from cpmlive.model.checkpoint import read_safetensors, safetensors_bytes
 from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.runtime.kernels import project

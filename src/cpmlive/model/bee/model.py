@@ -1,7 +1,8 @@
 """CPM-Bee (spec section 7.2): CPM-Ant's blocks with a different way of telling tokens apart.
 
-Shared with CPM-Ant (``model.ant``): the RMS norms, the attention and the gated-GELU FFN, with
-OpenBMB's 1/sqrt(fan-in) factors folded into the weights. What differs, and is spelled out here:
+Shared with CPM-Ant (``model.ant``'s blocks on ``model.stack``): the RMS norms, the attention and
+the gated-GELU FFN, with OpenBMB's 1/sqrt(fan-in) factors folded into the weights. What differs,
+and is spelled out here:
 
 * **Residuals are scaled:** ``h = (h + sublayer(norm(h))) / 1.05`` after both sub-blocks.
 * **No prompt or segment embedding.** A token is its embedding ``E[id]`` (stored as
@@ -20,71 +21,34 @@ OpenBMB's 1/sqrt(fan-in) factors folded into the weights. What differs, and is s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from cpmlive.model.ant.model import ant_block, relative_position_bucket
 from cpmlive.model.bee.config import BeeConfig
-from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import (
-    AntCache,
-    Block,
-    Embedding,
-    RMSNorm,
-    autocast_input,
-    init_stack,
-    relative_position_bucket,
-)
-from cpmlive.model.runtime.kernels import project
-from cpmlive.model.runtime.quant import count_parameters
+from cpmlive.model.cache import MASK_INPUTS, KVCache, new_positions
+from cpmlive.model.stack import Embedding, RMSNorm, Transformer, build, init_stack
 from cpmlive.utils import compute_dtype
 
 RESIDUAL_SCALE = 1.05
 SUB_DISTANCE_SCALE = 16
-KEY_INPUTS = ("context", "span", "segment", "valid", "position", "sample_ids")
-
-
-class BeeBlock(Block):
-    """CPM-Ant's block with each residual sum divided by 1.05."""
-
-    def forward(self, h: Tensor, bias: Tensor, cache: AntCache | None = None, start: int = 0,
-                keep: int | None = None) -> Tensor:
-        if hasattr(self, "attn"):
-            x = autocast_input(self.attn_norm(h))
-            if keep is not None:
-                h, bias = h[:, -keep:], bias[:, :, -keep:]
-            h = self.attn(x, bias, cache, self.index, start, residual=h, queries=keep) / RESIDUAL_SCALE
-        elif keep is not None:
-            h = h[:, -keep:]
-        if hasattr(self, "ffn"):
-            h = self.ffn(autocast_input(self.ffn_norm(h)), residual=h) / RESIDUAL_SCALE
-        return h
+KEY_INPUTS = (*MASK_INPUTS, "sample_ids")
 
 
 @dataclass
-class BeeCache(AntCache):
-    """:class:`AntCache` that also keeps each cached position's sample id, and each row's
-    segment relation table (fixed for a row's whole decoding)."""
+class BeeCache(KVCache):
+    """:class:`~cpmlive.model.cache.KVCache` that also keeps each cached position's sample id,
+    and each row's segment relation table (fixed for a row's whole decoding)."""
+
+    inputs: ClassVar[tuple[str, ...]] = KEY_INPUTS
 
     sample_ids: Tensor | None = None
     segment_rel: Tensor | None = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.sample_ids = torch.zeros(self.batch, self.capacity, dtype=torch.int32, device=self.device)
-
-    def append_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        start, end = self.length, self.length + inputs["context"].size(1)
-        if end > self.capacity:
-            raise CpmliveError(f"KV cache holds {self.capacity} positions, {end} needed")
-        for name in KEY_INPUTS:
-            getattr(self, name)[:, start:end] = inputs[name]
-        return {name: getattr(self, name)[:, :end] for name in KEY_INPUTS}
-
     def reorder(self, index: Tensor) -> None:
         super().reorder(index)
-        self.sample_ids = self.sample_ids.index_select(0, index)
         if self.segment_rel is not None:
             self.segment_rel = self.segment_rel.index_select(0, index)
 
@@ -98,16 +62,14 @@ def rotate_by_sub(x: Tensor, sub: Tensor, inv_freq: Tensor) -> Tensor:
     return x * angles.cos().to(x.dtype) + rotated * angles.sin().to(x.dtype)
 
 
-class CpmBee(nn.Module):
+class CpmBee(Transformer):
     def __init__(self, config: BeeConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.input_embedding = Embedding(config.vocab_size, config.dim_model)
         self.position_bias = Embedding(config.position_bias_num_buckets + config.position_bias_num_segment_buckets,
                                           config.num_heads)
-        self.layers = nn.ModuleList(BeeBlock(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(ant_block(config, i, RESIDUAL_SCALE) for i in range(config.num_layers))
         self.output_norm = RMSNorm(config.dim_model, config.eps)
-        self.gradient_checkpointing = False
         self._inv_freq: Tensor | None = None
 
     # ---- embeddings -----------------------------------------------------------------------------
@@ -130,16 +92,11 @@ class CpmBee(nn.Module):
 
     def logits(self, hidden: Tensor, ext_ids: Tensor | None = None, ext_subs: Tensor | None = None) -> Tensor:
         """``[..., vocab + E]``: the tied head, then one column per extra token."""
-        head = getattr(self.input_embedding, "head", None)  # a quantized table multiplies itself
-        logits = head(hidden) if head is not None else project(hidden, self.input_embedding.weight)
+        logits = super().logits(hidden)
         if ext_ids is None or ext_ids.numel() == 0:
             return logits
         ext = self.embed(ext_ids.long(), ext_subs).to(logits.dtype)
         return torch.cat([logits, hidden.to(ext.dtype) @ ext.T], dim=-1)
-
-    def head_weight(self) -> Tensor:
-        dequantized = getattr(self.input_embedding, "dequantized", None)
-        return dequantized() if dequantized is not None else self.input_embedding.weight
 
     # ---- the bias and mask ----------------------------------------------------------------------
 
@@ -160,7 +117,8 @@ class CpmBee(nn.Module):
         relation = torch.gather(query["segment_rel"].long(), 1, pair.view(batch, -1).long()).view(batch, len_q, len_k)
         relation = relation.masked_fill(~same, 1)
         q_pos, k_pos = query["position"][:, :, None], key["position"][:, None, :]
-        distance = relative_position_bucket(k_pos - q_pos, cfg.position_bias_num_buckets, cfg.position_bias_max_distance)
+        distance = relative_position_bucket(k_pos - q_pos, cfg.position_bias_num_buckets,
+                                            cfg.position_bias_max_distance)
         bucket = torch.where(relation == 0, distance.long(), relation - 1 + cfg.position_bias_num_buckets)
         bias = self.position_bias(bucket).permute(0, 3, 1, 2).to(dtype, memory_format=torch.contiguous_format)
 
@@ -181,10 +139,7 @@ class CpmBee(nn.Module):
         a cache they are the positions after ``cache.length``; ``segment_rel`` is then the
         cache's own when not given)."""
         zeros = torch.zeros_like(input_ids, dtype=torch.int32)
-        start = cache.length if cache is not None else 0
-        if position is None:
-            position = torch.arange(start, start + input_ids.size(1), dtype=torch.int32,
-                                    device=input_ids.device).expand_as(input_ids)
+        position = new_positions(input_ids, cache) if position is None else position
         query = {"context": context.bool(), "span": zeros if span is None else span, "segment": segment,
                  "valid": valid.bool(), "position": position, "sample_ids": zeros if sample_ids is None else sample_ids}
         if cache is not None:
@@ -197,38 +152,21 @@ class CpmBee(nn.Module):
                      segment_rel_offset=zeros if segment_rel_offset is None else segment_rel_offset)
         hidden = self.embed(input_ids.long(), input_sub)
         bias = self.attention_bias(query, key, compute_dtype(hidden))
-        for index, block in enumerate(self.layers):
-            keep = last if index == len(self.layers) - 1 else None
-            if self.gradient_checkpointing and self.training and cache is None:
-                hidden = checkpoint(block, hidden, bias, None, 0, keep, use_reentrant=False)
-            else:
-                hidden = block(hidden, bias, cache, start, keep)
-        if cache is not None:
-            cache.advance(input_ids.size(1))
-        return self.output_norm(hidden)
+        return self.output_norm(self.run_layers(hidden, bias, cache, last))
 
     # ---- helpers ----------------------------------------------------------------------------------
 
     def new_cache(self, batch: int, capacity: int) -> BeeCache:
-        if capacity > self.config.max_length:
-            raise CpmliveError(f"{capacity} positions needed (the task and its answers); the model takes at most "
-                               f"{self.config.max_length}: shorten the input or lower max_new_tokens")
-        return BeeCache(batch=batch, capacity=capacity, num_layers=self.config.num_layers,
-                        device=self.input_embedding.weight.device)
-
-    def num_parameters(self) -> int:
-        return count_parameters(self)
+        return self.make_cache(batch, capacity, "the task and its answers", shorten="the input", kind=BeeCache)
 
     def init_weights(self, seed: int | None = None) -> None:
-        """As CPM-Ant's (:func:`~cpmlive.model.ant.model.init_stack`)."""
+        """As CPM-Ant's (:func:`~cpmlive.model.stack.init_stack`)."""
         init_stack(self, self.config.num_layers, (self.input_embedding,), seed)
 
 
 def build_bee(config: BeeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
               seed: int | None = 0) -> CpmBee:
-    model = CpmBee(config)
-    model.init_weights(seed)
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return build(CpmBee, config, device, dtype, seed)
 
 
-__all__ = ["BeeBlock", "BeeCache", "CpmBee", "build_bee", "rotate_by_sub"]
+__all__ = ["BeeCache", "CpmBee", "build_bee", "rotate_by_sub"]

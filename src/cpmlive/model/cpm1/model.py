@@ -12,9 +12,9 @@ ignored: every token sees the tokens at or before it in its span. A token's abso
 the number of valid tokens of its span before it, so left padding, packed rows and cached
 decoding all give every token the position an unpadded forward gives it.
 
-The matrices are bias-free ``nn.Linear`` layers with their biases kept beside them (``bias_q``
-...), so that quantization, LoRA and the fast CPU products (``model.kernels``) treat them as
-they treat CPM-Ant's; the bias is added after the product.
+The blocks are the shared stack's (``model.stack``): bias-free ``nn.Linear`` matrices with their
+biases kept beside them (``bias_q`` ...), so that quantization, LoRA and the fast CPU products
+(``model.runtime.kernels``) treat them as they treat CPM-Ant's; the bias is added after the product.
 """
 
 from __future__ import annotations
@@ -22,109 +22,28 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from cpmlive.model.cpm1.config import Cpm1Config
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import AntCache, Embedding, autocast_input, mask_inputs, token_positions
-from cpmlive.model.runtime.kernels import attention, project
-from cpmlive.model.runtime.quant import count_parameters
+from cpmlive.model.cache import KVCache, mask_inputs, new_positions
+from cpmlive.model.cpm1.config import Cpm1Config
+from cpmlive.model.stack import Attention, Block, Embedding, GeluFeedForward, Transformer, build
 from cpmlive.utils import compute_dtype
 
 
-def _with_bias(out: Tensor, bias: Tensor) -> Tensor:
-    """``out + bias``; in place outside autograd (``out`` is the product's own fresh tensor)."""
-    bias = bias.to(out.dtype)
-    return out.add_(bias) if not torch.is_grad_enabled() else out + bias
+def cpm1_block(config: Cpm1Config, index: int) -> Block:
+    """GPT-2's pre-LN block: LayerNorms, attention with biases, the ``gelu_new`` MLP."""
+    return Block(config, index, norm=lambda: nn.LayerNorm(config.dim_model, eps=config.eps),
+                 attention=lambda: Attention(config, biases=True), ffn=lambda: GeluFeedForward(config))
 
 
-class Cpm1Attention(nn.Module):
-    """GPT-2 attention: q, k, v and output projections with biases around scaled dot products."""
-
+class Cpm1(Transformer):
     def __init__(self, config: Cpm1Config) -> None:
-        super().__init__()
-        self.num_heads, self.dim_head = config.num_heads, config.dim_head
-        self.dropout_p = config.dropout_p
-        width = config.dim_attention
-        self.project_q = nn.Linear(config.dim_model, width, bias=False)
-        self.project_k = nn.Linear(config.dim_model, width, bias=False)
-        self.project_v = nn.Linear(config.dim_model, width, bias=False)
-        self.attention_out = nn.Linear(width, config.dim_model, bias=False)
-        self.bias_q = nn.Parameter(torch.zeros(width))
-        self.bias_k = nn.Parameter(torch.zeros(width))
-        self.bias_v = nn.Parameter(torch.zeros(width))
-        self.bias_out = nn.Parameter(torch.zeros(config.dim_model))
-
-    def _heads(self, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.dim_head).transpose(1, 2)
-
-    def forward(self, x: Tensor, bias: Tensor, cache: AntCache | None, layer: int, start: int,
-                residual: Tensor, queries: int | None = None) -> Tensor:
-        q = self._heads(_with_bias(project(x if queries is None else x[:, -queries:], self.project_q), self.bias_q))
-        k = self._heads(_with_bias(project(x, self.project_k), self.bias_k))
-        v = self._heads(_with_bias(project(x, self.project_v), self.bias_v))
-        if cache is not None:
-            k, v = cache.store(layer, start, k, v)
-        out = attention(q, k, v, bias, self.dropout_p if self.training else 0.0)
-        batch, _, length, _ = out.shape
-        out = project(out.transpose(1, 2).reshape(batch, length, -1), self.attention_out, "residual", residual)
-        return _with_bias(out, self.bias_out)
-
-
-class Cpm1FeedForward(nn.Module):
-    """``w_out(gelu_new(w_in x + b_in)) + b_out``."""
-
-    def __init__(self, config: Cpm1Config) -> None:
-        super().__init__()
-        self.w_in = nn.Linear(config.dim_model, config.dim_ff, bias=False)
-        self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
-        self.bias_in = nn.Parameter(torch.zeros(config.dim_ff))
-        self.bias_out = nn.Parameter(torch.zeros(config.dim_model))
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        hidden = F.gelu(_with_bias(project(x, self.w_in), self.bias_in), approximate="tanh")
-        return _with_bias(project(hidden, self.w_out, "residual", residual), self.bias_out)
-
-
-class Cpm1Block(nn.Module):
-    """Pre-LN GPT-2 block; a removed sub-block (a pruned checkpoint) is absent."""
-
-    def __init__(self, config: Cpm1Config, index: int) -> None:
-        super().__init__()
-        self.index = index
-        if config.has_attention(index):
-            self.attn_norm = nn.LayerNorm(config.dim_model, eps=config.eps)
-            self.attn = Cpm1Attention(config)
-        if config.has_ffn(index):
-            self.ffn_norm = nn.LayerNorm(config.dim_model, eps=config.eps)
-            self.ffn = Cpm1FeedForward(config)
-
-    def forward(self, h: Tensor, bias: Tensor, cache: AntCache | None = None, start: int = 0,
-                keep: int | None = None) -> Tensor:
-        if hasattr(self, "attn"):
-            x = autocast_input(self.attn_norm(h))
-            if keep is not None:
-                h, bias = h[:, -keep:], bias[:, :, -keep:]
-            h = self.attn(x, bias, cache, self.index, start, residual=h, queries=keep)
-        elif keep is not None:
-            h = h[:, -keep:]
-        if hasattr(self, "ffn"):
-            h = self.ffn(autocast_input(self.ffn_norm(h)), residual=h)
-        return h
-
-
-class Cpm1(nn.Module):
-    def __init__(self, config: Cpm1Config) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.input_embedding = Embedding(config.vocab_size, config.dim_model)
         self.position_embedding = Embedding(config.max_length, config.dim_model)
-        self.layers = nn.ModuleList(Cpm1Block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(cpm1_block(config, i) for i in range(config.num_layers))
         self.output_norm = nn.LayerNorm(config.dim_model, eps=config.eps)
-        self.gradient_checkpointing = False
 
     @staticmethod
     def visibility(query: dict[str, Tensor], key: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -145,13 +64,11 @@ class Cpm1(nn.Module):
         return bias.expand(batch, self.config.num_heads, length, keys)
 
     def forward(self, input_ids: Tensor, segment: Tensor | None = None, context: Tensor | None = None,
-                span: Tensor | None = None, valid: Tensor | None = None, cache: AntCache | None = None,
+                span: Tensor | None = None, valid: Tensor | None = None, cache: KVCache | None = None,
                 position: Tensor | None = None, last: int | None = None) -> Tensor:
         """Final hidden states ``[B, L, d]`` of the given (new) positions, as ``CpmAnt.forward``."""
         zeros = torch.zeros_like(input_ids, dtype=torch.int32)
-        start = cache.length if cache is not None else 0
-        if position is None:
-            position = token_positions(input_ids) if cache is None else cache.next_positions(input_ids.size(1))
+        position = new_positions(input_ids, cache) if position is None else position
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
         query = mask_inputs(zeros, zeros if span is None else span, zeros, valid, position)
         key = cache.append_inputs(query) if cache is not None else query
@@ -161,34 +78,10 @@ class Cpm1(nn.Module):
             raise CpmliveError(f"position {furthest} is past the model's {self.config.max_length} positions")
         hidden = self.input_embedding(input_ids) + self.position_embedding(absolute)
         bias = self.attention_mask(seen, compute_dtype(hidden))
-        for index, block in enumerate(self.layers):
-            keep = last if index == len(self.layers) - 1 else None
-            if self.gradient_checkpointing and self.training and cache is None:
-                hidden = checkpoint(block, hidden, bias, None, 0, keep, use_reentrant=False)
-            else:
-                hidden = block(hidden, bias, cache, start, keep)
-        if cache is not None:
-            cache.advance(input_ids.size(1))
-        return self.output_norm(hidden)
+        return self.output_norm(self.run_layers(hidden, bias, cache, last))
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """The head tied to the token embedding."""
-        head = getattr(self.input_embedding, "head", None)  # a quantized table multiplies itself
-        return head(hidden) if head is not None else project(hidden, self.input_embedding.weight)
-
-    def head_weight(self) -> Tensor:
-        dequantized = getattr(self.input_embedding, "dequantized", None)
-        return dequantized() if dequantized is not None else self.input_embedding.weight
-
-    def new_cache(self, batch: int, capacity: int) -> AntCache:
-        if capacity > self.config.max_length:
-            raise CpmliveError(f"{capacity} positions needed (the text and the new tokens); the model takes at most "
-                               f"{self.config.max_length}: shorten the text or lower max_new_tokens")
-        return AntCache(batch=batch, capacity=capacity, num_layers=self.config.num_layers,
-                        device=self.input_embedding.weight.device)
-
-    def num_parameters(self) -> int:
-        return count_parameters(self)
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return self.make_cache(batch, capacity, "the text and the new tokens")
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -209,9 +102,7 @@ class Cpm1(nn.Module):
 
 def build_cpm1(config: Cpm1Config, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                seed: int | None = 0) -> Cpm1:
-    model = Cpm1(config)
-    model.init_weights(seed)
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return build(Cpm1, config, device, dtype, seed)
 
 
-__all__ = ["Cpm1", "Cpm1Attention", "Cpm1Block", "Cpm1FeedForward", "build_cpm1"]
+__all__ = ["Cpm1", "build_cpm1", "cpm1_block"]

@@ -1,15 +1,15 @@
-"""CPM-Ant's blocks for one decoding step in a single native call (``csrc/decode.c``).
+"""The stack's plain blocks for one decoding step in a single native call (``csrc/decode.c``).
 
 A decoding step of a ~450M model does about 150 small products and as many small element-wise
 operations; from Python each costs tens of microseconds of dispatch, as much as the int8 weights
 take to stream. :func:`decode_blocks` hands the whole stack of blocks to C instead: it computes
-what ``Block.forward`` computes for one new position per row, writing keys and values into the
-model's own :class:`~cpmlive.model.ant.model.AntCache` tensors, so prompts (prefilled by PyTorch) and
-steps share one cache. Embedding, attention bias, final norm and head stay in PyTorch.
+what ``model.stack.Block.forward`` computes for one new position per row, writing keys and values
+into the model's own :class:`~cpmlive.model.cache.KVCache` tensors, so prompts (prefilled by PyTorch)
+and steps share one cache. Embedding, attention bias, final norm and head stay in PyTorch.
 
-:func:`plan` says whether a model can take this path (float or quantized plain layers, float32
-activations and cache, no adapters or experts) and describes its layers to C once; the
-description is rebuilt when a weight changes.
+:func:`plan` says whether a model can take this path (float or quantized plain layers without
+biases, unscaled residuals, float32 activations and cache, no adapters or experts) and describes
+its layers to C once; the description is rebuilt when a weight changes.
 """
 
 from __future__ import annotations
@@ -119,9 +119,16 @@ def _norm(norm: nn.Module, norm_type: type) -> int | None:
 
 
 def _describe(block: nn.Module, norm_type: type, ffn_type: type) -> Block | None:
+    """The C description of one block, or ``None`` when C does not compute what it does (a scaled
+    residual, attention biases, a norm or FFN of another kind, a layer it cannot read)."""
+    if getattr(block, "residual_scale", 1.0) != 1.0:
+        return None
     description = Block()
     if hasattr(block, "attn"):
-        parts = [_matrix(getattr(block.attn, name)) for name in ("project_q", "project_k", "project_v", "attention_out")]
+        if getattr(block.attn, "biased", False):
+            return None
+        names = ("project_q", "project_k", "project_v", "attention_out")
+        parts = [_matrix(getattr(block.attn, name)) for name in names]
         norm = _norm(block.attn_norm, norm_type)
         if norm is None or any(p is None for p in parts):
             return None
