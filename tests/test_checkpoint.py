@@ -339,6 +339,23 @@ def test_config_json_round_trip(tmp_path: Path) -> None:
     assert AntConfig.from_dict(json.loads(CONFIG.to_json())) == CONFIG
 
 
+def test_config_json_keeps_openbmb_key_order() -> None:
+    """The shared fields live in StackConfig, the family's own in its config: config.json (and
+    ``cpmlive info``) still list them as OpenBMB's cpm-ant-10b.json and cpm-bee-10b.json do."""
+    from cpmlive.model.bee.config import BeeConfig
+    from cpmlive.model.cpm1.config import Cpm1Config
+
+    shape = ["vocab_size", "dim_model", "dim_ff", "num_layers", "num_heads", "dim_head", "dropout_p"]
+    tail = ["mask_modules", "max_length", "model_type"]
+    assert list(AntConfig(moe={"experts": 16}).to_dict()) == [
+        *shape, "position_bias_num_buckets", "position_bias_max_distance", "eps", "half", "prompt_types",
+        "prompt_length", "segment_types", *tail, "moe"]
+    assert list(BeeConfig(quantization={"bits": 8}).to_dict()) == [
+        *shape, "position_bias_num_buckets", "position_bias_num_segment_buckets", "position_bias_max_distance",
+        "eps", "half", *tail, "quantization"]
+    assert list(Cpm1Config().to_dict()) == [*shape, "eps", "half", *tail]
+
+
 @pytest.mark.parametrize("half", [False, True])
 def test_hf_config_round_trip(half: bool) -> None:
     transformers = pytest.importorskip("transformers")

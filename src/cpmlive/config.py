@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cpmlive.errors import CpmliveError
 from cpmlive.utils import dataclass_from_dict
@@ -111,20 +111,107 @@ class MoEConfig:
         return dataclass_from_dict(cls, data, "moe", "config: moe must be an object")
 
 
+@dataclass
 class StackConfig:
-    """What CPM-Ant's and CPM-Bee's configs share: both are dataclasses with OpenBMB's
-    ``num_heads``, ``dim_head``, ``mask_modules`` and a ``quantization``."""
+    """What every family's config shares: the stack's shape, named as OpenBMB names it
+    (``num_heads``, ``dim_head``), ``mask_modules`` (one ``[attention_removed, ffn_removed]`` pair
+    per layer, or ``None`` for every sub-block), ``model_type`` and a ``quantization``, with their
+    checks and their JSON form. A family subclasses it (a dataclass too), adds its own fields and
+    checks, and sets the defaults that differ: these are the 10B shape of OpenBMB's CPM-Ant.
+    """
+
+    vocab_size: int = 30720
+    dim_model: int = 4096
+    dim_ff: int = 10240
+    num_layers: int = 48
+    num_heads: int = 32
+    dim_head: int = 128
+    dropout_p: float = 0.0
+    eps: float = 1e-6
+    half: bool = True
+    mask_modules: list[list[bool]] | None = None
+    max_length: int = 1024
+    model_type: str = ""  # each family's own, the only one its config accepts
+    quantization: QuantConfig | None = None
+
+    # How a refusal names the family: "model_type 'x' is not a CPM-Ant config".
+    family_name: ClassVar[str] = ""
+    # The family's own fields that must be positive integers, beside the shared ones.
+    positive_fields: ClassVar[tuple[str, ...]] = ()
+    # Nested objects (name -> their config class): read from a JSON object, left out of it when absent.
+    sections: ClassVar[dict[str, type]] = {"quantization": QuantConfig}
+    # The first keys of the family's ``config.json``, in its published config's order (the other
+    # fields follow in field order): the family's own fields stand among the shared ones there.
+    key_order: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        for name, section in self.sections.items():
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, section.from_dict(getattr(self, name)))
+        if self.mask_modules is not None:
+            self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse, in one line naming the key, a value the stack cannot be built with; a family
+        extends it with its own checks."""
+        positive = ("vocab_size", "dim_model", "dim_ff", "num_layers", "num_heads", "dim_head", "max_length",
+                    *self.positive_fields)
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CpmliveError(f"config: {name} must be a positive integer, got {value!r}")
+        for name in ("eps", "dropout_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise CpmliveError(f"config: {name} must be a number, got {value!r}")
+        if not self.eps > 0:
+            raise CpmliveError(f"config: eps must be > 0, got {self.eps!r}")
+        if not 0 <= self.dropout_p < 1:
+            raise CpmliveError(f"config: dropout_p must be in [0, 1), got {self.dropout_p!r}")
+        if not isinstance(self.half, bool):
+            raise CpmliveError(f"config: half must be true or false, got {self.half!r}")
+        self._check_mask()
+        if self.model_type != type(self).model_type:
+            raise CpmliveError(f"config: model_type {self.model_type!r} is not a {self.family_name} config")
+        for name, section in self.sections.items():
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), section):
+                raise CpmliveError(f"config: {name} must be an object")
+
+    def _check_mask(self) -> None:
+        if self.mask_modules is None:
+            return
+        if len(self.mask_modules) != self.num_layers:
+            raise CpmliveError(f"config: mask_modules has {len(self.mask_modules)} entries for "
+                               f"{self.num_layers} layers")
+        if any(len(pair) != 2 for pair in self.mask_modules):
+            raise CpmliveError("config: every mask_modules entry must be [attention_removed, ffn_removed]")
 
     @property
     def dim_attention(self) -> int:
         """Width of q/k/v: may differ from ``dim_model`` in pruned models."""
         return self.num_heads * self.dim_head
 
+    @property
+    def moe(self) -> MoEConfig | None:
+        """The MoEfied FFN, for a family that has one (CPM-Ant's ``moefy``); dense blocks here."""
+        return None
+
     def has_attention(self, layer: int) -> bool:
         return self.mask_modules is None or not self.mask_modules[layer][0]
 
     def has_ffn(self, layer: int) -> bool:
         return self.mask_modules is None or not self.mask_modules[layer][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` object; an absent section is left out (plain checkpoints keep the
+        ``config.json`` they always had)."""
+        data = dataclasses.asdict(self)
+        for name in self.sections:
+            if data[name] is None:
+                del data[name]
+        place = {name: i for i, name in enumerate(self.key_order)}
+        return dict(sorted(data.items(), key=lambda item: place.get(item[0], len(place))))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -144,6 +231,11 @@ class StackConfig:
         except TypeError as exc:
             raise CpmliveError(f"config: {exc}") from None
 
+    @staticmethod
+    def half_in_hf(data: dict[str, Any]) -> bool:
+        """Whether an HF ``config.json`` stores float16 weights (``torch_dtype`` or, newer, ``dtype``)."""
+        return str(data.get("torch_dtype", data.get("dtype", "float32"))) in ("float16", "torch.float16")
+
     def save(self, path: str | os.PathLike) -> None:
         from cpmlive.utils import atomic_write_text
 
@@ -162,14 +254,16 @@ def spread_mask(num_layers: int, keep_attention: int, keep_ffn: int) -> list[lis
     return [[i in attention, i in ffn] for i in range(num_layers)]
 
 
-def read_json_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_json_object(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
+    """The JSON object in ``path``, or a one-line error naming the file and, by ``what``, what it
+    should have held."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CpmliveError(f"{path}: config file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CpmliveError(f"{path}: not a valid JSON config ({exc})") from None
+        raise CpmliveError(f"{path}: {what} file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CpmliveError(f"{path}: not a valid JSON {what} ({exc})") from None
     if not isinstance(data, dict):
-        raise CpmliveError(f"{path}: a config must be a JSON object")
+        raise CpmliveError(f"{path}: a {what} must be a JSON object")
     return data

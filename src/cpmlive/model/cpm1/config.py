@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from cpmlive.config import QuantConfig, StackConfig, read_json_config
+from cpmlive.config import StackConfig, read_json_object
 from cpmlive.errors import CpmliveError
 
 
@@ -26,59 +25,17 @@ class Cpm1Config(StackConfig):
 
     vocab_size: int = 30000
     dim_model: int = 2560
-    dim_ff: int = 10240
     num_layers: int = 32
-    num_heads: int = 32
     dim_head: int = 80
-    dropout_p: float = 0.0
-    eps: float = 1e-5
-    half: bool = True
-    mask_modules: list[list[bool]] | None = None
-    max_length: int = 1024
     model_type: str = "cpm1"
-    quantization: QuantConfig | None = None
+    eps: float = 1e-5
 
-    def __post_init__(self) -> None:
-        if isinstance(self.quantization, dict):
-            self.quantization = QuantConfig.from_dict(self.quantization)
-        if self.mask_modules is not None:
-            self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
-        self.validate()
-
-    def validate(self) -> None:
-        for name in ("vocab_size", "dim_model", "dim_ff", "num_layers", "num_heads", "dim_head", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise CpmliveError(f"config: {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
-            raise CpmliveError(f"config: eps must be a number > 0, got {self.eps!r}")
-        if not isinstance(self.dropout_p, (int, float)) or not 0 <= self.dropout_p < 1:
-            raise CpmliveError(f"config: dropout_p must be in [0, 1), got {self.dropout_p!r}")
-        if not isinstance(self.half, bool):
-            raise CpmliveError(f"config: half must be true or false, got {self.half!r}")
-        if self.mask_modules is not None and (len(self.mask_modules) != self.num_layers
-                                              or any(len(pair) != 2 for pair in self.mask_modules)):
-            raise CpmliveError(f"config: mask_modules needs one [attention_removed, ffn_removed] pair per layer "
-                               f"({self.num_layers})")
-        if self.model_type != "cpm1":
-            raise CpmliveError(f"config: model_type {self.model_type!r} is not a CPM-1 config")
-        if self.quantization is not None and not isinstance(self.quantization, QuantConfig):
-            raise CpmliveError("config: quantization must be an object")
+    family_name = "CPM-1"
 
     @property
     def prompt_length(self) -> int:
         """CPM-1 has no soft prompt: a row is its text's pieces."""
         return 0
-
-    @property
-    def moe(self) -> None:
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if data["quantization"] is None:
-            del data["quantization"]
-        return data
 
     @classmethod
     def from_hf(cls, data: dict[str, Any]) -> "Cpm1Config":
@@ -98,7 +55,7 @@ class Cpm1Config(StackConfig):
         if not isinstance(heads, int) or not isinstance(width, int) or heads <= 0 or width % heads:
             raise CpmliveError(f"config: n_embd {width!r} is not a multiple of n_head {heads!r}")
         mapped["dim_head"] = width // heads
-        mapped["half"] = str(data.get("torch_dtype", data.get("dtype", "float32"))) in ("float16", "torch.float16")
+        mapped["half"] = cls.half_in_hf(data)
         return cls.from_dict(mapped)
 
     def to_hf(self) -> dict[str, Any]:
@@ -115,7 +72,7 @@ class Cpm1Config(StackConfig):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Cpm1Config":
         """Read our ``config.json`` (``model_type`` ``"cpm1"``) or HF's GPT-2 one."""
-        data = read_json_config(path)
+        data = read_json_object(path)
         if data.get("model_type") == "gpt2":
             return cls.from_hf(data)
         if data.get("model_type") != "cpm1":
