@@ -223,6 +223,31 @@ def test_a_missing_megatron_shard_is_named(hf_model, tmp_path):
         convert(unrecorded, tmp_path / "out2", config_path=None)
 
 
+def test_info_converts_no_weight_data(hf_dir, hf_model, tmp_path, monkeypatch):
+    """`cpmlive info` reads a CPM-1 checkpoint's headers, as CPM-Ant's does: the tensors its
+    layouts convert (HF's fused q/k/v, Megatron's ranks) are shapes and dtypes, no weight data."""
+    import cpmlive.model.cpm1.convert as cpm1_convert
+
+    release = write_release(tmp_path / "release", megatron_shards(hf_model))
+    expected = {path: cpm1_convert.read_state(cpm1_convert.resolve(path))[0] for path in (hf_dir, release)}
+
+    def without_data(conversion):
+        def checked(state, *args):
+            for shard in state if isinstance(state, list) else [state]:
+                assert all(tensor.is_meta for tensor in shard.values()), "info converted weight data"
+            return conversion(state, *args)
+        return checked
+
+    monkeypatch.setattr(cpm1_convert, "hf_to_ours", without_data(cpm1_convert.hf_to_ours))
+    monkeypatch.setattr(cpm1_convert, "megatron_to_ours", without_data(cpm1_convert.megatron_to_ours))
+    for path, fmt in ((hf_dir, "hf"), (release, "megatron")):
+        info = cpm1_convert.checkpoint_info(path)
+        state = expected[path]
+        assert (info["format"], info["model_type"], info["tensors"]) == (fmt, "cpm1", len(state))
+        assert info["dtypes"] == sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+        assert info["parameters"] == sum(t.numel() for t in state.values())
+
+
 def test_the_other_family_is_refused(tmp_path, hf_dir, ant_vocab_path):
     from cpmlive.model.ant.model import build_model
     from cpmlive.model.checkpoint import save_checkpoint

@@ -361,6 +361,6 @@ def write_vocab(vocab: str | os.PathLike | Iterable[str], path: Path) -> None:
 
 
 __all__ = [
-    "CONFIG_NAME", "INDEX_NAME", "VOCAB_NAME", "WEIGHTS_NAME", "check_state_dict", "load_model", "model_from_state_dict",
-    "read_safetensors", "read_weights", "safetensors_bytes", "save_checkpoint",
+    "CONFIG_NAME", "INDEX_NAME", "VOCAB_NAME", "WEIGHTS_NAME", "check_state_dict", "load_model",
+    "model_from_state_dict", "read_safetensors", "read_weights", "safetensors_bytes", "save_checkpoint",
 ]

@@ -19,38 +19,35 @@ conversion holds about one checkpoint, never two.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from cpmlive.model.cpm1.config import PRESETS as CPM1_PRESETS, Cpm1Config
 from cpmlive.errors import CpmliveError
-from cpmlive.model.checkpoint import (
-    CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_family, check_state_dict, install_checkpoint, model_from_state_dict,
-    new_build_directory, read_weights, save_checkpoint, write_weights,
-)
-from cpmlive.model.ant.convert import (
+from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
+from cpmlive.model.cpm1.config import PRESETS as CPM1_PRESETS, Cpm1Config
+from cpmlive.model.formats import (
     GENERATION_CONFIG_NAME,
+    TOKENIZER_CONFIG_NAME,
+    CheckpointFormats,
     Source,
-    _hf_weight_files,
-    _weights_dtype,
-    check_destination,
-    dtype_name,
-    read_files,
-    write_converted,
+    hf_config,
+    hf_source,
+    json_object_or_none,
+    ours_source,
+    read_raw,
+    shapes_only,
+    write_hf_directory,
 )
-from cpmlive.model.cpm1.model import Cpm1
 from cpmlive.resources import model_path
 from cpmlive.tokenizer.cpm1 import VOCAB_FILE
-from cpmlive.utils import atomic_write_text, parse_dtype
 
-FORMATS: tuple[str, ...] = ("ours", "hf")
 ITERATION_FILE = "latest_checkpointed_iteration.txt"
 SHARD_FILE = re.compile(r"mp_rank_(\d\d)(?:_model_states\.pt|/model_optim_rng\.pt)$")
 
@@ -73,6 +70,18 @@ HF_LAYER = re.compile(r"transformer\.h\.(\d+)\.(.+)$")
 HF_IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)$|lm_head\.weight$")
 
 
+def _layer_key(pattern: re.Pattern, name: str, source: str, layout: str) -> tuple[str, str]:
+    """(``layers.N.``, the rest) of a per-layer key of a published layout; any other key is refused."""
+    match = pattern.fullmatch(name)
+    if match is None:
+        raise _unknown_key(name, source, layout)
+    return f"layers.{match.group(1)}.", match.group(2)
+
+
+def _unknown_key(name: str, source: str, layout: str) -> CpmliveError:
+    return CpmliveError(f"{source}: unknown key {name!r} for a {layout} checkpoint")
+
+
 def hf_to_ours(state: dict[str, Tensor], config: Cpm1Config, source: str) -> dict[str, Tensor]:
     """HF GPT-2 tensors in our names (``state`` is emptied as it is read)."""
     out: dict[str, Tensor] = {}
@@ -83,11 +92,7 @@ def hf_to_ours(state: dict[str, Tensor], config: Cpm1Config, source: str) -> dic
         if name in HF_TOP:
             out[HF_TOP[name]] = tensor
             continue
-        match = HF_LAYER.fullmatch(name)
-        if match is None:
-            raise CpmliveError(f"{source}: unknown key {name!r} for a GPT-2 checkpoint")
-        layer, suffix = match.groups()
-        prefix = f"layers.{layer}."
+        prefix, suffix = _layer_key(HF_LAYER, name, source, "GPT-2")
         if suffix in ("attn.c_attn.weight", "attn.c_attn.bias"):
             if tensor.size(-1) != 3 * config.dim_attention:
                 raise CpmliveError(f"{source}: {name!r} has shape {list(tensor.shape)}, config expects "
@@ -101,7 +106,7 @@ def hf_to_ours(state: dict[str, Tensor], config: Cpm1Config, source: str) -> dic
             ours, transposed = HF_BLOCK[suffix]
             out[prefix + ours] = tensor.t().contiguous() if transposed else tensor
         else:
-            raise CpmliveError(f"{source}: unknown key {name!r} for a GPT-2 checkpoint")
+            raise _unknown_key(name, source, "GPT-2")
     return out
 
 
@@ -164,7 +169,8 @@ def megatron_shards(path: Path) -> list[Path]:
         iteration = iteration_file.read_text(encoding="utf-8").strip()
         directory = path / iteration
         if not directory.is_dir():
-            raise CpmliveError(f"{path}: {ITERATION_FILE} names iteration {iteration!r}, but {directory} does not exist")
+            raise CpmliveError(f"{path}: {ITERATION_FILE} names iteration {iteration!r}, "
+                               f"but {directory} does not exist")
     shards = _shard_files(directory)
     if not shards:
         raise CpmliveError(f"{directory}: no mp_rank_XX_model_states.pt or mp_rank_XX/model_optim_rng.pt shard")
@@ -192,15 +198,17 @@ def _megatron_name(name: str) -> str:
     return name.replace(".self_attention.", ".attention.")
 
 
-def read_megatron_shard(path: Path) -> tuple[dict[str, Tensor], int | None]:
-    """One rank's weights with the release's own names, and the model-parallel size it records."""
+def read_megatron_shard(path: Path, shapes: bool = False) -> tuple[dict[str, Tensor], int | None]:
+    """One rank's weights with the release's own names, and the model-parallel size it records;
+    ``shapes``: only their shapes and dtypes (meta tensors), the file mapped, its weights not read."""
     # Read into memory, not mapped: each source tensor is freed as it is merged (a map's pages
     # would stay resident beside the merged copies, about twice the checkpoint at peak).
+    mapped = shapes and zipfile.is_zipfile(path)
     try:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = torch.load(path, map_location="cpu", mmap=mapped, weights_only=True)
         except pickle.UnpicklingError:  # the release also pickles its training arguments, as Megatron loads it
-            data = torch.load(path, map_location="cpu", weights_only=False)
+            data = torch.load(path, map_location="cpu", mmap=mapped, weights_only=False)
     except Exception as exc:  # torch.load raises many types for a damaged file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CpmliveError(f"{path}: unreadable Megatron shard ({reason})") from None
@@ -210,7 +218,8 @@ def read_megatron_shard(path: Path) -> tuple[dict[str, Tensor], int | None]:
     if not isinstance(weights, dict):
         raise CpmliveError(f"{path}: not a Megatron checkpoint (no 'module' or 'model' weights)")
     world = data.get("mp_world_size")
-    return {_megatron_name(k): v for k, v in _flatten(weights).items()}, world if isinstance(world, int) else None
+    state = {_megatron_name(k): v for k, v in _flatten(weights).items()}
+    return shapes_only(state) if shapes else state, world if isinstance(world, int) else None
 
 
 def _merge(pieces: list[Tensor], dim: int | None, name: str, source: str) -> Tensor:
@@ -231,28 +240,27 @@ def megatron_to_ours(shards: list[dict[str, Tensor]], source: str) -> dict[str, 
             raise CpmliveError(f"{source}: {name!r} is in mp_rank_00 but not in every shard") from None
         if name in MEGATRON_TOP:
             out[MEGATRON_TOP[name]] = _merge(pieces, 0 if name.startswith("word_") else None, name, source)
-            continue
-        match = MEGATRON_LAYER.fullmatch(name)
-        if match is None:
-            raise CpmliveError(f"{source}: unknown key {name!r} for a CPM-1 Megatron checkpoint")
-        layer, suffix = match.groups()
-        prefix = f"layers.{layer}."
-        if suffix in ("attention.query_key_value.weight", "attention.query_key_value.bias"):
-            if any(p.size(0) % 3 for p in pieces):
-                raise CpmliveError(f"{source}: {name!r} has {pieces[0].size(0)} rows, not q, k and v")
-            thirds = [p.chunk(3, dim=0) for p in pieces]
-            for which, (weight_name, bias_name) in enumerate(QKV):
-                merged = torch.cat([parts[which] for parts in thirds], dim=0)
-                out[prefix + (weight_name if suffix.endswith("weight") else bias_name)] = merged
-        elif suffix in MEGATRON_BLOCK:
-            ours, dim = MEGATRON_BLOCK[suffix]
-            out[prefix + ours] = _merge(pieces, dim, name, source)
         else:
-            raise CpmliveError(f"{source}: unknown key {name!r} for a CPM-1 Megatron checkpoint")
+            out.update(_megatron_layer_tensors(name, pieces, source))
     leftover = next((name for shard in shards for name in shard), None)
     if leftover is not None:
         raise CpmliveError(f"{source}: {leftover!r} is in a later shard but not in mp_rank_00")
     return out
+
+
+def _megatron_layer_tensors(name: str, pieces: list[Tensor], source: str) -> dict[str, Tensor]:
+    """One per-layer tensor's ranks merged, in our names (the fused q/k/v is three)."""
+    prefix, suffix = _layer_key(MEGATRON_LAYER, name, source, "CPM-1 Megatron")
+    if suffix in ("attention.query_key_value.weight", "attention.query_key_value.bias"):
+        if any(p.size(0) % 3 for p in pieces):
+            raise CpmliveError(f"{source}: {name!r} has {pieces[0].size(0)} rows, not q, k and v")
+        thirds = [p.chunk(3, dim=0) for p in pieces]
+        names = [weight if suffix.endswith("weight") else bias for weight, bias in QKV]
+        return {prefix + ours: torch.cat([parts[which] for parts in thirds], dim=0) for which, ours in enumerate(names)}
+    if suffix not in MEGATRON_BLOCK:
+        raise _unknown_key(name, source, "CPM-1 Megatron")
+    ours, dim = MEGATRON_BLOCK[suffix]
+    return {prefix + ours: _merge(pieces, dim, name, source)}
 
 
 def config_from_state(state: dict[str, Tensor], source: str) -> Cpm1Config:
@@ -272,9 +280,11 @@ def config_from_state(state: dict[str, Tensor], source: str) -> Cpm1Config:
                       half=state["input_embedding.weight"].dtype == torch.float16)
 
 
-def read_megatron(path: Path, config: Cpm1Config | None) -> tuple[dict[str, Tensor], Cpm1Config]:
+def read_megatron(path: Path, config: Cpm1Config | None,
+                  shapes: bool = False) -> tuple[dict[str, Tensor], Cpm1Config]:
+    """The release's ranks merged into our layout (``shapes``: meta tensors, no weight read)."""
     files = megatron_shards(path)
-    shards, worlds = zip(*(read_megatron_shard(f) for f in files))
+    shards, worlds = zip(*(read_megatron_shard(f, shapes) for f in files))
     recorded = next((w for w in worlds if w is not None), None)
     if recorded is not None and recorded != len(files):
         raise CpmliveError(f"{path}: the shards were saved with {recorded} model-parallel ranks, "
@@ -292,19 +302,11 @@ def read_megatron(path: Path, config: Cpm1Config | None) -> tuple[dict[str, Tens
 # ---- telling layouts apart -----------------------------------------------------------------------
 
 
-def _config_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def is_cpm1_checkpoint(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    config = _config_json(path / CONFIG_NAME)
+    config = json_object_or_none(path / CONFIG_NAME)
     if config is not None:
         return config.get("model_type") in ("cpm1", "gpt2")
     return is_megatron(path)
@@ -314,78 +316,48 @@ def resolve(path: str | os.PathLike, config_path: str | os.PathLike | None = Non
     path = model_path(path)
     if not path.is_dir():
         raise CpmliveError(f"{path}: a CPM-1 checkpoint is a directory (ours, HF's or a Megatron release)")
-    given = Path(config_path) if config_path is not None else None
-    config = _config_json(path / CONFIG_NAME)
+    config = json_object_or_none(path / CONFIG_NAME)
     if config is None and is_megatron(path):
-        return Source(path, "megatron", path, megatron_shards(path), given)
+        return Source(path, "megatron", path, megatron_shards(path),
+                      Path(config_path) if config_path is not None else None)
     model_type = (config or {}).get("model_type")
     if model_type == "gpt2":
-        return Source(path, "hf", path, _hf_weight_files(path), given or path / CONFIG_NAME)
+        return hf_source(path, config_path)
     if model_type == "cpm1":
-        if not (path / WEIGHTS_NAME).is_file() and not (path / INDEX_NAME).is_file():
-            raise CpmliveError(f"{path}: no {WEIGHTS_NAME} in the checkpoint")
-        return Source(path, "ours", path, [path / WEIGHTS_NAME], given or path / CONFIG_NAME)
+        return ours_source(path, config_path)
     raise CpmliveError(f"{path}: not a CPM-1 checkpoint (no GPT-2 or CPM-1 config.json, no Megatron shards)")
 
 
-def read_state(source: Source) -> tuple[dict[str, Tensor], Cpm1Config]:
-    """(state dict in our layout, config), every key and shape checked."""
+def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor], Cpm1Config]:
+    """(state dict in our layout, config), every key and shape checked; ``shapes``: the tensors
+    on the meta device, converted from the files' headers without reading a weight."""
     where = str(source.path)
     if source.format == "megatron":
         given = Cpm1Config.load(source.config) if source.config is not None else None
-        state, config = read_megatron(source.path, given)
+        state, config = read_megatron(source.path, given, shapes)
     else:
         config = Cpm1Config.load(source.config)
-        raw = read_weights(source.directory) if source.format == "ours" else read_files(source.weights)
+        raw = shapes_only(read_raw(source)) if shapes else read_raw(source)
         check_family(raw, config, where)
         state = raw if source.format == "ours" else hf_to_ours(raw, config, where)
     check_state_dict(state, config, where)
     return state, config
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    keep_matrices: bool = False) -> tuple[Cpm1, Path]:
-    source = resolve(path)
-    state, config = read_state(source)
-    model = model_from_state_dict(config, state, dtype, device, source=str(source.path), keep_matrices=keep_matrices)
-    return model, source.directory
-
-
 # ---- writing -----------------------------------------------------------------------------------
 
 
-def find_spiece(source: Source, vocab_path: str | os.PathLike | None = None) -> Path | None:
-    if vocab_path is not None:
-        path = Path(vocab_path)
-        if not path.is_file():
-            raise CpmliveError(f"{path}: vocabulary file not found")
-        return path
-    for candidate in (source.directory / VOCAB_FILE, source.directory / "chinese_vocab.model"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _write_hf(state: dict[str, Tensor], config: Cpm1Config, dst: Path, vocab: Path | None) -> None:
-    build = new_build_directory(dst)
-    try:
-        hf_config = {**config.to_hf(), "dtype": dtype_name(_weights_dtype(state))}
-        atomic_write_text(build / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
-        write_weights(ours_to_hf(state, config), build)
-        if vocab is not None:
-            from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
+    files: dict[str, dict | Path] = {}
+    if vocab is not None:
+        from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
 
-            eod = Cpm1Tokenizer(vocab).eod_id
-            generation = {"eos_token_id": eod, "pad_token_id": eod, "do_sample": False, "num_beams": 1,
-                          "max_new_tokens": 64}
-            atomic_write_text(build / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
-            shutil.copyfile(vocab, build / VOCAB_FILE)
-            tokenizer = {"tokenizer_class": "CpmTokenizer", "model_max_length": config.max_length}
-            atomic_write_text(build / "tokenizer_config.json", json.dumps(tokenizer, indent=2) + "\n")
-        install_checkpoint(build, dst)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+        eod = Cpm1Tokenizer(vocab).eod_id
+        files[GENERATION_CONFIG_NAME] = {"eos_token_id": eod, "pad_token_id": eod, "do_sample": False, "num_beams": 1,
+                                         "max_new_tokens": 64}
+        files[VOCAB_FILE] = vocab
+        files[TOKENIZER_CONFIG_NAME] = {"tokenizer_class": "CpmTokenizer", "model_max_length": config.max_length}
+    write_hf_directory(dst, hf_config(config, state), ours_to_hf(state, config), files)
 
 
 def _write_ours(state: dict[str, Tensor], config: Cpm1Config, dst: Path, vocab: Path | None) -> None:
@@ -394,52 +366,26 @@ def _write_ours(state: dict[str, Tensor], config: Cpm1Config, dst: Path, vocab: 
         shutil.copyfile(vocab, dst / VOCAB_FILE)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours",
-            config_path: str | os.PathLike | None = None, vocab_path: str | os.PathLike | None = None,
-            dtype: torch.dtype | str | None = None, force: bool = False, dequantize: bool = False) -> Path:
-    """As ``model.convert.convert``: any CPM-1 layout in, ours or HF's out."""
-    if to not in FORMATS:
-        raise CpmliveError(f"a CPM-1 checkpoint converts to {' or '.join(FORMATS)}, not {to!r}")
-    source = resolve(src, config_path)
-    vocab = find_spiece(source, vocab_path)
-    dst = Path(dst)
-    check_destination(dst, to, vocab, force)
-    state, config = read_state(source)
-    if vocab is not None:
-        check_vocab(vocab, config, str(vocab))
-    write_converted(state, config, dst, to, vocab, parse_dtype(dtype), dequantize,
-                    writers={"ours": _write_ours, "hf": _write_hf})
-    return dst
-
-
 def check_vocab(vocab: Path, config: Cpm1Config, source: str) -> None:
     """A SentencePiece model whose size is the embedding's (refused with both sizes otherwise)."""
     from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
 
     size = Cpm1Tokenizer(vocab).vocab_size
     if size != config.vocab_size:
-        raise CpmliveError(f"{source}: the SentencePiece model has {size} pieces, the embedding {config.vocab_size} rows")
+        raise CpmliveError(f"{source}: the SentencePiece model has {size} pieces, "
+                           f"the embedding {config.vocab_size} rows")
 
 
-def checkpoint_info(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> dict:
-    source = resolve(path, config_path)
-    state, config = read_state(source)
-    with torch.device("meta"):
-        parameters = Cpm1(config).num_parameters()
-    files = [p for p in source.directory.rglob("*") if p.is_file()]
-    return {
-        "path": str(source.path),
-        "format": source.format,
-        "model_type": "cpm1",
-        **({"quantization": config.quantization.scheme} if config.quantization is not None else {}),
-        "config": config.to_dict(),
-        "parameters": parameters,
-        "tensors": len(state),
-        "dtypes": sorted({dtype_name(t.dtype) for t in state.values()}),
-        "size_bytes": sum(f.stat().st_size for f in files),
-        "files": len(files),
-    }
+FORMATS: tuple[str, ...] = ("ours", "hf")
+CHECKPOINTS = CheckpointFormats(
+    resolve=resolve, read=read_state, headers=lambda source: read_state(source, shapes=True),
+    writers={"ours": _write_ours, "hf": _write_hf},
+    refusal=f"a CPM-1 checkpoint converts to {' or '.join(FORMATS)}, not {{to!r}}",
+    vocab_names=(VOCAB_FILE, "chinese_vocab.model"), check_vocab=check_vocab,
+)
+convert = CHECKPOINTS.convert
+load_pretrained = CHECKPOINTS.load_pretrained
+checkpoint_info = CHECKPOINTS.checkpoint_info
 
-
-__all__ = ["FORMATS", "check_vocab", "checkpoint_info", "convert", "hf_to_ours", "is_cpm1_checkpoint",
+__all__ = ["CHECKPOINTS", "FORMATS", "check_vocab", "checkpoint_info", "convert", "hf_to_ours", "is_cpm1_checkpoint",
            "load_pretrained", "megatron_to_ours", "ours_to_hf", "read_state", "resolve"]
