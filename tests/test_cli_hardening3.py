@@ -206,7 +206,7 @@ def test_an_unrelated_run_directory_is_not_called_an_earlier_compress_run(setup,
 
 
 def test_evaluate_adapter_run_dir_means_its_best_adapter(tmp_path, capsys):
-    from cpmlive.cli import run_adapter
+    from cpmlive.cli.common import run_adapter
 
     (tmp_path / "run" / "best").mkdir(parents=True)
     (tmp_path / "run" / "best" / "adapter_config.json").write_text("{}", encoding="utf-8")

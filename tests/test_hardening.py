@@ -163,7 +163,8 @@ def test_evaluate_titles_is_the_title_verbs_top_choice(tmp_path, capsys):
 
 
 def test_evaluate_titles_options_are_the_title_verbs():
-    from cpmlive.cli import build_parser, title_options
+    from cpmlive.cli import build_parser
+    from cpmlive.cli.evaluate import title_options
 
     def options(*extra: str) -> TitleOptions:
         return title_options(build_parser().parse_args(["evaluate", "demo", "--data", "x", "--titles", *extra]))
