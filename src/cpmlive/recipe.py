@@ -1,5 +1,6 @@
-"""Recipe configs (pretraining, fine-tuning): dataclasses read from YAML plus ``key=value``
-overrides, strict about unknown keys, written back as YAML beside each run.
+"""Recipe configs (pretraining, fine-tuning, alignment, compression): dataclasses read from YAML
+plus ``key=value`` overrides, strict about unknown keys, written back as YAML beside each run;
+the training loop's keys, which three of them share, are :class:`LoopArgs`.
 
 Every field is checked against its annotation when the dataclass is built (however it is
 built: ``from_file``, ``from_dict`` or a plain constructor call), and every numeric field
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,14 @@ from cpmlive.utils import check_field_types
 
 R = TypeVar("R", bound="Recipe")
 
-# Choices shared by the pretraining and fine-tuning recipes.
+# Choices of the training loop (LoopArgs).
 SCHEDULES = ("cosine", "noam", "constant")
 # "auto": bf16 where the device multiplies bf16 natively, else fp32 (see train.core.native_bf16)
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+# A number in exponent form without a dot (``5e-4``), which PyYAML (YAML 1.1) reads as a string.
+EXPONENT_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass(frozen=True)
@@ -224,8 +230,12 @@ class Recipe:
     @classmethod
     def from_file(cls: type[R], path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> R:
         data = read_recipe_file(path) if path is not None else {}
-        text_keys = {name for name, kind in cls.field_types().items() if kind is str}
-        return cls.from_dict(apply_overrides(data, overrides, text_keys))
+        kinds = cls.field_types()
+        data = apply_overrides(data, overrides, {name for name, kind in kinds.items() if kind is str})
+        for name, value in data.items():  # ``lr: 5e-4``: a number key's number, as YAML 1.2 reads it
+            if kinds.get(name) is float and isinstance(value, str) and EXPONENT_NUMBER.fullmatch(value):
+                data[name] = float(value)
+        return cls.from_dict(data)
 
     def check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
         """Refuse a field whose value is not among its allowed ones, naming both."""
@@ -240,5 +250,47 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-__all__ = ["AT_LEAST_ONE", "Bound", "FRACTION", "NON_NEGATIVE", "POSITIVE", "PRECISIONS", "Recipe", "SCHEDULES",
-           "apply_overrides", "read_recipe_file"]
+@dataclass
+class LoopArgs(Recipe):
+    """The training loop's keys, which the pretraining, fine-tuning and alignment recipes share
+    (``train.core`` reads them: the schedule, the optimizer, checkpoints). A recipe inherits them
+    and redeclares one only to give it its own default (then its range too, if that differs);
+    they stay flat keys of its YAML (``lr: 5e-4``) and overrides (``lr=5e-4``).
+
+    ``max_steps`` 0 means as many steps as the recipe's ``epochs`` take."""
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 0
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    RANGES: ClassVar[dict[str, Bound]] = {
+        "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "max_steps": NON_NEGATIVE, "lr": POSITIVE,
+        "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "beta1": FRACTION,
+        "beta2": FRACTION, "grad_clip": POSITIVE, "seed": NON_NEGATIVE, "eval_every": AT_LEAST_ONE,
+        "save_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "precision": PRECISIONS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe's own keys first, then the loop's (as ``config.yaml`` lists them)."""
+        data = super().to_dict()
+        loop = {f.name: data.pop(f.name) for f in dataclasses.fields(LoopArgs)}
+        return {**data, **loop}
+
+
+__all__ = ["AT_LEAST_ONE", "Bound", "FRACTION", "LoopArgs", "NON_NEGATIVE", "POSITIVE", "PRECISIONS", "Recipe",
+           "SCHEDULES", "apply_overrides", "read_recipe_file"]

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -39,14 +37,12 @@ from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_checkpoint, save_safetensors
 from cpmlive.model.registry import family_of
-from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
-from cpmlive.tokenizer import AntTokenizer
-from cpmlive.train.checkpoints import (check_optimizer_fits, cleaned_up_on_failure, read_trainer_state,
-                                       refuse_existing_run, warn)
+from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, LoopArgs
+from cpmlive.train.checkpoints import check_optimizer_fits, cleaned_up_on_failure, read_trainer_state, warn
 from cpmlive.train.core import autocast, learning_rate, memory_mb, set_learning_rate
 from cpmlive.train.metrics import finite_or_none
 from cpmlive.tune import delta as deltas
-from cpmlive.tune.finetune import BEST, Finetuner, FinetuneConfig, resolve_model_path
+from cpmlive.tune.finetune import BEST, Finetuner, TuneArgs, resolve_model_path
 from cpmlive.tune.metrics import CharTokenizer
 from cpmlive.tune.task import TaskSpec
 from cpmlive.utils import atomic_write_text
@@ -60,39 +56,19 @@ REFERENCE_ADAPTER = "reference"
 
 
 @dataclass
-class AlignConfig(Recipe):
+class AlignConfig(TuneArgs):
     method: str = "sft"
-    model: str = "demo"
-    data: str = ""
-    eval: str = ""
     out: str = "runs/align"
     adapter: str = ""  # start from this adapter (an SFT run's best/); a frozen copy of it is the reference
-    tuning: str = "lora"  # lora: the delta below on a frozen base; full: every weight (best/ is a checkpoint)
-    delta: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
+    tuning: str = "lora"  # lora: the delta on a frozen base; full: every weight (best/ is a checkpoint)
     max_input_tokens: int = 160
-    max_output_tokens: int = 48
-    # pre-1.0 TRL's prompt truncation (1.16 cuts only whole sequences): a prompt over max_prompt_length tokens keeps <s> and its last (keep_end) or
-    # first (keep_start) max_prompt_length - 1; 0: none, and a prompt over max_input_tokens is refused
+    # pre-1.0 TRL's prompt truncation (1.16 cuts only whole sequences): a prompt over max_prompt_length
+    # tokens keeps <s> and its last (keep_end) or first (keep_start) max_prompt_length - 1; 0: none, and
+    # a prompt over max_input_tokens is refused
     max_prompt_length: int = 0
     truncation_mode: str = "keep_end"
-    batch_size: int = 8
-    grad_accum: int = 1
     epochs: float = 1.0
-    max_steps: int = 0
-    lr: float = 1e-3
-    min_lr: float = 1e-4
     warmup_steps: int = 10
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    seed: int = 0
-    eval_every: int = 50
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    progress: bool = True
     # dpo
     beta: float = 0.1
     label_smoothing: float = 0.0
@@ -113,25 +89,23 @@ class AlignConfig(Recipe):
     num_samples: int = 4
     eval_prompts: int = 32
 
-    # The loop's knobs are fine-tuning's; a prompt needs <s> and one token.
     RANGES: ClassVar[dict[str, Bound]] = {
-        **FinetuneConfig.RANGES, "max_input_tokens": Bound(2), "max_prompt_length": NON_NEGATIVE,
+        **TuneArgs.RANGES, "max_input_tokens": Bound(2),  # a prompt needs <s> and one token
+        "max_prompt_length": NON_NEGATIVE,
         "beta": POSITIVE, "label_smoothing": Bound(0, 0.5, high_open=True), "kl_coef": NON_NEGATIVE,
         "temperature": POSITIVE, "ppo_epochs": AT_LEAST_ONE, "missing_eos_penalty": NON_NEGATIVE,
         "clip_range": POSITIVE, "clip_range_value": POSITIVE, "vf_coef": NON_NEGATIVE, "gamma": Bound(0, 1),
         "lam": Bound(0, 1), "num_samples": Bound(2), "eval_prompts": AT_LEAST_ONE,
     }
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "method": METHODS, "schedule": SCHEDULES, "precision": PRECISIONS, "loss_type": losses.DPO_LOSSES,
+        **LoopArgs.CHOICES, "method": METHODS, "loss_type": losses.DPO_LOSSES,
         "reward": ("model", "rouge"), "kl_estimator": losses.KL_ESTIMATORS, "tuning": ("lora", "full"),
         "truncation_mode": TRUNCATION_MODES,
     }
+    VERB: ClassVar[str] = "align"
 
     def check(self) -> None:
-        if not self.data:
-            raise CpmliveError("config: data is required (a JSONL file; see `cpmlive align --help`)")
-        if self.max_steps < 1 and self.epochs <= 0:
-            raise CpmliveError("config: max_steps or epochs must be > 0")
+        super().check()
         if self.method in ("ppo", "grpo") and self.reward == "model" and not self.reward_model:
             raise CpmliveError(f"config: {self.method} needs reward_model=DIR (an `align rm` run's best adapter) "
                                "or reward=rouge")
@@ -144,7 +118,6 @@ class AlignConfig(Recipe):
         if self.max_prompt_length and not 2 <= self.max_prompt_length <= self.max_input_tokens:
             raise CpmliveError(f"config: max_prompt_length must be 0 (no truncation) or 2..max_input_tokens "
                                f"({self.max_input_tokens}): <s> and at least one token; got {self.max_prompt_length}")
-        deltas.DeltaConfig.from_dict(self.delta)
 
     @property
     def chosen_metric(self) -> str:
@@ -168,16 +141,14 @@ class AlignTrainer(Finetuner):
         self.config = config
         self.run_dir = Path(config.out)
         path = resolve_model_path(config.model)
-        if not family_of(path).can("align"):
+        kind = family_of(path)
+        if not kind.can("align"):
             raise CpmliveError(f"{config.model}: alignment recipes take a CPM-Ant model")
-        refuse_existing_run(self.run_dir, resume, markers=(BEST,))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+        self.start_run(resume)
         self.model_path = path
         self.vocab_path = path / VOCAB_NAME
-        self.tokenizer = AntTokenizer.from_file(self.vocab_path)
-        self.model = family_of(path).load(path, dtype=torch.float32)[0].train()
+        self.tokenizer = kind.tokenizer.from_file(self.vocab_path)
+        self.model = kind.load(path, dtype=torch.float32)[0].train()
         limit = self.model.config.max_length - self.model.config.prompt_length - 1
         if config.max_input_tokens + config.max_output_tokens > limit:
             raise CpmliveError(f"config: max_input_tokens + max_output_tokens is {config.max_input_tokens} + "
@@ -295,29 +266,8 @@ class AlignTrainer(Finetuner):
     def run(self):
         """The loop; a rollout recipe first measures the policy it starts from (step 0)."""
         if self.evaluate_first and self.position.step == 0 and self.eval_pairs:
-            metrics = self.evaluate()
-            self.log.write({"type": "eval", "step": 0, **{f"val_{k}": finite_or_none(v) for k, v in metrics.items()},
-                            "best": False, "time": time.time()})
+            self.log_eval(0, self.evaluate(), best=False)
         return super().run()
-
-    def validate(self, step: int) -> None:
-        if not self.eval_pairs:
-            self.save_best({"step": step})
-            return
-        metrics = self.evaluate()
-        better = self.is_better(metrics)
-        if better:
-            self.position.best, self.position.best_step = metrics[self.config.chosen_metric], step
-            self.save_best(metrics)
-        self.log.write({"type": "eval", "step": step, **{f"val_{k}": finite_or_none(v) for k, v in metrics.items()},
-                        "best": better, "time": time.time()})
-
-    def is_better(self, metrics: dict[str, float]) -> bool:
-        name = self.config.chosen_metric
-        value, best = metrics[name], self.position.best
-        if not math.isfinite(value):
-            return False
-        return best is None or (value < best if name == "loss" else value > best)
 
     def save_adapter(self, directory: Path, metrics: dict[str, Any] | None = None) -> None:
         if self.config.tuning == "full":
@@ -603,7 +553,8 @@ class PpoTrainer(RolloutTrainer):
             with autocast(config.precision):
                 logps, values, _ = self.policy_and_values(pairs)
             policy_loss, policy_clip = losses.clipped_policy_loss(logps, old_logps, advantages, mask, config.clip_range)
-            value_loss, value_clip = losses.clipped_value_loss(values, old_values, returns, mask, config.clip_range_value)
+            value_loss, value_clip = losses.clipped_value_loss(values, old_values, returns, mask,
+                                                               config.clip_range_value)
             (policy_loss + config.vf_coef * value_loss).backward()
             grad_norm = self.apply_gradients()
             for name, value in (("loss/policy_avg", policy_loss), ("loss/value_avg", value_loss),
@@ -643,7 +594,8 @@ class GrpoTrainer(RolloutTrainer):
         for _ in range(config.ppo_epochs):
             with autocast(config.precision):
                 logps, _ = completion_logprobs(self.model, pairs)
-            loss, kl = losses.grpo_loss(logps, old_logps, ref_logps, advantages, mask, config.clip_range, config.kl_coef)
+            loss, kl = losses.grpo_loss(logps, old_logps, ref_logps, advantages, mask, config.clip_range,
+                                        config.kl_coef)
             loss.backward()
             stats.setdefault("grad_norm", []).append(self.apply_gradients())
             stats.setdefault("loss", []).append(loss.item())

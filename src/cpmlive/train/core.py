@@ -1,6 +1,7 @@
-"""The training machinery every recipe shares (pretrain, finetune, and later distill, prune,
-align): the learning-rate schedule, the optimizer and its restore, the RNG state a checkpoint
-holds, autocast, memory and the progress bar. The run directory's checkpoints (layout, atomic
+"""The training machinery every recipe shares (pretrain, finetune, align, and compress's steps):
+the learning-rate schedule of the loop's keys (:class:`cpmlive.recipe.LoopArgs`), the optimizer
+and its restore, the RNG state a checkpoint holds, autocast, memory, the step loop that stops
+cleanly on Ctrl-C, and the progress bar. The run directory's checkpoints (layout, atomic
 write with rotation, resume) are in :mod:`cpmlive.train.checkpoints`.
 
 A recipe imports this library, never another recipe.
@@ -13,22 +14,15 @@ import random
 import resource
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
+from cpmlive.recipe import LoopArgs
+from cpmlive.train.checkpoints import StopRequest
+
 # ---- schedule ---------------------------------------------------------------------------------
-
-
-class ScheduleKnobs(Protocol):
-    """The recipe keys a schedule is made of (every recipe config has them)."""
-
-    schedule: str
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    max_steps: int
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,7 @@ class Schedule:
     max_steps: int = 1
 
     @classmethod
-    def of(cls, config: ScheduleKnobs, max_steps: int | None = None) -> Schedule:
+    def of(cls, config: LoopArgs, max_steps: int | None = None) -> Schedule:
         """A recipe's schedule; ``max_steps`` when the run's length is not the config's own."""
         steps = config.max_steps if max_steps is None else max_steps
         return cls(config.schedule, config.lr, config.min_lr, config.warmup_steps, steps)
@@ -150,6 +144,34 @@ def autocast(precision: str, device: str | torch.device = "cpu") -> torch.autoca
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
+class SteppedRun(Protocol):
+    """A recipe's run as :func:`run_steps` drives it."""
+
+    def step_and_report(self, bar: Any, saved: int) -> int:
+        """One step with its logging, validation and checkpoint; returns the last saved step."""
+
+    def save_interrupted(self, saved: int) -> None:
+        """The checkpoint of an interrupted run, unless its last step is saved already."""
+
+
+def run_steps(run: SteppedRun, start: int, total: int, bar: Any,
+              stop_agreed: Callable[[bool], bool] = bool) -> None:
+    """Steps ``start + 1`` to ``total``. Ctrl-C or SIGTERM (:class:`StopRequest`) stops the run
+    after the current step, when ``stop_agreed`` (every rank of a distributed run) says so: its
+    checkpoint is saved and KeyboardInterrupt raised. The progress bar is closed on the way out."""
+    saved = start
+    try:
+        with StopRequest() as stop:
+            for _ in range(start, total):
+                saved = run.step_and_report(bar, saved)
+                if stop_agreed(stop.requested):
+                    run.save_interrupted(saved)
+                    raise KeyboardInterrupt
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def progress_bar(total: int, start: int, desc: str, enabled: bool = True) -> Any:
     """A tqdm bar of training steps, or None when disabled."""
     if not enabled:
@@ -161,5 +183,5 @@ def progress_bar(total: int, start: int, desc: str, enabled: bool = True) -> Any
 
 __all__ = [
     "Schedule", "adamw", "autocast", "can_fuse", "decay_groups", "keeping_fused_choice", "learning_rate",
-    "memory_mb", "progress_bar", "restore_optimizer", "rng_state", "set_learning_rate", "set_rng_state",
+    "memory_mb", "progress_bar", "restore_optimizer", "rng_state", "run_steps", "set_learning_rate", "set_rng_state",
 ]

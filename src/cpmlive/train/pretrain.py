@@ -26,7 +26,7 @@ import torch
 
 from cpmlive.model.ant.config import AntConfig
 from cpmlive.model.cpm1.config import Cpm1Config
-from cpmlive.model.registry import preset
+from cpmlive.model.registry import families, family, family_of, preset
 from cpmlive.data.objectives import Batch
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream, check_mixture_weight, fixed_batches, source_weights
@@ -34,20 +34,19 @@ from cpmlive.errors import CpmliveError
 from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import (CONFIG_NAME, VOCAB_NAME, checkpoint_vocab, expected_shapes, model_class,
                                       save_checkpoint)
-from cpmlive.model.registry import family_of
 from cpmlive.model.loss import masked_lm_loss
-from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
+from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, Bound, LoopArgs
 from cpmlive.tokenizer import text_tokenizer
-from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, read_trainer_state,
+from cpmlive.train.checkpoints import (TRAINER_STATE, check_optimizer_fits, read_trainer_state,
                                        refuse_existing_run, resume_point, warn, write_checkpoint)
 from cpmlive.train.core import (Schedule, adamw, autocast, decay_groups, learning_rate, memory_mb, progress_bar,
-                                restore_optimizer, rng_state, set_learning_rate, set_rng_state)
+                                restore_optimizer, rng_state, run_steps, set_learning_rate, set_rng_state)
 from cpmlive.train.metrics import MetricsLog, finite_or_none, parameter_stats
 from cpmlive.utils import atomic_write_text
 
 
 @dataclass
-class PretrainConfig(Recipe):
+class PretrainConfig(LoopArgs):
     model: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: str = ""
@@ -55,43 +54,29 @@ class PretrainConfig(Recipe):
     mixture: dict[str, float] = field(default_factory=dict)
     out: str = "runs/pretrain"
     seq_length: int = 512
-    batch_size: int = 8
-    grad_accum: int = 1
+    # the loop's keys (LoopArgs) whose default differs here
     max_steps: int = 1000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
     warmup_steps: int = 100
-    schedule: str = "cosine"
     weight_decay: float = 0.01
-    beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    activation_checkpointing: bool = False
-    seed: int = 0
     eval_every: int = 100
-    eval_batches: int = 8
     save_every: int = 100
-    keep_checkpoints: int = 2
+    activation_checkpointing: bool = False
+    eval_batches: int = 8
     inspect_every: int = 50
     price_per_device_hour: float = 0.0
     device_watts: float = 150.0
     grid_kg_co2_per_kwh: float = 0.58
     tensorboard: bool = False
-    progress: bool = True
     # several processes (torchrun): FSDP2 options, ignored by a single process
     fsdp_cpu_offload: bool = False
     fsdp_mixed_precision: bool = False
 
     RANGES: ClassVar[dict[str, Bound]] = {
-        "seq_length": Bound(64, low_open=True), "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE,
-        "max_steps": AT_LEAST_ONE, "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE,
-        "weight_decay": NON_NEGATIVE, "beta1": FRACTION, "beta2": FRACTION, "grad_clip": POSITIVE,
-        "seed": NON_NEGATIVE, "eval_every": AT_LEAST_ONE, "eval_batches": AT_LEAST_ONE,
-        "save_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE, "inspect_every": AT_LEAST_ONE,
-        "price_per_device_hour": NON_NEGATIVE, "device_watts": NON_NEGATIVE, "grid_kg_co2_per_kwh": NON_NEGATIVE,
+        **LoopArgs.RANGES, "seq_length": Bound(64, low_open=True), "max_steps": AT_LEAST_ONE,
+        "eval_batches": AT_LEAST_ONE, "inspect_every": AT_LEAST_ONE, "price_per_device_hour": NON_NEGATIVE,
+        "device_watts": NON_NEGATIVE, "grid_kg_co2_per_kwh": NON_NEGATIVE,
     }
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"schedule": SCHEDULES, "precision": PRECISIONS}
 
     def check(self) -> None:
         if not self.data:
@@ -159,8 +144,13 @@ def run_model_config(config: PretrainConfig) -> AntConfig | Cpm1Config:
 
 
 def objective_of(model_config: AntConfig | Cpm1Config) -> str:
-    """CPM-Ant's two objectives, or CPM-1's left-to-right language modelling."""
-    return "causal" if model_config.model_type == "cpm1" else "cpm-ant"
+    """The objective the model's family pretrains with (``Family.pretrain_objective``: CPM-Ant's
+    infilling and generation, CPM-1's left-to-right language modelling); a family without one is refused."""
+    kind = family(model_config.model_type)
+    if kind.pretrain_objective is None:
+        able = " or ".join(entry.name for entry in families().values() if entry.pretrain_objective)
+        raise CpmliveError(f"config: {kind.name} models are not pretrained by this recipe (it pretrains {able})")
+    return kind.pretrain_objective
 
 
 def check_fits_model(config: PretrainConfig, model_config: AntConfig) -> None:
@@ -236,7 +226,9 @@ class Trainer:
     def __init__(self, config: PretrainConfig, resume: str | None = None) -> None:
         self.config = config
         self.run_dir = Path(config.out)
-        check_fits_model(config, run_model_config(config))
+        model_config = run_model_config(config)
+        self.objective = objective_of(model_config)
+        check_fits_model(config, model_config)
         train_store = TokenStore(config.data, "train")
         source_weights(train_store, config.mixture)
         self.on_main(lambda: refuse_existing_run(self.run_dir, resume))
@@ -255,11 +247,11 @@ class Trainer:
         vocab_size = self.model.config.vocab_size
         self.stream = PretrainStream(train_store, config.seq_length, config.batch_size, seed=config.seed,
                                      prompt_length=self.model.config.prompt_length, vocab_size=vocab_size,
-                                     mixture=config.mixture, objective=objective_of(self.model.config))
+                                     mixture=config.mixture, objective=self.objective)
         self.val_batches = fixed_batches(TokenStore(config.data, "val"), config.seq_length, config.batch_size,
                                          config.eval_batches, vocab_size=vocab_size,
                                          prompt_length=self.model.config.prompt_length,
-                                         objective=objective_of(self.model.config))
+                                         objective=self.objective)
         self.optimizer = make_optimizer(self.model, config)
         self.state = RunState()
         if resume:
@@ -360,17 +352,9 @@ class Trainer:
                         "parameters": self.model.num_parameters(), "world_size": self.world_size,
                         "mixture": self.stream.shares, "time": time.time()})
         bar = progress_bar(config.max_steps, self.state.step, "pretrain", config.progress and self.is_main)
-        saved = self.state.step
         try:
-            with StopRequest() as stop:
-                while self.state.step < config.max_steps:
-                    saved = self.step_and_report(bar, saved)
-                    if self.stop_agreed(stop.requested):
-                        self.save_interrupted(saved)
-                        raise KeyboardInterrupt
+            run_steps(self, self.state.step, config.max_steps, bar, self.stop_agreed)
         finally:
-            if bar is not None:
-                bar.close()
             self.log.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()

@@ -34,13 +34,13 @@ from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, checkpoint_vocab, new_build_directory, replace_directory
 from cpmlive.model.registry import family_of
 from cpmlive.model.loss import masked_lm_loss
-from cpmlive.recipe import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, PRECISIONS, SCHEDULES, Bound, Recipe
+from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, Bound, LoopArgs
 from cpmlive.resources import model_path
 from cpmlive.tokenizer import text_tokenizer
-from cpmlive.train.checkpoints import (TRAINER_STATE, StopRequest, check_optimizer_fits, cleaned_up_on_failure,
+from cpmlive.train.checkpoints import (TRAINER_STATE, check_optimizer_fits, cleaned_up_on_failure,
                                        read_trainer_state, refuse_existing_run, resume_point, warn, write_checkpoint)
 from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, restore_optimizer,
-                                rng_state, set_learning_rate, set_rng_state)
+                                rng_state, run_steps, set_learning_rate, set_rng_state)
 from cpmlive.train.metrics import MetricsLog, finite_or_none
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.metrics import accuracy, macro_f1
@@ -51,57 +51,49 @@ BEST = "best"
 
 
 @dataclass
-class FinetuneConfig(Recipe):
+class TuneArgs(LoopArgs):
+    """The keys of a recipe that tunes a base model on JSONL examples (fine-tuning, alignment),
+    beside the loop's."""
+
     model: str = "demo"
-    task: str = "generate"
     data: str = ""
     eval: str = ""
-    out: str = "runs/finetune"
     delta: dict[str, Any] = field(default_factory=lambda: {"method": "lora"})
-    template: str = "{input}"
     max_input_tokens: int = 256
     max_output_tokens: int = 48
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 3.0
-    max_steps: int = 0  # 0: as many as `epochs` take
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    seed: int = 0
-    eval_every: int = 50
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    best_metric: str = "auto"  # loss | accuracy | macro_f1 (auto: loss for generate, accuracy for classify)
-    classify_loss: str = "labels"  # labels: cross-entropy over the labels' likelihoods; lm: the gold label's text
-    progress: bool = True
+    epochs: float = 3.0  # when max_steps is 0
 
     RANGES: ClassVar[dict[str, Bound]] = {
-        "max_input_tokens": AT_LEAST_ONE, "max_output_tokens": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
-        "grad_accum": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "lr": POSITIVE,
-        "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "beta1": FRACTION,
-        "beta2": FRACTION, "grad_clip": POSITIVE, "seed": NON_NEGATIVE, "eval_every": AT_LEAST_ONE,
-        "save_every": AT_LEAST_ONE, "keep_checkpoints": AT_LEAST_ONE,
+        **LoopArgs.RANGES, "max_input_tokens": AT_LEAST_ONE, "max_output_tokens": AT_LEAST_ONE,
+        "epochs": NON_NEGATIVE,
     }
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "task": ("generate", "classify"), "schedule": SCHEDULES, "precision": PRECISIONS,
-        "best_metric": ("auto", "loss", "accuracy", "macro_f1"), "classify_loss": ("labels", "lm"),
-    }
+    VERB: ClassVar[str] = "finetune"  # the verb whose help a refusal points to
 
     def check(self) -> None:
         if not self.data:
-            raise CpmliveError("config: data is required (a JSONL file; see `cpmlive finetune --help`)")
+            raise CpmliveError(f"config: data is required (a JSONL file; see `cpmlive {self.VERB} --help`)")
         if self.max_steps < 1 and self.epochs <= 0:
             raise CpmliveError("config: max_steps or epochs must be > 0")
+        deltas.DeltaConfig.from_dict(self.delta)
+
+
+@dataclass
+class FinetuneConfig(TuneArgs):
+    task: str = "generate"
+    out: str = "runs/finetune"
+    template: str = "{input}"
+    best_metric: str = "auto"  # loss | accuracy | macro_f1 (auto: loss for generate, accuracy for classify)
+    classify_loss: str = "labels"  # labels: cross-entropy over the labels' likelihoods; lm: the gold label's text
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **LoopArgs.CHOICES, "task": ("generate", "classify"), "best_metric": ("auto", "loss", "accuracy", "macro_f1"),
+        "classify_loss": ("labels", "lm"),
+    }
+
+    def check(self) -> None:
+        super().check()
         if self.task == "generate" and self.best_metric in ("accuracy", "macro_f1"):
             raise CpmliveError(f"config: best_metric {self.best_metric} needs task classify")
-        deltas.DeltaConfig.from_dict(self.delta)
 
     def check_fits_model(self, model_config: AntConfig) -> None:
         """The longest example (``<s>`` + input, target + ``</s>``) must fit the model's text positions."""
@@ -109,7 +101,8 @@ class FinetuneConfig(Recipe):
         if self.max_input_tokens + self.max_output_tokens > limit:
             raise CpmliveError(f"config: max_input_tokens + max_output_tokens is {self.max_input_tokens} + "
                                f"{self.max_output_tokens}; the model takes at most {limit} (max_length "
-                               f"{model_config.max_length} - {model_config.prompt_length} prompt positions - 1 for </s>)")
+                               f"{model_config.max_length} - {model_config.prompt_length} prompt positions "
+                               "- 1 for </s>)")
 
     @property
     def chosen_metric(self) -> str:
@@ -144,10 +137,7 @@ class Finetuner:
         self.run_dir = Path(config.out)
         model_path = resolve_model_path(config.model)
         config.check_fits_model(family_of(model_path).config.load(model_path / CONFIG_NAME))
-        refuse_existing_run(self.run_dir, resume, markers=(BEST,))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+        self.start_run(resume)
         self.vocab_path = checkpoint_vocab(model_path) or model_path / VOCAB_NAME
         self.tokenizer = text_tokenizer(self.vocab_path)
         self.train_examples = read_examples(config.data, config.task)
@@ -162,6 +152,14 @@ class Finetuner:
         self.train_pairs = [self.encode(e) for e in self.train_examples]
         self.eval_pairs = [self.encode(e) for e in self.eval_examples]
         self._prepare_run(resume)
+
+    def start_run(self, resume: str | None) -> None:
+        """The run directory, made (a directory holding another run is refused unless resuming),
+        and the seeded generators."""
+        refuse_existing_run(self.run_dir, resume, markers=(BEST,))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.config.seed)
+        random.seed(self.config.seed)
 
     def _prepare_run(self, resume: str | None) -> None:
         """Optimizer, schedule and data position for the attached delta and ``train_pairs``
@@ -250,23 +248,28 @@ class Finetuner:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Dev loss on the targets; for classification also accuracy and macro-F1."""
+        """Dev loss on the targets, and :meth:`dev_metrics`."""
         self.model.eval()
         try:
             total, count = 0.0, 0
             size = self.config.batch_size
             for start in range(0, len(self.eval_pairs), size):
-                batch = example_batch(self.eval_pairs[start:start + size], self.spec.prompt_task, self.model.config)
-                with autocast(self.config.precision):
-                    loss, _ = masked_lm_loss(self.model, batch)
-                n = int((batch.target >= 0).sum())
+                loss, n = self.dev_batch_loss(self.eval_pairs[start:start + size])
                 total, count = total + loss.item() * n, count + n
-            result = {"loss": total / max(count, 1)}
-            if self.config.task == "classify":
-                result.update(self.classification_metrics())
-            return result
+            return {"loss": total / max(count, 1), **self.dev_metrics()}
         finally:
             self.model.train()
+
+    def dev_batch_loss(self, pairs: list) -> tuple[torch.Tensor, int]:
+        """The mean loss of a dev batch and the number of target tokens it is over."""
+        batch = example_batch(pairs, self.spec.prompt_task, self.model.config)
+        with autocast(self.config.precision):
+            loss, _ = masked_lm_loss(self.model, batch)
+        return loss, int((batch.target >= 0).sum())
+
+    def dev_metrics(self) -> dict[str, float]:
+        """The metrics beside the dev loss: a classifier's accuracy and macro-F1."""
+        return self.classification_metrics() if self.config.task == "classify" else {}
 
     def classification_metrics(self) -> dict[str, float]:
         texts = [e.input for e in self.eval_examples]
@@ -331,17 +334,9 @@ class Finetuner:
         self.log.write({"type": "start", "step": self.position.step, "config": config.to_dict(),
                         "trainable": trainable, "parameters": total, "time": time.time()})
         bar = progress_bar(self.total_steps, self.position.step, self.progress_label(), config.progress)
-        saved = self.position.step
         try:
-            with StopRequest() as stop:
-                while self.position.step < self.total_steps:
-                    saved = self.step_and_report(bar, saved)
-                    if stop.requested:
-                        self.save_interrupted(saved)
-                        raise KeyboardInterrupt
+            run_steps(self, self.position.step, self.total_steps, bar)
         finally:
-            if bar is not None:
-                bar.close()
             self.log.close()
         return self.position
 
@@ -369,16 +364,19 @@ class Finetuner:
             warn(f"stopped at step {self.position.step}, saved as {target}; continue with --resume auto")
 
     def validate(self, step: int) -> None:
-        metrics = self.evaluate() if self.eval_pairs else {"loss": float("nan")}
         if not self.eval_pairs:  # without a dev set the latest adapter is the one kept
             self.save_best({"step": step})
             return
+        metrics = self.evaluate()
         better = self.is_better(metrics)
         if better:
             self.position.best, self.position.best_step = metrics[self.config.chosen_metric], step
             self.save_best(metrics)
+        self.log_eval(step, metrics, better)
+
+    def log_eval(self, step: int, metrics: dict[str, float], best: bool) -> None:
         self.log.write({"type": "eval", "step": step, **{f"val_{k}": finite_or_none(v) for k, v in metrics.items()},
-                        "best": better, "time": time.time()})
+                        "best": best, "time": time.time()})
 
 
 # CPM-Bee's fine-tuning script tunes LoRA on the attention's queries and values.
@@ -395,10 +393,7 @@ class BeeFinetuner(Finetuner):
         self.config = config
         self.run_dir = Path(config.out)
         path = resolve_model_path(config.model)
-        refuse_existing_run(self.run_dir, resume, markers=(BEST,))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
+        self.start_run(resume)
         self.vocab_path = path / VOCAB_NAME
         self.tokenizer = BeeTokenizer.from_file(self.vocab_path)
         self.model = family_of(path).load(path, dtype=torch.float32)[0].train()
@@ -443,22 +438,14 @@ class BeeFinetuner(Finetuner):
         batch = pack(pairs, max(len(e) for e in pairs), self.tokenizer.vocab_size)
         return batch_loss(self.model, batch)[0]
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def dev_batch_loss(self, pairs: list) -> tuple[torch.Tensor, int]:
         from cpmlive.data.bee import pack
         from cpmlive.train.bee import batch_loss
 
-        self.model.eval()
-        try:
-            total, count = 0.0, 0
-            size = self.config.batch_size
-            for start in range(0, len(self.eval_pairs), size):
-                chunk = self.eval_pairs[start:start + size]
-                loss, n = batch_loss(self.model, pack(chunk, max(len(e) for e in chunk), self.tokenizer.vocab_size))
-                total, count = total + loss.item() * n, count + n
-            return {"loss": total / max(count, 1)}
-        finally:
-            self.model.train()
+        return batch_loss(self.model, pack(pairs, max(len(e) for e in pairs), self.tokenizer.vocab_size))
+
+    def dev_metrics(self) -> dict[str, float]:
+        return {}
 
     def save_adapter(self, directory: Path, metrics: dict[str, Any] | None = None) -> None:
         deltas.save_adapter(self.model, directory)
@@ -470,7 +457,7 @@ class BeeFinetuner(Finetuner):
 def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
     """Train; returns the best adapter's directory."""
     path = resolve_model_path(config.model)
-    kind = BeeFinetuner if family_of(path).model_type == "cpm-bee" else Finetuner
+    kind = BeeFinetuner if family_of(path).can("bee") else Finetuner  # a family that answers JSON tasks tunes on them
     with cleaned_up_on_failure(Path(config.out), keep=(BEST,)):
         kind(config, resume).run()
     return Path(config.out) / BEST
