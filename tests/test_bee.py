@@ -203,14 +203,14 @@ def test_the_bee_page_in_chromium(lm, tmp_path):
 
 def test_tokenizer_of_the_3b_checkpoint_drops_the_tokens_it_lacks():
     """The published 3B config has 86580 tokens, the vocabulary 86583 (spec 7.1)."""
-    from cpmlive.api import bee_tokenizer_for
+    from cpmlive.tokenizer.bee import BeeTokenizer
 
-    tokenizer = bee_tokenizer_for(VOCAB, 86580)
+    tokenizer = BeeTokenizer.for_model(VOCAB, 86580)
     assert tokenizer.vocab_size == 86580
     ids, ext = tokenizer.encode("（全角）")
     assert all(i < 86580 or i in ext for i in ids) and "（" in ext.values()
     with pytest.raises(CpmliveError, match="86583 tokens"):
-        bee_tokenizer_for(VOCAB, 80000)
+        BeeTokenizer.for_model(VOCAB, 80000)
 
 
 def test_a_bee_python_api_error_for_ant_models():

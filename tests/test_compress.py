@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpmlive.compress.pipeline import compress
+from cpmlive.compress.pipeline import CompressRecipe, compress
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import load_model, read_weights
 from tiny_store import make_model_and_store, recipe
@@ -166,3 +166,15 @@ def test_bad_moefy_recipes_are_refused(setup, steps, message):
     _, data = setup
     with pytest.raises(CpmliveError, match=message):
         recipe(data, steps=steps)
+
+
+@pytest.mark.parametrize("model", ["cpm1-demo", "bee-demo"])
+def test_resume_reloads_a_finished_step_through_the_models_family(model, tmp_path):
+    """A finished step's model is read back by its own family's loader, not CPM-Ant's."""
+    steps = CompressRecipe(steps=[{"quantize": {"bits": 8}}], progress=False)
+    first = read_weights(compress(model, tmp_path / "q", steps))
+    import shutil
+
+    shutil.rmtree(tmp_path / "q")  # the run's finished step stays in q.run/
+    resumed = read_weights(compress(model, tmp_path / "q", steps, resume="auto"))
+    assert resumed.keys() == first.keys() and all(torch.equal(resumed[k], first[k]) for k in first)

@@ -17,9 +17,10 @@ def test_cpm_ant_checkpoints_in_every_format_are_cpm_ant(tmp_path):
     convert("demo", tmp_path / "hf", to="hf")
     convert("demo", tmp_path / "openbmb" / "demo.pt", to="openbmb")
     for source in ("demo", tmp_path / "hf", tmp_path / "openbmb" / "demo.pt"):
-        assert families.family_of(source) is families.ANT
-    assert families.preset_family("ant-10b") is families.ANT and families.preset_family("nope") is None
-    assert families.preset_family("cpm1-2.6b") is families.CPM1 and families.family("gpt2") is families.CPM1
+        assert families.family_of(source) is families.family("cpm-ant")
+    assert families.preset_family("ant-10b") is families.family("cpm-ant") and families.preset_family("nope") is None
+    cpm1 = families.family("cpm1")
+    assert families.preset_family("cpm1-2.6b") is cpm1 and families.family("gpt2") is cpm1
 
 
 def test_unknown_model_type_is_one_line(tmp_path, capsys):
@@ -35,7 +36,7 @@ def test_a_new_family_is_one_entry(tmp_path, capsys, monkeypatch):
     """The verbs dispatch on the registry: an entry is all a family needs to be described."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "toy"}), encoding="utf-8")
-    toy = dataclasses.replace(families.ANT, model_type="toy", aliases=(),
+    toy = dataclasses.replace(families.family("cpm-ant"), model_type="toy", aliases=(),
                               info=lambda path: {"path": str(path), "format": "toy", "config": {"layers": 1}})
     monkeypatch.setitem(families.FAMILIES, "toy", toy)
     assert main(["info", str(tmp_path / "m")]) == 0

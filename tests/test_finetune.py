@@ -14,7 +14,7 @@ from cpmlive.model.ant.config import AntConfig
 from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
 from cpmlive.data.layout import GENERATION
-from cpmlive.infer.generate import _step_inputs, build_batch
+from cpmlive.infer.generate import build_batch, step_inputs
 from cpmlive.apps.headline import rank_titles
 from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import save_checkpoint
@@ -90,7 +90,7 @@ def test_training_layout_scores_targets_exactly_as_decoding_does(base_dir):
         decoded = 0.0
         for token in target:
             decoded += lm.model.logits(hidden).log_softmax(-1)[0, token].item()
-            step = _step_inputs(torch.tensor([[token]]), 2)
+            step = step_inputs(torch.tensor([[token]]), 2)
             hidden = lm.model(**step, cache=cache)[:, -1]
     assert trained == pytest.approx(decoded, abs=1e-4)
 

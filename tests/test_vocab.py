@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from cpmlive.errors import CpmliveError
-from cpmlive.tokenizer import AntTokenizer, build_vocab, read_corpus_texts, save_vocab
+from cpmlive.data.corpora import read_corpus_texts
+from cpmlive.tokenizer import AntTokenizer, build_vocab, save_vocab
 from cpmlive.tokenizer.vocab import SPECIAL_TOKENS
 
 CORPUS = [

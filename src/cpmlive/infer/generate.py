@@ -71,8 +71,10 @@ class GenerationConfig:
         return asdict(self)
 
 
-def _step_inputs(tokens: Tensor, segment: int, context: bool = True, valid: Tensor | None = None,
-                 position: Tensor | None = None) -> dict[str, Tensor]:
+def step_inputs(tokens: Tensor, segment: int, context: bool = True, valid: Tensor | None = None,
+                position: Tensor | None = None) -> dict[str, Tensor]:
+    """The model inputs of one decoding step: one token a row, in ``segment`` (``context`` or not,
+    rows where ``valid`` is false masked out, at ``position`` when given)."""
     batch = tokens.size(0)
     ones = torch.ones(batch, 1, dtype=torch.int32, device=tokens.device)
     inputs = {"input_ids": tokens.view(batch, 1), "segment": ones * segment,
@@ -266,7 +268,7 @@ def _decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig
         yield emitted
         if all(finished) or step == config.max_new_tokens - 1:
             return
-        hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=cache)[:, -1]
+        hidden = model(**step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=cache)[:, -1]
 
 
 def generate_ids(model: CpmAnt, rows: list[list[int]], config: GenerationConfig, eos_id: int,
@@ -354,7 +356,7 @@ def _beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id
         scores = torch.tensor([c[0] for c in chosen], device=hidden.device)
         sequences = [sequences[c[2]] + [c[1]] for c in chosen]
         cache.reorder(origins)
-        hidden = model(**_step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=cache)[:, -1]
+        hidden = model(**step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=cache)[:, -1]
     return hypotheses.items
 
 
@@ -429,9 +431,9 @@ def fill_blanks(model: CpmAnt, pieces: list[list[int]], blank_lengths: list[int]
         for row, token in enumerate(tokens.tolist()):
             if step < len(layouts[row].slots):
                 fills[row].append(token)
-        step_inputs = _step_inputs(tokens[:, None], TEXT_SEGMENT[INFILLING], context=False, valid=active,
-                                   position=positions)
-        previous_hidden = model(**step_inputs, cache=cache)[:, -1]
+        inputs = step_inputs(tokens[:, None], TEXT_SEGMENT[INFILLING], context=False, valid=active,
+                             position=positions)
+        previous_hidden = model(**inputs, cache=cache)[:, -1]
     results = []
     for row, lay in enumerate(layouts):
         per_blank = len(lay.slots) // max(len(pieces) - 1, 1)
@@ -469,4 +471,5 @@ def completion_scores(model: CpmAnt, pieces: list[list[int]], fills: list[list[l
 __all__ = [
     "GenerationConfig", "PromptBatch", "GENERATION", "INFILLING", "KVCache", "beam_search", "build_batch",
     "decode_steps", "fill_blanks", "generate_ids", "prefill", "prefill_groups", "process_logits", "sampling_filter",
+    "step_inputs",
 ]

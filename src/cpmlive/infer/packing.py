@@ -15,7 +15,7 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.registry import families
 from cpmlive.model.runtime.kernels import BLOCKED_MIN_ROWS, pack_weights, packable, unpack_weights
 from cpmlive.model.stack import Attention, FeedForward
 
@@ -28,7 +28,7 @@ _DEPTH = "_cpmlive_packing_depth"  # attribute of a model: how many ``packed_wei
 _packing_lock = threading.Lock()
 
 
-def packing_for(model: CpmAnt, rows: int, max_new_tokens: int) -> AbstractContextManager:
+def packing_for(model: nn.Module, rows: int, max_new_tokens: int) -> AbstractContextManager:
     """``packed_weights(model)`` for a generation of ``rows`` rows and up to ``max_new_tokens``
     new tokens when packing pays for itself, else a context that does nothing."""
     worth = rows >= PACK_MIN_ROWS and max_new_tokens >= PACK_MIN_NEW_TOKENS
@@ -66,10 +66,11 @@ def packed_weights(model: nn.Module) -> Iterator[None]:
 
 def _projection_weights(model: nn.Module) -> list[Tensor]:
     """The weights ``project`` reads directly (a tuned layer's inner base is not one) and the
-    tied head, those that can be packed."""
+    tied head of a family that packs it (``Family.packs_head``), those that can be packed."""
     weights = [child.weight for module in model.modules() if _packed_kind(module)
                for child in module.children() if type(child) is nn.Linear and child.bias is None]
-    weights += [module.input_embedding.weight for module in model.modules() if isinstance(module, CpmAnt)]
+    packs_head = tuple(entry.model for entry in families().values() if entry.packs_head)
+    weights += [module.input_embedding.weight for module in model.modules() if isinstance(module, packs_head)]
     return [weight for weight in weights if packable(weight)]
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from cpmlive.errors import CpmliveError
 from cpmlive.resources import model_path
@@ -34,10 +35,41 @@ ABILITIES = {
 }
 
 
+class Presets(Mapping):
+    """A family's presets (name -> a function making its config). ``aliases`` are old names that
+    are still found (``"tiny"`` for ``"ant-tiny"``); listings show only the names."""
+
+    def __init__(self, makers: Mapping[str, Callable[[], Any]], aliases: Mapping[str, str] | None = None) -> None:
+        self.makers, self.aliases = dict(makers), dict(aliases or {})
+
+    def __getitem__(self, name: str) -> Callable[[], Any]:
+        return self.makers[self.aliases.get(name, name)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.makers or name in self.aliases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.makers)
+
+    def __len__(self) -> int:
+        return len(self.makers)
+
+
+def family_presets(package: str) -> Presets:
+    """The presets of ``cpmlive.model.<package>.config`` (``PRESETS``, old names in ``PRESET_ALIASES``)."""
+    config = importlib.import_module(f"cpmlive.model.{package}.config")
+    return Presets(config.PRESETS, getattr(config, "PRESET_ALIASES", None))
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family, what it can do (``abilities``, keys of :data:`ABILITIES`) and the
-    functions that read, write and describe its checkpoints."""
+    functions that read, write and describe its checkpoints.
+
+    ``tokenizer`` is a class with ``for_model(vocab_file, vocab_size, hf_compat=False)``: the
+    tokenizer of a checkpoint's vocabulary file, refusing in one line a file of another family,
+    a vocabulary that does not fit the embedding, or ``hf_compat`` where the family has no HF mode.
+    """
 
     model_type: str
     name: str  # as people write it: "CPM-Ant"
@@ -45,13 +77,17 @@ class Family:
     config: type
     model: type
     tokenizer: type
-    presets: dict[str, Callable[[], Any]]
+    presets: Mapping[str, Callable[[], Any]]
     build: Callable[..., Any]  # (config, device, dtype, seed) -> a model with fresh weights
     load: Callable[..., tuple[Any, Path]]  # (path, dtype, device) -> (model, directory of its vocabulary)
     convert: Callable[..., Path]
     info: Callable[..., dict]
+    # (path) -> where a checkpoint's files are, without reading its weights; refuses a path holding none
+    resolve: Callable[..., Any]
     aliases: tuple[str, ...] = ()  # other model_type spellings (HF's) of the same family
     vocab_name: str = "vocab.txt"  # the vocabulary file a checkpoint directory holds
+    vocab_example: str = ""  # how a refusal names a vocabulary that fits its presets; ``vocab_name`` when empty
+    demo: str = ""  # a small checkpoint shipped in cpmlive.resources (its tokenizer is tested on it), if any
     hint: str = ""  # what the family does instead, said after a refusal
     # A checkpoint that names no model_type (OpenBMB's, Megatron's) is this family's when ``claims`` says so.
     claims: Callable[[Path], bool] | None = None
@@ -65,6 +101,7 @@ class Family:
     encoder_decoder: bool = False
     native_decode: bool = False  # a decoding step can run in our C kernels (model/runtime/native_decode.py)
     pretrain_objective: str | None = None  # the objective of cpmlive.data.stream it pretrains with, if any
+    packs_head: bool = False  # batched CPU decoding reads a oneDNN-blocked copy of its tied head (infer/packing.py)
 
     def can(self, ability: str) -> bool:
         if ability not in ABILITIES:
@@ -74,9 +111,9 @@ class Family:
     def require(self, ability: str) -> None:
         """Refuse ``ability`` in one line when this family cannot do it."""
         if not self.can(ability):
-            owners = " or ".join(entry.name for entry in families().values() if ability in entry.abilities)
             hint = f"; {self.hint}" if self.hint else ""
-            raise CpmliveError(f"{self.name} cannot {ABILITIES[ability]}: that needs a {owners} checkpoint{hint}")
+            raise CpmliveError(f"{self.name} cannot {ABILITIES[ability]}: that needs a {owners(ability)} "
+                               f"checkpoint{hint}")
 
 
 # The registry: each name is a folder of cpmlive.model holding config.py (PRESETS) and family.py (FAMILY).
@@ -84,16 +121,25 @@ FAMILY_PACKAGES = ("ant", "bee", "cpm1")
 DEFAULT_PACKAGE = "ant"  # OpenBMB checkpoints and bare vocabularies carry no model_type
 CONFIG_NAME = "config.json"
 
-ALL_PRESETS: dict[str, Callable[[], Any]] = {
-    name: make for package in FAMILY_PACKAGES
-    for name, make in importlib.import_module(f"cpmlive.model.{package}.config").PRESETS.items()
-}
+
+def _all_presets() -> Presets:
+    each = [family_presets(package) for package in FAMILY_PACKAGES]
+    return Presets({name: make for presets in each for name, make in presets.makers.items()},
+                   {old: name for presets in each for old, name in presets.aliases.items()})
+
+
+ALL_PRESETS = _all_presets()
 
 
 @cache
 def families() -> dict[str, Family]:
     entries = (importlib.import_module(f"cpmlive.model.{package}.family").FAMILY for package in FAMILY_PACKAGES)
     return {entry.model_type: entry for entry in entries}
+
+
+def owners(ability: str) -> str:
+    """The names of the families that can do ``ability``, as a refusal says them: "CPM-Ant or CPM-1"."""
+    return " or ".join(entry.name for entry in families().values() if ability in entry.abilities)
 
 
 def __getattr__(name: str) -> Any:
@@ -150,5 +196,5 @@ def check_model(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["ABILITIES", "ALL_PRESETS", "DEFAULT_PACKAGE", "FAMILY_PACKAGES", "Family", "check_model", "families",
-           "family", "family_of", "preset", "preset_family"]
+__all__ = ["ABILITIES", "ALL_PRESETS", "DEFAULT_PACKAGE", "FAMILY_PACKAGES", "Family", "Presets", "check_model",
+           "families", "family", "family_of", "family_presets", "owners", "preset", "preset_family"]

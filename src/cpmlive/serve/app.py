@@ -416,14 +416,14 @@ def _shut_down(state: ServerState, server: Any) -> None:
 
 
 def check_model(model: str | os.PathLike) -> None:
-    """Refuse a model that names neither a checkpoint nor a preset before binding the port."""
+    """Refuse a model that names neither a checkpoint nor a preset before binding the port; a
+    directory with no checkpoint of its family in it is refused here too (no weights are read)."""
     from cpmlive.model.registry import check_model as named_model
-    from cpmlive.model.ant.convert import detect_format
     from cpmlive.model.registry import family_of
 
     path = named_model(model)
-    if path.exists() and family_of(model).model_type == "cpm-ant":
-        detect_format(path)  # a directory with no checkpoint in it is refused here too
+    if path.exists():
+        family_of(model).resolve(path)
 
 
 __all__ = ["MAX_BODY_BYTES", "MAX_NAME_CHARS", "MAX_REQUEST_CHARS", "MAX_TEXTS", "MAX_TEXT_CHARS", "MAX_WAITING",

@@ -1,17 +1,50 @@
-"""CPM-Ant's and CPM-1's tokenizers and the vocabulary builder."""
+"""The tokenizers, one a family (``ant``, ``bee``, ``cpm1``), and CPM-Ant's vocabulary builder.
+
+A family's registry entry names its tokenizer class, which opens a checkpoint's vocabulary with
+``for_model`` (see ``docs/adding-a-family.md``). :func:`text_tokenizer` opens the vocabulary of
+a model that reads plain text (pretraining data, fine-tuning rows) by the kind of file it is.
+"""
+
+from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Protocol
 
 from cpmlive.tokenizer.ant import AntTokenizer
 from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
-from cpmlive.tokenizer.vocab import build_vocab, read_corpus_texts, save_vocab
+from cpmlive.tokenizer.vocab import build_vocab, save_vocab
+
+
+class TextTokenizer(Protocol):
+    """What prepared data and its checks need of a plain-text model's tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def unk_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def id_to_token(self, token_id: int) -> str: ...
+
+
+# The tokenizers of plain-text models, asked in this order whether they read a vocabulary file
+# (``reads``); the last reads any file (one token a line).
+TEXT_TOKENIZERS = (Cpm1Tokenizer, AntTokenizer)
 
 
 def text_tokenizer(vocab: str | os.PathLike) -> AntTokenizer | Cpm1Tokenizer:
-    """The tokenizer of a plain-text model's vocabulary file: a SentencePiece ``.model`` is
-    CPM-1's, a one-token-a-line file CPM-Ant's."""
-    return Cpm1Tokenizer(vocab) if Path(vocab).suffix == ".model" else AntTokenizer.from_file(vocab)
+    """The tokenizer of a plain-text model's vocabulary file: the first of :data:`TEXT_TOKENIZERS`
+    that reads it (a SentencePiece ``.model`` is CPM-1's, a one-token-a-line file CPM-Ant's)."""
+    return next(kind for kind in TEXT_TOKENIZERS if kind.reads(vocab)).from_file(vocab)
 
 
-__all__ = ["AntTokenizer", "Cpm1Tokenizer", "build_vocab", "read_corpus_texts", "save_vocab", "text_tokenizer"]
+__all__ = ["AntTokenizer", "Cpm1Tokenizer", "TEXT_TOKENIZERS", "TextTokenizer", "build_vocab", "save_vocab",
+           "text_tokenizer"]

@@ -29,6 +29,7 @@ _RENAMES = {SPACE_TOKEN: " ", NEWLINE_TOKEN: "\n"}
 _FILE_FORMS = {v: k for k, v in _RENAMES.items()}
 REQUIRED_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
 UNK_TOKEN = "<unk>"
+VOCAB_FILE = "vocab.txt"  # the file a checkpoint keeps its vocabulary in
 
 # Longer pre-tokenizer pieces become a single <unk>, in both implementations.
 MAX_PIECE_CHARS = 200
@@ -112,6 +113,15 @@ def _read_vocab_lines(path: Path) -> list[str]:
     return lines
 
 
+def check_not_sentencepiece(vocab: Path) -> None:
+    """A SentencePiece model given for a one-token-a-line vocabulary is refused in one line (it is CPM-1's)."""
+    with open(vocab, "rb") as handle:
+        head = handle.read(4096)
+    if b"\x00" in head:
+        raise CpmliveError(f"{vocab}: a binary (SentencePiece) model is CPM-1's vocabulary; this checkpoint reads a "
+                           f"one-token-a-line {VOCAB_FILE}")
+
+
 def _check_tokens(tokens: Sequence[str], source: str) -> None:
     if not tokens:
         raise CpmliveError(f"vocabulary {source} is empty")
@@ -152,6 +162,21 @@ class AntTokenizer:
         """Load a vocabulary file: one token per line, id = line index."""
         path = Path(path)
         return cls(_read_vocab_lines(path), hf_compat=hf_compat, source=str(path))
+
+    @classmethod
+    def for_model(cls, vocab: Path, vocab_size: int, hf_compat: bool = False) -> AntTokenizer:
+        """The tokenizer of a checkpoint's vocabulary file, refused in one line when it is a
+        SentencePiece model (CPM-1's) or does not have the embedding's ``vocab_size`` tokens."""
+        check_not_sentencepiece(vocab)
+        tokenizer = cls.from_file(vocab, hf_compat=hf_compat)
+        if tokenizer.vocab_size != vocab_size:
+            raise CpmliveError(f"vocabulary has {tokenizer.vocab_size} tokens, the model expects {vocab_size}")
+        return tokenizer
+
+    @classmethod
+    def reads(cls, vocab: str | os.PathLike[str]) -> bool:
+        """Whether ``vocab`` is this tokenizer's kind of file: any (one token a line) that no other claims."""
+        return True
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the vocabulary file, with ``</_>`` and ``</n>`` in file form."""

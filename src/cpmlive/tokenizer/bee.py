@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from cpmlive.errors import CpmliveError
+from cpmlive.tokenizer.ant import check_not_sentencepiece
 
 # The vocabulary file spells these two ``</n>`` and ``</_>`` (a line cannot hold a bare newline).
 FILE_SPELLING = {"\n": "</n>", " ": "</_>"}
+# The tokens the published CPM-Bee 3B config leaves out of the vocabulary (spec section 7.1).
+BEE_3B_MISSING = ("）", "（", "…")
 SPECIALS = ("<pad>", "<unk>", "<mask>", "<sep>", "</n>", "</_>", "<s>", "</s>", "<root>", "<ans>", "<option>")
 
 
@@ -96,6 +99,23 @@ class BeeTokenizer:
         except UnicodeDecodeError:
             raise CpmliveError(f"{path}: the vocabulary is not UTF-8 text") from None
         return cls([line for line in lines if line], source=str(path))
+
+    @classmethod
+    def for_model(cls, vocab: Path, vocab_size: int, hf_compat: bool = False) -> "BeeTokenizer":
+        """The tokenizer of a checkpoint's vocabulary file, cut to a model whose config has the 3B's
+        three fewer tokens: those characters then read as unknown (ext) pieces, where the original
+        would index past the end of the embedding."""
+        check_not_sentencepiece(vocab)
+        if hf_compat:
+            raise CpmliveError("hf_tokenizer is CPM-Ant's (HF has no CPM-Bee tokenizer)")
+        tokenizer = cls.from_file(vocab)
+        extra = tokenizer.tokens[vocab_size:]
+        if tokenizer.vocab_size > vocab_size and tuple(extra) == BEE_3B_MISSING[:len(extra)]:
+            return cls(tokenizer.tokens[:vocab_size], source=str(vocab))
+        if tokenizer.vocab_size != vocab_size:
+            raise CpmliveError(f"{vocab}: the vocabulary has {tokenizer.vocab_size} tokens, the model expects "
+                               f"{vocab_size}")
+        return tokenizer
 
     def save(self, path: str | os.PathLike[str]) -> None:
         from cpmlive.utils import atomic_write_text
@@ -250,4 +270,4 @@ def build_vocab(texts: Iterable[str], size: int, min_char_count: int = 2) -> lis
     return tokens[:max(size, len(SPECIALS) + 1)]
 
 
-__all__ = ["BeeTokenizer", "build_vocab", "Piece", "SPECIALS", "escape", "split_specials", "unescape"]
+__all__ = ["BEE_3B_MISSING", "BeeTokenizer", "build_vocab", "Piece", "SPECIALS", "escape", "split_specials", "unescape"]

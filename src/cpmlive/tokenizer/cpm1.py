@@ -63,7 +63,8 @@ class Cpm1Tokenizer:
             raise CpmliveError(f"{self.path}: not a SentencePiece model") from None
         eod = self.sp.piece_to_id(EOD_TOKEN)
         if eod == self.sp.unk_id():
-            raise CpmliveError(f"{self.path}: the SentencePiece model has no {EOD_TOKEN} piece (not CPM-1's vocabulary)")
+            raise CpmliveError(f"{self.path}: the SentencePiece model has no {EOD_TOKEN} piece "
+                               "(not CPM-1's vocabulary)")
         self._eod_id = eod
         pad = self.sp.piece_to_id("<pad>")
         self._pad_id = pad if pad != self.sp.unk_id() else eod
@@ -73,6 +74,26 @@ class Cpm1Tokenizer:
         if hf_compat:
             raise CpmliveError("--hf-tokenizer is CPM-Ant's; CPM-1's tokenizer is the original recipe")
         return cls(path)
+
+    @classmethod
+    def for_model(cls, vocab: Path, vocab_size: int, hf_compat: bool = False) -> "Cpm1Tokenizer":
+        """The tokenizer of a SentencePiece model that fits the embedding; a CPM-Ant/Bee
+        ``vocab.txt`` or a model of another size is refused in one line."""
+        if hf_compat:
+            raise CpmliveError("hf_tokenizer is CPM-Ant's; CPM-1's tokenizer is the original recipe")
+        if vocab.suffix == ".txt":
+            raise CpmliveError(f"{vocab}: a one-token-a-line vocabulary is CPM-Ant's or CPM-Bee's; CPM-1 reads a "
+                               f"SentencePiece {VOCAB_FILE}")
+        tokenizer = cls(vocab)
+        if tokenizer.vocab_size != vocab_size:
+            raise CpmliveError(f"{vocab}: the SentencePiece model has {tokenizer.vocab_size} pieces, the embedding "
+                               f"{vocab_size} rows")
+        return tokenizer
+
+    @classmethod
+    def reads(cls, vocab: str | os.PathLike[str]) -> bool:
+        """Whether ``vocab`` is this tokenizer's kind of file: a SentencePiece ``.model``."""
+        return Path(vocab).suffix == ".model"
 
     def save(self, path: str | os.PathLike[str]) -> None:
         shutil.copyfile(self.path, path)

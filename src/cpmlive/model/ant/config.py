@@ -97,6 +97,7 @@ PRESETS: dict[str, Any] = {
     "ant-3b": lambda: _ant(num_heads=20, dim_ff=3735, mask_modules=spread_mask(48, 37, 32)),
     "ant-1b": lambda: _ant(num_heads=16, dim_ff=700, mask_modules=spread_mask(48, 25, 21)),
     "ant-300m": lambda: _ant(num_heads=4, dim_ff=350, mask_modules=spread_mask(48, 25, 21)),
-    "tiny": lambda: _ant(dim_model=64, dim_ff=128, num_layers=2, num_heads=4, dim_head=16,
-                         half=False),
+    "ant-tiny": lambda: _ant(dim_model=64, dim_ff=128, num_layers=2, num_heads=4, dim_head=16,
+                             half=False),
 }
+PRESET_ALIASES = {"tiny": "ant-tiny"}  # its name before bee-tiny and cpm1-tiny: old recipes and tests use it

@@ -4,12 +4,13 @@ from cpmlive.model.bee import convert
 from cpmlive.model.bee.config import PRESETS, BeeConfig
 from cpmlive.model.bee.model import CpmBee, build_bee
 from cpmlive.model.registry import Family
+from cpmlive.resources import BEE_DEMO
 from cpmlive.tokenizer.bee import BeeTokenizer
 
 FAMILY = Family(
     model_type="cpm-bee", name="CPM-Bee", abilities=frozenset({"bee"}),
     hint="a CPM-Bee model answers JSON tasks: use lm.bee(task) (or `cpmlive bee`, /v1/bee)",
     config=BeeConfig, model=CpmBee, tokenizer=BeeTokenizer, presets=PRESETS, build=build_bee,
-    load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info,
-    claims=convert.is_bee_checkpoint,
+    load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info, resolve=convert.resolve,
+    vocab_example="CPM-Bee vocab.txt", demo=BEE_DEMO, claims=convert.is_bee_checkpoint,
 )

@@ -1,0 +1,86 @@
+"""The code outside ``model/`` asks the registry instead of naming families, and the modules keep
+to their own names and layers (issue 29: the registry everywhere, and the defects it lists)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from cpmlive.model import registry
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cpmlive"
+FAMILY_CLASSES = {cls.__name__ for kind in registry.families().values()
+                  for cls in (kind.model, kind.tokenizer, kind.config)}
+
+
+def sources(skip: set[str] = frozenset()) -> list[Path]:
+    return [path for path in sorted(PACKAGE.rglob("*.py")) if path.relative_to(PACKAGE).parts[0] not in skip]
+
+
+def family_tests(path: Path) -> list[str]:
+    """``x.model_type == "..."`` comparisons and ``isinstance`` checks against a family's classes."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            names_type = any(isinstance(side, ast.Attribute) and side.attr == "model_type" for side in sides)
+            if names_type and any(isinstance(side, ast.Constant) and isinstance(side.value, str) for side in sides):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} tests model_type")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+            named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} if len(node.args) == 2 else set()
+            if named & FAMILY_CLASSES:
+                classes = sorted(named & FAMILY_CLASSES)
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} isinstance of {classes}")
+    return found
+
+
+def test_no_code_outside_model_tests_a_family_by_name_or_class():
+    offenders = [line for path in sources({"model"}) for line in family_tests(path)]
+    assert not offenders, "\n".join(offenders)
+
+
+def private_imports(path: Path) -> list[str]:
+    """``from cpmlive.x import _name``: a module reaching into another's private names."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [f"{path.relative_to(PACKAGE)}:{node.lineno} imports {alias.name} from {node.module}"
+            for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cpmlive")
+            for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = [line for path in sources() for line in private_imports(path)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_corpus_files_are_read_in_data_not_in_the_tokenizer():
+    """The tokenizer is below data: it builds vocabularies from texts; reading files is data's."""
+    from cpmlive.data import corpora
+    from cpmlive.tokenizer import vocab
+
+    assert corpora.read_corpus_texts.__module__ == "cpmlive.data.corpora"
+    assert not hasattr(vocab, "read_corpus_texts") and not hasattr(vocab, "_corpus_files")
+    imported = {node.module for node in ast.walk(ast.parse(Path(corpora.__file__).read_text(encoding="utf-8")))
+                if isinstance(node, ast.ImportFrom)}
+    assert not any((module or "").startswith("cpmlive.tokenizer") for module in imported)
+
+
+def test_the_tiny_ant_preset_is_listed_as_ant_tiny_and_still_found_as_tiny(capsys):
+    from cpmlive.errors import CpmliveError
+
+    assert "ant-tiny" in list(registry.ALL_PRESETS) and "tiny" not in list(registry.ALL_PRESETS)
+    assert "tiny" in registry.ALL_PRESETS and registry.preset("tiny") == registry.preset("ant-tiny")
+    assert registry.preset_family("tiny") is registry.family("cpm-ant")
+    assert registry.check_model("tiny") is not None
+    with pytest.raises(CpmliveError) as refused:
+        registry.check_model("no-such-model")
+    assert "ant-tiny" in str(refused.value) and "tiny," not in str(refused.value).replace("-tiny,", "")
+
+
+def test_the_python_api_documents_any_family():
+    import cpmlive.api as api
+
+    for text in (api.LM.__doc__, api.__doc__, api.load.__doc__):
+        assert not any(f"{kind.name} model" in text for kind in registry.families().values()), text
+    assert not hasattr(api.LM, "is_bee") and not hasattr(api.LM, "is_cpm1")
