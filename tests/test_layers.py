@@ -111,3 +111,23 @@ def test_the_layers_picture_matches_the_code():
     spec.loader.exec_module(picture)
     drawn = Image.open(root / "docs" / "layers.png").text["Description"]
     assert drawn == picture.description(), "redraw it: .venv/bin/python docs/layers.py"
+
+
+def test_the_readme_design_names_what_the_code_has():
+    """The README's design tree names every part and every model sub-package, and each file or
+    folder it names exists."""
+    import re
+
+    readme = (PACKAGE.parents[1] / "README.md").read_text(encoding="utf-8")
+    tree = readme.split("## Design\n", 1)[1].split("```\n", 2)[1]
+    words = set(re.findall(r"(?<![/\w.])[\w.]+/?", tree))
+    parts = {part for part in RANK if part not in {"__init__", "__main__"}}
+    missing = {part for part in parts if part not in words and f"{part}/" not in words and f"{part}.py" not in words}
+    assert not missing, f"the README's design tree does not name {sorted(missing)}"
+    model = PACKAGE / "model"
+    families = {child.name for child in model.iterdir() if (child / "__init__.py").is_file()}
+    assert {f"{name}/" for name in families} <= words
+    named = [word for word in words if word.endswith((".py", "/")) and word != "src/"]
+    present = {path.name for path in PACKAGE.rglob("*") if "__pycache__" not in path.parts}
+    ghosts = [word for word in named if word.rstrip("/") not in present]
+    assert not ghosts, f"the README's design tree names what is not there: {sorted(ghosts)}"
