@@ -39,7 +39,7 @@ from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_checkpoi
 from cpmlive.model.registry import family_of
 from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, LoopArgs
 from cpmlive.train.checkpoints import check_optimizer_fits, cleaned_up_on_failure, read_trainer_state, warn
-from cpmlive.train.core import autocast, learning_rate, memory_mb, set_learning_rate
+from cpmlive.train.core import autocast, memory_mb
 from cpmlive.train.metrics import finite_or_none
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.finetune import BEST, Finetuner, TuneArgs, resolve_model_path
@@ -219,20 +219,13 @@ class AlignTrainer(Finetuner):
 
     # ---- one step --------------------------------------------------------------------------
 
-    def train_step(self) -> dict[str, Any]:
-        config = self.config
-        step = self.position.step + 1
-        lr = learning_rate(self.schedule, step)
-        set_learning_rate(self.optimizer, lr)
-        started = time.perf_counter()
-        record, tokens = self.optimize()
-        seconds = time.perf_counter() - started
+    def step_record(self, step: int, lr: float, metrics: dict[str, float], tokens: int,
+                    seconds: float) -> dict[str, Any]:
         pos = self.position
-        pos.step, pos.tokens, pos.elapsed = step, pos.tokens + tokens, pos.elapsed + seconds
         return {"type": "train", "step": step, "epoch": pos.epoch + pos.index / max(len(self.train_pairs), 1),
-                **{k: finite_or_none(float(v)) for k, v in record.items()}, "lr": lr, "tokens": pos.tokens,
+                **{k: finite_or_none(float(v)) for k, v in metrics.items()}, "lr": lr, "tokens": pos.tokens,
                 "tokens_per_s": tokens / seconds, "memory_mb": round(memory_mb(), 1),
-                "elapsed_s": round(pos.elapsed, 3), "time": time.time(), "method": config.method}
+                "elapsed_s": round(pos.elapsed, 3), "time": time.time(), "method": self.config.method}
 
     def optimize(self) -> tuple[dict[str, float], int]:
         """Gradient-accumulated batches of :meth:`batch_loss`, one optimizer step."""

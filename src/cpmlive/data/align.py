@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from cpmlive.data.chat import ROLES, ChatTemplate
 from cpmlive.errors import CpmliveError
@@ -26,6 +26,7 @@ from cpmlive.utils import atomic_write_text
 
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,55 +110,59 @@ def _answer(obj: dict[str, Any], name: str, where: str) -> str:
     return _text_field(obj, name, where)
 
 
+def _read_all(path: str | Path, what: str, read: Callable[[str, dict[str, Any]], Iterable[T]]) -> list[T]:
+    """What ``read(where, record)`` makes of every record of ``path``, in file order; a file that
+    makes nothing is refused as having no ``what``."""
+    found = [item for where, obj in json_lines(path) for item in read(where, obj)]
+    if not found:
+        raise CpmliveError(f"{path}: no {what}")
+    return found
+
+
 def sft_examples(path: str | Path, template: ChatTemplate) -> list[PromptedText]:
-    examples = []
-    for where, obj in json_lines(path):
+    def examples(where: str, obj: dict[str, Any]) -> list[PromptedText]:
         if "messages" in obj:
             messages = _messages(obj["messages"], where, "messages")
             turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
             if not turns:
                 raise CpmliveError(f"{where}: 'messages' has no assistant message to learn")
+            learned = []
             for turn in turns:
                 if not messages[turn]["content"].strip():
                     raise CpmliveError(f"{where}: messages[{turn}] (assistant) is empty")
                 if turn == 0:
                     raise CpmliveError(f"{where}: the conversation opens with the assistant; nothing prompts it")
-                examples.append(PromptedText(template.render(messages[:turn]), messages[turn]["content"], where))
-        elif "completion" in obj or "prompt" in obj:
-            examples.append(PromptedText(render_prompt(obj, where, template), _answer(obj, "completion", where), where))
-        else:
-            raise CpmliveError(f"{where}: an SFT record needs 'prompt' and 'completion', or 'messages'")
-    if not examples:
-        raise CpmliveError(f"{path}: no examples")
-    return examples
+                learned.append(PromptedText(template.render(messages[:turn]), messages[turn]["content"], where))
+            return learned
+        if "completion" in obj or "prompt" in obj:
+            return [PromptedText(render_prompt(obj, where, template), _answer(obj, "completion", where), where)]
+        raise CpmliveError(f"{where}: an SFT record needs 'prompt' and 'completion', or 'messages'")
+
+    return _read_all(path, "examples", examples)
 
 
 def preference_pairs(path: str | Path, template: ChatTemplate) -> list[PreferencePair]:
-    pairs = []
-    for where, obj in json_lines(path):
+    def pair(where: str, obj: dict[str, Any]) -> list[PreferencePair]:
         prompt = render_prompt(obj, where, template)
         chosen, rejected = _answer(obj, "chosen", where), _answer(obj, "rejected", where)
         if chosen.strip() == rejected.strip():
             raise CpmliveError(f"{where}: 'chosen' and 'rejected' are the same text; the pair teaches nothing")
-        pairs.append(PreferencePair(prompt, chosen, rejected, where))
-    if not pairs:
-        raise CpmliveError(f"{path}: no pairs")
-    return pairs
+        return [PreferencePair(prompt, chosen, rejected, where)]
+
+    return _read_all(path, "pairs", pair)
 
 
 def prompts(path: str | Path, template: ChatTemplate) -> list[PromptedText]:
     """Rollout prompts, with the reference answer when the record has one."""
-    out = []
-    for where, obj in json_lines(path):
+    def prompt(where: str, obj: dict[str, Any]) -> list[PromptedText]:
         reference = ""
         for name in ("completion", "chosen"):
             if name in obj:
                 reference = _answer(obj, name, where)
                 break
-        out.append(PromptedText(render_prompt(obj, where, template), reference, where))
-    if not out:
-        raise CpmliveError(f"{path}: no prompts")
-    return out
+        return [PromptedText(render_prompt(obj, where, template), reference, where)]
+
+    return _read_all(path, "prompts", prompt)
 
 
 def truncate_prompt(ids: list[int], max_length: int, mode: str = "keep_end") -> list[int]:

@@ -3,7 +3,6 @@ on the engine's thread like the other native routes; the site's ``/bee`` page ca
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Annotated, Any, Iterator
 
 from fastapi import Request as HttpRequest
@@ -12,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from cpmlive.data.bee import ANSWER_KEY, MAX_DEPTH, check_task
 from cpmlive.errors import CpmliveError
 from cpmlive.serve.runtime import ServerState, valid_text
-from cpmlive.serve.tasks import MAX_NAME_CHARS, Integer, holding, needs
+from cpmlive.serve.tasks import MAX_NAME_CHARS, Integer, holding, needs, timed_answer
 
 if TYPE_CHECKING:
     from fastapi import APIRouter
@@ -131,14 +130,7 @@ def router(state: ServerState) -> APIRouter:
     @api.post("/v1/bee", dependencies=[needs(state, "bee")], response_model=BeeResponse,
               response_model_exclude_unset=True)
     async def bee(body: BeeRequest, http: HttpRequest) -> dict[str, Any]:
-        lm = state.ready()
-        admitted = state.admit(len(body.tasks) if body.tasks is not None else 1)
-        start = time.perf_counter()
-        try:
-            answer = await state.job(answers_for, lm, body, http=http, admitted=admitted)
-        finally:
-            admitted.release()
-        return {**answer, "seconds": round(time.perf_counter() - start, 3)}
+        return await timed_answer(state, answers_for, body, http, len(body.tasks) if body.tasks is not None else 1)
 
     return api
 

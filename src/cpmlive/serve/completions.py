@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Literal
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable, Iterable, Iterator, Literal
 
 from fastapi import Request as HttpRequest
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
@@ -218,7 +218,8 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
              "description": "one server-sent event: data is a chunk (OpenAI's, as JSON) or an error object, and the "
                             "last event's data is [DONE]"}
 STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
@@ -437,39 +438,58 @@ async def _collect(generations: Any, http: HttpRequest) -> list[Completion]:
     return [Completion(ids[i], "".join(texts[i]), reasons[i], logprobs[i], tops[i]) for i in range(count)]
 
 
-async def stream_completions(state: ServerState, generations: Any, body: CompletionRequest, ident: str,
-                             created: int, prompts: list[str], lengths: list[int],
-                             http: HttpRequest) -> AsyncIterator[str]:
-    """The SSE body; :class:`GuardedStream` cancels and frees the admission however it ends."""
-    decode = state.ready().tokenizer.decode
+async def stream_events(generations: Any, http: HttpRequest, body: CompletionRequest | ChatRequest, ident: str,
+                        created: int, kind: str, prompt_tokens: int, opening: Iterable[dict[str, Any]],
+                        chunks: Callable[[int, Any], Iterable[dict[str, Any]]]) -> AsyncIterator[str]:
+    """The SSE body both endpoints stream: the ``opening`` chunks, the ``chunks`` of each engine
+    event (an engine error ends the stream with an error event), the usage chunk of object ``kind``
+    when the request asks for it, then ``[DONE]``."""
     generated = 0
     try:
-        if body.echo:
-            for index in range(len(generations.handles)):
-                yield sse(chunk_of(ident, created, body.model, index, prompts[index // body.n], None))
-        offsets = [len(prompts[i // body.n]) if body.echo else 0 for i in range(len(generations.handles))]
+        for chunk in opening:
+            yield sse(chunk)
         async with aclosing(generations.events(http)) as events:
             async for index, event in events:
                 if event.error is not None:
                     yield sse(error_event(ServerError(500, event.error, "server_error")))
                     break
                 generated += event.token is not None
-                logprobs = None
-                if body.logprobs is not None and event.token is not None:
-                    piece = decode([event.token])
-                    top = {decode([t]): v for t, v in (event.top_logprobs or {}).items()} if body.logprobs else None
-                    logprobs = {"tokens": [piece], "token_logprobs": [event.logprob], "top_logprobs": [top],
-                                "text_offset": [offsets[index]]}
-                    offsets[index] += len(event.text)
-                if event.text or logprobs is not None or event.finish_reason is not None:
-                    reason = finish_reason(event.finish_reason) if event.finish_reason else None
-                    yield sse(chunk_of(ident, created, body.model, index, event.text, reason, logprobs))
+                for chunk in chunks(index, event):
+                    yield sse(chunk)
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse({"id": ident, "object": "text_completion", "created": created, "model": body.model,
-                       "choices": [], "usage": usage(sum(lengths), generated)})
+            yield sse({"id": ident, "object": kind, "created": created, "model": body.model,
+                       "choices": [], "usage": usage(prompt_tokens, generated)})
         yield sse("[DONE]")
     except ServerError as exc:
         yield sse(error_event(exc))
+
+
+async def stream_completions(state: ServerState, generations: Any, body: CompletionRequest, ident: str,
+                             created: int, prompts: list[str], lengths: list[int],
+                             http: HttpRequest) -> AsyncIterator[str]:
+    """The SSE body; :class:`GuardedStream` cancels and frees the admission however it ends."""
+    decode = state.ready().tokenizer.decode
+    count = len(generations.handles)
+    offsets = [len(prompts[i // body.n]) if body.echo else 0 for i in range(count)]
+
+    def chunks(index: int, event: Any) -> Iterator[dict[str, Any]]:
+        logprobs = None
+        if body.logprobs is not None and event.token is not None:
+            piece = decode([event.token])
+            top = {decode([t]): v for t, v in (event.top_logprobs or {}).items()} if body.logprobs else None
+            logprobs = {"tokens": [piece], "token_logprobs": [event.logprob], "top_logprobs": [top],
+                        "text_offset": [offsets[index]]}
+            offsets[index] += len(event.text)
+        if event.text or logprobs is not None or event.finish_reason is not None:
+            reason = finish_reason(event.finish_reason) if event.finish_reason else None
+            yield chunk_of(ident, created, body.model, index, event.text, reason, logprobs)
+
+    echoes = (chunk_of(ident, created, body.model, index, prompts[index // body.n], None)
+              for index in range(count) if body.echo)
+    stream = stream_events(generations, http, body, ident, created, "text_completion", sum(lengths), echoes, chunks)
+    async with aclosing(stream) as lines:
+        async for line in lines:
+            yield line
 
 
 def chunk_of(ident: str, created: int, model: str, index: int, text: str, reason: str | None,
@@ -484,26 +504,18 @@ async def stream_chat(state: ServerState, generations: Any, body: ChatRequest, i
         return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
                 "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
-    generated = 0
-    try:
-        for index in range(len(generations.handles)):
-            yield sse(chunk(index, {"role": "assistant", "content": ""}, None))
-        async with aclosing(generations.events(http)) as events:
-            async for index, event in events:
-                if event.error is not None:
-                    yield sse(error_event(ServerError(500, event.error, "server_error")))
-                    break
-                generated += event.token is not None
-                if event.text:
-                    yield sse(chunk(index, {"content": event.text}, None))
-                if event.finish_reason is not None:
-                    yield sse(chunk(index, {}, finish_reason(event.finish_reason)))
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                       "choices": [], "usage": usage(prompt_tokens, generated)})
-        yield sse("[DONE]")
-    except ServerError as exc:
-        yield sse(error_event(exc))
+    def chunks(index: int, event: Any) -> Iterator[dict[str, Any]]:
+        if event.text:
+            yield chunk(index, {"content": event.text}, None)
+        if event.finish_reason is not None:
+            yield chunk(index, {}, finish_reason(event.finish_reason))
+
+    roles = (chunk(index, {"role": "assistant", "content": ""}, None) for index in range(len(generations.handles)))
+    stream = stream_events(generations, http, body, ident, created, "chat.completion.chunk", prompt_tokens, roles,
+                           chunks)
+    async with aclosing(stream) as lines:
+        async for line in lines:
+            yield line
 
 
 __all__ = ["ChatRequest", "CompletionRequest", "router"]

@@ -197,20 +197,24 @@ def fill_for(lm: LM, request: FillRequest) -> dict[str, Any]:
 # ---- the routes ---------------------------------------------------------------------------------------
 
 
+async def timed_answer(state: ServerState, work: Any, body: BaseModel, http: HttpRequest,
+                       count: int = 1) -> dict[str, Any]:
+    """``work(lm, body)``'s answer as a job on the engine, admitted as ``count`` generations, with the
+    seconds it took."""
+    lm = state.ready()
+    admitted = state.admit(count)
+    start = time.perf_counter()
+    try:
+        answer = await state.job(work, lm, body, http=http, admitted=admitted)
+    finally:
+        admitted.release()
+    return {**answer, "seconds": round(time.perf_counter() - start, 3)}
+
+
 def router(state: ServerState) -> APIRouter:
     from fastapi import APIRouter
 
     api = APIRouter()
-
-    async def timed(work: Any, body: BaseModel, http: HttpRequest) -> dict[str, Any]:
-        lm = state.ready()
-        admitted = state.admit()
-        start = time.perf_counter()
-        try:
-            answer = await state.job(work, lm, body, http=http, admitted=admitted)
-        finally:
-            admitted.release()
-        return {**answer, "seconds": round(time.perf_counter() - start, 3)}
 
     @api.get("/api/health", response_model=ServedModel)
     def health() -> dict[str, Any]:
@@ -221,15 +225,15 @@ def router(state: ServerState) -> APIRouter:
         @api.post(f"{prefix}/title" if prefix == "/v1" else "/api/titles", dependencies=[needs(state, "title")],
                   response_model=TitleResponse)
         async def titles(body: TitleRequest, http: HttpRequest) -> dict[str, Any]:
-            return await timed(titles_for, body, http)
+            return await timed_answer(state, titles_for, body, http)
 
         @api.post(f"{prefix}/classify", dependencies=[needs(state, "classify")], response_model=ClassifyResponse)
         async def classify(body: ClassifyRequest, http: HttpRequest) -> dict[str, Any]:
-            return await timed(labels_for, body, http)
+            return await timed_answer(state, labels_for, body, http)
 
         @api.post(f"{prefix}/fill", dependencies=[needs(state, "fill")], response_model=FillResponse)
         async def fill(body: FillRequest, http: HttpRequest) -> dict[str, Any]:
-            return await timed(fill_for, body, http)
+            return await timed_answer(state, fill_for, body, http)
 
     return api
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmlive.errors import CpmliveError
+from cpmlive.tokenizer.special import SpecialIds, token_id_property
 from cpmlive.utils import atomic_write_text
 
 SPACE_TOKEN = "</_>"
@@ -137,7 +138,7 @@ def _check_tokens(tokens: Sequence[str], source: str) -> None:
         raise CpmliveError(f"vocabulary {source} lacks the special token(s) {' '.join(missing)}")
 
 
-class AntTokenizer:
+class AntTokenizer(SpecialIds):
     """CPM-Ant tokenizer over a vocabulary given in file form (``</_>``, ``</n>``)."""
 
     def __init__(self, tokens: Sequence[str], hf_compat: bool = False, *, source: str = "(in memory)") -> None:
@@ -186,41 +187,10 @@ class AntTokenizer:
     def vocab_size(self) -> int:
         return len(self._tokens)
 
-    @property
-    def pad_id(self) -> int:
-        return self._pad_id
-
-    @property
-    def unk_id(self) -> int:
-        return self._unk_id
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos_id
-
-    @property
-    def mask_id(self) -> int | None:
-        return self._ids.get("<mask>")
-
-    @property
-    def newline_id(self) -> int | None:
-        return self._ids.get("\n")
-
-    @property
-    def space_id(self) -> int | None:
-        return self._ids.get(" ")
-
-    @property
-    def bod_id(self) -> int | None:
-        return self._ids.get("<d>")
-
-    @property
-    def eod_id(self) -> int | None:
-        return self._ids.get("</d>")
+    newline_id = token_id_property("\n")
+    space_id = token_id_property(" ")
+    bod_id = token_id_property("<d>")
+    eod_id = token_id_property("</d>")
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token in memory form (``" "``, ``"\\n"``), or None."""

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 from cpmlive.errors import CpmliveError
 from cpmlive.tokenizer.ant import check_not_sentencepiece
+from cpmlive.tokenizer.special import SpecialIds
 
 # The vocabulary file spells these two ``</n>`` and ``</_>`` (a line cannot hold a bare newline).
 FILE_SPELLING = {"\n": "</n>", " ": "</_>"}
@@ -76,7 +77,7 @@ def split_specials(text: str) -> list[str]:
     return parts
 
 
-class BeeTokenizer:
+class BeeTokenizer(SpecialIds):
     def __init__(self, tokens: Sequence[str], *, source: str = "(in memory)") -> None:
         readable = [{v: k for k, v in FILE_SPELLING.items()}.get(token, token) for token in tokens]
         self.tokens = list(readable)
@@ -130,26 +131,6 @@ class BeeTokenizer:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-    @property
-    def pad_id(self) -> int:
-        return self.encoder["<pad>"]
-
-    @property
-    def unk_id(self) -> int:
-        return self.encoder["<unk>"]
-
-    @property
-    def bos_id(self) -> int:
-        return self.encoder["<s>"]
-
-    @property
-    def eos_id(self) -> int:
-        return self.encoder["</s>"]
-
-    @property
-    def mask_id(self) -> int | None:
-        return self.encoder.get("<mask>")
 
     def token_to_id(self, token: str) -> int | None:
         return self.encoder.get(token)

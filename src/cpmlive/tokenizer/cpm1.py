@@ -115,17 +115,10 @@ class Cpm1Tokenizer:
         return self.sp.unk_id()
 
     @property
-    def bos_id(self) -> int:
-        return self._eod_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._eod_id
-
-    @property
     def eod_id(self) -> int:
         return self._eod_id
 
+    bos_id = eos_id = eod_id  # see the class docstring
     mask_id = newline_id = space_id = bod_id = None
 
     def token_to_id(self, token: str) -> int | None:

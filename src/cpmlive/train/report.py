@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cpmlive.errors import CpmliveError
 from cpmlive.train.metrics import METRICS_FILE, latest_by_step, read_records
@@ -127,38 +127,44 @@ def rolling_baseline(values: list[float]) -> tuple[float, float] | None:
     return median, MAD_TO_SIGMA * mad
 
 
-def loss_anomalies(history: list[dict[str, Any]], steps: set[int]) -> list[tuple[int, str]]:
+def _spikes(history: list[dict[str, Any]], steps: set[int], key: str, name: str,
+            spike: Callable[[float, float, float], str | None]) -> list[tuple[int, str]]:
+    """The steps in ``steps`` whose ``key`` is not finite, or a spike by ``spike(value, median, sigma)``
+    against the rolling baseline of the finite values before it."""
     found, seen = [], []
     for record in history:
-        loss, step = record.get("loss"), record["step"]
-        if not finite(loss):
+        value, step = record.get(key), record["step"]
+        if not finite(value):
             if step in steps:
-                found.append((step, f"loss is not finite ({_show(loss)})"))
+                found.append((step, f"{name} is not finite ({_show(value)})"))
             continue
         base = rolling_baseline(seen)
-        if base and step in steps:
-            median, sigma = base
-            scale = max(sigma, 0.01 * abs(median), 1e-12)
-            if loss > median + LOSS_SIGMAS * scale:
-                found.append((step, f"loss spike {loss:.4f} (rolling median {median:.4f}, "
-                                    f"+{(loss - median) / scale:.1f} robust sigma)"))
-        seen.append(loss)
+        message = spike(value, *base) if base and step in steps else None
+        if message:
+            found.append((step, message))
+        seen.append(value)
     return found
+
+
+def _loss_spike(loss: float, median: float, sigma: float) -> str | None:
+    scale = max(sigma, 0.01 * abs(median), 1e-12)
+    if loss > median + LOSS_SIGMAS * scale:
+        return f"loss spike {loss:.4f} (rolling median {median:.4f}, +{(loss - median) / scale:.1f} robust sigma)"
+    return None
+
+
+def _grad_spike(norm: float, median: float, sigma: float) -> str | None:
+    if median > 0 and norm > GRAD_FACTOR * median:
+        return f"grad-norm spike {norm:.4g} ({norm / median:.1f}x the rolling median {median:.4g})"
+    return None
+
+
+def loss_anomalies(history: list[dict[str, Any]], steps: set[int]) -> list[tuple[int, str]]:
+    return _spikes(history, steps, "loss", "loss", _loss_spike)
 
 
 def grad_anomalies(history: list[dict[str, Any]], steps: set[int]) -> list[tuple[int, str]]:
-    found, seen = [], []
-    for record in history:
-        norm, step = record.get("grad_norm"), record["step"]
-        if not finite(norm):
-            if step in steps:
-                found.append((step, f"grad norm is not finite ({_show(norm)})"))
-            continue
-        base = rolling_baseline(seen)
-        if base and step in steps and base[0] > 0 and norm > GRAD_FACTOR * base[0]:
-            found.append((step, f"grad-norm spike {norm:.4g} ({norm / base[0]:.1f}x the rolling median {base[0]:.4g})"))
-        seen.append(norm)
-    return found
+    return _spikes(history, steps, "grad_norm", "grad norm", _grad_spike)
 
 
 def stall_anomalies(history: list[dict[str, Any]], steps: set[int]) -> list[tuple[int, str]]:
@@ -252,7 +258,8 @@ def _loss_at(records: list[dict[str, Any]]) -> str:
 
 def loss_rows(period: Period) -> list[tuple[str, str]]:
     train = period.train
-    head, tail = _mean([r.get("loss") for r in train[:SMOOTH_STEPS]]), _mean([r.get("loss") for r in train[-SMOOTH_STEPS:]])
+    head = _mean([r.get("loss") for r in train[:SMOOTH_STEPS]])
+    tail = _mean([r.get("loss") for r in train[-SMOOTH_STEPS:]])
     rows = [("Loss at start", _loss_at(train)), ("Loss at end", _loss_at(train[::-1]))]
     if head is not None and tail is not None:
         rows.append((f"Mean loss, first / last {SMOOTH_STEPS} steps", f"{head:.4f} → {tail:.4f} ({tail - head:+.4f})"))

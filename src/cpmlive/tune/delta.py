@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from cpmlive.config import read_json_object
 from cpmlive.errors import CpmliveError
 from cpmlive.model.stack import Embedding, RMSNorm
 from cpmlive.model.checkpoint import read_safetensors, safetensors_bytes
@@ -324,7 +325,8 @@ class LoraQuantizedLinear(QuantizedLinear):
     is float32 and trains; the same container names and arithmetic as :class:`LoraLinear`."""
 
     DELTA_PARTS = LoraLinear.DELTA_PARTS
-    add, delta_tensors, adapters, remove = LoraLinear.add, LoraLinear.delta_tensors, LoraLinear.adapters, LoraLinear.remove
+    add, delta_tensors = LoraLinear.add, LoraLinear.delta_tensors
+    adapters, remove = LoraLinear.adapters, LoraLinear.remove
 
     def __init__(self, base: QuantizedLinear, state: DeltaState) -> None:
         super().__init__(base.in_features, base.out_features, base.layer_config(), device="meta")
@@ -723,7 +725,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     another base. It becomes the active adapter; its parameters are trainable only with
     ``trainable`` (as PEFT's ``is_trainable``)."""
     directory = Path(directory)
-    peft_config, sidecar = _read_json(directory / CONFIG_NAME), _read_sidecar(directory)
+    peft_config, sidecar = _read_peft_config(directory), _read_sidecar(directory)
     config = delta_config_from_peft(peft_config, sidecar.get("delta", {}), str(directory))
     _check_base(model, directory, sidecar.get("base_hash") or _file_metadata(directory).get("cpmlive_base_hash"))
     name = name or sidecar.get("adapter_name") or "default"
@@ -750,7 +752,7 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike, name: s
     if name is None:
         raise CpmliveError("no adapter is active: name the one to load into")
     sidecar = _read_sidecar(directory)
-    saved = delta_config_from_peft(_read_json(directory / CONFIG_NAME), sidecar.get("delta", {}), str(directory))
+    saved = delta_config_from_peft(_read_peft_config(directory), sidecar.get("delta", {}), str(directory))
     if _comparable(saved) != _comparable(state.configs[name]):
         raise CpmliveError(f"{directory}: the saved adapter is not shaped like the attached {name!r} "
                            f"({_comparable(saved)} vs {_comparable(state.configs[name])})")
@@ -768,23 +770,15 @@ def _comparable(config: DeltaConfig) -> dict[str, Any]:
     return data
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CpmliveError(f"{path}: not found (not an adapter directory?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CpmliveError(f"{path}: cannot read ({exc})") from None
-    if not isinstance(data, dict):
-        raise CpmliveError(f"{path}: must hold a JSON object")
-    return data
+def _read_peft_config(directory: Path) -> dict[str, Any]:
+    return read_json_object(directory / CONFIG_NAME, "adapter config")
 
 
 def _read_sidecar(directory: Path) -> dict[str, Any]:
     path = directory / SIDECAR_NAME
     if not path.is_file():
         return {}
-    sidecar = _read_json(path)
+    sidecar = read_json_object(path, "adapter sidecar")
     if sidecar.get("format") != SIDECAR_FORMAT:
         raise CpmliveError(f"{path}: unknown format {sidecar.get('format')!r} (expected {SIDECAR_FORMAT!r})")
     return sidecar

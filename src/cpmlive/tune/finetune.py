@@ -213,11 +213,21 @@ class Finetuner:
     # ---- steps -----------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
-        config = self.config
+        """One optimizer step at the scheduled learning rate; its metrics.jsonl record."""
         step = self.position.step + 1
         lr = learning_rate(self.schedule, step)
         set_learning_rate(self.optimizer, lr)
         started = time.perf_counter()
+        metrics, tokens = self.optimize()
+        seconds = time.perf_counter() - started
+        pos = self.position
+        pos.step, pos.tokens, pos.elapsed = step, pos.tokens + tokens, pos.elapsed + seconds
+        return self.step_record(step, lr, metrics, tokens, seconds)
+
+    def optimize(self) -> tuple[dict[str, float], int]:
+        """Gradient-accumulated batches, one optimizer step: the mean loss and the gradient norm,
+        and the tokens read."""
+        config = self.config
         total, tokens = 0.0, 0
         for _ in range(config.grad_accum):
             pairs = self.next_pairs()
@@ -229,13 +239,16 @@ class Finetuner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), config.grad_clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - started
+        return {"loss": total, "grad_norm": grad_norm}, tokens
+
+    def step_record(self, step: int, lr: float, metrics: dict[str, float], tokens: int,
+                    seconds: float) -> dict[str, Any]:
+        """The metrics.jsonl record of a step :meth:`train_step` has just taken (its keys in this order)."""
         pos = self.position
-        pos.step, pos.tokens, pos.elapsed = step, pos.tokens + tokens, pos.elapsed + seconds
         return {"type": "train", "step": step, "epoch": pos.epoch + pos.index / len(self.train_pairs),
-                "loss": finite_or_none(total), "lr": lr, "tokens": pos.tokens, "tokens_per_s": tokens / seconds,
-                "grad_norm": finite_or_none(grad_norm), "memory_mb": round(memory_mb(), 1),
-                "elapsed_s": round(pos.elapsed, 3), "time": time.time()}
+                "loss": finite_or_none(metrics["loss"]), "lr": lr, "tokens": pos.tokens,
+                "tokens_per_s": tokens / seconds, "grad_norm": finite_or_none(metrics["grad_norm"]),
+                "memory_mb": round(memory_mb(), 1), "elapsed_s": round(pos.elapsed, 3), "time": time.time()}
 
     def count_tokens(self, pairs: list) -> int:
         return sum(len(i) + len(t) for i, t in pairs)
