@@ -91,7 +91,8 @@ def plot_curves(runs: dict[str, Path], out: Path, reward_title: str = "reward-mo
         evals = [r for r in read_records(run) if r["type"] == "eval"]
         key = "objective/scores" if name.startswith("PPO") else "reward"
         axes[0].plot([r["step"] for r in train], [r[key] for r in train], alpha=0.5, label=f"{name} train reward")
-        axes[0].plot([r["step"] for r in evals], [r["val_reward"] for r in evals], marker="o", label=f"{name} dev reward")
+        axes[0].plot([r["step"] for r in evals], [r["val_reward"] for r in evals], marker="o",
+                     label=f"{name} dev reward")
         axes[1].plot([r["step"] for r in train], [r["objective/kl"] for r in train], label=f"{name} KL (train)")
         axes[1].plot([r["step"] for r in evals], [r["val_kl"] for r in evals], marker="o", label=f"{name} KL (dev)")
     axes[0].set(title=reward_title, xlabel="step")
@@ -118,8 +119,8 @@ def markdown(results: dict) -> str:
                        ("DPO policy (log-probability)", results["dpo"]["after"])):
         lines.append(f"| {label} | {row['pair_accuracy']:.3f} | {row['mean_margin']:.3f} |")
     rl = results["rl"]
-    lines += ["", "| headline policy (test) | ROUGE-L | exact | dev reward: start → end | dev answer tokens: start → end "
-              "| dev KL at the end |", "|---|---|---|---|---|---|",
+    lines += ["", "| headline policy (test) | ROUGE-L | exact | dev reward: start → end "
+              "| dev answer tokens: start → end | dev KL at the end |", "|---|---|---|---|---|---|",
               f"| SFT | {rl['sft']['rouge_l']:.3f} | {rl['sft']['exact']:.3f} | | | |"]
     labels = {"ppo": "SFT + PPO", "ppo_eos": "SFT + PPO, missing_eos_penalty 1", "grpo": "SFT + GRPO",
               "grpo_rouge": "SFT + GRPO, reward = ROUGE-L (no reward model)"}
@@ -159,8 +160,8 @@ def main() -> None:
 
     def recipe(method: str, data: str, **extra: object) -> AlignConfig:
         """``recipes/align-METHOD.yaml`` on this run's data and directories."""
-        overrides = [f"data={work / data}/train.jsonl", f"eval={work / data}/dev.jsonl", f"out={work / f'run-{method}'}",
-                     f"model={args.model}", *[f"{k}={v}" for k, v in extra.items()]]
+        overrides = [f"data={work / data}/train.jsonl", f"eval={work / data}/dev.jsonl",
+                     f"out={work / f'run-{method}'}", f"model={args.model}", *[f"{k}={v}" for k, v in extra.items()]]
         return AlignConfig.from_file(ROOT / "recipes" / f"align-{method}.yaml", overrides)
 
     steps = {} if args.steps is None else {"max_steps": args.steps}
@@ -198,11 +199,12 @@ def main() -> None:
                         for name, (best, _) in runs.items()}}
     for name, (_, run) in runs.items():
         evals = [r for r in read_records(run) if r["type"] == "eval"]
-        results["rl"][name].update({"first_dev_reward": evals[0]["val_reward"], "last_dev_reward": evals[-1]["val_reward"],
+        results["rl"][name].update({"first_dev_reward": evals[0]["val_reward"],
+                                    "last_dev_reward": evals[-1]["val_reward"],
                                     "last_dev_kl": evals[-1]["val_kl"], "first_dev_length": evals[0]["val_length"],
                                     "last_dev_length": evals[-1]["val_length"]})
-    plot_curves({"PPO": work / "run-ppo", "PPO, missing_eos_penalty 1": work / "run-ppo-eos", "GRPO": work / "run-grpo"},
-                out / "align-rl.png")
+    plot_curves({"PPO": work / "run-ppo", "PPO, missing_eos_penalty 1": work / "run-ppo-eos",
+                 "GRPO": work / "run-grpo"}, out / "align-rl.png")
     plot_curves({"GRPO, reward = ROUGE-L": work / "run-grpo-rouge"}, out / "align-grpo-rouge.png",
                 "ROUGE-L of sampled titles against the reference")
     (out / "align-results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")

@@ -34,7 +34,8 @@ def main() -> None:
     tokenizer = BeeTokenizer.from_file(FIXTURES / "cpm-bee-vocab.txt")
     cases = json.loads((BEE / "cases.json").read_text(encoding="utf-8"))
     tensors = load_file(BEE / "cases.safetensors")
-    print("| case | positions | max abs hidden | max abs logit | max abs logsumexp | argmax equal | loss (ours) | loss (original) |")
+    print("| case | positions | max abs hidden | max abs logit | max abs logsumexp | argmax equal "
+          "| loss (ours) | loss (original) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("textgen", "translate", "rating", "choice", "fill", "packed"):
         get = lambda field: tensors[f"{name}.{field}"]  # noqa: E731
@@ -67,7 +68,8 @@ def main() -> None:
                            batch.inputs["segment_rel"], batch.inputs["num_segments"][:, -1:], ones,
                            position=column("step_position"), cache=cache)[:, -1]
             logits = model.logits(hidden, batch.ext_ids, batch.ext_subs)
-            worst = max(worst, float((logits[:, get("step_logit_columns").long()] - get("step_logits_cols")[step]).abs().max()))
+            worst = max(worst, float((logits[:, get("step_logit_columns").long()]
+                                      - get("step_logits_cols")[step]).abs().max()))
     print(f"\ncached decoding, 8 steps x 5 rows: max abs logit difference {worst:.2e}")
     for beams, key in ((1, "greedy"), (3, "beam3")):
         _, results = fill_tasks(model, tokenizer, objects, GenerationConfig(max_new_tokens=8, num_beams=beams))

@@ -52,7 +52,8 @@ def main() -> None:
         return [f"{decode_rate(model, prompt, 32, 3):.1f}", f"{prefill_rate(model, 256, 3):.0f}"]
 
     with tempfile.TemporaryDirectory() as tmp:  # float32, as the pruned models are written
-        teacher_size = f"{directory_bytes(save_checkpoint(lm.model.state_dict(), lm.config, Path(tmp) / 'm')) / 1e6:.1f} MB"
+        teacher_bytes = directory_bytes(save_checkpoint(lm.model.state_dict(), lm.config, Path(tmp) / "m"))
+        teacher_size = f"{teacher_bytes / 1e6:.1f} MB"
     rows = [["demo (teacher)", f"{lm.model.num_parameters() / 1e6:.2f}M", teacher_size, "", f"{base_bits:.4f}",
              *speed(lm.model), "", ""]]
     for target in args.targets:

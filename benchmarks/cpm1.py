@@ -202,7 +202,8 @@ def conversion_memory() -> list[list[str]]:
                        "keep_matrices=True)")
         load32 = peak_mb(f"import torch, cpmlive.model.cpm1.convert as c; "
                          f"m, _ = c.load_pretrained({str(root / 'ours')!r}, dtype=torch.float32)")
-    return [["convert the Megatron release to ours", f"{size:.0f}", f"{convert - base:.0f}", f"{(convert - base) / size:.2f}"],
+    return [["convert the Megatron release to ours", f"{size:.0f}", f"{convert - base:.0f}",
+             f"{(convert - base) / size:.2f}"],
             ["load ours, float16 matrices kept", f"{size:.0f}", f"{load - base:.0f}", f"{(load - base) / size:.2f}"],
             ["load ours as float32 (2x the bytes by definition)", f"{size:.0f}", f"{load32 - base:.0f}",
              f"{(load32 - base) / size:.2f}"]]

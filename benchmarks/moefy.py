@@ -37,7 +37,8 @@ def main() -> None:
     print("activation sparsity of the dense FFNs (calibration rows): "
           + ", ".join(f"{name}: {100 * share:.2f}%" for name, share in sparsity.items()))
     inputs = ffn_inputs(lm.model, batches)
-    print(f"\n| router | experts kept (top-k / {args.experts}) | share of FFN compute | bits/char | vs dense | router recall |")
+    print(f"\n| router | experts kept (top-k / {args.experts}) | share of FFN compute | bits/char | vs dense "
+          "| router recall |")
     print("|---|---|---|---|---|---|")
     print(f"| dense | {args.experts} / {args.experts} | 100% | {dense:.4f} | | |")
     for k in args.top_k:

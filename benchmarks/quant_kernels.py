@@ -66,7 +66,8 @@ def candidates(weight: torch.Tensor, group_size: int) -> dict[str, tuple]:
     runs["w8a8 per-token + _int_mm"] = (lambda x: quant.int8_matmul_per_token(x, q8t, s8), bytes8, w8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        qweight = torch.quantize_per_channel(w8, s8.double(), torch.zeros(out_features, dtype=torch.long), 0, torch.qint8)
+        qweight = torch.quantize_per_channel(w8, s8.double(), torch.zeros(out_features, dtype=torch.long), 0,
+                                             torch.qint8)
         packed = torch.ops.quantized.linear_prepack(qweight, None)
     runs["w8a8 fbgemm linear_dynamic"] = (lambda x: torch.ops.quantized.linear_dynamic(x, packed, False), bytes8, w8)
     if native.available():

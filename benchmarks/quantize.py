@@ -48,8 +48,8 @@ VARIANTS = {
 # Coarser groups, where round-to-nearest starts to cost and calibration has something to recover
 # (384 is the coarsest size that divides every layer of the demo model: one group per row of the
 # attention projections).
-COARSE = {f"int4-g384 {method.upper() if method != 'rtn' else 'RTN'}": QuantConfig(bits=4, group_size=384, method=method)
-          for method in ("rtn", "gptq", "awq")}
+COARSE = {f"int4-g384 {method.upper() if method != 'rtn' else 'RTN'}":
+          QuantConfig(bits=4, group_size=384, method=method) for method in ("rtn", "gptq", "awq")}
 
 
 def read_bandwidth() -> float:
@@ -185,8 +185,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data or args.skip_demo):
         parser.error("--data is needed for the demo rows (or --skip-demo)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
-          f"native kernels {'on' if native.available() else 'off'}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU {torch.backends.cpu.get_cpu_capability()}, native kernels {'on' if native.available() else 'off'}")
     if not args.skip_demo:
         demo = demo_rows(args)
         print("\n## Demo model\n")

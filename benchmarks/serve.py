@@ -40,8 +40,8 @@ from serve_memory import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
-PROMPTS = ["今天天气不错，", "新华社北京3月5日电", "据报道，全省第一季度", "中国女排在昨晚进行的比赛中", "本报讯 记者从市气象局获悉，",
-           "这家店的服务", "科学家发现", "随着互联网的发展，"]
+PROMPTS = ["今天天气不错，", "新华社北京3月5日电", "据报道，全省第一季度", "中国女排在昨晚进行的比赛中",
+           "本报讯 记者从市气象局获悉，", "这家店的服务", "科学家发现", "随着互联网的发展，"]
 SHAPES = {"80m": dict(dim_model=768, num_heads=12, dim_head=64, dim_ff=2048, num_layers=8)}
 
 

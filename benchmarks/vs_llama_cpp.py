@@ -4,7 +4,8 @@ Writes the GGUF twin of our ~450M shape (a Llama of dim 1280, 22 layers, 20 x 64
 3200, vocabulary 30720, random weights) in F32, F16 and Q8_0 with the ``gguf`` package, builds our
 CPM-Ant of that shape in float32, float16 matrices (computed in float32, as llama.cpp's F16) and
 int8, and times greedy decoding of ``--tokens`` tokens after a short prompt with 2 threads for
-each, alternating the two sides ``--repeats`` times and keeping each side's best. The physical limit is the memory bandwidth, measured here in the same run (a multi-threaded
+each, alternating the two sides ``--repeats`` times and keeping each side's best. The physical
+limit is the memory bandwidth, measured here in the same run (a multi-threaded
 read of a 2 GB tensor); each row reports the weight bytes read per token and the share of that
 bandwidth they reach.
 

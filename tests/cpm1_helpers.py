@@ -10,8 +10,9 @@ import torch
 
 # CPM-Generate's chinese_vocab.model: <unk> 0, <s> 1, </s> 2, then these at 3..7.
 SPECIAL_PIECES = ["\u2583", "<sep>", "<pad>", "<mask>", "<eod>"]
-SAMPLES = ["今天 天气不错，\n我们去公园玩。", "Hello world 你好，世界！\n\n第二行  两个空格", "清华大学的CPM模型是2020年发布的。",
-           "他说：“这本书写得很好。”\n然后走了。", "  前后有空格  ", "一二三四五六七八九十"]
+SAMPLES = ["今天 天气不错，\n我们去公园玩。", "Hello world 你好，世界！\n\n第二行  两个空格",
+           "清华大学的CPM模型是2020年发布的。", "他说：“这本书写得很好。”\n然后走了。", "  前后有空格  ",
+           "一二三四五六七八九十"]
 
 
 def review_lines(count: int = 1200) -> list[str]:

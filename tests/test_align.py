@@ -58,9 +58,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
 
 def config(world, method: str, out: str, **extra) -> AlignConfig:
     data = "sft" if method == "sft" else "pairs"
-    fields = dict(method=method, model=str(extra.pop("model", world["base"])), data=str(world[data]), eval=str(world[data + "_dev"]),
-                  out=str(world["root"] / out), max_steps=12, eval_every=6, save_every=6, batch_size=8,
-                  progress=False, max_input_tokens=40, max_output_tokens=12, lr=3e-3)
+    fields = dict(method=method, model=str(extra.pop("model", world["base"])), data=str(world[data]),
+                  eval=str(world[data + "_dev"]), out=str(world["root"] / out), max_steps=12, eval_every=6,
+                  save_every=6, batch_size=8, progress=False, max_input_tokens=40, max_output_tokens=12, lr=3e-3)
     return AlignConfig(**{**fields, **extra})
 
 
@@ -133,7 +133,8 @@ def test_ppo_with_the_reward_model_and_grpo_with_rouge(world, trained):
     records = run(world, "ppo", "ppo", reward_model=str(trained["rm"]), adapter=str(trained["sft"]), max_steps=4,
                   eval_every=2, save_every=2, eval_prompts=4, batch_size=4)
     train = [r for r in records if r["type"] == "train"]
-    assert {"objective/kl", "objective/rlhf_reward", "objective/scores", "loss/policy_avg", "loss/value_avg"} <= set(train[0])
+    assert {"objective/kl", "objective/rlhf_reward", "objective/scores", "loss/policy_avg",
+            "loss/value_avg"} <= set(train[0])
     assert (world["root"] / "ppo" / "best" / "adapter_model.safetensors").is_file()
     records = run(world, "grpo", "grpo", reward="rouge", adapter=str(trained["sft"]), max_steps=3, eval_every=3,
                   save_every=3, eval_prompts=4, batch_size=2, num_samples=3)

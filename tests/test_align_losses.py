@@ -90,9 +90,9 @@ def test_reward_loss_equals_trl(margin, center):
 def trl_policy_loss(logps, old_logps, ref_logps, advantages, mask, epsilon, beta, loss_type):
     stub = trainer_stub(top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
                         beta=beta, loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon, use_vllm=False,
-                        args=SimpleNamespace(delta=None, use_bias_correction_kl=False), current_gradient_accumulation_steps=1,
-                        _entropy_bonus_enabled=False, use_adaptive_entropy=False, entropy_coef=0.0,
-                        max_completion_length=mask.size(1))
+                        args=SimpleNamespace(delta=None, use_bias_correction_kl=False),
+                        current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, use_adaptive_entropy=False,
+                        entropy_coef=0.0, max_completion_length=mask.size(1))
     stub._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, torch.zeros_like(logps), None)
     inputs = {"prompt_ids": torch.zeros(mask.size(0), 2, dtype=torch.long), "prompt_mask": torch.ones(mask.size(0), 2),
               "completion_ids": torch.zeros_like(mask, dtype=torch.long), "completion_mask": mask,

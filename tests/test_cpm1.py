@@ -167,8 +167,10 @@ def megatron_shards(hf_model, ranks: int = 2) -> list[dict]:
         q, k, v = state[hf + "attn.c_attn.weight"].t().chunk(3, 0)
         qb, kb, vb = state[hf + "attn.c_attn.bias"].chunk(3)
         for rank in range(ranks):
-            shards[rank][mg + "attention.query_key_value.weight"] = torch.cat([t.chunk(ranks, 0)[rank] for t in (q, k, v)])
-            shards[rank][mg + "attention.query_key_value.bias"] = torch.cat([t.chunk(ranks)[rank] for t in (qb, kb, vb)])
+            shards[rank][mg + "attention.query_key_value.weight"] = torch.cat([t.chunk(ranks, 0)[rank]
+                                                                                for t in (q, k, v)])
+            shards[rank][mg + "attention.query_key_value.bias"] = torch.cat([t.chunk(ranks)[rank]
+                                                                              for t in (qb, kb, vb)])
         put(mg + "attention.dense.weight", state[hf + "attn.c_proj.weight"].t(), 1)
         put(mg + "attention.dense.bias", state[hf + "attn.c_proj.bias"])
         put(mg + "post_attention_layernorm.weight", state[hf + "ln_2.weight"])

@@ -225,8 +225,8 @@ def test_vote_picks_the_mode_of_known_samples(checkpoint):
 def test_vote_and_few_shot_prompt_file_from_the_cli(checkpoint, tmp_path):
     prompt = tmp_path / "few-shot.txt"
     prompt.write_text("问：中国的首都是哪里？\n答：北京\n问：{input}\n答：", encoding="utf-8")
-    out = run("generate", checkpoint, "--prompt-file", prompt, "--input", "美国的首都是哪里？", "--num-return-sequences",
-              "5", "--vote", "--max-new-tokens", "3", "--seed", "1", "--json")
+    out = run("generate", checkpoint, "--prompt-file", prompt, "--input", "美国的首都是哪里？",
+              "--num-return-sequences", "5", "--vote", "--max-new-tokens", "3", "--seed", "1", "--json")
     assert out.returncode == 0, out.stderr.decode()
     result = json.loads(out.stdout)
     lm = cpmlive.load(checkpoint)

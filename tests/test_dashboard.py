@@ -31,9 +31,11 @@ def train_record(step: int) -> dict:
 
 
 def params_record(step: int) -> dict:
-    names = ["input_embedding.weight", "layers.0.attn.project_q.weight", "layers.0.ffn_norm.weight", "output_norm.weight"]
+    names = ["input_embedding.weight", "layers.0.attn.project_q.weight", "layers.0.ffn_norm.weight",
+             "output_norm.weight"]
     return {"type": "params", "step": step,
-            "stats": {name: [0.001 * i, 0.02 + 0.0005 * step * (i + 1), 0.1 + 0.01 * i] for i, name in enumerate(names)}}
+            "stats": {name: [0.001 * i, 0.02 + 0.0005 * step * (i + 1), 0.1 + 0.01 * i]
+                      for i, name in enumerate(names)}}
 
 
 def write_step(log: MetricsLog, step: int) -> None:

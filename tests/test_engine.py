@@ -169,7 +169,8 @@ def test_logprobs_are_the_models(model, tokenizer):
 def lora_model():
     model = small_model(seed=7)
     for name, seed in (("a", 1), ("b", 2)):
-        delta.attach(model, delta.DeltaConfig(method="lora", r=4, alpha=8, target_modules=["project_q", "project_v", "w_0"]), name=name)
+        delta.attach(model, delta.DeltaConfig(method="lora", r=4, alpha=8,
+                                              target_modules=["project_q", "project_v", "w_0"]), name=name)
         with torch.no_grad():
             for layer_name, param in model.named_parameters():
                 if f"lora_B.{name}" in layer_name:

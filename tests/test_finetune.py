@@ -137,7 +137,8 @@ def test_classification_finetune_reports_accuracy_and_evaluates(base_dir, classi
                   "--data", str(classify_data[1]), "--json")
     assert out.returncode == 0, out.stderr
     assert set(json.loads(out.stdout)) >= {"accuracy", "macro_f1", "perplexity"}
-    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"input": "好", "label": "正面"}, {"input": "坏", "label": "中性"}])
+    unseen = write_jsonl(tmp_path / "unseen.jsonl",
+                         [{"input": "好", "label": "正面"}, {"input": "坏", "label": "中性"}])
     out = run_cli("evaluate", str(base_dir), "--adapter", str(tmp_path / "run" / "best"), "--data", str(unseen))
     assert out.returncode == 2 and "unseen.jsonl:2" in out.stderr and len(out.stderr.splitlines()) == 1
 

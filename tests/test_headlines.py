@@ -122,7 +122,8 @@ def test_lead_clauses_are_runs_of_clauses_of_the_first_sentences():
     assert lead_clauses(body)[0] == lead_baseline(body)
     assert lead_clauses("第一段，没有句号\n第二段。", sentences=1) == ["第一段", "第一段没有句号", "没有句号"]
     assert lead_clauses("") == [] and lead_clauses("。，") == []
-    assert lead_clauses("新华社北京1月5日电 李鹏今天会见客人，双方交换了意见。", 1, 1) == ["李鹏今天会见客人", "双方交换了意见"]
+    assert (lead_clauses("新华社北京1月5日电 李鹏今天会见客人，双方交换了意见。", 1, 1)
+            == ["李鹏今天会见客人", "双方交换了意见"])
 
 
 def test_lead_baseline():

@@ -120,7 +120,8 @@ def max_delta(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_converted_config_and_removed_blocks(pair: Pair) -> None:
     config = pair.ours.config
     assert config.dim_model == SHAPES[pair.name]["hidden_size"]
-    assert config.num_heads * config.dim_head == SHAPES[pair.name]["num_attention_heads"] * SHAPES[pair.name]["dim_head"]
+    assert (config.num_heads * config.dim_head
+            == SHAPES[pair.name]["num_attention_heads"] * SHAPES[pair.name]["dim_head"])
     assert config.mask_modules == REMOVED.get(pair.name)
     for index, block in enumerate(pair.ours.layers):
         assert hasattr(block, "attn") == config.has_attention(index)
@@ -239,7 +240,8 @@ def reference_as_hf(reference_hf_dir: Path) -> torch.nn.Module:
 @torch.no_grad()
 def test_openbmb_fixture_through_hf_matches_reference(reference_as_hf: torch.nn.Module) -> None:
     hf = reference_as_hf
-    assert hf.config.num_hidden_layers == 3 and not hf.cpmant.encoder.layers[2].self_att.self_attention.attention_out.weight.any()
+    assert (hf.config.num_hidden_layers == 3
+            and not hf.cpmant.encoder.layers[2].self_att.self_attention.attention_out.weight.any())
     assert not hf.cpmant.encoder.layers[1].ffn.ffn.w_out.weight.any()
     cases = read_safetensors(REFERENCE / "ant-tiny" / "cases.safetensors")
     text = cases["gen.input"][:, 32:].long()

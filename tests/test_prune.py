@@ -128,7 +128,8 @@ def test_closing_every_gate_is_refused():
 
 def test_pruning_a_pruned_model_and_bad_targets_are_refused():
     masks = PruningMasks(CONFIG)
-    removed = build_model(AntConfig.from_dict({**CONFIG.to_dict(), "mask_modules": [[True, False]] + [[False, False]] * 2}))
+    removed = build_model(AntConfig.from_dict({**CONFIG.to_dict(),
+                                               "mask_modules": [[True, False]] + [[False, False]] * 2}))
     with pytest.raises(CpmliveError, match="already has removed sub-blocks"):
         masks.attach(removed)
     for bad in (0, 1, 1.5, -0.1, "half"):
@@ -168,7 +169,8 @@ def test_lagrangian_drives_the_expected_size_to_the_target():
     assert abs(logs[-1]["expected_kept"] - 0.4) < 0.1, logs[-1]
     pruned = trainer.finish()
     kept = (prunable_parameters(pruned.config) if pruned.config.mask_modules is None else
-            sum(4 * CONFIG.dim_model * pruned.config.dim_attention * (not a) + 3 * CONFIG.dim_model * pruned.config.dim_ff * (not f)
+            sum(4 * CONFIG.dim_model * pruned.config.dim_attention * (not a)
+                + 3 * CONFIG.dim_model * pruned.config.dim_ff * (not f)
                 for a, f in pruned.config.mask_modules))
     assert 0.2 < kept / prunable_parameters(CONFIG) < 0.6
     assert not any(module._forward_pre_hooks for module in model.modules())

@@ -100,7 +100,8 @@ def test_weight_only_kernels_equal_the_dequantized_product(config):
     x.requires_grad_(True)
     out = layer(x)
     out.sum().backward()
-    assert torch.allclose(out, expected, atol=1e-4) and torch.allclose(x.grad, layer.dequantized().sum(0).expand_as(x), atol=1e-4)
+    assert (torch.allclose(out, expected, atol=1e-4)
+            and torch.allclose(x.grad, layer.dequantized().sum(0).expand_as(x), atol=1e-4))
 
 
 def test_w8a8_equals_per_token_fake_quantized_inputs():
@@ -131,10 +132,12 @@ def test_w8a8_equals_per_token_fake_quantized_inputs():
 def correlated_inputs(rows: int, features: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(features, features, generator=generator) / features**0.5
-    return torch.randn(rows, features, generator=generator) @ mixing + 0.3 * torch.randn(rows, features, generator=generator)
+    return (torch.randn(rows, features, generator=generator) @ mixing
+            + 0.3 * torch.randn(rows, features, generator=generator))
 
 
-@pytest.mark.parametrize("config", [QuantConfig(bits=8, method="gptq"), QuantConfig(bits=4, group_size=32, method="gptq")],
+@pytest.mark.parametrize("config", [QuantConfig(bits=8, method="gptq"),
+                                    QuantConfig(bits=4, group_size=32, method="gptq")],
                          ids=["int8", "int4-g32"])
 def test_gptq_beats_round_to_nearest_on_the_layer_output(config):
     weight, x = torch.randn(64, 128), correlated_inputs(512, 128)
@@ -204,7 +207,8 @@ def tokens_batches(model, count: int = 2):
 
 
 @pytest.mark.parametrize("config", [QuantConfig(bits=8), QuantConfig(bits=8, activations="int8"),
-                                    QuantConfig(bits=4, group_size=32), QuantConfig(bits=4, group_size=32, method="gptq"),
+                                    QuantConfig(bits=4, group_size=32),
+                                    QuantConfig(bits=4, group_size=32, method="gptq"),
                                     QuantConfig(bits=4, group_size=32, method="awq")],
                          ids=["int8", "w8a8", "int4-rtn", "int4-gptq", "int4-awq"])
 def test_quantized_model_saves_loads_and_tracks_the_float_model(config, tmp_path):
@@ -353,10 +357,12 @@ def test_quantized_demo_fills_titles_and_serves_with_the_shipped_adapter(tmp_pat
         generated = lm.generate("新华社北京1月5日电", max_new_tokens=6)
     finally:
         native_decode.decode_blocks = real
-    assert "<mask>" not in filled and filled.endswith("我们去公园玩。") and len(filled) > len("今天天气，我们去公园玩。")
+    assert ("<mask>" not in filled and filled.endswith("我们去公园玩。")
+            and len(filled) > len("今天天气，我们去公园玩。"))
     assert generated and calls
     lm.add_adapter(adapter_path("headline"))
-    article = "新华社北京3月5日电 第十四届全国人民代表大会第二次会议今天上午在人民大会堂开幕。国务院总理作政府工作报告。"
+    article = ("新华社北京3月5日电 第十四届全国人民代表大会第二次会议今天上午在人民大会堂开幕。"
+               "国务院总理作政府工作报告。")
     response = TestClient(create_app(lm)).post("/api/titles", json={"article": article, "n": 2, "num_beams": 2,
                                                                       "samples": 1})
     assert response.status_code == 200, response.text

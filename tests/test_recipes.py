@@ -54,6 +54,7 @@ def test_adapter_recipes_match_the_shipped_adapters(name: str) -> None:
     assert config.model == "demo"
     shipped = DeltaConfig.from_dict(sidecar["delta"])
     recipe = DeltaConfig.from_dict(config.delta)
-    assert (recipe.method, recipe.r, recipe.alpha, recipe.targets) == (shipped.method, shipped.r, shipped.alpha, shipped.targets)
+    assert ((recipe.method, recipe.r, recipe.alpha, recipe.targets)
+            == (shipped.method, shipped.r, shipped.alpha, shipped.targets))
     assert task["task"] == config.task
     assert (task["max_input_tokens"], task["max_output_tokens"]) == (config.max_input_tokens, config.max_output_tokens)

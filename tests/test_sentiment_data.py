@@ -37,7 +37,8 @@ def test_sentiment_examples_cleaning():
 
 
 def test_split_is_stratified_and_deterministic():
-    examples = [(f"正面的评论{i:04d}", POSITIVE) for i in range(300)] + [(f"负面的评论{i:04d}", NEGATIVE) for i in range(100)]
+    examples = ([(f"正面的评论{i:04d}", POSITIVE) for i in range(300)]
+                + [(f"负面的评论{i:04d}", NEGATIVE) for i in range(100)])
     splits = split_sentiment(examples, seed=0)
     sizes = {name: Counter(label for _, label in items) for name, items in splits.items()}
     assert sizes == {"train": {POSITIVE: 240, NEGATIVE: 80}, "dev": {POSITIVE: 30, NEGATIVE: 10},

@@ -104,7 +104,8 @@ def test_raw_stream_ends_with_done(server):
 
 
 def test_several_prompts_n_and_seeds(client):
-    answer = client.completions.create(model="demo", prompt=["北京", "上海"], max_tokens=8, n=2, temperature=1.0, seed=3)
+    answer = client.completions.create(model="demo", prompt=["北京", "上海"], max_tokens=8, n=2, temperature=1.0,
+                                       seed=3)
     assert [c.index for c in answer.choices] == [0, 1, 2, 3]
     again = client.completions.create(model="demo", prompt=["北京", "上海"], max_tokens=8, n=2, temperature=1.0, seed=3)
     assert [c.text for c in answer.choices] == [c.text for c in again.choices]  # a seed reproduces

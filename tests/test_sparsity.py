@@ -58,7 +58,8 @@ def test_the_pattern_survives_fine_tuning_and_int8(setup, tmp_path):
     assert not torch.equal(tuned.layers[0].ffn.w_0.weight, original.layers[0].ffn.w_0.weight)
     assert all(follows_2of4(layer.weight) for layer in block_linears(tuned).values())
     weights = dequantize_state(read_weights(out))
-    assert follows_2of4(weights["layers.1.attn.project_q.weight"]) and follows_2of4(weights["layers.0.ffn.w_out.weight"])
+    assert (follows_2of4(weights["layers.1.attn.project_q.weight"])
+            and follows_2of4(weights["layers.0.ffn.w_out.weight"]))
 
 
 def test_only_quantize_may_follow_sparse24(setup):

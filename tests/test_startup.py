@@ -119,7 +119,8 @@ print(json.dumps({"code": code, "loaded": sorted(m for m in %r if m in sys.modul
 
 @pytest.mark.parametrize("argv", [
     ("generate", "demo", "你好", "--max-new-tokens", "2"),
-    ("title", "新华社北京1月5日电 国务院总理今天会见了来访的代表团，双方交换了意见。", "--num-beams", "2", "--samples", "1"),
+    ("title", "新华社北京1月5日电 国务院总理今天会见了来访的代表团，双方交换了意见。", "--num-beams", "2",
+     "--samples", "1"),
     ("bee", "bee-demo", '{"input": "你好", "<ans>": ""}', "--max-new-tokens", "2"),
 ], ids=lambda argv: argv[0])
 def test_one_shot_commands_import_only_what_they_use(argv):

@@ -113,7 +113,8 @@ def test_check_labels_names_the_line(tmp_path):
 def test_write_jsonl_round_trip(tmp_path):
     records = [{"input": "正文", "output": "标题", "strict": False}]
     write_jsonl(tmp_path / "a.jsonl", records)
-    assert (tmp_path / "a.jsonl").read_text(encoding="utf-8") == '{"input": "正文", "output": "标题", "strict": false}\n'
+    assert ((tmp_path / "a.jsonl").read_text(encoding="utf-8")
+            == '{"input": "正文", "output": "标题", "strict": false}\n')
     write_splits(tmp_path / "new" / "dir", {"train": records, "test": []})
     assert read_examples(tmp_path / "new" / "dir" / "train.jsonl", "generate")[0].extra == {"strict": False}
     assert (tmp_path / "new" / "dir" / "test.jsonl").read_bytes() == b""

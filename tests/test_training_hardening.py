@@ -233,7 +233,8 @@ def test_interrupted_pretraining_saves_its_step_and_resumes_exactly(data_dir, tm
     assert "stopped at step 3" in capsys.readouterr().err
     pretrain(pretrain_config(data_dir, run, **steps), resume="auto")
     assert losses(run) == losses(tmp_path / "straight")
-    final, straight = read_weights(step_dir(run, 6) / "model"), read_weights(step_dir(tmp_path / "straight", 6) / "model")
+    final, straight = (read_weights(step_dir(run, 6) / "model"),
+                       read_weights(step_dir(tmp_path / "straight", 6) / "model"))
     assert all(final[name].equal(tensor) for name, tensor in straight.items())
 
 

@@ -111,7 +111,8 @@ def test_read_corpus_texts(tmp_path) -> None:
     (tmp_path / "a.txt").write_text("第一行\n\n第二行\r\n", encoding="utf-8")
     records = [{"text": "甲"}, {"text": "乙", "id": 2}]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
-    assert list(read_corpus_texts([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])) == ["第一行", "第二行", "甲", "乙"]
+    assert (list(read_corpus_texts([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]))
+            == ["第一行", "第二行", "甲", "乙"])
     assert list(read_corpus_texts([str(tmp_path)])) == ["第一行", "第二行", "甲", "乙"]
 
 

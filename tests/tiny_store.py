@@ -11,7 +11,8 @@ from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.tokenizer.vocab import build_vocab, save_vocab
 
 SENTENCES = ["今天天气很好，我们一起去公园散步，看见很多人在湖边钓鱼。", "北京是中国的首都，也是全国的政治和文化中心。",
-             "春天来了，小草从地下探出头来，柳树抽出了嫩绿的枝条。", "新华社记者报道，国务院总理今天会见了来访的外国客人。"]
+             "春天来了，小草从地下探出头来，柳树抽出了嫩绿的枝条。",
+             "新华社记者报道，国务院总理今天会见了来访的外国客人。"]
 
 
 def make_model_and_store(root: Path) -> tuple[Path, Path]:
