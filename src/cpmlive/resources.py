@@ -1,5 +1,6 @@
 """What ships inside the package, resolved in one place: the demo models (``"demo"``, CPM-Ant;
-``"bee-demo"``, CPM-Bee; ``"cpm1-demo"``, CPM-1), the adapters trained on it (``"headline"``, ``"sentiment"``) and vocabulary files.
+``"bee-demo"``, CPM-Bee; ``"cpm1-demo"``, CPM-1), the adapters trained on it (``"headline"``, ``"sentiment"``)
+and vocabulary files.
 
 Every verb and the Python API name these the same way; this module sits below every stage, so
 each of them may resolve a name without importing a higher layer.
@@ -64,4 +65,5 @@ def vocab_path(model_or_vocab: str | os.PathLike, name: str = VOCAB_NAME) -> Pat
     return path
 
 
-__all__ = ["ASSETS", "BEE_DEMO", "CPM1_DEMO", "DEMO", "adapter_path", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]
+__all__ = ["ASSETS", "BEE_DEMO", "CPM1_DEMO", "DEMO", "adapter_path", "demo_dir", "model_path", "shipped_adapters",
+           "vocab_path"]

@@ -29,7 +29,8 @@ def reward_head_of(adapter: str | Path | None, model: CpmAnt) -> ScalarHead | No
     return head
 
 
-def encode_pairs(tokenizer: Any, model: CpmAnt, path: str, template: ChatTemplate) -> list[tuple[list[int], list[int], list[int]]]:
+def encode_pairs(tokenizer: Any, model: CpmAnt, path: str,
+                 template: ChatTemplate) -> list[tuple[list[int], list[int], list[int]]]:
     """(prompt, chosen, rejected) ids; a pair that does not fit the model is refused, naming its line."""
     limit = model.config.max_length - model.config.prompt_length - 1
     out = []

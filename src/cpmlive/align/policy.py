@@ -123,5 +123,5 @@ def sample_completions(model: CpmAnt, prompts: Sequence[list[int]], max_new_toke
     return outputs
 
 
-__all__ = ["Pair", "ScalarHead", "completion_hidden", "completion_logprobs", "last_hidden", "reference_of", "sample_completions", "sequence_scores", "target_ids",
-           "token_logprobs"]
+__all__ = ["Pair", "ScalarHead", "completion_hidden", "completion_logprobs", "last_hidden", "reference_of",
+           "sample_completions", "sequence_scores", "target_ids", "token_logprobs"]

@@ -144,13 +144,15 @@ def kind_table(lm: LM, held_out: dict[str, list[dict]], dictionary: Dictionary, 
     return table
 
 
-HEADLINE = {"continuation": "rougeL", "zh2en": "rougeL", "en2zh": "rougeL", "qa": "exact_match", "choice": "exact_match"}
-BASELINES = {"continuation": "repeat the input", "zh2en": "CC-CEDICT word by word", "en2zh": "CC-CEDICT word by word",
-             "qa": "first entry's gloss", "choice": "always option 0"}
+HEADLINE = {"continuation": "rougeL", "zh2en": "rougeL", "en2zh": "rougeL", "qa": "exact_match",
+            "choice": "exact_match"}
+BASELINES = {"continuation": "repeat the input", "zh2en": "CC-CEDICT word by word",
+             "en2zh": "CC-CEDICT word by word", "qa": "first entry's gloss", "choice": "always option 0"}
 
 
 def markdown(table: dict[str, dict]) -> str:
-    lines = ["| task | held-out tasks | metric | cpmlive bee-demo | baseline | baseline is |", "|---|---|---|---|---|---|"]
+    lines = ["| task | held-out tasks | metric | cpmlive bee-demo | baseline | baseline is |",
+             "|---|---|---|---|---|---|"]
     for kind, row in table.items():
         metric = HEADLINE[kind]
         lines.append(f"| {kind} | {row['tasks']} | {metric} | {row['model'][metric]:.3f} | "

@@ -416,5 +416,5 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
     return save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
 
 
-__all__ = ["calibration_batches", "calibration_rows", "fake_quantized", "feed_inputs", "gptq_codes", "quantize_checkpoint", "quantize_model", "read_calibration_text",
-           "rtn_codes"]
+__all__ = ["calibration_batches", "calibration_rows", "fake_quantized", "feed_inputs", "gptq_codes",
+           "quantize_checkpoint", "quantize_model", "read_calibration_text", "rtn_codes"]

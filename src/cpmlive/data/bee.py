@@ -315,7 +315,8 @@ def training_example(tokenizer: BeeTokenizer, data: dict, shuffle: Shuffler | No
     return Example(tree, targets)
 
 
-def pack(examples: list[Example], length: int, vocab_size: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+def pack(examples: list[Example], length: int, vocab_size: int,
+         device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """Examples best-fit into rows of ``length`` positions (each its own span), as one batch
     with a shared ext table; returns the model's inputs plus ``target`` and ``ext_ids``/``ext_subs``."""
     rows: list[list[Example]] = []

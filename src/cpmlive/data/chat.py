@@ -52,7 +52,8 @@ class ChatTemplate:
         return "".join(parts)
 
     def save(self, directory: str | os.PathLike) -> None:
-        atomic_write_text(Path(directory) / CHAT_TEMPLATE_FILE, json.dumps(asdict(self), ensure_ascii=False, indent=2) + "\n")
+        atomic_write_text(Path(directory) / CHAT_TEMPLATE_FILE,
+                          json.dumps(asdict(self), ensure_ascii=False, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ChatTemplate | None":

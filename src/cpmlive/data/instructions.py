@@ -42,7 +42,8 @@ BODY_CHARS = 120
 MAX_CHARS = 120  # longest review / Chinese paragraph / verse line taken, so prompts fit the demo's window
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "headline": ("为下面的新闻写一个标题：\n{body}", "给这篇报道拟一个标题。\n{body}", "{body}\n这篇新闻的标题是什么？"),
+    "headline": ("为下面的新闻写一个标题：\n{body}", "给这篇报道拟一个标题。\n{body}",
+                 "{body}\n这篇新闻的标题是什么？"),
     "sentiment": ("判断这条评论的情感是正面还是负面：{text}", "这条评论是正面的还是负面的？\n{text}",
                   "{text}\n这条评论的情感是："),
     "zh2en": ("把下面的话翻译成英文：{text}", "翻译成英文：\n{text}", "{text}\n用英文怎么说？"),

@@ -266,7 +266,8 @@ def _man_sources(deb_path: Path) -> Iterator[tuple[str, str]]:
         try:
             yield path, gzip.decompress(data).decode("utf-8", "replace")
         except (OSError, EOFError) as exc:
-            raise CpmliveError(f"{deb_path}: {path} is not valid gzip ({exc}); delete the .deb to fetch it again") from exc
+            raise CpmliveError(f"{deb_path}: {path} is not valid gzip ({exc}); "
+                               "delete the .deb to fetch it again") from exc
 
 
 def manpages_zh(cache_dir: CacheDir = None) -> Iterator[str]:

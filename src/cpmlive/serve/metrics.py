@@ -24,7 +24,8 @@ class ServerMetrics:
 
         for name, key, text in (("cpmlive_num_requests_running", "running", "requests in the running batch"),
                                 ("cpmlive_num_requests_waiting", "waiting", "requests waiting to join it"),
-                                ("cpmlive_kv_cache_used_bytes", "kv_bytes_used", "KV cache bytes the running requests hold"),
+                                ("cpmlive_kv_cache_used_bytes", "kv_bytes_used",
+                                 "KV cache bytes the running requests hold"),
                                 ("cpmlive_kv_cache_reserved_bytes", "kv_bytes_reserved", "KV cache bytes allocated")):
             Gauge(name, text, registry=registry).set_function(stat(key))
         self.http_requests = Counter("cpmlive_http_requests", "HTTP requests answered", ["route", "status"],

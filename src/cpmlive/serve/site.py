@@ -1,5 +1,5 @@
-"""The site: the playground (``/``), the headline app (``/title``), CPM-Bee's JSON tasks (``/bee``) and, when the server was given
-a training run, its live dashboard (``/dashboard``), under one navigation bar and style.
+"""The site: the playground (``/``), the headline app (``/title``), CPM-Bee's JSON tasks (``/bee``) and, when the
+server was given a training run, its live dashboard (``/dashboard``), under one navigation bar and style.
 
 Each page is a self-contained file in ``pages/`` (no CDN: the site works offline); the bar is
 put in front of its body when it is served, and names only the pages this server has.
@@ -62,7 +62,8 @@ def with_layout(state: ServerState, name: str, here: str) -> str:
     items = "".join(f'<a class="page{" here" if path == here else ""}" href="{path}">{html.escape(label)}</a>'
                     for path, label in links(state))
     model = html.escape(state.base_name) if state.lm is not None else "loading…"
-    bar = f'{SITE_STYLE}<nav class="site"><a class="home" href="/">cpmlive</a>{items}<span class="model">{model}</span></nav>'
+    bar = (f'{SITE_STYLE}<nav class="site"><a class="home" href="/">cpmlive</a>{items}'
+           f'<span class="model">{model}</span></nav>')
     text = page_text(name)
     return text.replace("<body>", "<body>\n" + bar, 1)
 

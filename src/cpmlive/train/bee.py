@@ -81,7 +81,8 @@ def train(model: CpmBee, tokenizer: BeeTokenizer, examples_for_step: Callable[[i
     """Train for ``config.steps`` steps; ``examples_for_step(step)`` is the pool a step draws
     from (a recipe switches pools between phases). Returns the per-step records."""
     params = parameters if parameters is not None else list(model.parameters())
-    groups = decay_groups(model, config.weight_decay) if parameters is None else [{"params": params, "weight_decay": 0.0}]
+    groups = (decay_groups(model, config.weight_decay) if parameters is None
+              else [{"params": params, "weight_decay": 0.0}])
     optimizer = adamw(groups, config.lr, (0.9, 0.95))
     schedule = Schedule("cosine", config.lr, config.min_lr, config.warmup_steps, config.steps)
     start, records = 0, []

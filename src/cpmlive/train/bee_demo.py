@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         model = load_pretrained(args.init, dtype=torch.float32)[0]
         switch = 0
     print(f"{model.num_parameters() / 1e6:.1f}M parameters", file=sys.stderr)
-    loop = LoopConfig(steps=args.steps, rows=args.rows, row_length=args.row_length, warmup_steps=100 if args.init is None else 20,
-                      lr=args.lr, min_lr=args.lr / 10)
+    loop = LoopConfig(steps=args.steps, rows=args.rows, row_length=args.row_length,
+                      warmup_steps=100 if args.init is None else 20, lr=args.lr, min_lr=args.lr / 10)
 
     def save(m, directory: Path) -> None:
         save_checkpoint(m, config, directory / "model", vocab=args.run_dir / "vocab.txt")

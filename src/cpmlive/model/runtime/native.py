@@ -182,4 +182,5 @@ def matvec_int4(x: Tensor, packed: Tensor, scale: Tensor, zero: Tensor, group_si
     return out.view(shape)
 
 
-__all__ = ["FLOAT_WEIGHTS", "MAX_ROWS", "applies", "available", "build", "decoder", "load", "switched_off", "int4_supported", "matvec", "matvec_int4", "matvec_int8"]
+__all__ = ["FLOAT_WEIGHTS", "MAX_ROWS", "applies", "available", "build", "decoder", "load", "switched_off",
+           "int4_supported", "matvec", "matvec_int4", "matvec_int8"]

@@ -120,7 +120,8 @@ def fbgemm_pack_int8(codes: Tensor, scale: Tensor) -> object:
     is deprecated in torch, with a warning that says nothing to our users: hidden here)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        weight = torch._make_per_channel_quantized_tensor(codes, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        weight = torch._make_per_channel_quantized_tensor(codes, scale.double(),
+                                                          torch.zeros_like(scale, dtype=torch.long), 0)
         return torch.ops.quantized.linear_prepack(weight, None)
 
 
@@ -243,7 +244,8 @@ class QuantizedLinear(nn.Module):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.float().contiguous(), weight, self.group_size,
                                                               self._scales_and_zeros)
         elif self.activations == "int8":
-            out = fbgemm_matmul_per_token(flat, weight) if FBGEMM else int8_matmul_per_token(flat, weight, self.weight_scale)
+            out = (fbgemm_matmul_per_token(flat, weight) if FBGEMM
+                   else int8_matmul_per_token(flat, weight, self.weight_scale))
         else:
             out = torch._weight_int8pack_mm(flat.float().contiguous(), weight, self.weight_scale)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -343,6 +345,6 @@ def dequantize_state(state: dict[str, Tensor], dtype: torch.dtype = torch.float3
     return out
 
 
-__all__ = ["QuantizedEmbedding", "QuantizedLinear", "count_parameters", "dequantize_int4", "dequantize_int8", "dequantize_state",
-           "install_quantized_layers", "int4_codes", "int4_group_params", "int8_matmul_per_token",
+__all__ = ["QuantizedEmbedding", "QuantizedLinear", "count_parameters", "dequantize_int4", "dequantize_int8",
+           "dequantize_state", "install_quantized_layers", "int4_codes", "int4_group_params", "int8_matmul_per_token",
            "is_quantized", "pack_int4", "quantizable_linears", "quantize_int4", "quantize_int8", "unpack_int4"]

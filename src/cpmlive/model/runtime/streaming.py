@@ -15,7 +15,8 @@ sizes) and spread over the depth, so every streamed block follows a resident one
 time hides part of its fetch. Only tensors that really are file-backed stream (dropping
 anonymous memory would lose it): a half-precision checkpoint computed in float32 keeps its
 matrices in their stored dtype for this (``keep_matrices`` in ``model.checkpoint``), and only its
-small tensors, converted, stay resident; a model whose matrices were converted is refused. Weights must not be changed in place while streaming: a dropped page comes back from
+small tensors, converted, stay resident; a model whose matrices were converted is refused.
+Weights must not be changed in place while streaming: a dropped page comes back from
 the file. On a GPU the same plan would keep streamed blocks in pinned host memory and copy them
 on a side stream; this build streams on CPU only.
 """
@@ -150,7 +151,8 @@ class WeightStream:
                 resident.add(i)
                 budget -= sizes[i]
         self.resident = sorted(resident)
-        self.streamed = {i: StreamedBlock(i, block_tensors[i], sizes[i]) for i in range(len(blocks)) if i not in resident}
+        self.streamed = {i: StreamedBlock(i, block_tensors[i], sizes[i])
+                         for i in range(len(blocks)) if i not in resident}
         self.order = sorted(self.streamed)
         self.total = sum(sizes) + self.fixed
         self.population = MADV_POPULATE_READ
