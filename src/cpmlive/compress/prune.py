@@ -327,6 +327,6 @@ def warn_off_target(kept: float, target: float, steps: int) -> None:
                       f"/ lagrangian_lr)", stacklevel=2)
 
 
-__all__ = ["GateTrainer", "HardConcrete", "Lagrangian", "PruneConfig", "Lagrangian", "PrunedShape", "PruningMasks",
+__all__ = ["GateTrainer", "HardConcrete", "Lagrangian", "PruneConfig", "PrunedShape", "PruningMasks",
            "binarise", "check_target", "kept_share", "warn_off_target", "prunable_parameters", "pruned_model",
            "sliced_state"]
