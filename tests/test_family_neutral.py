@@ -84,3 +84,79 @@ def test_the_python_api_documents_any_family():
     for text in (api.LM.__doc__, api.__doc__, api.load.__doc__):
         assert not any(f"{kind.name} model" in text for kind in registry.families().values()), text
     assert not hasattr(api.LM, "is_bee") and not hasattr(api.LM, "is_cpm1")
+
+
+MODEL = PACKAGE / "model"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an import statement anywhere in the file names (a function's too), relative
+    imports resolved."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def family_folders_imported(path: Path) -> set[str]:
+    return {package for package in registry.FAMILY_PACKAGES for module in imported_modules(path)
+            if module == f"cpmlive.model.{package}" or module.startswith(f"cpmlive.model.{package}.")}
+
+
+def test_no_family_folder_imports_another_familys_folder():
+    """docs/adding-a-family.md: what two families share lives in the stack, not in one of them."""
+    offenders = [f"{path.relative_to(PACKAGE)} imports cpmlive.model.{other}"
+                 for package in registry.FAMILY_PACKAGES for path in sorted((MODEL / package).rglob("*.py"))
+                 for other in sorted(family_folders_imported(path) - {package})]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_shared_module_of_model_imports_a_family_folder():
+    """The stack, the checkpoint machinery and the runtime serve every family: they read a family
+    through the registry and the shared configs, never by importing its folder."""
+    family_dirs = {MODEL / package for package in registry.FAMILY_PACKAGES}
+    shared = [path for path in sorted(MODEL.rglob("*.py")) if not family_dirs & set(path.parents)]
+    assert any(path.parent.name == "runtime" for path in shared)
+    offenders = [f"{path.relative_to(PACKAGE)} imports cpmlive.model.{package}"
+                 for path in shared for package in sorted(family_folders_imported(path))]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_every_family_field_is_read_somewhere():
+    """A trait nothing reads is a dead declaration (issue 29 removed ``Family.layout``/``formats``).
+    Read means by the package, or by the family contract test (``demo`` is there for it)."""
+    from dataclasses import fields
+
+    readers = [*sources(), Path(__file__).with_name("test_family_contract.py")]
+    read = {node.attr for path in readers for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)}
+    unread = sorted(field.name for field in fields(registry.Family) if field.name not in read)
+    assert not unread, f"Family fields nothing reads: {unread}"
+
+
+def test_checkpoint_vocabulary_names_come_from_the_families(monkeypatch, tmp_path):
+    """Our layout writes and finds each registered family's ``vocab_name``, not a fixed list."""
+    from dataclasses import replace
+
+    from cpmlive.model import checkpoint
+
+    assert checkpoint.vocab_names() == ("vocab.txt", "spiece.model")
+    assert checkpoint.vocab_file_name("a/cpm1.model") == "spiece.model"
+    assert checkpoint.vocab_file_name("a/vocab") == checkpoint.vocab_file_name(["x"]) == "vocab.txt"
+    known = registry.families()
+    newcomer = replace(known["cpm-ant"], model_type="newcomer", vocab_name="tokenizer.json")
+    monkeypatch.setattr(registry, "families", lambda: {**known, "newcomer": newcomer})
+    (tmp_path / "tokenizer.json").write_text("{}", encoding="utf-8")
+    assert checkpoint.checkpoint_vocab(tmp_path) == tmp_path / "tokenizer.json"
+    assert checkpoint.vocab_file_name("its.json") == "tokenizer.json"
+    assert checkpoint.is_checkpoint_file("tokenizer.json") and checkpoint.is_checkpoint_file("spiece.model")
+    assert not checkpoint.is_checkpoint_file("notes.txt")

@@ -131,3 +131,30 @@ def test_importing_the_model_package_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['cpmlive.model']"
 
+
+
+def test_init_stack_zeroes_only_the_modules_the_family_names():
+    """The shared init assumes no family's module (CPM-Ant's and CPM-Bee's ``position_bias``): a
+    stack without one starts too, and what the family names starts at zero after every draw."""
+    from cpmlive.model.stack import Embedding, init_stack
+
+    stack = nn.ModuleDict({"w_out": nn.Linear(8, 4, bias=False), "norm": RMSNorm(4, 1e-6)})
+    table, bias = Embedding(10, 4), Embedding(6, 2)
+    init_stack(stack, 2, (table,), seed=3)
+    drawn = {name: tensor.clone() for name, tensor in stack.state_dict().items()}
+    init_stack(stack, 2, (table,), seed=3, zeroed=(bias,))
+    assert all(torch.equal(drawn[name], tensor) for name, tensor in stack.state_dict().items())
+    assert not bias.weight.any() and table.weight.std() < 0.1 and torch.equal(stack["norm"].weight, torch.ones(4))
+    for model in (ant_model(), bee_model()):
+        assert not model.position_bias.weight.any()
+
+
+def test_the_families_share_the_gated_block_and_the_position_buckets():
+    from cpmlive.model.stack import gated_block, relative_position_bucket
+
+    config = AntConfig(vocab_size=100, **SHAPE)
+    assert sorted(gated_block(config, 0, 1.05).state_dict()) == sorted(
+        k.split(".", 2)[2] for k in ant_model().state_dict() if k.startswith("layers.0."))
+    assert gated_block(config, 0, 1.05).residual_scale == 1.05
+    buckets = relative_position_bucket(torch.arange(-4, 5), num_buckets=32, max_distance=128)
+    assert buckets.tolist() == [4, 3, 2, 1, 0, 17, 18, 19, 20]

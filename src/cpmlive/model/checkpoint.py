@@ -2,8 +2,9 @@
 published layouts are in its folder.
 
 Our format is a directory with ``config.json``, ``model.safetensors`` (sharded with
-``model.safetensors.index.json`` above ``shard_bytes``) and ``vocab.txt``. Weights carry the
-1/sqrt(fan-in) factors folded in (as HF does); OpenBMB keeps them unit-scaled.
+``model.safetensors.index.json`` above ``shard_bytes``) and the family's vocabulary file
+(``Family.vocab_name``: ``vocab.txt``, ``spiece.model``). Weights carry the 1/sqrt(fan-in) factors
+folded in (as HF does); OpenBMB keeps them unit-scaled.
 
 Loading maps the safetensors files copy-on-write and builds the model on the meta device, so a
 checkpoint loads in about its own size of memory.
@@ -28,23 +29,31 @@ from torch import Tensor
 from cpmlive.config import StackConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.runtime.quant import install_quantized_layers
+from cpmlive.resources import VOCAB_NAME
 from cpmlive.utils import default_mode, install_directory
 
 CONFIG_NAME = "config.json"
-SPIECE_NAME = "spiece.model"  # CPM-1's vocabulary (a SentencePiece model), where CPM-Ant/Bee have vocab.txt
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-VOCAB_NAME = "vocab.txt"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-# The files a checkpoint directory is made of, in our layout and HF's: a write into an existing
-# directory replaces these (an older write's other shards included) and keeps every other file.
-CHECKPOINT_FILE = re.compile(r"config\.json|vocab\.txt|spiece\.model|tokenizer_config\.json|generation_config\.json"
+# The files a checkpoint directory is made of, in our layout and HF's, besides the families'
+# vocabulary files (:func:`vocab_names`): a write into an existing directory replaces these (an
+# older write's other shards included) and keeps every other file.
+CHECKPOINT_FILE = re.compile(r"config\.json|tokenizer_config\.json|generation_config\.json"
                              r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
                              r"|pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json")
 
 
+def vocab_names() -> tuple[str, ...]:
+    """The vocabulary files a checkpoint directory may hold: every registered family's
+    ``vocab_name`` (``vocab.txt``, CPM-1's ``spiece.model``), in the registry's order."""
+    from cpmlive.model.registry import families
+
+    return tuple(dict.fromkeys(kind.vocab_name for kind in families().values()))
+
+
 def is_checkpoint_file(name: str) -> bool:
-    return CHECKPOINT_FILE.fullmatch(name) is not None
+    return name in vocab_names() or CHECKPOINT_FILE.fullmatch(name) is not None
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -320,9 +329,9 @@ def install_checkpoint(build: Path, target: Path) -> None:
 def save_checkpoint(model_or_state: torch.nn.Module | dict[str, Tensor], config: StackConfig, path: str | os.PathLike,
                     vocab: str | os.PathLike | Iterable[str] | None = None, dtype: torch.dtype | None = None,
                     shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write ``config.json``, the weights and ``vocab.txt`` atomically (temp dir + rename). Into an
-    existing directory, as HF's ``save_pretrained``: the checkpoint's files are replaced (stale
-    shards removed), anything else there is kept."""
+    """Write ``config.json``, the weights and the vocabulary (:func:`vocab_file_name`) atomically
+    (temp dir + rename). Into an existing directory, as HF's ``save_pretrained``: the checkpoint's
+    files are replaced (stale shards removed), anything else there is kept."""
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -341,13 +350,17 @@ def save_checkpoint(model_or_state: torch.nn.Module | dict[str, Tensor], config:
 
 
 def vocab_file_name(vocab: str | os.PathLike | Iterable[str]) -> str:
-    """The name a vocabulary takes in a checkpoint: ``spiece.model`` for a SentencePiece model."""
-    return SPIECE_NAME if isinstance(vocab, (str, os.PathLike)) and Path(vocab).suffix == ".model" else VOCAB_NAME
+    """The name a vocabulary takes in a checkpoint: the family ``vocab_name`` of the same suffix
+    (``spiece.model`` for a SentencePiece model), else ``vocab.txt`` (a token list too)."""
+    if not isinstance(vocab, (str, os.PathLike)):
+        return VOCAB_NAME
+    suffix = Path(vocab).suffix
+    return next((name for name in vocab_names() if Path(name).suffix == suffix), VOCAB_NAME)
 
 
 def checkpoint_vocab(directory: Path) -> Path | None:
-    """A checkpoint directory's vocabulary file (``vocab.txt`` or ``spiece.model``), if any."""
-    return next((directory / name for name in (VOCAB_NAME, SPIECE_NAME) if (directory / name).is_file()), None)
+    """A checkpoint directory's vocabulary file (the first of :func:`vocab_names` it holds), if any."""
+    return next((directory / name for name in vocab_names() if (directory / name).is_file()), None)
 
 
 def write_vocab(vocab: str | os.PathLike | Iterable[str], path: Path) -> None:

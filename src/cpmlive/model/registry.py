@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmlive.errors import CpmliveError
-from cpmlive.resources import model_path
+from cpmlive.resources import VOCAB_NAME, model_path
 
 # What a family may be asked to do, and how a refusal names it; each family lists its own, and
 # ``cpmlive.LM``, the server's routes and the CLI's verbs ask ``Family.require`` before any work.
@@ -85,7 +85,7 @@ class Family:
     # (path) -> where a checkpoint's files are, without reading its weights; refuses a path holding none
     resolve: Callable[..., Any]
     aliases: tuple[str, ...] = ()  # other model_type spellings (HF's) of the same family
-    vocab_name: str = "vocab.txt"  # the vocabulary file a checkpoint directory holds
+    vocab_name: str = VOCAB_NAME  # the vocabulary file a checkpoint directory holds
     vocab_example: str = ""  # how a refusal names a vocabulary that fits its presets; ``vocab_name`` when empty
     demo: str = ""  # a small checkpoint shipped in cpmlive.resources (its tokenizer is tested on it), if any
     hint: str = ""  # what the family does instead, said after a refusal
@@ -95,11 +95,6 @@ class Family:
     # the family of weights given under another family's config.
     signature_keys: tuple[str, ...] = ()
     weights_name: str = ""  # how an error names this family's weights; ``name`` when empty
-    # How it reads text, as vLLM's interfaces declare it: left to right (``causal``) or as a
-    # prefix-LM over the whole context (CPM-Ant's spans); an encoder feeding a decoder.
-    causal: bool = False
-    encoder_decoder: bool = False
-    native_decode: bool = False  # a decoding step can run in our C kernels (model/runtime/native_decode.py)
     pretrain_objective: str | None = None  # the objective of cpmlive.data.stream it pretrains with, if any
     packs_head: bool = False  # batched CPU decoding reads a oneDNN-blocked copy of its tied head (infer/packing.py)
 

@@ -22,6 +22,7 @@ from cpmlive.config import StackConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.cache import KVCache
 from cpmlive.model.runtime.kernels import attention, project
+from cpmlive.model.runtime.moe import MoEFeedForward
 from cpmlive.model.runtime.quant import count_parameters
 from cpmlive.utils import compute_dtype
 
@@ -179,6 +180,26 @@ class Block(nn.Module):
         return h
 
 
+def gated_block(config: StackConfig, index: int, residual_scale: float = 1.0) -> Block:
+    """A pre-LN block of RMS norms, bias-free attention and the gated-GELU FFN (or its experts,
+    ``config.moe``): CPM-Ant's, and CPM-Bee's with its residual scale."""
+    return Block(config, index, norm=lambda: RMSNorm(config.dim_model, config.eps),
+                 attention=lambda: Attention(config),
+                 ffn=lambda: FeedForward(config) if config.moe is None else MoEFeedForward(config),
+                 residual_scale=residual_scale)
+
+
+def relative_position_bucket(relative: Tensor, num_buckets: int, max_distance: int) -> Tensor:
+    """T5-style bidirectional buckets; float32 ``log`` exactly as the reference computes it."""
+    half = num_buckets // 2
+    offset = (relative > 0).to(torch.int32) * half
+    distance = relative.abs()
+    max_exact = half // 2
+    scaled = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)
+    large = torch.clamp(max_exact + scaled.to(torch.int32), max=half - 1)
+    return offset + torch.where(distance < max_exact, distance.to(torch.int32), large)
+
+
 class Transformer(nn.Module):
     """What every family's model shares around its own embedding and attention bias: the layer
     loop over ``layers``, the head tied to ``input_embedding`` and the cache.
@@ -241,11 +262,13 @@ class Transformer(nn.Module):
 
 
 @torch.no_grad()
-def init_stack(model: nn.Module, num_layers: int, embeddings: tuple[nn.Embedding, ...], seed: int | None) -> None:
+def init_stack(model: nn.Module, num_layers: int, embeddings: tuple[nn.Embedding, ...], seed: int | None,
+               zeroed: tuple[nn.Module, ...] = ()) -> None:
     """Linear layers get std 1/sqrt(fan_in) (OpenBMB's unit-scaled N(0,1) with the scale
     folded in); the projections that write into the residual stream are further divided
     by sqrt(2 * num_layers) so the stream does not grow with depth; embeddings start small
-    (std 0.02, as OpenBMB's) and the position bias at zero."""
+    (std 0.02, as OpenBMB's). The family names the modules whose weights start at zero
+    (``zeroed``: CPM-Ant's and CPM-Bee's position bias), after every draw."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     depth_scale = 1.0 / math.sqrt(2 * num_layers)
 
@@ -262,7 +285,8 @@ def init_stack(model: nn.Module, num_layers: int, embeddings: tuple[nn.Embedding
             module.weight.fill_(1.0)
     for embedding in embeddings:
         normal(embedding.weight, 0.02)
-    model.position_bias.weight.zero_()
+    for module in zeroed:
+        module.weight.zero_()
 
 
 Model = TypeVar("Model", bound=Transformer)
@@ -277,4 +301,4 @@ def build(model_class: type[Model], config: StackConfig, device: str | torch.dev
 
 
 __all__ = ["Attention", "Block", "Embedding", "FeedForward", "GeluFeedForward", "RMSNorm", "Transformer",
-           "add_bias", "autocast_input", "build", "init_stack"]
+           "add_bias", "autocast_input", "build", "gated_block", "init_stack", "relative_position_bucket"]

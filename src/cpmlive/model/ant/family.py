@@ -14,5 +14,5 @@ FAMILY = Family(
     build=build_model, load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info,
     resolve=convert.resolve, aliases=("cpmant",), vocab_example="cpm-ant-vocab.txt", demo=DEMO,
     signature_keys=("segment_embedding.weight", "cpmant.segment_embedding.weight"),
-    native_decode=True, pretrain_objective="infill-generate", packs_head=True,
+    pretrain_objective="infill-generate", packs_head=True,
 )

@@ -18,37 +18,15 @@ products and attention are computed on CPU is ``model.runtime.kernels``' busines
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from cpmlive.model.ant.config import AntConfig
 from cpmlive.model.cache import KVCache, mask_inputs, new_positions
 import cpmlive.model.runtime.native_decode as native_decode
-from cpmlive.model.runtime.moe import MoEFeedForward
-from cpmlive.model.stack import Attention, Block, Embedding, FeedForward, RMSNorm, Transformer, build, init_stack
+from cpmlive.model.stack import (Embedding, FeedForward, RMSNorm, Transformer, build, gated_block, init_stack,
+                                 relative_position_bucket)
 from cpmlive.utils import compute_dtype
-
-
-def ant_block(config: AntConfig, index: int, residual_scale: float = 1.0) -> Block:
-    """A pre-LN block of RMS norms, bias-free attention and the gated-GELU FFN (or its experts,
-    ``config.moe``)."""
-    return Block(config, index, norm=lambda: RMSNorm(config.dim_model, config.eps),
-                 attention=lambda: Attention(config),
-                 ffn=lambda: FeedForward(config) if config.moe is None else MoEFeedForward(config),
-                 residual_scale=residual_scale)
-
-
-def relative_position_bucket(relative: Tensor, num_buckets: int, max_distance: int) -> Tensor:
-    """T5-style bidirectional buckets; float32 ``log`` exactly as the reference computes it."""
-    half = num_buckets // 2
-    offset = (relative > 0).to(torch.int32) * half
-    distance = relative.abs()
-    max_exact = half // 2
-    scaled = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)
-    large = torch.clamp(max_exact + scaled.to(torch.int32), max=half - 1)
-    return offset + torch.where(distance < max_exact, distance.to(torch.int32), large)
 
 
 class CpmAnt(Transformer):
@@ -60,7 +38,7 @@ class CpmAnt(Transformer):
         self.segment_embedding = Embedding(config.segment_types, d)
         self.position_bias = Embedding(
             config.segment_types**2 + config.position_bias_num_buckets, config.num_heads)
-        self.layers = nn.ModuleList(ant_block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(gated_block(config, i) for i in range(config.num_layers))
         self.output_norm = RMSNorm(d, config.eps)
 
     # ---- the pieces of the forward pass ---------------------------------------------------
@@ -144,7 +122,7 @@ class CpmAnt(Transformer):
     def init_weights(self, seed: int | None = None) -> None:
         """An init that trains stably from scratch (:func:`~cpmlive.model.stack.init_stack`)."""
         init_stack(self, self.config.num_layers, (self.input_embedding, self.prompt_embedding, self.segment_embedding),
-                   seed)
+                   seed, zeroed=(self.position_bias,))
 
 
 def build_model(config: AntConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -153,4 +131,4 @@ def build_model(config: AntConfig, device: str | torch.device = "cpu", dtype: to
     return build(CpmAnt, config, device, dtype, seed)
 
 
-__all__ = ["CpmAnt", "ant_block", "build_model", "relative_position_bucket"]
+__all__ = ["CpmAnt", "build_model"]

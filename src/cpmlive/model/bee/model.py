@@ -26,10 +26,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from cpmlive.model.ant.model import ant_block, relative_position_bucket
 from cpmlive.model.bee.config import BeeConfig
 from cpmlive.model.cache import MASK_INPUTS, KVCache, new_positions
-from cpmlive.model.stack import Embedding, RMSNorm, Transformer, build, init_stack
+from cpmlive.model.stack import (Embedding, RMSNorm, Transformer, build, gated_block, init_stack,
+                                 relative_position_bucket)
 from cpmlive.utils import compute_dtype
 
 RESIDUAL_SCALE = 1.05
@@ -68,7 +68,7 @@ class CpmBee(Transformer):
         self.input_embedding = Embedding(config.vocab_size, config.dim_model)
         self.position_bias = Embedding(config.position_bias_num_buckets + config.position_bias_num_segment_buckets,
                                           config.num_heads)
-        self.layers = nn.ModuleList(ant_block(config, i, RESIDUAL_SCALE) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(gated_block(config, i, RESIDUAL_SCALE) for i in range(config.num_layers))
         self.output_norm = RMSNorm(config.dim_model, config.eps)
         self._inv_freq: Tensor | None = None
 
@@ -161,7 +161,7 @@ class CpmBee(Transformer):
 
     def init_weights(self, seed: int | None = None) -> None:
         """As CPM-Ant's (:func:`~cpmlive.model.stack.init_stack`)."""
-        init_stack(self, self.config.num_layers, (self.input_embedding,), seed)
+        init_stack(self, self.config.num_layers, (self.input_embedding,), seed, zeroed=(self.position_bias,))
 
 
 def build_bee(config: BeeConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

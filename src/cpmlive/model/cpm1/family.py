@@ -15,5 +15,5 @@ FAMILY = Family(
     demo=CPM1_DEMO, claims=convert.is_cpm1_checkpoint,
     signature_keys=("position_embedding.weight", "transformer.wte.weight", "word_embeddings.weight"),
     weights_name="CPM-1 (GPT-2)",
-    causal=True, pretrain_objective="causal",
+    pretrain_objective="causal",
 )

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cpmlive.model.ant.config import AntConfig
+from cpmlive.config import StackConfig
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, config: AntConfig) -> None:
+    def __init__(self, config: StackConfig) -> None:
         super().__init__()
         moe = config.moe
         self.experts, self.top_k, self.router_kind = moe.experts, moe.top_k, moe.router
