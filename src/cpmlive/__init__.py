@@ -1,4 +1,4 @@
-"""cpmlive: CPM-Live end to end (CPM-Ant / CPM-Bee models and their lifecycle)."""
+"""cpmlive: CPM-Live end to end (CPM models of every family and their lifecycle)."""
 
 __version__ = "0.1.0"
 

@@ -66,16 +66,17 @@ def load_or_report(name: str, **kwargs: object) -> LM | None:
 def main() -> int:
     from cpmlive.resources import demo_dir
     from cpmlive.apps.headline import TitleOptions, suggest_titles
-    from cpmlive.model.ant.convert import checkpoint_info
+    from cpmlive.model.registry import family_of
 
     lm = load_or_report("demo", adapter=["headline", "sentiment"])
     if lm is None:
         return 2
     lm.use(None)
-    info = checkpoint_info(demo_dir())
+    kind = family_of(demo_dir())
+    info = kind.info(demo_dir())
     config = info["config"]
     section("the demo model")
-    print(f"CPM-Ant, {info['parameters'] / 1e6:.1f}M parameters, {config['num_layers']} layers, "
+    print(f"{kind.name}, {info['parameters'] / 1e6:.1f}M parameters, {config['num_layers']} layers, "
           f"d_model {config['dim_model']}, vocab {config['vocab_size']}, {info['size_bytes'] / 1e6:.1f} MB on disk")
 
     section("tokenize")

@@ -17,10 +17,10 @@ from cpmlive.align.recipes import REWARD_HEAD, load_head
 from cpmlive.data.align import preference_pairs
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 
 
-def reward_head_of(adapter: str | Path | None, model: CpmAnt) -> ScalarHead | None:
+def reward_head_of(adapter: str | Path | None, model: Transformer) -> ScalarHead | None:
     """The reward head saved with ``adapter``, or None for a plain (policy) adapter."""
     if adapter is None or not (Path(adapter) / REWARD_HEAD).is_file():
         return None
@@ -29,7 +29,7 @@ def reward_head_of(adapter: str | Path | None, model: CpmAnt) -> ScalarHead | No
     return head
 
 
-def encode_pairs(tokenizer: Any, model: CpmAnt, path: str,
+def encode_pairs(tokenizer: Any, model: Transformer, path: str,
                  template: ChatTemplate) -> list[tuple[list[int], list[int], list[int]]]:
     """(prompt, chosen, rejected) ids; a pair that does not fit the model is refused, naming its line."""
     limit = model.config.max_length - model.config.prompt_length - 1
@@ -47,7 +47,7 @@ def encode_pairs(tokenizer: Any, model: CpmAnt, path: str,
 
 
 @torch.no_grad()
-def pair_metrics(model: CpmAnt, tokenizer: Any, path: str, template: ChatTemplate | None = None,
+def pair_metrics(model: Transformer, tokenizer: Any, path: str, template: ChatTemplate | None = None,
                  reward_head: ScalarHead | None = None, batch_size: int = 8) -> dict[str, float | int]:
     """``{"pair_accuracy", "mean_margin", "pairs"}`` over the pairs of a preference JSONL file."""
     items = encode_pairs(tokenizer, model, path, template or ChatTemplate())

@@ -16,10 +16,10 @@ import torch
 from cpmlive.align.policy import sample_completions
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.data.instructions import Item
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 
 
-def on_policy_pairs(model: CpmAnt, tokenizer: Any, items: Sequence[Item], template: ChatTemplate | None = None,
+def on_policy_pairs(model: Transformer, tokenizer: Any, items: Sequence[Item], template: ChatTemplate | None = None,
                     max_new_tokens: int = 48, temperature: float = 1.0, batch_size: int = 16,
                     seed: int = 0, max_input_tokens: int = 160) -> Iterator[dict[str, str]]:
     """One pair per item whose sample differs from its answer, in the items' order."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.task import example_batch
 
@@ -32,7 +32,8 @@ def reference_of(model: nn.Module, adapter: str | None = None) -> Iterator[None]
         yield
 
 
-def completion_hidden(model: CpmAnt, pairs: Sequence[Pair], prompt_task: int = GENERATION) -> tuple[Tensor, Tensor]:
+def completion_hidden(model: Transformer, pairs: Sequence[Pair],
+                      prompt_task: int = GENERATION) -> tuple[Tensor, Tensor]:
     """Hidden states ``[B, T, d]`` at the positions that predict each completion token (the
     first one reads the prompt's last token), and the mask ``[B, T]`` of real ones."""
     batch = example_batch(pairs, prompt_task, model.config)
@@ -56,13 +57,14 @@ def target_ids(pairs: Sequence[Pair], device: torch.device | str = "cpu") -> Ten
     return ids.to(device)
 
 
-def token_logprobs(model: CpmAnt, hidden: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+def token_logprobs(model: Transformer, hidden: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
     """``log π(token)`` at every position ``[B, T]`` (0 off the mask), in float32."""
     logprobs = F.log_softmax(model.logits(hidden).float(), dim=-1)
     return logprobs.gather(-1, ids[..., None])[..., 0] * mask
 
 
-def completion_logprobs(model: CpmAnt, pairs: Sequence[Pair], prompt_task: int = GENERATION) -> tuple[Tensor, Tensor]:
+def completion_logprobs(model: Transformer, pairs: Sequence[Pair],
+                        prompt_task: int = GENERATION) -> tuple[Tensor, Tensor]:
     """Per-token log-probabilities ``[B, T]`` of each completion and their mask."""
     hidden, mask = completion_hidden(model, pairs, prompt_task)
     return token_logprobs(model, hidden, target_ids(pairs, hidden.device), mask), mask
@@ -88,7 +90,7 @@ class ScalarHead(nn.Module):
         return self.score(hidden.float())[..., 0]
 
 
-def sequence_scores(model: CpmAnt, head: ScalarHead, pairs: Sequence[Pair],
+def sequence_scores(model: Transformer, head: ScalarHead, pairs: Sequence[Pair],
                     prompt_task: int = GENERATION) -> Tensor:
     """A reward model's score of each (prompt, completion): the head on the hidden state at the
     completion's last token (``</s>``), which sees the prompt and the whole answer."""
@@ -98,7 +100,7 @@ def sequence_scores(model: CpmAnt, head: ScalarHead, pairs: Sequence[Pair],
 
 
 @torch.no_grad()
-def sample_completions(model: CpmAnt, prompts: Sequence[list[int]], max_new_tokens: int, eos_id: int,
+def sample_completions(model: Transformer, prompts: Sequence[list[int]], max_new_tokens: int, eos_id: int,
                        temperature: float = 1.0, generator: torch.Generator | None = None,
                        prompt_task: int = GENERATION) -> list[list[int]]:
     """One sampled completion per prompt (pure sampling at ``temperature``, as the policy's

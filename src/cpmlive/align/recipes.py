@@ -35,7 +35,7 @@ from cpmlive.data.align import (TRUNCATION_MODES, PreferencePair, PromptedText, 
                                 truncate_prompt)
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
-from cpmlive.model.checkpoint import VOCAB_NAME, read_safetensors, save_checkpoint, save_safetensors
+from cpmlive.model.checkpoint import read_safetensors, save_checkpoint, save_safetensors
 from cpmlive.model.registry import family_of
 from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, LoopArgs
 from cpmlive.train.checkpoints import check_optimizer_fits, cleaned_up_on_failure, read_trainer_state, warn
@@ -142,11 +142,10 @@ class AlignTrainer(Finetuner):
         self.run_dir = Path(config.out)
         path = resolve_model_path(config.model)
         kind = family_of(path)
-        if not kind.can("align"):
-            raise CpmliveError(f"{config.model}: alignment recipes take a CPM-Ant model")
+        kind.require("align")
         self.start_run(resume)
         self.model_path = path
-        self.vocab_path = path / VOCAB_NAME
+        self.vocab_path = path / kind.vocab_name
         self.tokenizer = kind.tokenizer.from_file(self.vocab_path)
         self.model = kind.load(path, dtype=torch.float32)[0].train()
         limit = self.model.config.max_length - self.model.config.prompt_length - 1
@@ -269,7 +268,7 @@ class AlignTrainer(Finetuner):
             deltas.save_adapter(self.model, directory, "default", base_model_name_or_path=str(self.config.model))
         self.spec.save(directory)
         self.template.save(directory)
-        shutil.copyfile(self.vocab_path, directory / VOCAB_NAME)
+        shutil.copyfile(self.vocab_path, directory / self.vocab_path.name)
         self.save_heads(directory)
         atomic_write_text(directory / ALIGN_FILE, json.dumps({"method": self.config.method, "model": self.config.model},
                                                              indent=2) + "\n")

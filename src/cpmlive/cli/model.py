@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,11 +16,33 @@ if TYPE_CHECKING:
     from cpmlive.model.registry import Family
 
 
+class TargetFormats(Sequence[str]):
+    """The formats ``convert --to`` writes: those of every registered family's convert module
+    (``FORMATS``), in registry order. Read when argparse first checks or shows them, so that
+    building the parser imports no model code."""
+
+    @cached_property
+    def names(self) -> tuple[str, ...]:
+        from cpmlive.model.registry import FAMILY_PACKAGES
+
+        found: dict[str, None] = {}
+        for package in FAMILY_PACKAGES:
+            found.update(dict.fromkeys(importlib.import_module(f"cpmlive.model.{package}.convert").FORMATS))
+        return tuple(found)
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self.names[index]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def add_convert(verbs: Verbs) -> None:
     conv = verbs.add_parser("convert", help="convert OpenBMB .pt / HF / our checkpoints")
     conv.add_argument("src")
     conv.add_argument("dst")
-    conv.add_argument("--to", choices=["ours", "hf", "openbmb"], default="ours")
+    # given after add_argument, which formats the flag's usage (and so would read the formats) at once
+    conv.add_argument("--to", default="ours").choices = TargetFormats()
     conv.add_argument("--config", help="config json for an OpenBMB .pt (default: inferred from the shapes)")
     conv.add_argument("--vocab", help="vocabulary file to include")
     conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
@@ -123,11 +148,14 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
     from cpmlive.resources import vocab_path
 
     kind = vocabulary_family(args.model_or_vocab)
-    if args.hf and kind is not DEFAULT:
-        raise CpmliveError(f"--hf is {DEFAULT.name}'s (HF CpmAntTokenizer's behaviour); "
-                           f"{kind.name}'s tokenizer has no HF mode")
-    options = {"hf_compat": True} if args.hf else {}
-    tokenizer = kind.tokenizer.from_file(vocab_path(args.model_or_vocab, kind.vocab_name), **options)
+    path = vocab_path(args.model_or_vocab, kind.vocab_name)
+    tokenizer = kind.tokenizer.from_file(path)
+    if args.hf:
+        try:  # the family's tokenizer says whether it has an HF mode
+            tokenizer = kind.tokenizer.for_model(path, tokenizer.vocab_size, hf_compat=True)
+        except CpmliveError:
+            raise CpmliveError(f"--hf is {DEFAULT.name}'s (HF CpmAntTokenizer's behaviour); "
+                               f"{kind.name}'s tokenizer has no HF mode") from None
     encoded = tokenizer.encode(text)
     # a tokenizer with an ext table (CPM-Bee's: pieces beyond its vocabulary) gives it beside the ids
     ids, ext = encoded if isinstance(encoded, tuple) else (encoded, {})

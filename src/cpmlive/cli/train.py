@@ -9,7 +9,7 @@ from cpmlive.cli.common import Verbs, add_recipe_arguments, recipe_overrides
 
 
 def add_pretrain(verbs: Verbs) -> None:
-    pre = verbs.add_parser("pretrain", help="pretrain CPM-Ant (its two objectives) or CPM-1 (left-to-right LM)")
+    pre = verbs.add_parser("pretrain", help="pretrain a model on a token store, with its family's objective")
     add_recipe_arguments(pre, {}, overrides_help="key=value overrides of the recipe")
     pre.set_defaults(run=cmd_pretrain)
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from cpmlive.data.objectives import IGNORE_INDEX, Batch
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 from cpmlive.model.loss import LinearCrossEntropy, head_losses
 
 DISTILL_ROWS = 512
@@ -58,14 +58,15 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
     return (student_hidden.float() - teacher).pow(2).mean() / teacher.pow(2).mean().clamp(min=1e-12)
 
 
-def lm_loss(model: CpmAnt, rows: Tensor, targets: Tensor) -> Tensor:
+def lm_loss(model: Transformer, rows: Tensor, targets: Tensor) -> Tensor:
     """Summed cross-entropy of the target rows through the tied head (the pretraining loss)."""
     if torch.is_grad_enabled():
         return LinearCrossEntropy.apply(rows, model.head_weight(), targets)[0]
     return head_losses(rows, model.head_weight(), targets)[0].sum()
 
 
-def distillation_loss(student: CpmAnt, teacher: CpmAnt, batch: Batch, config: DistillConfig) -> tuple[Tensor, dict]:
+def distillation_loss(student: Transformer, teacher: Transformer, batch: Batch,
+                      config: DistillConfig) -> tuple[Tensor, dict]:
     """The combined loss of one batch and its parts (detached, for logging)."""
     inputs = (batch.input_ids, batch.segment, batch.context, batch.span, batch.valid)
     hidden = student(*inputs)

@@ -16,7 +16,10 @@ A recipe names a token store (for the steps that train) and a list of steps, eac
 * ``moefy``: MoEfication (``experts``, ``top_k``, ``router`` similarity or mlp, ``router_steps``;
   the MLP router trains on rows of the store's training split); last, and not with ``quantize``.
 
-Quantization is last (nothing here trains integer weights), and a model is pruned once. The
+A step the model's family cannot do (its registry abilities ``prune``, ``moefy``, ``retrain`` for
+the steps that train on the store with the family's pretraining objective, ``calibrate`` for GPTQ
+/ AWQ) is refused before anything runs. Quantization is last (nothing here trains integer
+weights), and a model is pruned once. The
 run lives beside the output, in ``OUT.run/``: one directory per step, holding that step's
 checkpoints (every ``save_every`` steps, with the data position, the gates, the optimizers and
 the RNG: ``--resume auto`` continues exactly) and, once the step is done, its model in
@@ -46,7 +49,7 @@ from cpmlive.compress.quantize import calibration_batches, calibration_rows, qua
 from cpmlive.compress.moefy import ffn_inputs, moefy, train_router
 from cpmlive.config import MoEConfig, QuantConfig
 from cpmlive.data.store import TokenStore
-from cpmlive.data.stream import PretrainStream
+from cpmlive.data.stream import INFILL_GENERATE, PretrainStream
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import checkpoint_vocab, save_checkpoint
 from cpmlive.model.registry import family_of
@@ -200,6 +203,14 @@ def _positive(value: object, name: str) -> int:
     return value
 
 
+def abilities_needed(step: dict[str, Any]) -> list[str]:
+    """The family abilities (:data:`cpmlive.model.registry.ABILITIES`) a step needs of its model."""
+    kind = CompressRecipe.kind(step)
+    if kind == "quantize":
+        return [] if step_settings(step).method == "rtn" else ["calibrate"]
+    return [{"prune": "prune", "moefy": "moefy"}.get(kind, "retrain")]
+
+
 # ---- running -------------------------------------------------------------------------------------
 
 
@@ -209,7 +220,11 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
     out = check_output(out, force)
     run_dir = out.with_name(out.name + ".run")
     check_run_dir(run_dir, out, resume)
-    original, directory = family_of(src).load(src, dtype=torch.float32)
+    family = family_of(src)
+    for step in recipe.steps:
+        for ability in abilities_needed(step):
+            family.require(ability)
+    original, directory = family.load(src, dtype=torch.float32)
     if original.config.quantization is not None:
         raise CpmliveError(f"{src}: already quantized; compress its float checkpoint")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,7 +248,8 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
                     settings = dataclasses.replace(settings, qat=step_settings(recipe.steps[-1]))
                 label = f"{index}/{len(recipe.steps)} {kind}"
                 calibration = _calibration(recipe, model) if settings.sparse24 == "wanda" else None
-                model = TrainingRun(model, original, settings, recipe, step_dir, label, calibration).run()
+                model = TrainingRun(model, original, settings, recipe, step_dir, label, calibration,
+                                    objective=family.pretrain_objective).run()
             save_checkpoint(model.state_dict(), model.config, step_dir / DONE, vocab=vocab)
         history.append({"step": kind, "settings": step[kind] or {}, "parameters": model.num_parameters()})
     written = save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
@@ -280,11 +296,13 @@ def _calibration(recipe: CompressRecipe, model: nn.Module) -> list | None:
 
 
 class TrainingRun:
-    """One prune or distill step: a loop of optimizer steps over the store's batches with
-    checkpoints, exact resume and a progress bar."""
+    """One prune, distill, sparse24 or qat step: a loop of optimizer steps over the store's batches
+    (under ``objective``, the one the model's family pretrains with) with checkpoints, exact resume
+    and a progress bar."""
 
     def __init__(self, model: nn.Module, original: nn.Module, settings: TrainingStep, recipe: CompressRecipe,
-                 step_dir: Path, label: str, calibration: list | None = None) -> None:
+                 step_dir: Path, label: str, calibration: list | None = None,
+                 objective: str = INFILL_GENERATE) -> None:
         self.settings, self.recipe, self.step_dir, self.label = settings, recipe, step_dir, label
         self.student = copy.deepcopy(model)
         self.teacher = original.eval() if settings.distill is not None else None
@@ -299,7 +317,8 @@ class TrainingRun:
                                                                                      lr=settings.lr, weight_decay=0.0)
         store = TokenStore(recipe.data, "train")
         self.stream = PretrainStream(store, recipe.seq_length, recipe.batch_size, seed=recipe.seed,
-                                     prompt_length=model.config.prompt_length, vocab_size=model.config.vocab_size)
+                                     prompt_length=model.config.prompt_length, vocab_size=model.config.vocab_size,
+                                     objective=objective)
         self.step = 0
 
     def loss(self, batch) -> Callable[[nn.Module], torch.Tensor]:
@@ -377,4 +396,4 @@ class TrainingRun:
         return {"loss": loss.item()}
 
 
-__all__ = ["CompressRecipe", "compress", "step_settings"]
+__all__ = ["CompressRecipe", "abilities_needed", "compress", "step_settings"]

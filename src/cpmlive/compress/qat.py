@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cpmlive.config import QuantConfig
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 from cpmlive.compress.quantize import fake_quantized
 from cpmlive.model.runtime.quant import INT8_MAX, MIN_SCALE
 from cpmlive.utils import replace_submodule
@@ -52,18 +52,18 @@ class FakeQuantLinear(nn.Linear):
         return layer
 
 
-def block_linear_paths(model: CpmAnt) -> list[str]:
+def block_linear_paths(model: Transformer) -> list[str]:
     return [name for name, module in model.named_modules()
             if type(module) is nn.Linear and module.bias is None and ".layers." in f".{name}"]
 
 
-def attach_fake_quant(model: CpmAnt, config: QuantConfig) -> CpmAnt:
+def attach_fake_quant(model: Transformer, config: QuantConfig) -> Transformer:
     for path in block_linear_paths(model):
         replace_submodule(model, path, FakeQuantLinear(model.get_submodule(path), config))
     return model
 
 
-def detach_fake_quant(model: CpmAnt) -> CpmAnt:
+def detach_fake_quant(model: Transformer) -> Transformer:
     for name, module in list(model.named_modules()):
         if isinstance(module, FakeQuantLinear):
             replace_submodule(model, name, module.plain())

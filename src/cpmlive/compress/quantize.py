@@ -36,12 +36,10 @@ from tqdm import tqdm
 from cpmlive.config import QuantConfig
 from cpmlive.data.layout import GENERATION, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.tokenizer import text_tokenizer
 from cpmlive.utils import check_output, replace_submodule
-from cpmlive.model.ant.model import CpmAnt
-from cpmlive.model.stack import Block
-from cpmlive.model.checkpoint import VOCAB_NAME, checkpoint_vocab, save_checkpoint
-from cpmlive.model.registry import family_of
+from cpmlive.model.stack import Block, Transformer
+from cpmlive.model.checkpoint import checkpoint_vocab, save_checkpoint
+from cpmlive.model.registry import family_of, owners
 from cpmlive.model.fingerprint import weights_fingerprint
 from cpmlive.model.runtime.quant import (
     QuantizedEmbedding,
@@ -221,7 +219,7 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def feed_inputs(model: CpmAnt, modules: dict[str, nn.Module], batches: list[PromptBatch],
+def feed_inputs(model: Transformer, modules: dict[str, nn.Module], batches: list[PromptBatch],
                 consume: Callable[[str, Tensor], None], stop_after: nn.Module | None = None) -> None:
     """Run the calibration batches through ``model`` and hand ``consume(name, rows)`` the valid
     input rows of each of ``modules``; with ``stop_after``, the forward stops once that module
@@ -252,14 +250,14 @@ def feed_inputs(model: CpmAnt, modules: dict[str, nn.Module], batches: list[Prom
             handle.remove()
 
 
-def feed_block_inputs(model: CpmAnt, block: Block, batches: list[PromptBatch],
+def feed_block_inputs(model: Transformer, block: Block, batches: list[PromptBatch],
                       consume: Callable[[str, Tensor], None]) -> None:
     """:func:`feed_inputs` for the linear layers of ``block``, the blocks before it as they are
     now (already quantized)."""
     feed_inputs(model, block_linears(block), batches, consume, stop_after=block)
 
 
-def block_hessians(model: CpmAnt, block: Block, batches: list[PromptBatch]) -> dict[str, HessianCollector]:
+def block_hessians(model: Transformer, block: Block, batches: list[PromptBatch]) -> dict[str, HessianCollector]:
     """The Hessian of every linear layer of ``block`` on the calibration batches."""
     collectors = {name: HessianCollector(layer) for name, layer in block_linears(block).items()}
     feed_block_inputs(model, block, batches, lambda name, rows: collectors[name].add(rows))
@@ -269,7 +267,7 @@ def block_hessians(model: CpmAnt, block: Block, batches: list[PromptBatch]) -> d
 # ---- AWQ -----------------------------------------------------------------------------------------
 
 
-def block_input_samples(model: CpmAnt, block: Block, batches: list[PromptBatch],
+def block_input_samples(model: Transformer, block: Block, batches: list[PromptBatch],
                         max_rows: int = AWQ_MAX_ROWS) -> dict[str, Tensor]:
     """Up to ``max_rows`` input rows of each linear layer of ``block`` (evenly spaced)."""
     pieces: dict[str, list[Tensor]] = {}
@@ -330,8 +328,8 @@ def awq_scale_block(block: Block, samples: dict[str, Tensor], config: QuantConfi
         source.div_((scale if source.dim() == 1 else scale[:, None]).to(source.dtype))
 
 
-def quantize_model(model: CpmAnt, config: QuantConfig, batches: list[PromptBatch] | None = None,
-                   progress: Progress | None = None) -> CpmAnt:
+def quantize_model(model: Transformer, config: QuantConfig, batches: list[PromptBatch] | None = None,
+                   progress: Progress | None = None) -> Transformer:
     """Quantize ``model`` in place (its config gains ``quantization``); GPTQ and AWQ need ``batches``."""
     check_quantizable(model, config)
     if config.method != "rtn" and not batches:
@@ -360,7 +358,7 @@ def quantize_model(model: CpmAnt, config: QuantConfig, batches: list[PromptBatch
     return model
 
 
-def check_quantizable(model: CpmAnt, config: QuantConfig) -> None:
+def check_quantizable(model: Transformer, config: QuantConfig) -> None:
     """Refuse, before any work, a model that is already quantized or a group size that does not
     divide every layer's inputs."""
     if is_quantized(model) or model.config.quantization is not None:
@@ -387,7 +385,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
     (written atomically: an interrupted run leaves nothing there)."""
     kind = family_of(src)
     if config.method != "rtn" and not kind.can("calibrate"):
-        raise CpmliveError(f"{src}: GPTQ/AWQ calibration is CPM-Ant's ({kind.name}: use --method rtn)")
+        raise CpmliveError(f"{src}: GPTQ/AWQ calibration is {owners('calibrate')}'s ({kind.name}: use --method rtn)")
     out = check_output(out, force)
     model, directory = kind.load(src, dtype=torch.float32)
     if model.config.quantization is not None:
@@ -400,8 +398,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
     if calibration is not None:
         lines = read_calibration_text(calibration)
         if vocab is None:
-            raise CpmliveError(f"{src}: no {VOCAB_NAME} to tokenize the calibration text with")
-        tokenizer = text_tokenizer(vocab)
+            raise CpmliveError(f"{src}: no {kind.vocab_name} to tokenize the calibration text with")
+        tokenizer = kind.tokenizer.from_file(vocab)
         rows = calibration_rows((tokenizer.encode(line) for line in lines), samples, sample_tokens)
         batches = calibration_batches(rows, tokenizer.bos_id, model.config.prompt_length)
         config = dataclasses.replace(config, calibration={

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from cpmlive.compress.quantize import feed_inputs
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 
 GROUP, KEPT = 4, 2
 METHODS = ("magnitude", "wanda")
@@ -32,13 +32,13 @@ def mask_2of4(score: Tensor) -> Tensor:
     return mask.reshape(rows, columns)
 
 
-def block_linears(model: CpmAnt) -> dict[str, nn.Linear]:
+def block_linears(model: Transformer) -> dict[str, nn.Linear]:
     return {name: module for name, module in model.named_modules()
             if type(module) is nn.Linear and ".layers." in f".{name}"}
 
 
 @torch.no_grad()
-def input_norms(model: CpmAnt, batches: list) -> dict[str, Tensor]:
+def input_norms(model: Transformer, batches: list) -> dict[str, Tensor]:
     """``||x_j||`` of every input channel of every block linear layer over the batches' valid rows."""
     squares: dict[str, Tensor] = {}
 
@@ -50,7 +50,7 @@ def input_norms(model: CpmAnt, batches: list) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def sparsify_2of4(model: CpmAnt, method: str = "magnitude", batches: list | None = None) -> dict[str, Tensor]:
+def sparsify_2of4(model: Transformer, method: str = "magnitude", batches: list | None = None) -> dict[str, Tensor]:
     """Zero two weights of every group of four in every block linear layer; returns the masks."""
     if method not in METHODS:
         raise CpmliveError(f"2:4 sparsity: method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -68,7 +68,7 @@ def sparsify_2of4(model: CpmAnt, method: str = "magnitude", batches: list | None
 
 
 @torch.no_grad()
-def apply_masks(model: CpmAnt, masks: dict[str, Tensor]) -> None:
+def apply_masks(model: Transformer, masks: dict[str, Tensor]) -> None:
     """Zero the masked weights again (after an optimizer step)."""
     layers = block_linears(model)
     for name, mask in masks.items():

@@ -41,7 +41,7 @@ from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig, choose_tokens, prefill, process_logits, step_inputs
 from cpmlive.infer.kv import KVPool
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 from cpmlive.tune import delta
 
 MAX_BATCH = 32  # running requests
@@ -256,7 +256,7 @@ class Engine:
     main thread and answers HTTP on another. ``submit`` and ``call`` are safe from any thread.
     """
 
-    def __init__(self, model: CpmAnt, tokenizer: Any, max_batch: int = MAX_BATCH,
+    def __init__(self, model: Transformer, tokenizer: Any, max_batch: int = MAX_BATCH,
                  token_budget: int = TOKEN_BUDGET) -> None:
         if max_batch < 1 or token_budget < 1:
             raise CpmliveError("max_batch and token_budget must be at least 1")

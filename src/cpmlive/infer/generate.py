@@ -17,7 +17,7 @@ from torch import Tensor
 from cpmlive.data.layout import GENERATION, INFILLING, TEXT_SEGMENT, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.packing import packing_for
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 from cpmlive.model.cache import KVCache, mask_inputs, token_positions
 from cpmlive.utils import check_field_types
 
@@ -115,7 +115,7 @@ def prefill_groups(lengths: list[int], prompt_length: int, overhead: int) -> lis
     return groups[::-1]
 
 
-def prefill(model: CpmAnt, batch: PromptBatch, cache: KVCache, lengths: list[int]) -> Tensor:
+def prefill(model: Transformer, batch: PromptBatch, cache: KVCache, lengths: list[int]) -> Tensor:
     """Run left-padded prompts into ``cache``; return each row's last hidden state ``[B, d]``.
 
     Rows of very different lengths are prefilled in groups (:func:`prefill_groups`), each
@@ -238,7 +238,7 @@ def _generator(config: GenerationConfig) -> torch.Generator | None:
 
 # ---- greedy / sampling --------------------------------------------------------------------------
 
-def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
+def decode_steps(model: Transformer, rows: list[list[int]], config: GenerationConfig,
                  eos_id: int, prompt_task: int | None = None) -> Iterator[list[int | None]]:
     """Greedy or sampled decoding, one yield per step: the new token of each row, or
     ``None`` for rows already finished. ``rows`` already start with ``<s>``."""
@@ -247,7 +247,7 @@ def decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
 
 
 @torch.inference_mode()
-def _decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig,
+def _decode_steps(model: Transformer, rows: list[list[int]], config: GenerationConfig,
                   eos_id: int, prompt_task: int | None) -> Iterator[list[int | None]]:
     batch = build_batch(rows, GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
@@ -271,7 +271,7 @@ def _decode_steps(model: CpmAnt, rows: list[list[int]], config: GenerationConfig
         hidden = model(**step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=cache)[:, -1]
 
 
-def generate_ids(model: CpmAnt, rows: list[list[int]], config: GenerationConfig, eos_id: int,
+def generate_ids(model: Transformer, rows: list[list[int]], config: GenerationConfig, eos_id: int,
                  prompt_task: int | None = None) -> list[list[int]]:
     """New token ids per row (eos not included)."""
     if config.num_beams > 1:
@@ -310,7 +310,7 @@ class Hypotheses:
 
 
 
-def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int,
+def beam_search(model: Transformer, row: list[int], config: GenerationConfig, eos_id: int,
                 prompt_task: int | None = None) -> list[tuple[float, list[int]]]:
     """The ``num_beams`` finished hypotheses, best first, as (length-penalised score, ids)."""
     with packing_for(model, config.num_beams, config.max_new_tokens):
@@ -318,7 +318,7 @@ def beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id:
 
 
 @torch.inference_mode()
-def _beam_search(model: CpmAnt, row: list[int], config: GenerationConfig, eos_id: int,
+def _beam_search(model: Transformer, row: list[int], config: GenerationConfig, eos_id: int,
                  prompt_task: int | None) -> list[tuple[float, list[int]]]:
     beams = config.num_beams
     batch = build_batch([row], GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
@@ -388,7 +388,7 @@ def fill_layout(pieces: list[list[int]], blank_length: int, bos_id: int, eos_id:
 
 
 @torch.inference_mode()
-def fill_blanks(model: CpmAnt, pieces: list[list[int]], blank_lengths: list[int], config: GenerationConfig,
+def fill_blanks(model: Transformer, pieces: list[list[int]], blank_lengths: list[int], config: GenerationConfig,
                 bos_id: int, eos_id: int) -> list[tuple[list[list[int]], float]]:
     """Fill every blank, once per candidate length; returns per candidate the fills and the
     mean log-likelihood of the completed text under the generation objective (for ranking).
@@ -444,7 +444,7 @@ def fill_blanks(model: CpmAnt, pieces: list[list[int]], blank_lengths: list[int]
 
 
 @torch.inference_mode()
-def completion_scores(model: CpmAnt, pieces: list[list[int]], fills: list[list[list[int]]], bos_id: int,
+def completion_scores(model: Transformer, pieces: list[list[int]], fills: list[list[list[int]]], bos_id: int,
                       eos_id: int) -> list[float]:
     """Mean per-token log-likelihood of each completed text, read left to right."""
     rows = []

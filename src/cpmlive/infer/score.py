@@ -14,7 +14,7 @@ import torch
 
 from cpmlive.data.layout import GENERATION
 from cpmlive.infer.generate import build_batch
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 
 
 @dataclass
@@ -44,7 +44,7 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def score_rows(model: CpmAnt, rows: list[list[int]], bos_id: int) -> float:
+def score_rows(model: Transformer, rows: list[list[int]], bos_id: int) -> float:
     """Total negative log-likelihood (nats) of every token after ``<s>`` in ``rows``."""
     prompt = model.config.prompt_length
     batch = build_batch([[bos_id] + r for r in rows], GENERATION, prompt, model.input_embedding.weight.device,
@@ -60,7 +60,7 @@ def score_rows(model: CpmAnt, rows: list[list[int]], bos_id: int) -> float:
     return nats
 
 
-def score_texts(model: CpmAnt, tokenizer, texts: list[str], batch_size: int = 8,
+def score_texts(model: Transformer, tokenizer, texts: list[str], batch_size: int = 8,
                 progress: bool = False) -> TextScore:
     window = model.config.max_length - model.config.prompt_length - 1
     rows: list[list[int]] = []

@@ -32,6 +32,10 @@ ABILITIES = {
     "bee": "answer JSON tasks (bee, /v1/bee)",
     "align": "be aligned (align sft/rm/dpo/ppo/grpo)",
     "calibrate": "be quantized with calibration (quantize --method gptq|awq)",
+    "prune": "be pruned (compress: prune)",
+    "moefy": "be MoEfied (compress: moefy)",
+    "retrain": "be trained on a token store (compress: distill, sparse24, qat)",
+    "prompt": "take a soft prompt (finetune's delta method prompt; lora and norm deltas tune every family)",
 }
 
 

@@ -24,14 +24,13 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from cpmlive.model.ant.config import AntConfig
-from cpmlive.model.cpm1.config import Cpm1Config
+from cpmlive.config import StackConfig
 from cpmlive.model.registry import families, family, family_of, preset
 from cpmlive.data.objectives import Batch
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import PretrainStream, check_mixture_weight, fixed_batches, source_weights
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt
+from cpmlive.model.stack import Transformer
 from cpmlive.model.checkpoint import (CONFIG_NAME, VOCAB_NAME, checkpoint_vocab, expected_shapes, model_class,
                                       save_checkpoint)
 from cpmlive.model.loss import masked_lm_loss
@@ -107,7 +106,7 @@ class RunState:
         return hours * config.price_per_device_hour, hours * config.device_watts / 1000 * config.grid_kg_co2_per_kwh
 
 
-def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.optim.Optimizer,
+def save_training_checkpoint(run_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer,
                              stream: PretrainStream, state: RunState, config: PretrainConfig,
                              vocab_path: Path, model_state: dict[str, torch.Tensor] | None = None,
                              optimizer_state: dict[str, Any] | None = None) -> Path:
@@ -131,19 +130,19 @@ def save_training_checkpoint(run_dir: Path, model: CpmAnt, optimizer: torch.opti
 # ---- the recipe -----------------------------------------------------------------------------------
 
 
-def new_model_config(config: PretrainConfig) -> AntConfig | Cpm1Config:
+def new_model_config(config: PretrainConfig) -> StackConfig:
     """The architecture a recipe trains from scratch: its preset with ``model_overrides``."""
     base = preset(config.model)
     return type(base).from_dict({**base.to_dict(), "half": False, **config.model_overrides})
 
 
-def run_model_config(config: PretrainConfig) -> AntConfig | Cpm1Config:
+def run_model_config(config: PretrainConfig) -> StackConfig:
     """The architecture the run will train: the checkpoint directory's, else the preset's."""
     source = Path(config.model)
     return family_of(source).config.load(source / CONFIG_NAME) if source.is_dir() else new_model_config(config)
 
 
-def objective_of(model_config: AntConfig | Cpm1Config) -> str:
+def objective_of(model_config: StackConfig) -> str:
     """The objective the model's family pretrains with (``Family.pretrain_objective``: CPM-Ant's
     infilling and generation, CPM-1's left-to-right language modelling); a family without one is refused."""
     kind = family(model_config.model_type)
@@ -153,7 +152,7 @@ def objective_of(model_config: AntConfig | Cpm1Config) -> str:
     return kind.pretrain_objective
 
 
-def check_fits_model(config: PretrainConfig, model_config: AntConfig) -> None:
+def check_fits_model(config: PretrainConfig, model_config: StackConfig) -> None:
     """A row (``prompt_length`` prompt positions, then text) must fit the model's positions."""
     if config.seq_length > model_config.max_length:
         text = model_config.max_length - model_config.prompt_length
@@ -162,7 +161,7 @@ def check_fits_model(config: PretrainConfig, model_config: AntConfig) -> None:
                            f"{config.model}); use seq_length <= {model_config.max_length}")
 
 
-def check_same_architecture(saved: AntConfig, ours: AntConfig, path: Path) -> None:
+def check_same_architecture(saved: StackConfig, ours: StackConfig, path: Path) -> None:
     saved_shapes, our_shapes = expected_shapes(saved), expected_shapes(ours)
     for name in sorted(set(saved_shapes) | set(our_shapes)):
         if saved_shapes.get(name) != our_shapes.get(name):
@@ -170,7 +169,7 @@ def check_same_architecture(saved: AntConfig, ours: AntConfig, path: Path) -> No
                                f"{list(saved_shapes.get(name, []))} vs {list(our_shapes.get(name, []))})")
 
 
-def build_or_load_model(config: PretrainConfig) -> CpmAnt:
+def build_or_load_model(config: PretrainConfig) -> Transformer:
     source = Path(config.model)
     if source.is_dir():
         model, _ = family_of(source).load(source, dtype=torch.float32)
@@ -190,7 +189,7 @@ def vocab_for(config: PretrainConfig) -> Path:
 
 
 @torch.no_grad()
-def evaluate_loss(model: CpmAnt, batches: list[Batch], precision: str) -> float:
+def evaluate_loss(model: Transformer, batches: list[Batch], precision: str) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -262,7 +261,7 @@ class Trainer:
         self.log: MetricsLog | _NoLog = MetricsLog(self.run_dir, resumed) if self.is_main else _NoLog()
         self.tensorboard = tensorboard_writer(self.run_dir) if config.tensorboard and self.is_main else None
 
-    def prepare_model(self, model: CpmAnt) -> CpmAnt:
+    def prepare_model(self, model: Transformer) -> Transformer:
         """The model as it trains (the distributed trainer shards it here)."""
         return model
 

@@ -1,4 +1,4 @@
-"""The fine-tuning recipe: a frozen CPM-Ant plus a delta (LoRA, soft prompt or norm tuning),
+"""The fine-tuning recipe: a frozen base model plus a delta (LoRA, soft prompt or norm tuning),
 trained on a JSONL task, validated every N steps, keeping the best adapter.
 
 Run directory::
@@ -27,16 +27,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from cpmlive.model.ant.config import AntConfig
 from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt
-from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_NAME, checkpoint_vocab, new_build_directory, replace_directory
-from cpmlive.model.registry import family_of
+from cpmlive.config import StackConfig
+from cpmlive.model.checkpoint import CONFIG_NAME, new_build_directory, replace_directory
+from cpmlive.model.registry import Family, family_of
+from cpmlive.model.stack import Transformer
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, Bound, LoopArgs
 from cpmlive.resources import model_path
-from cpmlive.tokenizer import text_tokenizer
 from cpmlive.train.checkpoints import (TRAINER_STATE, check_optimizer_fits, cleaned_up_on_failure,
                                        read_trainer_state, refuse_existing_run, resume_point, warn, write_checkpoint)
 from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, restore_optimizer,
@@ -95,7 +94,7 @@ class FinetuneConfig(TuneArgs):
         if self.task == "generate" and self.best_metric in ("accuracy", "macro_f1"):
             raise CpmliveError(f"config: best_metric {self.best_metric} needs task classify")
 
-    def check_fits_model(self, model_config: AntConfig) -> None:
+    def check_fits_model(self, model_config: StackConfig) -> None:
         """The longest example (``<s>`` + input, target + ``</s>``) must fit the model's text positions."""
         limit = model_config.max_length - model_config.prompt_length - 1
         if self.max_input_tokens + self.max_output_tokens > limit:
@@ -109,6 +108,12 @@ class FinetuneConfig(TuneArgs):
         if self.best_metric != "auto":
             return self.best_metric
         return "accuracy" if self.task == "classify" and self.eval else "loss"
+
+
+def check_delta_method(kind: Family, delta: dict[str, Any]) -> None:
+    """A soft prompt needs a family whose model has a prompt table (``prompt``); lora and norm deltas fit any."""
+    if delta.get("method") == "prompt":
+        kind.require("prompt")
 
 
 def resolve_model_path(name: str) -> Path:
@@ -136,13 +141,15 @@ class Finetuner:
         self.config = config
         self.run_dir = Path(config.out)
         model_path = resolve_model_path(config.model)
-        config.check_fits_model(family_of(model_path).config.load(model_path / CONFIG_NAME))
+        kind = family_of(model_path)
+        config.check_fits_model(kind.config.load(model_path / CONFIG_NAME))
+        check_delta_method(kind, config.delta)
         self.start_run(resume)
-        self.vocab_path = checkpoint_vocab(model_path) or model_path / VOCAB_NAME
-        self.tokenizer = text_tokenizer(self.vocab_path)
+        self.vocab_path = model_path / kind.vocab_name
+        self.tokenizer = kind.tokenizer.from_file(self.vocab_path)
         self.train_examples = read_examples(config.data, config.task)
         self.eval_examples = read_examples(config.eval, config.task) if config.eval else []
-        self.model: CpmAnt = family_of(model_path).load(model_path, dtype=torch.float32)[0].train()
+        self.model: Transformer = kind.load(model_path, dtype=torch.float32)[0].train()
         self.delta = deltas.DeltaConfig.from_dict(config.delta)
         deltas.attach(self.model, self.delta)
         self.spec = self._task_spec()
@@ -401,18 +408,16 @@ class BeeFinetuner(Finetuner):
     ``cpmlive bee`` takes them with the answers given): the loss is on the ``<ans>`` leaves."""
 
     def __init__(self, config: FinetuneConfig, resume: str | None = None) -> None:
-        from cpmlive.tokenizer.bee import BeeTokenizer
-
         self.config = config
         self.run_dir = Path(config.out)
         path = resolve_model_path(config.model)
+        kind = family_of(path)
+        check_delta_method(kind, config.delta)
         self.start_run(resume)
-        self.vocab_path = path / VOCAB_NAME
-        self.tokenizer = BeeTokenizer.from_file(self.vocab_path)
-        self.model = family_of(path).load(path, dtype=torch.float32)[0].train()
+        self.vocab_path = path / kind.vocab_name
+        self.tokenizer = kind.tokenizer.from_file(self.vocab_path)
+        self.model = kind.load(path, dtype=torch.float32)[0].train()
         delta = dict(config.delta)
-        if delta.get("method") == "prompt":
-            raise CpmliveError("soft prompts live in CPM-Ant's prompt table; a CPM-Bee model tunes lora or norm deltas")
         if delta.get("method", "lora") == "lora":
             delta.setdefault("target_modules", BEE_LORA_TARGETS)
         self.delta = deltas.DeltaConfig.from_dict(delta)

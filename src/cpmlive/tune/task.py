@@ -1,4 +1,4 @@
-"""How a fine-tuning example becomes CPM-Ant input, shared by training, evaluation and use.
+"""How a fine-tuning example becomes a plain-text model's input, shared by training, evaluation and use.
 
 An example is laid out like CPM-Live's generation prompt (spec section 5.1)::
 
@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,18 @@ from torch import Tensor
 from cpmlive.data.layout import GENERATION, TEXT_SEGMENT
 from cpmlive.data.objectives import IGNORE_INDEX, Batch
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt
-from cpmlive.tokenizer import AntTokenizer
+from cpmlive.model.stack import Transformer
+from cpmlive.tokenizer import TextTokenizer
 from cpmlive.utils import atomic_write_text
 
 TASK_FILE = "task.json"
 TASKS = ("generate", "classify")
+
+
+class TaskTokenizer(TextTokenizer, Protocol):
+    """A plain-text family's tokenizer, as a task encodes with it."""
+
+    def encode_for_model(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -68,7 +74,7 @@ class TaskSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def encode_input(tokenizer: AntTokenizer, spec: TaskSpec, text: str) -> tuple[list[int], bool]:
+def encode_input(tokenizer: TaskTokenizer, spec: TaskSpec, text: str) -> tuple[list[int], bool]:
     """``<s>`` + the templated input, cut to ``max_input_tokens``; also whether it was cut."""
     ids = tokenizer.encode_for_model(spec.template.format(input=text))
     if ids[:1] != [tokenizer.bos_id]:
@@ -76,7 +82,7 @@ def encode_input(tokenizer: AntTokenizer, spec: TaskSpec, text: str) -> tuple[li
     return ids[:spec.max_input_tokens], len(ids) > spec.max_input_tokens
 
 
-def encode_target(tokenizer: AntTokenizer, spec: TaskSpec, text: str) -> list[int]:
+def encode_target(tokenizer: TaskTokenizer, spec: TaskSpec, text: str) -> list[int]:
     ids = [i for i in tokenizer.encode_for_model(text) if i != tokenizer.bos_id]
     return ids[:spec.max_output_tokens] + [tokenizer.eos_id]
 
@@ -110,7 +116,7 @@ def example_batch(pairs: Sequence[tuple[list[int], list[int]]], prompt_task: int
                  torch.tensor(lengths))
 
 
-def sequence_logprobs(model: CpmAnt, batch: Batch) -> Tensor:
+def sequence_logprobs(model: Transformer, batch: Batch) -> Tensor:
     """Summed log-probability of each row's target tokens (differentiable)."""
     hidden = model(batch.input_ids, batch.segment, batch.context, batch.span, batch.valid)
     selected = batch.target != IGNORE_INDEX
@@ -121,12 +127,12 @@ def sequence_logprobs(model: CpmAnt, batch: Batch) -> Tensor:
 
 
 @torch.no_grad()
-def target_logprobs(model: CpmAnt, batch: Batch) -> Tensor:
+def target_logprobs(model: Transformer, batch: Batch) -> Tensor:
     """Summed log-probability of each row's target tokens."""
     return sequence_logprobs(model, batch)
 
 
-def label_loss(model: CpmAnt, inputs: Sequence[list[int]], gold: Sequence[int],
+def label_loss(model: Transformer, inputs: Sequence[list[int]], gold: Sequence[int],
                label_ids: Sequence[list[int]], prompt_task: int) -> Tensor:
     """Cross-entropy over the labels' sequence log-likelihoods (PET-style): the model is
     trained on the very decision ``classify_scores`` makes, not on the label text alone."""
@@ -135,7 +141,7 @@ def label_loss(model: CpmAnt, inputs: Sequence[list[int]], gold: Sequence[int],
     return F.cross_entropy(scores, torch.tensor(list(gold), device=scores.device))
 
 
-def classify_scores(model: CpmAnt, tokenizer: AntTokenizer, spec: TaskSpec, texts: Sequence[str],
+def classify_scores(model: Transformer, tokenizer: TaskTokenizer, spec: TaskSpec, texts: Sequence[str],
                     batch_size: int = 16) -> Tensor:
     """``[len(texts), len(labels)]`` log-likelihood of each label given each text."""
     if not spec.labels:
@@ -151,5 +157,5 @@ def classify_scores(model: CpmAnt, tokenizer: AntTokenizer, spec: TaskSpec, text
     return torch.cat(scores).view(len(texts), len(label_ids))
 
 
-__all__ = ["TASK_FILE", "TaskSpec", "classify_scores", "encode_input", "encode_target", "example_batch",
-           "label_loss", "sequence_logprobs", "target_logprobs"]
+__all__ = ["TASK_FILE", "TaskSpec", "TaskTokenizer", "classify_scores", "encode_input", "encode_target",
+           "example_batch", "label_loss", "sequence_logprobs", "target_logprobs"]

@@ -9,7 +9,8 @@ from cpmlive.tokenizer import AntTokenizer
 
 FAMILY = Family(
     model_type="cpm-ant", name="CPM-Ant",
-    abilities=frozenset({"generate", "chat", "fill", "title", "classify", "align", "calibrate"}),
+    abilities=frozenset({"generate", "chat", "fill", "title", "classify", "align", "calibrate", "prune", "moefy",
+                         "retrain", "prompt"}),
     config=AntConfig, model=CpmAnt, tokenizer=AntTokenizer, presets=Presets(PRESETS, PRESET_ALIASES),
     build=build_model, load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info,
     resolve=convert.resolve, aliases=("cpmant",), vocab_example="cpm-ant-vocab.txt", demo=DEMO,

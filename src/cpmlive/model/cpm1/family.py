@@ -8,7 +8,7 @@ from cpmlive.resources import CPM1_DEMO
 from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
 
 FAMILY = Family(
-    model_type="cpm1", name="CPM-1", abilities=frozenset({"generate", "chat", "title", "classify"}),
+    model_type="cpm1", name="CPM-1", abilities=frozenset({"generate", "chat", "title", "classify", "retrain"}),
     hint="CPM-1 is a left-to-right model: use generate", config=Cpm1Config, model=Cpm1, tokenizer=Cpm1Tokenizer,
     presets=PRESETS, build=build_cpm1, load=convert.load_pretrained, convert=convert.convert,
     info=convert.checkpoint_info, resolve=convert.resolve, aliases=("gpt2",), vocab_name=Cpm1Tokenizer.vocab_file,
