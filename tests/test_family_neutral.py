@@ -160,3 +160,22 @@ def test_checkpoint_vocabulary_names_come_from_the_families(monkeypatch, tmp_pat
     assert checkpoint.vocab_file_name("its.json") == "tokenizer.json"
     assert checkpoint.is_checkpoint_file("tokenizer.json") and checkpoint.is_checkpoint_file("spiece.model")
     assert not checkpoint.is_checkpoint_file("notes.txt")
+
+
+def test_json_object_refusals_read_as_english(tmp_path):
+    """One JSON-object reader serves configs, shard indexes and adapters: its refusals name what
+    was expected with the right article, and a missing adapter still says where to look."""
+    from cpmlive.config import read_json_object
+    from cpmlive.errors import CpmliveError
+    from cpmlive.model.ant.model import build_model
+    from cpmlive.model.registry import preset
+    from cpmlive.tune.delta import load_adapter
+
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]", encoding="utf-8")
+    with pytest.raises(CpmliveError, match="an adapter config must be a JSON object"):
+        read_json_object(listed, "adapter config")
+    with pytest.raises(CpmliveError, match="a config must be a JSON object"):
+        read_json_object(listed)
+    with pytest.raises(CpmliveError, match=r"not found \(not an adapter directory\?\)"):
+        load_adapter(build_model(preset("ant-tiny"), seed=0), tmp_path)

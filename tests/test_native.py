@@ -1,4 +1,4 @@
-"""Our compiled decoding products (``model/native.py``, ``model/native_decode.py``) against the
+"""Our compiled decoding products (``model/runtime/native.py``, ``model/runtime/native_decode.py``) against the
 plain PyTorch expressions and the PyTorch forward pass."""
 
 import copy

@@ -1,4 +1,4 @@
-"""``--memory-limit`` (``model/streaming.py``): streamed blocks give the ids of the whole model,
+"""``--memory-limit`` (``model/runtime/streaming.py``): streamed blocks give the ids of the whole model,
 and the weights' resident memory (``/proc/self/smaps``) stays within the budget."""
 
 import dataclasses

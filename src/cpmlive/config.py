@@ -265,5 +265,6 @@ def read_json_object(path: str | os.PathLike, what: str = "config") -> dict[str,
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CpmliveError(f"{path}: not a valid JSON {what} ({exc})") from None
     if not isinstance(data, dict):
-        raise CpmliveError(f"{path}: a {what} must be a JSON object")
+        article = "an" if what[:1] in tuple("aeiou") else "a"
+        raise CpmliveError(f"{path}: {article} {what} must be a JSON object")
     return data

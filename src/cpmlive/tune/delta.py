@@ -771,7 +771,10 @@ def _comparable(config: DeltaConfig) -> dict[str, Any]:
 
 
 def _read_peft_config(directory: Path) -> dict[str, Any]:
-    return read_json_object(directory / CONFIG_NAME, "adapter config")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CpmliveError(f"{path}: not found (not an adapter directory?)")
+    return read_json_object(path, "adapter config")
 
 
 def _read_sidecar(directory: Path) -> dict[str, Any]:
