@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cpmlive.model import registry
+from test_layers import imported_modules
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cpmlive"
 FAMILY_CLASSES = {cls.__name__ for kind in registry.families().values()
@@ -87,24 +88,6 @@ def test_the_python_api_documents_any_family():
 
 
 MODEL = PACKAGE / "model"
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every module an import statement anywhere in the file names (a function's too), relative
-    imports resolved."""
-    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, *([base] if base else [])])
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
 
 
 def family_folders_imported(path: Path) -> set[str]:
