@@ -154,7 +154,7 @@ def test_lora_finetune_writes_a_peft_adapter_that_changes_answers(checkpoint, lm
     tuned = cpmlive.load(checkpoint, adapter=out / "best")
     assert tuned.bee(TRANSLATE, max_new_tokens=12) != lm.bee(TRANSLATE, max_new_tokens=12)
     assert_clean_error(run("finetune", "--model", checkpoint, "--data", data, "--out", tmp_path / "p",
-                           "delta.method=prompt"), "a CPM-Bee model tunes lora or norm")
+                           "delta.method=prompt"), "CPM-Bee cannot take a soft prompt")
 
 
 def test_v1_bee_answers_and_refuses_bad_requests(lm):

@@ -136,7 +136,7 @@ def test_convert_targets_are_the_registered_families_formats(monkeypatch, capsys
     import importlib
 
     formats = [name for package in registry.FAMILY_PACKAGES
-               for name in importlib.import_module(f"cpmlive.model.{package}.convert").FORMATS]
+               for name in importlib.import_module(f"cpmlive.model.{package}").FORMATS]
     assert list(dict.fromkeys(formats)) == ["ours", "hf", "openbmb"]
     assert convert_target([]) == "ours" and [convert_target(["--to", name]) for name in formats] == formats
     with pytest.raises(SystemExit):
@@ -145,8 +145,8 @@ def test_convert_targets_are_the_registered_families_formats(monkeypatch, capsys
     with pytest.raises(SystemExit):
         build_parser().parse_args(["convert", "--help"])
     assert "[--to {ours,hf,openbmb}]" in capsys.readouterr().out
-    cpm1_convert = importlib.import_module("cpmlive.model.cpm1.convert")
-    monkeypatch.setattr(cpm1_convert, "FORMATS", (*cpm1_convert.FORMATS, "megatron"))
+    cpm1 = importlib.import_module("cpmlive.model.cpm1")
+    monkeypatch.setattr(cpm1, "FORMATS", (*cpm1.FORMATS, "megatron"))
     assert convert_target(["--to", "megatron"]) == "megatron"  # a family's new format needs no CLI edit
 
 

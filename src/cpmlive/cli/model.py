@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 
 class TargetFormats(Sequence[str]):
-    """The formats ``convert --to`` writes: those of every registered family's convert module
-    (``FORMATS``), in registry order. Read when argparse first checks or shows them, so that
-    building the parser imports no model code."""
+    """The formats ``convert --to`` writes: every registered family's ``FORMATS`` (declared in its
+    package's ``__init__``, which imports nothing), in registry order. Read when argparse first
+    checks or shows them, so that building the parser imports no model code."""
 
     @cached_property
     def names(self) -> tuple[str, ...]:
@@ -27,7 +27,7 @@ class TargetFormats(Sequence[str]):
 
         found: dict[str, None] = {}
         for package in FAMILY_PACKAGES:
-            found.update(dict.fromkeys(importlib.import_module(f"cpmlive.model.{package}.convert").FORMATS))
+            found.update(dict.fromkeys(importlib.import_module(f"cpmlive.model.{package}").FORMATS))
         return tuple(found)
 
     def __getitem__(self, index: int | slice) -> str | Sequence[str]:

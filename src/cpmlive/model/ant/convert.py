@@ -23,6 +23,7 @@ from torch import Tensor
 
 from cpmlive.config import QuantConfig, read_json_object
 from cpmlive.errors import CpmliveError
+from cpmlive.model.ant import FORMATS
 from cpmlive.model.ant.config import AntConfig
 from cpmlive.model.ant.keys import config_from_openbmb_state, hf_to_ours, ours_to_hf
 from cpmlive.model.checkpoint import (
@@ -277,7 +278,6 @@ def quantization_summary(quantization: QuantConfig) -> str:
     return text + (", int8 embedding/head)" if quantization.embedding else ", float embedding/head)")
 
 
-FORMATS: tuple[str, ...] = ("ours", "hf", "openbmb")
 CHECKPOINTS = CheckpointFormats(
     resolve=resolve, read=_read, headers=_headers,
     writers={"ours": write_ours, "hf": _write_hf, "openbmb": write_openbmb},

@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
+from cpmlive.model.bee import FORMATS
 from cpmlive.model.bee.config import BeeConfig
 from cpmlive.model.checkpoint import CONFIG_NAME, check_state_dict
 from cpmlive.model.formats import (
@@ -34,7 +35,6 @@ from cpmlive.model.formats import (
 )
 from cpmlive.resources import model_path
 
-FORMATS: tuple[str, ...] = ("ours", "openbmb")
 BEE_ONLY_KEY = "position_bias_num_segment_buckets"  # in every CPM-Bee config, in no CPM-Ant one
 
 

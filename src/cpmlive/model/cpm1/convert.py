@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
+from cpmlive.model.cpm1 import FORMATS
 from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
 from cpmlive.model.cpm1.config import PRESETS as CPM1_PRESETS, Cpm1Config
 from cpmlive.model.formats import (
@@ -376,7 +377,6 @@ def check_vocab(vocab: Path, config: Cpm1Config, source: str) -> None:
                            f"the embedding {config.vocab_size} rows")
 
 
-FORMATS: tuple[str, ...] = ("ours", "hf")
 CHECKPOINTS = CheckpointFormats(
     resolve=resolve, read=read_state, headers=lambda source: read_state(source, shapes=True),
     writers={"ours": _write_ours, "hf": _write_hf},
