@@ -141,12 +141,17 @@ def owners(ability: str) -> str:
     return " or ".join(entry.name for entry in families().values() if ability in entry.abilities)
 
 
+def default_family() -> Family:
+    """The family of a checkpoint or vocabulary that names none (OpenBMB's CPM-Ant)."""
+    return importlib.import_module(f"cpmlive.model.{DEFAULT_PACKAGE}.family").FAMILY
+
+
 def __getattr__(name: str) -> Any:
     """``FAMILIES`` and ``DEFAULT`` import every family's model: only when asked for."""
     if name == "FAMILIES":
         return families()
     if name == "DEFAULT":
-        return importlib.import_module(f"cpmlive.model.{DEFAULT_PACKAGE}.family").FAMILY
+        return default_family()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -171,7 +176,7 @@ def family_of(path: str | os.PathLike) -> Family:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None
-    return __getattr__("DEFAULT") if model_type is None else family(str(model_type))
+    return default_family() if model_type is None else family(str(model_type))
 
 
 def preset_family(name: str) -> Family | None:
