@@ -363,10 +363,19 @@ def checkpoint_vocab(directory: Path) -> Path | None:
     return next((directory / name for name in vocab_names() if (directory / name).is_file()), None)
 
 
+# Files an HF tokenizer's vocabulary (``tokenizer.json``) needs beside it: its special tokens,
+# chat template and generation defaults go wherever the vocabulary goes.
+VOCAB_COMPANIONS = {"tokenizer.json": ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")}
+
+
 def write_vocab(vocab: str | os.PathLike | Iterable[str], path: Path) -> None:
+    """Copy a vocabulary file (and its companions, :data:`VOCAB_COMPANIONS`) to ``path``, or write a token list."""
     if isinstance(vocab, (str, os.PathLike)):
         try:
             shutil.copyfile(vocab, path)
+            for name in VOCAB_COMPANIONS.get(Path(vocab).name, ()):
+                if (Path(vocab).parent / name).is_file() and not (path.parent / name).exists():
+                    shutil.copyfile(Path(vocab).parent / name, path.parent / name)
         except OSError as exc:
             raise CpmliveError(f"{vocab}: cannot copy the vocabulary ({exc.strerror or exc})") from None
     else:

@@ -113,17 +113,19 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated GELU: ``w_out(gelu(w_0 x) * w_1 x)``."""
+    """Gated GELU: ``w_out(gelu(w_0 x) * w_1 x)``; with ``activation="silu"``, SwiGLU (Llama's
+    ``down(silu(gate x) * up x)``: ``w_0`` is the gate, ``w_1`` the up projection)."""
 
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(self, config: StackConfig, activation: str = "gelu") -> None:
         super().__init__()
+        self.activation = activation
         self.w_0 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
         self.w_1 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
         self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual`` plus the FFN output (the sum is the last projection's epilogue)."""
-        gated = project(x, self.w_1, "gate", project(x, self.w_0, "gelu"))
+        gated = project(x, self.w_1, "gate", project(x, self.w_0, self.activation))
         return project(gated, self.w_out, "residual", residual)
 
 

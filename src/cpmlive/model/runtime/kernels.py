@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 import cpmlive.model.runtime.native as native
 
-Epilogue = Literal["none", "gelu", "gate", "residual"]
+Epilogue = Literal["none", "gelu", "silu", "gate", "residual"]
 # Whether each epilogue takes the ``other`` tensor, and the oneDNN binary op of those that do.
-_TAKES_OTHER = {"none": False, "gelu": False, "gate": True, "residual": True}
+_TAKES_OTHER = {"none": False, "gelu": False, "silu": False, "gate": True, "residual": True}
+_ONEDNN_UNARY = {"gelu": "gelu", "silu": "swish"}
 _ONEDNN_BINARY = {"gate": "mul", "residual": "add"}
 
 _ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -57,6 +58,7 @@ def project(x: Tensor, layer: nn.Linear | Tensor, epilogue: Epilogue = "none",
 
     * ``"none"``: the product itself;
     * ``"gelu"``: GELU (erf form) of it;
+    * ``"silu"``: SiLU (swish) of it;
     * ``"gate"``: ``other * product`` (the FFN's gating);
     * ``"residual"``: ``other + product`` (the residual sum).
 
@@ -110,8 +112,8 @@ def _onednn(x: Tensor, weight: Tensor) -> bool:
 def _onednn_project(x: Tensor, weight: Tensor, epilogue: Epilogue, other: Tensor | None) -> Tensor | None:
     """The fused oneDNN product, or ``None`` when ``other`` is not a float32 contiguous tensor of
     the output's shape (the caller then computes it with ``F.linear``)."""
-    if epilogue == "gelu":
-        return _ONEDNN_LINEAR(x, weight, None, "gelu", [], "none")
+    if epilogue in _ONEDNN_UNARY:
+        return _ONEDNN_LINEAR(x, weight, None, _ONEDNN_UNARY[epilogue], [], "none" if epilogue == "gelu" else "")
     if other is None:
         return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
     fits = other.dtype == torch.float32 and other.shape == (*x.shape[:-1], weight.size(0))
@@ -123,6 +125,8 @@ def _onednn_project(x: Tensor, weight: Tensor, epilogue: Epilogue, other: Tensor
 def _apply_epilogue(out: Tensor, epilogue: Epilogue, other: Tensor | None, in_place: bool) -> Tensor:
     if epilogue == "gelu":
         return torch.ops.aten.gelu_(out) if in_place else F.gelu(out)
+    if epilogue == "silu":
+        return F.silu(out, inplace=in_place)
     if epilogue == "gate":
         return out.mul_(other) if in_place and other.dtype == out.dtype else other * out
     return out if other is None else other + out
@@ -165,8 +169,10 @@ def _blocked(x: Tensor, weight: Tensor) -> Tensor:
 # ---- attention ----------------------------------------------------------------------------------
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """``softmax(q kᵀ / sqrt(d_head) + bias) v`` over ``[B, H, L, d_head]``; ``bias`` is ``[B, H, Lq, Lk]``.
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float = 0.0,
+              scale: float | None = None) -> Tensor:
+    """``softmax(q kᵀ * scale + bias) v`` over ``[B, H, L, d_head]``; ``bias`` is ``[B, H, Lq, Lk]``;
+    ``scale`` is ``1 / sqrt(d_head)`` unless given.
 
     On CPU two cases beat the fused kernel with explicit batched products: one query row
     (decoding), where the fused kernel's setup dominates, and bf16 (autocast), where the fused
@@ -179,33 +185,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float = 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
     single_row = q.size(2) == 1 and not needs_grad and dropout_p == 0.0
     if q.device.type != "cpu" or not (single_row or q.dtype in (torch.bfloat16, torch.float16)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     batch, heads, length, dim = q.shape
     rows, keys = batch * heads, k.size(2)
     q, k, v = q.reshape(rows, length, dim), k.reshape(rows, keys, dim), v.reshape(rows, keys, v.size(-1))
     bias = bias.reshape(rows, length, keys)
+    scale = dim**-0.5 if scale is None else scale
     if needs_grad or dropout_p > 0.0:  # autograd keeps every piece anyway: one piece
-        out = _explicit_attention(q, k, v, bias, dropout_p)
+        out = _explicit_attention(q, k, v, bias, dropout_p, scale)
     else:
-        out = _pieced_attention(q, k, v, bias)
+        out = _pieced_attention(q, k, v, bias, scale)
     return out.view(batch, heads, length, -1)
 
 
-def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float) -> Tensor:
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dropout_p: float, scale: float) -> Tensor:
     """Attention over ``[rows, L, d_head]`` in one piece (the autograd and dropout path)."""
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=q.size(-1)**-0.5)
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p > 0.0 else scores.softmax(dim=-1)
     return torch.bmm(probs, v)
 
 
-def _pieced_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+def _pieced_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
     """Attention over ``[rows, L, d_head]`` with scores of at most ``SCORE_PIECE_ELEMENTS``."""
     rows, length, dim = q.shape
     out = q.new_empty(rows, length, v.size(-1))
     step = max(1, SCORE_PIECE_ELEMENTS // (length * k.size(1)))
     for first in range(0, rows, step):
         piece = slice(first, first + step)
-        scores = torch.baddbmm(bias[piece], q[piece], k[piece].transpose(1, 2), alpha=dim**-0.5)
+        scores = torch.baddbmm(bias[piece], q[piece], k[piece].transpose(1, 2), alpha=scale)
         torch.bmm(scores.softmax(dim=-1), v[piece], out=out[piece])
     return out
 
