@@ -170,7 +170,8 @@ class DecoderConfig(StackConfig):
         if "dim_head" not in mapped:
             width = mapped.get("dim_model", cls.dim_model)
             if not isinstance(heads, int) or heads <= 0 or width % heads:
-                raise CpmliveError(f"{source}: hidden_size {width!r} is not a multiple of num_attention_heads {heads!r}")
+                raise CpmliveError(f"{source}: hidden_size {width!r} is not a multiple of "
+                                   f"num_attention_heads {heads!r}")
             mapped["dim_head"] = width // heads
         mapped.update(_rope_from_hf(data, source))
         biased = bool(data.get("attention_bias", False))
@@ -179,7 +180,8 @@ class DecoderConfig(StackConfig):
         qkv, out = FIXED_BIAS.get(architecture, (ATTENTION_BIAS[architecture][0] and biased,
                                                  ATTENTION_BIAS[architecture][1] and biased))
         if data.get("mlp_bias"):
-            raise CpmliveError(f"{source}: mlp_bias is not supported (no published model of these architectures has it)")
+            raise CpmliveError(f"{source}: mlp_bias is not supported (no published model of these "
+                               "architectures has it)")
         mapped.update(qkv_bias=qkv, out_bias=out,
                       qk_norm=architecture == "qwen3", half=cls.half_in_hf(data))
         if architecture == "qwen2" or architecture == "qwen3":
@@ -204,7 +206,8 @@ class DecoderConfig(StackConfig):
         if self.mask_modules is not None:
             raise CpmliveError("HF's decoder classes need every sub-block (this model has pruned ones)")
         qkv, out = ATTENTION_BIAS[self.architecture]
-        if (self.qkv_bias and not qkv) or (self.out_bias and not out) or (qkv and out and self.qkv_bias != self.out_bias):
+        mismatched = qkv and out and self.qkv_bias != self.out_bias
+        if (self.qkv_bias and not qkv) or (self.out_bias and not out) or mismatched:
             raise CpmliveError(f"HF's {self.architecture} has no config for these attention biases")
         data: dict[str, Any] = {
             "architectures": [HF_CLASSES[self.architecture]], "model_type": self.architecture,

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.checkpoint import CONFIG_NAME, VOCAB_COMPANIONS, check_family, check_state_dict, save_checkpoint
+from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
 from cpmlive.model.decoder import FORMATS
 from cpmlive.model.decoder.config import ARCHITECTURES, DecoderConfig
 from cpmlive.model.formats import (
@@ -65,7 +65,8 @@ HF_BLOCK = {
     "self_attn.q_a_proj.weight": "attn.project_q_a.weight", "self_attn.q_a_layernorm.weight": "attn.q_a_norm.weight",
     "self_attn.q_b_proj.weight": "attn.project_q_b.weight",
     "self_attn.kv_a_proj_with_mqa.weight": "attn.project_kv_a.weight",
-    "self_attn.kv_a_layernorm.weight": "attn.kv_a_norm.weight", "self_attn.kv_b_proj.weight": "attn.project_kv_b.weight",
+    "self_attn.kv_a_layernorm.weight": "attn.kv_a_norm.weight",
+    "self_attn.kv_b_proj.weight": "attn.project_kv_b.weight",
 }
 FUSED_GATE_UP = "mlp.gate_up_proj.weight"  # GLM-4: [gate; up]
 ROTATED = ("attn.project_q.weight", "attn.project_k.weight", "attn.bias_q", "attn.bias_k")
@@ -250,8 +251,8 @@ CHECKPOINTS = CheckpointFormats(
 )
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours", config_path: str | os.PathLike | None = None,
-            vocab_path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None, force: bool = False,
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours",
+            config_path: str | os.PathLike | None = None, vocab_path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None, force: bool = False,
             dequantize: bool = False) -> Path:
     """:meth:`CheckpointFormats.convert`, where ``--to gguf`` takes GGUF's tensor types as ``dtype``
     (``f32``, ``f16``, ``q8_0``; the stored dtype's by default)."""
