@@ -252,8 +252,8 @@ CHECKPOINTS = CheckpointFormats(
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours",
-            config_path: str | os.PathLike | None = None, vocab_path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None, force: bool = False,
-            dequantize: bool = False) -> Path:
+            config_path: str | os.PathLike | None = None, vocab_path: str | os.PathLike | None = None,
+            dtype: torch.dtype | str | None = None, force: bool = False, dequantize: bool = False) -> Path:
     """:meth:`CheckpointFormats.convert`, where ``--to gguf`` takes GGUF's tensor types as ``dtype``
     (``f32``, ``f16``, ``q8_0``; the stored dtype's by default)."""
     if to != "gguf" or dtype is None or isinstance(dtype, torch.dtype):
