@@ -132,16 +132,16 @@ def test_checkpoint_vocabulary_names_come_from_the_families(monkeypatch, tmp_pat
 
     from cpmlive.model import checkpoint
 
-    assert checkpoint.vocab_names() == ("vocab.txt", "spiece.model")
+    assert checkpoint.vocab_names() == ("vocab.txt", "spiece.model", "tokenizer.json")
     assert checkpoint.vocab_file_name("a/cpm1.model") == "spiece.model"
     assert checkpoint.vocab_file_name("a/vocab") == checkpoint.vocab_file_name(["x"]) == "vocab.txt"
     known = registry.families()
-    newcomer = replace(known["cpm-ant"], model_type="newcomer", vocab_name="tokenizer.json")
+    newcomer = replace(known["cpm-ant"], model_type="newcomer", vocab_name="vocab.json")
     monkeypatch.setattr(registry, "families", lambda: {**known, "newcomer": newcomer})
-    (tmp_path / "tokenizer.json").write_text("{}", encoding="utf-8")
-    assert checkpoint.checkpoint_vocab(tmp_path) == tmp_path / "tokenizer.json"
-    assert checkpoint.vocab_file_name("its.json") == "tokenizer.json"
-    assert checkpoint.is_checkpoint_file("tokenizer.json") and checkpoint.is_checkpoint_file("spiece.model")
+    (tmp_path / "vocab.json").write_text("{}", encoding="utf-8")
+    assert checkpoint.checkpoint_vocab(tmp_path) == tmp_path / "vocab.json"
+    assert checkpoint.vocab_file_name("its.bpe") == "vocab.txt"
+    assert checkpoint.is_checkpoint_file("vocab.json") and checkpoint.is_checkpoint_file("spiece.model")
     assert not checkpoint.is_checkpoint_file("notes.txt")
 
 

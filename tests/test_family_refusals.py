@@ -47,7 +47,7 @@ GPTQ = [{"quantize": {"bits": 4, "group_size": 64, "method": "gptq"}}]
     ("cpm1-demo", PRUNE, "CPM-1 cannot be pruned (compress: prune): that needs a CPM-Ant checkpoint"),
     ("bee-demo", PRUNE, "CPM-Bee cannot be pruned"),
     ("bee-demo", DISTILL, "CPM-Bee cannot be trained on a token store (compress: distill, sparse24, qat): "
-                          "that needs a CPM-Ant or CPM-1 checkpoint"),
+                          "that needs a CPM-Ant, CPM-1 or Llama-family checkpoint"),
     ("bee-demo", SPARSE24, "CPM-Bee cannot be trained on a token store"),
     ("bee-demo", QAT, "CPM-Bee cannot be trained on a token store"),
     ("cpm1-demo", GPTQ, "CPM-1 cannot be quantized with calibration"),
@@ -94,7 +94,7 @@ def test_align_refuses_a_family_that_cannot_be_aligned_before_making_its_run(tmp
     config = AlignConfig(method="sft", model="cpm1-demo", data=str(tmp_path / "sft.jsonl"), out=str(tmp_path / "run"),
                          progress=False)
     with pytest.raises(CpmliveError, match=r"^CPM-1 cannot be aligned \(align sft/rm/dpo/ppo/grpo\): that needs a "
-                                           r"CPM-Ant checkpoint"):
+                                           r"CPM-Ant or Llama-family checkpoint"):
         TRAINERS["sft"](config)
     assert not (tmp_path / "run").exists()
 
@@ -121,7 +121,7 @@ def test_the_calibration_refusal_names_every_family_that_calibrates(tmp_path, mo
                if kind.name == "CPM-1" else kind for model_type, kind in registry.families().items()}
     monkeypatch.setattr(registry, "families", lambda: entries)
     config = QuantConfig(bits=4, group_size=64, method="gptq")
-    with pytest.raises(CpmliveError, match=r"GPTQ/AWQ calibration is CPM-Ant or CPM-1's \(CPM-Bee: use --method rtn\)"):
+    with pytest.raises(CpmliveError, match=r"GPTQ/AWQ calibration is CPM-Ant, CPM-1 or Llama-family's \(CPM-Bee: use --method rtn\)"):
         quantize_checkpoint("bee-demo", tmp_path / "q", config, calibration=tmp_path / "text.txt")
 
 
@@ -137,14 +137,14 @@ def test_convert_targets_are_the_registered_families_formats(monkeypatch, capsys
 
     formats = [name for package in registry.FAMILY_PACKAGES
                for name in importlib.import_module(f"cpmlive.model.{package}").FORMATS]
-    assert list(dict.fromkeys(formats)) == ["ours", "hf", "openbmb"]
+    assert list(dict.fromkeys(formats)) == ["ours", "hf", "openbmb", "gguf"]
     assert convert_target([]) == "ours" and [convert_target(["--to", name]) for name in formats] == formats
     with pytest.raises(SystemExit):
         convert_target(["--to", "megatron"])
-    assert "invalid choice: 'megatron' (choose from 'ours', 'hf', 'openbmb')" in capsys.readouterr().err
+    assert "invalid choice: 'megatron' (choose from 'ours', 'hf', 'openbmb', 'gguf')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["convert", "--help"])
-    assert "[--to {ours,hf,openbmb}]" in capsys.readouterr().out
+    assert "[--to {ours,hf,openbmb,gguf}]" in capsys.readouterr().out
     cpm1 = importlib.import_module("cpmlive.model.cpm1")
     monkeypatch.setattr(cpm1, "FORMATS", (*cpm1.FORMATS, "megatron"))
     assert convert_target(["--to", "megatron"]) == "megatron"  # a family's new format needs no CLI edit

@@ -45,7 +45,7 @@ def add_convert(verbs: Verbs) -> None:
     conv.add_argument("--to", default="ours").choices = TargetFormats()
     conv.add_argument("--config", help="config json for an OpenBMB .pt (default: inferred from the shapes)")
     conv.add_argument("--vocab", help="vocabulary file to include")
-    conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    conv.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (--to gguf: f32 | f16 | q8_0)")
     conv.add_argument("--dequantize", action="store_true",
                       help="write a quantized checkpoint with float weights (always done for --to hf/openbmb)")
     add_force(conv)

@@ -116,7 +116,7 @@ class Family:
 
 
 # The registry: each name is a folder of cpmlive.model holding config.py (PRESETS) and family.py (FAMILY).
-FAMILY_PACKAGES = ("ant", "bee", "cpm1")
+FAMILY_PACKAGES = ("ant", "bee", "cpm1", "decoder")
 DEFAULT_PACKAGE = "ant"  # OpenBMB checkpoints and bare vocabularies carry no model_type
 CONFIG_NAME = "config.json"
 
@@ -137,8 +137,9 @@ def families() -> dict[str, Family]:
 
 
 def owners(ability: str) -> str:
-    """The names of the families that can do ``ability``, as a refusal says them: "CPM-Ant or CPM-1"."""
-    return " or ".join(entry.name for entry in families().values() if ability in entry.abilities)
+    """The names of the families that can do ``ability``, as a refusal says them: "CPM-Ant, CPM-1 or Llama-family"."""
+    names = [entry.name for entry in families().values() if ability in entry.abilities]
+    return " or ".join(names) if len(names) <= 2 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def default_family() -> Family:

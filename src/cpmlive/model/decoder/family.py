@@ -8,14 +8,14 @@ from cpmlive.resources import DECODER_DEMO
 from cpmlive.tokenizer.hf import HFTokenizer
 
 FAMILY = Family(
-    model_type="decoder", name="Llama-style decoder",
+    model_type="decoder", name="Llama-family",
     abilities=frozenset({"generate", "chat", "title", "classify", "align", "calibrate", "retrain"}),
-    hint="a Llama-style decoder is a left-to-right model: use generate or chat", config=DecoderConfig,
+    hint="a Llama-family model is a left-to-right model: use generate or chat", config=DecoderConfig,
     model=Decoder, tokenizer=HFTokenizer, presets=PRESETS, build=build_decoder, load=convert.load_pretrained,
     convert=convert.convert, info=convert.checkpoint_info, resolve=convert.resolve, aliases=ARCHITECTURES,
     vocab_name=HFTokenizer.vocab_file, vocab_example="tokenizer.json", demo=DECODER_DEMO,
     claims=convert.is_decoder_checkpoint,
     signature_keys=("model.embed_tokens.weight", "attn.project_kv_a.weight"),
-    weights_name="Llama-style decoder",
+    weights_name="Llama-family (HF decoder)",
     pretrain_objective="causal",
 )
