@@ -12,6 +12,7 @@ from typing import Protocol
 
 from cpmlive.tokenizer.ant import AntTokenizer
 from cpmlive.tokenizer.cpm1 import Cpm1Tokenizer
+from cpmlive.tokenizer.hf import TOKENIZER_FILES, HFTokenizer
 from cpmlive.tokenizer.vocab import build_vocab, save_vocab
 
 
@@ -37,14 +38,15 @@ class TextTokenizer(Protocol):
 
 # The tokenizers of plain-text models, asked in this order whether they read a vocabulary file
 # (``reads``); the last reads any file (one token a line).
-TEXT_TOKENIZERS = (Cpm1Tokenizer, AntTokenizer)
+TEXT_TOKENIZERS = (HFTokenizer, Cpm1Tokenizer, AntTokenizer)
 
 
-def text_tokenizer(vocab: str | os.PathLike) -> AntTokenizer | Cpm1Tokenizer:
+def text_tokenizer(vocab: str | os.PathLike) -> HFTokenizer | AntTokenizer | Cpm1Tokenizer:
     """The tokenizer of a plain-text model's vocabulary file: the first of :data:`TEXT_TOKENIZERS`
-    that reads it (a SentencePiece ``.model`` is CPM-1's, a one-token-a-line file CPM-Ant's)."""
+    that reads it (a ``tokenizer.json`` is an HF directory's, a SentencePiece ``.model`` CPM-1's, a
+    one-token-a-line file CPM-Ant's)."""
     return next(kind for kind in TEXT_TOKENIZERS if kind.reads(vocab)).from_file(vocab)
 
 
-__all__ = ["AntTokenizer", "Cpm1Tokenizer", "TEXT_TOKENIZERS", "TextTokenizer", "build_vocab", "save_vocab",
-           "text_tokenizer"]
+__all__ = ["AntTokenizer", "Cpm1Tokenizer", "HFTokenizer", "TEXT_TOKENIZERS", "TOKENIZER_FILES", "TextTokenizer",
+           "build_vocab", "save_vocab", "text_tokenizer"]
