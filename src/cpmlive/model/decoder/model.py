@@ -32,6 +32,7 @@ from cpmlive.model.cache import KVCache, mask_inputs, new_positions
 from cpmlive.model.decoder.config import DecoderConfig
 from cpmlive.model.decoder.rope import RotaryEmbedding, apply_rotary, softmax_scale
 from cpmlive.model.runtime.kernels import attention, project
+import cpmlive.model.runtime.native_decode as native_decode
 from cpmlive.model.stack import Embedding, FeedForward, RMSNorm, Transformer, add_bias, autocast_input, build
 from cpmlive.utils import compute_dtype
 
@@ -242,12 +243,18 @@ class Decoder(Transformer):
         furthest = int(absolute.max()) if absolute.numel() else 0
         if furthest >= self.config.max_length:
             raise CpmliveError(f"position {furthest} is past the model's {self.config.max_length} positions")
-        hidden = self.input_embedding(input_ids)
+        # A table stored in float16 beside float32 norms (``keep_matrices``) computes in float32, as CPM-Ant's does.
+        hidden = self.input_embedding(input_ids).to(self.output_norm.weight.dtype)
         if self.config.scale_emb != 1.0:
             hidden = hidden * self.config.scale_emb
         dtype = compute_dtype(hidden)
         cos, sin = self.rotary.cos_sin(absolute, dtype)
         inputs = AttentionInputs(cos, sin, {w: self.additive_mask(seen, dtype, w) for w in self.windows})
+        decoded = native_decode.decode_step(self, hidden, cache, RMSNorm, FeedForward,
+                                            lambda block: inputs.masks[block.attn.window], (cos, sin),
+                                            self.config.residual_scale)
+        if decoded is not None:
+            return self.output_norm(decoded)
         return self.output_norm(self.run_layers(hidden, inputs, cache, last))
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -86,7 +86,7 @@ def load(path: Path) -> ctypes.CDLL:
     for name in ("gemv_i8", "gemv_w8a8"):
         getattr(lib, name).argtypes = [p, p, p, p, i64, i64, i64, c_int]
     lib.gemv_i4.argtypes = [p, p, p, p, p, i64, i64, i64, i64, c_int]
-    lib.decode_blocks.argtypes = [p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64, p, i64, ctypes.c_float, c_int]
+    lib.decode_blocks.argtypes = [p, i64, p, p, p, p, p]
     for name in (*_FLOAT_KINDS.values(), "gemv_i8", "gemv_w8a8", "gemv_i4", "decode_blocks"):
         getattr(lib, name).restype = None
     return lib

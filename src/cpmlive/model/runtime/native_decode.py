@@ -1,15 +1,20 @@
-"""The stack's plain blocks for one decoding step in a single native call (``csrc/decode.c``).
+"""A stack's plain pre-norm blocks for one decoding step in a single native call (``csrc/decode.c``).
 
 A decoding step of a ~450M model does about 150 small products and as many small element-wise
 operations; from Python each costs tens of microseconds of dispatch, as much as the int8 weights
 take to stream. :func:`decode_blocks` hands the whole stack of blocks to C instead: it computes
-what ``model.stack.Block.forward`` computes for one new position per row, writing keys and values
-into the model's own :class:`~cpmlive.model.cache.KVCache` tensors, so prompts (prefilled by PyTorch)
-and steps share one cache. Embedding, attention bias, final norm and head stay in PyTorch.
+what the blocks' forward computes for one new position per row (``model.stack.Block`` of CPM-Ant,
+``model.decoder.DecoderBlock`` of Llama and its kin), writing keys and values into the model's own
+:class:`~cpmlive.model.cache.KVCache` tensors, so prompts (prefilled by PyTorch) and steps share one
+cache. Embedding, attention bias (masks), rotary cos / sin, final norm and head stay in PyTorch.
 
-:func:`plan` says whether a model can take this path (float or quantized plain layers without
-biases, unscaled residuals, float32 activations and cache, no adapters or experts) and describes
-its layers to C once; the description is rebuilt when a weight changes.
+What C computes of a block: RMS norms, q / k / v / output products of float32, float16, bfloat16 or
+our quantized layers, their biases, grouped key / value heads, per-head q / k RMS norms, a
+half-split rotation of the first dims of each head, an additive bias per block (so sliding windows
+are masks), the GELU or SiLU gated FFN, and a residual scale of the decoder's kind
+``h = (h / s + branch) * s``. :func:`plan` says whether a model can take this path (no other
+attention, such as latent attention; no adapters or experts; float32 norms, biases, activations and
+cache) and describes its layers to C once; the description is rebuilt when a weight changes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +46,24 @@ class Matrix(ctypes.Structure):
 
 class Block(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("q", Matrix), ("k", Matrix), ("v", Matrix), ("out", Matrix),
+                ("bias_q", ctypes.c_void_p), ("bias_k", ctypes.c_void_p), ("bias_v", ctypes.c_void_p),
+                ("bias_out", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
                 ("ffn_norm", ctypes.c_void_p),
-                ("w_0", Matrix), ("w_1", Matrix), ("w_out", Matrix)]
+                ("w_0", Matrix), ("w_1", Matrix), ("w_out", Matrix), ("activation", ctypes.c_int64)]
 
 
-SUBLAYERS = (("attn_norm",), ("attn", "project_q"), ("attn", "project_k"), ("attn", "project_v"),
-             ("attn", "attention_out"), ("ffn_norm",), ("ffn",), ("ffn", "w_0"), ("ffn", "w_1"), ("ffn", "w_out"))
+class Step(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("rows", "dim", "heads", "kv_heads", "dim_head", "dim_ff",
+                                                    "capacity", "keys", "bias_heads", "rotary_dim")] + [
+        ("columns", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("eps", ctypes.c_float), ("residual_scale", ctypes.c_float), ("threads", ctypes.c_int)]
+
+
+ACTIVATIONS = {"gelu": 0, "silu": 1}
+BIASES = ("bias_q", "bias_k", "bias_v", "bias_out")
+SUBLAYERS = (("attn_norm",), ("attn",), ("attn", "project_q"), ("attn", "project_k"), ("attn", "project_v"),
+             ("attn", "attention_out"), ("attn", "q_norm"), ("attn", "k_norm"), ("ffn_norm",), ("ffn",),
+             ("ffn", "w_0"), ("ffn", "w_1"), ("ffn", "w_out"))
 
 
 def _layers(model: nn.Module) -> list[nn.Module | None]:
@@ -68,6 +86,7 @@ class Plan:
     versions: list[tuple[int, int]]
     dim_ff: int
     eps: float
+    residual_scale: float
 
     def current(self, model: nn.Module) -> bool:
         """Whether no layer was replaced (an adapter attached), no weight tensor replaced and
@@ -84,7 +103,7 @@ def _tensors(layers: list[nn.Module | None]) -> list[Tensor]:
     """The tensors a description of these layers points into, in order."""
     found = []
     for layer in layers:
-        for name in ("weight", "weight_scale", "weight_zero"):
+        for name in ("weight", "weight_scale", "weight_zero", *BIASES):
             tensor = getattr(layer, name, None) if layer is not None else None
             if isinstance(tensor, Tensor):
                 found.append(tensor)
@@ -112,54 +131,84 @@ def _matrix(layer: nn.Module) -> Matrix | None:
     return None
 
 
-def _norm(norm: nn.Module, norm_type: type) -> int | None:
-    if not _base_type(norm, norm_type) or norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous():
+def _vector(tensor: Tensor | None) -> int | None:
+    """The address of a float32 vector C may read (``None`` when it is another kind)."""
+    if tensor is None or tensor.dtype != torch.float32 or not tensor.is_contiguous() or tensor.device.type != "cpu":
         return None
-    return norm.weight.data_ptr()
+    return tensor.data_ptr()
 
 
-def _describe(block: nn.Module, norm_type: type, ffn_type: type) -> Block | None:
-    """The C description of one block, or ``None`` when C does not compute what it does (a scaled
-    residual, attention biases, a norm or FFN of another kind, a layer it cannot read)."""
+def _norm(norm: nn.Module, norm_type: type, eps: float) -> int | None:
+    if not _base_type(norm, norm_type) or getattr(norm, "eps", eps) != eps:
+        return None
+    return _vector(norm.weight)
+
+
+def _describe_attention(attn: nn.Module, description: Block, norm_type: type, eps: float) -> bool:
+    """Fill in the attention part of ``description``; ``False`` when C does not compute ``attn``
+    (it lacks one of the four products, as latent attention does, or has parts C cannot read)."""
+    names = ("project_q", "project_k", "project_v", "attention_out")
+    parts = [_matrix(getattr(attn, name, None)) for name in names]
+    if any(p is None for p in parts):
+        return False
+    description.q, description.k, description.v, description.out = parts
+    for name in BIASES:
+        bias = getattr(attn, name, None)
+        if bias is not None and _vector(bias) is None:
+            return False
+        setattr(description, name, None if bias is None else bias.data_ptr())
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(attn, name, None)
+        if norm is not None:
+            pointer = _norm(norm, norm_type, eps)
+            if pointer is None:
+                return False
+            setattr(description, name, pointer)
+    return True
+
+
+def _describe(block: nn.Module, norm_type: type, ffn_type: type, eps: float) -> Block | None:
+    """The C description of one block, or ``None`` when C does not compute what it does (a residual
+    scale of ``model.stack.Block``'s kind, attention or a norm or FFN of another kind, a layer it
+    cannot read)."""
     if getattr(block, "residual_scale", 1.0) != 1.0:
         return None
     description = Block()
     if hasattr(block, "attn"):
-        if getattr(block.attn, "biased", False):
-            return None
-        names = ("project_q", "project_k", "project_v", "attention_out")
-        parts = [_matrix(getattr(block.attn, name)) for name in names]
-        norm = _norm(block.attn_norm, norm_type)
-        if norm is None or any(p is None for p in parts):
+        norm = _norm(block.attn_norm, norm_type, eps)
+        if norm is None or not _describe_attention(block.attn, description, norm_type, eps):
             return None
         description.attn_norm = norm
-        description.q, description.k, description.v, description.out = parts
     if hasattr(block, "ffn"):
-        if type(block.ffn) is not ffn_type:
+        activation = ACTIVATIONS.get(getattr(block.ffn, "activation", None))
+        if type(block.ffn) is not ffn_type or activation is None:
             return None
         parts = [_matrix(getattr(block.ffn, name)) for name in ("w_0", "w_1", "w_out")]
-        norm = _norm(block.ffn_norm, norm_type)
+        norm = _norm(block.ffn_norm, norm_type, eps)
         if norm is None or any(p is None for p in parts):
             return None
         description.ffn_norm = norm
         description.w_0, description.w_1, description.w_out = parts
+        description.activation = activation
     return description
 
 
-def plan(model: nn.Module, norm_type: type, ffn_type: type) -> Plan | None:
+def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: float = 1.0) -> Plan | None:
     """The C description of ``model``'s blocks, or ``None`` when some layer must run in PyTorch
-    (``norm_type`` / ``ffn_type``: the model's plain norm and feed-forward classes)."""
+    (``norm_type`` / ``ffn_type``: the model's plain norm and feed-forward classes;
+    ``residual_scale``: ``s`` of blocks that compute ``h = (h / s + branch) * s``)."""
     cached = _PLANS.get(model)
-    if cached is not None and cached.current(model):
+    if cached is not None and cached.residual_scale == residual_scale and cached.current(model):
         return cached
-    blocks = [_describe(block, norm_type, ffn_type) for block in model.layers]
+    eps = model.config.eps
+    blocks = [_describe(block, norm_type, ffn_type, eps) for block in model.layers]
     if any(b is None for b in blocks):
         return None
     dim_ff = max([b.w_0.n for b in blocks if b.ffn_norm] or [1])
     layers = _layers(model)
     tensors = _tensors(layers)
     result = Plan((Block * len(blocks))(*blocks), layers, tensors, [(t._version, t.data_ptr()) for t in tensors],
-                  dim_ff, model.config.eps)
+                  dim_ff, eps, residual_scale)
     _PLANS[model] = result
     return result
 
@@ -190,36 +239,56 @@ def _adapter_running(model: nn.Module) -> bool:
     return state.current() is not None
 
 
-def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, cache: object) -> Tensor | None:
+Bias = Tensor | Callable[[nn.Module], Tensor]
+
+
+def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Bias, cache: object,
+                  rotation: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
     """The blocks' output for ``hidden`` ``[rows, 1, dim]``, each row's keys and values stored at
     its cache column (``cache.write_columns()``), or ``None`` when the cache is not float32 and
-    contiguous."""
-    count = len(model.layers)
+    contiguous. ``bias``: the additive attention bias ``[rows, heads or 1, 1, keys]`` of every
+    block, or a function giving each block with attention its own; ``rotation``: cos and sin
+    ``[rows, 1, rotary_dim]`` of the new positions (``None``: no rotary embedding)."""
+    config = model.config
+    rows, count = hidden.size(0), len(model.layers)
+    kv_heads = getattr(config, "num_kv_heads", config.num_heads)
     keys, values = (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)()
+    biases, held = (ctypes.c_void_p * count)(), {}
     for index, block in enumerate(model.layers):
         if not hasattr(block, "attn"):
             continue
         key, value = cache.keys[index], cache.values[index]
-        expected = (hidden.size(0), model.config.num_heads, cache.capacity, model.config.dim_head)
+        expected = (rows, kv_heads, cache.capacity, config.dim_head)
         if key is None or key.dtype != torch.float32 or not (key.is_contiguous() and value.is_contiguous()) \
                 or key.shape != expected or value.shape != expected:
             return None
         keys[index], values[index] = key.data_ptr(), value.data_ptr()
-    config = model.config
-    out = hidden.reshape(hidden.size(0), -1).contiguous().clone()
-    bias = bias.reshape(hidden.size(0), config.num_heads, -1).float().contiguous()
+        mine = bias(block) if callable(bias) else bias
+        if id(mine) not in held:  # blocks of one window share their mask: one float32 copy each
+            held[id(mine)] = mine.reshape(rows, mine.size(1), -1).float().contiguous()
+        biases[index] = held[id(mine)].data_ptr()
     columns = cache.write_columns().to(torch.int64).contiguous()
-    if int(columns.max()) >= bias.size(-1):
+    shapes = {tensor.shape for tensor in held.values()} or {(rows, 1, int(columns.max()) + 1)}
+    if len(shapes) != 1:
         return None
+    _, bias_heads, key_count = shapes.pop()
+    if bias_heads not in (1, config.num_heads) or int(columns.max()) >= key_count:
+        return None
+    out = hidden.reshape(rows, -1).contiguous().clone()
+    cos, sin = (None, None) if rotation is None else (t.reshape(rows, -1).float().contiguous() for t in rotation)
+    shape = Step(rows=rows, dim=config.dim_model, heads=config.num_heads, kv_heads=kv_heads, dim_head=config.dim_head,
+                 dim_ff=step.dim_ff, capacity=cache.capacity, keys=key_count, bias_heads=bias_heads,
+                 rotary_dim=0 if cos is None else cos.size(-1), columns=columns.data_ptr(),
+                 cos=None if cos is None else cos.data_ptr(), sin=None if sin is None else sin.data_ptr(),
+                 eps=step.eps, residual_scale=step.residual_scale, threads=torch.get_num_threads())
     decode = native.decoder()
     stream = getattr(model, "weight_stream", None)
 
     def run(first: int, blocks: int) -> None:
         skip = first * ctypes.sizeof(ctypes.c_void_p)
-        decode(ctypes.addressof(step.blocks) + first * ctypes.sizeof(Block), blocks, ctypes.addressof(keys) + skip,
-               ctypes.addressof(values) + skip, out.data_ptr(), bias.data_ptr(),
-               out.size(0), config.dim_model, config.num_heads, config.dim_head, step.dim_ff, cache.capacity,
-               columns.data_ptr(), bias.size(-1), step.eps, torch.get_num_threads())
+        decode(ctypes.addressof(step.blocks) + first * ctypes.sizeof(Block), blocks, ctypes.byref(shape),
+               ctypes.addressof(keys) + skip, ctypes.addressof(values) + skip, ctypes.addressof(biases) + skip,
+               out.data_ptr())
 
     if stream is None:
         run(0, count)
@@ -231,4 +300,18 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Tensor, ca
     return out.view_as(hidden)
 
 
-__all__ = ["Plan", "STEP_MAX_ROWS", "applies", "decode_blocks", "plan"]
+def decode_step(model: nn.Module, hidden: Tensor, cache: object, norm_type: type, ffn_type: type, bias: Bias,
+                rotation: tuple[Tensor, Tensor] | None = None, residual_scale: float = 1.0) -> Tensor | None:
+    """The blocks' output of this decoding step from one native call, the cache moved past it, or
+    ``None`` (nothing done) when the step or a layer must run in PyTorch (see :func:`plan` and
+    :func:`decode_blocks` for the arguments)."""
+    if not applies(model, hidden, cache):
+        return None
+    step = plan(model, norm_type, ffn_type, residual_scale)
+    decoded = None if step is None else decode_blocks(model, step, hidden, bias, cache, rotation)
+    if decoded is not None:
+        cache.advance(1)
+    return decoded
+
+
+__all__ = ["Plan", "STEP_MAX_ROWS", "applies", "decode_blocks", "decode_step", "plan"]

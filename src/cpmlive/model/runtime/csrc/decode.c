@@ -1,11 +1,17 @@
-/* One decoding step of CPM-Ant's blocks in a single call: the same computation as
- * cpmlive.model.ant.Block.forward for new positions of one token per row, with the keys and
- * values written into (and read from) the model's own cache tensors.
+/* One decoding step of a stack of pre-norm blocks in a single call: the same computation as the
+ * blocks' forward (cpmlive.model.stack.Block, cpmlive.model.decoder.DecoderBlock) for new positions
+ * of one token per row, with the keys and values written into (and read from) the model's own
+ * cache tensors.
  *
- * Per block: h += attention_out(attention(rms_norm(h))) when the block has attention, then
- * h += w_out(gelu(w_0 x) * w_1 x) with x = rms_norm(h) when it has a feed-forward part. The
- * attention bias (position bias plus mask, [rows, heads, keys]) is computed once per step by
- * the caller, as the model does.
+ * Per block, with s the residual scale (1: a plain sum):
+ *   h = (h / s + attention_out(attention(rms_norm(h))) [+ bias_out]) * s   when it has attention,
+ *   h = (h / s + w_out(act(w_0 x) * w_1 x)) * s with x = rms_norm(h)       when it has a feed-forward part,
+ * act GELU (erf form) or SiLU. Attention: q, k, v products plus their biases, per-head RMS norms of
+ * q and k (Qwen3), the rotation of the first `rotary_dim` dims of each q and k head (half-split
+ * pairs, cos / sin given per row), then softmax(q k^T / sqrt(dim_head) + bias) v where each of
+ * `kv_heads` key heads serves heads / kv_heads consecutive query heads. The additive bias (position
+ * bias and mask, [rows, bias_heads, keys] with bias_heads 1 or heads) is computed by the caller,
+ * once per step, for each block (blocks of one sliding window share theirs).
  */
 #include <math.h>
 #include <stdint.h>
@@ -14,12 +20,26 @@
 
 #include "gemv.h"
 
+enum { ACT_GELU = 0, ACT_SILU = 1 };
+
 typedef struct {
     const float *attn_norm; /* NULL: the block has no attention */
     Matrix q, k, v, out;
+    const float *bias_q, *bias_k, *bias_v, *bias_out; /* NULL: none */
+    const float *q_norm, *k_norm;                     /* [dim_head] per-head RMS norms, NULL: none */
     const float *ffn_norm;  /* NULL: the block has no feed-forward part */
     Matrix w_0, w_1, w_out;
+    int64_t activation;
 } Block;
+
+/* What every block of one step shares. */
+typedef struct {
+    int64_t rows, dim, heads, kv_heads, dim_head, dim_ff, capacity, keys, bias_heads, rotary_dim;
+    const int64_t *columns; /* [rows]: the cache column of each row's new position (< keys) */
+    const float *cos, *sin; /* [rows, rotary_dim]; NULL: no rotation */
+    float eps, residual_scale;
+    int threads;
+} Step;
 
 static void rms_norm(const float *h, const float *weight, float *out, int64_t rows, int64_t dim, float eps) {
     for (int64_t r = 0; r < rows; r++) {
@@ -33,6 +53,48 @@ static void rms_norm(const float *h, const float *weight, float *out, int64_t ro
 
 static void add_into(float *h, const float *y, int64_t count) {
     for (int64_t j = 0; j < count; j++) h[j] += y[j];
+}
+
+/* h = (h / scale + y [+ bias]) * scale over [rows, dim], as the blocks sum a scaled branch (a
+ * plain h += y [+ bias] when scale is 1). */
+static void add_branch(float *h, const float *y, const float *bias, int64_t rows, int64_t dim, float scale) {
+    if (scale == 1.0f) {
+        add_into(h, y, rows * dim);
+        if (bias)
+            for (int64_t r = 0; r < rows; r++) add_into(h + r * dim, bias, dim);
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < dim; j++) {
+            float sum = h[r * dim + j] / scale + y[r * dim + j];
+            if (bias) sum += bias[j];
+            h[r * dim + j] = sum * scale;
+        }
+}
+
+/* x[r, :] += bias for each of `rows` rows of `width` (a projection's bias; nothing without one). */
+static void add_bias(float *x, const float *bias, int64_t rows, int64_t width) {
+    if (bias)
+        for (int64_t r = 0; r < rows; r++) add_into(x + r * width, bias, width);
+}
+
+/* Each of the rows * heads heads of `x` [rows, heads, dim_head]: its RMS norm (weight [dim_head]),
+ * when there is one; then the half-split rotation of its first `rotary` dims by row r's cos / sin:
+ * x_i cos_i - x_{i+half} sin_i and x_{i+half} cos_{i+half} + x_i sin_{i+half}. */
+static void norm_and_rotate(float *x, const float *norm, const Step *st, int64_t heads) {
+    int64_t d = st->dim_head, half = st->rotary_dim / 2;
+    for (int64_t r = 0; r < st->rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + (r * heads + h) * d;
+            if (norm) rms_norm(v, norm, v, 1, d, st->eps);
+            if (!st->cos) continue;
+            const float *c = st->cos + r * st->rotary_dim, *s = st->sin + r * st->rotary_dim;
+            for (int64_t i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
 }
 
 static inline float dot(const float *a, const float *b, int64_t n) {
@@ -59,17 +121,20 @@ static inline void axpy(float alpha, const float *x, float *y, int64_t n) {
     for (; d < n; d++) y[d] += alpha * x[d];
 }
 
-/* softmax(q k^T / sqrt(d) + bias) v for every (row, head) over keys 0 .. keys-1. */
+/* softmax(q k^T / sqrt(d) + bias) v for every (row, head) over keys 0 .. keys-1; query head h
+ * reads key / value head h / (heads / kv_heads). */
 static void attend(const float *q, const float *key_cache, const float *value_cache, const float *bias,
-                   float *out, int64_t rows, int64_t heads, int64_t dim_head, int64_t capacity,
-                   int64_t keys, int threads) {
+                   float *out, const Step *st) {
+    int64_t rows = st->rows, heads = st->heads, dim_head = st->dim_head, capacity = st->capacity, keys = st->keys;
+    int64_t group = heads / st->kv_heads;
     float scale = 1.0f / sqrtf((float)dim_head);
-#pragma omp parallel for schedule(dynamic, 8) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(st->threads)
     for (int64_t rh = 0; rh < rows * heads; rh++) {
         int64_t r = rh / heads, h = rh % heads;
+        int64_t kv = r * st->kv_heads + h / group;
         const float *qv = q + r * heads * dim_head + h * dim_head;
-        const float *kc = key_cache + rh * capacity * dim_head, *vc = value_cache + rh * capacity * dim_head;
-        const float *b = bias + rh * keys;
+        const float *kc = key_cache + kv * capacity * dim_head, *vc = value_cache + kv * capacity * dim_head;
+        const float *b = bias + (st->bias_heads == 1 ? r : rh) * keys;
         float *scores = malloc((size_t)keys * sizeof(float)), peak = -INFINITY, total = 0;
         for (int64_t j = 0; j < keys; j++) {
             scores[j] = dot(qv, kc + j * dim_head, dim_head) * scale + b[j];
@@ -94,10 +159,10 @@ static void store(float *cache, const float *x, int64_t rows, int64_t heads, int
 }
 
 #ifdef CPMLIVE_VECTOR
-/* exp(x) for x <= 0 (all GELU needs): x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial
- * for exp(r) (Cephes' expf coefficients) and 2^n from the exponent bits. */
-static inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+/* exp(x) for x in [-87, 88] (clamped there): x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6
+ * polynomial for exp(r) (Cephes' expf coefficients) and 2^n from the exponent bits. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -124,7 +189,7 @@ static inline __m256 erf8(__m256 x) {
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
     poly = _mm256_mul_ps(poly, t);
-    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(ax, ax)));
+    __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(ax, ax)));
     __m256 y = _mm256_fnmadd_ps(poly, e, _mm256_set1_ps(1.0f));
     return _mm256_or_ps(y, sign);
 }
@@ -144,41 +209,60 @@ static void gelu_gate(float *a, const float *b, int64_t count) {
     for (; j < count; j++) a[j] = 0.5f * a[j] * (1.0f + erff(a[j] * (float)M_SQRT1_2)) * b[j];
 }
 
-/* `hidden` [rows, dim] in place; `bias` [rows, heads, keys] (columns a row must not see are
- * masked there); row r's new keys and values go to column `columns[r]` < keys; `key_caches[i]` and
- * `value_caches[i]` the [rows, heads, capacity, dim_head] cache of block i (NULL without attention).
- * The caches come with each call, so concurrent calls on one model share only read-only state. */
-void decode_blocks(const Block *blocks, int64_t num_blocks, float *const *key_caches, float *const *value_caches,
-                   float *hidden, const float *bias, int64_t rows,
-                   int64_t dim, int64_t heads, int64_t dim_head, int64_t dim_ff, int64_t capacity,
-                   const int64_t *columns, int64_t keys, float eps, int threads) {
-    int64_t width = heads * dim_head;
+/* a = silu(a) * b, SiLU as x / (1 + exp(-x)). */
+static void silu_gate(float *a, const float *b, int64_t count) {
+    int64_t j = 0;
+#ifdef CPMLIVE_VECTOR
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= count; j += 8) {
+        __m256 x = _mm256_loadu_ps(a + j);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(a + j, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(b + j)));
+    }
+#endif
+    for (; j < count; j++) a[j] = a[j] / (1.0f + expf(-a[j])) * b[j];
+}
+
+/* `hidden` [rows, dim] in place; `biases[i]` the attention bias of block i ([rows, bias_heads, keys],
+ * columns a row must not see masked there); `key_caches[i]` and `value_caches[i]` the
+ * [rows, kv_heads, capacity, dim_head] cache of block i (NULL without attention); row r's new keys
+ * and values go to column `columns[r]`. The caches come with each call, so concurrent calls on one
+ * model share only read-only state. */
+void decode_blocks(const Block *blocks, int64_t num_blocks, const Step *st, float *const *key_caches,
+                   float *const *value_caches, const float *const *biases, float *hidden) {
+    int64_t rows = st->rows, dim = st->dim, width = st->heads * st->dim_head, kv_width = st->kv_heads * st->dim_head;
+    int threads = st->threads;
     float *x = malloc((size_t)(rows * dim) * sizeof(float));
-    float *q = malloc((size_t)(rows * width) * sizeof(float)), *k = malloc((size_t)(rows * width) * sizeof(float));
-    float *v = malloc((size_t)(rows * width) * sizeof(float)), *att = malloc((size_t)(rows * width) * sizeof(float));
+    float *q = malloc((size_t)(rows * width) * sizeof(float)), *att = malloc((size_t)(rows * width) * sizeof(float));
+    float *k = malloc((size_t)(rows * kv_width) * sizeof(float)), *v = malloc((size_t)(rows * kv_width) * sizeof(float));
     float *y = malloc((size_t)(rows * dim) * sizeof(float));
-    float *a = malloc((size_t)(rows * dim_ff) * sizeof(float)), *g = malloc((size_t)(rows * dim_ff) * sizeof(float));
+    float *a = malloc((size_t)(rows * st->dim_ff) * sizeof(float)), *g = malloc((size_t)(rows * st->dim_ff) * sizeof(float));
     for (int64_t i = 0; i < num_blocks; i++) {
         const Block *blk = blocks + i;
         if (blk->attn_norm) {
-            rms_norm(hidden, blk->attn_norm, x, rows, dim, eps);
+            rms_norm(hidden, blk->attn_norm, x, rows, dim, st->eps);
             matrix_product(&blk->q, x, q, rows, threads);
             matrix_product(&blk->k, x, k, rows, threads);
             matrix_product(&blk->v, x, v, rows, threads);
-            store(key_caches[i], k, rows, heads, dim_head, capacity, columns);
-            store(value_caches[i], v, rows, heads, dim_head, capacity, columns);
-            attend(q, key_caches[i], value_caches[i], bias, att, rows, heads, dim_head, capacity, keys, threads);
+            add_bias(q, blk->bias_q, rows, width);
+            add_bias(k, blk->bias_k, rows, kv_width);
+            add_bias(v, blk->bias_v, rows, kv_width);
+            norm_and_rotate(q, blk->q_norm, st, st->heads);
+            norm_and_rotate(k, blk->k_norm, st, st->kv_heads);
+            store(key_caches[i], k, rows, st->kv_heads, st->dim_head, st->capacity, st->columns);
+            store(value_caches[i], v, rows, st->kv_heads, st->dim_head, st->capacity, st->columns);
+            attend(q, key_caches[i], value_caches[i], biases[i], att, st);
             matrix_product(&blk->out, att, y, rows, threads);
-            add_into(hidden, y, rows * dim);
+            add_branch(hidden, y, blk->bias_out, rows, dim, st->residual_scale);
         }
         if (blk->ffn_norm) {
             int64_t ff = blk->w_0.n;
-            rms_norm(hidden, blk->ffn_norm, x, rows, dim, eps);
+            rms_norm(hidden, blk->ffn_norm, x, rows, dim, st->eps);
             matrix_product(&blk->w_0, x, a, rows, threads);
             matrix_product(&blk->w_1, x, g, rows, threads);
-            gelu_gate(a, g, rows * ff);
+            (blk->activation == ACT_SILU ? silu_gate : gelu_gate)(a, g, rows * ff);
             matrix_product(&blk->w_out, a, y, rows, threads);
-            add_into(hidden, y, rows * dim);
+            add_branch(hidden, y, NULL, rows, dim, st->residual_scale);
         }
     }
     free(x); free(q); free(k); free(v); free(att); free(y); free(a); free(g);
