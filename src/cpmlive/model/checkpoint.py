@@ -365,7 +365,8 @@ def checkpoint_vocab(directory: Path) -> Path | None:
 
 # Files an HF tokenizer's vocabulary (``tokenizer.json``) needs beside it: its special tokens,
 # chat template and generation defaults go wherever the vocabulary goes.
-VOCAB_COMPANIONS = {"tokenizer.json": ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")}
+VOCAB_COMPANIONS = {"tokenizer.json": ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                                      "chat_template.jinja")}
 
 
 def write_vocab(vocab: str | os.PathLike | Iterable[str], path: Path) -> None:
