@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cpmlive.cli.common import Verbs, add_force, print_json, prompt_from
+from cpmlive.cli.common import Verbs, add_force, print_json, prompt_from, warnings_as_lines
 from cpmlive.errors import CpmliveError
 
 if TYPE_CHECKING:
@@ -55,8 +55,10 @@ def add_convert(verbs: Verbs) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from cpmlive.model.registry import family_of
 
-    out = family_of(args.src).convert(args.src, args.dst, to=args.to, config_path=args.config, vocab_path=args.vocab,
-                                      dtype=args.dtype, force=args.force, dequantize=args.dequantize)
+    with warnings_as_lines():
+        out = family_of(args.src).convert(args.src, args.dst, to=args.to, config_path=args.config,
+                                          vocab_path=args.vocab, dtype=args.dtype, force=args.force,
+                                          dequantize=args.dequantize)
     print(f"wrote {out}")
 
 
