@@ -66,22 +66,45 @@ SUBLAYERS = (("attn_norm",), ("attn",), ("attn", "project_q"), ("attn", "project
              ("ffn", "w_0"), ("ffn", "w_1"), ("ffn", "w_out"))
 
 
-def _layers(model: nn.Module) -> list[nn.Module | None]:
-    """Every module the description reads, in order (``None`` where a sublayer is absent)."""
-    found = []
-    for block in model.layers:
+TENSORS = ("weight", "weight_scale", "weight_zero", *BIASES)
+
+Slot = tuple[nn.Module, str, object]  # an owner, the name of one of its attributes, what it held
+
+
+def _attribute(owner: nn.Module, name: str) -> object:
+    """``getattr(owner, name, None)`` without ``nn.Module``'s slow path (an exception raised and
+    caught) for names it does not have: the check of every step reads a few hundred."""
+    for table in (owner._parameters, owner._buffers, owner._modules, owner.__dict__):
+        if name in table:
+            return table[name]
+    return None
+
+
+def _slots(model: nn.Module) -> list[Slot]:
+    """Every module and tensor the description reads, each with its owner (a sublayer may be absent: ``None``)."""
+    found: list[Slot] = [(model, "layers", model.layers)]
+    for index, block in enumerate(model.layers):
+        found.append((model.layers, str(index), block))
         for path in SUBLAYERS:
-            module = block
-            for name in path:
-                module = getattr(module, name, None)
-            found.append(module)
+            owner = block
+            for name in path[:-1]:
+                owner = _attribute(owner, name)
+                if owner is None:
+                    break
+            if owner is None:
+                continue
+            module = _attribute(owner, path[-1])
+            found.append((owner, path[-1], module))
+            if isinstance(module, nn.Module):
+                found += [(module, name, tensor) for name in TENSORS
+                          if isinstance(tensor := _attribute(module, name), Tensor)]
     return found
 
 
 @dataclass(repr=False)
 class Plan:
     blocks: ctypes.Array
-    modules: list[nn.Module | None]
+    slots: list[Slot]
     tensors: list[Tensor]  # every tensor the description points into
     versions: list[tuple[int, int]]
     dim_ff: int
@@ -91,23 +114,10 @@ class Plan:
     def current(self, model: nn.Module) -> bool:
         """Whether no layer was replaced (an adapter attached), no weight tensor replaced and
         none changed in place since the description was made."""
-        layers = _layers(model)
-        if len(layers) != len(self.modules) or any(a is not b for a, b in zip(layers, self.modules)):
-            return False
-        tensors = _tensors(layers)
-        return len(tensors) == len(self.tensors) and all(
-            a is b and (a._version, a.data_ptr()) == v for a, b, v in zip(tensors, self.tensors, self.versions))
-
-
-def _tensors(layers: list[nn.Module | None]) -> list[Tensor]:
-    """The tensors a description of these layers points into, in order."""
-    found = []
-    for layer in layers:
-        for name in ("weight", "weight_scale", "weight_zero", *BIASES):
-            tensor = getattr(layer, name, None) if layer is not None else None
-            if isinstance(tensor, Tensor):
-                found.append(tensor)
-    return found
+        layers = self.slots[0][2]
+        return (_attribute(model, "layers") is layers and len(layers) == len(self.blocks)
+                and all(_attribute(owner, name) is held for owner, name, held in self.slots)
+                and all((t._version, t.data_ptr()) == v for t, v in zip(self.tensors, self.versions)))
 
 
 def _base_type(layer: nn.Module, base: type) -> bool:
@@ -205,9 +215,9 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: floa
     if any(b is None for b in blocks):
         return None
     dim_ff = max([b.w_0.n for b in blocks if b.ffn_norm] or [1])
-    layers = _layers(model)
-    tensors = _tensors(layers)
-    result = Plan((Block * len(blocks))(*blocks), layers, tensors, [(t._version, t.data_ptr()) for t in tensors],
+    slots = _slots(model)
+    tensors = [held for _, _, held in slots if isinstance(held, Tensor)]
+    result = Plan((Block * len(blocks))(*blocks), slots, tensors, [(t._version, t.data_ptr()) for t in tensors],
                   dim_ff, eps, residual_scale)
     _PLANS[model] = result
     return result
