@@ -101,6 +101,10 @@ class Family:
     weights_name: str = ""  # how an error names this family's weights; ``name`` when empty
     pretrain_objective: str | None = None  # the objective of cpmlive.data.stream it pretrains with, if any
     packs_head: bool = False  # batched CPU decoding reads a oneDNN-blocked copy of its tied head (infer/packing.py)
+    # (config) -> our module paths -> their names in the layout the family's checkpoints are published in
+    # (HF's), where its adapters are saved under those names so that PEFT loads them on the published
+    # model (cpmlive.tune.published); None: adapters keep our module names.
+    adapter_modules: Callable[[Any], dict[str, str]] | None = None
 
     def can(self, ability: str) -> bool:
         if ability not in ABILITIES:

@@ -58,9 +58,11 @@ from cpmlive.errors import CpmliveError
 from cpmlive.model.stack import Embedding, RMSNorm
 from cpmlive.model.checkpoint import read_safetensors, safetensors_bytes
 from cpmlive.model.fingerprint import weights_fingerprint
+from cpmlive.model.registry import families
 from cpmlive.model.runtime.kernels import project
 from cpmlive.model.runtime.quant import QuantizedLinear
 from cpmlive.resources import model_path
+from cpmlive.tune.published import AdapterNames
 from cpmlive.utils import atomic_write_bytes, atomic_write_text, check_output, dataclass_from_dict, replace_submodule
 
 METHODS = ("lora", "prompt", "bitfit")
@@ -533,7 +535,23 @@ def _target_paths(model: nn.Module, config: DeltaConfig) -> list[str]:
     if config.method == "prompt":
         _check_prompt_task(model, config)
         return ["prompt_embedding"]
-    return find_targets(model, config.targets, LORA_TARGET_TYPES if config.method == "lora" else RMSNorm)
+    paths = find_targets(model, config.targets, LORA_TARGET_TYPES if config.method == "lora" else RMSNorm)
+    names = adapter_names(model)
+    if names is not None:
+        names.check_targets(paths)
+    return paths
+
+
+def adapter_names(model: nn.Module) -> AdapterNames | None:
+    """Where the model's family saves adapters under its published checkpoints' module names
+    (``Family.adapter_modules``), the translation for this model's modules; else None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    kind = next((entry for entry in families().values() if model_type == entry.model_type), None)
+    if kind is None or kind.adapter_modules is None:
+        return None
+    present = {name for name, _ in model.named_modules()}
+    published = {ours: theirs for ours, theirs in kind.adapter_modules(model.config).items() if ours in present}
+    return AdapterNames(published, kind.name)
 
 
 def _check_prompt_task(model: nn.Module, config: DeltaConfig) -> None:
@@ -683,7 +701,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     config, digest = state.configs[name], base_hash(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {_peft_key(key): t.detach().contiguous().cpu() for key, t in adapter_tensors(model, name).items()}
+    names = adapter_names(model)
+    tensors = {_peft_key(key if names is None else names.key_to_published(key)): t.detach().contiguous().cpu()
+               for key, t in adapter_tensors(model, name).items()}
     metadata = {"format": "pt", "cpmlive_base_hash": digest, "cpmlive_delta": json.dumps(config.to_dict())}
     atomic_write_bytes(directory / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
     peft_config = peft_config_of(config, model, base_model_name_or_path)
@@ -701,14 +721,17 @@ def peft_config_of(config: DeltaConfig, model: nn.Module, base_model_name_or_pat
     """The ``adapter_config.json`` PEFT would write for this delta (only fields it accepts)."""
     common = {"peft_type": PEFT_TYPES[config.method], "task_type": None, "inference_mode": True,
               "base_model_name_or_path": base_model_name_or_path, "revision": None, "modules_to_save": None}
+    names = adapter_names(model)
+    targets = config.targets if names is None or config.method == "prompt" else names.targets_to_published(
+        config.targets)
     if config.method == "lora":
         alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
         return {**common, "r": config.r, "lora_alpha": alpha, "lora_dropout": config.dropout,
-                "target_modules": config.targets, "bias": "none", "fan_in_fan_out": False,
+                "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
                 "use_rslora": False, "use_dora": False, "init_lora_weights": True, "exclude_modules": None,
                 "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
     if config.method == "bitfit":
-        return {**common, "target_modules": config.targets, "exclude_modules": None}
+        return {**common, "target_modules": targets, "exclude_modules": None}
     ant = model.config
     return {**common, "num_virtual_tokens": ant.prompt_length, "token_dim": ant.dim_model,
             "num_transformer_submodules": 1, "num_attention_heads": ant.num_heads, "num_layers": ant.num_layers,
@@ -725,11 +748,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     another base. It becomes the active adapter; its parameters are trainable only with
     ``trainable`` (as PEFT's ``is_trainable``)."""
     directory = Path(directory)
-    peft_config, sidecar = _read_peft_config(directory), _read_sidecar(directory)
-    config = delta_config_from_peft(peft_config, sidecar.get("delta", {}), str(directory))
+    sidecar = _read_sidecar(directory)
+    config = delta_config_from_peft(_peft_config_for(model, directory, sidecar), sidecar.get("delta", {}),
+                                    str(directory))
     _check_base(model, directory, sidecar.get("base_hash") or _file_metadata(directory).get("cpmlive_base_hash"))
     name = name or sidecar.get("adapter_name") or "default"
-    tensors = read_safetensors(directory / WEIGHTS_NAME)
+    tensors = _read_adapter_tensors(model, directory)
     attach(model, config, name)
     try:
         _copy_into(adapter_tensors(model, name), tensors, directory)
@@ -752,13 +776,33 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike, name: s
     if name is None:
         raise CpmliveError("no adapter is active: name the one to load into")
     sidecar = _read_sidecar(directory)
-    saved = delta_config_from_peft(_read_peft_config(directory), sidecar.get("delta", {}), str(directory))
+    saved = delta_config_from_peft(_peft_config_for(model, directory, sidecar), sidecar.get("delta", {}),
+                                   str(directory))
     if _comparable(saved) != _comparable(state.configs[name]):
         raise CpmliveError(f"{directory}: the saved adapter is not shaped like the attached {name!r} "
                            f"({_comparable(saved)} vs {_comparable(state.configs[name])})")
     _check_base(model, directory, sidecar.get("base_hash") or _file_metadata(directory).get("cpmlive_base_hash"))
-    _copy_into(adapter_tensors(model, name), read_safetensors(directory / WEIGHTS_NAME), directory)
+    _copy_into(adapter_tensors(model, name), _read_adapter_tensors(model, directory), directory)
     return name
+
+
+def _peft_config_for(model: nn.Module, directory: Path, sidecar: dict[str, Any]) -> dict[str, Any]:
+    """The adapter's PEFT config with ``target_modules`` in our module names: as our sidecar
+    recorded them, else translated from the published names where the family saves in those."""
+    peft_config = _read_peft_config(directory)
+    names = adapter_names(model)
+    if names is None or "target_modules" not in peft_config:
+        return peft_config
+    recorded = sidecar.get("delta", {})
+    targets = recorded["target_modules"] if "target_modules" in recorded else \
+        names.targets_from_published(peft_config["target_modules"])
+    return {**peft_config, "target_modules": targets}
+
+
+def _read_adapter_tensors(model: nn.Module, directory: Path) -> dict[str, Tensor]:
+    tensors = read_safetensors(directory / WEIGHTS_NAME)
+    names = adapter_names(model)
+    return tensors if names is None else names.tensors_from_published(tensors, PEFT_PREFIX)
 
 
 def _comparable(config: DeltaConfig) -> dict[str, Any]:

@@ -141,6 +141,21 @@ def ours_to_hf(state: dict[str, Tensor], config: DecoderConfig) -> dict[str, Ten
     return out
 
 
+def adapter_modules(config: DecoderConfig) -> dict[str, str]:
+    """Our module paths -> HF's (``layers.0.attn.project_q`` -> ``model.layers.0.self_attn.q_proj``)
+    for every module an adapter may tune, so that adapters are saved in HF's names and PEFT loads
+    them on HF's model. GLM-4's q/k rows are stored reordered and its gate and up projections
+    fused, so those have no HF module of their own and are left out."""
+    top = {ours.removesuffix(".weight"): hf.removesuffix(".weight") for hf, ours in HF_TOP.items()}
+    block = {ours.removesuffix(".weight"): hf.removesuffix(".weight") for hf, ours in HF_BLOCK.items()
+             if hf.endswith(".weight")}
+    if config.architecture == "glm":
+        for reordered in ("attn.project_q", "attn.project_k", "ffn.w_0", "ffn.w_1"):
+            del block[reordered]
+    return {**top, **{f"layers.{layer}.{ours}": f"model.layers.{layer}.{hf}"
+                      for layer in range(config.num_layers) for ours, hf in block.items()}}
+
+
 # ---- finding and reading ------------------------------------------------------------------------
 
 
@@ -271,5 +286,5 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours",
 load_pretrained = CHECKPOINTS.load_pretrained
 checkpoint_info = CHECKPOINTS.checkpoint_info
 
-__all__ = ["CHECKPOINTS", "FORMATS", "check_vocab", "checkpoint_info", "convert", "hf_to_ours",
+__all__ = ["CHECKPOINTS", "FORMATS", "adapter_modules", "check_vocab", "checkpoint_info", "convert", "hf_to_ours",
            "is_decoder_checkpoint", "load_pretrained", "ours_to_hf", "read_state", "resolve"]

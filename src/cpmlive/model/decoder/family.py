@@ -18,4 +18,5 @@ FAMILY = Family(
     signature_keys=("model.embed_tokens.weight", "attn.project_kv_a.weight"),
     weights_name="Llama-family (HF decoder)",
     pretrain_objective="causal",
+    adapter_modules=convert.adapter_modules,
 )
