@@ -288,11 +288,19 @@ def fake_quantized(weight: Tensor, config: QuantConfig) -> Tensor:
         return dequantize_int4(*quantize_int4(weight, config.group_size), config.group_size, dtype=weight.dtype)
 
 
-def awq_search(x: Tensor, weights: list[Tensor], config: QuantConfig, grid: int = AWQ_GRID) -> Tensor:
+def awq_search(x: Tensor, weights: list[Tensor], config: QuantConfig, grid: int = AWQ_GRID,
+               shared: Tensor | None = None) -> Tensor:
     """AWQ's per-input-channel scale ``s = mean|x|^alpha`` (normalised), with the ``alpha`` in
     ``0, 1/grid, ... (grid-1)/grid`` whose rounded ``W * s`` applied to ``x / s`` best reproduces
-    every layer's float output; ``alpha = 0`` (no scaling, plain RTN) is one of them."""
+    every layer's float output; ``alpha = 0`` (no scaling, plain RTN) is one of them. ``shared``
+    maps each input channel to the channel of its source it is a copy of (grouped values): the
+    channels of one source channel get one scale, from their mean magnitude."""
     magnitude = x.abs().mean(dim=0)
+    if shared is not None:
+        sources = int(shared.max()) + 1
+        totals = torch.zeros(sources, dtype=magnitude.dtype).index_add_(0, shared, magnitude)
+        counts = torch.zeros(sources, dtype=magnitude.dtype).index_add_(0, shared, torch.ones_like(magnitude))
+        magnitude = (totals / counts.clamp(min=1))[shared]
     references = [x @ w.float().T for w in weights]
     best_error, best_scale = math.inf, torch.ones_like(magnitude)
     for step in range(grid):
@@ -310,22 +318,44 @@ def awq_search(x: Tensor, weights: list[Tensor], config: QuantConfig, grid: int 
 def awq_scale_block(block: Block, samples: dict[str, Tensor], config: QuantConfig) -> None:
     """Search and fold AWQ scales into ``block``'s float weights; what it computes is unchanged:
     each scaled layer's input is divided by ``s`` where it is made (an RMSNorm's weight, or the
-    rows of the product that feeds it) and its weight columns are multiplied by ``s``."""
-    groups = []
-    if hasattr(block, "attn"):
-        attn = block.attn
-        groups.append(("attn.project_q", block.attn_norm.weight, [attn.project_q, attn.project_k, attn.project_v]))
-        groups.append(("attn.attention_out", attn.project_v.weight, [attn.attention_out]))
+    rows of the product that feeds it, and its bias) and its weight columns are multiplied by ``s``.
+
+    Grouped attention (fewer value heads than query heads) reads each value channel in every head
+    of its group, so those channels share one scale. An attention without q/k/v products
+    (latent attention) is rounded without scaling."""
+    groups: list[tuple[str, list[Tensor], list[nn.Linear], Tensor | None]] = []
+    attn = getattr(block, "attn", None)
+    if attn is not None and all(hasattr(attn, name) for name in ("project_q", "project_k", "project_v")):
+        groups.append(("attn.project_q", [block.attn_norm.weight], [attn.project_q, attn.project_k, attn.project_v],
+                       None))
+        bias = getattr(attn, "bias_v", None)
+        groups.append(("attn.attention_out", [attn.project_v.weight] + ([bias] if bias is not None else []),
+                       [attn.attention_out], _value_channels(attn)))
     if hasattr(block, "ffn"):
         ffn = block.ffn
-        groups.append(("ffn.w_0", block.ffn_norm.weight, [ffn.w_0, ffn.w_1]))
-        groups.append(("ffn.w_out", ffn.w_1.weight, [ffn.w_out]))
-    for input_name, source, layers in groups:
-        scale = awq_search(samples[input_name], [layer.weight for layer in layers], config)
+        groups.append(("ffn.w_0", [block.ffn_norm.weight], [ffn.w_0, ffn.w_1], None))
+        groups.append(("ffn.w_out", [ffn.w_1.weight], [ffn.w_out], None))
+    for input_name, sources, layers, shared in groups:
+        scale = awq_search(samples[input_name], [layer.weight for layer in layers], config, shared=shared)
         for layer in layers:
             layer.weight.mul_(scale.to(layer.weight.dtype))
-        # a norm's weight scales its output channels; a linear layer's rows are its output channels
-        source.div_((scale if source.dim() == 1 else scale[:, None]).to(source.dtype))
+        if shared is not None:
+            scale = torch.zeros(sources[0].size(0), dtype=scale.dtype).index_copy_(0, shared, scale)
+        for source in sources:
+            # a norm's weight and a bias scale their output channels; a linear layer's rows are its outputs
+            source.div_((scale if source.dim() == 1 else scale[:, None]).to(source.dtype))
+
+
+def _value_channels(attn: nn.Module) -> Tensor | None:
+    """For grouped attention (``num_kv_heads`` < ``num_heads``), the value channel each channel
+    of the attention output's input reads (HF's ``repeat_kv``: head ``h`` reads value head
+    ``h // (num_heads / num_kv_heads)``); None when every head has its own values."""
+    heads, kv_heads = getattr(attn, "num_heads", 0), getattr(attn, "num_kv_heads", 0)
+    if not kv_heads or kv_heads == heads:
+        return None
+    width = attn.attention_out.in_features // heads
+    channel = torch.arange(heads * width)
+    return (channel // width // (heads // kv_heads)) * width + channel % width
 
 
 def quantize_model(model: Transformer, config: QuantConfig, batches: list[PromptBatch] | None = None,
