@@ -2,9 +2,11 @@
 
 Four kinds of mask, each a :class:`HardConcrete` gate per unit:
 
-* ``heads`` ``[num_heads]``: one gate per attention head *index*, shared by every layer: CPM-Ant
+* ``heads`` ``[num_kv_heads]``: one gate per attention head *index*, shared by every layer: CPM-Ant
   has one position-bias table for all layers, one column per head, so a head can only be removed
-  everywhere or nowhere;
+  everywhere or nowhere (and every layer of a config has the same head count). Grouped attention
+  (fewer key/value heads than query heads, GQA) is gated by group: a key/value head and the query
+  heads that read it go together;
 * ``attention`` ``[num_layers]`` and ``ffn`` ``[num_layers]``: whole sub-blocks;
 * ``ffn_dims`` ``[num_layers, dim_ff]``: the FFN's intermediate dimensions, per layer.
 
@@ -14,10 +16,11 @@ dimension and per layer) through forward pre-hooks, so the model code is untouch
 differentiable; :class:`Lagrangian` drives it to a target with the min-max penalty
 ``λ1 (E - T) + λ2 (E - T)²`` (the multipliers ascend while the model and gates descend).
 
-:func:`prune_to_checkpoint` binarises the gates into an ordinary CPM-Ant architecture (the same
-head count and FFN width in every layer, removed sub-blocks in ``mask_modules``), folds the
-deterministic gate values into ``attention_out`` / ``w_out`` and slices every weight, so the
-pruned model computes what the gated one did.
+:func:`pruned_model` binarises the gates into an ordinary architecture of the model's family (the
+same head count and FFN width in every layer, removed sub-blocks in ``mask_modules``), folds the
+deterministic gate values into ``attention_out`` / ``w_out`` and slices every weight (and the
+q/k/v biases), so the pruned model computes what the gated one did. An attention without
+per-head q/k/v products (multi-head latent attention) is refused.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from cpmlive.model.ant.config import AntConfig
+from cpmlive.config import StackConfig
 from cpmlive.errors import CpmliveError
-from cpmlive.model.ant.model import CpmAnt
 from cpmlive.model.checkpoint import model_from_state_dict
+from cpmlive.model.stack import Transformer
 
 # Louizos et al.'s stretch interval and temperature, as CoFi and Sheared-LLaMA use them.
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
@@ -64,13 +67,20 @@ class HardConcrete(nn.Module):
         return torch.sigmoid(self.log_alpha - BETA * math.log(-GAMMA / ZETA))
 
 
+def head_groups(config: StackConfig) -> tuple[int, int]:
+    """(number of head groups, query heads per group): a group is a key/value head and the query
+    heads that read it (one head each where every head has its own keys and values)."""
+    groups = getattr(config, "num_kv_heads", config.num_heads)
+    return groups, config.num_heads // groups
+
+
 class PruningMasks(nn.Module):
     """The four gate sets of one model, and the hooks that apply them."""
 
-    def __init__(self, config: AntConfig) -> None:
+    def __init__(self, config: StackConfig) -> None:
         super().__init__()
         self.config = config
-        self.heads = HardConcrete(config.num_heads)
+        self.heads = HardConcrete(head_groups(config)[0])
         self.attention = HardConcrete(config.num_layers)
         self.ffn = HardConcrete(config.num_layers)
         self.ffn_dims = HardConcrete(config.num_layers, config.dim_ff)
@@ -82,12 +92,15 @@ class PruningMasks(nn.Module):
         self._current = {"heads": self.heads(), "attention": self.attention(), "ffn": self.ffn(),
                          "ffn_dims": self.ffn_dims()}
 
-    def attach(self, model: CpmAnt) -> None:
+    def attach(self, model: Transformer) -> None:
         """Hook every ``attention_out`` and ``w_out`` of ``model``; gates come from :meth:`sample`."""
         if model.config.mask_modules is not None:
             raise CpmliveError("the model already has removed sub-blocks: prune its full checkpoint")
         if model.config.moe is not None or model.config.quantization is not None:
             raise CpmliveError("prune a float, dense model (before quantizing or moefying it)")
+        if not all(hasattr(block.attn, name) for block in model.layers for name in PER_HEAD):
+            raise CpmliveError("prune: this model's attention has no per-head q/k/v products to remove heads "
+                               "from (latent attention)")
         self.detach()
         for index, block in enumerate(model.layers):
             self._handles.append(block.attn.attention_out.register_forward_pre_hook(self._attention_hook(index)))
@@ -99,7 +112,7 @@ class PruningMasks(nn.Module):
         self._handles = []
 
     def _attention_hook(self, layer: int):
-        dim_head = self.config.dim_head
+        dim_head = self.config.dim_head * head_groups(self.config)[1]  # the attention output's width per gate
 
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             x = inputs[0]
@@ -119,13 +132,16 @@ class PruningMasks(nn.Module):
         c = self.config
         attention = self.attention.keep_probability().sum() * self.heads.keep_probability().sum()
         ffn = (self.ffn.keep_probability() * self.ffn_dims.keep_probability().sum(dim=1)).sum()
-        kept = attention * 4 * c.dim_model * c.dim_head + ffn * 3 * c.dim_model
+        per_group = 2 * head_groups(c)[1] + 2  # q and output rows of each query head, one k and one v head
+        kept = attention * per_group * c.dim_model * c.dim_head + ffn * 3 * c.dim_model
         return kept / prunable_parameters(c)
 
 
-def prunable_parameters(config: AntConfig) -> int:
+def prunable_parameters(config: StackConfig) -> int:
     """Parameters of every attention and FFN projection (what the masks can remove)."""
-    per_layer = 4 * config.dim_model * config.dim_attention + 3 * config.dim_model * config.dim_ff
+    kv_width = head_groups(config)[0] * config.dim_head
+    per_layer = (2 * config.dim_model * config.dim_attention + 2 * config.dim_model * kv_width
+                 + 3 * config.dim_model * config.dim_ff)
     return config.num_layers * per_layer
 
 
@@ -155,7 +171,7 @@ def check_target(target_fraction: float) -> None:
 
 @dataclasses.dataclass
 class PrunedShape:
-    """Which units survive: head indices, FFN dimensions per layer, and the kept sub-blocks."""
+    """Which units survive: head (group) indices, FFN dimensions per layer, and the kept sub-blocks."""
 
     heads: list[int]
     ffn_dims: list[list[int]]
@@ -189,25 +205,27 @@ def binarise(masks: PruningMasks, multiple_of: int = 1) -> PrunedShape:
 
 
 @torch.no_grad()
-def sliced_state(model: CpmAnt, masks: PruningMasks, shape: PrunedShape) -> tuple[dict[str, Tensor], AntConfig]:
+def sliced_state(model: Transformer, masks: PruningMasks,
+                 shape: PrunedShape) -> tuple[dict[str, Tensor], StackConfig]:
     """The pruned model's weights and config: surviving units only, their gate values folded
     into ``attention_out`` / ``w_out`` (the deterministic gates are not all exactly 1)."""
     config = model.config
     masks.eval()
     heads, attention, ffn, dims = masks.heads(), masks.attention(), masks.ffn(), masks.ffn_dims()
-    head_rows = torch.cat([torch.arange(h * config.dim_head, (h + 1) * config.dim_head) for h in shape.heads])
-    head_gate = heads[shape.heads].repeat_interleave(config.dim_head)
+    group = head_groups(config)[1]
+    q_rows = _rows(shape.heads, config.dim_head * group)
+    kv_rows = _rows(shape.heads, config.dim_head)
+    head_gate = heads[shape.heads].repeat_interleave(config.dim_head * group)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.")}
-    state["position_bias.weight"] = state["position_bias.weight"][:, shape.heads].clone()
+    if "position_bias.weight" in state:  # one column per head, shared by every layer
+        state["position_bias.weight"] = state["position_bias.weight"][:, shape.heads].clone()
     for i, block in enumerate(model.layers):
         prefix = f"layers.{i}."
         if shape.attention[i]:
-            attn = block.attn
             state[prefix + "attn_norm.weight"] = block.attn_norm.weight.clone()
-            for name in ("project_q", "project_k", "project_v"):
-                state[prefix + f"attn.{name}.weight"] = getattr(attn, name).weight[head_rows].clone()
-            out = attn.attention_out.weight[:, head_rows] * (head_gate * attention[i])
-            state[prefix + "attn.attention_out.weight"] = out.to(attn.attention_out.weight.dtype)
+            for name, tensor in block.attn.state_dict().items():
+                state[prefix + "attn." + name] = _sliced_attention(name, tensor, q_rows, kv_rows,
+                                                                   head_gate * attention[i])
         if shape.ffn[i]:
             ff, index = block.ffn, torch.tensor(shape.ffn_dims[i])
             state[prefix + "ffn_norm.weight"] = block.ffn_norm.weight.clone()
@@ -216,12 +234,35 @@ def sliced_state(model: CpmAnt, masks: PruningMasks, shape: PrunedShape) -> tupl
             state[prefix + "ffn.w_out.weight"] = (ff.w_out.weight[:, index] * (dims[i, index] * ffn[i])).to(
                 ff.w_out.weight.dtype)
     removed = [[not a, not f] for a, f in zip(shape.attention, shape.ffn)]
-    pruned = dataclasses.replace(config, num_heads=len(shape.heads), dim_ff=len(shape.ffn_dims[0]),
-                                 mask_modules=removed if any(a or f for a, f in removed) else None)
+    heads_left = {"num_kv_heads": len(shape.heads)} if hasattr(config, "num_kv_heads") else {}
+    pruned = dataclasses.replace(config, num_heads=len(shape.heads) * group, dim_ff=len(shape.ffn_dims[0]),
+                                 mask_modules=removed if any(a or f for a, f in removed) else None, **heads_left)
     return state, pruned
 
 
-def pruned_model(model: CpmAnt, masks: PruningMasks, multiple_of: int = 1) -> CpmAnt:
+PER_HEAD = ("project_q", "project_k", "project_v")
+QUERY_ROWS = ("project_q.weight", "bias_q")  # rows per query head
+KV_ROWS = ("project_k.weight", "project_v.weight", "bias_k", "bias_v")  # rows per key/value head
+
+
+def _rows(groups: list[int], width: int) -> Tensor:
+    return torch.cat([torch.arange(g * width, (g + 1) * width) for g in groups])
+
+
+def _sliced_attention(name: str, tensor: Tensor, q_rows: Tensor, kv_rows: Tensor, gate: Tensor) -> Tensor:
+    """One attention tensor of a kept sub-block: the rows of the kept heads (q, k, v and their
+    biases), the kept columns of ``attention_out`` times their gates, anything else (q/k norms
+    over a head's width, the output bias) as it is."""
+    if name in QUERY_ROWS:
+        return tensor[q_rows].clone()
+    if name in KV_ROWS:
+        return tensor[kv_rows].clone()
+    if name == "attention_out.weight":
+        return (tensor[:, q_rows] * gate).to(tensor.dtype)
+    return tensor.clone()
+
+
+def pruned_model(model: Transformer, masks: PruningMasks, multiple_of: int = 1) -> Transformer:
     """The physically smaller model the deterministic gates describe."""
     state, config = sliced_state(model, masks, binarise(masks, multiple_of))
     return model_from_state_dict(config, state, source="pruned model")
@@ -272,7 +313,7 @@ class GateTrainer:
     the model's weights train at ``lr``, the gates at ``mask_lr``, the multipliers ascend at
     ``lagrangian_lr``."""
 
-    def __init__(self, model: CpmAnt, config: PruneConfig) -> None:
+    def __init__(self, model: Transformer, config: PruneConfig) -> None:
         self.model, self.config = model, config
         self.masks = PruningMasks(model.config)
         self.masks.attach(model)
@@ -301,7 +342,7 @@ class GateTrainer:
         return {"loss": float(loss.detach()), "expected_kept": float(expected.detach()), "target": target,
                 "lambda_1": self.lagrangian.lambda_1.item(), "lambda_2": self.lagrangian.lambda_2.item()}
 
-    def finish(self) -> CpmAnt:
+    def finish(self) -> Transformer:
         """Binarise the gates, slice the model, and drop the hooks."""
         self.model.eval()
         pruned = pruned_model(self.model, self.masks, self.config.multiple_of)
@@ -328,5 +369,5 @@ def warn_off_target(kept: float, target: float, steps: int) -> None:
 
 
 __all__ = ["GateTrainer", "HardConcrete", "Lagrangian", "PruneConfig", "PrunedShape", "PruningMasks",
-           "binarise", "check_target", "kept_share", "warn_off_target", "prunable_parameters", "pruned_model",
-           "sliced_state"]
+           "binarise", "check_target", "head_groups", "kept_share", "warn_off_target", "prunable_parameters",
+           "pruned_model", "sliced_state"]
