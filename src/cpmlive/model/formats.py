@@ -51,6 +51,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
 HF_BIN_NAME = "pytorch_model.bin"
 HF_BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+# The formats that are one file rather than a directory, and the suffixes their files take.
+FILE_FORMATS = {"openbmb": (".pt", ".bin", ".safetensors"), "gguf": (".gguf",)}
 GENERATION_CONFIG_NAME = "generation_config.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
@@ -292,6 +294,11 @@ def write_openbmb(state: dict[str, Tensor], config: Any, dst: Path, vocab: Path 
 
 def check_destination(dst: Path, to: str, vocab: Path | None, force: bool) -> None:
     """Refuse to replace anything at ``dst`` the user did not ask to replace (``force``)."""
+    if to == "gguf":
+        if dst.is_dir() or dst.suffix not in FILE_FORMATS[to]:
+            raise CpmliveError(f"{dst}: a GGUF checkpoint is a single file named .gguf")
+        check_output(dst, force)
+        return
     if to != "openbmb":
         if dst.is_file():
             raise CpmliveError(f"{dst}: is a file; the {to} format is a directory")
@@ -407,7 +414,7 @@ class CheckpointFormats:
 
 
 __all__ = [
-    "CheckpointFormats", "GENERATION_CONFIG_NAME", "HF_BIN_NAME", "Source", "TOKENIZER_CONFIG_NAME", "TORCH_SUFFIXES",
+    "CheckpointFormats", "FILE_FORMATS", "GENERATION_CONFIG_NAME", "HF_BIN_NAME", "Source", "TOKENIZER_CONFIG_NAME", "TORCH_SUFFIXES",
     "WEIGHT_SUFFIXES", "check_destination", "check_layout", "dtype_name", "expected_state", "find_vocab",
     "from_openbmb", "hf_config", "hf_source", "hf_weight_files", "json_object_or_none", "openbmb_config_dict",
     "openbmb_config_file", "ours_source", "read_files", "read_raw", "read_torch", "shapes_only", "torch_files",

@@ -324,8 +324,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config: dict, tokenizer_dir: Path | N
 
 
 def _write_atomically(writer: gguf.GGUFWriter, out: Path) -> None:
-    if not out.parent.is_dir():
-        raise CpmliveError(f"{out.parent} is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         writer.write_header_to_file(path=temporary)
