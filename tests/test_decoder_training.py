@@ -366,6 +366,33 @@ def test_compress_distills_a_decoder_from_its_teacher(llama, store, tmp_path):
     assert len(student.generate_ids([PROMPT], max_new_tokens=3)[0]) == 3
 
 
+def test_compress_prunes_distills_and_quantizes_a_decoder(qwen2, store, tmp_path, monkeypatch):
+    """The whole recipe on grouped attention with biases: gates by k/v group with the teacher's
+    distribution, recovery by distillation, GPTQ int4 of what is left. (``prune`` is declared here
+    until the family's abilities list it.)"""
+    import dataclasses
+
+    from cpmlive.model import registry
+
+    kind = registry.family("decoder")
+    monkeypatch.setitem(registry.families(), kind.model_type,
+                        dataclasses.replace(kind, abilities=kind.abilities | {"prune"}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data: {store}\nseq_length: 96\nbatch_size: 2\nsave_every: 4\nprogress: false\nsteps:\n"
+                      "  - prune: {target: 0.5, steps: 6, target_warmup_steps: 2, mask_lr: 1.0, lagrangian_lr: 1.0,"
+                      " multiple_of: 16, distill: {alpha: 0.5}}\n"
+                      "  - distill: {steps: 2, lr: 0.001}\n"
+                      "  - quantize: {bits: 4, group_size: 16, method: gptq}\n", encoding="utf-8")
+    assert main(["compress", str(qwen2), str(tmp_path / "out"), "--recipe", str(recipe)]) == 0
+    record = json.loads((tmp_path / "out" / "compression.json").read_text())
+    assert [step["step"] for step in record["steps"]] == ["prune", "distill", "quantize"]
+    assert record["steps"][0]["parameters"] < record["parameters"]
+    pruned = cpmlive.load(tmp_path / "out")
+    config = pruned.model.config
+    assert config.num_heads == 2 * config.num_kv_heads and config.quantization.scheme == "int4-g16"
+    assert len(pruned.generate_ids([PROMPT], max_new_tokens=3)[0]) == 3
+
+
 # ---- pretraining -------------------------------------------------------------------------------
 
 
