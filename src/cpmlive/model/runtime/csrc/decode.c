@@ -241,9 +241,7 @@ void decode_blocks(const Block *blocks, int64_t num_blocks, const Step *st, floa
         const Block *blk = blocks + i;
         if (blk->attn_norm) {
             rms_norm(hidden, blk->attn_norm, x, rows, dim, st->eps);
-            matrix_product(&blk->q, x, q, rows, threads);
-            matrix_product(&blk->k, x, k, rows, threads);
-            matrix_product(&blk->v, x, v, rows, threads);
+            matrix_products((Matrix[]){blk->q, blk->k, blk->v}, (float *[]){q, k, v}, 3, x, rows, threads);
             add_bias(q, blk->bias_q, rows, width);
             add_bias(k, blk->bias_k, rows, kv_width);
             add_bias(v, blk->bias_v, rows, kv_width);
@@ -258,8 +256,7 @@ void decode_blocks(const Block *blocks, int64_t num_blocks, const Step *st, floa
         if (blk->ffn_norm) {
             int64_t ff = blk->w_0.n;
             rms_norm(hidden, blk->ffn_norm, x, rows, dim, st->eps);
-            matrix_product(&blk->w_0, x, a, rows, threads);
-            matrix_product(&blk->w_1, x, g, rows, threads);
+            matrix_products((Matrix[]){blk->w_0, blk->w_1}, (float *[]){a, g}, 2, x, rows, threads);
             (blk->activation == ACT_SILU ? silu_gate : gelu_gate)(a, g, rows * ff);
             matrix_product(&blk->w_out, a, y, rows, threads);
             add_branch(hidden, y, NULL, rows, dim, st->residual_scale);

@@ -189,26 +189,13 @@ INLINE void float_row(const void *w, int kind, const float *scale, const float *
     }
 }
 
-INLINE void float_gemv(const void *w, int kind, const float *scale, const float *x, float *y,
-                       int64_t n, int64_t k, int64_t rows, int threads) {
-    int64_t tiles = n / 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tiles; t++) float_tile4(w, kind, scale, x, y, 4 * t, n, k, rows);
-    for (int64_t i = 4 * tiles; i < n; i++) float_row(w, kind, scale, x, y, i, n, k, rows);
-}
-
-void gemv_f32(const float *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
-    float_gemv(w, F32, NULL, x, y, n, k, rows, threads);
-}
-void gemv_bf16(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
-    float_gemv(w, BF16, NULL, x, y, n, k, rows, threads);
-}
-void gemv_f16(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
-    float_gemv(w, F16, NULL, x, y, n, k, rows, threads);
-}
-void gemv_i8(const int8_t *w, const float *scale, const float *x, float *y, int64_t n, int64_t k,
-             int64_t rows, int threads) {
-    float_gemv(w, I8, scale, x, y, n, k, rows, threads);
+/* The output rows i .. i + count - 1 of a float-like product: whole tiles of four, then single rows. */
+INLINE void float_rows(const void *w, int kind, const float *scale, const float *x, float *y,
+                       int64_t i, int64_t count, int64_t n, int64_t k, int64_t rows) {
+    if (count == 4)
+        float_tile4(w, kind, scale, x, y, i, n, k, rows);
+    else
+        for (int64_t r = i; r < i + count; r++) float_row(w, kind, scale, x, y, r, n, k, rows);
 }
 
 /* ---- int8 x int8 ----------------------------------------------------------------------------- */
@@ -296,26 +283,22 @@ INLINE void dot4_i8(const int8_t *a, const int8_t *b0, const int8_t *b1, const i
     out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
 }
 
-void gemv_w8a8(const int8_t *w, const float *scale, const float *x, float *y, int64_t n, int64_t k,
-               int64_t rows, int threads) {
-    int8_t *codes = malloc((size_t)(rows * k));
-    float *x_scale = malloc((size_t)rows * sizeof(float));
-    for (int64_t m = 0; m < rows; m++) x_scale[m] = quantize_row(x + m * k, codes + m * k, k);
-    int64_t tiles = n / 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int8_t *w0 = w + 4 * t * k;
+/* The output rows i .. i + count - 1 (a tile of four, or one row) of an int8 x int8 product
+ * whose input rows are `codes` with scales `x_scale`. */
+INLINE void w8a8_rows(const int8_t *w, const float *scale, const int8_t *codes, const float *x_scale, float *y,
+                      int64_t i, int64_t count, int64_t n, int64_t k, int64_t rows) {
+    if (count == 4) {
+        const int8_t *w0 = w + i * k;
         for (int64_t m = 0; m < rows; m++) {
             int32_t sums[4];
             dot4_i8(codes + m * k, w0, w0 + k, w0 + 2 * k, w0 + 3 * k, k, m == 0, sums);
-            for (int r = 0; r < 4; r++) y[m * n + 4 * t + r] = (float)sums[r] * x_scale[m] * scale[4 * t + r];
+            for (int r = 0; r < 4; r++) y[m * n + i + r] = (float)sums[r] * x_scale[m] * scale[i + r];
         }
+        return;
     }
-    for (int64_t i = 4 * tiles; i < n; i++)
+    for (int64_t r = i; r < i + count; r++)
         for (int64_t m = 0; m < rows; m++)
-            y[m * n + i] = (float)dot_i8(codes + m * k, w + i * k, k) * x_scale[m] * scale[i];
-    free(codes);
-    free(x_scale);
+            y[m * n + r] = (float)dot_i8(codes + m * k, w + r * k, k) * x_scale[m] * scale[r];
 }
 
 /* ---- int4 groups ------------------------------------------------------------------------------ */
@@ -360,41 +343,120 @@ INLINE float int4_row(const uint8_t *packed, const float *scale, const uint8_t *
     return s - correction;
 }
 
-void gemv_i4(const uint8_t *w, const float *scale, const uint8_t *zero, const float *x, float *y,
-             int64_t n, int64_t k, int64_t group, int64_t rows, int threads) {
-    int64_t groups = k / group;
-    /* Each x row deinterleaved per 16 columns (evens then odds), and its sum per group. */
-    float *xs = malloc((size_t)(rows * k) * sizeof(float));
-    float *group_sum = malloc((size_t)(rows * groups) * sizeof(float));
-    for (int64_t m = 0; m < rows; m++) {
-        const float *xm = x + m * k;
-        for (int64_t j = 0; j < k; j += 16)
-            for (int t = 0; t < 8; t++) {
-                xs[m * k + j + t] = xm[j + 2 * t];
-                xs[m * k + j + 8 + t] = xm[j + 2 * t + 1];
+/* ---- products in one parallel loop ----------------------------------------------------------- */
+
+/* One product prepared for its units of work: a unit is a tile of four output rows (a single row
+ * for the last n % 4, and every row of an int4 product), computed as the product alone computes it. */
+typedef struct {
+    const Matrix *m;
+    const float *x;
+    float *y;
+    int64_t rows, units, tiles;
+    int8_t *codes;                 /* w8a8: the input rows as int8 codes */
+    float *x_scale;                /* w8a8: their scales */
+    float *xs, *group_sum;         /* i4: the input rows deinterleaved per 16 columns, their sums per group */
+} Job;
+
+static void prepare(Job *job, const Matrix *m, const float *x, float *y, int64_t rows) {
+    int64_t n = m->n, k = m->k;
+    *job = (Job){.m = m, .x = x, .y = y, .rows = rows, .tiles = n / 4, .units = n / 4 + n % 4};
+    if (m->kind == KIND_W8A8) {
+        job->codes = malloc((size_t)(rows * k));
+        job->x_scale = malloc((size_t)rows * sizeof(float));
+        for (int64_t r = 0; r < rows; r++) job->x_scale[r] = quantize_row(x + r * k, job->codes + r * k, k);
+    } else if (m->kind == KIND_I4) {
+        int64_t groups = k / m->group;
+        job->tiles = 0;
+        job->units = n;
+        job->xs = malloc((size_t)(rows * k) * sizeof(float));
+        job->group_sum = malloc((size_t)(rows * groups) * sizeof(float));
+        for (int64_t r = 0; r < rows; r++) {
+            const float *xm = x + r * k;
+            for (int64_t j = 0; j < k; j += 16)
+                for (int t = 0; t < 8; t++) {
+                    job->xs[r * k + j + t] = xm[j + 2 * t];
+                    job->xs[r * k + j + 8 + t] = xm[j + 2 * t + 1];
+                }
+            for (int64_t g = 0; g < groups; g++) {
+                float sum = 0;
+                for (int64_t j = 0; j < m->group; j++) sum += xm[g * m->group + j];
+                job->group_sum[r * groups + g] = sum;
             }
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0;
-            for (int64_t j = 0; j < group; j++) s += xm[g * group + j];
-            group_sum[m * groups + g] = s;
         }
     }
+}
+
+static void run_unit(const Job *job, int64_t u) {
+    const Matrix *m = job->m;
+    int64_t n = m->n, k = m->k, rows = job->rows;
+    int64_t i = u < job->tiles ? 4 * u : 4 * job->tiles + (u - job->tiles), count = u < job->tiles ? 4 : 1;
+    static const int float_kind[] = {[KIND_F32] = F32, [KIND_BF16] = BF16, [KIND_F16] = F16, [KIND_I8] = I8};
+    switch (m->kind) {
+    case KIND_W8A8:
+        w8a8_rows(m->weight, m->scale, job->codes, job->x_scale, job->y, i, count, n, k, rows);
+        break;
+    case KIND_I4: {
+        int64_t groups = k / m->group;
+        for (int64_t r = 0; r < rows; r++)
+            job->y[r * n + i] = int4_row((const uint8_t *)m->weight + i * (k / 2), m->scale + i * groups,
+                                         m->zero + i * groups, job->xs + r * k, job->group_sum + r * groups, k,
+                                         m->group);
+        break;
+    }
+    default:
+        float_rows(m->weight, float_kind[m->kind], m->kind == KIND_I8 ? m->scale : NULL, job->x, job->y, i, count,
+                   n, k, rows);
+    }
+}
+
+void matrix_products(const Matrix *ms, float *const *ys, int count, const float *x, int64_t rows, int threads) {
+    Job jobs[MAX_PRODUCTS];
+    int64_t total = 0;
+    for (int p = 0; p < count; p++) {
+        prepare(&jobs[p], &ms[p], x, ys[p], rows);
+        total += jobs[p].units;
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t m = 0; m < rows; m++)
-            y[m * n + i] = int4_row(w + i * (k / 2), scale + i * groups, zero + i * groups, xs + m * k,
-                                    group_sum + m * groups, k, group);
-    free(xs);
-    free(group_sum);
+    for (int64_t u = 0; u < total; u++) {
+        int p = 0;
+        int64_t local = u;
+        while (local >= jobs[p].units) local -= jobs[p++].units;
+        run_unit(&jobs[p], local);
+    }
+    for (int p = 0; p < count; p++) {
+        free(jobs[p].codes); free(jobs[p].x_scale); free(jobs[p].xs); free(jobs[p].group_sum);
+    }
 }
 
 void matrix_product(const Matrix *m, const float *x, float *y, int64_t rows, int threads) {
-    switch (m->kind) {
-    case KIND_F32: gemv_f32(m->weight, x, y, m->n, m->k, rows, threads); break;
-    case KIND_BF16: gemv_bf16(m->weight, x, y, m->n, m->k, rows, threads); break;
-    case KIND_F16: gemv_f16(m->weight, x, y, m->n, m->k, rows, threads); break;
-    case KIND_I8: gemv_i8(m->weight, m->scale, x, y, m->n, m->k, rows, threads); break;
-    case KIND_W8A8: gemv_w8a8(m->weight, m->scale, x, y, m->n, m->k, rows, threads); break;
-    default: gemv_i4(m->weight, m->scale, m->zero, x, y, m->n, m->k, m->group, rows, threads); break;
-    }
+    matrix_products(m, &y, 1, x, rows, threads);
+}
+
+/* The single products native.py calls. */
+static void product(int64_t kind, const void *w, const float *scale, const uint8_t *zero, int64_t group,
+                    const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
+    Matrix m = {.kind = kind, .weight = w, .scale = scale, .zero = zero, .n = n, .k = k, .group = group};
+    matrix_product(&m, x, y, rows, threads);
+}
+
+void gemv_f32(const float *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
+    product(KIND_F32, w, NULL, NULL, 0, x, y, n, k, rows, threads);
+}
+void gemv_bf16(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
+    product(KIND_BF16, w, NULL, NULL, 0, x, y, n, k, rows, threads);
+}
+void gemv_f16(const uint16_t *w, const float *x, float *y, int64_t n, int64_t k, int64_t rows, int threads) {
+    product(KIND_F16, w, NULL, NULL, 0, x, y, n, k, rows, threads);
+}
+void gemv_i8(const int8_t *w, const float *scale, const float *x, float *y, int64_t n, int64_t k,
+             int64_t rows, int threads) {
+    product(KIND_I8, w, scale, NULL, 0, x, y, n, k, rows, threads);
+}
+void gemv_w8a8(const int8_t *w, const float *scale, const float *x, float *y, int64_t n, int64_t k,
+               int64_t rows, int threads) {
+    product(KIND_W8A8, w, scale, NULL, 0, x, y, n, k, rows, threads);
+}
+void gemv_i4(const uint8_t *w, const float *scale, const uint8_t *zero, const float *x, float *y,
+             int64_t n, int64_t k, int64_t group, int64_t rows, int threads) {
+    product(KIND_I4, w, scale, zero, group, x, y, n, k, rows, threads);
 }

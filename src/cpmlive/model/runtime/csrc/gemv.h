@@ -23,4 +23,9 @@ typedef struct {
 
 void matrix_product(const Matrix *m, const float *x, float *y, int64_t rows, int threads);
 
+/* ys[p] = x @ ms[p].T for p < count (at most MAX_PRODUCTS) in one parallel loop: products of one
+ * input (q, k and v; the gate and up projections) then share one wait for the slowest thread. */
+#define MAX_PRODUCTS 4
+void matrix_products(const Matrix *ms, float *const *ys, int count, const float *x, int64_t rows, int threads);
+
 #endif
