@@ -20,6 +20,7 @@ cache) and describes its layers to C once; the description is rebuilt when a wei
 from __future__ import annotations
 
 import ctypes
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -64,47 +65,45 @@ BIASES = ("bias_q", "bias_k", "bias_v", "bias_out")
 SUBLAYERS = (("attn_norm",), ("attn",), ("attn", "project_q"), ("attn", "project_k"), ("attn", "project_v"),
              ("attn", "attention_out"), ("attn", "q_norm"), ("attn", "k_norm"), ("ffn_norm",), ("ffn",),
              ("ffn", "w_0"), ("ffn", "w_1"), ("ffn", "w_out"))
-
-
 TENSORS = ("weight", "weight_scale", "weight_zero", *BIASES)
 
-Slot = tuple[nn.Module, str, object]  # an owner, the name of one of its attributes, what it held
+Slot = tuple[dict, str, object]  # the table of a module's attributes that holds a name, and what it held
 
 
-def _attribute(owner: nn.Module, name: str) -> object:
-    """``getattr(owner, name, None)`` without ``nn.Module``'s slow path (an exception raised and
-    caught) for names it does not have: the check of every step reads a few hundred."""
+def _slot(owner: nn.Module, name: str) -> Slot:
+    """Where ``owner`` keeps ``name`` (its parameters, buffers, submodules or plain attributes)
+    and what it holds there (``None``: nothing). Replacing a parameter, buffer or submodule
+    changes the entry of its own table, so the step's check reads one dictionary per slot."""
     for table in (owner._parameters, owner._buffers, owner._modules, owner.__dict__):
         if name in table:
-            return table[name]
-    return None
+            return table, name, table[name]
+    return owner._modules, name, None
 
 
 def _slots(model: nn.Module) -> list[Slot]:
     """Every module and tensor the description reads, each with its owner (a sublayer may be absent: ``None``)."""
-    found: list[Slot] = [(model, "layers", model.layers)]
+    found: list[Slot] = [_slot(model, "layers")]
     for index, block in enumerate(model.layers):
-        found.append((model.layers, str(index), block))
+        found.append(_slot(model.layers, str(index)))
         for path in SUBLAYERS:
-            owner = block
+            owner: object = block
             for name in path[:-1]:
-                owner = _attribute(owner, name)
+                owner = _slot(owner, name)[2]
                 if owner is None:
                     break
             if owner is None:
                 continue
-            module = _attribute(owner, path[-1])
-            found.append((owner, path[-1], module))
+            found.append(_slot(owner, path[-1]))
+            module = found[-1][2]
             if isinstance(module, nn.Module):
-                found += [(module, name, tensor) for name in TENSORS
-                          if isinstance(tensor := _attribute(module, name), Tensor)]
+                found += [slot for name in TENSORS if isinstance((slot := _slot(module, name))[2], Tensor)]
     return found
 
 
 @dataclass(repr=False)
 class Plan:
     blocks: ctypes.Array
-    slots: list[Slot]
+    slots: tuple[tuple, tuple, tuple]  # the tables, names and held objects of every slot (``_slots``)
     tensors: list[Tensor]  # every tensor the description points into
     versions: list[tuple[int, int]]
     dim_ff: int
@@ -114,10 +113,10 @@ class Plan:
     def current(self, model: nn.Module) -> bool:
         """Whether no layer was replaced (an adapter attached), no weight tensor replaced and
         none changed in place since the description was made."""
-        layers = self.slots[0][2]
-        return (_attribute(model, "layers") is layers and len(layers) == len(self.blocks)
-                and all(_attribute(owner, name) is held for owner, name, held in self.slots)
-                and all((t._version, t.data_ptr()) == v for t, v in zip(self.tensors, self.versions)))
+        tables, names, held = self.slots
+        return (model._modules.get("layers") is held[0] and len(held[0]) == len(self.blocks)
+                and all(map(operator.is_, map(dict.get, tables, names), held))
+                and [(t._version, t.data_ptr()) for t in self.tensors] == self.versions)
 
 
 def _base_type(layer: nn.Module, base: type) -> bool:
@@ -217,8 +216,8 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: floa
     dim_ff = max([b.w_0.n for b in blocks if b.ffn_norm] or [1])
     slots = _slots(model)
     tensors = [held for _, _, held in slots if isinstance(held, Tensor)]
-    result = Plan((Block * len(blocks))(*blocks), slots, tensors, [(t._version, t.data_ptr()) for t in tensors],
-                  dim_ff, eps, residual_scale)
+    versions = [(t._version, t.data_ptr()) for t in tensors]
+    result = Plan((Block * len(blocks))(*blocks), tuple(zip(*slots)), tensors, versions, dim_ff, eps, residual_scale)
     _PLANS[model] = result
     return result
 
