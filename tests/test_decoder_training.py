@@ -134,6 +134,26 @@ def test_lora_adapter_loads_in_peft_on_the_hf_model(architecture, request, tmp_p
                                atol=1e-5, rtol=0)
 
 
+def test_bitfit_adapter_loads_in_peft_on_the_hf_model(llama, tmp_path):
+    from peft import PeftModel
+
+    lm = cpmlive.load(llama)
+    deltas.attach(lm.model, deltas.DeltaConfig(method="bitfit"))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in deltas.adapter_tensors(lm.model, "default").values():
+            parameter.mul_(1 + 0.3 * torch.randn(parameter.shape, generator=generator))
+    lm.model.eval()
+    deltas.save_adapter(lm.model, tmp_path / "bitfit")
+    config = json.loads((tmp_path / "bitfit" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["input_layernorm", "post_attention_layernorm", "norm"]
+    ids = ids_of(lm)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # PEFT: "Unsupported layer type LlamaRMSNorm" (it tunes a copy all the same)
+        theirs = PeftModel.from_pretrained(hf_model(llama), tmp_path / "bitfit").eval()(ids).logits
+    torch.testing.assert_close(logits(lm, ids), theirs, atol=1e-4, rtol=0)
+
+
 def test_an_adapter_peft_trained_on_the_hf_model_loads_into_ours(llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 
