@@ -117,6 +117,13 @@ def test_greedy_and_beam_ids_equal_hf_generate(pair):
     assert beams == [t for t in hf_beams if t != eos][:len(beams)]
 
 
+def test_the_head_as_one_matrix_gives_the_logits(pair):
+    _, _, ours = pair
+    with torch.no_grad():
+        hidden = ours(torch.tensor(PROMPT))
+        assert (hidden @ ours.head_weight().T - ours.logits(hidden)).abs().max() < 1e-5
+
+
 def test_hf_config_round_trip(pair):
     name, hf, ours = pair
     again = DecoderConfig.from_hf(ours.config.to_hf())
@@ -169,6 +176,8 @@ def test_minicpm_formulas(tmp_path):
         plain = llama(ids).logits
     assert (got - expected).abs().max() < 1e-4
     assert (got - plain).abs().max() > 1e-2  # the scales matter on these weights
+    hidden = ours(ids)  # the training loss reads the head as one matrix: MiniCPM's scale folded in
+    assert (hidden @ ours.head_weight().T - got).abs().max() < 1e-5
 
 
 def test_refusals(tmp_path):

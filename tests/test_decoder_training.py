@@ -386,17 +386,9 @@ def test_compress_distills_a_decoder_from_its_teacher(llama, store, tmp_path):
     assert len(student.generate_ids([PROMPT], max_new_tokens=3)[0]) == 3
 
 
-def test_compress_prunes_distills_and_quantizes_a_decoder(qwen2, store, tmp_path, monkeypatch):
+def test_compress_prunes_distills_and_quantizes_a_decoder(qwen2, store, tmp_path):
     """The whole recipe on grouped attention with biases: gates by k/v group with the teacher's
-    distribution, recovery by distillation, GPTQ int4 of what is left. (``prune`` is declared here
-    until the family's abilities list it.)"""
-    import dataclasses
-
-    from cpmlive.model import registry
-
-    kind = registry.family("decoder")
-    monkeypatch.setitem(registry.families(), kind.model_type,
-                        dataclasses.replace(kind, abilities=kind.abilities | {"prune"}))
+    distribution, recovery by distillation, GPTQ int4 of what is left."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"data: {store}\nseq_length: 96\nbatch_size: 2\nsave_every: 4\nprogress: false\nsteps:\n"
                       "  - prune: {target: 0.5, steps: 6, target_warmup_steps: 2, mask_lr: 1.0, lagrangian_lr: 1.0,"

@@ -9,7 +9,7 @@ from cpmlive.tokenizer.hf import HFTokenizer
 
 FAMILY = Family(
     model_type="decoder", name="Llama-family",
-    abilities=frozenset({"generate", "chat", "title", "classify", "align", "calibrate", "retrain"}),
+    abilities=frozenset({"generate", "chat", "title", "classify", "align", "calibrate", "prune", "retrain"}),
     hint="a Llama-family model is a left-to-right model: use generate or chat", config=DecoderConfig,
     model=Decoder, tokenizer=HFTokenizer, presets=PRESETS, build=build_decoder, load=convert.load_pretrained,
     convert=convert.convert, info=convert.checkpoint_info, resolve=convert.resolve, aliases=ARCHITECTURES,

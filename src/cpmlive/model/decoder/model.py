@@ -266,7 +266,20 @@ class Decoder(Transformer):
         return super().logits(hidden)
 
     def head_weight(self) -> Tensor:
-        return self.output_head.weight if hasattr(self, "output_head") else super().head_weight()
+        """The head as one float matrix, ``logits == hidden @ head_weight().T``: MiniCPM's scale
+        folded in; an untied head that is not a plain product (quantized, or carrying an adapter)
+        as the matrix it computes."""
+        if not hasattr(self, "output_head"):
+            weight = super().head_weight()
+        elif type(self.output_head) is nn.Linear:
+            weight = self.output_head.weight
+        elif hasattr(self.output_head, "dequantized"):
+            weight = self.output_head.dequantized()
+        else:
+            probe = torch.eye(self.config.dim_model, dtype=self.output_norm.weight.dtype,
+                              device=self.output_norm.weight.device)
+            weight = self.output_head(probe).T
+        return weight if self.config.logit_scale == 1.0 else weight / self.config.logit_scale
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return self.make_cache(batch, capacity, "the text and the new tokens")
