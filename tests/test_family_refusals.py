@@ -121,7 +121,8 @@ def test_the_calibration_refusal_names_every_family_that_calibrates(tmp_path, mo
                if kind.name == "CPM-1" else kind for model_type, kind in registry.families().items()}
     monkeypatch.setattr(registry, "families", lambda: entries)
     config = QuantConfig(bits=4, group_size=64, method="gptq")
-    with pytest.raises(CpmliveError, match=r"GPTQ/AWQ calibration is CPM-Ant, CPM-1 or Llama-family's \(CPM-Bee: use --method rtn\)"):
+    refusal = r"GPTQ/AWQ calibration is CPM-Ant, CPM-1 or Llama-family's \(CPM-Bee: use --method rtn\)"
+    with pytest.raises(CpmliveError, match=refusal):
         quantize_checkpoint("bee-demo", tmp_path / "q", config, calibration=tmp_path / "text.txt")
 
 
