@@ -108,16 +108,14 @@ def add_data(verbs: Verbs) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    import shutil
-
     from cpmlive.data.store import prepare
-    from cpmlive.model.checkpoint import vocab_file_name
+    from cpmlive.model.checkpoint import vocab_file_name, write_vocab
 
     stats = prepare(args.sources, args.vocab, args.out, val_fraction=args.val_fraction, seed=args.seed,
                     workers=args.workers, progress=not args.quiet, force=args.force, max_docs=args.max_docs)
-    kept = Path(args.out, vocab_file_name(args.vocab))  # vocab.txt, or spiece.model for CPM-1
+    kept = Path(args.out, vocab_file_name(args.vocab))  # vocab.txt, spiece.model for CPM-1, tokenizer.json
     if not kept.exists() or not kept.samefile(args.vocab):
-        shutil.copyfile(args.vocab, kept)
+        write_vocab(args.vocab, kept)  # with a tokenizer.json's companions (special tokens, chat template)
     print(source_table(stats["per_source"]))
     print(f"{stats['documents']} documents, {stats['chars']} chars, {stats['tokens']} tokens "
           f"(train {stats['train']['documents']} docs, val {stats['val']['documents']} docs) -> {args.out}")

@@ -272,7 +272,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours",
     """:meth:`CheckpointFormats.convert`, where ``--to gguf`` takes GGUF's tensor types as ``dtype``
     (``f32``, ``f16``, ``q8_0``; the stored dtype's by default)."""
     if to != "gguf" or dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, str) and dtype.lower() in GGUF_KINDS and dtype.lower() not in ("f32", "f16"):
+        if isinstance(dtype, str) and GGUF_KINDS.get(dtype.lower()) not in (None, "f32", "f16"):
             raise CpmliveError(f"--dtype {dtype} is a GGUF tensor type: use it with --to gguf")
         return CHECKPOINTS.convert(src, dst, to, config_path, vocab_path, dtype, force, dequantize)
     kind = GGUF_KINDS.get(str(dtype).lower())
