@@ -48,6 +48,13 @@ def held_out(sources: Iterable[str] = CORPORA, val_fraction: float = 0.02, seed:
     return kept
 
 
+def write_held_out(path: Path, sources: Iterable[str] = CORPORA) -> int:
+    """Write :func:`held_out`'s documents to ``path``, one a line; returns how many."""
+    texts = held_out(sources)
+    path.write_text("".join(text.replace("\n", " ") + "\n" for text in texts), encoding="utf-8")
+    return len(texts)
+
+
 def train_vocab(texts: Iterable[str], vocab_size: int = VOCAB_SIZE, threads: int = 1) -> bytes:
     """A serialized SentencePiece model over ``texts`` with CPM-Generate's special pieces at 3..7."""
     import sentencepiece
@@ -70,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sources", nargs="*", default=list(CORPORA))
     args = parser.parse_args(argv)
     if args.held_out is not None:
-        texts = held_out(args.sources)
-        args.held_out.write_text("".join(text.replace("\n", " ") + "\n" for text in texts), encoding="utf-8")
-        print(f"wrote {args.held_out} ({len(texts)} documents)")
+        print(f"wrote {args.held_out} ({write_held_out(args.held_out, args.sources)} documents)")
         return 0
     if args.out is None:
         parser.error("--out or --held-out is required")
