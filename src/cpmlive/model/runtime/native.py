@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.c", "decode.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.c", "decode.c", "pool.c")]
 HEADERS = [Path(__file__).with_name("csrc") / "gemv.h"]
 # Products of at most this many rows use these loops; more rows go to PyTorch, whose blocked
 # matrix products reuse each weight across rows better (benchmarks/quant_kernels.py).
 MAX_ROWS = 4
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
 FLOAT_WEIGHTS = (torch.float32, torch.bfloat16, torch.float16)
 _FLOAT_KINDS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16", torch.float16: "gemv_f16"}
 

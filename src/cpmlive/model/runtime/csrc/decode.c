@@ -121,31 +121,45 @@ static inline void axpy(float alpha, const float *x, float *y, int64_t n) {
     for (; d < n; d++) y[d] += alpha * x[d];
 }
 
-/* softmax(q k^T / sqrt(d) + bias) v for every (row, head) over keys 0 .. keys-1; query head h
- * reads key / value head h / (heads / kv_heads). */
-static void attend(const float *q, const float *key_cache, const float *value_cache, const float *bias,
-                   float *out, const Step *st) {
-    int64_t rows = st->rows, heads = st->heads, dim_head = st->dim_head, capacity = st->capacity, keys = st->keys;
+typedef struct {
+    const float *q, *key_cache, *value_cache, *bias;
+    float *out;
+    const Step *st;
+} Attention;
+
+/* softmax(q k^T / sqrt(d) + bias) v of the (row, head) pairs first .. end - 1 over keys 0 .. keys-1;
+ * query head h reads key / value head h / (heads / kv_heads). */
+static void attend_heads(void *context, int64_t first, int64_t end) {
+    const Attention *a = context;
+    const Step *st = a->st;
+    int64_t heads = st->heads, dim_head = st->dim_head, capacity = st->capacity, keys = st->keys;
     int64_t group = heads / st->kv_heads;
     float scale = 1.0f / sqrtf((float)dim_head);
-#pragma omp parallel for schedule(dynamic, 8) num_threads(st->threads)
-    for (int64_t rh = 0; rh < rows * heads; rh++) {
+    float *scores = malloc((size_t)keys * sizeof(float));
+    for (int64_t rh = first; rh < end; rh++) {
         int64_t r = rh / heads, h = rh % heads;
         int64_t kv = r * st->kv_heads + h / group;
-        const float *qv = q + r * heads * dim_head + h * dim_head;
-        const float *kc = key_cache + kv * capacity * dim_head, *vc = value_cache + kv * capacity * dim_head;
-        const float *b = bias + (st->bias_heads == 1 ? r : rh) * keys;
-        float *scores = malloc((size_t)keys * sizeof(float)), peak = -INFINITY, total = 0;
+        const float *qv = a->q + r * heads * dim_head + h * dim_head;
+        const float *kc = a->key_cache + kv * capacity * dim_head, *vc = a->value_cache + kv * capacity * dim_head;
+        const float *b = a->bias + (st->bias_heads == 1 ? r : rh) * keys;
+        float peak = -INFINITY, total = 0;
         for (int64_t j = 0; j < keys; j++) {
             scores[j] = dot(qv, kc + j * dim_head, dim_head) * scale + b[j];
             peak = fmaxf(peak, scores[j]);
         }
         for (int64_t j = 0; j < keys; j++) total += (scores[j] = expf(scores[j] - peak));
-        float *o = out + r * heads * dim_head + h * dim_head;
+        float *o = a->out + r * heads * dim_head + h * dim_head;
         memset(o, 0, (size_t)dim_head * sizeof(float));
         for (int64_t j = 0; j < keys; j++) axpy(scores[j] / total, vc + j * dim_head, o, dim_head);
-        free(scores);
     }
+    free(scores);
+}
+
+static void attend(const float *q, const float *key_cache, const float *value_cache, const float *bias,
+                   float *out, const Step *st) {
+    Attention a = {q, key_cache, value_cache, bias, out, st};
+    int64_t head_bytes = 2 * st->keys * st->dim_head * (int64_t)sizeof(float);
+    pool_run(attend_heads, &a, st->rows * st->heads, 65536 / (head_bytes > 0 ? head_bytes : 1), st->threads);
 }
 
 /* Copy this step's keys and values ([rows, heads * dim_head]) to cache column `columns[r]` of

@@ -3,7 +3,7 @@
  * Decoding one token reads every weight once and does two flops per weight, so its speed is the
  * rate at which weights stream from memory. These loops read each weight row once per call (every
  * x row uses it while it is in cache), keep eight independent accumulators in flight, and split
- * the output rows across OpenMP threads (the runtime PyTorch itself uses). Weight formats:
+ * the output rows across threads (pool.c). Weight formats:
  *
  *   f32   float32
  *   bf16  bfloat16 (the upper half of a float32)
@@ -343,6 +343,10 @@ INLINE float int4_row(const uint8_t *packed, const float *scale, const uint8_t *
     return s - correction;
 }
 
+INLINE int kind_bits(int64_t kind) {
+    return kind == KIND_F32 ? 32 : kind == KIND_BF16 || kind == KIND_F16 ? 16 : kind == KIND_I4 ? 4 : 8;
+}
+
 /* ---- products in one parallel loop ----------------------------------------------------------- */
 
 /* One product prepared for its units of work: a unit is a tile of four output rows (a single row
@@ -409,6 +413,24 @@ static void run_unit(const Job *job, int64_t u) {
     }
 }
 
+typedef struct {
+    const Job *jobs;
+} Products;
+
+static void run_units(void *context, int64_t first, int64_t end) {
+    const Job *job = ((const Products *)context)->jobs;
+    int64_t local = first;
+    while (local >= job->units) local -= (job++)->units;
+    for (int64_t u = first; u < end; u++) {
+        run_unit(job, local);
+        if (++local == job->units) local = 0, job++;
+    }
+}
+
+/* Units claimed at a time: about CHUNK_BYTES of weights, so that claims cost little and the
+ * caller waits at the end for no more than one chunk of a helper. */
+#define CHUNK_BYTES (256 * 1024)
+
 void matrix_products(const Matrix *ms, float *const *ys, int count, const float *x, int64_t rows, int threads) {
     Job jobs[MAX_PRODUCTS];
     int64_t total = 0;
@@ -416,13 +438,9 @@ void matrix_products(const Matrix *ms, float *const *ys, int count, const float 
         prepare(&jobs[p], &ms[p], x, ys[p], rows);
         total += jobs[p].units;
     }
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t u = 0; u < total; u++) {
-        int p = 0;
-        int64_t local = u;
-        while (local >= jobs[p].units) local -= jobs[p++].units;
-        run_unit(&jobs[p], local);
-    }
+    int64_t unit_bytes = (ms[0].kind == KIND_I4 ? 1 : 4) * ms[0].k * (int64_t)kind_bits(ms[0].kind) / 8;
+    Products products = {jobs};
+    pool_run(run_units, &products, total, CHUNK_BYTES / (unit_bytes > 0 ? unit_bytes : 1), threads);
     for (int p = 0; p < count; p++) {
         free(jobs[p].codes); free(jobs[p].x_scale); free(jobs[p].xs); free(jobs[p].group_sum);
     }

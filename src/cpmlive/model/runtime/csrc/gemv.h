@@ -23,6 +23,11 @@ typedef struct {
 
 void matrix_product(const Matrix *m, const float *x, float *y, int64_t rows, int threads);
 
+/* work(context, first, end) over units [0, units) in chunks of `chunk`, by the caller and up to
+ * threads - 1 helpers (pool.c); returns when every unit is done. */
+typedef void (*PoolWork)(void *context, int64_t first, int64_t end);
+void pool_run(PoolWork work, void *context, int64_t units, int64_t chunk, int threads);
+
 /* ys[p] = x @ ms[p].T for p < count (at most MAX_PRODUCTS) in one parallel loop: products of one
  * input (q, k and v; the gate and up projections) then share one wait for the slowest thread. */
 #define MAX_PRODUCTS 4
