@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.generate import GenerationConfig, choose_tokens, prefill, process_logits, step_inputs
+from cpmlive.infer.generate import GenerationConfig, choose_tokens, prefill, process_logits, step_inputs, stop_ids_of
 from cpmlive.infer.kv import KVPool
 from cpmlive.model.stack import Transformer
 from cpmlive.tune import delta
@@ -60,7 +60,8 @@ class Cancelled(Exception):
 @dataclass
 class Request:
     """One generation: prompt ids (starting with ``<s>``), decoding options, and what the engine
-    needs to serve it (its adapter, the adapter's prompt task, stop strings, logprobs)."""
+    needs to serve it (its adapter, the adapter's prompt task, stop strings, stop ids besides the
+    tokenizer's, logprobs)."""
 
     ids: list[int]
     options: GenerationConfig = field(default_factory=GenerationConfig)
@@ -68,6 +69,7 @@ class Request:
     prompt_task: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # top alternatives reported per token (0: only the chosen one's)
+    stop_ids: frozenset[int] = frozenset()  # e.g. the end-of-turn token of a chat template
 
 
 @dataclass
@@ -196,6 +198,42 @@ class Job(Future):
         return super().cancel()
 
 
+class IncrementalText:
+    """The text of a growing list of ids, extended a token at a time as ``tokenizer.decode`` of
+    the whole list reads it (TGI's and vLLM's detokenization): each new token's text is what
+    decoding a short window of the last ids adds to decoding the window without it, so a piece
+    that depends on its neighbours (SentencePiece's leading space, a character split over
+    byte-level tokens) comes out right. Text that ends in an unfinished character (U+FFFD) waits
+    for the next token; :meth:`flush` gives it up at the end. For a tokenizer that decodes by
+    concatenating token strings (CPM's) each token adds its own string."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix = self.read = 0  # the window starts at ids[prefix]; ids[read:] are not in text yet
+
+    def _pending(self) -> tuple[str, str]:
+        decode = self.tokenizer.decode
+        return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+
+    def add(self, token: int) -> str:
+        """The text with ``token`` appended (held back while it ends in an unfinished character)."""
+        self.ids.append(token)
+        before, after = self._pending()
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self.text
+
+    def flush(self) -> str:
+        """The whole text, what was held back included."""
+        before, after = self._pending()
+        self.text += after[len(before):]
+        self.prefix = self.read = len(self.ids)
+        return self.text
+
+
 class Sequence:
     """A running request: what it generated, the text it released, its generator."""
 
@@ -205,7 +243,8 @@ class Sequence:
         self.limit = width + options.max_new_tokens  # KV columns it may need
         self.history = list(self.request.ids)
         self.generated: list[int] = []
-        self.text = ""  # the generated text, a token's string at a time (CPM tokenizers decode by concatenation)
+        self.text = ""  # the generated text so far (see IncrementalText)
+        self.detokenizer = IncrementalText(tokenizer)
         self.released = 0  # characters of it already emitted
         self.pending: int | None = None  # the chosen token, fed at the next step
         self.finished = False
@@ -217,21 +256,28 @@ class Sequence:
         self.finished = True
         self.handle.emit(Event(token, text, finish_reason=reason, **extra))
 
-    def accept(self, token: int, eos_id: int, logprob: float | None, top: dict[int, float] | None) -> None:
-        """Take the chosen token: emit what it releases, finish when it ends the request."""
-        if token == eos_id:
-            self.finish("stop", self.text[self.released:], logprob=None)
+    def accept(self, token: int, stop_ids: frozenset[int], logprob: float | None,
+               top: dict[int, float] | None) -> None:
+        """Take the chosen token: emit what it releases, finish when it ends the request (a stop
+        id, the tokenizer's or the request's, ends it without being part of its text)."""
+        if token in stop_ids or token in self.request.stop_ids:
+            self.text = self.detokenizer.flush()
+            cut = self._stop_at(self.text)
+            self.finish("stop", self.text[self.released:cut], logprob=None)
             return
         self.generated.append(token)
         self.history.append(token)
-        self.text += self.tokenizer.decode([token])
+        self.text = self.detokenizer.add(token)
+        cut = self._stop_at(self.text)
+        if cut is None and len(self.generated) >= self.request.options.max_new_tokens:
+            self.text = self.detokenizer.flush()
+            cut = self._stop_at(self.text)
+            if cut is None:
+                self.finish("length", self.text[self.released:], token, logprob=logprob, top_logprobs=top)
+                return
         text = self.text
-        cut = self._stop_at(text)
         if cut is not None:
             self.finish("stop", text[self.released:cut], token, logprob=logprob, top_logprobs=top)
-            return
-        if len(self.generated) >= self.request.options.max_new_tokens:
-            self.finish("length", text[self.released:], token, logprob=logprob, top_logprobs=top)
             return
         safe = max(self.released, len(text) - self.hold)
         self.handle.emit(Event(token, text[self.released:safe], logprob, top))
@@ -263,6 +309,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.token_budget = max_batch, token_budget
         self.eos_id = tokenizer.eos_id
+        self.stop_ids = stop_ids_of(tokenizer)
         device = model.input_embedding.weight.device
         self.pool = KVPool(model.config.num_layers, model.config.max_length, device)
         self.waiting: deque[Handle] = deque()
@@ -556,10 +603,10 @@ class Engine:
                     token = fast[row]
                 else:
                     processed = process_logits(logits[row:row + 1].clone(), [seq.history], len(seq.generated),
-                                               options, self.eos_id)
+                                               options, self.stop_ids | seq.request.stop_ids)
                     token = int(choose_tokens(processed, options, seq.generator))
                 logprob, top = self._logprobs(seq, logits[row], token)
-                seq.accept(token, self.eos_id, logprob, top)
+                seq.accept(token, self.stop_ids, logprob, top)
             except Exception as exc:  # this request's own options failed (a logits_processor...): it alone ends
                 internal = not isinstance(exc, CpmliveError)
                 seq.finish("error", error=f"{type(exc).__name__}: {exc}" if internal else str(exc), internal=internal)

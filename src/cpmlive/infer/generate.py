@@ -9,7 +9,11 @@ Keyword names and processing order follow HF ``generate``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
+
+import json
+import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -22,6 +26,20 @@ from cpmlive.model.cache import KVCache, mask_inputs, token_positions
 from cpmlive.utils import check_field_types
 
 MAX_BEAMS = 64
+# The ids that end a generation: one (a CPM model's end of text) or several (an HF model's
+# generation_config lists each id that ends a turn, as Qwen's <|im_end|> and <|endoftext|>).
+StopIds = int | Collection[int]
+
+
+def stop_set(stop_ids: StopIds) -> frozenset[int]:
+    """``stop_ids`` as a set (one id, or a collection of them)."""
+    return frozenset((stop_ids,)) if isinstance(stop_ids, int) else frozenset(stop_ids)
+
+
+def stop_ids_of(tokenizer: Any) -> frozenset[int]:
+    """The ids that end a generation with ``tokenizer``: its ``stop_ids`` where it has them (an HF
+    directory's tokenizer: the EOS and generation_config's ``eos_token_id`` list), else its EOS."""
+    return frozenset(getattr(tokenizer, "stop_ids", None) or (tokenizer.eos_id,))
 
 
 @dataclass
@@ -69,6 +87,65 @@ class GenerationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---- a model directory's generation_config.json ------------------------------------------------------
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+# Its fields that are decoding options of ours (HF's names are ours); the rest (eos_token_id, read by
+# the tokenizer, max_length, ...) are not options here.
+HF_GENERATION_FIELDS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                        "num_beams", "length_penalty", "repetition_penalty", "no_repeat_ngram_size")
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
+HF_TOP_K = 50  # HF's top_k where a sampling generation config gives none
+
+
+def hf_generation_defaults(directory: str | os.PathLike) -> dict[str, object]:
+    """The decoding options ``directory``'s ``generation_config.json`` sets (none without one), as
+    HF's ``generate`` takes them when its caller gives none: a config that samples without a
+    ``top_k`` samples from the 50 likeliest tokens, as HF's does. Sampling fields of a config that
+    does not sample are dropped where they are out of range (HF ignores them too); any other bad
+    value is refused in one line naming the file."""
+    path = Path(directory) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CpmliveError(f"{path}: not a valid JSON generation config ({exc})") from None
+    if not isinstance(data, dict):
+        raise CpmliveError(f"{path}: a generation config must be a JSON object")
+    floats = {f.name for f in fields(GenerationConfig) if f.type in ("float", float)}
+    found = {key: float(data[key]) if key in floats and type(data[key]) is int else data[key]
+             for key in HF_GENERATION_FIELDS if data.get(key) is not None}
+    if found.get("do_sample") is True:
+        found.setdefault("top_k", HF_TOP_K)
+    for key in SAMPLING_FIELDS if found.get("do_sample") is not True else ():
+        if key in found and _refusal({key: found[key]}) is not None:
+            del found[key]
+    reason = _refusal(found)
+    if reason is not None:
+        raise CpmliveError(f"{path}: {reason}")
+    return found
+
+
+def _refusal(options: dict[str, object]) -> str | None:
+    try:
+        GenerationConfig(**{"max_new_tokens": max(1, int(options.get("min_new_tokens") or 0)), **options})
+    except (CpmliveError, TypeError, ValueError) as exc:
+        return str(exc)
+    return None
+
+
+def with_defaults(given: dict[str, object], defaults: dict[str, object]) -> dict[str, object]:
+    """The caller's options over a model's ``defaults``, less the defaults they contradict: beams
+    asked for drop a sampling default, sampling asked for drops a beam default."""
+    kept = dict(defaults)
+    if (given.get("num_beams") or 1) > 1:
+        kept.pop("do_sample", None)
+    if given.get("do_sample"):
+        kept.pop("num_beams", None)
+    return {**kept, **given}
 
 
 def step_inputs(tokens: Tensor, segment: int, context: bool = True, valid: Tensor | None = None,
@@ -182,7 +259,8 @@ def banned_ngram_tokens(history: list[int], n: int) -> set[int]:
 
 
 def process_logits(logits: Tensor, histories: list[list[int]], step: int, config: GenerationConfig,
-                   eos_id: int) -> Tensor:
+                   stop_ids: StopIds) -> Tensor:
+    """The logits after HF's processors, in HF's order; below ``min_new_tokens`` no stop id can be chosen."""
     logits = logits.float()
     if config.repetition_penalty != 1.0:
         width = max(len(h) for h in histories)
@@ -196,7 +274,7 @@ def process_logits(logits: Tensor, histories: list[list[int]], step: int, config
             if banned:
                 logits[row, list(banned)] = float("-inf")
     if step < config.min_new_tokens:
-        logits[:, eos_id] = float("-inf")
+        logits[:, sorted(stop_set(stop_ids))] = float("-inf")
     if config.logits_processor is not None:  # a caller's own rule, last (as HF's logits_processor)
         logits = config.logits_processor(logits, histories)
     return logits
@@ -239,16 +317,17 @@ def _generator(config: GenerationConfig) -> torch.Generator | None:
 # ---- greedy / sampling --------------------------------------------------------------------------
 
 def decode_steps(model: Transformer, rows: list[list[int]], config: GenerationConfig,
-                 eos_id: int, prompt_task: int | None = None) -> Iterator[list[int | None]]:
+                 stop_ids: StopIds, prompt_task: int | None = None) -> Iterator[list[int | None]]:
     """Greedy or sampled decoding, one yield per step: the new token of each row, or
-    ``None`` for rows already finished. ``rows`` already start with ``<s>``."""
+    ``None`` for rows already finished (a row finishes at any of ``stop_ids``). ``rows``
+    already start with ``<s>`` (where the model's tokenizer has one)."""
     with packing_for(model, len(rows), config.max_new_tokens):
-        yield from _decode_steps(model, rows, config, eos_id, prompt_task)
+        yield from _decode_steps(model, rows, config, stop_set(stop_ids), prompt_task)
 
 
 @torch.inference_mode()
 def _decode_steps(model: Transformer, rows: list[list[int]], config: GenerationConfig,
-                  eos_id: int, prompt_task: int | None) -> Iterator[list[int | None]]:
+                  stop_ids: frozenset[int], prompt_task: int | None) -> Iterator[list[int | None]]:
     batch = build_batch(rows, GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
                         prompt_task=prompt_task)
     cache = model.new_cache(len(rows), batch.input_ids.size(1) + config.max_new_tokens)
@@ -257,11 +336,11 @@ def _decode_steps(model: Transformer, rows: list[list[int]], config: GenerationC
     histories = [list(r) for r in rows]
     finished = [False] * len(rows)
     for step in range(config.max_new_tokens):
-        logits = process_logits(model.logits(hidden), histories, step, config, eos_id)
+        logits = process_logits(model.logits(hidden), histories, step, config, stop_ids)
         tokens = choose_tokens(logits, config, generator)
         emitted: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
-            finished[row] = finished[row] or token == eos_id
+            finished[row] = finished[row] or token in stop_ids
             emitted.append(None if finished[row] else token)
             if not finished[row]:
                 histories[row].append(token)
@@ -271,14 +350,14 @@ def _decode_steps(model: Transformer, rows: list[list[int]], config: GenerationC
         hidden = model(**step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=cache)[:, -1]
 
 
-def generate_ids(model: Transformer, rows: list[list[int]], config: GenerationConfig, eos_id: int,
+def generate_ids(model: Transformer, rows: list[list[int]], config: GenerationConfig, stop_ids: StopIds,
                  prompt_task: int | None = None) -> list[list[int]]:
-    """New token ids per row (eos not included)."""
+    """New token ids per row (the stop id that ended a row not included)."""
     if config.num_beams > 1:
         with packing_for(model, config.num_beams, config.max_new_tokens):  # packed once for all the rows
-            return [beam_search(model, row, config, eos_id, prompt_task)[0][1] for row in rows]
+            return [beam_search(model, row, config, stop_ids, prompt_task)[0][1] for row in rows]
     outputs: list[list[int]] = [[] for _ in rows]
-    for emitted in decode_steps(model, rows, config, eos_id, prompt_task):
+    for emitted in decode_steps(model, rows, config, stop_ids, prompt_task):
         for row, token in enumerate(emitted):
             if token is not None:
                 outputs[row].append(token)
@@ -298,8 +377,10 @@ class Hypotheses:
     def score(self, logprob: float, length: int) -> float:
         return logprob / max(length, 1) ** self.length_penalty
 
-    def add(self, tokens: list[int], logprob: float) -> None:
-        self.items.append((self.score(logprob, len(tokens)), tokens))
+    def add(self, tokens: list[int], logprob: float, stopped: bool = False) -> None:
+        """Keep ``tokens`` if among the best; one ``stopped`` by a stop id (which ``tokens`` leave
+        out) counts that token in its length, as HF's beam search does."""
+        self.items.append((self.score(logprob, len(tokens) + stopped), tokens))
         self.items.sort(key=lambda item: item[0], reverse=True)
         del self.items[self.num_beams:]
 
@@ -310,15 +391,16 @@ class Hypotheses:
 
 
 
-def beam_search(model: Transformer, row: list[int], config: GenerationConfig, eos_id: int,
+def beam_search(model: Transformer, row: list[int], config: GenerationConfig, stop_ids: StopIds,
                 prompt_task: int | None = None) -> list[tuple[float, list[int]]]:
-    """The ``num_beams`` finished hypotheses, best first, as (length-penalised score, ids)."""
+    """The ``num_beams`` finished hypotheses, best first, as (length-penalised score, ids); a
+    hypothesis finishes at any of ``stop_ids``."""
     with packing_for(model, config.num_beams, config.max_new_tokens):
-        return _beam_search(model, row, config, eos_id, prompt_task)
+        return _beam_search(model, row, config, stop_set(stop_ids), prompt_task)
 
 
 @torch.inference_mode()
-def _beam_search(model: Transformer, row: list[int], config: GenerationConfig, eos_id: int,
+def _beam_search(model: Transformer, row: list[int], config: GenerationConfig, stop_ids: frozenset[int],
                  prompt_task: int | None) -> list[tuple[float, list[int]]]:
     beams = config.num_beams
     batch = build_batch([row], GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
@@ -333,16 +415,16 @@ def _beam_search(model: Transformer, row: list[int], config: GenerationConfig, e
     hypotheses = Hypotheses(beams, config.length_penalty)
     for step in range(config.max_new_tokens):
         histories = [row + seq for seq in sequences]
-        logprobs = process_logits(model.logits(hidden), histories, step, config, eos_id).log_softmax(-1)
+        logprobs = process_logits(model.logits(hidden), histories, step, config, stop_ids).log_softmax(-1)
         candidates = (logprobs + scores[:, None]).view(-1)
         top_scores, top_index = candidates.topk(2 * beams)
         vocab = logprobs.size(-1)
         chosen: list[tuple[float, int, int]] = []
         for rank, (score, index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
             origin, token = divmod(index, vocab)
-            if token == eos_id:
+            if token in stop_ids:
                 if rank < beams:
-                    hypotheses.add(sequences[origin], score)
+                    hypotheses.add(sequences[origin], score, stopped=True)
                 continue
             chosen.append((score, token, origin))
             if len(chosen) == beams:
@@ -471,5 +553,5 @@ def completion_scores(model: Transformer, pieces: list[list[int]], fills: list[l
 __all__ = [
     "GenerationConfig", "PromptBatch", "GENERATION", "INFILLING", "KVCache", "beam_search", "build_batch",
     "decode_steps", "fill_blanks", "generate_ids", "prefill", "prefill_groups", "process_logits", "sampling_filter",
-    "step_inputs",
+    "hf_generation_defaults", "step_inputs", "stop_ids_of", "stop_set", "with_defaults",
 ]
