@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from cpmlive.model.registry import ALL_PRESETS, check_model
-from cpmlive.data.chat import ChatTemplate
+from cpmlive.data.chat import ChatTemplate, TokenizerChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request, request_for
 from cpmlive.data.bee import check_task, parse_task
 from cpmlive.infer.bee import fill_tasks
-from cpmlive.infer.generate import GenerationConfig, fill_blanks, generate_ids
+from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids, hf_generation_defaults, stop_ids_of,
+                                    with_defaults)
 from cpmlive.infer.vote import Vote, vote
 from cpmlive.model.registry import Family, family, family_of, owners, preset_family
 from cpmlive.model.runtime.streaming import parse_size, stream_weights
@@ -43,7 +44,8 @@ class LM:
     (:meth:`can`); what the family cannot do is refused in one line."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str = "") -> None:
-        if tokenizer.vocab_size != model.config.vocab_size:
+        # Fewer tokens than embedding rows is each family's tokenizer's call (Qwen pads its embedding).
+        if tokenizer.vocab_size > model.config.vocab_size:
             raise CpmliveError(f"vocabulary has {tokenizer.vocab_size} tokens, the model expects "
                                f"{model.config.vocab_size}")
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
@@ -51,7 +53,10 @@ class LM:
         self.active: str | None = None
         self.lock = threading.RLock()
         self._engine: Engine | None = None
-        self.chat_templates: dict[str | None, ChatTemplate] = {}  # by adapter (None: the base model)
+        # by adapter (None: the base model); a tokenizer's own template serves adapters without one
+        self.chat_templates: dict[str | None, ChatTemplate | TokenizerChatTemplate] = {}
+        # The decoding options a model directory asks for (its generation_config.json), under the caller's.
+        self.generation_defaults: dict[str, Any] = {}
 
     @property
     def engine(self) -> Engine:
@@ -60,6 +65,11 @@ class LM:
             if self._engine is None:
                 self._engine = Engine(self.model, self.tokenizer)
             return self._engine
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a generation (:func:`stop_ids_of` the tokenizer)."""
+        return stop_ids_of(self.tokenizer)
 
     @property
     def config(self) -> Any:
@@ -159,28 +169,56 @@ class LM:
 
     # ---- chat -------------------------------------------------------------------------------
 
-    def chat_template(self, adapter: str | None | bool = True) -> ChatTemplate:
-        """The chat template of ``adapter`` (default: the active one); refused when it has none."""
+    def chat_template(self, adapter: str | None | bool = True) -> ChatTemplate | TokenizerChatTemplate:
+        """The chat template of ``adapter`` (default: the active one): its own, else the
+        tokenizer's (an HF model's); refused when it has none."""
         self.require("chat")
         name = self.active if adapter is True else adapter
-        template = self.chat_templates.get(name)
+        template = self.find_chat_template(name)
         if template is None:
             tune = ("tune one with `cpmlive align sft`, or use generate" if self.family.can("align")
                     else f"the alignment recipes tune {owners('align')} models, not {self.family.name}: use generate")
             raise CpmliveError(f"this model has no chat template (it was not tuned for chat): {tune}")
         return template
 
-    def chat_stream(self, messages: Sequence[dict], max_new_tokens: int = 128, **kwargs: object) -> Iterator[str]:
-        """The assistant's next message, streamed; generation stops where the template's next turn opens."""
+    def find_chat_template(self, adapter: str | None) -> ChatTemplate | TokenizerChatTemplate | None:
+        """``adapter``'s own template, else a tokenizer's own (which every adapter of the model shares)."""
+        template = self.chat_templates.get(adapter)
+        base = self.chat_templates.get(None)
+        return template if template is not None or not isinstance(base, TokenizerChatTemplate) else base
+
+    def encode_chat(self, messages: Sequence[dict],
+                    template: ChatTemplate | TokenizerChatTemplate) -> list[int]:
+        """The ids of ``messages`` through ``template``, opening the assistant's turn."""
+        return self.encode_rendered(template.render(list(messages)), template)
+
+    def encode_rendered(self, text: str, template: ChatTemplate | TokenizerChatTemplate) -> list[int]:
+        """The ids of ``template``'s output ``text``: a tokenizer's template writes its special
+        tokens itself (encoded with none added, as HF's ``apply_chat_template``), a CPM
+        template's text is encoded as a prompt."""
+        if not getattr(template, "writes_special_tokens", False):
+            return self.encode_raw(text)
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise CpmliveError("the prompt has no tokens")
+        self._check_length(len(ids))
+        return ids
+
+    def chat_stream(self, messages: Sequence[dict], max_new_tokens: int | None = None,
+                    **kwargs: object) -> Iterator[str]:
+        """The assistant's next message, streamed; generation stops where the template's next turn
+        opens, or at its end-of-turn token (``max_new_tokens``: 128 unless the model's generation
+        config says)."""
         template = self.chat_template()
-        options = self._options(max_new_tokens, kwargs)
+        options = self._options(max_new_tokens, kwargs, default_new_tokens=128)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
-        ids = self.encode_raw(template.render(list(messages)))
+        ids = self.encode_chat(messages, template)
         self._check_length(len(ids), options.max_new_tokens)
-        yield from self._streamed(self.request(ids, options, stop=tuple(template.stop)))
+        yield from self._streamed(self.request(ids, options, stop=tuple(template.stop),
+                                               stop_ids=getattr(template, "stop_ids", frozenset())))
 
-    def chat(self, messages: Sequence[dict], max_new_tokens: int = 128, **kwargs: object) -> str:
+    def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, **kwargs: object) -> str:
         return "".join(self.chat_stream(messages, max_new_tokens, **kwargs))
 
     def _check_length(self, tokens: int, new_tokens: int = 0) -> None:
@@ -200,9 +238,16 @@ class LM:
                                f"or the longest blank length) and the text's {tokens} tokens exceed the model's "
                                f"{limit} positions: ask for at most {(limit - tokens) // blanks} tokens a blank")
 
-    def _options(self, max_new_tokens: int, kwargs: dict) -> GenerationConfig:
+    def _options(self, max_new_tokens: int | None, kwargs: dict, default_new_tokens: int = 64) -> GenerationConfig:
+        """The decoding options: the caller's, then the model's generation config for what the
+        caller left out (:func:`with_defaults`), then ``default_new_tokens``."""
         self.require("generate")
-        return GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
+        given = {key: value for key, value in kwargs.items() if value is not None}
+        if max_new_tokens is not None:
+            given["max_new_tokens"] = max_new_tokens
+        options = with_defaults(given, self.generation_defaults)
+        options.setdefault("max_new_tokens", default_new_tokens)
+        return GenerationConfig.from_kwargs(**options)
 
     @property
     def family(self) -> Family:
@@ -243,14 +288,18 @@ class LM:
 
     # ---- generation -------------------------------------------------------------------------
 
-    def generate(self, prompt: str | Sequence[str], max_new_tokens: int = 64, **kwargs: object) -> str | list[str]:
-        """Continue each prompt; keyword names as in HF ``generate`` plus ``seed``."""
+    def generate(self, prompt: str | Sequence[str], max_new_tokens: int | None = None,
+                 **kwargs: object) -> str | list[str]:
+        """Continue each prompt; keyword names as in HF ``generate`` plus ``seed``. What is not
+        given comes from the model's ``generation_config.json`` where it has one (as in HF), else
+        the defaults of :class:`GenerationConfig` (64 new tokens, greedy)."""
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = self.generate_ids(texts, max_new_tokens=max_new_tokens, **kwargs)
         outputs = [self.tokenizer.decode(row) for row in ids]
         return outputs[0] if isinstance(prompt, str) else outputs
 
-    def generate_ids(self, texts: Sequence[str], max_new_tokens: int = 64, **kwargs: object) -> list[list[int]]:
+    def generate_ids(self, texts: Sequence[str], max_new_tokens: int | None = None,
+                     **kwargs: object) -> list[list[int]]:
         """New token ids per prompt. Greedy and sampled prompts go through the engine, each as its
         own request (a seeded batch gives row ``i`` the seed ``seed + i``); beam search, and calls
         made from a job the engine runs, decode directly."""
@@ -259,11 +308,11 @@ class LM:
         options = self._options(max_new_tokens, kwargs)
         rows = self._prompt_rows(texts, options)
         if options.num_beams > 1 or self.engine.is_driving():
-            return generate_ids(self.model, rows, options, self.tokenizer.eos_id, self.prompt_task)
+            return generate_ids(self.model, rows, options, self.stop_ids, self.prompt_task)
         handles = [self.engine.submit(self.request(row, options, index)) for index, row in enumerate(rows)]
         return [handle.result().ids for handle in handles]
 
-    def sample(self, prompt: str, num_return_sequences: int, max_new_tokens: int = 64,
+    def sample(self, prompt: str, num_return_sequences: int, max_new_tokens: int | None = None,
                **kwargs: object) -> list[str]:
         """``num_return_sequences`` continuations of one prompt, sampled unless beam or greedy
         options say otherwise (a seed gives sample ``i`` the seed ``seed + i``)."""
@@ -289,7 +338,7 @@ class LM:
         prompt_task = spec.prompt_task if spec is not None else None
         return request_for(ids, options, index, adapter=name, prompt_task=prompt_task, **fields)
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, stop: Sequence[str] = (),
+    def stream(self, prompt: str, max_new_tokens: int | None = None, stop: Sequence[str] = (),
                **kwargs: object) -> Iterator[str]:
         """Yield new text as soon as it is chosen (held back only while it may be the start of
         a ``stop`` string, where the text ends)."""
@@ -396,9 +445,12 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     vocab_file = find_vocab(vocab, directory, str(name_or_path), kind)
     tokenizer = kind.tokenizer.for_model(vocab_file, model.config.vocab_size, hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))
-    template = ChatTemplate.load(directory) if directory is not None else None
-    if template is not None:
+    if getattr(tokenizer, "chat_template", None) is not None:  # an HF model's own (its chat_template.json
+        lm.chat_templates[None] = TokenizerChatTemplate(tokenizer)  # would be HF's, not ours)
+    elif directory is not None and (template := ChatTemplate.load(directory)) is not None:
         lm.chat_templates[None] = template
+    if directory is not None:
+        lm.generation_defaults = hf_generation_defaults(directory)
     paths = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter or [])
     for path in paths:
         lm.add_adapter(adapter_path(path))

@@ -106,7 +106,7 @@ GENERATION_FLAGS = {
 }
 
 
-def add_generation_flags(parser: argparse.ArgumentParser, default_new_tokens: int) -> None:
+def add_generation_flags(parser: argparse.ArgumentParser, default_new_tokens: int | None) -> None:
     parser.add_argument("model", help="checkpoint directory, 'demo', or a preset name")
     parser.add_argument("text", nargs="?", help="the prompt, or - to read stdin")
     parser.add_argument("--prompt-file", help="read the prompt from a UTF-8 file")
@@ -115,12 +115,15 @@ def add_generation_flags(parser: argparse.ArgumentParser, default_new_tokens: in
     add_model_flags(parser)
 
 
-def add_decoding_flags(parser: argparse.ArgumentParser, default_new_tokens: int) -> None:
-    """``--max-new-tokens``, ... (:data:`GENERATION_FLAGS`) and ``--do-sample``."""
+def add_decoding_flags(parser: argparse.ArgumentParser, default_new_tokens: int | None) -> None:
+    """``--max-new-tokens``, ... (:data:`GENERATION_FLAGS`), ``--do-sample`` and ``--greedy``
+    (``default_new_tokens`` None: the model's generation config, else the API's default)."""
     for name, kind in GENERATION_FLAGS.items():
         default = default_new_tokens if name == "max_new_tokens" else None
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
+    parser.add_argument("--greedy", action="store_true",
+                        help="decode greedily even where the model's generation_config.json samples")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -152,9 +155,13 @@ def add_memory_limit(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
+    """The decoding options given on the command line (what is left out the model's generation
+    config or the API's defaults decide)."""
     kwargs = {name: getattr(args, name) for name in GENERATION_FLAGS if getattr(args, name) is not None}
-    if args.do_sample:
-        kwargs["do_sample"] = True
+    if args.do_sample and args.greedy:
+        raise CpmliveError("give --do-sample or --greedy, not both")
+    if args.do_sample or args.greedy:
+        kwargs["do_sample"] = bool(args.do_sample)
     return kwargs
 
 

@@ -14,7 +14,7 @@ from cpmlive.errors import CpmliveError
 
 def add_generate(verbs: Verbs) -> None:
     gen = verbs.add_parser("generate", help="continue a prompt")
-    add_generation_flags(gen, default_new_tokens=64)
+    add_generation_flags(gen, default_new_tokens=None)  # 64, or what the model's generation config says
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--input", default=None, help="the text for the prompt's {input} slot (a few-shot prompt file)")
     gen.add_argument("--num-return-sequences", type=bounded_int(1, 256), default=None, metavar="K",
@@ -37,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lm = load_lm(args)
     kwargs = generation_kwargs(args)
     if args.vote:
-        result = lm.vote(prompt, samples, stop=args.stop or (), **kwargs)
+        result = lm.vote(prompt, samples, stop=args.stop or (), **{"max_new_tokens": 64, **kwargs})
         if args.json:
             print_json(result.to_dict())
             return
@@ -129,9 +129,11 @@ def add_chat(verbs: Verbs) -> None:
     chat = verbs.add_parser("chat", help="talk to a chat-tuned model (streaming; /reset, /exit)")
     chat.add_argument("model")
     chat.add_argument("--system", default=None, help="a system message that opens the conversation")
-    chat.add_argument("--max-new-tokens", type=positive_int, default=128)
-    chat.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy")
-    chat.add_argument("--top-p", type=finite_float, default=1.0)
+    chat.add_argument("--max-new-tokens", type=positive_int, default=None,
+                      help="default: 128, or what the model's generation_config.json says")
+    chat.add_argument("--temperature", type=finite_float, default=None,
+                      help="0: greedy (default: greedy, or what the model's generation_config.json says)")
+    chat.add_argument("--top-p", type=finite_float, default=None)
     chat.add_argument("--seed", type=count, default=None)
     add_model_flags(chat)
     chat.set_defaults(run=cmd_chat)
@@ -140,8 +142,9 @@ def add_chat(verbs: Verbs) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     lm = load_lm(args)
     lm.chat_template()  # refuse a model without one before the first prompt
-    options = {"do_sample": args.temperature > 0, "temperature": args.temperature or 1.0, "top_p": args.top_p,
-               "seed": args.seed}
+    options = {"top_p": args.top_p, "seed": args.seed}  # None: the model's generation config, or the default
+    if args.temperature is not None:
+        options.update(do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:

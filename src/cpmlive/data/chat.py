@@ -68,4 +68,44 @@ class ChatTemplate:
         return dataclass_from_dict(cls, data, str(path), f"{path}: a chat template must be a JSON object")
 
 
-__all__ = ["CHAT_TEMPLATE_FILE", "ChatTemplate"]
+# The text an end-of-turn probe gives the assistant: what the template writes after it closes the turn.
+TURN_PROBE = "cpmlive-turn-probe"
+
+
+class TokenizerChatTemplate:
+    """A tokenizer's own chat template (an HF model's Jinja template, rendered by
+    ``tokenizer.apply_chat_template``), used where a :class:`ChatTemplate` is: ``render`` and
+    ``stop`` (no stop strings), plus ``stop_ids``, the token that closes the assistant's turn.
+
+    The rendered text holds the template's special tokens (Llama's ``<s>``): it is encoded with
+    none added (``writes_special_tokens``), as HF's ``apply_chat_template(tokenize=True)`` does."""
+
+    writes_special_tokens = True
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.stop: list[str] = []
+        self.stop_ids = self._turn_end_ids()
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt for ``messages``, as HF's ``apply_chat_template(..., tokenize=False)`` renders it."""
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt)
+
+    def _turn_end_ids(self) -> frozenset[int]:
+        """The special token the template writes right after an assistant's message (ChatML's
+        ``<|im_end|>``, Llama-2's ``</s>``, Llama-3's ``<|eot_id|>``); none where it writes none
+        (GLM-4 opens the next turn instead: its generation_config lists those tokens)."""
+        probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": TURN_PROBE}]
+        try:
+            text = self.render(probe, add_generation_prompt=False)
+        except CpmliveError:  # a template that renders no such conversation
+            return frozenset()
+        _, found, after = text.partition(TURN_PROBE)
+        decode = self.tokenizer.decode
+        for token in self.tokenizer.encode(after) if found else []:
+            if decode([token]) and not decode([token], skip_special_tokens=True):  # a special token
+                return frozenset((token,))
+        return frozenset()
+
+
+__all__ = ["CHAT_TEMPLATE_FILE", "ChatTemplate", "TokenizerChatTemplate"]

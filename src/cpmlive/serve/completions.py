@@ -99,15 +99,30 @@ class Sampling(BaseModel):
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def options(self, max_tokens: int, index: int) -> GenerationConfig:
+    def options(self, max_tokens: int, index: int, defaults: dict[str, Any] | None = None) -> GenerationConfig:
+        """The request's decoding options; a field it leaves out takes the model's ``defaults``
+        (its generation_config.json, as vLLM takes them) where they set it."""
         if self.min_tokens > max_tokens:
             raise ServerError(400, f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
                               param="min_tokens")
-        sample = self.temperature > 0
+        field = self.model_defaults(defaults or {})
+        sample = field("temperature") > 0
         seed = None if self.seed is None else (self.seed + index) % (MAX_SEED + 1)
         return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=self.min_tokens, do_sample=sample,
-                                temperature=self.temperature if sample else 1.0, top_k=self.top_k,
-                                top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=seed)
+                                temperature=field("temperature") if sample else 1.0, top_k=field("top_k"),
+                                top_p=field("top_p"), repetition_penalty=field("repetition_penalty"), seed=seed)
+
+    def model_defaults(self, defaults: dict[str, Any]) -> Callable[[str], Any]:
+        """A field's value: the request's where it gives it, else the model's default (a model
+        that does not sample has temperature 0), else the request model's default."""
+        def field(name: str) -> Any:
+            if name in self.model_fields_set or not defaults:
+                return getattr(self, name)
+            if name == "temperature" and "do_sample" in defaults:
+                return defaults.get("temperature", 1.0) if defaults["do_sample"] else 0.0
+            return defaults.get(name, getattr(self, name))
+
+        return field
 
 
 class CompletionRequest(Sampling):
@@ -229,29 +244,32 @@ STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
 # ---- building engine requests -------------------------------------------------------------------------
 
 
-def engine_requests(state: ServerState, prompts: list[str], body: Sampling, adapter: str | None,
+def engine_requests(state: ServerState, prompts: list[str | list[int]], body: Sampling, adapter: str | None,
                     logprobs: int | None, extra_stops: tuple[str, ...] = (),
-                    rendered: bool = False) -> tuple[list[Request], list[int]]:
-    """``n`` requests per prompt (choice ``i * n + j``), and each prompt's token count. A
-    ``rendered`` prompt (a chat template's output) skips the adapter's task template."""
+                    stop_ids: frozenset[int] = frozenset()) -> tuple[list[Request], list[int]]:
+    """``n`` requests per prompt (choice ``i * n + j``), and each prompt's token count. A prompt
+    given as ids (a chat template's) is taken as it is. ``max_tokens`` left out: the model's
+    ``max_new_tokens`` default, else OpenAI's 16, either within the model's positions."""
     lm = state.ready()
     requests, lengths = [], []
     for i, text in enumerate(prompts):
         try:
-            ids = lm.encode_raw(text) if rendered else lm.encode_for(text, adapter)
+            ids = text if isinstance(text, list) else lm.encode_for(text, adapter)
         except CpmliveError as exc:
             raise ServerError(400, f"prompt: {exc}" if len(prompts) == 1 else f"prompt.{i}: {exc}",
                               param="prompt") from None
         lengths.append(len(ids))
         room = lm.config.max_length - lm.config.prompt_length - len(ids)
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(DEFAULT_MAX_TOKENS, max(room, 1))
+        default = lm.generation_defaults.get("max_new_tokens", DEFAULT_MAX_TOKENS)
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(default, max(room, 1))
         if max_tokens > room:
             raise ServerError(400, f"max_tokens {max_tokens} with the prompt's {len(ids)} tokens exceeds the model's "
                               f"{lm.config.max_length - lm.config.prompt_length} positions: ask for at most "
                               f"{max(room, 0)}", param="max_tokens", code="context_length_exceeded")
         for j in range(body.n):
-            requests.append(lm.request(ids, body.options(max_tokens, i * body.n + j), adapter=adapter,
-                                       stop=body.stops() + extra_stops, logprobs=logprobs))
+            requests.append(lm.request(ids, body.options(max_tokens, i * body.n + j, lm.generation_defaults),
+                                       adapter=adapter, stop=body.stops() + extra_stops, logprobs=logprobs,
+                                       stop_ids=stop_ids))
     return requests, lengths
 
 
@@ -349,7 +367,7 @@ def router(state: ServerState) -> APIRouter:
         adapter = state.resolve(body.model)
         body.model = body.model or state.base_name
         lm = state.ready()
-        template = lm.chat_templates.get(adapter)
+        template = lm.find_chat_template(adapter)
         if template is None:
             raise ServerError(400, f"the model {body.model!r} has no chat template (it was not tuned for chat): use "
                               "/v1/completions", param="model", code="no_chat_template")
@@ -357,8 +375,13 @@ def router(state: ServerState) -> APIRouter:
             prompt = template.render([m.model_dump() for m in body.messages])
         except CpmliveError as exc:
             raise ServerError(400, str(exc), param="messages") from None
+        try:
+            ids = lm.encode_rendered(prompt, template)
+        except CpmliveError as exc:
+            raise ServerError(400, f"prompt: {exc}", param="prompt") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
-        requests, lengths = engine_requests(state, [prompt], body, adapter, top, tuple(template.stop), rendered=True)
+        requests, lengths = engine_requests(state, [ids], body, adapter, top, tuple(template.stop),
+                                            getattr(template, "stop_ids", frozenset()))
         generations, admitted = state.start(requests)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
