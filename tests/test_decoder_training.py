@@ -440,3 +440,22 @@ def test_causal_pretraining_of_a_new_decoder(llama, store, tmp_path):
     model = cpmlive.load(trained)
     assert model.model.config.architecture == "llama" and model.model.config.num_kv_heads == 2
     assert len(model.generate_ids([PROMPT], max_new_tokens=3)[0]) == 3
+
+
+def test_alignment_keeps_every_end_of_turn_token_of_a_tokenizer_without_bos(tmp_path):
+    """Qwen's tokenizer has no BOS (its bos_id stands in with <|im_end|>): an alignment prompt is
+    the text's ids as they are, its <|im_end|> tokens kept, nothing put before them; Llama's gets <s>."""
+    from cpmlive.data.align import prompt_ids, text_ids
+    from cpmlive.tokenizer.hf import HFTokenizer
+
+    qwen = HFTokenizer(tiny_hf_dir(tmp_path / "qwen", "qwen2") / "tokenizer.json")
+    chat = qwen.apply_chat_template([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"},
+                                     {"role": "user", "content": "再见"}])
+    ids = qwen.encode_for_model(chat)
+    assert not qwen.adds_bos and ids.count(qwen.eos_id) == 4  # the template's system turn, then three
+    assert prompt_ids(qwen, chat) == text_ids(qwen, chat) == ids
+    llama = HFTokenizer(tiny_hf_dir(tmp_path / "llama", "llama") / "tokenizer.json")
+    assert llama.adds_bos and prompt_ids(llama, "你好") == llama.encode_for_model("你好")
+    assert text_ids(llama, "你好") == llama.encode_for_model("你好")[1:]
+    templated = llama.apply_chat_template([{"role": "user", "content": "你好"}])  # writes <s> itself
+    assert prompt_ids(llama, templated).count(llama.bos_id) == 1

@@ -14,7 +14,7 @@ import torch
 
 from cpmlive.align.policy import Pair, ScalarHead, completion_logprobs, sequence_scores
 from cpmlive.align.recipes import REWARD_HEAD, load_head
-from cpmlive.data.align import preference_pairs
+from cpmlive.data.align import preference_pairs, prompt_ids, text_ids
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.model.stack import Transformer
@@ -35,8 +35,8 @@ def encode_pairs(tokenizer: Any, model: Transformer, path: str,
     limit = model.config.max_length - model.config.prompt_length - 1
     out = []
     for pair in preference_pairs(path, template):
-        prompt = [tokenizer.bos_id, *[i for i in tokenizer.encode_for_model(pair.prompt) if i != tokenizer.bos_id]]
-        answers = [[i for i in tokenizer.encode_for_model(text) if i != tokenizer.bos_id] + [tokenizer.eos_id]
+        prompt = prompt_ids(tokenizer, pair.prompt)
+        answers = [text_ids(tokenizer, text) + [tokenizer.eos_id]
                    for text in (pair.chosen, pair.rejected)]
         longest = len(prompt) + max(map(len, answers)) + 1
         if longest > limit:

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from cpmlive.align.policy import sample_completions
+from cpmlive.data.align import prompt_ids
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.data.instructions import Item
 from cpmlive.model.stack import Transformer
@@ -30,7 +31,7 @@ def on_policy_pairs(model: Transformer, tokenizer: Any, items: Sequence[Item], t
         rows, kept = [], []
         for item in chunk:
             text = template.render([{"role": "user", "content": item.prompt}])
-            ids = [tokenizer.bos_id, *[i for i in tokenizer.encode_for_model(text) if i != tokenizer.bos_id]]
+            ids = prompt_ids(tokenizer, text)
             if len(ids) <= max_input_tokens:  # a longer prompt would lose the assistant's opening
                 rows.append(ids)
                 kept.append(item)

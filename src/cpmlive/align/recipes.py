@@ -32,7 +32,7 @@ from cpmlive.align import losses
 from cpmlive.align.policy import (Pair, ScalarHead, completion_hidden, completion_logprobs, reference_of,
                                   sample_completions, sequence_scores, target_ids, token_logprobs)
 from cpmlive.data.align import (TRUNCATION_MODES, PreferencePair, PromptedText, preference_pairs, prompts, sft_examples,
-                                truncate_prompt)
+                                starts_with_bos, text_ids, truncate_prompt)
 from cpmlive.data.chat import ChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import read_safetensors, save_checkpoint, save_safetensors
@@ -199,10 +199,12 @@ class AlignTrainer(Finetuner):
         """``<s>`` and the prompt's ids, cut to ``max_prompt_length`` as TRL cuts a prompt (``<s>``
         stays: CPM-Ant reads it first); a prompt still over ``max_input_tokens`` is refused."""
         config = self.config
-        ids = [i for i in self.tokenizer.encode_for_model(text) if i != self.tokenizer.bos_id]
+        ids = text_ids(self.tokenizer, text)
+        # the start token, where the tokenizer has one and the chat template did not write it
+        starts = starts_with_bos(self.tokenizer) and ids[:1] != [self.tokenizer.bos_id]
         if config.max_prompt_length:
-            ids = truncate_prompt(ids, config.max_prompt_length - 1, config.truncation_mode)
-        ids = [self.tokenizer.bos_id, *ids]
+            ids = truncate_prompt(ids, config.max_prompt_length - starts, config.truncation_mode)
+        ids = [self.tokenizer.bos_id, *ids] if starts else ids
         if len(ids) > config.max_input_tokens:
             raise CpmliveError(f"{where}: the prompt is {len(ids)} tokens (with <s> and the chat template); "
                                f"max_input_tokens is {config.max_input_tokens}: shorten it, raise the limit or "
@@ -210,7 +212,7 @@ class AlignTrainer(Finetuner):
         return ids
 
     def completion_ids(self, text: str) -> list[int]:
-        ids = [i for i in self.tokenizer.encode_for_model(text) if i != self.tokenizer.bos_id]
+        ids = text_ids(self.tokenizer, text)
         return ids[:self.config.max_output_tokens] + [self.tokenizer.eos_id]
 
     def read(self, path: str) -> list:

@@ -185,5 +185,24 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-__all__ = ["PreferencePair", "PromptedText", "TRUNCATION_MODES", "json_lines", "preference_pairs", "prompts",
-           "render_prompt", "sft_examples", "truncate_prompt", "write_jsonl"]
+def starts_with_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a start token before a text (CPM-Ant's ``<s>``, Llama's; not Qwen's)."""
+    return getattr(tokenizer, "adds_bos", True)
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """A text's ids as the model reads them, without the start token the tokenizer puts first (a
+    tokenizer without one, Qwen's, keeps every id: the end-of-turn tokens inside a chat too)."""
+    ids = tokenizer.encode_for_model(text)
+    return ids[1:] if starts_with_bos(tokenizer) and ids[:1] == [tokenizer.bos_id] else ids
+
+
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """A prompt's ids: the start token where the tokenizer has one, then the text's (once: a chat
+    template that writes the start token itself, Llama's, is not given a second one)."""
+    ids = text_ids(tokenizer, text)
+    return [tokenizer.bos_id, *ids] if starts_with_bos(tokenizer) and ids[:1] != [tokenizer.bos_id] else ids
+
+
+__all__ = ["PreferencePair", "PromptedText", "TRUNCATION_MODES", "json_lines", "preference_pairs", "prompt_ids",
+           "prompts", "render_prompt", "sft_examples", "starts_with_bos", "text_ids", "truncate_prompt", "write_jsonl"]
