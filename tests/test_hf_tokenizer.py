@@ -396,3 +396,16 @@ def test_clean_up_spaces_is_honoured_only_where_transformers_honours_it(trained,
         ids = reference(text)["input_ids"]
         assert ours.decode(ids) == reference.decode(ids)
     assert HFTokenizer.from_file(word_level).decode([0, 1, 2]) == "hello, world"
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing_as_in_hf(tmp_path):
+    """Qwen pads its embedding past its tokens: a sampled padding row is no text, not an error."""
+    from transformers import PreTrainedTokenizerFast
+
+    from cpmlive.tokenizer.hf import HFTokenizer
+    from cpmlive.tokenizer.hf_train import train_tokenizer
+
+    path = train_tokenizer(["今天天气不错", "hello world"] * 20, 300, tmp_path)
+    ours, theirs = HFTokenizer(path), PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    ids = ours.encode("今天") + [ours.vocab_size + 5] + ours.encode("hello")
+    assert ours.decode(ids) == theirs.decode(ids) == "今天hello"

@@ -164,8 +164,8 @@ def family(model_type: str) -> Family:
     for entry in families().values():
         if model_type == entry.model_type or model_type in entry.aliases:
             return entry
-    raise CpmliveError(f"model_type {model_type!r} is not a known model family "
-                       f"(known: {', '.join(sorted(families()))})")
+    known = sorted({name for entry in families().values() for name in (entry.model_type, *entry.aliases)})
+    raise CpmliveError(f"model_type {model_type!r} is not supported (supported: {', '.join(known)})")
 
 
 def family_of(path: str | os.PathLike) -> Family:

@@ -464,11 +464,9 @@ class HFTokenizer:
         return self.backend.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """transformers' ``decode``; negative ids (padding) are dropped, ids past the vocabulary refused."""
-        id_list = [int(i) for i in ids if int(i) >= 0]
-        for token_id in id_list:
-            if token_id >= self.vocab_size:
-                self.id_to_token(token_id)  # raises
+        """transformers' ``decode``; negative ids (padding) are dropped, and so are ids past the
+        tokenizer, as HF drops them (Qwen's embedding has rows no token names: a sampled one is no text)."""
+        id_list = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         text = self.backend.decode(id_list, skip_special_tokens=skip_special_tokens)
         if self._clean_up:
             for before, after in CLEANUPS:
