@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cpmlive
+from cpmlive.model.cache import left_to_right
 from cpmlive.model.cpm1.config import Cpm1Config
 from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
@@ -93,8 +94,8 @@ def test_masks_stay_finite_in_half_precision(hf_model, dtype):
     ids = torch.randint(1, CONFIG.vocab_size, (2, 9))
     valid = torch.ones(2, 9, dtype=torch.bool)
     valid[0, :4] = False  # padding rows see nothing: a -inf fill would make them NaN
-    inputs = {"position": torch.arange(9)[None].expand(2, 9), "span": torch.zeros(2, 9), "valid": valid}
-    bias = ours.attention_mask(ours.visibility(inputs, inputs)[0], dtype)
+    seen, _ = left_to_right(ids, None, valid, None, None, CONFIG.max_length)
+    bias = ours.attention_mask(seen, dtype)
     assert torch.isfinite(bias).all()
     with torch.no_grad():
         assert torch.isfinite(ours.logits(ours(ids, valid=valid)).float()).all()

@@ -33,6 +33,27 @@ def new_positions(input_ids: Tensor, cache: "KVCache | None") -> Tensor:
     return token_positions(input_ids) if cache is None else cache.next_positions(input_ids.size(1))
 
 
+def left_to_right(input_ids: Tensor, span: Tensor | None, valid: Tensor | None, cache: "KVCache | None",
+                  position: Tensor | None, max_length: int) -> tuple[Tensor, Tensor]:
+    """What a left-to-right model (CPM-1, the decoder family) sees, from CPM-Ant's inputs: which
+    keys each query sees (``[B, Lq, Lk]``: valid ones at or before it in its span, none for a
+    padding query) and each query's absolute position (the valid tokens of its span before it, so
+    left padding, packed rows and cached decoding give every token its unpadded position). The
+    new positions' inputs go into ``cache``; a position past ``max_length`` is refused."""
+    zeros = torch.zeros_like(input_ids, dtype=torch.int32)
+    position = new_positions(input_ids, cache) if position is None else position
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
+    query = mask_inputs(zeros, zeros if span is None else span, zeros, valid, position)
+    key = cache.append_inputs(query) if cache is not None else query
+    seen = key["position"][:, None, :] <= query["position"][:, :, None]
+    seen = seen & (query["span"][:, :, None] == key["span"][:, None, :]) & key["valid"][:, None, :]
+    absolute = (seen.sum(-1) - 1).clamp(min=0)
+    furthest = int(absolute.max()) if absolute.numel() else 0
+    if furthest >= max_length:
+        raise CpmliveError(f"position {furthest} is past the model's {max_length} positions")
+    return seen & query["valid"][:, :, None], absolute
+
+
 def _too_long(capacity: int, needed: int) -> CpmliveError:
     return CpmliveError(f"KV cache holds {capacity} positions, {needed} needed")
 
@@ -180,4 +201,4 @@ class SlotCache(KVCache):
         raise NotImplementedError("a slot cache is reordered by its engine")
 
 
-__all__ = ["MASK_INPUTS", "KVCache", "SlotCache", "mask_inputs", "new_positions", "token_positions"]
+__all__ = ["MASK_INPUTS", "KVCache", "SlotCache", "left_to_right", "mask_inputs", "new_positions", "token_positions"]

@@ -414,9 +414,10 @@ class CheckpointFormats:
 
 
 __all__ = [
-    "CheckpointFormats", "FILE_FORMATS", "GENERATION_CONFIG_NAME", "HF_BIN_NAME", "Source", "TOKENIZER_CONFIG_NAME", "TORCH_SUFFIXES",
-    "WEIGHT_SUFFIXES", "check_destination", "check_layout", "dtype_name", "expected_state", "find_vocab",
-    "from_openbmb", "hf_config", "hf_source", "hf_weight_files", "json_object_or_none", "openbmb_config_dict",
-    "openbmb_config_file", "ours_source", "read_files", "read_raw", "read_torch", "shapes_only", "torch_files",
-    "weights_dtype", "write_converted", "write_hf_directory", "write_openbmb", "write_ours",
+    "CheckpointFormats", "FILE_FORMATS", "GENERATION_CONFIG_NAME", "HF_BIN_NAME", "Source",
+    "TOKENIZER_CONFIG_NAME", "TORCH_SUFFIXES", "WEIGHT_SUFFIXES", "check_destination", "check_layout",
+    "dtype_name", "expected_state", "find_vocab", "from_openbmb", "hf_config", "hf_source", "hf_weight_files",
+    "json_object_or_none", "openbmb_config_dict", "openbmb_config_file", "ours_source", "read_files",
+    "read_raw", "read_torch", "shapes_only", "torch_files", "weights_dtype", "write_converted",
+    "write_hf_directory", "write_openbmb", "write_ours",
 ]

@@ -24,8 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from cpmlive.errors import CpmliveError
-from cpmlive.model.cache import KVCache, mask_inputs, new_positions
+from cpmlive.model.cache import KVCache, left_to_right
 from cpmlive.model.cpm1.config import Cpm1Config
 from cpmlive.model.stack import Attention, Block, Embedding, GeluFeedForward, Transformer, build
 from cpmlive.utils import compute_dtype
@@ -45,16 +44,6 @@ class Cpm1(Transformer):
         self.layers = nn.ModuleList(cpm1_block(config, i) for i in range(config.num_layers))
         self.output_norm = nn.LayerNorm(config.dim_model, eps=config.eps)
 
-    @staticmethod
-    def visibility(query: dict[str, Tensor], key: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Which keys each query sees (``[B, Lq, Lk]``: those at or before it in its span, valid
-        ones, none for a padding query) and each query's absolute position (how many valid
-        tokens of its span come before it)."""
-        seen = key["position"][:, None, :] <= query["position"][:, :, None]
-        seen = seen & (query["span"][:, :, None] == key["span"][:, None, :]) & key["valid"][:, None, :]
-        absolute = (seen.sum(-1) - 1).clamp(min=0)
-        return seen & query["valid"][:, :, None], absolute
-
     def attention_mask(self, seen: Tensor, dtype: torch.dtype) -> Tensor:
         """The additive mask ``[B, H, Lq, Lk]``: 0 where a key is seen, the dtype's finite minimum
         elsewhere (a fully masked padding row stays finite in fp16/bf16 instead of NaN)."""
@@ -67,15 +56,7 @@ class Cpm1(Transformer):
                 span: Tensor | None = None, valid: Tensor | None = None, cache: KVCache | None = None,
                 position: Tensor | None = None, last: int | None = None) -> Tensor:
         """Final hidden states ``[B, L, d]`` of the given (new) positions, as ``CpmAnt.forward``."""
-        zeros = torch.zeros_like(input_ids, dtype=torch.int32)
-        position = new_positions(input_ids, cache) if position is None else position
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
-        query = mask_inputs(zeros, zeros if span is None else span, zeros, valid, position)
-        key = cache.append_inputs(query) if cache is not None else query
-        seen, absolute = self.visibility(query, key)
-        furthest = int(absolute.max()) if absolute.numel() else 0
-        if furthest >= self.config.max_length:
-            raise CpmliveError(f"position {furthest} is past the model's {self.config.max_length} positions")
+        seen, absolute = left_to_right(input_ids, span, valid, cache, position, self.config.max_length)
         hidden = self.input_embedding(input_ids) + self.position_embedding(absolute)
         bias = self.attention_mask(seen, compute_dtype(hidden))
         return self.output_norm(self.run_layers(hidden, bias, cache, last))

@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cpmlive.errors import CpmliveError
-from cpmlive.model.cache import KVCache, mask_inputs, new_positions
+from cpmlive.model.cache import KVCache, left_to_right
 from cpmlive.model.decoder.config import DecoderConfig
 from cpmlive.model.decoder.rope import RotaryEmbedding, apply_rotary, softmax_scale
 from cpmlive.model.runtime.kernels import attention, project
@@ -212,16 +211,6 @@ class Decoder(Transformer):
         self.windows = sorted({config.window(i) for i in range(config.num_layers)}, key=lambda w: w or 0)
 
     @staticmethod
-    def visibility(query: dict[str, Tensor], key: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Which keys each query sees (``[B, Lq, Lk]``: valid ones at or before it in its span,
-        none for a padding query) and each query's rotary position (the valid tokens of its span
-        before it)."""
-        seen = key["position"][:, None, :] <= query["position"][:, :, None]
-        seen = seen & (query["span"][:, :, None] == key["span"][:, None, :]) & key["valid"][:, None, :]
-        absolute = (seen.sum(-1) - 1).clamp(min=0)
-        return seen & query["valid"][:, :, None], absolute
-
-    @staticmethod
     def additive_mask(seen: Tensor, dtype: torch.dtype, window: int | None) -> Tensor:
         """``[B, 1, Lq, Lk]``: 0 where a key is seen (within the last ``window`` seen keys when
         windowed: keys are stored in position order), the dtype's finite minimum elsewhere."""
@@ -234,15 +223,7 @@ class Decoder(Transformer):
                 span: Tensor | None = None, valid: Tensor | None = None, cache: KVCache | None = None,
                 position: Tensor | None = None, last: int | None = None) -> Tensor:
         """Final hidden states ``[B, L, d]`` of the given (new) positions, as ``CpmAnt.forward``."""
-        zeros = torch.zeros_like(input_ids, dtype=torch.int32)
-        position = new_positions(input_ids, cache) if position is None else position
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid
-        query = mask_inputs(zeros, zeros if span is None else span, zeros, valid, position)
-        key = cache.append_inputs(query) if cache is not None else query
-        seen, absolute = self.visibility(query, key)
-        furthest = int(absolute.max()) if absolute.numel() else 0
-        if furthest >= self.config.max_length:
-            raise CpmliveError(f"position {furthest} is past the model's {self.config.max_length} positions")
+        seen, absolute = left_to_right(input_ids, span, valid, cache, position, self.config.max_length)
         # A table stored in float16 beside float32 norms (``keep_matrices``) computes in float32, as CPM-Ant's does.
         hidden = self.input_embedding(input_ids).to(self.output_norm.weight.dtype)
         if self.config.scale_emb != 1.0:
