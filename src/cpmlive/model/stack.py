@@ -291,6 +291,23 @@ def init_stack(model: nn.Module, num_layers: int, embeddings: tuple[nn.Embedding
         module.weight.zero_()
 
 
+@torch.no_grad()
+def init_gpt2(model: nn.Module, num_layers: int, seed: int | None) -> None:
+    """GPT-2's init (Llama's too): N(0, 0.02) matrices and embeddings, the projections into the
+    residual stream further scaled by 1/sqrt(2 * layers), zero biases, unit norms."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    depth_scale = 1.0 / math.sqrt(2 * num_layers)
+    for name, parameter in model.named_parameters():
+        if name.endswith(("attention_out.weight", "w_out.weight")):
+            std = 0.02 * depth_scale
+        elif parameter.dim() == 2:
+            std = 0.02
+        else:
+            parameter.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+            continue
+        parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * std)
+
+
 Model = TypeVar("Model", bound=Transformer)
 
 
@@ -303,4 +320,4 @@ def build(model_class: type[Model], config: StackConfig, device: str | torch.dev
 
 
 __all__ = ["Attention", "Block", "Embedding", "FeedForward", "GeluFeedForward", "RMSNorm", "Transformer",
-           "add_bias", "autocast_input", "build", "gated_block", "init_stack", "relative_position_bucket"]
+           "add_bias", "autocast_input", "build", "gated_block", "init_gpt2", "init_stack", "relative_position_bucket"]

@@ -19,14 +19,13 @@ biases kept beside them (``bias_q`` ...), so that quantization, LoRA and the fas
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
 from cpmlive.model.cache import KVCache, left_to_right
 from cpmlive.model.cpm1.config import Cpm1Config
-from cpmlive.model.stack import Attention, Block, Embedding, GeluFeedForward, Transformer, build
+from cpmlive.model.stack import Attention, Block, Embedding, GeluFeedForward, Transformer, build, init_gpt2
 from cpmlive.utils import compute_dtype
 
 
@@ -68,17 +67,7 @@ class Cpm1(Transformer):
     def init_weights(self, seed: int | None = None) -> None:
         """GPT-2's init: N(0, 0.02) matrices and embeddings, the projections into the residual
         stream further scaled by 1/sqrt(2 * layers), zero biases, unit LayerNorms."""
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
-        for name, parameter in self.named_parameters():
-            if name.endswith(("attention_out.weight", "w_out.weight")):
-                std = 0.02 * depth_scale
-            elif parameter.dim() == 2:
-                std = 0.02
-            else:
-                parameter.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
-                continue
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * std)
+        init_gpt2(self, self.config.num_layers, seed)
 
 
 def build_cpm1(config: Cpm1Config, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -20,7 +20,6 @@ unpadded forward gives it. The MLP is the shared stack's ``FeedForward`` (``w_0`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,8 @@ from cpmlive.model.decoder.config import DecoderConfig
 from cpmlive.model.decoder.rope import RotaryEmbedding, apply_rotary, softmax_scale
 from cpmlive.model.runtime.kernels import attention, project
 import cpmlive.model.runtime.native_decode as native_decode
-from cpmlive.model.stack import Embedding, FeedForward, RMSNorm, Transformer, add_bias, autocast_input, build
+from cpmlive.model.stack import (Embedding, FeedForward, RMSNorm, Transformer, add_bias, autocast_input, build,
+                                  init_gpt2)
 from cpmlive.utils import compute_dtype
 
 
@@ -269,17 +269,7 @@ class Decoder(Transformer):
     def init_weights(self, seed: int | None = None) -> None:
         """Llama's init: N(0, 0.02) matrices and embeddings (the projections into the residual
         stream further scaled by 1/sqrt(2 * layers), as GPT-2 and OLMo do), zero biases, unit norms."""
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        depth_scale = 1.0 / math.sqrt(2 * self.config.num_layers)
-        for name, parameter in self.named_parameters():
-            if name.endswith(("attention_out.weight", "w_out.weight")):
-                std = 0.02 * depth_scale
-            elif parameter.dim() == 2:
-                std = 0.02
-            else:
-                parameter.fill_(1.0 if name.endswith("norm.weight") else 0.0)
-                continue
-            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float32) * std)
+        init_gpt2(self, self.config.num_layers, seed)
 
 
 def build_decoder(config: DecoderConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
