@@ -71,6 +71,15 @@ TOURS: dict[str, list[str]] = {
         'cpmlive generate cpm1-demo "新华社北京1月5日电" --max-new-tokens 24 --repetition-penalty 1.2 --json',
         'cpmlive fill cpm1-demo "北京是中国的<mask>。"',
     ],
+    "llama": [
+        'cpmlive tokenize llama-demo "清华大学 计算机系" --json',
+        'cpmlive generate llama-demo "宝玉笑道：" --max-new-tokens 24 --repetition-penalty 1.2',
+        'cpmlive generate llama-demo "中国的首都是" --max-new-tokens 12 --min-new-tokens 12 --json',
+        f"cpmlive convert llama-demo {SCRATCH}/llama-hf --to hf",
+        f"cpmlive convert {SCRATCH}/llama-hf {SCRATCH}/llama-q8.gguf --to gguf --dtype q8_0",
+        f'cpmlive generate {SCRATCH}/llama-q8.gguf "宝玉笑道：" --max-new-tokens 24 --repetition-penalty 1.2',
+        'cpmlive fill llama-demo "北京是中国的<mask>。"',
+    ],
 }
 
 
