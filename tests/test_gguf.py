@@ -514,3 +514,37 @@ def test_read_refusals(tmp_path, monkeypatch):
     path = write(tmp_path, "llama", None, "q8_0")
     with pytest.raises(CpmliveError, match=r"of type MXFP4, which is not supported \(supported: F32, F16, BF16, Q4_0"):
         gguf_io.read_gguf(path)
+
+
+def test_the_gguf_verbs_through_the_cli(tmp_path, capsys):
+    """convert DIR OUT.gguf --to gguf, generate FILE.gguf and convert FILE.gguf DIR: the same ids as
+    the source directory (float32 written, nothing lost), a refused file leaves nothing behind."""
+    import os
+
+    from cpmlive.cli import main
+    from decoder_helpers import tiny_hf_dir
+
+    import cpmlive
+
+    source = tiny_hf_dir(tmp_path / "qwen2", "qwen2")
+    path = tmp_path / "out" / "model.gguf"
+    assert main(["convert", str(source), str(path), "--to", "gguf", "--dtype", "f32"]) == 0
+    prompt = "今天天气不错"
+    expected = cpmlive.load(source).generate_ids([prompt], max_new_tokens=8, min_new_tokens=8)[0]
+    capsys.readouterr()
+    assert main(["generate", str(path), prompt, "--max-new-tokens", "8", "--min-new-tokens", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ids"] == expected
+    back = tmp_path / "back"
+    assert main(["convert", str(path), str(back), "--to", "hf"]) == 0
+    assert cpmlive.load(back).generate_ids([prompt], max_new_tokens=8, min_new_tokens=8)[0] == expected
+    assert (back / "tokenizer.json").is_file() and (back / "tokenizer_config.json").is_file()
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "cpmlive" / "gguf"
+    before = sorted(cache.iterdir())
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF not really")
+    capsys.readouterr()
+    assert main(["generate", str(bad), prompt]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and sorted(cache.iterdir()) == before
+    assert main(["convert", str(tmp_path / "qwen2"), str(tmp_path / "x.gguf"), "--to", "gguf", "--vocab",
+                 str(tmp_path / "missing.json")]) == 2
+    assert not (tmp_path / "x.gguf").exists()

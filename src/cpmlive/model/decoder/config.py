@@ -28,6 +28,18 @@ ATTENTION_BIAS = {"llama": (True, True), "mistral": (False, False), "qwen2": (Tr
                   "glm": (True, False), "minicpm": (True, True), "minicpm3": (False, False)}
 # Architectures whose attention biases are fixed whatever the config says (Qwen2 always has q/k/v biases).
 FIXED_BIAS = {"qwen2": (True, False), "mistral": (False, False)}
+# What HF's config class of each architecture assumes for a key its config.json leaves out, where
+# that is not Llama's default (transformers 5.25's GlmConfig, MistralConfig, MiniCPM3Config).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "glm": {"attention_bias": True, "partial_rotary_factor": 0.5, "rms_norm_eps": 1.5625e-07, "head_dim": 128,
+            "num_key_value_heads": 2, "max_position_embeddings": 131072},
+    "mistral": {"sliding_window": 4096, "num_key_value_heads": 8, "max_position_embeddings": 131072},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "qwen3": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
+    "minicpm3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+                 "kv_lora_rank": 256, "q_lora_rank": 768, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32,
+                 "scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256},
+}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ROPE_KEYS = ("rope_type", "type", "factor", "original_max_position_embeddings", "low_freq_factor",
              "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
@@ -160,6 +172,7 @@ class DecoderConfig(StackConfig):
         if architecture not in ARCHITECTURES:
             raise CpmliveError(f"{source}: model_type {architecture!r} is not supported "
                                f"(supported: {', '.join(ARCHITECTURES)}, cpm-ant, cpm-bee, gpt2)")
+        data = {**HF_DEFAULTS.get(architecture, {}), **data}
         activation = data.get("hidden_act", "silu")
         if activation != "silu":
             raise CpmliveError(f"{source}: hidden_act {activation!r} is not supported (the decoder family uses silu)")
@@ -197,6 +210,7 @@ class DecoderConfig(StackConfig):
             mapped.update({key: data[key] for key in MLA_KEYS if data.get(key) is not None})
             mapped.setdefault("v_head_dim", mapped["dim_model"] // heads if "dim_model" in mapped else 0)
             mapped["dim_head"] = mapped.get("qk_rope_head_dim", 0)
+            mapped["num_kv_heads"] = heads  # latent attention expands keys and values for every head
         if mapped.get("dim_model_base") is None and architecture in ("minicpm", "minicpm3"):
             mapped.pop("dim_model_base", None)
         return cls.from_dict(mapped)

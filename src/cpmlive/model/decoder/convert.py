@@ -228,18 +228,15 @@ def gguf_tokenizer_directory(path: Path) -> Path:
     directory = root / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if (directory / VOCAB_FILE).is_file():
         return directory
-    build = Path(tempfile.mkdtemp(prefix=".build-", dir=_made(root)))
-    for name, text in read_gguf_tokenizer(path).items():
-        (build / name).write_text(text, encoding="utf-8")
+    files = read_gguf_tokenizer(path)  # refuses a file it cannot read before anything is written
+    root.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
+        for name, text in files.items():
+            (build / name).write_text(text, encoding="utf-8")
         os.replace(build, directory)
     except OSError:  # another process wrote it first
         shutil.rmtree(build, ignore_errors=True)
-    return directory
-
-
-def _made(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     return directory
 
 
@@ -247,7 +244,10 @@ def _write_gguf(state: dict[str, Tensor], config: DecoderConfig, dst: Path, voca
                 kind: str | None = None) -> None:
     from cpmlive.model.decoder.gguf import write_gguf
 
-    write_gguf(config.to_hf(), ours_to_hf(state, config), vocab.parent if vocab is not None else None, dst,
+    if vocab is None:
+        raise CpmliveError(f"{dst}: no tokenizer.json beside the weights, and a GGUF file carries its vocabulary: "
+                           "pass --vocab tokenizer.json")
+    write_gguf(config.to_hf(), ours_to_hf(state, config), vocab.parent, dst,
                dtype=kind or GGUF_DTYPES.get(weights_dtype(state), "f32"))
 
 
