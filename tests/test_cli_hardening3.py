@@ -163,7 +163,8 @@ def test_gptq_on_cpm_bee_is_refused_as_cpm_ants(tmp_path, capsys):
     calibration.write_text("北京是中国的首都。\n", encoding="utf-8")
     code = main(["quantize", "bee-demo", str(tmp_path / "q"), "--bits", "8", "--method", "gptq",
                  "--calibration", str(calibration)])
-    assert code == 2 and "GPTQ/AWQ calibration is CPM-Ant or Llama-family's (CPM-Bee: use --method rtn)" in error_line(capsys)
+    refusal = "GPTQ/AWQ calibration is CPM-Ant or Llama-family's (CPM-Bee: use --method rtn)"
+    assert code == 2 and refusal in error_line(capsys)
     assert not (tmp_path / "q").exists()
 
 

@@ -152,7 +152,8 @@ def test_lora_generation_matches_peft():
     rows = [[6, 100, 200, 300], [6, 400, 500]]
     config = GenerationConfig(max_new_tokens=6, min_new_tokens=6)
     with torch.inference_mode():
-        assert generate_ids(ours.eval(), rows, config, eos_id=7) == generate_ids(theirs.eval(), rows, config, eos_id=7)
+        expected = generate_ids(theirs.eval(), rows, config, stop_ids=7)
+        assert generate_ids(ours.eval(), rows, config, stop_ids=7) == expected
         torch.testing.assert_close(logits(ours, inputs()), logits(theirs, inputs()), atol=1e-5, rtol=0)
 
 

@@ -112,7 +112,7 @@ def logits_both_ways(model, monkeypatch):
 
     def run():
         with torch.no_grad():
-            return generate_ids(model, ROWS, config, eos_id=7)
+            return generate_ids(model, ROWS, config, stop_ids=7)
 
     native_ids = run()
     calls = []
@@ -199,9 +199,9 @@ def test_concurrent_decoding_on_one_model_keeps_each_cache_apart():
     config = GenerationConfig(max_new_tokens=8, min_new_tokens=8, do_sample=False)
     prompts = [[[6, 40 + i, 41, 42 + i]] for i in range(4)]
     with torch.no_grad():
-        alone = [generate_ids(model, rows, config, eos_id=7) for rows in prompts]
+        alone = [generate_ids(model, rows, config, stop_ids=7) for rows in prompts]
         with ThreadPoolExecutor(4) as pool:
-            together = list(pool.map(lambda rows: generate_ids(model, rows, config, eos_id=7), prompts * 3))
+            together = list(pool.map(lambda rows: generate_ids(model, rows, config, stop_ids=7), prompts * 3))
     assert together == alone * 3
 
 
@@ -230,9 +230,9 @@ def test_a_replaced_weight_is_seen_by_the_next_native_step(monkeypatch):
     rows = [[6, 40, 41, 42]]
     config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
-        generate_ids(model, rows, config, eos_id=7)  # a plan is made for the old weights
+        generate_ids(model, rows, config, stop_ids=7)  # a plan is made for the old weights
         layer = model.layers[1].ffn.w_0
         layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight), requires_grad=False)
-        fast = generate_ids(model, rows, config, eos_id=7)
+        fast = generate_ids(model, rows, config, stop_ids=7)
         monkeypatch.setattr(native_decode, "applies", lambda *a: False)
-        assert fast == generate_ids(model, rows, config, eos_id=7)
+        assert fast == generate_ids(model, rows, config, stop_ids=7)

@@ -46,7 +46,7 @@ def nbytes(module) -> int:
 
 def reference(path: Path) -> list[list[int]]:
     with torch.no_grad():
-        return generate_ids(load_model(path), ROWS, OPTIONS, eos_id=7)
+        return generate_ids(load_model(path), ROWS, OPTIONS, stop_ids=7)
 
 
 @pytest.mark.parametrize("blocks", ["native", "pytorch"])
@@ -59,10 +59,10 @@ def test_streamed_model_decodes_the_same_ids_within_the_budget(tmp_path, blocks)
     assert len(stream.streamed) >= 3 and stream.total > 1.8 * limit
     if blocks == "pytorch":
         with native.switched_off(), torch.no_grad():
-            got = generate_ids(model, ROWS, OPTIONS, eos_id=7)
+            got = generate_ids(model, ROWS, OPTIONS, stop_ids=7)
     else:
         with torch.no_grad():
-            got = generate_ids(model, ROWS, OPTIONS, eos_id=7)
+            got = generate_ids(model, ROWS, OPTIONS, stop_ids=7)
     assert got == want
     assert resident_bytes(files(path)) <= limit
     stream.close()
@@ -79,7 +79,7 @@ def test_uneven_pruned_and_int8_models_stream(tmp_path):
         limit = int(0.6 * nbytes(model))
         stream = stream_weights(model, limit)
         with torch.no_grad():
-            assert generate_ids(model, ROWS, OPTIONS, eos_id=7) == want
+            assert generate_ids(model, ROWS, OPTIONS, stop_ids=7) == want
         assert resident_bytes(files(path)) <= limit and stream.streamed
         if index == 0:
             assert len(sizes) > 1  # the blocks really are uneven
@@ -147,5 +147,5 @@ def test_changing_a_streamed_weight_in_place_is_refused(tmp_path):
     with torch.no_grad():
         model.layers[index].ffn.w_0.weight.mul_(2)
         with pytest.raises(CpmliveError, match="changed in place"):
-            generate_ids(model, ROWS, OPTIONS, eos_id=7)
+            generate_ids(model, ROWS, OPTIONS, stop_ids=7)
     stream.close()
