@@ -3,6 +3,7 @@ over ``registry.families()``, so a new family gets them with its registry line."
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from pathlib import Path
 
@@ -40,12 +41,16 @@ def formats(kind: registry.Family) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
-    """Each family's smallest preset with fresh weights, saved in our layout."""
+    """Each family's smallest preset with fresh weights over its shipped vocabulary, saved in our
+    layout with that vocabulary (a GGUF file, for one, carries it)."""
     out = {}
     for kind in FAMILIES:
-        config = kind.presets[smallest_preset(kind)]()
+        demo = model_path(kind.demo)
+        vocab_size = kind.config.load(demo / CONFIG_NAME).vocab_size
+        config = dataclasses.replace(kind.presets[smallest_preset(kind)](), vocab_size=vocab_size)
         model = kind.build(config, device="cpu", dtype=torch.float32, seed=0)
-        out[kind.model_type] = model, save_checkpoint(model, config, tmp_path_factory.mktemp(kind.model_type))
+        out[kind.model_type] = model, save_checkpoint(model, config, tmp_path_factory.mktemp(kind.model_type),
+                                                      vocab=demo / kind.vocab_name)
     return out
 
 

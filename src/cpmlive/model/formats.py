@@ -30,6 +30,7 @@ from cpmlive.model.checkpoint import (
     INDEX_NAME,
     VOCAB_NAME,
     WEIGHTS_NAME,
+    check_family,
     check_layer_count,
     expected_shapes,
     install_checkpoint,
@@ -173,6 +174,16 @@ def read_raw(source: Source) -> dict[str, Tensor]:
     if source.format == "ours":
         return read_weights(source.directory)
     return read_files(source.weights)
+
+
+def read_layout(source: Source, config: Any, to_ours: Callable[[dict[str, Tensor], Any, str], dict[str, Tensor]],
+                shapes: bool = False) -> dict[str, Tensor]:
+    """The tensors of a checkpoint in ours or a published layout (``to_ours`` renames the
+    latter), in our layout, refused when they are another family's; ``shapes``: meta tensors
+    from the files' headers, no weight read. The caller checks the keys and shapes."""
+    raw = shapes_only(read_raw(source)) if shapes else read_raw(source)
+    check_family(raw, config, str(source.path))
+    return raw if source.format == "ours" else to_ours(raw, config, str(source.path))
 
 
 def shapes_only(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -418,6 +429,6 @@ __all__ = [
     "TOKENIZER_CONFIG_NAME", "TORCH_SUFFIXES", "WEIGHT_SUFFIXES", "check_destination", "check_layout",
     "dtype_name", "expected_state", "find_vocab", "from_openbmb", "hf_config", "hf_source", "hf_weight_files",
     "json_object_or_none", "openbmb_config_dict", "openbmb_config_file", "ours_source", "read_files",
-    "read_raw", "read_torch", "shapes_only", "torch_files", "weights_dtype", "write_converted",
+    "read_layout", "read_raw", "read_torch", "shapes_only", "torch_files", "weights_dtype", "write_converted",
     "write_hf_directory", "write_openbmb", "write_ours",
 ]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from cpmlive.errors import CpmliveError
 from cpmlive.model.cpm1 import FORMATS
-from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
+from cpmlive.model.checkpoint import CONFIG_NAME, check_state_dict, save_checkpoint
 from cpmlive.model.cpm1.config import PRESETS as CPM1_PRESETS, Cpm1Config
 from cpmlive.model.formats import (
     GENERATION_CONFIG_NAME,
@@ -42,7 +42,7 @@ from cpmlive.model.formats import (
     hf_source,
     json_object_or_none,
     ours_source,
-    read_raw,
+    read_layout,
     shapes_only,
     write_hf_directory,
 )
@@ -338,9 +338,7 @@ def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor],
         state, config = read_megatron(source.path, given, shapes)
     else:
         config = Cpm1Config.load(source.config)
-        raw = shapes_only(read_raw(source)) if shapes else read_raw(source)
-        check_family(raw, config, where)
-        state = raw if source.format == "ours" else hf_to_ours(raw, config, where)
+        state = read_layout(source, config, hf_to_ours, shapes)
     check_state_dict(state, config, where)
     return state, config
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
+from cpmlive.model.checkpoint import CONFIG_NAME, check_state_dict, save_checkpoint
 from cpmlive.model.decoder import FORMATS
 from cpmlive.model.decoder.config import ARCHITECTURES, DecoderConfig
 from cpmlive.model.formats import (
@@ -36,7 +36,7 @@ from cpmlive.model.formats import (
     hf_source,
     json_object_or_none,
     ours_source,
-    read_raw,
+    read_layout,
     shapes_only,
     weights_dtype,
     write_hf_directory,
@@ -193,12 +193,10 @@ def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor],
 
         hf_data, raw, _ = read_gguf(source.path)
         config = DecoderConfig.from_hf(hf_data, where)
-        raw = shapes_only(raw) if shapes else raw
+        state = hf_to_ours(shapes_only(raw) if shapes else raw, config, where)
     else:
         config = DecoderConfig.load(source.config)
-        raw = shapes_only(read_raw(source)) if shapes else read_raw(source)
-        check_family(raw, config, where)
-    state = raw if source.format == "ours" else hf_to_ours(raw, config, where)
+        state = read_layout(source, config, hf_to_ours, shapes)
     check_state_dict(state, config, where)
     return state, config
 
