@@ -24,6 +24,7 @@ from cpmlive.model.registry import ALL_PRESETS, check_model
 from cpmlive.data.chat import ChatTemplate, TokenizerChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request, request_for
+from cpmlive.infer.speculative import Assistant
 from cpmlive.data.bee import check_task, parse_task
 from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids, hf_generation_defaults, stop_ids_of,
@@ -57,6 +58,8 @@ class LM:
         self.chat_templates: dict[str | None, ChatTemplate | TokenizerChatTemplate] = {}
         # The decoding options a model directory asks for (its generation_config.json), under the caller's.
         self.generation_defaults: dict[str, Any] = {}
+        self.assistant: Assistant | None = None  # the draft model of every request (set_assistant)
+        self._assistants: dict[str, Assistant] = {}  # loaded by path
 
     @property
     def engine(self) -> Engine:
@@ -210,12 +213,13 @@ class LM:
         opens, or at its end-of-turn token (``max_new_tokens``: 128 unless the model's generation
         config says)."""
         template = self.chat_template()
+        assistant = kwargs.pop("assistant_model", True)
         options = self._options(max_new_tokens, kwargs, default_new_tokens=128)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
         ids = self.encode_chat(messages, template)
         self._check_length(len(ids), options.max_new_tokens)
-        yield from self._streamed(self.request(ids, options, stop=tuple(template.stop),
+        yield from self._streamed(self.request(ids, options, stop=tuple(template.stop), assistant=assistant,
                                                stop_ids=getattr(template, "stop_ids", frozenset())))
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, **kwargs: object) -> str:
@@ -305,11 +309,15 @@ class LM:
         made from a job the engine runs, decode directly."""
         if not texts:
             raise CpmliveError("no prompt given")
+        assistant = kwargs.pop("assistant_model", True)
         options = self._options(max_new_tokens, kwargs)
         rows = self._prompt_rows(texts, options)
         if options.num_beams > 1 or self.engine.is_driving():
+            if options.num_beams > 1 and (options.speculates or self.assistant_for(assistant) is not None):
+                raise CpmliveError("speculative decoding works with greedy or sampled decoding, not beam search")
             return generate_ids(self.model, rows, options, self.stop_ids, self.prompt_task)
-        handles = [self.engine.submit(self.request(row, options, index)) for index, row in enumerate(rows)]
+        handles = [self.engine.submit(self.request(row, options, index, assistant=assistant))
+                   for index, row in enumerate(rows)]
         return [handle.result().ids for handle in handles]
 
     def sample(self, prompt: str, num_return_sequences: int, max_new_tokens: int | None = None,
@@ -331,22 +339,55 @@ class LM:
         return vote(self.sample(prompt, num_return_sequences, max_new_tokens, **kwargs), stop)
 
     def request(self, ids: list[int], options: GenerationConfig, index: int = 0, adapter: str | None | bool = True,
-                **fields: object) -> Request:
-        """An engine request for ``ids`` under ``adapter`` (default: the active one)."""
+                assistant: Any = True, **fields: object) -> Request:
+        """An engine request for ``ids`` under ``adapter`` (default: the active one), drafted by
+        ``assistant`` (default: :attr:`assistant`; ``None``: no draft model)."""
         name = self.active if adapter is True else adapter
         spec = self.tasks.get(name) if name else None
         prompt_task = spec.prompt_task if spec is not None else None
-        return request_for(ids, options, index, adapter=name, prompt_task=prompt_task, **fields)
+        return request_for(ids, options, index, adapter=name, prompt_task=prompt_task,
+                           assistant=self.assistant_for(assistant), **fields)
+
+    # ---- speculative decoding --------------------------------------------------------------
+
+    def set_assistant(self, assistant_model: Any) -> None:
+        """Draft every request with ``assistant_model`` (speculative decoding; see
+        :mod:`cpmlive.infer.speculative`): a path or name to load, an :class:`LM`, or a model of
+        this vocabulary; ``None`` stops drafting."""
+        self.assistant = self.assistant_for(assistant_model)
+
+    def assistant_for(self, assistant_model: Any) -> Assistant | None:
+        """The draft model ``assistant_model`` names (``True``: :attr:`assistant`), its vocabulary
+        checked against this model's."""
+        if assistant_model is True:
+            return self.assistant
+        if assistant_model is None or assistant_model is False or isinstance(assistant_model, Assistant):
+            return assistant_model or None
+        if isinstance(assistant_model, LM):
+            assistant = Assistant(assistant_model.model, assistant_model.tokenizer, assistant_model.name)
+        elif isinstance(assistant_model, nn.Module):
+            assistant = Assistant(assistant_model, self.tokenizer)
+        else:
+            key = str(assistant_model)
+            if key not in self._assistants:
+                draft = load(assistant_model)
+                assistant = Assistant(draft.model, draft.tokenizer, draft.name)
+                assistant.check(self.tokenizer, self.model)
+                self._assistants[key] = assistant
+            return self._assistants[key]
+        assistant.check(self.tokenizer, self.model)
+        return assistant
 
     def stream(self, prompt: str, max_new_tokens: int | None = None, stop: Sequence[str] = (),
                **kwargs: object) -> Iterator[str]:
         """Yield new text as soon as it is chosen (held back only while it may be the start of
         a ``stop`` string, where the text ends)."""
+        assistant = kwargs.pop("assistant_model", True)
         options = self._options(max_new_tokens, kwargs)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
         row = self._prompt_rows([prompt], options)[0]
-        yield from self._streamed(self.request(row, options, stop=tuple(stop)))
+        yield from self._streamed(self.request(row, options, stop=tuple(stop), assistant=assistant))
 
     def _streamed(self, request: Request) -> Iterator[str]:
         """The text of one engine request as it is decoded."""

@@ -37,9 +37,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
+from cpmlive.data.layout import GENERATION, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.generate import GenerationConfig, choose_tokens, prefill, process_logits, step_inputs, stop_ids_of
+from cpmlive.infer import speculative
+from cpmlive.infer.generate import (GenerationConfig, choose_tokens, prefill, process_logits, sampling_filter,
+                                    stop_ids_of)
 from cpmlive.infer.kv import KVPool
 from cpmlive.model.stack import Transformer
 from cpmlive.tune import delta
@@ -70,6 +72,7 @@ class Request:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # top alternatives reported per token (0: only the chosen one's)
     stop_ids: frozenset[int] = frozenset()  # e.g. the end-of-turn token of a chat template
+    assistant: "speculative.Assistant | None" = None  # a draft model (speculative decoding)
 
 
 @dataclass
@@ -251,6 +254,37 @@ class Sequence:
         self.generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
         self.stops = tuple(s for s in self.request.stop if s)
         self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.draft_count = options.prompt_lookup_num_tokens or options.num_assistant_tokens \
+            or speculative.DEFAULT_ASSISTANT_TOKENS  # k: drafted tokens a step (an assistant's adapts)
+        self.draft_state: speculative.DraftState | None = None
+        self.drafted = self.kept = 0  # drafted tokens, and those the model kept
+
+    @property
+    def speculates(self) -> bool:
+        return self.request.options.speculates or self.request.assistant is not None
+
+    def propose(self, stop_ids: frozenset[int]) -> tuple[list[int], Tensor | None]:
+        """This step's drafts (at most the new tokens it may still take, less the one a step
+        always adds) and, for an assistant's sampled drafts, their distributions."""
+        options = self.request.options
+        count = min(self.draft_count, options.max_new_tokens - len(self.generated) - 1)
+        if count < 1:
+            return [], None
+        if options.prompt_lookup_num_tokens:
+            ngram = options.max_matching_ngram_size or speculative.DEFAULT_NGRAM
+            return speculative.lookup_draft(self.history, count, ngram), None
+        assistant = self.request.assistant
+        if self.draft_state is None:
+            self.draft_state = assistant.start(self.request.ids, len(self.request.ids) + options.max_new_tokens)
+        return assistant.draft(self.draft_state, self.history, count, options, self.generator,
+                               stop_ids | self.request.stop_ids)
+
+    def record(self, drafted: int, kept: int) -> None:
+        self.drafted += drafted
+        self.kept += kept
+        if self.request.assistant is not None and not self.request.options.prompt_lookup_num_tokens:
+            self.draft_count = speculative.next_count(self.draft_count, drafted, kept,
+                                                      self.request.options.num_assistant_tokens_schedule)
 
     def finish(self, reason: str, text: str = "", token: int | None = None, **extra: Any) -> None:
         self.finished = True
@@ -323,6 +357,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.steps = 0
+        self.drafted_tokens = self.kept_tokens = 0  # speculative decoding: drafted, and kept by the model
+        self._assistants: "weakref.WeakSet[speculative.Assistant]" = weakref.WeakSet()  # vocabularies checked
 
     # ---- from any thread ----------------------------------------------------------------------
 
@@ -347,6 +383,9 @@ class Engine:
             state = delta.delta_state(self.model)
             if state is None or request.adapter not in state.configs:
                 raise CpmliveError(f"no adapter named {request.adapter!r}")
+        if request.assistant is not None and request.assistant not in self._assistants:
+            request.assistant.check(self.tokenizer, self.model)
+            self._assistants.add(request.assistant)
 
     def submit(self, request: Request, sink: Callable[[Event], None] | None = None,
                on_finish: Callable[[Handle], None] | None = None) -> Handle:
@@ -426,7 +465,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self.waiting) + self._inbox.qsize(),
                 "kv_bytes_used": self.pool.bytes_used(), "kv_bytes_reserved": self.pool.bytes_reserved(),
-                "steps": self.steps}
+                "steps": self.steps, "drafted_tokens": self.drafted_tokens, "kept_tokens": self.kept_tokens}
 
     # ---- the driving thread -----------------------------------------------------------------------
 
@@ -582,15 +621,87 @@ class Engine:
     # ---- decoding ---------------------------------------------------------------------------------
 
     def _step(self) -> None:
+        """One decoding step of every running sequence: its pending token, and for a speculating
+        one the tokens drafted after it (rows with fewer drafts padded with invalid positions)."""
         seqs = self.running
-        tokens = torch.tensor([s.pending for s in seqs], device=self.pool.device)
+        old = self.pool.lengths[:len(seqs)].clone()
+        drafts = self._drafts(seqs, int(old.max()))
+        width = 1 + max(len(draft) for draft, _ in drafts)
+        ids = [[s.pending, *draft] + [s.pending] * (width - 1 - len(draft)) for s, (draft, _) in zip(seqs, drafts)]
+        valid = [[True] * (1 + len(draft)) + [False] * (width - 1 - len(draft)) for draft, _ in drafts]
+        device = self.pool.device
+        tokens, valid_tensor = torch.tensor(ids, device=device), torch.tensor(valid, device=device)
         names = [s.request.adapter for s in seqs]
         by_row = delta.adapters_by_row(self.model, names) if any(names) else self._adapter(None)
         with by_row:
-            hidden = self.model(**step_inputs(tokens[:, None], TEXT_SEGMENT[GENERATION]), cache=self.pool.view())
-            logits = self.model.logits(hidden[:, -1])
+            hidden = self.model(**speculative.text_inputs(tokens, valid_tensor), cache=self.pool.view())
+            logits = self.model.logits(hidden)
         self.steps += 1
-        self._choose(seqs, logits)
+        if width == 1:
+            self._choose(seqs, logits[:, 0])
+        else:
+            self._verify(seqs, drafts, logits, old.tolist(), width)
+
+    def _drafts(self, seqs: list[Sequence], longest: int) -> list[tuple[list[int], Tensor | None]]:
+        """Each sequence's drafts for this step, cut to what the KV pool's columns can take."""
+        room = self.pool.max_width - longest - 1
+        drafts = []
+        for seq in seqs:
+            draft: tuple[list[int], Tensor | None] = ([], None)
+            if seq.speculates and room > 0:
+                try:
+                    draft = seq.propose(self.stop_ids)
+                except Exception as exc:  # a failing draft model fails its requests, the batch goes on
+                    seq.finish("error", error=f"{type(exc).__name__}: {exc}", internal=True)
+            tokens, probs = draft
+            drafts.append((tokens[:room], None if probs is None else probs[:room]))
+        if any(tokens for tokens, _ in drafts):
+            self.pool.reserve(len(seqs), longest + 1 + max(len(tokens) for tokens, _ in drafts))
+        return drafts
+
+    def _verify(self, seqs: list[Sequence], drafts: list[tuple[list[int], Tensor | None]], logits: Tensor,
+                old: list[int], width: int) -> None:
+        """Keep each row's drafts as far as the model agrees (``infer.speculative``), move its KV
+        row back to what it kept and hide the rest, then take the kept tokens in order."""
+        kept_by_row = []
+        for row, (seq, (draft, probs)) in enumerate(zip(seqs, drafts)):
+            try:
+                kept = [] if seq.finished else self._kept(seq, logits[row], draft, probs)
+            except Exception as exc:  # as in _choose: this request alone ends
+                internal = not isinstance(exc, CpmliveError)
+                seq.finish("error", error=f"{type(exc).__name__}: {exc}" if internal else str(exc), internal=internal)
+                kept = []
+            end = old[row] + max(len(kept), 1)
+            self.pool.lengths[row] = end
+            self.pool.masks["valid"][row, end:old[row] + width] = False
+            if draft and kept:
+                seq.record(len(draft), len(kept) - 1)
+                self.drafted_tokens += len(draft)
+                self.kept_tokens += len(kept) - 1
+            kept_by_row.append(kept)
+        for row, (seq, kept) in enumerate(zip(seqs, kept_by_row)):
+            for position, token in enumerate(kept):
+                if seq.finished:
+                    break
+                logprob, top = self._logprobs(seq, logits[row, position], token)
+                seq.accept(token, self.stop_ids, logprob, top)
+        self._remove_finished()
+
+    def _kept(self, seq: Sequence, logits: Tensor, draft: list[int], probs: Tensor | None) -> list[int]:
+        """The drafts the model keeps and its own next token (``logits``: ``[positions, vocab]``)."""
+        options = seq.request.options
+        if not options.do_sample and _plain(options):
+            return speculative.verify_greedy(lambda position: logits[position], draft)
+        stop_ids = self.stop_ids | seq.request.stop_ids
+
+        def processed(position: int) -> Tensor:
+            return process_logits(logits[position:position + 1].clone(), [seq.history + draft[:position]],
+                                  len(seq.generated) + position, options, stop_ids)
+
+        if not options.do_sample:
+            return speculative.verify_greedy(processed, draft)
+        return speculative.verify_sampled(lambda position: sampling_filter(processed(position), options).softmax(-1)[0],
+                                          draft, probs, seq.generator)
 
     def _choose(self, seqs: list[Sequence], logits: Tensor) -> None:
         """Each sequence's next token from its row of ``logits``; finished ones leave."""

@@ -26,6 +26,9 @@ from cpmlive.model.cache import KVCache, mask_inputs, token_positions
 from cpmlive.utils import check_field_types
 
 MAX_BEAMS = 64
+MAX_DRAFT_TOKENS = 32  # drafted tokens one speculative step verifies (infer.speculative)
+MAX_NGRAM = 16
+SCHEDULES = ("heuristic", "constant")
 # The ids that end a generation: one (a CPM model's end of text) or several (an HF model's
 # generation_config lists each id that ends a turn, as Qwen's <|im_end|> and <|endoftext|>).
 StopIds = int | Collection[int]
@@ -57,6 +60,11 @@ class GenerationConfig:
     sequence_bias: dict[tuple[int, ...], float] | None = None
     logits_processor: Callable[[Tensor, list[list[int]]], Tensor] | None = None
     seed: int | None = None
+    # Speculative decoding (infer.speculative), HF's names: an assistant model's drafts, or the prompt's.
+    num_assistant_tokens: int | None = None
+    num_assistant_tokens_schedule: str = "heuristic"
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, "generation")
@@ -72,10 +80,16 @@ class GenerationConfig:
             (not (self.do_sample and self.num_beams > 1), "beam sampling is not supported: use do_sample or num_beams"),
             (all(isinstance(k, tuple) and k and all(isinstance(t, int) for t in k)
                  for k in (self.sequence_bias or {})), "sequence_bias keys must be non-empty tuples of token ids"),
+            *_draft_checks(self),
         ]
         for ok, message in checks:
             if not ok:
                 raise CpmliveError(message)
+
+    @property
+    def speculates(self) -> bool:
+        """Whether these options draft from the prompt (an assistant model is the caller's to give)."""
+        return self.prompt_lookup_num_tokens is not None
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "GenerationConfig":
@@ -87,6 +101,21 @@ class GenerationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _draft_checks(config: GenerationConfig) -> list[tuple[bool, str]]:
+    counts = {"num_assistant_tokens": config.num_assistant_tokens,
+              "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens}
+    checks = [(value is None or 1 <= value <= MAX_DRAFT_TOKENS, f"{name} must be in [1, {MAX_DRAFT_TOKENS}]")
+              for name, value in counts.items()]
+    return checks + [
+        (config.max_matching_ngram_size is None or 1 <= config.max_matching_ngram_size <= MAX_NGRAM,
+         f"max_matching_ngram_size must be in [1, {MAX_NGRAM}]"),
+        (config.num_assistant_tokens_schedule in SCHEDULES,
+         f"num_assistant_tokens_schedule must be one of {', '.join(SCHEDULES)}"),
+        (not (config.prompt_lookup_num_tokens and config.num_beams > 1),
+         "speculative decoding works with greedy or sampled decoding, not beam search"),
+    ]
 
 
 # ---- a model directory's generation_config.json ------------------------------------------------------

@@ -148,10 +148,12 @@ class SlotCache(KVCache):
     """A :class:`KVCache` whose rows have lengths of their own (``lengths``, ``[B]`` int64): the
     rows of an engine's running batch, each a request that joined at another time.
 
-    It takes one new position per row per forward: row ``r``'s goes to column ``lengths[r]`` and
-    is also its token position (a row's columns are its positions, from its own prefill on).
-    Attention spans ``max(lengths) + 1`` columns; what a shorter row has not written is invalid
-    in its mask inputs, so it is never seen. The buffers are given (views of the engine's pool).
+    It takes ``n`` new positions per row per forward (one for a plain step; a speculative step
+    verifies drafted tokens in the same forward): row ``r``'s go to columns ``lengths[r] ..
+    lengths[r] + n - 1``, which are also their token positions (a row's columns are its
+    positions, from its own prefill on). Attention spans ``max(lengths) + n`` columns; what a
+    shorter row has not written is invalid in its mask inputs, so it is never seen. The buffers
+    are given (views of the engine's pool).
     """
 
     def __init__(self, keys: list[Tensor | None], values: list[Tensor | None], masks: dict[str, Tensor],
@@ -167,28 +169,32 @@ class SlotCache(KVCache):
     def _rows(self) -> Tensor:
         return torch.arange(self.batch, device=self.device)
 
+    def _columns(self, count: int) -> Tensor:
+        """``[B, count]``: the columns of each row's ``count`` new positions."""
+        return self.lengths[:, None] + torch.arange(count, device=self.device)
+
     def append_inputs(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        if inputs["context"].size(1) != 1:
-            raise CpmliveError("a slot cache takes one new position per row")
-        if self.length + 1 > self.capacity:
-            raise _too_long(self.capacity, self.length + 1)
-        rows = self._rows()
+        count = inputs["context"].size(1)
+        if self.length + count > self.capacity:
+            raise _too_long(self.capacity, self.length + count)
+        rows, columns = self._rows()[:, None], self._columns(count)
         for name in self.inputs:
-            getattr(self, name)[rows, self.lengths] = inputs[name][:, 0]
-        return {name: getattr(self, name)[:, :self.length + 1] for name in self.inputs}
+            getattr(self, name)[rows, columns] = inputs[name]
+        return {name: getattr(self, name)[:, :self.length + count] for name in self.inputs}
 
     def store(self, layer: int, start: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        rows = self._rows()
-        self.keys[layer][rows, :, self.lengths] = key[:, :, 0]
-        self.values[layer][rows, :, self.lengths] = value[:, :, 0]
-        end = self.length + 1
+        count = key.size(2)
+        rows, columns = self._rows()[:, None], self._columns(count)
+        self.keys[layer][rows, :, columns] = key.transpose(1, 2)
+        self.values[layer][rows, :, columns] = value.transpose(1, 2)
+        end = self.length + count
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def write_columns(self) -> Tensor:
         return self.lengths
 
     def next_positions(self, count: int) -> Tensor:
-        return self.lengths.to(torch.int32)[:, None]
+        return self._columns(count).to(torch.int32)
 
     def advance(self, count: int) -> None:
         self.lengths += count

@@ -100,7 +100,7 @@ class CpmAnt(Transformer):
         bias = self.attention_bias(query, key, compute_dtype(hidden))
         decoded = self._decode_natively(hidden, bias, cache)
         if decoded is not None:
-            cache.advance(1)
+            cache.advance(hidden.size(1))
             return self.output_norm(decoded)
         return self.output_norm(self.run_layers(hidden, bias, cache, last))
 

@@ -56,7 +56,8 @@ class Block(ctypes.Structure):
 class Step(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("rows", "dim", "heads", "kv_heads", "dim_head", "dim_ff",
                                                     "capacity", "keys", "bias_heads", "rotary_dim")] + [
-        ("columns", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("columns", ctypes.c_void_p), ("cache_rows", ctypes.c_void_p), ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
         ("eps", ctypes.c_float), ("residual_scale", ctypes.c_float), ("threads", ctypes.c_int)]
 
 
@@ -222,17 +223,22 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: floa
     return result
 
 
-# Rows of one step taken by C. More than the single products' ``native.MAX_ROWS``: a step reads
-# each weight tile once for all its rows, and an engine's batch of up to 64 rows still decodes
-# faster here than through PyTorch's blocks (``benchmarks/serve.py`` measures the batch).
+# New positions of one step taken by C (rows x positions per row). More than the single products'
+# ``native.MAX_ROWS``: a step reads each weight tile once for all its rows, and an engine's batch
+# of up to 64 rows still decodes faster here than through PyTorch's blocks (``benchmarks/serve.py``
+# measures the batch).
 STEP_MAX_ROWS = 64
+# Positions per row a step may take: one, or a speculative step's token and its drafted ones.
+STEP_MAX_POSITIONS = 33
 
 
 def applies(model: nn.Module, hidden: Tensor, cache: object) -> bool:
-    """Whether this step (one new position per row, at most ``STEP_MAX_ROWS`` rows, float32,
-    inference, no adapter running) can go to C."""
-    return (cache is not None and hidden.size(1) == 1 and hidden.dtype == torch.float32 and not model.training
-            and 0 < hidden.size(0) <= STEP_MAX_ROWS and hidden.device.type == "cpu" and not torch.is_grad_enabled()
+    """Whether this step (a few new positions per row after a cache, at most ``STEP_MAX_ROWS`` in
+    all, float32, inference, no adapter running) can go to C."""
+    rows, positions = hidden.size(0), hidden.size(1)
+    return (cache is not None and 0 < positions <= STEP_MAX_POSITIONS and hidden.dtype == torch.float32
+            and not model.training and 0 < rows * positions <= STEP_MAX_ROWS and hidden.device.type == "cpu"
+            and not torch.is_grad_enabled() and (positions == 1 or cache.length > 0)
             and native.available() and not torch.is_autocast_enabled("cpu") and not _adapter_running(model))
 
 
@@ -253,13 +259,15 @@ Bias = Tensor | Callable[[nn.Module], Tensor]
 
 def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Bias, cache: object,
                   rotation: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
-    """The blocks' output for ``hidden`` ``[rows, 1, dim]``, each row's keys and values stored at
-    its cache column (``cache.write_columns()``), or ``None`` when the cache is not float32 and
-    contiguous. ``bias``: the additive attention bias ``[rows, heads or 1, 1, keys]`` of every
-    block, or a function giving each block with attention its own; ``rotation``: cos and sin
-    ``[rows, 1, rotary_dim]`` of the new positions (``None``: no rotary embedding)."""
+    """The blocks' output for ``hidden`` ``[rows, n, dim]``, row ``r``'s keys and values stored at
+    its cache columns ``cache.write_columns()[r] + 0 .. n - 1``, or ``None`` when the cache is not
+    float32 and contiguous. ``bias``: the additive attention bias ``[rows, heads or 1, n, keys]``
+    of every block, or a function giving each block with attention its own; ``rotation``: cos and
+    sin ``[rows, n, rotary_dim]`` of the new positions (``None``: no rotary embedding). To C, each
+    new position is a row of its own that reads and writes its sequence's cache row."""
     config = model.config
-    rows, count = hidden.size(0), len(model.layers)
+    rows, positions, count = hidden.size(0), hidden.size(1), len(model.layers)
+    queries = rows * positions
     kv_heads = getattr(config, "num_kv_heads", config.num_heads)
     keys, values = (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)()
     biases, held = (ctypes.c_void_p * count)(), {}
@@ -274,20 +282,24 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Bias, cach
         keys[index], values[index] = key.data_ptr(), value.data_ptr()
         mine = bias(block) if callable(bias) else bias
         if id(mine) not in held:  # blocks of one window share their mask: one float32 copy each
-            held[id(mine)] = mine.reshape(rows, mine.size(1), -1).float().contiguous()
+            per_query = mine.reshape(rows, mine.size(1), positions, -1).transpose(1, 2)
+            held[id(mine)] = per_query.reshape(queries, mine.size(1), -1).float().contiguous()
         biases[index] = held[id(mine)].data_ptr()
-    columns = cache.write_columns().to(torch.int64).contiguous()
-    shapes = {tensor.shape for tensor in held.values()} or {(rows, 1, int(columns.max()) + 1)}
+    starts = cache.write_columns().to(torch.int64)
+    columns = (starts[:, None] + torch.arange(positions, device=starts.device)).reshape(-1).contiguous()
+    cache_rows = torch.arange(rows, device=starts.device).repeat_interleave(positions).contiguous()
+    shapes = {tensor.shape for tensor in held.values()} or {(queries, 1, int(columns.max()) + 1)}
     if len(shapes) != 1:
         return None
     _, bias_heads, key_count = shapes.pop()
     if bias_heads not in (1, config.num_heads) or int(columns.max()) >= key_count:
         return None
-    out = hidden.reshape(rows, -1).contiguous().clone()
-    cos, sin = (None, None) if rotation is None else (t.reshape(rows, -1).float().contiguous() for t in rotation)
-    shape = Step(rows=rows, dim=config.dim_model, heads=config.num_heads, kv_heads=kv_heads, dim_head=config.dim_head,
-                 dim_ff=step.dim_ff, capacity=cache.capacity, keys=key_count, bias_heads=bias_heads,
-                 rotary_dim=0 if cos is None else cos.size(-1), columns=columns.data_ptr(),
+    out = hidden.reshape(queries, -1).contiguous().clone()
+    cos, sin = (None, None) if rotation is None else (t.reshape(queries, -1).float().contiguous() for t in rotation)
+    shape = Step(rows=queries, dim=config.dim_model, heads=config.num_heads, kv_heads=kv_heads,
+                 dim_head=config.dim_head, dim_ff=step.dim_ff, capacity=cache.capacity, keys=key_count,
+                 bias_heads=bias_heads, rotary_dim=0 if cos is None else cos.size(-1), columns=columns.data_ptr(),
+                 cache_rows=None if positions == 1 else cache_rows.data_ptr(),
                  cos=None if cos is None else cos.data_ptr(), sin=None if sin is None else sin.data_ptr(),
                  eps=step.eps, residual_scale=step.residual_scale, threads=torch.get_num_threads())
     decode = native.decoder()
@@ -319,7 +331,7 @@ def decode_step(model: nn.Module, hidden: Tensor, cache: object, norm_type: type
     step = plan(model, norm_type, ffn_type, residual_scale)
     decoded = None if step is None else decode_blocks(model, step, hidden, bias, cache, rotation)
     if decoded is not None:
-        cache.advance(1)
+        cache.advance(hidden.size(1))
     return decoded
 
 

@@ -1,6 +1,7 @@
 /* One decoding step of a stack of pre-norm blocks in a single call: the same computation as the
  * blocks' forward (cpmlive.model.stack.Block, cpmlive.model.decoder.DecoderBlock) for new positions
- * of one token per row, with the keys and values written into (and read from) the model's own
+ * of one token per row (several rows may be consecutive tokens of one sequence: a speculative step
+ * verifying drafted tokens), with the keys and values written into (and read from) the model's own
  * cache tensors.
  *
  * Per block, with s the residual scale (1: a plain sum):
@@ -36,10 +37,13 @@ typedef struct {
 typedef struct {
     int64_t rows, dim, heads, kv_heads, dim_head, dim_ff, capacity, keys, bias_heads, rotary_dim;
     const int64_t *columns; /* [rows]: the cache column of each row's new position (< keys) */
+    const int64_t *cache_rows; /* [rows]: the cache row each row reads and writes; NULL: its own */
     const float *cos, *sin; /* [rows, rotary_dim]; NULL: no rotation */
     float eps, residual_scale;
     int threads;
 } Step;
+
+static inline int64_t cache_row(const Step *st, int64_t r) { return st->cache_rows ? st->cache_rows[r] : r; }
 
 static void rms_norm(const float *h, const float *weight, float *out, int64_t rows, int64_t dim, float eps) {
     for (int64_t r = 0; r < rows; r++) {
@@ -138,7 +142,7 @@ static void attend_heads(void *context, int64_t first, int64_t end) {
     float *scores = malloc((size_t)keys * sizeof(float));
     for (int64_t rh = first; rh < end; rh++) {
         int64_t r = rh / heads, h = rh % heads;
-        int64_t kv = r * st->kv_heads + h / group;
+        int64_t kv = cache_row(st, r) * st->kv_heads + h / group;
         const float *qv = a->q + r * heads * dim_head + h * dim_head;
         const float *kc = a->key_cache + kv * capacity * dim_head, *vc = a->value_cache + kv * capacity * dim_head;
         const float *b = a->bias + (st->bias_heads == 1 ? r : rh) * keys;
@@ -163,13 +167,14 @@ static void attend(const float *q, const float *key_cache, const float *value_ca
 }
 
 /* Copy this step's keys and values ([rows, heads * dim_head]) to cache column `columns[r]` of
- * each row (rows of an engine's batch have lengths of their own). */
-static void store(float *cache, const float *x, int64_t rows, int64_t heads, int64_t dim_head,
-                  int64_t capacity, const int64_t *columns) {
-    for (int64_t r = 0; r < rows; r++)
+ * each row's cache row (rows of an engine's batch have lengths of their own; the drafted tokens
+ * of one sequence are rows that share its cache row). */
+static void store(float *cache, const float *x, const Step *st, int64_t heads) {
+    int64_t dim_head = st->dim_head, capacity = st->capacity;
+    for (int64_t r = 0; r < st->rows; r++)
         for (int64_t h = 0; h < heads; h++)
-            memcpy(cache + ((r * heads + h) * capacity + columns[r]) * dim_head, x + (r * heads + h) * dim_head,
-                   (size_t)dim_head * sizeof(float));
+            memcpy(cache + ((cache_row(st, r) * heads + h) * capacity + st->columns[r]) * dim_head,
+                   x + (r * heads + h) * dim_head, (size_t)dim_head * sizeof(float));
 }
 
 #ifdef CPMLIVE_VECTOR
@@ -239,8 +244,10 @@ static void silu_gate(float *a, const float *b, int64_t count) {
 
 /* `hidden` [rows, dim] in place; `biases[i]` the attention bias of block i ([rows, bias_heads, keys],
  * columns a row must not see masked there); `key_caches[i]` and `value_caches[i]` the
- * [rows, kv_heads, capacity, dim_head] cache of block i (NULL without attention); row r's new keys
- * and values go to column `columns[r]`. The caches come with each call, so concurrent calls on one
+ * [cache rows, kv_heads, capacity, dim_head] cache of block i (NULL without attention); row r's new
+ * keys and values go to column `columns[r]` of cache row `cache_rows[r]` (every row's keys are
+ * stored before any row attends, so the later tokens of one sequence see its earlier ones where
+ * their bias lets them). The caches come with each call, so concurrent calls on one
  * model share only read-only state. */
 void decode_blocks(const Block *blocks, int64_t num_blocks, const Step *st, float *const *key_caches,
                    float *const *value_caches, const float *const *biases, float *hidden) {
@@ -261,8 +268,8 @@ void decode_blocks(const Block *blocks, int64_t num_blocks, const Step *st, floa
             add_bias(v, blk->bias_v, rows, kv_width);
             norm_and_rotate(q, blk->q_norm, st, st->heads);
             norm_and_rotate(k, blk->k_norm, st, st->kv_heads);
-            store(key_caches[i], k, rows, st->kv_heads, st->dim_head, st->capacity, st->columns);
-            store(value_caches[i], v, rows, st->kv_heads, st->dim_head, st->capacity, st->columns);
+            store(key_caches[i], k, st, st->kv_heads);
+            store(value_caches[i], v, st, st->kv_heads);
             attend(q, key_caches[i], value_caches[i], biases[i], att, st);
             matrix_product(&blk->out, att, y, rows, threads);
             add_branch(hidden, y, blk->bias_out, rows, dim, st->residual_scale);
