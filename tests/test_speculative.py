@@ -3,6 +3,7 @@ plain decoding token for token for every causal family, with prompt lookup and w
 model (a perfect one and a poor one); rejection sampling keeps the target distribution exactly."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -205,3 +206,46 @@ def test_a_draft_of_another_vocabulary_is_refused():
     engine = Engine(ant(), NumberTokenizer())
     with pytest.raises(CpmliveError, match="token 7 is 'x'.*share the model's vocabulary"):
         engine.submit(Request([1, 5, 6], GenerationConfig(max_new_tokens=4), assistant=Assistant(ant(1), Other())))
+
+
+# ---- the command line ----------------------------------------------------------------------------------
+
+QUOTING = "宝玉笑道：“林妹妹，你这话说的是。”黛玉笑道：“宝哥哥，你这话说的是。”宝玉笑道："
+
+
+def generate_json(capsys, *flags):
+    from cpmlive.cli import main
+
+    assert main(["generate", "demo", QUOTING, "--max-new-tokens", "16", "--min-new-tokens", "16", "--json",
+                 *flags]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_cli_drafts_from_the_prompt_or_an_int8_twin(tmp_path, capsys):
+    from cpmlive.cli import main
+
+    plain = generate_json(capsys)
+    assert "speculative" not in plain
+    lookup = generate_json(capsys, "--prompt-lookup-num-tokens", "4")
+    assert lookup["ids"] == plain["ids"] and lookup["speculative"]["kept_tokens"] > 0
+    assert main(["quantize", "demo", str(tmp_path / "int8"), "--bits", "8"]) == 0
+    capsys.readouterr()
+    drafted = generate_json(capsys, "--assistant-model", str(tmp_path / "int8"), "--num-assistant-tokens", "3")
+    assert drafted["ids"] == plain["ids"]
+    speculation = drafted["speculative"]
+    assert 0 < speculation["kept_tokens"] <= speculation["drafted_tokens"]
+    assert speculation["acceptance_rate"] == round(speculation["kept_tokens"] / speculation["drafted_tokens"], 4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-assistant-tokens", "0"], "num_assistant_tokens must be in [1, 32]"),
+    (["--prompt-lookup-num-tokens", "99"], "prompt_lookup_num_tokens must be in [1, 32]"),
+    (["--assistant-model", "llama-demo"], "vocabulary has 8000 tokens, the model's 16000"),
+    (["--prompt-lookup-num-tokens", "2", "--num-beams", "2"], "not beam search"),
+])
+def test_the_cli_refuses_bad_speculation_in_one_line(capsys, flags, message):
+    from cpmlive.cli import main
+
+    assert main(["generate", "demo", "你好", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

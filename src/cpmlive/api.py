@@ -419,6 +419,8 @@ class LM:
             raise CpmliveError("fill needs at least one <mask> in the text")
         if options.num_beams > 1:
             raise CpmliveError("fill decodes greedily or by sampling; num_beams is not supported")
+        if options.speculates:
+            raise CpmliveError("fill does not draft tokens: speculative decoding serves generate, stream and chat")
         lengths = list(blank_lengths) if blank_lengths else list(range(1, options.max_new_tokens + 1))
         if not lengths or min(lengths) < 1:
             raise CpmliveError("blank lengths must be positive")

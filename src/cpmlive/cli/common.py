@@ -103,6 +103,7 @@ GENERATION_FLAGS = {
     "max_new_tokens": positive_int, "min_new_tokens": count, "temperature": finite_float, "top_k": count,
     "top_p": finite_float, "num_beams": positive_int, "length_penalty": finite_float,
     "repetition_penalty": finite_float, "no_repeat_ngram_size": count, "seed": count,
+    "num_assistant_tokens": int, "prompt_lookup_num_tokens": int, "max_matching_ngram_size": int,
 }
 
 
@@ -124,6 +125,12 @@ def add_decoding_flags(parser: argparse.ArgumentParser, default_new_tokens: int 
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy/beam decoding")
     parser.add_argument("--greedy", action="store_true",
                         help="decode greedily even where the model's generation_config.json samples")
+
+
+def add_assistant_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--assistant-model", default=None, metavar="MODEL",
+                        help="speculative decoding: a smaller model with the same vocabulary drafts tokens "
+                             "(a pruned, distilled or quantized twin); --num-assistant-tokens K drafts K at first")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +169,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
         raise CpmliveError("give --do-sample or --greedy, not both")
     if args.do_sample or args.greedy:
         kwargs["do_sample"] = bool(args.do_sample)
+    if getattr(args, "assistant_model", None):
+        kwargs["assistant_model"] = args.assistant_model
     return kwargs
 
 

@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from cpmlive.cli.common import (Verbs, add_decoding_flags, add_generation_flags, add_model_flags, bounded_int, count,
-                                finite_float, generation_kwargs, load_lm, positive_int, print_json, prompt_from,
-                                read_text_file, warnings_as_lines)
+from cpmlive.cli.common import (Verbs, add_assistant_flag, add_decoding_flags, add_generation_flags, add_model_flags,
+                                bounded_int, count, finite_float, generation_kwargs, load_lm, positive_int, print_json,
+                                prompt_from, read_text_file, warnings_as_lines)
 from cpmlive.errors import CpmliveError
 
 
@@ -22,6 +22,7 @@ def add_generate(verbs: Verbs) -> None:
     gen.add_argument("--vote", action="store_true",
                      help="sample K answers, cut each at its first line break or --stop, print the most frequent")
     gen.add_argument("--stop", action="append", default=None, help="a string that ends an answer (repeatable)")
+    add_assistant_flag(gen)
     gen.set_defaults(run=cmd_generate)
 
 
@@ -58,7 +59,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return
     ids = lm.generate_ids([prompt], **kwargs)[0]
     text = lm.tokenizer.decode(ids)
-    print_json({"text": text, "ids": ids}) if args.json else print(text)
+    if not args.json:
+        print(text)
+        return
+    stats = lm.engine.stats()
+    speculation = {"drafted_tokens": stats["drafted_tokens"], "kept_tokens": stats["kept_tokens"],
+                   "acceptance_rate": round(stats["kept_tokens"] / max(stats["drafted_tokens"], 1), 4)}
+    print_json({"text": text, "ids": ids, **({"speculative": speculation} if stats["drafted_tokens"] else {})})
 
 
 def add_fill(verbs: Verbs) -> None:
@@ -135,6 +142,7 @@ def add_chat(verbs: Verbs) -> None:
                       help="0: greedy (default: greedy, or what the model's generation_config.json says)")
     chat.add_argument("--top-p", type=finite_float, default=None)
     chat.add_argument("--seed", type=count, default=None)
+    add_assistant_flag(chat)
     add_model_flags(chat)
     chat.set_defaults(run=cmd_chat)
 
@@ -143,6 +151,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     lm = load_lm(args)
     lm.chat_template()  # refuse a model without one before the first prompt
     options = {"top_p": args.top_p, "seed": args.seed}  # None: the model's generation config, or the default
+    if args.assistant_model:
+        lm.set_assistant(args.assistant_model)
     if args.temperature is not None:
         options.update(do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
     messages = [{"role": "system", "content": args.system}] if args.system else []

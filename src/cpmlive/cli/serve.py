@@ -43,6 +43,8 @@ def add_serve(verbs: Verbs) -> None:
     srv.add_argument("--cors-origin", action="append", help="allow browser pages from this origin (repeatable)")
     srv.add_argument("--run-dir", help="a training run whose live dashboard the site shows at /dashboard")
     srv.add_argument("--served-name", help="the base model's name in /v1/models (default: its directory's)")
+    srv.add_argument("--assistant-model", metavar="MODEL", help="speculative decoding: a smaller model with the "
+                     "same vocabulary drafts tokens for every request (a body's use_assistant_model: false opts out)")
     add_memory_limit(srv)
     srv.set_defaults(run=cmd_serve)
 
@@ -62,5 +64,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(api_key=Settings.key_from_environment(args.api_key), max_batch=args.max_batch,
                         max_waiting=args.max_waiting, timeout=args.timeout, cors_origins=tuple(args.cors_origin or ()),
                         run_dir=run_dir, served_name=args.served_name, memory_limit=args.memory_limit,
-                        max_connections=args.max_connections, header_timeout=args.header_timeout)
+                        max_connections=args.max_connections, header_timeout=args.header_timeout,
+                        assistant_model=args.assistant_model)
     serve(model, adapters=adapters, host=args.host, port=args.port, settings=settings)

@@ -364,9 +364,13 @@ def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLik
         lm = load(model, memory_limit=settings.memory_limit)
         for name, path in paths:
             lm.add_adapter(path, name=name)
+        if settings.assistant_model is not None:
+            lm.set_assistant(settings.assistant_model)
         return lm
 
     check_model(model)
+    if settings.assistant_model is not None:
+        check_model(settings.assistant_model)
     sock = bind(host, port)
     with sock:
         app = create_app(None, settings)

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
-from cpmlive.infer.generate import GenerationConfig
+from cpmlive.infer.generate import MAX_DRAFT_TOKENS, MAX_NGRAM, GenerationConfig
 from cpmlive.serve.runtime import ServerError, ServerState, valid_text
 from cpmlive.serve.tasks import Integer, needs
 
@@ -88,6 +88,11 @@ class Sampling(BaseModel):
     top_k: Integer = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     min_tokens: Integer = Field(0, ge=0)
+    # Speculative decoding (HF's names): drafts from the prompt, or the server's --assistant-model's
+    prompt_lookup_num_tokens: Integer | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+    max_matching_ngram_size: Integer | None = Field(None, ge=1, le=MAX_NGRAM)
+    num_assistant_tokens: Integer | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+    use_assistant_model: bool = True  # false: this request decodes without the server's assistant model
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -110,7 +115,10 @@ class Sampling(BaseModel):
         seed = None if self.seed is None else (self.seed + index) % (MAX_SEED + 1)
         return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=self.min_tokens, do_sample=sample,
                                 temperature=field("temperature") if sample else 1.0, top_k=field("top_k"),
-                                top_p=field("top_p"), repetition_penalty=field("repetition_penalty"), seed=seed)
+                                top_p=field("top_p"), repetition_penalty=field("repetition_penalty"), seed=seed,
+                                prompt_lookup_num_tokens=self.prompt_lookup_num_tokens,
+                                max_matching_ngram_size=self.max_matching_ngram_size,
+                                num_assistant_tokens=self.num_assistant_tokens)
 
     def model_defaults(self, defaults: dict[str, Any]) -> Callable[[str], Any]:
         """A field's value: the request's where it gives it, else the model's default (a model
@@ -269,7 +277,7 @@ def engine_requests(state: ServerState, prompts: list[str | list[int]], body: Sa
         for j in range(body.n):
             requests.append(lm.request(ids, body.options(max_tokens, i * body.n + j, lm.generation_defaults),
                                        adapter=adapter, stop=body.stops() + extra_stops, logprobs=logprobs,
-                                       stop_ids=stop_ids))
+                                       stop_ids=stop_ids, assistant=True if body.use_assistant_model else None))
     return requests, lengths
 
 

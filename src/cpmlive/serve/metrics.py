@@ -26,8 +26,19 @@ class ServerMetrics:
                                 ("cpmlive_num_requests_waiting", "waiting", "requests waiting to join it"),
                                 ("cpmlive_kv_cache_used_bytes", "kv_bytes_used",
                                  "KV cache bytes the running requests hold"),
-                                ("cpmlive_kv_cache_reserved_bytes", "kv_bytes_reserved", "KV cache bytes allocated")):
+                                ("cpmlive_kv_cache_reserved_bytes", "kv_bytes_reserved", "KV cache bytes allocated"),
+                                ("cpmlive_spec_decode_num_draft_tokens", "drafted_tokens",
+                                 "tokens drafted for speculative decoding (an assistant model or prompt lookup)"),
+                                ("cpmlive_spec_decode_num_accepted_tokens", "kept_tokens",
+                                 "drafted tokens the model kept")):
             Gauge(name, text, registry=registry).set_function(stat(key))
+
+        def acceptance() -> float:
+            stats = engine_stats()
+            return stats.get("kept_tokens", 0) / max(stats.get("drafted_tokens", 0), 1)
+
+        Gauge("cpmlive_spec_decode_draft_acceptance_rate", "kept / drafted tokens since the start",
+              registry=registry).set_function(acceptance)
         self.http_requests = Counter("cpmlive_http_requests", "HTTP requests answered", ["route", "status"],
                                      registry=registry)
         self.rejected = Counter("cpmlive_requests_rejected", "requests refused because the queue was full",

@@ -77,6 +77,7 @@ class Settings:
     memory_limit: int | None = None  # bytes of weights kept resident (``model.streaming``)
     max_connections: int = MAX_CONNECTIONS
     header_timeout: float = HEADER_TIMEOUT_SECONDS
+    assistant_model: str | None = None  # a draft model for speculative decoding (same vocabulary)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
