@@ -102,7 +102,6 @@ def matrix_parameters(model: torch.nn.Module) -> int:
                and "segment" not in name and "position_bias" not in name)
 
 
-@torch.inference_mode()
 def verify_costs(repeats: int, bandwidth: float, peak: float) -> dict[str, dict[int, float]]:
     print(f"\n## Verify cost at ~450M (read bandwidth {bandwidth / 1e9:.1f} GB/s, float32 product peak "
           f"{peak / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads)\n")
@@ -111,13 +110,14 @@ def verify_costs(repeats: int, bandwidth: float, peak: float) -> dict[str, dict[
     ratios = {}
     for kind in ("float32", "int8"):
         model = ant_450m(kind)
-        pool = one_row_pool(model)
         widths = (1, *(1 + k for k in DRAFTS))
         best = {w: float("inf") for w in widths}
-        for _ in range(repeats):
-            for width in widths:
-                step_seconds(model, pool, width)  # warm this shape
-                best[width] = min(best[width], min(step_seconds(model, pool, width) for _ in range(3)))
+        with torch.inference_mode():
+            pool = one_row_pool(model)
+            for _ in range(repeats):
+                for width in widths:
+                    step_seconds(model, pool, width)  # warm this shape
+                    best[width] = min(best[width], min(step_seconds(model, pool, width) for _ in range(3)))
         read, flops = weight_bytes(model) / bandwidth, 2 * matrix_parameters(model) / peak
         ratios[kind] = {w - 1: best[w] / best[1] for w in widths}
         for width in widths:
@@ -213,7 +213,7 @@ def main() -> None:
     from cpmlive.infer.speculative import Assistant
 
     if not args.skip_450m:
-        ratios = verify_costs(args.repeats, read_bandwidth(), matmul_peak())
+        ratios = verify_costs(args.repeats, read_bandwidth() * 1e9, matmul_peak())
         projection(ratios)
     lm = cpmlive.load("demo")
     prompts = quoting_prompts(args.prompts)

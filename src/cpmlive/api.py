@@ -25,6 +25,7 @@ from cpmlive.data.chat import ChatTemplate, TokenizerChatTemplate
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Engine, Request, request_for
 from cpmlive.infer.speculative import Assistant
+from cpmlive.infer.structured import constraint_from
 from cpmlive.data.bee import check_task, parse_task
 from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids, hf_generation_defaults, stop_ids_of,
@@ -213,13 +214,13 @@ class LM:
         opens, or at its end-of-turn token (``max_new_tokens``: 128 unless the model's generation
         config says)."""
         template = self.chat_template()
-        assistant = kwargs.pop("assistant_model", True)
+        extras = request_extras(kwargs)
         options = self._options(max_new_tokens, kwargs, default_new_tokens=128)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
         ids = self.encode_chat(messages, template)
         self._check_length(len(ids), options.max_new_tokens)
-        yield from self._streamed(self.request(ids, options, stop=tuple(template.stop), assistant=assistant,
+        yield from self._streamed(self.request(ids, options, stop=tuple(template.stop), **extras,
                                                stop_ids=getattr(template, "stop_ids", frozenset())))
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, **kwargs: object) -> str:
@@ -309,15 +310,16 @@ class LM:
         made from a job the engine runs, decode directly."""
         if not texts:
             raise CpmliveError("no prompt given")
-        assistant = kwargs.pop("assistant_model", True)
+        extras = request_extras(kwargs)
         options = self._options(max_new_tokens, kwargs)
         rows = self._prompt_rows(texts, options)
         if options.num_beams > 1 or self.engine.is_driving():
-            if options.num_beams > 1 and (options.speculates or self.assistant_for(assistant) is not None):
+            if options.num_beams > 1 and (options.speculates or self.assistant_for(extras["assistant"]) is not None):
                 raise CpmliveError("speculative decoding works with greedy or sampled decoding, not beam search")
+            if extras["constraint"] is not None:
+                raise CpmliveError("structured output works with greedy or sampled decoding, not beam search")
             return generate_ids(self.model, rows, options, self.stop_ids, self.prompt_task)
-        handles = [self.engine.submit(self.request(row, options, index, assistant=assistant))
-                   for index, row in enumerate(rows)]
+        handles = [self.engine.submit(self.request(row, options, index, **extras)) for index, row in enumerate(rows)]
         return [handle.result().ids for handle in handles]
 
     def sample(self, prompt: str, num_return_sequences: int, max_new_tokens: int | None = None,
@@ -382,12 +384,12 @@ class LM:
                **kwargs: object) -> Iterator[str]:
         """Yield new text as soon as it is chosen (held back only while it may be the start of
         a ``stop`` string, where the text ends)."""
-        assistant = kwargs.pop("assistant_model", True)
+        extras = request_extras(kwargs)
         options = self._options(max_new_tokens, kwargs)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
         row = self._prompt_rows([prompt], options)[0]
-        yield from self._streamed(self.request(row, options, stop=tuple(stop), assistant=assistant))
+        yield from self._streamed(self.request(row, options, stop=tuple(stop), **extras))
 
     def _streamed(self, request: Request) -> Iterator[str]:
         """The text of one engine request as it is decoded."""
@@ -434,6 +436,15 @@ class LM:
             return fills
         parts = text.split(MASK)
         return "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
+
+
+def request_extras(kwargs: dict) -> dict[str, Any]:
+    """Take what a request carries besides its decoding options out of ``kwargs``: its draft
+    model (``assistant_model``, HF's name; default the LM's own) and its structured-output
+    constraint (OpenAI's ``response_format``, vLLM's ``guided_regex`` / ``guided_grammar``)."""
+    constraint = constraint_from(kwargs.pop("response_format", None), kwargs.pop("guided_regex", None),
+                                 kwargs.pop("guided_grammar", None))
+    return {"assistant": kwargs.pop("assistant_model", True), "constraint": constraint}
 
 
 def find_vocab(vocab: str | os.PathLike | None, directory: Path | None, name: str, kind: Family) -> Path:

@@ -127,6 +127,36 @@ def add_decoding_flags(parser: argparse.ArgumentParser, default_new_tokens: int 
                         help="decode greedily even where the model's generation_config.json samples")
 
 
+def add_structure_flags(parser: argparse.ArgumentParser) -> None:
+    """Structured output (``infer.structured``): JSON, a JSON Schema, a regex or a Lark grammar."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json-object", action="store_true", help="the text is one JSON object")
+    group.add_argument("--json-schema", metavar="SCHEMA", help="the text is JSON valid against SCHEMA "
+                       "(a .json file, or the schema itself)")
+    group.add_argument("--regex", metavar="PATTERN", help="the text matches PATTERN")
+    group.add_argument("--grammar", metavar="FILE", help="the text follows the Lark grammar in FILE")
+
+
+def structure_kwargs(args: argparse.Namespace) -> dict:
+    """The structured-output options of :func:`add_structure_flags` as the API takes them."""
+    if getattr(args, "json_object", False):
+        return {"response_format": {"type": "json_object"}}
+    if getattr(args, "json_schema", None):
+        text = args.json_schema
+        if not text.lstrip().startswith("{") and Path(text).suffix == ".json":
+            text = read_text_file(text)
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CpmliveError(f"--json-schema: not valid JSON ({exc})") from None
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}}
+    if getattr(args, "regex", None):
+        return {"guided_regex": args.regex}
+    if getattr(args, "grammar", None):
+        return {"guided_grammar": read_text_file(args.grammar)}
+    return {}
+
+
 def add_assistant_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--assistant-model", default=None, metavar="MODEL",
                         help="speculative decoding: a smaller model with the same vocabulary drafts tokens "
@@ -171,7 +201,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
         kwargs["do_sample"] = bool(args.do_sample)
     if getattr(args, "assistant_model", None):
         kwargs["assistant_model"] = args.assistant_model
-    return kwargs
+    return {**kwargs, **structure_kwargs(args)}
 
 
 def run_adapter(name: str) -> str:

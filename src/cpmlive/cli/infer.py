@@ -7,8 +7,8 @@ import json
 import sys
 
 from cpmlive.cli.common import (Verbs, add_assistant_flag, add_decoding_flags, add_generation_flags, add_model_flags,
-                                bounded_int, count, finite_float, generation_kwargs, load_lm, positive_int, print_json,
-                                prompt_from, read_text_file, warnings_as_lines)
+                                add_structure_flags, bounded_int, count, finite_float, generation_kwargs, load_lm,
+                                positive_int, print_json, prompt_from, read_text_file, warnings_as_lines)
 from cpmlive.errors import CpmliveError
 
 
@@ -23,6 +23,7 @@ def add_generate(verbs: Verbs) -> None:
                      help="sample K answers, cut each at its first line break or --stop, print the most frequent")
     gen.add_argument("--stop", action="append", default=None, help="a string that ends an answer (repeatable)")
     add_assistant_flag(gen)
+    add_structure_flags(gen)
     gen.set_defaults(run=cmd_generate)
 
 

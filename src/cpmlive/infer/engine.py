@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cpmlive.data.layout import GENERATION, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.infer import speculative
+from cpmlive.infer import speculative, structured
 from cpmlive.infer.generate import (GenerationConfig, choose_tokens, prefill, process_logits, sampling_filter,
                                     stop_ids_of)
 from cpmlive.infer.kv import KVPool
@@ -73,6 +73,7 @@ class Request:
     logprobs: int | None = None  # top alternatives reported per token (0: only the chosen one's)
     stop_ids: frozenset[int] = frozenset()  # e.g. the end-of-turn token of a chat template
     assistant: "speculative.Assistant | None" = None  # a draft model (speculative decoding)
+    constraint: "structured.Constraint | None" = None  # JSON, a regex or a grammar the text must follow
 
 
 @dataclass
@@ -240,7 +241,7 @@ class IncrementalText:
 class Sequence:
     """A running request: what it generated, the text it released, its generator."""
 
-    def __init__(self, handle: Handle, width: int, tokenizer: Any, device: torch.device) -> None:
+    def __init__(self, handle: Handle, width: int, tokenizer: Any, device: torch.device, rows: int) -> None:
         self.handle, self.request, self.tokenizer = handle, handle.request, tokenizer
         options = self.request.options
         self.limit = width + options.max_new_tokens  # KV columns it may need
@@ -258,10 +259,14 @@ class Sequence:
             or speculative.DEFAULT_ASSISTANT_TOKENS  # k: drafted tokens a step (an assistant's adapts)
         self.draft_state: speculative.DraftState | None = None
         self.drafted = self.kept = 0  # drafted tokens, and those the model kept
+        constraint = self.request.constraint
+        self.matcher = structured.Matcher(constraint, tokenizer, rows) if constraint is not None else None
 
     @property
     def speculates(self) -> bool:
-        return self.request.options.speculates or self.request.assistant is not None
+        """Whether this sequence drafts (a constrained one does not: its drafts would need the
+        grammar's mask at every drafted position)."""
+        return (self.request.options.speculates or self.request.assistant is not None) and self.matcher is None
 
     def propose(self, stop_ids: frozenset[int]) -> tuple[list[int], Tensor | None]:
         """This step's drafts (at most the new tokens it may still take, less the one a step
@@ -383,6 +388,8 @@ class Engine:
             state = delta.delta_state(self.model)
             if state is None or request.adapter not in state.configs:
                 raise CpmliveError(f"no adapter named {request.adapter!r}")
+        if request.constraint is not None:
+            structured.check_constraint(request.constraint, self.tokenizer, config.vocab_size)
         if request.assistant is not None and request.assistant not in self._assistants:
             request.assistant.check(self.tokenizer, self.model)
             self._assistants.add(request.assistant)
@@ -610,7 +617,7 @@ class Engine:
         with self._adapter(adapter):
             hidden = prefill(model, batch, cache, [len(r) for r in rows])
             logits = model.logits(hidden)
-        fresh = [Sequence(h, width, self.tokenizer, self.pool.device) for h in handles]
+        fresh = [Sequence(h, width, self.tokenizer, self.pool.device, model.config.vocab_size) for h in handles]
         need = max(s.limit for s in self.running + fresh)
         self.pool.reserve(len(self.running) + len(fresh), need)
         for index, seq in enumerate(fresh):
@@ -689,6 +696,8 @@ class Engine:
 
     def _kept(self, seq: Sequence, logits: Tensor, draft: list[int], probs: Tensor | None) -> list[int]:
         """The drafts the model keeps and its own next token (``logits``: ``[positions, vocab]``)."""
+        if seq.matcher is not None:  # it drafts nothing: its one token, under its grammar
+            return [self._chosen(seq, logits[:1].clone())]
         options = seq.request.options
         if not options.do_sample and _plain(options):
             return speculative.verify_greedy(lambda position: logits[position], draft)
@@ -704,24 +713,37 @@ class Engine:
                                           draft, probs, seq.generator)
 
     def _choose(self, seqs: list[Sequence], logits: Tensor) -> None:
-        """Each sequence's next token from its row of ``logits``; finished ones leave."""
-        greedy = [not s.request.options.do_sample and _plain(s.request.options) for s in seqs]
+        """Each sequence's next token from its row of ``logits`` (masked by its grammar where it
+        has one); finished ones leave."""
+        greedy = [not s.request.options.do_sample and _plain(s.request.options) and s.matcher is None for s in seqs]
         fast = logits.argmax(-1).tolist() if any(greedy) else None
         for row, seq in enumerate(seqs):
-            options = seq.request.options
             try:
                 if greedy[row]:
                     token = fast[row]
                 else:
-                    processed = process_logits(logits[row:row + 1].clone(), [seq.history], len(seq.generated),
-                                               options, self.stop_ids | seq.request.stop_ids)
-                    token = int(choose_tokens(processed, options, seq.generator))
+                    token = self._chosen(seq, logits[row:row + 1].clone())
                 logprob, top = self._logprobs(seq, logits[row], token)
                 seq.accept(token, self.stop_ids, logprob, top)
             except Exception as exc:  # this request's own options failed (a logits_processor...): it alone ends
                 internal = not isinstance(exc, CpmliveError)
                 seq.finish("error", error=f"{type(exc).__name__}: {exc}" if internal else str(exc), internal=internal)
         self._remove_finished()
+
+    def _chosen(self, seq: Sequence, logits: Tensor) -> int:
+        """The token ``seq`` takes from its ``logits`` ``[1, vocab]`` after its grammar's mask and
+        its options' processing; where they leave nothing (the grammar is complete, or
+        ``min_new_tokens`` forbids the end it allows) the text ends: the end-of-text id."""
+        options = seq.request.options
+        allowed = seq.matcher is None or seq.matcher.mask(logits[0])
+        processed = process_logits(logits, [seq.history], len(seq.generated), options,
+                                   self.stop_ids | seq.request.stop_ids)
+        if not allowed or not bool(torch.isfinite(processed).any()):
+            return self.eos_id
+        token = int(choose_tokens(processed, options, seq.generator))
+        if seq.matcher is not None:
+            seq.matcher.consume(token)
+        return token
 
     def _logprobs(self, seq: Sequence, logits: Tensor, token: int) -> tuple[float | None, dict[int, float] | None]:
         """The model's log-probability of ``token`` and of its ``logprobs`` best alternatives."""

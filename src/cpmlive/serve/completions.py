@@ -23,6 +23,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
 from cpmlive.infer.generate import MAX_DRAFT_TOKENS, MAX_NGRAM, GenerationConfig
+from cpmlive.infer.structured import MAX_GRAMMAR_CHARS, Constraint, constraint_from
 from cpmlive.serve.runtime import ServerError, ServerState, valid_text
 from cpmlive.serve.tasks import Integer, needs
 
@@ -93,6 +94,11 @@ class Sampling(BaseModel):
     max_matching_ngram_size: Integer | None = Field(None, ge=1, le=MAX_NGRAM)
     num_assistant_tokens: Integer | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
     use_assistant_model: bool = True  # false: this request decodes without the server's assistant model
+    # Structured output: OpenAI's response_format, vLLM's guided_json / guided_regex / guided_grammar (Lark)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    guided_grammar: str | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -100,6 +106,19 @@ class Sampling(BaseModel):
         if value != 0:
             raise ValueError(f"{info.field_name} is not supported (only 0; repetition_penalty is)")
         return value
+
+    def constraint(self) -> Constraint | None:
+        """What the text must follow (``infer.structured``); a malformed one is a 400."""
+        response_format = self.response_format
+        if self.guided_json is not None:
+            if response_format is not None:
+                raise ServerError(400, "give response_format or guided_json, not both", param="guided_json")
+            response_format = {"type": "json_schema",
+                               "json_schema": {"name": "guided_json", "schema": self.guided_json}}
+        try:
+            return constraint_from(response_format, self.guided_regex, self.guided_grammar)
+        except CpmliveError as exc:
+            raise ServerError(400, str(exc), param="response_format") from None
 
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -260,6 +279,7 @@ def engine_requests(state: ServerState, prompts: list[str | list[int]], body: Sa
     ``max_new_tokens`` default, else OpenAI's 16, either within the model's positions."""
     lm = state.ready()
     requests, lengths = [], []
+    constraint = body.constraint()
     for i, text in enumerate(prompts):
         try:
             ids = text if isinstance(text, list) else lm.encode_for(text, adapter)
@@ -277,7 +297,8 @@ def engine_requests(state: ServerState, prompts: list[str | list[int]], body: Sa
         for j in range(body.n):
             requests.append(lm.request(ids, body.options(max_tokens, i * body.n + j, lm.generation_defaults),
                                        adapter=adapter, stop=body.stops() + extra_stops, logprobs=logprobs,
-                                       stop_ids=stop_ids, assistant=True if body.use_assistant_model else None))
+                                       stop_ids=stop_ids, assistant=True if body.use_assistant_model else None,
+                                       constraint=constraint))
     return requests, lengths
 
 
