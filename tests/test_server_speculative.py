@@ -81,3 +81,14 @@ def test_bad_speculation_fields_are_400s(client, field, value):
     with pytest.raises(openai.BadRequestError, match=field):
         client.completions.create(model="demo", prompt="你好", max_tokens=4, extra_body={field: value})
     assert client.completions.create(model="demo", prompt="你好", max_tokens=2, temperature=0).choices
+
+
+def test_the_prefix_cache_hit_rate_is_in_the_metrics(client, server):
+    def rate():
+        line = [line for line in get_text(server, "/metrics").splitlines()
+                if line.startswith("cpmlive_prefix_cache_hit_rate")]
+        return float(line[0].split()[-1])
+
+    for _ in range(2):  # CPM-Ant: the second identical prompt is reused whole
+        client.completions.create(model="demo", prompt="今天天气不错，", max_tokens=3, temperature=0)
+    assert 0 < rate() <= 1

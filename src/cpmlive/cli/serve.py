@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from cpmlive.cli.common import Verbs, add_memory_limit, count, port_number, positive_int, positive_seconds
+from cpmlive.cli.common import (Verbs, add_memory_limit, count, memory_size, port_number, positive_int,
+                                positive_seconds)
 
 
 def add_dashboard(verbs: Verbs) -> None:
@@ -45,6 +46,8 @@ def add_serve(verbs: Verbs) -> None:
     srv.add_argument("--served-name", help="the base model's name in /v1/models (default: its directory's)")
     srv.add_argument("--assistant-model", metavar="MODEL", help="speculative decoding: a smaller model with the "
                      "same vocabulary drafts tokens for every request (a body's use_assistant_model: false opts out)")
+    srv.add_argument("--prefix-cache", type=memory_size, default=None, metavar="SIZE",
+                     help="prompt keys and values kept across requests (default 256MB; 0: off)")
     add_memory_limit(srv)
     srv.set_defaults(run=cmd_serve)
 
@@ -65,5 +68,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         max_waiting=args.max_waiting, timeout=args.timeout, cors_origins=tuple(args.cors_origin or ()),
                         run_dir=run_dir, served_name=args.served_name, memory_limit=args.memory_limit,
                         max_connections=args.max_connections, header_timeout=args.header_timeout,
-                        assistant_model=args.assistant_model)
+                        assistant_model=args.assistant_model, prefix_cache_bytes=args.prefix_cache)
     serve(model, adapters=adapters, host=args.host, port=args.port, settings=settings)

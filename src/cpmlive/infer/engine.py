@@ -39,7 +39,7 @@ from torch import Tensor
 
 from cpmlive.data.layout import GENERATION, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.infer import speculative, structured
+from cpmlive.infer import prefix, speculative, structured
 from cpmlive.infer.generate import (GenerationConfig, choose_tokens, prefill, process_logits, sampling_filter,
                                     stop_ids_of)
 from cpmlive.infer.kv import KVPool
@@ -342,7 +342,7 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, tokenizer: Any, max_batch: int = MAX_BATCH,
-                 token_budget: int = TOKEN_BUDGET) -> None:
+                 token_budget: int = TOKEN_BUDGET, prefix_cache_bytes: int = prefix.DEFAULT_BYTES) -> None:
         if max_batch < 1 or token_budget < 1:
             raise CpmliveError("max_batch and token_budget must be at least 1")
         self.model, self.tokenizer = model, tokenizer
@@ -364,6 +364,8 @@ class Engine:
         self.steps = 0
         self.drafted_tokens = self.kept_tokens = 0  # speculative decoding: drafted, and kept by the model
         self._assistants: "weakref.WeakSet[speculative.Assistant]" = weakref.WeakSet()  # vocabularies checked
+        self.prefix: prefix.PrefixCache | None = None
+        self.set_prefix_cache(prefix_cache_bytes)
 
     # ---- from any thread ----------------------------------------------------------------------
 
@@ -469,10 +471,18 @@ class Engine:
             thread.join(timeout)
             self._thread = None
 
+    def set_prefix_cache(self, capacity: int) -> None:
+        """Keep up to ``capacity`` bytes of prompt keys and values across requests (0: none; see
+        :mod:`cpmlive.infer.prefix`). Safe between iterations: a lookup sees one cache or the other."""
+        if capacity < 0:
+            raise CpmliveError("the prefix cache size must be at least 0")
+        self.prefix = prefix.PrefixCache(capacity, self.model.causal_prompt) if capacity > 0 else None
+
     def stats(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self.waiting) + self._inbox.qsize(),
                 "kv_bytes_used": self.pool.bytes_used(), "kv_bytes_reserved": self.pool.bytes_reserved(),
-                "steps": self.steps, "drafted_tokens": self.drafted_tokens, "kept_tokens": self.kept_tokens}
+                "steps": self.steps, "drafted_tokens": self.drafted_tokens, "kept_tokens": self.kept_tokens,
+                **(self.prefix.stats() if self.prefix is not None else {})}
 
     # ---- the driving thread -----------------------------------------------------------------------
 
@@ -608,6 +618,19 @@ class Engine:
         return delta.active_adapter(self.model, name) if delta.delta_state(self.model) is not None else nullcontext()
 
     def _prefill(self, handles: list[Handle], adapter: str | None, prompt_task: int | None) -> None:
+        """Prefill ``handles`` (one adapter and prompt task) and start them: those whose prompt
+        begins with cached blocks (``infer.prefix``) one by one from them, the others together."""
+        scope = (adapter, prompt_task)
+        cache = self.prefix
+        reused = {id(h): cache.lookup(scope, h.request.ids) for h in handles} if cache is not None else {}
+        fresh = [h for h in handles if not reused.get(id(h))]
+        if fresh:
+            self._prefill_together(fresh, adapter, prompt_task)
+        for handle in handles:
+            if reused.get(id(handle)):
+                self._prefill_after(handle, reused[id(handle)], adapter, prompt_task)
+
+    def _prefill_together(self, handles: list[Handle], adapter: str | None, prompt_task: int | None) -> None:
         model = self.model
         rows = [h.request.ids for h in handles]
         batch = build_batch(rows, GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
@@ -617,7 +640,37 @@ class Engine:
         with self._adapter(adapter):
             hidden = prefill(model, batch, cache, [len(r) for r in rows])
             logits = model.logits(hidden)
-        fresh = [Sequence(h, width, self.tokenizer, self.pool.device, model.config.vocab_size) for h in handles]
+        kept = self.prefix
+        if kept is not None:
+            for row, ids in enumerate(rows):
+                start = width - len(ids)  # where the row's text starts (after the group's left padding)
+                if kept.causal or start == model.config.prompt_length:  # CPM-Ant: an unpadded row only
+                    kept.store((adapter, prompt_task), ids, cache, row, start, hidden[row])
+        self._start(handles, cache, width, logits)
+
+    def _prefill_after(self, handle: Handle, blocks: list, adapter: str | None, prompt_task: int | None) -> None:
+        """Prefill one prompt from the cached blocks it begins with: only the rest is computed."""
+        model, ids = self.model, handle.request.ids
+        batch = build_batch([ids], GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
+                            prompt_task=prompt_task)
+        width = batch.input_ids.size(1)
+        cache = model.new_cache(1, width)
+        done = prefix.restore(blocks, cache)
+        with self._adapter(adapter):
+            if done == width:  # CPM-Ant: the identical prompt, with its last hidden state
+                hidden = blocks[-1].hidden[None]
+            else:
+                inputs = {name: value[:, done:] for name, value in batch.as_inputs().items()}
+                hidden = model(**inputs, cache=cache, last=1)[:, -1]
+            logits = model.logits(hidden)
+        kept = self.prefix
+        if kept is not None and kept.causal:
+            kept.store((adapter, prompt_task), ids, cache, 0, 0)
+        self._start([handle], cache, width, logits)
+
+    def _start(self, handles: list[Handle], cache: Any, width: int, logits: Tensor) -> None:
+        """Move prefilled rows into the KV pool and the running batch, and pick their first tokens."""
+        fresh = [Sequence(h, width, self.tokenizer, self.pool.device, self.model.config.vocab_size) for h in handles]
         need = max(s.limit for s in self.running + fresh)
         self.pool.reserve(len(self.running) + len(fresh), need)
         for index, seq in enumerate(fresh):

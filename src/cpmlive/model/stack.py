@@ -212,6 +212,9 @@ class Transformer(nn.Module):
     input_embedding: nn.Module
     layers: nn.ModuleList
     output_norm: nn.Module
+    # Whether a prompt token's keys and values depend only on the tokens before it (left-to-right
+    # families): then the engine's prefix cache reuses any shared prefix, else only identical prompts.
+    causal_prompt: bool = False
 
     def __init__(self, config: StackConfig) -> None:
         super().__init__()

@@ -39,6 +39,19 @@ class ServerMetrics:
 
         Gauge("cpmlive_spec_decode_draft_acceptance_rate", "kept / drafted tokens since the start",
               registry=registry).set_function(acceptance)
+
+        def hit_rate() -> float:
+            stats = engine_stats()
+            return stats.get("prefix_hit_tokens", 0) / max(stats.get("prefix_queried_tokens", 0), 1)
+
+        for name, key, text in (("cpmlive_prefix_cache_queries_tokens", "prefix_queried_tokens",
+                                 "prompt tokens looked up in the prefix cache"),
+                                ("cpmlive_prefix_cache_hits_tokens", "prefix_hit_tokens",
+                                 "prompt tokens whose keys and values came from the prefix cache"),
+                                ("cpmlive_prefix_cache_bytes", "prefix_cache_bytes", "bytes the prefix cache holds")):
+            Gauge(name, text, registry=registry).set_function(stat(key))
+        Gauge("cpmlive_prefix_cache_hit_rate", "prompt tokens reused / looked up since the start",
+              registry=registry).set_function(hit_rate)
         self.http_requests = Counter("cpmlive_http_requests", "HTTP requests answered", ["route", "status"],
                                      registry=registry)
         self.rejected = Counter("cpmlive_requests_rejected", "requests refused because the queue was full",

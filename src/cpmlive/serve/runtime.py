@@ -78,6 +78,7 @@ class Settings:
     max_connections: int = MAX_CONNECTIONS
     header_timeout: float = HEADER_TIMEOUT_SECONDS
     assistant_model: str | None = None  # a draft model for speculative decoding (same vocabulary)
+    prefix_cache_bytes: int | None = None  # prompt keys and values kept across requests (None: the engine's default)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
@@ -111,6 +112,8 @@ class ServerState:
         ``engine.run_forever()``, as ``cpmlive serve`` does from the main thread."""
         engine = lm.engine
         engine.max_batch, engine.token_budget = self.settings.max_batch, self.settings.token_budget
+        if self.settings.prefix_cache_bytes is not None:
+            engine.set_prefix_cache(self.settings.prefix_cache_bytes)
         if own_thread:
             engine.start()
         self.engine, self.lm = engine, lm

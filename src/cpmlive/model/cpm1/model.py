@@ -36,6 +36,8 @@ def cpm1_block(config: Cpm1Config, index: int) -> Block:
 
 
 class Cpm1(Transformer):
+    causal_prompt = True
+
     def __init__(self, config: Cpm1Config) -> None:
         super().__init__(config)
         self.input_embedding = Embedding(config.vocab_size, config.dim_model)

@@ -199,6 +199,8 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(Transformer):
+    causal_prompt = True
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__(config)
         self.input_embedding = Embedding(config.vocab_size, config.dim_model)
