@@ -26,9 +26,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+import cpmlive.model.runtime.native_decode as native_decode
 from cpmlive.model.bee.config import BeeConfig
 from cpmlive.model.cache import MASK_INPUTS, KVCache, new_positions
-from cpmlive.model.stack import (Embedding, RMSNorm, Transformer, build, gated_block, init_stack,
+from cpmlive.model.stack import (Embedding, FeedForward, RMSNorm, Transformer, build, gated_block, init_stack,
                                  relative_position_bucket)
 from cpmlive.utils import compute_dtype
 
@@ -152,6 +153,9 @@ class CpmBee(Transformer):
                      segment_rel_offset=zeros if segment_rel_offset is None else segment_rel_offset)
         hidden = self.embed(input_ids.long(), input_sub)
         bias = self.attention_bias(query, key, compute_dtype(hidden))
+        decoded = native_decode.decode_step(self, hidden, cache, RMSNorm, FeedForward, bias)
+        if decoded is not None:  # a decoding step in one native call (model.runtime.native_decode)
+            return self.output_norm(decoded)
         return self.output_norm(self.run_layers(hidden, bias, cache, last))
 
     # ---- helpers ----------------------------------------------------------------------------------

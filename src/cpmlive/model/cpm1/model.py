@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import cpmlive.model.runtime.native_decode as native_decode
 from cpmlive.model.cache import KVCache, left_to_right
 from cpmlive.model.cpm1.config import Cpm1Config
 from cpmlive.model.stack import Attention, Block, Embedding, GeluFeedForward, Transformer, build, init_gpt2
@@ -60,6 +61,9 @@ class Cpm1(Transformer):
         seen, absolute = left_to_right(input_ids, span, valid, cache, position, self.config.max_length)
         hidden = self.input_embedding(input_ids) + self.position_embedding(absolute)
         bias = self.attention_mask(seen, compute_dtype(hidden))
+        decoded = native_decode.decode_step(self, hidden, cache, nn.LayerNorm, GeluFeedForward, bias[:, :1])
+        if decoded is not None:  # a decoding step in one native call (model.runtime.native_decode)
+            return self.output_norm(decoded)
         return self.output_norm(self.run_layers(hidden, bias, cache, last))
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:

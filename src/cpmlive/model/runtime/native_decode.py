@@ -8,11 +8,12 @@ what the blocks' forward computes for one new position per row (``model.stack.Bl
 :class:`~cpmlive.model.cache.KVCache` tensors, so prompts (prefilled by PyTorch) and steps share one
 cache. Embedding, attention bias (masks), rotary cos / sin, final norm and head stay in PyTorch.
 
-What C computes of a block: RMS norms, q / k / v / output products of float32, float16, bfloat16 or
-our quantized layers, their biases, grouped key / value heads, per-head q / k RMS norms, a
-half-split rotation of the first dims of each head, an additive bias per block (so sliding windows
-are masks), the GELU or SiLU gated FFN, and a residual scale of the decoder's kind
-``h = (h / s + branch) * s``. :func:`plan` says whether a model can take this path (no other
+What C computes of a block: RMS norms or LayerNorms, q / k / v / output products of float32,
+float16, bfloat16 or our quantized layers, their biases, grouped key / value heads, per-head q / k
+RMS norms, a half-split rotation of the first dims of each head, an additive bias per block (so
+sliding windows are masks), the GELU or SiLU gated FFN or GPT-2's MLP (biases, tanh GELU), and a
+residual scale of the decoder's kind ``h = (h / s + branch) * s`` or of the stack's (CPM-Bee's)
+``h = (h + branch) / s``. :func:`plan` says whether a model can take this path (no other
 attention, such as latent attention; no adapters or experts; float32 norms, biases, activations and
 cache) and describes its layers to C once; the description is rebuilt when a weight changes.
 """
@@ -46,11 +47,13 @@ class Matrix(ctypes.Structure):
 
 
 class Block(ctypes.Structure):
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("q", Matrix), ("k", Matrix), ("v", Matrix), ("out", Matrix),
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("attn_norm_bias", ctypes.c_void_p),
+                ("q", Matrix), ("k", Matrix), ("v", Matrix), ("out", Matrix),
                 ("bias_q", ctypes.c_void_p), ("bias_k", ctypes.c_void_p), ("bias_v", ctypes.c_void_p),
                 ("bias_out", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
-                ("ffn_norm", ctypes.c_void_p),
-                ("w_0", Matrix), ("w_1", Matrix), ("w_out", Matrix), ("activation", ctypes.c_int64)]
+                ("ffn_norm", ctypes.c_void_p), ("ffn_norm_bias", ctypes.c_void_p),
+                ("w_0", Matrix), ("w_1", Matrix), ("w_out", Matrix), ("bias_in", ctypes.c_void_p),
+                ("bias_ffn_out", ctypes.c_void_p), ("activation", ctypes.c_int64), ("layer_norm", ctypes.c_int64)]
 
 
 class Step(ctypes.Structure):
@@ -58,15 +61,17 @@ class Step(ctypes.Structure):
                                                     "capacity", "keys", "bias_heads", "rotary_dim")] + [
         ("columns", ctypes.c_void_p), ("cache_rows", ctypes.c_void_p), ("cos", ctypes.c_void_p),
         ("sin", ctypes.c_void_p),
-        ("eps", ctypes.c_float), ("residual_scale", ctypes.c_float), ("threads", ctypes.c_int)]
+        ("eps", ctypes.c_float), ("residual_scale", ctypes.c_float), ("threads", ctypes.c_int),
+        ("divides", ctypes.c_int)]
 
 
 ACTIVATIONS = {"gelu": 0, "silu": 1}
+GELU_TANH = 2
 BIASES = ("bias_q", "bias_k", "bias_v", "bias_out")
 SUBLAYERS = (("attn_norm",), ("attn",), ("attn", "project_q"), ("attn", "project_k"), ("attn", "project_v"),
              ("attn", "attention_out"), ("attn", "q_norm"), ("attn", "k_norm"), ("ffn_norm",), ("ffn",),
-             ("ffn", "w_0"), ("ffn", "w_1"), ("ffn", "w_out"))
-TENSORS = ("weight", "weight_scale", "weight_zero", *BIASES)
+             ("ffn", "w_0"), ("ffn", "w_1"), ("ffn", "w_in"), ("ffn", "w_out"))
+TENSORS = ("weight", "weight_scale", "weight_zero", "bias", "bias_in", *BIASES)
 
 Slot = tuple[dict, str, object]  # the table of a module's attributes that holds a name, and what it held
 
@@ -109,7 +114,8 @@ class Plan:
     versions: list[tuple[int, int]]
     dim_ff: int
     eps: float
-    residual_scale: float
+    residual_scale: float  # the decoder's kind: h = (h / s + branch) * s
+    divisor: float = 1.0  # model.stack.Block's kind: h = (h + branch) / s
 
     def current(self, model: nn.Module) -> bool:
         """Whether no layer was replaced (an adapter attached), no weight tensor replaced and
@@ -148,10 +154,18 @@ def _vector(tensor: Tensor | None) -> int | None:
     return tensor.data_ptr()
 
 
-def _norm(norm: nn.Module, norm_type: type, eps: float) -> int | None:
+def _norm(norm: nn.Module, norm_type: type, eps: float) -> tuple[int, int | None] | None:
+    """The weight (and a LayerNorm's bias) of a norm C computes: an RMS norm, or a LayerNorm over
+    the last dimension with float32 weight and bias."""
     if not _base_type(norm, norm_type) or getattr(norm, "eps", eps) != eps:
         return None
-    return _vector(norm.weight)
+    weight = _vector(getattr(norm, "weight", None))
+    if not isinstance(norm, nn.LayerNorm):
+        return None if weight is None else (weight, None)
+    bias = getattr(norm, "bias", None)
+    if weight is None or len(norm.normalized_shape) != 1 or (bias is not None and _vector(bias) is None):
+        return None
+    return weight, None if bias is None else bias.data_ptr()
 
 
 def _describe_attention(attn: nn.Module, description: Block, norm_type: type, eps: float) -> bool:
@@ -170,37 +184,50 @@ def _describe_attention(attn: nn.Module, description: Block, norm_type: type, ep
     for name in ("q_norm", "k_norm"):
         norm = getattr(attn, name, None)
         if norm is not None:
-            pointer = _norm(norm, norm_type, eps)
-            if pointer is None:
+            pointer = _norm(norm, type(norm), eps)
+            if pointer is None or pointer[1] is not None:
                 return False
-            setattr(description, name, pointer)
+            setattr(description, name, pointer[0])
     return True
 
 
 def _describe(block: nn.Module, norm_type: type, ffn_type: type, eps: float) -> Block | None:
-    """The C description of one block, or ``None`` when C does not compute what it does (a residual
-    scale of ``model.stack.Block``'s kind, attention or a norm or FFN of another kind, a layer it
-    cannot read)."""
-    if getattr(block, "residual_scale", 1.0) != 1.0:
-        return None
+    """The C description of one block, or ``None`` when C does not compute what it does (attention
+    or a norm or feed-forward part of another kind, a layer it cannot read)."""
     description = Block()
+    description.layer_norm = int(issubclass(norm_type, nn.LayerNorm))
     if hasattr(block, "attn"):
         norm = _norm(block.attn_norm, norm_type, eps)
         if norm is None or not _describe_attention(block.attn, description, norm_type, eps):
             return None
-        description.attn_norm = norm
+        description.attn_norm, description.attn_norm_bias = norm
     if hasattr(block, "ffn"):
-        activation = ACTIVATIONS.get(getattr(block.ffn, "activation", None))
-        if type(block.ffn) is not ffn_type or activation is None:
-            return None
-        parts = [_matrix(getattr(block.ffn, name)) for name in ("w_0", "w_1", "w_out")]
         norm = _norm(block.ffn_norm, norm_type, eps)
-        if norm is None or any(p is None for p in parts):
+        if norm is None or type(block.ffn) is not ffn_type or not _describe_ffn(block.ffn, description):
             return None
-        description.ffn_norm = norm
-        description.w_0, description.w_1, description.w_out = parts
-        description.activation = activation
+        description.ffn_norm, description.ffn_norm_bias = norm
     return description
+
+
+def _describe_ffn(ffn: nn.Module, description: Block) -> bool:
+    """Fill in the feed-forward part: gated (``w_0``, ``w_1``, GELU or SiLU) or GPT-2's MLP
+    (``w_in`` + ``bias_in``, tanh GELU, ``w_out`` + ``bias_out``)."""
+    if hasattr(ffn, "w_in"):
+        parts = [_matrix(ffn.w_in), _matrix(ffn.w_out)]
+        biases = [_vector(ffn.bias_in), _vector(ffn.bias_out)]
+        if any(p is None for p in parts + biases):
+            return False
+        description.w_0, description.w_out = parts
+        description.bias_in, description.bias_ffn_out = biases
+        description.activation = GELU_TANH
+        return True
+    activation = ACTIVATIONS.get(getattr(ffn, "activation", None))
+    parts = [_matrix(getattr(ffn, name)) for name in ("w_0", "w_1", "w_out")]
+    if activation is None or any(p is None for p in parts):
+        return False
+    description.w_0, description.w_1, description.w_out = parts
+    description.activation = activation
+    return True
 
 
 def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: float = 1.0) -> Plan | None:
@@ -211,6 +238,9 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: floa
     if cached is not None and cached.residual_scale == residual_scale and cached.current(model):
         return cached
     eps = model.config.eps
+    divisors = {float(getattr(block, "residual_scale", 1.0)) for block in model.layers}
+    if len(divisors) > 1 or (residual_scale != 1.0 and divisors != {1.0}):
+        return None  # blocks of different scales, or both kinds of scale
     blocks = [_describe(block, norm_type, ffn_type, eps) for block in model.layers]
     if any(b is None for b in blocks):
         return None
@@ -218,7 +248,8 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: floa
     slots = _slots(model)
     tensors = [held for _, _, held in slots if isinstance(held, Tensor)]
     versions = [(t._version, t.data_ptr()) for t in tensors]
-    result = Plan((Block * len(blocks))(*blocks), tuple(zip(*slots)), tensors, versions, dim_ff, eps, residual_scale)
+    result = Plan((Block * len(blocks))(*blocks), tuple(zip(*slots)), tensors, versions, dim_ff, eps, residual_scale,
+                  divisors.pop() if divisors else 1.0)
     _PLANS[model] = result
     return result
 
@@ -301,7 +332,8 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Bias, cach
                  bias_heads=bias_heads, rotary_dim=0 if cos is None else cos.size(-1), columns=columns.data_ptr(),
                  cache_rows=None if positions == 1 else cache_rows.data_ptr(),
                  cos=None if cos is None else cos.data_ptr(), sin=None if sin is None else sin.data_ptr(),
-                 eps=step.eps, residual_scale=step.residual_scale, threads=torch.get_num_threads())
+                 eps=step.eps, residual_scale=step.residual_scale if step.divisor == 1.0 else step.divisor,
+                 threads=torch.get_num_threads(), divides=int(step.divisor != 1.0))
     decode = native.decoder()
     stream = getattr(model, "weight_stream", None)
 

@@ -21,16 +21,20 @@
 
 #include "gemv.h"
 
-enum { ACT_GELU = 0, ACT_SILU = 1 };
+enum { ACT_GELU = 0, ACT_SILU = 1, ACT_GELU_TANH = 2 };
 
 typedef struct {
     const float *attn_norm; /* NULL: the block has no attention */
+    const float *attn_norm_bias; /* a LayerNorm's bias; NULL: none */
     Matrix q, k, v, out;
     const float *bias_q, *bias_k, *bias_v, *bias_out; /* NULL: none */
     const float *q_norm, *k_norm;                     /* [dim_head] per-head RMS norms, NULL: none */
     const float *ffn_norm;  /* NULL: the block has no feed-forward part */
-    Matrix w_0, w_1, w_out;
+    const float *ffn_norm_bias;
+    Matrix w_0, w_1, w_out; /* w_1.weight NULL: not gated, w_out(act(w_0 x + bias_in)) + bias_ffn_out */
+    const float *bias_in, *bias_ffn_out;
     int64_t activation;
+    int64_t layer_norm; /* 1: LayerNorms (mean removed, then weight and bias), 0: RMS norms */
 } Block;
 
 /* What every block of one step shares. */
@@ -41,6 +45,7 @@ typedef struct {
     const float *cos, *sin; /* [rows, rotary_dim]; NULL: no rotation */
     float eps, residual_scale;
     int threads;
+    int divides; /* 1: h = (h + branch) / s (model.stack.Block's scale), 0: h = (h / s + branch) * s */
 } Step;
 
 static inline int64_t cache_row(const Step *st, int64_t r) { return st->cache_rows ? st->cache_rows[r] : r; }
@@ -55,13 +60,45 @@ static void rms_norm(const float *h, const float *weight, float *out, int64_t ro
     }
 }
 
+/* LayerNorm over each row: (x - mean) / sqrt(variance + eps) * weight + bias (bias NULL: none). */
+static void layer_norm(const float *h, const float *weight, const float *bias, float *out, int64_t rows,
+                       int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *x = h + r * dim;
+        float mean = 0, variance = 0;
+        for (int64_t j = 0; j < dim; j++) mean += x[j];
+        mean /= (float)dim;
+        for (int64_t j = 0; j < dim; j++) variance += (x[j] - mean) * (x[j] - mean);
+        float inv = 1.0f / sqrtf(variance / (float)dim + eps);
+        for (int64_t j = 0; j < dim; j++) out[r * dim + j] = (x[j] - mean) * inv * weight[j] + (bias ? bias[j] : 0.0f);
+    }
+}
+
+static void block_norm(const Block *blk, const float *h, const float *weight, const float *bias, float *out,
+                       int64_t rows, int64_t dim, float eps) {
+    if (blk->layer_norm)
+        layer_norm(h, weight, bias, out, rows, dim, eps);
+    else
+        rms_norm(h, weight, out, rows, dim, eps);
+}
+
 static void add_into(float *h, const float *y, int64_t count) {
     for (int64_t j = 0; j < count; j++) h[j] += y[j];
 }
 
 /* h = (h / scale + y [+ bias]) * scale over [rows, dim], as the blocks sum a scaled branch (a
- * plain h += y [+ bias] when scale is 1). */
-static void add_branch(float *h, const float *y, const float *bias, int64_t rows, int64_t dim, float scale) {
+ * plain h += y [+ bias] when scale is 1), or with `divides` h = (h + y [+ bias]) / scale. */
+static void add_branch(float *h, const float *y, const float *bias, int64_t rows, int64_t dim, float scale,
+                       int divides) {
+    if (divides && scale != 1.0f) {
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < dim; j++) {
+                float sum = h[r * dim + j] + y[r * dim + j];
+                if (bias) sum += bias[j];
+                h[r * dim + j] = sum / scale;
+            }
+        return;
+    }
     if (scale == 1.0f) {
         add_into(h, y, rows * dim);
         if (bias)
@@ -228,6 +265,31 @@ static void gelu_gate(float *a, const float *b, int64_t count) {
     for (; j < count; j++) a[j] = 0.5f * a[j] * (1.0f + erff(a[j] * (float)M_SQRT1_2)) * b[j];
 }
 
+/* a = gelu(a + bias) in its tanh form (GPT-2's gelu_new): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))),
+ * tanh(z) as 1 - 2 / (exp(2 z) + 1). `a` is [rows, count]; bias [count] or NULL. */
+static void gelu_tanh(float *a, const float *bias, int64_t rows, int64_t count) {
+    const float root = 0.7978845608028654f;
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = a + r * count;
+        int64_t j = 0;
+        if (bias) add_into(x, bias, count);
+#ifdef CPMLIVE_VECTOR
+        __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+        for (; j + 8 <= count; j += 8) {
+            __m256 v = _mm256_loadu_ps(x + j);
+            __m256 cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+            __m256 z = _mm256_mul_ps(_mm256_set1_ps(root), _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), cube, v));
+            __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_add_ps(z, z)), one)));
+            _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t)));
+        }
+#endif
+        for (; j < count; j++) {
+            float v = x[j];
+            x[j] = 0.5f * v * (1.0f + tanhf(root * (v + 0.044715f * v * v * v)));
+        }
+    }
+}
+
 /* a = silu(a) * b, SiLU as x / (1 + exp(-x)). */
 static void silu_gate(float *a, const float *b, int64_t count) {
     int64_t j = 0;
@@ -261,7 +323,7 @@ void decode_blocks(const Block *blocks, int64_t num_blocks, const Step *st, floa
     for (int64_t i = 0; i < num_blocks; i++) {
         const Block *blk = blocks + i;
         if (blk->attn_norm) {
-            rms_norm(hidden, blk->attn_norm, x, rows, dim, st->eps);
+            block_norm(blk, hidden, blk->attn_norm, blk->attn_norm_bias, x, rows, dim, st->eps);
             matrix_products((Matrix[]){blk->q, blk->k, blk->v}, (float *[]){q, k, v}, 3, x, rows, threads);
             add_bias(q, blk->bias_q, rows, width);
             add_bias(k, blk->bias_k, rows, kv_width);
@@ -272,15 +334,20 @@ void decode_blocks(const Block *blocks, int64_t num_blocks, const Step *st, floa
             store(value_caches[i], v, st, st->kv_heads);
             attend(q, key_caches[i], value_caches[i], biases[i], att, st);
             matrix_product(&blk->out, att, y, rows, threads);
-            add_branch(hidden, y, blk->bias_out, rows, dim, st->residual_scale);
+            add_branch(hidden, y, blk->bias_out, rows, dim, st->residual_scale, st->divides);
         }
         if (blk->ffn_norm) {
             int64_t ff = blk->w_0.n;
-            rms_norm(hidden, blk->ffn_norm, x, rows, dim, st->eps);
-            matrix_products((Matrix[]){blk->w_0, blk->w_1}, (float *[]){a, g}, 2, x, rows, threads);
-            (blk->activation == ACT_SILU ? silu_gate : gelu_gate)(a, g, rows * ff);
+            block_norm(blk, hidden, blk->ffn_norm, blk->ffn_norm_bias, x, rows, dim, st->eps);
+            if (blk->w_1.weight) {
+                matrix_products((Matrix[]){blk->w_0, blk->w_1}, (float *[]){a, g}, 2, x, rows, threads);
+                (blk->activation == ACT_SILU ? silu_gate : gelu_gate)(a, g, rows * ff);
+            } else {
+                matrix_product(&blk->w_0, x, a, rows, threads);
+                gelu_tanh(a, blk->bias_in, rows, ff);
+            }
             matrix_product(&blk->w_out, a, y, rows, threads);
-            add_branch(hidden, y, NULL, rows, dim, st->residual_scale);
+            add_branch(hidden, y, blk->bias_ffn_out, rows, dim, st->residual_scale, st->divides);
         }
     }
     free(x); free(q); free(k); free(v); free(att); free(y); free(a); free(g);
