@@ -151,7 +151,22 @@ INLINE void float_tile4_block(const char *w0, size_t row_bytes, int kind, const 
     int64_t vector_end = k - k % 16;
     for (; j < vector_end; j += K_CHUNK) {
         int64_t end = j + K_CHUNK < vector_end ? j + K_CHUNK : vector_end;
-        float_tile4_chunk(w0, row_bytes, kind, x, k, rows, j, end, acc, kind != F32);
+        if (kind == F32 || rows == 1) {
+            float_tile4_chunk(w0, row_bytes, kind, x, k, rows, j, end, acc, kind != F32);
+        } else {  /* several rows (a batch, drafted tokens): widen the chunk once, not once a row */
+            static _Thread_local float widened[4 * K_CHUNK];
+            size_t esize = element_size(kind), wide_bytes = K_CHUNK * sizeof(float);
+            for (int64_t t = j; t < end; t += 16) {
+                prefetch_tile(w0, row_bytes, t * esize, 16 * esize);
+                for (int c = 0; c < 4; c++) {
+                    float *out = widened + c * K_CHUNK + (t - j);
+                    _mm256_storeu_ps(out, load8(w[c], kind, t));
+                    _mm256_storeu_ps(out + 8, load8(w[c], kind, t + 8));
+                }
+            }
+            /* the widened rows, addressed by the same column indices as the weights */
+            float_tile4_chunk((const char *)(widened - j), wide_bytes, F32, x, k, rows, j, end, acc, 0);
+        }
     }
     j = vector_end;
 #endif
