@@ -89,7 +89,7 @@ def test_a_full_slot_cache_fails_with_the_one_error_type():
     cache = SlotCache([None], [None], masks, torch.tensor([2]))
     with pytest.raises(CpmliveError, match="KV cache holds 2 positions, 3 needed"):
         cache.append_inputs({name: torch.zeros(1, 1, dtype=torch.int32) for name in MASK_INPUTS})
-    with pytest.raises(CpmliveError, match="one new position per row"):
+    with pytest.raises(CpmliveError, match="KV cache holds 2 positions, 4 needed"):  # a step with drafted tokens
         cache.append_inputs({name: torch.zeros(1, 2, dtype=torch.int32) for name in MASK_INPUTS})
 
 
@@ -105,13 +105,15 @@ def test_bee_cache_keeps_sample_ids_beside_the_mask_inputs():
 def test_the_native_step_takes_only_blocks_it_computes_exactly():
     built = models()
     assert native_decode.plan(built["ant"], RMSNorm, FeedForward) is not None
-    assert native_decode.plan(built["bee"], RMSNorm, FeedForward) is None  # residuals scaled by 1.05
+    assert native_decode.plan(built["bee"], RMSNorm, FeedForward).divisor == 1.05  # CPM-Bee's (h + branch) / 1.05
     biased = ant_model()
     biased.layers[0].attn = Attention(biased.config, biases=True)
     assert native_decode.plan(biased, RMSNorm, FeedForward) is not None  # biases are added in C
     biased.layers[0].attn.bias_q.data = biased.layers[0].attn.bias_q.data.half()
     assert native_decode.plan(biased, RMSNorm, FeedForward) is None  # but only float32 ones
-    assert native_decode.plan(built["cpm1"], nn.LayerNorm, GeluFeedForward) is None
+    cpm1 = native_decode.plan(built["cpm1"], nn.LayerNorm, GeluFeedForward)  # LayerNorms and GPT-2's MLP too
+    assert cpm1 is not None and all(block.layer_norm == 1 and block.w_1.weight is None for block in cpm1.blocks)
+    assert native_decode.plan(built["cpm1"], RMSNorm, GeluFeedForward) is None  # a norm of another kind
 
 
 def test_blocked_copies_are_made_for_the_bias_free_layers_only():
@@ -131,7 +133,8 @@ def test_no_name_says_cpm_ant_where_it_means_any_family():
 def test_importing_the_model_package_stays_light():
     code = "import sys, cpmlive.model; print(sorted(m for m in sys.modules if m.startswith(('torch', 'cpmlive.'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['cpmlive.model']"
+    # no torch: only the thread policy, which must run before torch starts OpenMP (model/runtime/threads.py)
+    assert out.strip() == "['cpmlive.model', 'cpmlive.model.runtime', 'cpmlive.model.runtime.threads']"
 
 
 

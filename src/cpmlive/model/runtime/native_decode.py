@@ -116,6 +116,7 @@ class Plan:
     eps: float
     residual_scale: float  # the decoder's kind: h = (h / s + branch) * s
     divisor: float = 1.0  # model.stack.Block's kind: h = (h + branch) / s
+    kinds: tuple[type, type] | None = None  # the norm and feed-forward classes it was made for
 
     def current(self, model: nn.Module) -> bool:
         """Whether no layer was replaced (an adapter attached), no weight tensor replaced and
@@ -235,7 +236,8 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: floa
     (``norm_type`` / ``ffn_type``: the model's plain norm and feed-forward classes;
     ``residual_scale``: ``s`` of blocks that compute ``h = (h / s + branch) * s``)."""
     cached = _PLANS.get(model)
-    if cached is not None and cached.residual_scale == residual_scale and cached.current(model):
+    if cached is not None and cached.residual_scale == residual_scale and cached.kinds == (norm_type, ffn_type) \
+            and cached.current(model):
         return cached
     eps = model.config.eps
     divisors = {float(getattr(block, "residual_scale", 1.0)) for block in model.layers}
@@ -249,7 +251,7 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: floa
     tensors = [held for _, _, held in slots if isinstance(held, Tensor)]
     versions = [(t._version, t.data_ptr()) for t in tensors]
     result = Plan((Block * len(blocks))(*blocks), tuple(zip(*slots)), tensors, versions, dim_ff, eps, residual_scale,
-                  divisors.pop() if divisors else 1.0)
+                  divisors.pop() if divisors else 1.0, (norm_type, ffn_type))
     _PLANS[model] = result
     return result
 
