@@ -30,6 +30,11 @@ SCRATCH = "/tmp/tour"  # the scratch directory as the README shows it
 ARTICLE = ("新华社北京1月5日电 国务院总理李鹏今天在人民大会堂会见了来访的美国国务卿奥尔布赖特，"
            "双方就中美关系和共同关心的国际问题交换了意见。")
 
+QUOTING = "宝玉笑道：“林妹妹，你这话说的是。”黛玉笑道：“宝哥哥，你这话说的是。”宝玉笑道："
+PERSON = ('{"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", '
+          '"maximum": 120}, "city": {"enum": ["北京", "上海"]}}, "required": ["name", "age", "city"], '
+          '"additionalProperties": false}')
+
 TOURS: dict[str, list[str]] = {
     "cli": [
         "cpmlive info demo",
@@ -70,6 +75,19 @@ TOURS: dict[str, list[str]] = {
         'cpmlive generate cpm1-demo "宝玉笑道：" --max-new-tokens 24 --repetition-penalty 1.2',
         'cpmlive generate cpm1-demo "新华社北京1月5日电" --max-new-tokens 24 --repetition-penalty 1.2 --json',
         'cpmlive fill cpm1-demo "北京是中国的<mask>。"',
+    ],
+    "engine": [
+        f'cpmlive generate demo "{QUOTING}" --max-new-tokens 24 --min-new-tokens 24 --json',
+        f'cpmlive generate demo "{QUOTING}" --max-new-tokens 24 --min-new-tokens 24 --json '
+        "--prompt-lookup-num-tokens 4",
+        f"cpmlive quantize demo {SCRATCH}/demo-int8 --bits 8",
+        f'cpmlive generate demo "{QUOTING}" --max-new-tokens 24 --min-new-tokens 24 --json '
+        f"--assistant-model {SCRATCH}/demo-int8",
+        f"cpmlive generate llama-demo 个人信息： --max-new-tokens 60 --json-schema '{PERSON}'",
+        "cpmlive generate llama-demo 电话： --max-new-tokens 16 --regex '1[3-9][0-9]{9}'",
+        'cpmlive generate demo "你好" --json-object',
+        "cpmlive generate llama-demo 你好 --regex '(abc'",
+        'cpmlive generate demo "你好" --num-assistant-tokens 0',
     ],
     "llama": [
         'cpmlive tokenize llama-demo "清华大学 计算机系" --json',
