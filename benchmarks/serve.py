@@ -217,6 +217,41 @@ def scaling_phase(url: str, args: argparse.Namespace, model: str) -> None:
     print(f"{'%d streams / 1 stream, output tok/s:' % args.streams:<40}{rates[args.streams] / rates[1]:.2f}x")
 
 
+ENGINE_SCALING = """
+import json, sys, time
+import cpmlive
+from cpmlive.infer.engine import Request
+from cpmlive.infer.generate import GenerationConfig
+lm = cpmlive.load(sys.argv[1])
+streams, tokens = int(sys.argv[2]), int(sys.argv[3])
+ids = lm.encode_prompt("今天天气不错，")
+options = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens)
+lm.engine.submit(Request(ids, GenerationConfig(max_new_tokens=4))).result()
+rates = {}
+for count in (1, streams):
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        handles = [lm.engine.submit(Request(ids, options)) for _ in range(count)]
+        for handle in handles:
+            handle.result()
+        best = max(best, count * tokens / (time.perf_counter() - start))
+    rates[count] = best
+print(json.dumps(rates))
+"""
+
+
+def engine_scaling(model: str, args: argparse.Namespace) -> None:
+    """The same scaling without HTTP: the engine alone in a fresh process (the server shares this
+    machine's cores with the load generator's clients; here nothing else runs)."""
+    command = [sys.executable, "-c", ENGINE_SCALING, model, str(args.streams), str(args.max_tokens * 2)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    rates = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    print(f"{'engine alone, 1 / %d streams, tok/s:' % args.streams:<40}{rates[1]:.1f} / {rates[args.streams]:.1f} "
+          f"({rates[args.streams] / rates[1]:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), help="serve a random-weight model of this shape")
@@ -250,6 +285,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+        if not args.skip_scaling:
+            engine_scaling(model, args)
     if not ok:
         raise SystemExit("requests were lost or duplicated")
 

@@ -791,8 +791,8 @@ class Engine:
         allowed = seq.matcher is None or seq.matcher.mask(logits[0])
         processed = process_logits(logits, [seq.history], len(seq.generated), options,
                                    self.stop_ids | seq.request.stop_ids)
-        if not allowed or not bool(torch.isfinite(processed).any()):
-            return self.eos_id
+        if not allowed or (seq.matcher is not None and not bool(torch.isfinite(processed).any())):
+            return self.eos_id  # (a grammar's mask and min_new_tokens together can leave nothing)
         token = int(choose_tokens(processed, options, seq.generator))
         if seq.matcher is not None:
             seq.matcher.consume(token)
