@@ -78,7 +78,7 @@ def child(kind: str, path: str) -> None:
     reset_ok = reset_peak()
     prompt = [6, 1000, 2000, 3000]
     if kind == "ours":
-        generate_ids(model, [prompt], GenerationConfig(max_new_tokens=1), eos_id=7)
+        generate_ids(model, [prompt], GenerationConfig(max_new_tokens=1), stop_ids=7)
     else:
         with torch.inference_mode():
             model.generate(torch.tensor([prompt]), max_new_tokens=1, do_sample=False, eos_token_id=7, pad_token_id=0)

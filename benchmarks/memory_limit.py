@@ -77,9 +77,9 @@ def child(path: str, limit: int | None, new_tokens: int) -> None:
         note = stream_weights(model, limit).describe()
     options = GenerationConfig(max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1)
     with torch.no_grad():
-        generate_ids(model, [PROMPT_IDS], GenerationConfig(max_new_tokens=2, min_new_tokens=2), eos_id=7)  # first pass
+        generate_ids(model, [PROMPT_IDS], GenerationConfig(max_new_tokens=2, min_new_tokens=2), 7)  # first pass
         start = time.perf_counter()
-        steps = decode_steps(model, [PROMPT_IDS], options, eos_id=7)
+        steps = decode_steps(model, [PROMPT_IDS], options, stop_ids=7)
         ids = [next(steps)[0]]  # the prefill's token
         prefill = time.perf_counter() - start
         start = time.perf_counter()

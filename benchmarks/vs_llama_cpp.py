@@ -143,8 +143,8 @@ def time_ours(model: torch.nn.Module, tokens: int) -> float:
 
     options = GenerationConfig(max_new_tokens=tokens + 1, min_new_tokens=tokens + 1)
     with torch.no_grad():
-        list(decode_steps(model, [PROMPT], GenerationConfig(max_new_tokens=3, min_new_tokens=3), eos_id=7))
-        steps = decode_steps(model, [PROMPT], options, eos_id=7)
+        list(decode_steps(model, [PROMPT], GenerationConfig(max_new_tokens=3, min_new_tokens=3), stop_ids=7))
+        steps = decode_steps(model, [PROMPT], options, stop_ids=7)
         next(steps)  # the prefill's token
         start = time.perf_counter()
         for _ in steps:
