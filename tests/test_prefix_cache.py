@@ -84,3 +84,18 @@ def test_adapters_and_prompt_tasks_never_share_blocks():
     cache = PrefixCache(causal=True)
     assert cache._keys(("a", None), list(range(32))) != cache._keys((None, None), list(range(32)))
     assert cache._keys((None, 1), list(range(32)))[0][0] != cache._keys((None, 2), list(range(32)))[0][0]
+
+
+def test_the_server_sizes_or_turns_off_the_prefix_cache():
+    import cpmlive
+    from cpmlive.cli import serve as serve_cli
+    from cpmlive.serve.app import Settings, create_app
+
+    lm = cpmlive.load("llama-demo")
+    assert create_app(lm, Settings(prefix_cache_bytes=0)).state.server.engine.prefix is None
+    assert create_app(lm, Settings(prefix_cache_bytes=2**20)).state.server.engine.prefix.capacity == 2**20
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_serve(parser.add_subparsers())
+    assert parser.parse_args(["serve", "demo", "--prefix-cache", "64MB"]).prefix_cache == 64_000_000
