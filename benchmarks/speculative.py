@@ -205,6 +205,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--skip-450m", action="store_true")
+    parser.add_argument("--skip-lookup", action="store_true")
+    parser.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
+                        help="also draft the demo with this checkpoint (a pruned or distilled twin: cpmlive compress)")
     args = parser.parse_args()
     torch.manual_seed(0)
     import cpmlive
@@ -217,13 +220,18 @@ def main() -> None:
         projection(ratios)
     lm = cpmlive.load("demo")
     prompts = quoting_prompts(args.prompts)
-    report_rates("Prompt lookup on the demo, prompts that quote their context", lm, prompts,
-                 {f"lookup k={k}": {"prompt_lookup_num_tokens": k} for k in (3, 5, 8)})
+    if not args.skip_lookup:
+        report_rates("Prompt lookup on the demo, prompts that quote their context", lm, prompts,
+                     {f"lookup k={k}": {"prompt_lookup_num_tokens": k} for k in (3, 5, 8)})
     twin = quantize_model(copy.deepcopy(lm.model), QuantConfig(bits=8))
-    report_rates("An assistant for the demo", lm, prompts, {
-        "int8 twin, k from 4": {"assistant": Assistant(twin, lm.tokenizer, "int8")},
-        "half-depth twin, k from 4": {"assistant": Assistant(half_depth(lm), lm.tokenizer, "half")},
-    })
+    drafts = {"int8 twin, k from 4": {"assistant": Assistant(twin, lm.tokenizer, "int8")},
+              "half-depth twin, k from 4": {"assistant": Assistant(half_depth(lm), lm.tokenizer, "half")}}
+    for spec in args.draft:
+        name, _, path = spec.partition("=")
+        draft = cpmlive.load(path)
+        drafts[f"{name} ({draft.model.num_parameters() / 1e6:.1f}M), k from 4"] = {
+            "assistant": Assistant(draft.model, draft.tokenizer, name)}
+    report_rates("An assistant for the demo", lm, prompts, drafts)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ class LM:
         with self.lock:
             spec = TaskSpec.load(path) if (Path(path) / "task.json").is_file() else TaskSpec()
             delta.load_adapter(self.model, path, name=name)
+            if self._engine is not None and self._engine.prefix is not None:
+                self._engine.prefix.clear()  # keys and values kept under a name this adapter now takes
             self.tasks[name] = spec
             template = ChatTemplate.load(path)
             if template is not None:
