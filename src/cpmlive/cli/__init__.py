@@ -17,6 +17,10 @@ from typing import Callable, Sequence
 from cpmlive.cli import align, compress, data, evaluate, infer, model, serve, train, tune
 from cpmlive.cli.common import EXIT_BAD_INPUT, Parser, Verbs
 from cpmlive.errors import CpmliveError
+from cpmlive.model.runtime import threads
+
+# The verbs that train (their steps run OpenMP's default waits: model/runtime/threads.py).
+TRAINING_MODULES = frozenset({train.__name__, tune.__name__, align.__name__, compress.__name__})
 
 # Every verb, in the order `cpmlive --help` lists them: each adds its parser to the verbs.
 VERBS: tuple[Callable[[Verbs], None], ...] = (
@@ -50,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     run: Callable[[argparse.Namespace], None] = args.run
+    if run.__module__ in TRAINING_MODULES:
+        threads.for_training()  # before torch starts OpenMP (model/runtime/threads.py)
     try:
         run(args)
     except CpmliveError as exc:
