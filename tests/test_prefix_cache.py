@@ -99,3 +99,21 @@ def test_the_server_sizes_or_turns_off_the_prefix_cache():
     parser = argparse.ArgumentParser()
     serve_cli.add_serve(parser.add_subparsers())
     assert parser.parse_args(["serve", "demo", "--prefix-cache", "64MB"]).prefix_cache == 64_000_000
+
+
+def test_a_failing_reused_prefill_fails_only_its_request(monkeypatch):
+    model = FAMILIES["llama"]()
+    engine = Engine(model, NumberTokenizer())
+    first, second, _ = shared_prompts()
+    engine.submit(Request(first, OPTIONS)).result()
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "_prefill_after", broken)
+    g = torch.Generator().manual_seed(9)
+    fresh = [1] + torch.randint(10, 400, (20,), generator=g).tolist()
+    handles = [engine.submit(Request(second, OPTIONS)), engine.submit(Request(fresh, OPTIONS))]
+    with pytest.raises(Exception, match="boom"):
+        handles[0].result()
+    assert handles[1].result().ids == generate_ids(model, [fresh], OPTIONS, 2)[0]

@@ -249,3 +249,20 @@ def test_the_cli_refuses_bad_speculation_in_one_line(capsys, flags, message):
     assert main(["generate", "demo", "你好", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_assistant_with_more_embedding_rows_drafts_within_the_model_s():
+    """Qwen's sizes pad their embeddings differently over one tokenizer: drafts stay in the model's rows."""
+    model = llama()
+    config = DecoderConfig(architecture="qwen2", vocab_size=VOCAB + 24, dim_model=64, dim_ff=96, num_layers=2,
+                           num_heads=4, num_kv_heads=2, dim_head=16, max_length=128, qkv_bias=True)
+    wide = Decoder(config)
+    wide.init_weights(7)
+    assistant = Assistant(sharpened(wide, 7), NumberTokenizer())
+    rows = prompts(2, seed=4)
+    greedy = GenerationConfig(max_new_tokens=12)
+    got, stats = engine_ids(model, rows, greedy, assistant=assistant)
+    assert got == [generate_ids(model, [row], greedy, 2)[0] for row in rows] and stats["drafted_tokens"] > 0
+    sampled, _ = engine_ids(model, rows, GenerationConfig(max_new_tokens=12, do_sample=True, seed=3),
+                            assistant=assistant)
+    assert all(len(ids) > 0 and max(ids) < VOCAB for ids in sampled)

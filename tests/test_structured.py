@@ -70,7 +70,7 @@ def test_constrained_and_free_requests_share_a_batch(lm):
     ({"guided_regex": r"[^\s\S]"}, "no text this model's vocabulary can write matches it"),
     ({"guided_grammar": "start: foo("}, "grammar:"),
     ({"guided_regex": "a", "guided_grammar": 'start: "a"'}, "give one of"),
-    ({"response_format": {"type": "json_object"}, "num_beams": 2}, "not beam search"),
+    ({"response_format": {"type": "json_object"}, "num_beams": 2}, "not in beam search"),
 ])
 def test_bad_constraints_are_refused_in_one_line(lm, kwargs, message):
     with pytest.raises(CpmliveError, match=re.escape(message)):

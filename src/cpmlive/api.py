@@ -99,8 +99,6 @@ class LM:
         with self.lock:
             spec = TaskSpec.load(path) if (Path(path) / "task.json").is_file() else TaskSpec()
             delta.load_adapter(self.model, path, name=name)
-            if self._engine is not None and self._engine.prefix is not None:
-                self._engine.prefix.clear()  # keys and values kept under a name this adapter now takes
             self.tasks[name] = spec
             template = ChatTemplate.load(path)
             if template is not None:
@@ -316,10 +314,12 @@ class LM:
         options = self._options(max_new_tokens, kwargs)
         rows = self._prompt_rows(texts, options)
         if options.num_beams > 1 or self.engine.is_driving():
-            if options.num_beams > 1 and (options.speculates or self.assistant_for(extras["assistant"]) is not None):
-                raise CpmliveError("speculative decoding works with greedy or sampled decoding, not beam search")
+            where = "beam search" if options.num_beams > 1 else "a job running on the engine"
+            if options.speculates or extras["assistant"] not in (True, None, False) or (
+                    extras["assistant"] is True and self.assistant is not None):
+                raise CpmliveError(f"speculative decoding runs in the engine's batch, not in {where}")
             if extras["constraint"] is not None:
-                raise CpmliveError("structured output works with greedy or sampled decoding, not beam search")
+                raise CpmliveError(f"structured output runs in the engine's batch, not in {where}")
             return generate_ids(self.model, rows, options, self.stop_ids, self.prompt_task)
         handles = [self.engine.submit(self.request(row, options, index, **extras)) for index, row in enumerate(rows)]
         return [handle.result().ids for handle in handles]

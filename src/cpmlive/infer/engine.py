@@ -260,6 +260,7 @@ class Sequence:
         self.draft_state: speculative.DraftState | None = None
         self.drafted = self.kept = 0  # drafted tokens, and those the model kept
         constraint = self.request.constraint
+        self.rows = rows  # the model's vocabulary rows
         self.matcher = structured.Matcher(constraint, tokenizer, rows) if constraint is not None else None
 
     @property
@@ -282,7 +283,7 @@ class Sequence:
         if self.draft_state is None:
             self.draft_state = assistant.start(self.request.ids, len(self.request.ids) + options.max_new_tokens)
         return assistant.draft(self.draft_state, self.history, count, options, self.generator,
-                               stop_ids | self.request.stop_ids)
+                               stop_ids | self.request.stop_ids, self.rows)
 
     def record(self, drafted: int, kept: int) -> None:
         self.drafted += drafted
@@ -585,18 +586,22 @@ class Engine:
             chosen.append(self.waiting.popleft())
             budget -= cost
         for handles, adapter, prompt_task in self._prefill_groups(chosen):
-            try:
-                self._prefill(handles, adapter, prompt_task)
-            except Exception as exc:  # these requests fail; the running ones go on
-                internal = not isinstance(exc, CpmliveError)
-                message = f"{type(exc).__name__}: {exc}" if internal else str(exc)
-                for seq in self.running:
-                    if seq.handle in handles:
-                        seq.finished = True  # leaves the batch below; its handle gets the error here
-                for handle in handles:
-                    if not handle.done.is_set():
-                        handle.emit(Event(None, finish_reason="error", error=message, internal=internal))
-                self._remove_finished()
+            self._guarded(handles, lambda h=handles, a=adapter, t=prompt_task: self._prefill(h, a, t))
+
+    def _guarded(self, handles: list[Handle], prefill: Callable[[], None]) -> None:
+        """Run ``prefill`` of ``handles``: if it fails, these requests fail; the running ones go on."""
+        try:
+            prefill()
+        except Exception as exc:
+            internal = not isinstance(exc, CpmliveError)
+            message = f"{type(exc).__name__}: {exc}" if internal else str(exc)
+            for seq in self.running:
+                if seq.handle in handles:
+                    seq.finished = True  # leaves the batch below; its handle gets the error here
+            for handle in handles:
+                if not handle.done.is_set():
+                    handle.emit(Event(None, finish_reason="error", error=message, internal=internal))
+            self._remove_finished()
 
     def _prefill_groups(self, handles: list[Handle]) -> list[tuple[list[Handle], str | None, int | None]]:
         """Requests prefilled together: the same adapter and prompt task, and each one's new
@@ -620,17 +625,30 @@ class Engine:
     def _prefill(self, handles: list[Handle], adapter: str | None, prompt_task: int | None) -> None:
         """Prefill ``handles`` (one adapter and prompt task) and start them: those whose prompt
         begins with cached blocks (``infer.prefix``) one by one from them, the others together."""
-        scope = (adapter, prompt_task)
         cache = self.prefix
-        reused = {id(h): cache.lookup(scope, h.request.ids) for h in handles} if cache is not None else {}
+        scope = self._scope(adapter, prompt_task) if cache is not None else None
+        reused = {id(h): cache.lookup(scope, h.request.ids) for h in handles} if scope is not None else {}
         fresh = [h for h in handles if not reused.get(id(h))]
         if fresh:
-            self._prefill_together(fresh, adapter, prompt_task)
+            self._guarded(fresh, lambda: self._prefill_together(fresh, adapter, prompt_task, scope))
         for handle in handles:
             if reused.get(id(handle)):
-                self._prefill_after(handle, reused[id(handle)], adapter, prompt_task)
+                self._guarded([handle], lambda h=handle: self._prefill_after(h, reused[id(h)], adapter, prompt_task,
+                                                                              scope))
 
-    def _prefill_together(self, handles: list[Handle], adapter: str | None, prompt_task: int | None) -> None:
+    def _scope(self, adapter: str | None, prompt_task: int | None) -> tuple | None:
+        """What prompt keys and values depend on besides the tokens: the adapter, its prompt task,
+        the weights as they are now (any change in place or attached layer makes a new scope)
+        and the dtype they compute in; ``None`` where the weights cannot say (no prefix reuse)."""
+        try:
+            weights = hash(tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers())))
+        except RuntimeError:  # inference tensors keep no version: their changes cannot be seen
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return adapter, prompt_task, weights, dtype
+
+    def _prefill_together(self, handles: list[Handle], adapter: str | None, prompt_task: int | None,
+                          scope: tuple | None) -> None:
         model = self.model
         rows = [h.request.ids for h in handles]
         batch = build_batch(rows, GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
@@ -641,14 +659,15 @@ class Engine:
             hidden = prefill(model, batch, cache, [len(r) for r in rows])
             logits = model.logits(hidden)
         kept = self.prefix
-        if kept is not None:
+        if kept is not None and scope is not None:
             for row, ids in enumerate(rows):
                 start = width - len(ids)  # where the row's text starts (after the group's left padding)
                 if kept.causal or start == model.config.prompt_length:  # CPM-Ant: an unpadded row only
-                    kept.store((adapter, prompt_task), ids, cache, row, start, hidden[row])
+                    kept.store(scope, ids, cache, row, start, hidden[row])
         self._start(handles, cache, width, logits)
 
-    def _prefill_after(self, handle: Handle, blocks: list, adapter: str | None, prompt_task: int | None) -> None:
+    def _prefill_after(self, handle: Handle, blocks: list, adapter: str | None, prompt_task: int | None,
+                       scope: tuple) -> None:
         """Prefill one prompt from the cached blocks it begins with: only the rest is computed."""
         model, ids = self.model, handle.request.ids
         batch = build_batch([ids], GENERATION, model.config.prompt_length, model.input_embedding.weight.device,
@@ -665,7 +684,7 @@ class Engine:
             logits = model.logits(hidden)
         kept = self.prefix
         if kept is not None and kept.causal:
-            kept.store((adapter, prompt_task), ids, cache, 0, 0)
+            kept.store(scope, ids, cache, 0, 0)
         self._start([handle], cache, width, logits)
 
     def _start(self, handles: list[Handle], cache: Any, width: int, logits: Tensor) -> None:

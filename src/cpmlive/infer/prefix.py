@@ -35,6 +35,7 @@ class Block:
     position's output where the block ends a whole prompt (CPM-Ant's reuse)."""
 
     tokens: tuple[int, ...]
+    parent: int | None  # the key of the block before it (a chain is checked link by link)
     keys: list[Tensor | None]
     values: list[Tensor | None]
     inputs: dict[str, Tensor]
@@ -56,32 +57,42 @@ class PrefixCache:
 
     # ---- lookup -----------------------------------------------------------------------------
 
-    def _keys(self, scope: tuple, ids: list[int]) -> list[tuple[int, tuple[int, ...]]]:
-        """(hash, tokens) of each whole block of ``ids`` (CPM-Ant: one key for the whole prompt)."""
+    def _keys(self, scope: tuple, ids: list[int]) -> list[tuple[int, tuple[int, ...], int | None]]:
+        """(hash, tokens, the previous block's hash) of each whole block of ``ids`` (CPM-Ant: one
+        key for the whole prompt)."""
         if not self.causal:
-            return [(hash((scope, tuple(ids))), tuple(ids))]
-        keys, chain = [], hash(scope)
+            return [(hash((scope, tuple(ids))), tuple(ids), None)]
+        keys, chain, parent = [], hash(scope), None
         for start in range(0, len(ids) - len(ids) % BLOCK, BLOCK):
             tokens = tuple(ids[start:start + BLOCK])
             chain = hash((chain, tokens))
-            keys.append((chain, tokens))
+            keys.append((chain, tokens, parent))
+            parent = chain
         return keys
 
     def lookup(self, scope: tuple, ids: list[int]) -> list[Block]:
         """The cached blocks ``ids`` starts with (counted in the hit rate): for a left-to-right
         model whole blocks short of its last token, for CPM-Ant the whole prompt or nothing."""
-        found: list[Block] = []
+        found: list[tuple[int, Block]] = []
         if self.capacity > 0:
             usable = ids if not self.causal else ids[:len(ids) - 1]
-            for key, tokens in self._keys(scope, usable):
+            for key, tokens, parent in self._keys(scope, usable):
                 block = self.blocks.get(key)
-                if block is None or block.tokens != tokens:
+                if block is None or block.tokens != tokens or block.parent != parent:
                     break
-                self.blocks.move_to_end(key)
-                found.append(block)
+                found.append((key, block))
+        self._touch([key for key, _ in found])
+        blocks = [block for _, block in found]
         self.queried_tokens += len(ids)
-        self.hit_tokens += sum(len(b.tokens) for b in found)
-        return found
+        self.hit_tokens += sum(len(b.tokens) for b in blocks)
+        return blocks
+
+    def _touch(self, keys: list[int]) -> None:
+        """Mark a chain's blocks used, its first block last: eviction then takes a chain's tail
+        before its head (a head evicted first would strand every block after it)."""
+        for key in reversed(keys):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
 
     # ---- filling ----------------------------------------------------------------------------
 
@@ -92,27 +103,33 @@ class PrefixCache:
         if self.capacity <= 0:
             return
         start = 0 if self.causal else -offset
-        for index, (key, tokens) in enumerate(self._keys(scope, ids)):
+        keys = self._keys(scope, ids)
+        per_column = sum(t[row, :, 0].numel() * t.element_size() for t in (*cache.keys, *cache.values) if t is not None)
+        for index, (key, tokens, parent) in enumerate(keys):
             if key in self.blocks:
-                self.blocks.move_to_end(key)
                 continue
+            if per_column * (len(tokens) + (0 if self.causal else offset)) > self.capacity:
+                break  # never cloned to be thrown away
             first = offset + (index * BLOCK if self.causal else start)
             columns = slice(first, offset + (index + 1) * BLOCK if self.causal else offset + len(ids))
             inputs = {name: getattr(cache, name)[row, columns].clone() for name in cache.inputs}
             if self.causal:  # positions order the keys: count them from the text's start, as a fresh row does
                 inputs["position"] -= offset
-            block = Block(tokens, [k[row, :, columns].clone() if k is not None else None for k in cache.keys],
+            block = Block(tokens, parent, [k[row, :, columns].clone() if k is not None else None for k in cache.keys],
                           [v[row, :, columns].clone() if v is not None else None for v in cache.values],
                           inputs, None if self.causal else hidden.clone())
-            self._add(key, block)
+            self._add(key, block, {k for k, _, _ in keys})
+        self._touch([key for key, _, _ in keys])
 
-    def _add(self, key: int, block: Block) -> None:
+    def _add(self, key: int, block: Block, keep: set[int]) -> None:
+        """Add ``block``, evicting the least recently used blocks (never those of ``keep``, the
+        chain being stored) to make room; a block that does not fit is left out."""
         size = block.nbytes()
-        if size > self.capacity:
-            return
         while self.bytes + size > self.capacity:
-            _, old = self.blocks.popitem(last=False)
-            self.bytes -= old.nbytes()
+            victim = next((k for k in self.blocks if k not in keep), None)
+            if victim is None:
+                return
+            self.bytes -= self.blocks.pop(victim).nbytes()
         self.blocks[key] = block
         self.bytes += size
 

@@ -36,6 +36,7 @@ from cpmlive.model.cache import KVCache
 
 DEFAULT_ASSISTANT_TOKENS = 4  # where an assistant's k starts when the request names none
 DEFAULT_NGRAM = 2  # HF's max_matching_ngram_size default
+LOOKUP_WINDOW = 4096  # prompt lookup searches the last this many tokens (a step's cost stays bounded)
 
 
 # ---- prompt lookup --------------------------------------------------------------------------------
@@ -44,9 +45,10 @@ DEFAULT_NGRAM = 2  # HF's max_matching_ngram_size default
 def lookup_draft(history: list[int], count: int, max_ngram: int = DEFAULT_NGRAM) -> list[int]:
     """Up to ``count`` tokens that followed the latest earlier occurrence of the last ``n``
     tokens of ``history``, for ``n`` from ``max_ngram`` down to 1 (none: no match)."""
+    lowest = max(0, len(history) - LOOKUP_WINDOW)
     for n in range(min(max_ngram, len(history) - 1), 0, -1):
         tail = history[-n:]
-        for start in range(len(history) - n - 1, -1, -1):
+        for start in range(len(history) - n - 1, lowest - 1, -1):
             if history[start:start + n] == tail:
                 return history[start + n:start + n + count]
     return []
@@ -94,9 +96,12 @@ class Assistant:
 
     @torch.inference_mode()
     def draft(self, state: DraftState, history: list[int], count: int, options: GenerationConfig,
-              generator: torch.Generator | None, stop_ids: frozenset[int]) -> tuple[list[int], Tensor | None]:
+              generator: torch.Generator | None, stop_ids: frozenset[int],
+              rows: int) -> tuple[list[int], Tensor | None]:
         """Up to ``count`` tokens after ``history`` (greedy, or sampled with ``options``), and for
-        sampled rows each draft's distribution ``[count, vocab]`` (``None`` when greedy)."""
+        sampled rows each draft's distribution ``[count, rows]`` (``None`` when greedy): ``rows``
+        is the target's vocabulary rows, which a draft's logits are cut or padded to (Qwen's sizes
+        pad their embeddings differently over one tokenizer)."""
         count = min(count, state.cache.capacity - state.offset - len(history))
         if count < 1:
             return [], None
@@ -111,7 +116,8 @@ class Assistant:
         drafts, probs = [], []
         text = list(history)
         for step in range(count):
-            logits = process_logits(self.model.logits(hidden)[None], [text], 0, _drafting(options), stop_ids)
+            logits = process_logits(_fitted(self.model.logits(hidden), rows)[None], [text], 0, _drafting(options),
+                                    stop_ids)
             if options.do_sample:
                 distribution = sampling_filter(logits, options).softmax(-1)
                 token = int(sample(distribution, generator))
@@ -137,6 +143,14 @@ class Assistant:
         hidden = self.model(**text_inputs(ids), cache=state.cache)[0, -1]
         state.tokens += tokens
         return hidden
+
+
+def _fitted(logits: Tensor, rows: int) -> Tensor:
+    """``logits`` over exactly ``rows`` columns: cut, or padded with -inf (never drafted)."""
+    if logits.size(-1) >= rows:
+        return logits[..., :rows]
+    pad = logits.new_full((*logits.shape[:-1], rows - logits.size(-1)), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
 
 
 def _drafting(options: GenerationConfig) -> GenerationConfig:

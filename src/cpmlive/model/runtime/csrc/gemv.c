@@ -164,8 +164,8 @@ INLINE void float_tile4_block(const char *w0, size_t row_bytes, int kind, const 
                     _mm256_storeu_ps(out + 8, load8(w[c], kind, t + 8));
                 }
             }
-            /* the widened rows, addressed by the same column indices as the weights */
-            float_tile4_chunk((const char *)(widened - j), wide_bytes, F32, x, k, rows, j, end, acc, 0);
+            /* the widened rows against the inputs' columns j .. end - 1 */
+            float_tile4_chunk((const char *)widened, wide_bytes, F32, x + j, k, rows, 0, end - j, acc, 0);
         }
     }
     j = vector_end;
