@@ -184,8 +184,8 @@ def _describe_attention(attn: nn.Module, description: Block, norm_type: type, ep
         setattr(description, name, None if bias is None else bias.data_ptr())
     for name in ("q_norm", "k_norm"):
         norm = getattr(attn, name, None)
-        if norm is not None:
-            pointer = _norm(norm, type(norm), eps)
+        if norm is not None:  # C computes per-head RMS norms only: of the model's own RMS norm class
+            pointer = None if isinstance(norm, nn.LayerNorm) else _norm(norm, norm_type, eps)
             if pointer is None or pointer[1] is not None:
                 return False
             setattr(description, name, pointer[0])
