@@ -546,7 +546,7 @@ def adapter_names(model: nn.Module) -> AdapterNames | None:
     """Where the model's family saves adapters under its published checkpoints' module names
     (``Family.adapter_modules``), the translation for this model's modules; else None."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    kind = next((entry for entry in families().values() if model_type == entry.model_type), None)
+    kind = families().get(model_type)  # the registry keys its families by model_type
     if kind is None or kind.adapter_modules is None:
         return None
     present = {name for name, _ in model.named_modules()}
