@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 import cpmlive
 from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
+from cpmlive.infer.bee import fill_tasks
+from cpmlive.infer.engine import Request
+from cpmlive.infer.generate import GenerationConfig
 from cpmlive.model.ant.model import build_model
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.model.registry import family_of
@@ -80,6 +83,53 @@ def test_bee_batches_equal_single_tasks(lm):
     assert lm.bee([TRANSLATE, FILL], max_new_tokens=6, num_beams=2) == alone
 
 
+QUESTION = {"question": "今天天气如何？", "<ans>": {"天气": "", "温度": ""}}
+
+
+@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"do_sample": True, "seed": 3, "top_k": 5},
+                                     {"do_sample": True, "seed": 9, "temperature": 0.8, "min_new_tokens": 3}])
+def test_tasks_in_the_continuous_batch_equal_their_job_path(lm, options):
+    """Tasks of different widths and extra columns join the running batch while others decode
+    (a task at a step of its own, each row its own extra columns and answer), yet each one's
+    tokens are what the job path (``fill_tasks``) gives it alone."""
+    config = GenerationConfig(max_new_tokens=16, **options)
+    expected = [fill_tasks(lm.model, lm.tokenizer, [task], config)[1][0] for task in (TRANSLATE, FILL, QUESTION)]
+    first = lm.engine.submit(lm.bee_request(TRANSLATE, config))
+    events = iter(first)
+    early = [next(events), next(events)]
+    later = [lm.engine.submit(lm.bee_request(task, config)) for task in (FILL, QUESTION)]
+    decoded = [[(e.token, e.answer) for e in [*early, *events] if e.token is not None]]
+    decoded += [[(e.token, e.answer) for e in handle if e.token is not None] for handle in later]
+    assert decoded == [[tuple(pair) for pair in result] for result in expected]
+    if not options.get("do_sample"):  # (a seeded list gives task i seed + i; the job path draws from one generator)
+        tasks = [TRANSLATE, FILL, QUESTION]
+        assert lm.bee(tasks, max_new_tokens=16, **options) == fill_tasks(lm.model, lm.tokenizer, tasks, config)[0]
+
+
+def test_a_task_streams_its_answers_in_order(lm):
+    handle = lm.engine.submit(lm.bee_request(FILL, GenerationConfig(max_new_tokens=12)))
+    events = list(handle)
+    assert events[-1].finish_reason in ("stop", "length") and not events[-1].error
+    texts: dict[int, str] = {}
+    for event in events:
+        texts[event.answer] = texts.get(event.answer, "") + event.text
+    answers = [event.answer for event in events if event.token is not None]
+    assert answers == sorted(answers) and set(answers) <= {1, 2}
+    filled = lm.bee(FILL, max_new_tokens=12)
+    assert [filled["<ans>"][key] for key in ("<mask_0>", "<mask_1>")] == [texts.get(1), texts.get(2)]
+
+
+def test_the_engine_keeps_tasks_and_text_apart(lm):
+    config = GenerationConfig(max_new_tokens=4)
+    with pytest.raises(CpmliveError, match="fills tasks"):
+        lm.engine.submit(Request([1, 2, 3], config))
+    with pytest.raises(CpmliveError, match="without drafts"):
+        lm.engine.submit(lm.bee_request(TRANSLATE, GenerationConfig(max_new_tokens=4, prompt_lookup_num_tokens=3)))
+    ant = cpmlive.load("demo")
+    with pytest.raises(CpmliveError, match="only a CPM-Bee model"):
+        ant.engine.submit(Request([1, 2, 3], config, task=lm.bee_request(TRANSLATE, config).task))
+
+
 @pytest.fixture(scope="module")
 def ant_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ant") / "tiny"
@@ -104,7 +154,7 @@ def test_bad_tasks_are_one_line_errors(checkpoint, task, fragment):
 
 def test_other_bad_input_is_one_line_errors(checkpoint, ant_checkpoint):
     assert_clean_error(run("bee", checkpoint, json.dumps(TRANSLATE), "--max-new-tokens", "3000"),
-                       "the model takes at most 2048")
+                       "exceed the model's 2048 positions")
     assert_clean_error(run("bee", ant_checkpoint, json.dumps(TRANSLATE)), "needs a CPM-Bee checkpoint")
     assert_clean_error(run("bee", checkpoint), "no task given")
     assert_clean_error(run("generate", checkpoint, "你好"), "use lm.bee(task)")
@@ -218,3 +268,27 @@ def test_a_bee_python_api_error_for_ant_models():
     with pytest.raises(CpmliveError, match="needs a CPM-Bee checkpoint"):
         cpmlive.load("demo").bee(TRANSLATE)
     assert subprocess.run([sys.executable, "-c", "import cpmlive"]).returncode == 0
+
+
+def test_v1_bee_streams_each_answer_as_it_is_decoded(lm):
+    """Server-sent events: each answer's pieces in order, then each task's filled object, equal
+    to the unstreamed answer."""
+    client = TestClient(create_app(lm))
+    body = {"tasks": [TRANSLATE, FILL], "max_tokens": 12}
+    whole = client.post("/v1/bee", json=body).json()["results"]
+    with client.stream("POST", "/v1/bee", json={**body, "stream": True}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    pieces: dict[tuple[int, int], str] = {}
+    for event in events:
+        if "text" in event:
+            pieces[event["index"], event["answer"]] = pieces.get((event["index"], event["answer"]), "") + event["text"]
+    results = {event["index"]: event["result"] for event in events if "result" in event}
+    assert [results[0], results[1]] == whole
+    assert pieces.get((0, 1), "") == (whole[0]["<ans>"] or "")
+    assert [pieces.get((1, n), "") for n in (1, 2)] == [whole[1]["<ans>"][k] or "" for k in ("<mask_0>", "<mask_1>")]
+    assert [e["path"] for e in events if e.get("index") == 1 and "text" in e][0] in (["<mask_0>"], ["<mask_1>"])
+    refused = client.post("/v1/bee", json={**body, "stream": True, "num_beams": 2})
+    assert refused.status_code == 400 and "cannot stream" in refused.json()["error"]["message"]

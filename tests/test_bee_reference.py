@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cpmlive.model.bee.config import PRESETS as BEE_PRESETS, BeeConfig
+from cpmlive.api import LM
 from cpmlive.data import bee as tasks
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.bee import fill_tasks
@@ -215,6 +216,14 @@ def test_generation_equals_the_original(model, tokenizer, cases, beams, key):
     for row, out, result in zip(rows, filled, results):
         assert [list(pair) for pair in result] == row[f"{key}_result_ids"], row["task"]
         assert out == row[f"{key}_filled_json"], row["task"]
+
+
+def test_the_engines_batch_fills_the_originals_greedy_cases(model, tokenizer, cases):
+    """The five cases as requests in the continuous batch (each with its own extra columns)
+    filled as the original's beam-1 search fills them."""
+    rows, objects, _ = _generation(cases, tokenizer)
+    lm = LM(model, tokenizer)
+    assert lm.bee(objects, max_new_tokens=8) == [row["greedy_filled_json"] for row in rows]
 
 
 # ---- presets ------------------------------------------------------------------------------------

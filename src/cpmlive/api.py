@@ -23,11 +23,11 @@ from torch import nn
 from cpmlive.model.registry import ALL_PRESETS, check_model
 from cpmlive.data.chat import ChatTemplate, TokenizerChatTemplate
 from cpmlive.errors import CpmliveError
-from cpmlive.infer.engine import Engine, Request, request_for
+from cpmlive.infer.engine import Completion, Engine, Request, request_for
 from cpmlive.infer.speculative import Assistant
 from cpmlive.infer.structured import constraint_from
-from cpmlive.data.bee import check_task, parse_task
-from cpmlive.infer.bee import fill_tasks
+from cpmlive.data.bee import check_task, filled, parse_task
+from cpmlive.infer.bee import answer_texts, fill_tasks, prepare_task
 from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids, hf_generation_defaults, stop_ids_of,
                                     with_defaults)
 from cpmlive.infer.vote import Vote, vote
@@ -269,12 +269,16 @@ class LM:
     # ---- CPM-Bee JSON tasks -------------------------------------------------------------------
 
     def bee(self, task: dict | str | Sequence[dict | str], max_new_tokens: int = 64,
-            **kwargs: object) -> dict | list[dict]:
+            adapter: str | None | bool = True, **kwargs: object) -> dict | list[dict]:
         """Fill every ``<ans>`` leaf of a CPM-Bee task (a dict, or its JSON text), or of each
-        task of a list (decoded as one batch). Decoding options as for ``generate``
-        (``num_beams``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-        ``repetition_penalty``, ``seed``); ``max_new_tokens`` counts every decoding step,
-        the ``</s>`` between answers included. A leaf decoding never reaches is ``None``."""
+        task of a list. Decoding options as for ``generate`` (``num_beams``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``: a seeded list
+        gives task ``i`` the seed ``seed + i``); ``max_new_tokens`` counts every decoding step,
+        the ``</s>`` between answers included. A leaf decoding never reaches is ``None``.
+
+        Greedy and sampled tasks join the engine's continuous batch, one request each (see
+        :meth:`bee_request`); beam search (and greedy with a ``length_penalty`` other than 1,
+        which only beam search's hypotheses honour) runs as a job, as do calls from a job."""
         self.require("bee")
         single = isinstance(task, (dict, str))
         items = [task] if single else list(task)
@@ -283,8 +287,34 @@ class LM:
         tasks = [parse_task(item, f"task {i + 1}") if isinstance(item, str) else check_task(item, f"task {i + 1}")
                  for i, item in enumerate(items)]
         options = GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
-        filled, _ = self.engine.call(fill_tasks, self.model, self.tokenizer, tasks, options).result()
-        return filled[0] if single else filled
+        if self._bee_in_batch(options):
+            handles = [self.engine.submit(self.bee_request(t, options, i, adapter)) for i, t in enumerate(tasks)]
+            results = [self.bee_result(handle) for handle in handles]
+        else:
+            with self.using(self.active if adapter is True else adapter):
+                results, _ = self.engine.call(fill_tasks, self.model, self.tokenizer, tasks, options).result()
+        return results[0] if single else results
+
+    def _bee_in_batch(self, options: GenerationConfig) -> bool:
+        return options.num_beams == 1 and (options.do_sample or options.length_penalty == 1.0) \
+            and not self.engine.is_driving()
+
+    def bee_request(self, task: dict, options: GenerationConfig, index: int = 0,
+                    adapter: str | None | bool = True, **fields: object) -> Request:
+        """An engine request that fills ``task`` (checked) in the continuous batch."""
+        prepared = prepare_task(self.tokenizer, task, self.model.input_embedding.weight.device)
+        return self.request(prepared.prompt.ids, options, index, adapter=adapter, assistant=None, task=prepared,
+                            **fields)
+
+    def bee_result(self, handle: Any) -> dict:
+        """The filled task of a submitted :meth:`bee_request`."""
+        return self.bee_filled(handle.request, handle.result())
+
+    def bee_filled(self, request: Request, completion: Completion) -> dict:
+        """``request``'s task with the answers of its ``completion``."""
+        task = request.task
+        tokens = list(zip(completion.ids, completion.answers))
+        return filled(task.prompt, answer_texts(tokens, task.table, self.tokenizer))
 
     def _prompt_rows(self, texts: Sequence[str], options: GenerationConfig) -> list[list[int]]:
         rows = [self.encode_prompt(t) for t in texts]

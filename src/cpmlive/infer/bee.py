@@ -21,6 +21,7 @@ from cpmlive.errors import CpmliveError
 from cpmlive.data.bee import Prompt, PromptBatch, batch_prompts, filled, prompt_for
 from cpmlive.infer.generate import GenerationConfig, apply_repetition_penalty, sample, sampling_filter
 from cpmlive.model.bee.model import BeeCache, CpmBee
+from cpmlive.model.cache import KVCache
 from cpmlive.tokenizer.bee import BeeTokenizer
 
 BARRED = -10000.0  # what the original writes into barred columns (not -inf: log_softmax stays finite)
@@ -103,7 +104,7 @@ def _step(model: CpmBee, cache: BeeCache, batch: PromptBatch, beams: list[Beam],
     return model.logits(hidden[:, -1], batch.ext_ids, batch.ext_subs).float()
 
 
-def _advanced(beam: Beam, column: int, prompt: Prompt, batch: PromptBatch, eos_id: int, bos_id: int,
+def advanced(beam: Beam, column: int, prompt: Prompt, batch: PromptBatch, eos_id: int, bos_id: int,
               vocab_size: int) -> Beam:
     number = prompt.answers[beam.answer][1]
     tokens = beam.tokens + [(column, number)]
@@ -161,7 +162,7 @@ def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], c
                 if final or step == last:
                     found[task].add(beam.tokens + [(column, prompt.answers[beam.answer][1])], value)
                 else:
-                    survivors.append((_advanced(beam, column, prompt, batch, tokenizer.eos_id, tokenizer.bos_id,
+                    survivors.append((advanced(beam, column, prompt, batch, tokenizer.eos_id, tokenizer.bos_id,
                                                 vocab), value, task * width + origin))
                 if len(survivors) == width:
                     break
@@ -207,10 +208,75 @@ def sample_answers(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt]
             if final or step == config.max_new_tokens - 1:
                 results[row] = beam.tokens + [(column, prompt.answers[beam.answer][1])]
             else:
-                beams[row] = _advanced(beam, column, prompt, batch, tokenizer.eos_id, tokenizer.bos_id, vocab)
+                beams[row] = advanced(beam, column, prompt, batch, tokenizer.eos_id, tokenizer.bos_id, vocab)
         if all(result is not None for result in results):
             break
     return [result or [] for result in results]
+
+
+@dataclass
+class Task:
+    """A task prepared for the engine's continuous batch: its prompt, the batch of it alone (so
+    its extra columns are its own, numbered after the vocabulary whatever else runs) and the
+    columns it may never choose (``[vocab + its extras]``)."""
+
+    prompt: Prompt
+    batch: PromptBatch
+    barred: Tensor
+
+    @property
+    def table(self) -> dict[int, str]:
+        return self.batch.row_tables[0]
+
+    def first_beam(self, bos_id: int) -> Beam:
+        return Beam(0, [], bos_id, 0, self.prompt.answers[0][0], 0)
+
+
+def prepare_task(tokenizer: BeeTokenizer, task: dict, device: torch.device | str = "cpu") -> Task:
+    prompt = prompt_for(tokenizer, task)
+    batch = batch_prompts([prompt], tokenizer.vocab_size, device)
+    return Task(prompt, batch, barred_columns(batch, 1, tokenizer.unk_id, tokenizer.vocab_size)[0])
+
+
+def prefill_tasks(model: CpmBee, tasks: list[Task]) -> BeeCache:
+    """The prompts of ``tasks`` read into one cache (left-padded to the longest), none decoded."""
+    batch = batch_prompts([task.prompt for task in tasks], model.config.vocab_size,
+                          model.input_embedding.weight.device)
+    cache = model.new_cache(len(tasks), batch.inputs["input_ids"].size(1))
+    model(**batch.inputs, cache=cache, last=1)
+    return cache
+
+
+def batch_logits(model: CpmBee, tasks: list[Task], beams: list[Beam], cache: KVCache) -> Tensor:
+    """One decoding step of rows that each decode their own task (``beams``: what each feeds):
+    ``[rows, vocab + most extras]``, each row's extra columns its own, the rest barred. The rows'
+    segment relation tables differ in size; a row only indexes its own part of the padded table."""
+    device = cache.device
+
+    def column(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)[:, None]
+
+    relations = [task.prompt.segment_rel for task in tasks]
+    width = max(len(r) for r in relations)
+    segment_rel = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in relations]).to(device)
+    ones = torch.ones(len(beams), 1, dtype=torch.bool, device=device)
+    hidden = model(column([b.feed for b in beams]), column([b.feed_sub for b in beams]), ones,
+                   column([b.segment for b in beams]), segment_rel, column([t.prompt.num_segments for t in tasks]),
+                   ones, position=column([b.position for b in beams]), cache=cache)[:, -1]
+    logits = model.logits(hidden)
+    extras = max(task.batch.ext_ids.numel() for task in tasks)
+    barred = torch.ones(len(tasks), logits.size(1) + extras, dtype=torch.bool, device=device)
+    for row, task in enumerate(tasks):
+        barred[row, :task.barred.numel()] = task.barred
+    if extras:
+        ids = torch.zeros(len(tasks), extras, dtype=torch.int32, device=device)
+        subs = torch.zeros_like(ids)
+        for row, task in enumerate(tasks):
+            count = task.batch.ext_ids.numel()
+            ids[row, :count], subs[row, :count] = task.batch.ext_ids, task.batch.ext_subs
+        ext = model.embed(ids.long(), subs).to(logits.dtype)  # as CpmBee.logits computes them
+        logits = torch.cat([logits, torch.einsum("bd,bed->be", hidden.to(ext.dtype), ext)], dim=-1)
+    return logits.float().masked_fill_(barred, BARRED)
 
 
 def answer_texts(tokens: list[tuple[int, int]], table: dict[int, str], tokenizer: BeeTokenizer) -> dict[int, str]:
@@ -262,4 +328,5 @@ def fill_tasks(model: CpmBee, tokenizer: BeeTokenizer, tasks: list[dict], config
     return out, results
 
 
-__all__ = ["Hypotheses", "beam_search", "fill_tasks", "sample_answers"]
+__all__ = ["Beam", "Hypotheses", "Task", "advanced", "answer_texts", "batch_logits", "beam_search", "fill_tasks",
+           "prefill_tasks", "prepare_task", "sample_answers"]

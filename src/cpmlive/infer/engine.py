@@ -39,10 +39,11 @@ from torch import Tensor
 
 from cpmlive.data.layout import GENERATION, build_batch
 from cpmlive.errors import CpmliveError
-from cpmlive.infer import prefix, speculative, structured
-from cpmlive.infer.generate import (GenerationConfig, choose_tokens, prefill, process_logits, sampling_filter,
-                                    stop_ids_of)
+from cpmlive.infer import bee, prefix, speculative, structured
+from cpmlive.infer.generate import (GenerationConfig, apply_repetition_penalty, choose_tokens, prefill,
+                                    process_logits, sampling_filter, stop_ids_of)
 from cpmlive.infer.kv import KVPool
+from cpmlive.model.registry import family
 from cpmlive.model.stack import Transformer
 from cpmlive.tune import delta
 
@@ -74,6 +75,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()  # e.g. the end-of-turn token of a chat template
     assistant: "speculative.Assistant | None" = None  # a draft model (speculative decoding)
     constraint: "structured.Constraint | None" = None  # JSON, a regex or a grammar the text must follow
+    task: "bee.Task | None" = None  # a CPM-Bee task whose <ans> leaves it fills (``ids``: its prompt's)
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     internal: bool = False  # the error is a fault of ours (a bug, an exhausted machine), not the request's
+    answer: int | None = None  # a CPM-Bee task's answer (1-based, in the task's order) the token belongs to
 
 
 @dataclass
@@ -97,6 +100,17 @@ class Completion:
     finish_reason: str
     logprobs: list[float | None]
     top_logprobs: list[dict[int, float] | None]
+    answers: list[int | None] = field(default_factory=list)  # a CPM-Bee task's: each token's answer number
+
+    def add(self, event: Event) -> None:
+        """Take one more event of the request."""
+        if event.token is not None:
+            self.ids.append(event.token)
+            self.logprobs.append(event.logprob)
+            self.top_logprobs.append(event.top_logprobs)
+            self.answers.append(event.answer)
+        self.text += event.text
+        self.finish_reason = event.finish_reason or self.finish_reason
 
 
 class Handle:
@@ -171,17 +185,12 @@ class Handle:
 
     def result(self) -> Completion:
         """Wait for the end; a request that failed raises its error."""
-        ids, texts, logprobs, tops, reason = [], [], [], [], "stop"
+        completion = Completion([], "", "stop", [], [])
         for event in self:
             if event.error is not None:
                 raise CpmliveError(event.error)
-            if event.token is not None:
-                ids.append(event.token)
-                logprobs.append(event.logprob)
-                tops.append(event.top_logprobs)
-            texts.append(event.text)
-            reason = event.finish_reason or reason
-        return Completion(ids, "".join(texts), reason, logprobs, tops)
+            completion.add(event)
+        return completion
 
 
 class Job(Future):
@@ -331,6 +340,57 @@ class Sequence:
         return min(found) if found else None
 
 
+class TaskSequence:
+    """A running CPM-Bee task (``Request.task``): it decodes its ``<ans>`` leaves in turn as
+    :mod:`cpmlive.infer.bee` does (``<s>`` at position 0 of a leaf's segment starts it, ``</s>``
+    moves to the next), greedily or by sampling; each event carries its answer number."""
+
+    def __init__(self, handle: Handle, width: int, tokenizer: Any, device: torch.device) -> None:
+        self.handle, self.request, self.tokenizer = handle, handle.request, tokenizer
+        self.task: bee.Task = self.request.task
+        options = self.request.options
+        self.limit = width + options.max_new_tokens
+        self.beam = self.task.first_beam(tokenizer.bos_id)
+        self.fed: list[int] = []  # what each step fed (the repetition penalty's history, as in the job path)
+        self.finished = False
+        self.generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
+
+    speculates = False
+
+    def finish(self, reason: str, text: str = "", token: int | None = None, **extra: Any) -> None:
+        self.finished = True
+        self.handle.emit(Event(token, text, finish_reason=reason, **extra))
+
+    def choose(self, logits: Tensor) -> int:
+        """The column this step takes from the row's ``logits`` ``[1, columns]`` (barred ones
+        already out)."""
+        options = self.request.options
+        logits = logits.clone()
+        if options.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, torch.tensor([self.fed], device=logits.device),
+                                              options.repetition_penalty)
+        if len(self.fed) <= options.min_new_tokens:
+            logits[:, self.tokenizer.eos_id] = float("-inf")
+        return int(choose_tokens(logits, options, self.generator))
+
+    def accept(self, column: int, logprob: float | None, top: dict[int, float] | None) -> None:
+        """Take ``column``: its text joins the answer it belongs to; the last answer's ``</s>``
+        or the last step ends the task, another ``</s>`` starts the next answer."""
+        prompt, tokenizer = self.task.prompt, self.tokenizer
+        number = prompt.answers[self.beam.answer][1]
+        eos = column == tokenizer.eos_id
+        text = "" if eos else tokenizer.decode([column], self.task.table)
+        event = dict(logprob=logprob, top_logprobs=top, answer=number)
+        if eos and self.beam.answer + 1 == len(prompt.answers):
+            self.finish("stop", text, column, **event)
+        elif len(self.fed) >= self.request.options.max_new_tokens:
+            self.finish("length", text, column, **event)
+        else:
+            self.handle.emit(Event(column, text, **event))
+            self.beam = bee.advanced(self.beam, column, prompt, self.task.batch, tokenizer.eos_id, tokenizer.bos_id,
+                                     tokenizer.vocab_size)
+
+
 class Engine:
     """The scheduler (see the module docstring).
 
@@ -350,10 +410,12 @@ class Engine:
         self.max_batch, self.token_budget = max_batch, token_budget
         self.eos_id = tokenizer.eos_id
         self.stop_ids = stop_ids_of(tokenizer)
+        self.decodes_tasks = family(model.config.model_type).can("bee")  # its requests are CPM-Bee tasks
+        self.prompt_length = getattr(model.config, "prompt_length", 0)  # positions before a prompt's text
         device = model.input_embedding.weight.device
-        self.pool = KVPool(model.config.num_layers, model.config.max_length, device)
+        self.pool = KVPool(model.config.num_layers, model.config.max_length, device, model.cache_kind.inputs)
         self.waiting: deque[Handle] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence | TaskSequence] = []
         self._inbox: queue.SimpleQueue[Handle | Job] = queue.SimpleQueue()
         self._jobs: deque[Job] = deque()
         self._running_jobs: list[Job] = []  # the job running now, and any job it called in turn
@@ -377,12 +439,13 @@ class Engine:
             raise CpmliveError("the engine decodes greedily or by sampling; beam search runs as a job (call)")
         if not request.ids:
             raise CpmliveError("empty prompt")
+        self._check_kind(request)
         config = self.model.config
-        needed = config.prompt_length + len(request.ids) + options.max_new_tokens
+        needed = self.prompt_length + len(request.ids) + options.max_new_tokens
         if needed > config.max_length:
-            limit = config.max_length - config.prompt_length - len(request.ids)
+            limit = config.max_length - self.prompt_length - len(request.ids)
             raise CpmliveError(f"the prompt's {len(request.ids)} tokens and max_new_tokens {options.max_new_tokens} "
-                               f"exceed the model's {config.max_length - config.prompt_length} positions: "
+                               f"exceed the model's {config.max_length - self.prompt_length} positions: "
                                f"ask for at most {max(limit, 0)} new tokens")
         vocab = config.vocab_size
         if any(not 0 <= t < vocab for key in (options.sequence_bias or {}) for t in key):
@@ -396,6 +459,16 @@ class Engine:
         if request.assistant is not None and request.assistant not in self._assistants:
             request.assistant.check(self.tokenizer, self.model)
             self._assistants.add(request.assistant)
+
+    def _check_kind(self, request: Request) -> None:
+        """A CPM-Bee model decodes tasks, every other model text; a task drafts nothing and
+        follows no grammar (its answers' columns differ per task)."""
+        if (request.task is not None) != self.decodes_tasks:
+            raise CpmliveError("a CPM-Bee model fills tasks (Request.task)" if self.decodes_tasks
+                               else "only a CPM-Bee model fills tasks")
+        if request.task is not None and (request.options.speculates or request.assistant is not None
+                                         or request.constraint is not None):
+            raise CpmliveError("a CPM-Bee task decodes without drafts or grammars")
 
     def submit(self, request: Request, sink: Callable[[Event], None] | None = None,
                on_finish: Callable[[Handle], None] | None = None) -> Handle:
@@ -578,7 +651,7 @@ class Engine:
     def _admit(self) -> None:
         chosen: list[Handle] = []
         budget = self.token_budget
-        prompt_length = self.model.config.prompt_length
+        prompt_length = self.prompt_length
         while self.waiting and len(self.running) + len(chosen) < self.max_batch:
             cost = prompt_length + len(self.waiting[0].request.ids)
             if chosen and cost > budget:
@@ -612,7 +685,7 @@ class Engine:
             groups.setdefault((handle.request.adapter, handle.request.prompt_task), []).append(handle)
         result = []
         for (adapter, prompt_task), members in groups.items():
-            width = config.prompt_length + max(len(h.request.ids) for h in members)
+            width = self.prompt_length + max(len(h.request.ids) for h in members)
             fits = [h for h in members if width + h.request.options.max_new_tokens <= config.max_length]
             if fits:
                 result.append((fits, adapter, prompt_task))
@@ -625,6 +698,9 @@ class Engine:
     def _prefill(self, handles: list[Handle], adapter: str | None, prompt_task: int | None) -> None:
         """Prefill ``handles`` (one adapter and prompt task) and start them: those whose prompt
         begins with cached blocks (``infer.prefix``) one by one from them, the others together."""
+        if handles[0].request.task is not None:
+            self._guarded(handles, lambda: self._prefill_tasks(handles, adapter))
+            return
         cache = self.prefix
         scope = self._scope(adapter, prompt_task) if cache is not None else None
         reused = {id(h): cache.lookup(scope, h.request.ids) for h in handles} if scope is not None else {}
@@ -687,14 +763,27 @@ class Engine:
             kept.store(scope, ids, cache, 0, 0)
         self._start([handle], cache, width, logits)
 
-    def _start(self, handles: list[Handle], cache: Any, width: int, logits: Tensor) -> None:
-        """Move prefilled rows into the KV pool and the running batch, and pick their first tokens."""
-        fresh = [Sequence(h, width, self.tokenizer, self.pool.device, self.model.config.vocab_size) for h in handles]
+    def _prefill_tasks(self, handles: list[Handle], adapter: str | None) -> None:
+        """Read CPM-Bee tasks' prompts (no prefix reuse: a task's prompt is read both ways) and
+        start them: their first step feeds ``<s>``, so nothing is chosen yet."""
+        with self._adapter(adapter):
+            cache = bee.prefill_tasks(self.model, [h.request.task for h in handles])
+        width = cache.length
+        fresh = [TaskSequence(h, width, self.tokenizer, self.pool.device) for h in handles]
+        self._enter(fresh, cache, width)
+
+    def _enter(self, fresh: list, cache: Any, width: int) -> None:
+        """Move prefilled rows into the KV pool and the running batch."""
         need = max(s.limit for s in self.running + fresh)
         self.pool.reserve(len(self.running) + len(fresh), need)
         for index, seq in enumerate(fresh):
             self.pool.insert(cache, index, width)
             self.running.append(seq)
+
+    def _start(self, handles: list[Handle], cache: Any, width: int, logits: Tensor) -> None:
+        """Move prefilled rows into the KV pool and the running batch, and pick their first tokens."""
+        fresh = [Sequence(h, width, self.tokenizer, self.pool.device, self.model.config.vocab_size) for h in handles]
+        self._enter(fresh, cache, width)
         self._choose(fresh, logits)
 
     # ---- decoding ---------------------------------------------------------------------------------
@@ -703,6 +792,9 @@ class Engine:
         """One decoding step of every running sequence: its pending token, and for a speculating
         one the tokens drafted after it (rows with fewer drafts padded with invalid positions)."""
         seqs = self.running
+        if self.decodes_tasks:
+            self._task_step(seqs)
+            return
         old = self.pool.lengths[:len(seqs)].clone()
         drafts = self._drafts(seqs, int(old.max()))
         width = 1 + max(len(draft) for draft, _ in drafts)
@@ -720,6 +812,24 @@ class Engine:
             self._choose(seqs, logits[:, 0])
         else:
             self._verify(seqs, drafts, logits, old.tolist(), width)
+
+    def _task_step(self, seqs: list[TaskSequence]) -> None:
+        """One step of running CPM-Bee tasks, each with its own extra columns and answer."""
+        names = [s.request.adapter for s in seqs]
+        for seq in seqs:
+            seq.fed.append(seq.beam.feed)
+        with delta.adapters_by_row(self.model, names) if any(names) else self._adapter(None):
+            logits = bee.batch_logits(self.model, [s.task for s in seqs], [s.beam for s in seqs], self.pool.view())
+        self.steps += 1
+        for row, seq in enumerate(seqs):
+            try:
+                column = seq.choose(logits[row:row + 1])
+                logprob, top = self._logprobs(seq, logits[row], column)
+                seq.accept(column, logprob, top)
+            except Exception as exc:  # as in _choose: this request alone ends
+                internal = not isinstance(exc, CpmliveError)
+                seq.finish("error", error=f"{type(exc).__name__}: {exc}" if internal else str(exc), internal=internal)
+        self._remove_finished()
 
     def _drafts(self, seqs: list[Sequence], longest: int) -> list[tuple[list[int], Tensor | None]]:
         """Each sequence's drafts for this step, cut to what the KV pool's columns can take."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cpmlive.model.cache import MASK_INPUTS, KVCache, SlotCache
+from cpmlive.model.cache import FLAGS, MASK_INPUTS, KVCache, SlotCache
 
 ROW_STEP = 4  # rows are allocated in multiples of this
 COLUMN_STEP = 64  # and columns in multiples of this (up to the model's max_length)
@@ -26,8 +26,10 @@ def _round_up(value: int, step: int) -> int:
 class KVPool:
     """Keys, values and mask inputs of the running sequences (see the module docstring)."""
 
-    def __init__(self, num_layers: int, max_width: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_layers: int, max_width: int, device: torch.device | str = "cpu",
+                 inputs: tuple[str, ...] = MASK_INPUTS) -> None:
         self.num_layers, self.max_width, self.device = num_layers, max_width, torch.device(device)
+        self.inputs = inputs  # the mask inputs kept per position (the model's cache kind's)
         self.count = 0
         self.rows = self.width = 0
         self.keys: list[Tensor | None] = [None] * num_layers
@@ -69,8 +71,8 @@ class KVPool:
                     fresh[:keep, :, :copy] = old[:keep, :, :copy]
                 store.append(fresh)
         masks = {}
-        for name in MASK_INPUTS:
-            dtype = torch.bool if name in ("context", "valid") else torch.int32
+        for name in self.inputs:
+            dtype = torch.bool if name in FLAGS else torch.int32
             fresh = torch.zeros(rows, width, dtype=dtype, device=self.device)
             if name in self.masks and keep:
                 fresh[:keep, :copy] = self.masks[name][:keep, :copy]
@@ -118,7 +120,7 @@ class KVPool:
             if self.keys[layer] is not None:
                 self.keys[layer][slot, :, :width] = cache.keys[layer][row, :, :width]
                 self.values[layer][slot, :, :width] = cache.values[layer][row, :, :width]
-        for name in MASK_INPUTS:
+        for name in self.inputs:
             self.masks[name][slot] = 0
             self.masks[name][slot, :width] = getattr(cache, name)[row, :width]
         self.lengths[slot] = width
@@ -136,7 +138,7 @@ class KVPool:
                 for tensor in store:
                     if tensor is not None:
                         tensor[slot, :, :used] = tensor[last, :, :used]
-            for name in MASK_INPUTS:
+            for name in self.inputs:
                 self.masks[name][slot] = self.masks[name][last]
             self.lengths[slot] = self.lengths[last]
             moved = last

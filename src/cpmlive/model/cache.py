@@ -162,6 +162,7 @@ class SlotCache(KVCache):
         self.batch, self.capacity, self.num_layers = batch, capacity, len(keys)
         self.device = lengths.device
         self.keys, self.values, self.lengths = keys, values, lengths
+        self.inputs = tuple(masks)  # the mask inputs its engine keeps (a family's own kind's)
         for name in self.inputs:
             setattr(self, name, masks[name])
         self.length = int(lengths.max()) if batch else 0
@@ -207,4 +208,5 @@ class SlotCache(KVCache):
         raise NotImplementedError("a slot cache is reordered by its engine")
 
 
-__all__ = ["MASK_INPUTS", "KVCache", "SlotCache", "left_to_right", "mask_inputs", "new_positions", "token_positions"]
+__all__ = ["FLAGS", "MASK_INPUTS", "KVCache", "SlotCache", "left_to_right", "mask_inputs", "new_positions",
+           "token_positions"]

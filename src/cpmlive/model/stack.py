@@ -215,6 +215,7 @@ class Transformer(nn.Module):
     # Whether a prompt token's keys and values depend only on the tokens before it (left-to-right
     # families): then the engine's prefix cache reuses any shared prefix, else only identical prompts.
     causal_prompt: bool = False
+    cache_kind: type[KVCache] = KVCache  # what its decoding cache keeps (a family's own mask inputs)
 
     def __init__(self, config: StackConfig) -> None:
         super().__init__()
@@ -247,15 +248,14 @@ class Transformer(nn.Module):
         dequantized = getattr(self.input_embedding, "dequantized", None)
         return dequantized() if dequantized is not None else self.input_embedding.weight
 
-    def make_cache(self, batch: int, capacity: int, holding: str, shorten: str = "the text",
-                   kind: type[KVCache] = KVCache) -> KVCache:
+    def make_cache(self, batch: int, capacity: int, holding: str, shorten: str = "the text") -> KVCache:
         """A ``kind`` of cache for ``capacity`` positions: at most the model's ``max_length``, which
         also bounds what a huge ``max_new_tokens`` would allocate (the error names what the
         positions hold and what to shorten)."""
         if capacity > self.config.max_length:
             raise CpmliveError(f"{capacity} positions needed ({holding}); the model takes at most "
                                f"{self.config.max_length}: shorten {shorten} or lower max_new_tokens")
-        return kind(batch=batch, capacity=capacity, num_layers=self.config.num_layers,
+        return self.cache_kind(batch=batch, capacity=capacity, num_layers=self.config.num_layers,
                     device=self.input_embedding.weight.device)
 
     def num_parameters(self) -> int:

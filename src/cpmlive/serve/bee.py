@@ -1,16 +1,24 @@
-"""``/v1/bee``: fill the ``<ans>`` fields of CPM-Bee JSON tasks (one task or a batch), as a job
-on the engine's thread like the other native routes; the site's ``/bee`` page calls it."""
+"""``/v1/bee``: fill the ``<ans>`` fields of CPM-Bee JSON tasks (one task or several). Greedy and
+sampled tasks join the engine's continuous batch, one request each, and may stream their answers
+as server-sent events; beam search runs as a job on the engine's thread. The site's ``/bee`` page
+calls it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Iterator
+import time
+import uuid
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Iterator
 
 from fastapi import Request as HttpRequest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from cpmlive.data.bee import ANSWER_KEY, MAX_DEPTH, check_task
 from cpmlive.errors import CpmliveError
-from cpmlive.serve.runtime import ServerState, valid_text
+from cpmlive.infer.engine import Completion
+from cpmlive.infer.generate import GenerationConfig
+from cpmlive.serve.completions import GuardedStream, collect, error_event, sse
+from cpmlive.serve.runtime import ServerError, ServerState, valid_text
 from cpmlive.serve.tasks import MAX_NAME_CHARS, Integer, holding, needs, timed_answer
 
 if TYPE_CHECKING:
@@ -88,6 +96,7 @@ class BeeRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     seed: Integer | None = Field(None, ge=0, le=2**32 - 1)
     adapter: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    stream: bool = Field(False, description="send each answer's text as it is decoded (server-sent events)")
 
     @model_validator(mode="after")
     def one_of(self) -> "BeeRequest":
@@ -95,7 +104,18 @@ class BeeRequest(BaseModel):
             raise ValueError("give either task (one object) or tasks (a list of objects)")
         if self.temperature > 0 and self.num_beams > 1:
             raise ValueError("sampling (temperature > 0) and num_beams > 1 do not combine")
+        if self.stream and self.num_beams > 1:
+            raise ValueError("beam search cannot stream (its best hypothesis is known only at the end)")
         return self
+
+    @property
+    def task_list(self) -> list[dict[str, Any]]:
+        return self.tasks if self.tasks is not None else [self.task]
+
+    def options(self) -> dict[str, Any]:
+        sample = self.temperature > 0
+        return dict(num_beams=self.num_beams, do_sample=sample, temperature=self.temperature if sample else 1.0,
+                    top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed)
 
 
 class BeeResponse(BaseModel):
@@ -108,18 +128,64 @@ class BeeResponse(BaseModel):
     seconds: float
 
 
+def check_adapter(lm: LM, name: str | None) -> None:
+    if name is not None and name not in lm.tasks:
+        raise CpmliveError(f"no adapter named {name!r} (loaded: {', '.join(lm.tasks) or 'none'})")
+
+
 def answers_for(lm: LM, request: BeeRequest) -> dict[str, Any]:
-    if request.adapter is not None and request.adapter not in lm.tasks:
-        raise CpmliveError(f"no adapter named {request.adapter!r} (loaded: {', '.join(lm.tasks) or 'none'})")
-    sample = request.temperature > 0
-    options = dict(num_beams=request.num_beams, do_sample=sample, temperature=request.temperature if sample else 1.0,
-                   top_p=request.top_p, top_k=request.top_k, repetition_penalty=request.repetition_penalty,
-                   seed=request.seed)
-    tasks = request.tasks if request.tasks is not None else [request.task]
+    """Beam search: the tasks as one job."""
+    check_adapter(lm, request.adapter)
     with holding(lm, request.adapter):
-        filled = lm.bee(tasks, request.max_tokens, **options)
+        filled = lm.bee(request.task_list, request.max_tokens, **request.options())
+    return answer_of(request, filled)
+
+
+def answer_of(request: BeeRequest, filled: list[dict[str, Any]]) -> dict[str, Any]:
     key = "results" if request.tasks is not None else "result"
     return {key: filled if request.tasks is not None else filled[0], "adapter": request.adapter}
+
+
+async def answers_in_batch(state: ServerState, body: BeeRequest, http: HttpRequest) -> Any:
+    """Greedy or sampled tasks as requests of the continuous batch (streamed when asked)."""
+    lm = state.ready()
+    check_adapter(lm, body.adapter)
+    options = GenerationConfig.from_kwargs(max_new_tokens=body.max_tokens, **body.options())
+    requests = [lm.bee_request(task, options, index, adapter=body.adapter) for index, task in enumerate(body.task_list)]
+    start = time.perf_counter()
+    generations, admitted = state.start(requests)
+    if body.stream:
+        return GuardedStream(streamed_answers(lm, body, requests, generations, http), generations, admitted)
+    results = await collect(generations, admitted, http)
+    filled = [lm.bee_filled(request, result) for request, result in zip(requests, results)]
+    return {**answer_of(body, filled), "seconds": round(time.perf_counter() - start, 3)}
+
+
+async def streamed_answers(lm: LM, body: BeeRequest, requests: list, generations: Any,
+                           http: HttpRequest) -> AsyncIterator[str]:
+    """The SSE body: ``{"index", "answer", "path", "text"}`` for each decoded piece of an answer
+    (``answer``: its number in the task's order; ``path``: its keys inside ``<ans>``), then
+    ``{"index", "result", "finish_reason"}`` when a task is done, then ``[DONE]``."""
+    ident = f"bee-{uuid.uuid4().hex}"
+    results = [Completion([], "", "", [], []) for _ in requests]
+    try:
+        async with aclosing(generations.events(http)) as events:
+            async for index, event in events:
+                if event.error is not None:
+                    yield sse(error_event(ServerError(500, event.error, "server_error") if event.internal
+                                          else ServerError(400, event.error)))
+                    break
+                results[index].add(event)
+                if event.text:
+                    paths = requests[index].task.prompt.paths
+                    yield sse({"id": ident, "index": index, "answer": event.answer,
+                               "path": paths[event.answer - 1], "text": event.text})
+                if event.finish_reason is not None:
+                    yield sse({"id": ident, "index": index, "finish_reason": event.finish_reason,
+                               "result": lm.bee_filled(requests[index], results[index])})
+        yield sse("[DONE]")
+    except ServerError as exc:
+        yield sse(error_event(exc))
 
 
 def router(state: ServerState) -> APIRouter:
@@ -129,8 +195,10 @@ def router(state: ServerState) -> APIRouter:
 
     @api.post("/v1/bee", dependencies=[needs(state, "bee")], response_model=BeeResponse,
               response_model_exclude_unset=True)
-    async def bee(body: BeeRequest, http: HttpRequest) -> dict[str, Any]:
-        return await timed_answer(state, answers_for, body, http, len(body.tasks) if body.tasks is not None else 1)
+    async def bee(body: BeeRequest, http: HttpRequest) -> Any:
+        if body.num_beams == 1:
+            return await answers_in_batch(state, body, http)
+        return await timed_answer(state, answers_for, body, http, len(body.task_list))
 
     return api
 

@@ -468,26 +468,16 @@ async def collect(generations: Any, admitted: Any, http: HttpRequest) -> list[Co
 
 
 async def _collect(generations: Any, http: HttpRequest) -> list[Completion]:
-    count = len(generations.handles)
-    ids: list[list[int]] = [[] for _ in range(count)]
-    texts: list[list[str]] = [[] for _ in range(count)]
-    logprobs: list[list[float | None]] = [[] for _ in range(count)]
-    tops: list[list[Any]] = [[] for _ in range(count)]
-    reasons = [""] * count
+    results = [Completion([], "", "", [], []) for _ in generations.handles]
     async with aclosing(generations.events(http)) as events:
         async for index, event in events:
             if event.error is not None:
                 raise ServerError(500, f"internal error ({event.error})", "server_error") if event.internal \
                     else ServerError(400, event.error)
-            if event.token is not None:
-                ids[index].append(event.token)
-                logprobs[index].append(event.logprob)
-                tops[index].append(event.top_logprobs)
-            texts[index].append(event.text)
-            reasons[index] = event.finish_reason or reasons[index]
-    if not all(reasons):
+            results[index].add(event)
+    if not all(result.finish_reason for result in results):
         raise ServerError(499, "the client closed the connection", "cancelled", "cancelled")
-    return [Completion(ids[i], "".join(texts[i]), reasons[i], logprobs[i], tops[i]) for i in range(count)]
+    return results
 
 
 async def stream_events(generations: Any, http: HttpRequest, body: CompletionRequest | ChatRequest, ident: str,

@@ -64,6 +64,8 @@ def rotate_by_sub(x: Tensor, sub: Tensor, inv_freq: Tensor) -> Tensor:
 
 
 class CpmBee(Transformer):
+    cache_kind = BeeCache
+
     def __init__(self, config: BeeConfig) -> None:
         super().__init__(config)
         self.input_embedding = Embedding(config.vocab_size, config.dim_model)
@@ -144,7 +146,7 @@ class CpmBee(Transformer):
         query = {"context": context.bool(), "span": zeros if span is None else span, "segment": segment,
                  "valid": valid.bool(), "position": position, "sample_ids": zeros if sample_ids is None else sample_ids}
         if cache is not None:
-            if cache.segment_rel is None:
+            if isinstance(cache, BeeCache) and cache.segment_rel is None:
                 cache.segment_rel = segment_rel
             key = cache.append_inputs(query)
         else:
@@ -161,7 +163,7 @@ class CpmBee(Transformer):
     # ---- helpers ----------------------------------------------------------------------------------
 
     def new_cache(self, batch: int, capacity: int) -> BeeCache:
-        return self.make_cache(batch, capacity, "the task and its answers", shorten="the input", kind=BeeCache)
+        return self.make_cache(batch, capacity, "the task and its answers", shorten="the input")
 
     def init_weights(self, seed: int | None = None) -> None:
         """As CPM-Ant's (:func:`~cpmlive.model.stack.init_stack`)."""
