@@ -240,6 +240,102 @@ def test_presets_match_the_published_configs():
         sizes = {name: CpmBee(BEE_PRESETS[name]()).num_parameters() / 1e9 for name in ("bee-10b", "bee-3b")}
     # the published "3b" config has 1.82B parameters (dim_ff 3072 is small for dim_model 2560)
     assert 9.5 < sizes["bee-10b"] < 10.5 and 1.7 < sizes["bee-3b"] < 1.9
-    for name in ("bee-5b", "bee-2b", "bee-1b"):
+    # the Hub releases of the compressed sizes: 48 slots, 19 attention and 24 FFN blocks kept,
+    # 32 heads of 128 / 64 / 40 (HF config.json), 4.65B / 2.50B / 1.06B parameters
+    for name, dim_head, billions in (("bee-5b", 128, 4.65), ("bee-2b", 64, 2.50), ("bee-1b", 40, 1.06)):
         config = BEE_PRESETS[name]()
-        assert config.num_layers == 24 and sum(not a for a, _ in config.mask_modules) == 19
+        assert config.num_layers == 48 and (config.num_heads, config.dim_head) == (32, dim_head)
+        assert sum(not a for a, _ in config.mask_modules) == 19 and sum(not f for _, f in config.mask_modules) == 24
+        with torch.device("meta"):
+            assert round(CpmBee(config).num_parameters() / 1e9, 2) == billions
+
+
+# ---- the HF release's layout ------------------------------------------------------------------------
+
+
+def release_directory(path, prefix: str = "cpmbee.", head: bool = True):
+    """A directory laid out as OpenBMB's Hub releases are, made by hand from the reference's
+    OpenBMB state file: the release's ``config.json`` keys (its shape under HF's names, the
+    remote code's ``architectures`` / ``auto_map``), the state dict in ``pytorch_model.bin`` under
+    ``CpmBeeForCausalLM``'s prefix with its (tied, unread) ``lm_head``, ``vocab.txt`` and
+    ``tokenizer_config.json``."""
+    ours = json.loads((BEE / "config.json").read_text())
+    config = {"_from_model_config": True, "architectures": ["CpmBeeForCausalLM"],
+              "auto_map": {"AutoConfig": "configuration_cpmbee.CpmBeeConfig",
+                           "AutoModel": "modeling_cpmbee.CpmBeeForCausalLM",
+                           "AutoModelForCausalLM": "modeling_cpmbee.CpmBeeForCausalLM"},
+              "vocab_size": ours["vocab_size"], "hidden_size": ours["dim_model"], "dim_ff": ours["dim_ff"],
+              "num_hidden_layers": ours["num_layers"], "num_attention_heads": ours["num_heads"],
+              "dim_head": ours["dim_head"], "dropout_p": 0.0, "position_bias_num_buckets": 256,
+              "position_bias_num_segment_buckets": 256, "position_bias_max_distance": 2048, "eps": 1e-6,
+              "half": False, "model_type": "cpmbee"}
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    state = {prefix + key: value for key, value in load_file(BEE / "model.safetensors").items()}
+    if head:
+        state["lm_head.weight"] = state[prefix + "input_embedding.weight"].clone()
+    torch.save(state, path / "pytorch_model.bin")
+    (path / "vocab.txt").write_bytes(VOCAB.read_bytes())
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CpmBeeTokenizer"}))
+    return path
+
+
+@pytest.mark.parametrize("prefix,head", [("cpmbee.", True), ("", False)])
+def test_the_hf_release_layout_reads_as_the_reference(model, tokenizer, cases, tmp_path, prefix, head):
+    """With or without the ``cpmbee.`` prefix (the raw release keeps OpenBMB's names), the
+    weights and the logits are the reference model's, and the tasks are filled as the original's."""
+    from cpmlive.api import load
+
+    lm = load(release_directory(tmp_path / "release", prefix, head))
+    assert lm.family.model_type == "cpm-bee" and lm.model.config.to_dict() == model.config.to_dict() | {
+        "max_length": lm.model.config.max_length}
+    theirs, ours = lm.model.state_dict(), model.state_dict()
+    assert sorted(theirs) == sorted(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    _, _, batch = _generation(cases, tokenizer)
+    with torch.inference_mode():
+        hidden = [m(**batch.inputs) for m in (lm.model, model)]
+        logits = [m.logits(h, batch.ext_ids, batch.ext_subs) for m, h in zip((lm.model, model), hidden)]
+    assert torch.equal(logits[0], logits[1])
+    rows, objects, _ = _generation(cases, tokenizer)
+    assert lm.bee(objects, max_new_tokens=8) == [row["greedy_filled_json"] for row in rows]
+
+
+def test_convert_writes_the_release_layout_and_reads_it_back(tmp_path):
+    from test_cli import run
+
+    hf, ours, back = tmp_path / "hf", tmp_path / "ours", tmp_path / "back.pt"
+    result = run("convert", BEE / "model.safetensors", hf, "--to", "hf", "--vocab", VOCAB)
+    assert result.returncode == 0, result.stderr.decode()
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["CpmBeeForCausalLM"] and config["model_type"] == "cpmbee"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_cpmbee.CpmBeeForCausalLM"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (32, 3, 4)
+    tokenizer_config = json.loads((hf / "tokenizer_config.json").read_text())
+    assert tokenizer_config["auto_map"]["AutoTokenizer"][0] == "tokenization_cpmbee.CpmBeeTokenizer"
+    assert (hf / "vocab.txt").read_bytes() == VOCAB.read_bytes()
+    written = load_file(hf / "model.safetensors")
+    original = load_file(BEE / "model.safetensors")
+    assert sorted(written) == sorted("cpmbee." + key for key in original)
+    assert max((written["cpmbee." + k] - v).abs().max().item() for k, v in original.items()) <= 1e-6
+    for step in (("convert", hf, ours), ("convert", ours, back, "--to", "openbmb")):
+        assert run(*step).returncode == 0
+    again = torch.load(back)
+    assert sorted(again) == sorted(original)  # the scales folded in and out again: within float32 rounding
+    assert max((again[k] - original[k]).abs().max().item() for k in original) <= 1e-6
+
+
+def test_an_hf_directory_of_another_architecture_is_a_one_line_error(tmp_path):
+    from test_cli import assert_clean_error, run
+
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
+                                                   "hidden_size": 32}))
+    assert_clean_error(run("bee", other, json.dumps({"input": "x", "<ans>": ""})), "'gpt_neox' is not supported")
+    wrong = release_directory(tmp_path / "wrong")
+    state = torch.load(wrong / "pytorch_model.bin")
+    state["cpmbee.encoder.layers.0.self_att.self_attention.query.weight"] = state.pop(
+        "cpmbee.encoder.layers.0.self_att.self_attention.project_q.weight")
+    torch.save(state, wrong / "pytorch_model.bin")
+    assert_clean_error(run("convert", wrong, tmp_path / "out"), "unknown key")
+    assert not (tmp_path / "out").exists()

@@ -30,7 +30,7 @@ def test_unknown_model_type_is_one_line(tmp_path, capsys):
         families.family_of(tmp_path / "m")
     assert main(["info", str(tmp_path / "m")]) == 2
     error = capsys.readouterr().err
-    assert ("not supported (supported: cpm-ant, cpm-bee, cpm1, cpmant, decoder, glm, gpt2, llama, minicpm, minicpm3, "
+    assert ("not supported (supported: cpm-ant, cpm-bee, cpm1, cpmant, cpmbee, decoder, glm, gpt2, llama, minicpm, minicpm3, "
             "mistral, qwen2, qwen3)") in error and error.count("\n") == 1
 
 

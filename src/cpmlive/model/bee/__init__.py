@@ -2,4 +2,4 @@
 
 # The checkpoint layouts its convert writes, "ours" first (here, not in convert.py, so that the
 # CLI lists them without importing torch).
-FORMATS: tuple[str, ...] = ("ours", "openbmb")
+FORMATS: tuple[str, ...] = ("ours", "hf", "openbmb")

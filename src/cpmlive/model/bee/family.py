@@ -12,5 +12,5 @@ FAMILY = Family(
     hint="a CPM-Bee model answers JSON tasks: use lm.bee(task) (or `cpmlive bee`, /v1/bee)",
     config=BeeConfig, model=CpmBee, tokenizer=BeeTokenizer, presets=PRESETS, build=build_bee,
     load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info, resolve=convert.resolve,
-    vocab_example="CPM-Bee vocab.txt", demo=BEE_DEMO, claims=convert.is_bee_checkpoint,
+    aliases=("cpmbee",), vocab_example="CPM-Bee vocab.txt", demo=BEE_DEMO, claims=convert.is_bee_checkpoint,
 )
