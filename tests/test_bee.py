@@ -57,7 +57,8 @@ def test_convert_round_trips_the_openbmb_state(checkpoint, tmp_path):
     assert json.loads(back.with_suffix(".json").read_text())["position_bias_num_segment_buckets"] == 256
     info = json.loads(run("info", checkpoint, "--json").stdout)
     assert info["model_type"] == "cpm-bee" and info["parameters"] == 2_843_584
-    assert_clean_error(run("convert", checkpoint, tmp_path / "x.gguf", "--to", "gguf"), "converts to ours or hf or openbmb")
+    assert_clean_error(run("convert", checkpoint, tmp_path / "x.gguf", "--to", "gguf"),
+                       "converts to ours or hf or openbmb")
     shown = json.loads(run("tokenize", checkpoint, "北京<mask_0>😀", "--json").stdout)
     assert shown == {"ids": [12247, 86583, 86584], "pieces": ["北京", "<mask_0>", "😀"],
                      "ext_table": {"86583": "<mask_0>", "86584": "😀"}}

@@ -91,9 +91,10 @@ def _bee(**overrides: Any) -> BeeConfig:
 # The compressed CPM-Bee releases (openbmb/cpm-bee-5b, -2b, -1b on the Hub) keep the 10B's 48 layer
 # slots and one list of removed sub-blocks, [attention_removed, ffn_removed] per slot: 19 attention
 # and 24 FFN blocks stay; heads shrink, dim_model stays.
+# Per slot: 2 if its attention stays, + 1 if its FFN does.
 RELEASED_MASK = [[not (kept >> 1), not (kept & 1)] for kept in (
     3, 1, 3, 1, 0, 1, 0, 0, 3, 3, 0, 1, 1, 0, 3, 0, 3, 2, 1, 0, 3, 2, 0, 0,
-    3, 0, 3, 0, 0, 3, 0, 3, 0, 3, 0, 1, 0, 0, 0, 3, 0, 3, 0, 0, 3, 0, 3, 3)]  # per slot: 2 if attention stays, + 1 if FFN
+    3, 0, 3, 0, 0, 3, 0, 3, 0, 3, 0, 1, 0, 0, 0, 3, 0, 3, 0, 0, 3, 0, 3, 3)]
 
 PRESETS: dict[str, Any] = {
     "bee-10b": lambda: _bee(),
