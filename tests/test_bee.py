@@ -158,7 +158,7 @@ def test_other_bad_input_is_one_line_errors(checkpoint, ant_checkpoint):
                        "exceed the model's 2048 positions")
     assert_clean_error(run("bee", ant_checkpoint, json.dumps(TRANSLATE)), "needs a CPM-Bee checkpoint")
     assert_clean_error(run("bee", checkpoint), "no task given")
-    assert_clean_error(run("generate", checkpoint, "你好"), "use lm.bee(task)")
+    assert_clean_error(run("fill", checkpoint, "你好<mask>"), "CPM-Bee")
 
 
 def test_evaluate_scores_answers_and_text(checkpoint, tmp_path):
@@ -223,8 +223,8 @@ def test_v1_bee_answers_and_refuses_bad_requests(lm):
         assert response.status_code == 400, response.text
         assert fragment in response.json()["error"]["message"]
     served = client.get("/v1/models").json()["data"][0]["id"]
-    completion = client.post("/v1/completions", json={"model": served, "prompt": "你好", "max_tokens": 2})
-    assert completion.status_code == 400 and "lm.bee" in completion.json()["error"]["message"]
+    fill = client.post("/v1/fill", json={"text": "你好<mask>"})
+    assert fill.status_code == 400 and "lm.bee" in fill.json()["error"]["message"]
 
 
 def test_v1_bee_on_an_ant_server_is_a_clear_400():

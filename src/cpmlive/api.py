@@ -27,6 +27,8 @@ from cpmlive.infer.engine import Completion, Engine, Request, request_for
 from cpmlive.infer.speculative import Assistant
 from cpmlive.infer.structured import constraint_from
 from cpmlive.data.bee import check_task, filled, parse_task
+from cpmlive.data.bee_chat import TEXT_FIELD, BeeDialogue, text_task
+from cpmlive.tokenizer.bee import unescape
 from cpmlive.infer.bee import answer_texts, fill_tasks, prepare_task
 from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids, hf_generation_defaults, stop_ids_of,
                                     with_defaults)
@@ -54,6 +56,7 @@ class LM:
         self.tasks: dict[str, TaskSpec] = {}
         self.active: str | None = None
         self.lock = threading.RLock()
+        self.bee_text_field = TEXT_FIELD  # a CPM-Bee model: the task field a completion prompt goes in
         self._engine: Engine | None = None
         # by adapter (None: the base model); a tokenizer's own template serves adapters without one
         self.chat_templates: dict[str | None, ChatTemplate | TokenizerChatTemplate] = {}
@@ -151,6 +154,8 @@ class LM:
     def encode_for(self, text: str, adapter: str | None) -> list[int]:
         """:meth:`encode_prompt` as if ``adapter`` were active."""
         self.require("generate")
+        if self.can("bee"):
+            raise CpmliveError("a CPM-Bee model reads tasks, not token rows: use generate, stream, chat or bee")
         if not isinstance(text, str) or not text.strip():
             raise CpmliveError("empty prompt")
         task = self.tasks.get(adapter) if adapter else None
@@ -185,8 +190,11 @@ class LM:
             raise CpmliveError(f"this model has no chat template (it was not tuned for chat): {tune}")
         return template
 
-    def find_chat_template(self, adapter: str | None) -> ChatTemplate | TokenizerChatTemplate | None:
-        """``adapter``'s own template, else a tokenizer's own (which every adapter of the model shares)."""
+    def find_chat_template(self, adapter: str | None) -> ChatTemplate | TokenizerChatTemplate | BeeDialogue | None:
+        """``adapter``'s own template, else a tokenizer's own (which every adapter of the model
+        shares); a CPM-Bee model's conversations are its dialogue task."""
+        if self.can("bee"):
+            return BeeDialogue()
         template = self.chat_templates.get(adapter)
         base = self.chat_templates.get(None)
         return template if template is not None or not isinstance(base, TokenizerChatTemplate) else base
@@ -218,6 +226,9 @@ class LM:
         options = self._options(max_new_tokens, kwargs, default_new_tokens=128)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
+        if isinstance(template, BeeDialogue):
+            yield from self._streamed(self.prompt_request(template.render(list(messages)), options, **extras))
+            return
         ids = self.encode_chat(messages, template)
         self._check_length(len(ids), options.max_new_tokens)
         yield from self._streamed(self.request(ids, options, stop=tuple(template.stop), **extras,
@@ -300,11 +311,14 @@ class LM:
             and not self.engine.is_driving()
 
     def bee_request(self, task: dict, options: GenerationConfig, index: int = 0,
-                    adapter: str | None | bool = True, **fields: object) -> Request:
-        """An engine request that fills ``task`` (checked) in the continuous batch."""
-        prepared = prepare_task(self.tokenizer, task, self.model.input_embedding.weight.device)
-        return self.request(prepared.prompt.ids, options, index, adapter=adapter, assistant=None, task=prepared,
-                            **fields)
+                    adapter: str | None | bool = True, plain: bool = False, **fields: Any) -> Request:
+        """An engine request that fills ``task`` (checked) in the continuous batch; ``plain``:
+        its answer is text for people (``<`` unescaped), as a completion's or a chat reply's."""
+        prepared = prepare_task(self.tokenizer, check_task(task, "task"), self.model.input_embedding.weight.device,
+                                plain)
+        self._check_length(len(prepared.prompt.ids), options.max_new_tokens)
+        return self.request(prepared.prompt.ids, options, index, adapter=adapter, task=prepared,
+                            **{"assistant": None, **fields})
 
     def bee_result(self, handle: Any) -> dict:
         """The filled task of a submitted :meth:`bee_request`."""
@@ -329,9 +343,39 @@ class LM:
         given comes from the model's ``generation_config.json`` where it has one (as in HF), else
         the defaults of :class:`GenerationConfig` (64 new tokens, greedy)."""
         texts = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids = self.generate_ids(texts, max_new_tokens=max_new_tokens, **kwargs)
-        outputs = [self.tokenizer.decode(row) for row in ids]
+        if self.can("bee"):
+            outputs = self._bee_texts(texts, max_new_tokens, kwargs)
+        else:
+            ids = self.generate_ids(texts, max_new_tokens=max_new_tokens, **kwargs)
+            outputs = [self.tokenizer.decode(row) for row in ids]
         return outputs[0] if isinstance(prompt, str) else outputs
+
+    def _bee_texts(self, texts: Sequence[str], max_new_tokens: int | None, kwargs: dict) -> list[str]:
+        """CPM-Bee's continuation of each text: the answer of its text-generation task."""
+        if not texts:
+            raise CpmliveError("no prompt given")
+        extras = request_extras(kwargs)
+        options = self._options(max_new_tokens, kwargs)
+        if self._bee_in_batch(options):
+            handles = [self.engine.submit(self.prompt_request(text, options, index, **extras))
+                       for index, text in enumerate(texts)]
+            return [handle.result().text for handle in handles]
+        tasks = [text_task(text, self.bee_text_field) for text in texts]
+        results, _ = self.engine.call(fill_tasks, self.model, self.tokenizer, tasks, options).result()
+        return [unescape(result["<ans>"] or "") for result in results]
+
+    def prompt_request(self, prompt: str | dict | list[int], options: GenerationConfig, index: int = 0,
+                       adapter: str | None | bool = True, **fields: Any) -> Request:
+        """The engine request of a prompt: its ids, or its text (encoded; a CPM-Bee model's goes
+        into its text-generation task), or a CPM-Bee task whose answer is text for people (a
+        rendered conversation)."""
+        if isinstance(prompt, list):
+            return self.request(prompt, options, index, adapter=adapter, **fields)
+        if not self.can("bee"):
+            name = self.active if adapter is True else adapter
+            return self.request(self.encode_for(prompt, name), options, index, adapter=adapter, **fields)
+        task = prompt if isinstance(prompt, dict) else text_task(prompt, self.bee_text_field)
+        return self.bee_request(task, options, index, adapter, plain=True, **fields)
 
     def generate_ids(self, texts: Sequence[str], max_new_tokens: int | None = None,
                      **kwargs: object) -> list[list[int]]:
@@ -420,6 +464,9 @@ class LM:
         options = self._options(max_new_tokens, kwargs)
         if options.num_beams > 1:
             raise CpmliveError("streaming works with greedy or sampled decoding, not beam search")
+        if self.can("bee"):
+            yield from self._streamed(self.prompt_request(prompt, options, stop=tuple(stop), **extras))
+            return
         row = self._prompt_rows([prompt], options)[0]
         yield from self._streamed(self.request(row, options, stop=tuple(stop), **extras))
 

@@ -58,6 +58,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(piece, end="", flush=True)
         print()
         return
+    if lm.can("bee"):  # CPM-Bee decodes its text-generation task: no token row to show
+        text = lm.generate(prompt, **kwargs)
+        print_json({"text": text}) if args.json else print(text)
+        return
     ids = lm.generate_ids([prompt], **kwargs)[0]
     text = lm.tokenizer.decode(ids)
     if not args.json:

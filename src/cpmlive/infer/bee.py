@@ -223,19 +223,25 @@ class Task:
     prompt: Prompt
     batch: PromptBatch
     barred: Tensor
+    plain: bool = False  # its answer is text for people (``<`` not escaped): a completion or a chat reply
 
     @property
     def table(self) -> dict[int, str]:
         return self.batch.row_tables[0]
 
+    def text_of(self, tokenizer: BeeTokenizer, column: int) -> str:
+        """The text one chosen column adds to its answer."""
+        decode = tokenizer.text_of if self.plain else tokenizer.decode
+        return decode([column], self.table)
+
     def first_beam(self, bos_id: int) -> Beam:
         return Beam(0, [], bos_id, 0, self.prompt.answers[0][0], 0)
 
 
-def prepare_task(tokenizer: BeeTokenizer, task: dict, device: torch.device | str = "cpu") -> Task:
+def prepare_task(tokenizer: BeeTokenizer, task: dict, device: torch.device | str = "cpu", plain: bool = False) -> Task:
     prompt = prompt_for(tokenizer, task)
     batch = batch_prompts([prompt], tokenizer.vocab_size, device)
-    return Task(prompt, batch, barred_columns(batch, 1, tokenizer.unk_id, tokenizer.vocab_size)[0])
+    return Task(prompt, batch, barred_columns(batch, 1, tokenizer.unk_id, tokenizer.vocab_size)[0], plain)
 
 
 def prefill_tasks(model: CpmBee, tasks: list[Task]) -> BeeCache:

@@ -352,6 +352,10 @@ class TaskSequence:
         self.limit = width + options.max_new_tokens
         self.beam = self.task.first_beam(tokenizer.bos_id)
         self.fed: list[int] = []  # what each step fed (the repetition penalty's history, as in the job path)
+        self.text = ""  # the current answer's text, and how much of it went out
+        self.released = 0
+        self.stops = tuple(s for s in self.request.stop if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.finished = False
         self.generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
 
@@ -374,21 +378,33 @@ class TaskSequence:
         return int(choose_tokens(logits, options, self.generator))
 
     def accept(self, column: int, logprob: float | None, top: dict[int, float] | None) -> None:
-        """Take ``column``: its text joins the answer it belongs to; the last answer's ``</s>``
-        or the last step ends the task, another ``</s>`` starts the next answer."""
+        """Take ``column``: its text joins the answer it belongs to; the last answer's ``</s>``,
+        a stop string or the last step ends the task, another ``</s>`` starts the next answer
+        (the text a stop string might start is held back until it cannot)."""
         prompt, tokenizer = self.task.prompt, self.tokenizer
         number = prompt.answers[self.beam.answer][1]
         eos = column == tokenizer.eos_id
-        text = "" if eos else tokenizer.decode([column], self.task.table)
+        self.text += "" if eos else self.task.text_of(tokenizer, column)
+        cut = self._stop_at()
         event = dict(logprob=logprob, top_logprobs=top, answer=number)
-        if eos and self.beam.answer + 1 == len(prompt.answers):
-            self.finish("stop", text, column, **event)
-        elif len(self.fed) >= self.request.options.max_new_tokens:
-            self.finish("length", text, column, **event)
-        else:
-            self.handle.emit(Event(column, text, **event))
-            self.beam = bee.advanced(self.beam, column, prompt, self.task.batch, tokenizer.eos_id, tokenizer.bos_id,
-                                     tokenizer.vocab_size)
+        ended = eos and self.beam.answer + 1 == len(prompt.answers)
+        if cut is not None or ended or len(self.fed) >= self.request.options.max_new_tokens:
+            reason = "stop" if cut is not None or ended else "length"
+            self.finish(reason, self.text[self.released:cut], column, **event)
+            return
+        safe = len(self.text) if eos else max(self.released, len(self.text) - self.hold)
+        self.handle.emit(Event(column, self.text[self.released:safe], **event))
+        self.released = safe
+        if eos:
+            self.text, self.released = "", 0
+        self.beam = bee.advanced(self.beam, column, prompt, self.task.batch, tokenizer.eos_id, tokenizer.bos_id,
+                                 tokenizer.vocab_size)
+
+    def _stop_at(self) -> int | None:
+        """Where the earliest stop string starts in the answer's text (only where it can be new)."""
+        start = max(0, self.released - self.hold)
+        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        return min(found) if found else None
 
 
 class Engine:

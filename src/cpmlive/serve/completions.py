@@ -271,18 +271,22 @@ STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
 # ---- building engine requests -------------------------------------------------------------------------
 
 
-def engine_requests(state: ServerState, prompts: list[str | list[int]], body: Sampling, adapter: str | None,
+def engine_requests(state: ServerState, prompts: list[str | list[int] | dict], body: Sampling, adapter: str | None,
                     logprobs: int | None, extra_stops: tuple[str, ...] = (),
                     stop_ids: frozenset[int] = frozenset()) -> tuple[list[Request], list[int]]:
     """``n`` requests per prompt (choice ``i * n + j``), and each prompt's token count. A prompt
-    given as ids (a chat template's) is taken as it is. ``max_tokens`` left out: the model's
-    ``max_new_tokens`` default, else OpenAI's 16, either within the model's positions."""
+    given as ids (a chat template's) is taken as it is, a text is encoded (a CPM-Bee model's goes
+    into its text-generation task), a CPM-Bee task (a rendered conversation) is filled. ``max_tokens``
+    left out: the model's ``max_new_tokens`` default, else OpenAI's 16, either within the model's positions."""
     lm = state.ready()
     requests, lengths = [], []
     constraint = body.constraint()
     for i, text in enumerate(prompts):
         try:
-            ids = text if isinstance(text, list) else lm.encode_for(text, adapter)
+            if lm.can("bee"):
+                ids = lm.prompt_request(text, GenerationConfig(max_new_tokens=1), adapter=adapter).ids
+            else:
+                ids = text if isinstance(text, list) else lm.encode_for(text, adapter)
         except CpmliveError as exc:
             raise ServerError(400, f"prompt: {exc}" if len(prompts) == 1 else f"prompt.{i}: {exc}",
                               param="prompt") from None
@@ -294,11 +298,12 @@ def engine_requests(state: ServerState, prompts: list[str | list[int]], body: Sa
             raise ServerError(400, f"max_tokens {max_tokens} with the prompt's {len(ids)} tokens exceeds the model's "
                               f"{lm.config.max_length - lm.config.prompt_length} positions: ask for at most "
                               f"{max(room, 0)}", param="max_tokens", code="context_length_exceeded")
+        source = text if lm.can("bee") else ids
         for j in range(body.n):
-            requests.append(lm.request(ids, body.options(max_tokens, i * body.n + j, lm.generation_defaults),
-                                       adapter=adapter, stop=body.stops() + extra_stops, logprobs=logprobs,
-                                       stop_ids=stop_ids, assistant=True if body.use_assistant_model else None,
-                                       constraint=constraint))
+            requests.append(lm.prompt_request(source, body.options(max_tokens, i * body.n + j, lm.generation_defaults),
+                                              adapter=adapter, stop=body.stops() + extra_stops, logprobs=logprobs,
+                                              stop_ids=stop_ids, assistant=True if body.use_assistant_model else None,
+                                              constraint=constraint))
     return requests, lengths
 
 
@@ -405,11 +410,11 @@ def router(state: ServerState) -> APIRouter:
         except CpmliveError as exc:
             raise ServerError(400, str(exc), param="messages") from None
         try:
-            ids = lm.encode_rendered(prompt, template)
+            rendered = prompt if isinstance(prompt, dict) else lm.encode_rendered(prompt, template)
         except CpmliveError as exc:
             raise ServerError(400, f"prompt: {exc}", param="prompt") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
-        requests, lengths = engine_requests(state, [ids], body, adapter, top, tuple(template.stop),
+        requests, lengths = engine_requests(state, [rendered], body, adapter, top, tuple(template.stop),
                                             getattr(template, "stop_ids", frozenset()))
         generations, admitted = state.start(requests)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -39,9 +39,9 @@ def page_text(name: str) -> str:
 
 
 def bee_first(state: ServerState) -> bool:
-    """A model that answers JSON tasks and does not generate text (CPM-Bee's): its playground
-    is the JSON-task page."""
-    return state.lm is not None and state.lm.can("bee") and not state.lm.can("generate")
+    """A model that answers JSON tasks (CPM-Bee's): its playground is the JSON-task page (its
+    text and dialogue tasks answer on the OpenAI routes)."""
+    return state.lm is not None and state.lm.can("bee")
 
 
 def links(state: ServerState) -> list[tuple[str, str]]:

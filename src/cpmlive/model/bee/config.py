@@ -31,6 +31,11 @@ class BeeConfig(StackConfig):
     key_order = ("vocab_size", "dim_model", "dim_ff", "num_layers", "num_heads", "dim_head", "dropout_p",
                  *positive_fields)
 
+    @property
+    def prompt_length(self) -> int:
+        """CPM-Bee has no soft prompt: a row is its task's tokens."""
+        return 0
+
     def validate(self) -> None:
         super().validate()
         if self.dim_model % 2:
