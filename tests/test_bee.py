@@ -223,6 +223,8 @@ def test_v1_bee_answers_and_refuses_bad_requests(lm):
         assert response.status_code == 400, response.text
         assert fragment in response.json()["error"]["message"]
     served = client.get("/v1/models").json()["data"][0]["id"]
+    completion = client.post("/v1/completions", json={"model": served, "prompt": "你好", "max_tokens": 2})
+    assert completion.status_code == 200 and completion.json()["choices"][0]["finish_reason"] in ("stop", "length")
     fill = client.post("/v1/fill", json={"text": "你好<mask>"})
     assert fill.status_code == 400 and "lm.bee" in fill.json()["error"]["message"]
 
