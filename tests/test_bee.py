@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import cpmlive
 from cpmlive.model.registry import preset
 from cpmlive.errors import CpmliveError
+from cpmlive.data.bee import batch_prompts, prompt_for, tree_arrays
 from cpmlive.infer.bee import fill_tasks
 from cpmlive.infer.engine import Request
 from cpmlive.infer.generate import GenerationConfig
@@ -295,3 +296,52 @@ def test_v1_bee_streams_each_answer_as_it_is_decoded(lm):
     assert [e["path"] for e in events if e.get("index") == 1 and "text" in e][0] in (["<mask_0>"], ["<mask_1>"])
     refused = client.post("/v1/bee", json={**body, "stream": True, "num_beams": 2})
     assert refused.status_code == 400 and "cannot stream" in refused.json()["error"]["message"]
+
+
+EXAMPLE = {"input": "北京是中国的首都", "prompt": "中翻英", "<ans>": "Beijing is the capital of China."}
+OPTION_EXAMPLE = {"input": "你好", "options": {"<option_0>": "hi", "<option_1>": "bye"}, "<ans>": "<option_0>"}
+
+
+def test_in_context_examples_are_packed_as_the_originals_pretraining_packs_them(lm):
+    """Example k follows the task as sample k: all context, its answer without </s>, segments
+    from its own root, its relation table appended at its offset, the ext table carried on."""
+    tokenizer = lm.tokenizer
+    alone = prompt_for(tokenizer, TRANSLATE)
+    prompt = prompt_for(tokenizer, TRANSLATE, [EXAMPLE, OPTION_EXAMPLE])
+    first, second = tree_arrays(tokenizer, EXAMPLE), tree_arrays(tokenizer, OPTION_EXAMPLE)
+    n, a, b = len(alone.ids), len(first.ids), len(second.ids)
+    assert prompt.ids == alone.ids + first.ids + second.ids and first.ids[-1] != tokenizer.eos_id
+    assert prompt.sample_ids == [0] * n + [1] * a + [2] * b
+    offsets = [0, alone.num_segments ** 2, alone.num_segments ** 2 + first.num_segments ** 2]
+    assert prompt.rel_offsets == [offsets[0]] * n + [offsets[1]] * a + [offsets[2]] * b
+    assert prompt.segments == alone.segments + first.segments + second.segments
+    assert prompt.segment_counts == [alone.num_segments] * n + [first.num_segments] * a + [second.num_segments] * b
+    assert torch.equal(prompt.segment_rel, torch.cat([alone.segment_rel, first.segment_rel, second.segment_rel]))
+    assert "<option_1>" in prompt.extras.values()
+    batch = batch_prompts([prompt], tokenizer.vocab_size)
+    assert batch.inputs["context"].all() and batch.inputs["position"][0].tolist() == list(range(n + a + b))
+    # the task reads the examples; an example reads only itself (the same states whatever the task says)
+    other = prompt_for(tokenizer, {**TRANSLATE, "input": "上海是一个很大的城市"}, [EXAMPLE, OPTION_EXAMPLE])
+    with torch.inference_mode():
+        hidden = [lm.model(**batch_prompts([p], tokenizer.vocab_size).inputs)[0] for p in (prompt, other, alone)]
+    assert torch.allclose(hidden[0][n:], hidden[1][len(other.ids) - a - b:], atol=1e-5)
+    assert not torch.allclose(hidden[0][:n], hidden[2], atol=1e-3)
+
+
+def test_examples_in_the_batch_the_job_the_cli_and_the_server(checkpoint, lm):
+    config = GenerationConfig(max_new_tokens=10)
+    expected = fill_tasks(lm.model, lm.tokenizer, [TRANSLATE, FILL], config, [EXAMPLE, OPTION_EXAMPLE])[0]
+    assert lm.bee([TRANSLATE, FILL], max_new_tokens=10, examples=[EXAMPLE, OPTION_EXAMPLE]) == expected
+    assert expected != fill_tasks(lm.model, lm.tokenizer, [TRANSLATE, FILL], config)[0]
+    result = run("bee", checkpoint, json.dumps(TRANSLATE), "--example", json.dumps(EXAMPLE), "--example",
+                 json.dumps(OPTION_EXAMPLE), "--max-new-tokens", "10", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout) == expected[0]
+    assert_clean_error(run("bee", checkpoint, json.dumps(TRANSLATE), "--example", json.dumps(TRANSLATE)),
+                       "--example 1: an in-context example shows its answer")
+    client = TestClient(create_app(lm))
+    answer = client.post("/v1/bee", json={"tasks": [TRANSLATE, FILL], "max_tokens": 10,
+                                          "examples": [EXAMPLE, OPTION_EXAMPLE]}).json()
+    assert answer["results"] == expected
+    refused = client.post("/v1/bee", json={"task": TRANSLATE, "examples": [TRANSLATE]})
+    assert refused.status_code == 400 and "shows its answer" in refused.json()["error"]["message"]

@@ -280,12 +280,14 @@ class LM:
     # ---- CPM-Bee JSON tasks -------------------------------------------------------------------
 
     def bee(self, task: dict | str | Sequence[dict | str], max_new_tokens: int = 64,
-            adapter: str | None | bool = True, **kwargs: object) -> dict | list[dict]:
+            adapter: str | None | bool = True, examples: Sequence[dict] = (), **kwargs: object) -> dict | list[dict]:
         """Fill every ``<ans>`` leaf of a CPM-Bee task (a dict, or its JSON text), or of each
         task of a list. Decoding options as for ``generate`` (``num_beams``, ``do_sample``,
         ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``: a seeded list
         gives task ``i`` the seed ``seed + i``); ``max_new_tokens`` counts every decoding step,
         the ``</s>`` between answers included. A leaf decoding never reaches is ``None``.
+        ``examples``: filled tasks each task reads in context first (few-shot, as CPM-Bee's
+        pretraining packs them: :func:`cpmlive.data.bee.prompt_for`).
 
         Greedy and sampled tasks join the engine's continuous batch, one request each (see
         :meth:`bee_request`); beam search (and greedy with a ``length_penalty`` other than 1,
@@ -299,11 +301,13 @@ class LM:
                  for i, item in enumerate(items)]
         options = GenerationConfig.from_kwargs(max_new_tokens=max_new_tokens, **kwargs)
         if self._bee_in_batch(options):
-            handles = [self.engine.submit(self.bee_request(t, options, i, adapter)) for i, t in enumerate(tasks)]
+            handles = [self.engine.submit(self.bee_request(t, options, i, adapter, examples=examples))
+                       for i, t in enumerate(tasks)]
             results = [self.bee_result(handle) for handle in handles]
         else:
             with self.using(self.active if adapter is True else adapter):
-                results, _ = self.engine.call(fill_tasks, self.model, self.tokenizer, tasks, options).result()
+                results, _ = self.engine.call(fill_tasks, self.model, self.tokenizer, tasks, options,
+                                              examples).result()
         return results[0] if single else results
 
     def _bee_in_batch(self, options: GenerationConfig) -> bool:
@@ -311,11 +315,13 @@ class LM:
             and not self.engine.is_driving()
 
     def bee_request(self, task: dict, options: GenerationConfig, index: int = 0,
-                    adapter: str | None | bool = True, plain: bool = False, **fields: Any) -> Request:
-        """An engine request that fills ``task`` (checked) in the continuous batch; ``plain``:
-        its answer is text for people (``<`` unescaped), as a completion's or a chat reply's."""
+                    adapter: str | None | bool = True, plain: bool = False, examples: Sequence[dict] = (),
+                    **fields: Any) -> Request:
+        """An engine request that fills ``task`` (checked, after its in-context ``examples``) in
+        the continuous batch; ``plain``: its answer is text for people (``<`` unescaped), as a
+        completion's or a chat reply's."""
         prepared = prepare_task(self.tokenizer, check_task(task, "task"), self.model.input_embedding.weight.device,
-                                plain)
+                                plain, examples)
         self._check_length(len(prepared.prompt.ids), options.max_new_tokens)
         return self.request(prepared.prompt.ids, options, index, adapter=adapter, task=prepared,
                             **{"assistant": None, **fields})

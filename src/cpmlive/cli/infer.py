@@ -97,6 +97,9 @@ def add_bee(verbs: Verbs) -> None:
     bee.add_argument("task", nargs="?", help="the task as JSON, e.g. "
                      '\'{"input": "...", "prompt": "中翻英", "<ans>": ""}\', or - to read stdin')
     bee.add_argument("--file", help="read the task (one JSON object, or one per line) from a UTF-8 file")
+    bee.add_argument("--example", action="append", default=[], metavar="JSON",
+                     help="an in-context example every task reads first: a task with its <ans> filled "
+                     "(repeat for several; CPM-Bee's pretraining packs them so)")
     add_decoding_flags(bee, default_new_tokens=64)
     bee.add_argument("--batch-size", type=positive_int, default=8, help="tasks decoded together")
     bee.add_argument("--json", action="store_true", help="print each filled object as one line of JSON")
@@ -128,11 +131,15 @@ def bee_tasks(args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_bee(args: argparse.Namespace) -> None:
+    from cpmlive.data.bee_json import check_example, parse_task
+
     tasks = bee_tasks(args)
+    examples = [check_example(parse_task(text, f"--example {n}"), f"--example {n}")
+                for n, text in enumerate(args.example, 1)]
     lm = load_lm(args)
     kwargs = generation_kwargs(args)
     for start in range(0, len(tasks), args.batch_size):
-        for filled in lm.bee(tasks[start:start + args.batch_size], **kwargs):
+        for filled in lm.bee(tasks[start:start + args.batch_size], examples=examples, **kwargs):
             text = json.dumps(filled, ensure_ascii=False, indent=None if args.json else 2)
             print(text, flush=True)
 

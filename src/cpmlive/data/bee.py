@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from cpmlive.data.bee_json import ANSWER_KEY, MAX_DEPTH, check_task, parse_task
+from cpmlive.data.bee_json import ANSWER_KEY, MAX_DEPTH, check_example, check_task, parse_task
 from cpmlive.errors import CpmliveError
 from cpmlive.tokenizer.bee import BeeTokenizer
 
@@ -171,6 +171,11 @@ class Prompt:
     answers: list[tuple[int, int]]
     paths: list[list[str]]
     extras: dict[tuple[int, int], str]
+    # With in-context examples, per token: its sample (0 the task, k the k-th example), where its
+    # sample's relation table starts in ``segment_rel``, and its sample's segment count.
+    sample_ids: list[int] = field(default_factory=list)
+    rel_offsets: list[int] = field(default_factory=list)
+    segment_counts: list[int] = field(default_factory=list)
 
 
 def _placeholders(value: Any, path: list[str], paths: list[list[str]]) -> Any:
@@ -180,8 +185,13 @@ def _placeholders(value: Any, path: list[str], paths: list[list[str]]) -> Any:
     return f"<ans_{len(paths)}>"
 
 
-def prompt_for(tokenizer: BeeTokenizer, data: dict) -> Prompt:
-    """Decoding inputs of one task, as the original's ``_convert_to_tensors`` builds them."""
+def prompt_for(tokenizer: BeeTokenizer, data: dict, examples: Sequence[dict] = ()) -> Prompt:
+    """Decoding inputs of one task, as the original's ``_convert_to_tensors`` builds them, with
+    its in-context ``examples`` (filled tasks) after it as the original's pretraining packs them:
+    example ``k`` is sample ``k``, all context, its answers without ``</s>``, its segments counted
+    from its own root, its relation table appended (``segment_rel_offset``), the ext tables carried
+    on; positions run on over the whole row. The task's tokens see the examples; an example sees
+    only itself (the model's sample mask)."""
     check_task(data)
     paths: list[list[str]] = []
     marked = dict(data)
@@ -201,13 +211,25 @@ def prompt_for(tokenizer: BeeTokenizer, data: dict) -> Prompt:
             answers.append((segment, answer_of_sub[sub]))
     if not answers:
         raise CpmliveError("no answer to predict: the <ans> field holds an empty object")
+    table, subs_of, relations = tree.ext_table, tree.token_id_table, [tree.segment_rel]
+    samples = [0] * len(ids), [0] * len(ids), [tree.num_segments] * len(ids)
+    for number, example in enumerate(examples, 1):
+        check_example(example, f"example {number}")
+        shown = tree_arrays(tokenizer, example, ext_table=table, token_id_table=subs_of)
+        table, subs_of = shown.ext_table, shown.token_id_table
+        ids, subs, segments = ids + shown.ids, subs + shown.subs, segments + shown.segments
+        for column, value in zip(samples, (number, sum(map(len, relations)), shown.num_segments)):
+            column += [value] * len(shown.ids)
+        relations.append(shown.segment_rel)
     extras = {}
-    for name, mapping in tree.token_id_table.items():
+    for name, mapping in subs_of.items():
         if name == ANSWER_KEY:
             continue
         for fake, sub in mapping.items():
-            extras[(tokenizer.encoder[name], sub)] = tree.ext_table[fake]
-    return Prompt(data, ids, subs, segments, tree.segment_rel, tree.num_segments, answers, paths, extras)
+            extras[(tokenizer.encoder[name], sub)] = table[fake]
+    sample_ids, offsets, counts = samples if examples else ([], [], [])
+    return Prompt(data, ids, subs, segments, torch.cat(relations), tree.num_segments, answers, paths, extras,
+                  sample_ids, offsets, counts)
 
 
 @dataclass
@@ -247,15 +269,15 @@ def batch_prompts(prompts: list[Prompt], vocab_size: int, device: torch.device |
         "input_sub": tensor([padded(p.subs, width) for p in prompts]),
         "position": tensor([padded(list(range(len(p.ids))), width) for p in prompts]),
         "segment": tensor([padded(p.segments, width) for p in prompts]),
-        "num_segments": tensor([padded([p.num_segments] * len(p.ids), width) for p in prompts]),
+        "num_segments": tensor([padded(p.segment_counts or [p.num_segments] * len(p.ids), width) for p in prompts]),
         "segment_rel": torch.stack([torch.nn.functional.pad(p.segment_rel, (0, rel_width - len(p.segment_rel)))
                                     for p in prompts]).to(device),
     }
     batch = len(prompts)
     inputs["context"] = inputs["num_segments"] != 0
     inputs["valid"] = inputs["context"].clone()
-    inputs["sample_ids"] = torch.zeros(batch, width, dtype=torch.int32, device=device)
-    inputs["segment_rel_offset"] = torch.zeros(batch, width, dtype=torch.int32, device=device)
+    inputs["sample_ids"] = tensor([padded(p.sample_ids or [0] * len(p.ids), width) for p in prompts])
+    inputs["segment_rel_offset"] = tensor([padded(p.rel_offsets or [0] * len(p.ids), width) for p in prompts])
     inputs["span"] = torch.zeros(batch, width, dtype=torch.int32, device=device)
     pairs = sorted(columns.items(), key=lambda item: item[1])
     ext_ids = torch.tensor([base for (base, _), _ in pairs] or [0], dtype=torch.int32, device=device)
@@ -394,5 +416,5 @@ def blank_answers(data: dict) -> dict:
 
 
 __all__ = ["ANSWER_KEY", "Example", "MAX_DEPTH", "Prompt", "PromptBatch", "TreeArrays", "batch_prompts",
-           "blank_answers", "check_task", "filled", "pack", "parse_task", "prompt_for", "training_example",
-           "tree_arrays"]
+           "blank_answers", "check_example", "check_task", "filled", "pack", "parse_task", "prompt_for",
+           "training_example", "tree_arrays"]

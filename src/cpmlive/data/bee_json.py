@@ -50,4 +50,17 @@ def check_task(obj: Any, where: str = "input") -> dict:
     return obj
 
 
-__all__ = ["ANSWER_KEY", "MAX_DEPTH", "check_task", "parse_task"]
+def check_example(obj: Any, where: str = "example") -> dict:
+    """An in-context example: a task whose ``<ans>`` leaves are filled (it shows its answer)."""
+    check_task(obj, where)
+
+    def leaves(value: Any) -> list[str]:
+        return [leaf for child in value.values() for leaf in leaves(child)] if isinstance(value, dict) else [value]
+
+    answers = leaves(obj[ANSWER_KEY])
+    if not answers or not all(answer.strip() for answer in answers):
+        raise CpmliveError(f"{where}: an in-context example shows its answer: fill every <ans> leaf")
+    return obj
+
+
+__all__ = ["ANSWER_KEY", "MAX_DEPTH", "check_example", "check_task", "parse_task"]

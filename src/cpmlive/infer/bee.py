@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -91,6 +92,12 @@ def _prefill(model: CpmBee, batch: PromptBatch, rows: int, capacity: int) -> Bee
     return cache
 
 
+def _task_segments(prompts: list[Prompt], device: torch.device) -> Tensor:
+    """``[tasks, 1]``: each task's own segment count, which its answers' relations index by (the
+    row's last token may be an in-context example's)."""
+    return torch.tensor([[prompt.num_segments] for prompt in prompts], dtype=torch.int32, device=device)
+
+
 def _step(model: CpmBee, cache: BeeCache, batch: PromptBatch, beams: list[Beam], num_segments: Tensor) -> Tensor:
     device = num_segments.device
 
@@ -127,7 +134,7 @@ def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], c
     device = model.input_embedding.weight.device
     tasks, rows = len(prompts), len(prompts) * width
     cache = _prefill(model, batch, rows, batch.inputs["input_ids"].size(1) + config.max_new_tokens)
-    num_segments = batch.inputs["num_segments"][:, -1:].repeat_interleave(width, dim=0)
+    num_segments = _task_segments(prompts, device).repeat_interleave(width, dim=0)
     states = [[Beam(0, [], tokenizer.bos_id, 0, p.answers[0][0], 0) for _ in range(width)] for p in prompts]
     scores = torch.full((tasks, width), -1e9, device=device)
     scores[:, 0] = 0
@@ -186,7 +193,7 @@ def sample_answers(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt]
     device = model.input_embedding.weight.device
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     cache = _prefill(model, batch, len(prompts), batch.inputs["input_ids"].size(1) + config.max_new_tokens)
-    num_segments = batch.inputs["num_segments"][:, -1:]
+    num_segments = _task_segments(prompts, device)
     beams = [Beam(0, [], tokenizer.bos_id, 0, p.answers[0][0], 0) for p in prompts]
     results: list[list[tuple[int, int]] | None] = [None] * len(prompts)
     fed: list[list[int]] = [[] for _ in prompts]
@@ -238,8 +245,9 @@ class Task:
         return Beam(0, [], bos_id, 0, self.prompt.answers[0][0], 0)
 
 
-def prepare_task(tokenizer: BeeTokenizer, task: dict, device: torch.device | str = "cpu", plain: bool = False) -> Task:
-    prompt = prompt_for(tokenizer, task)
+def prepare_task(tokenizer: BeeTokenizer, task: dict, device: torch.device | str = "cpu", plain: bool = False,
+                 examples: Sequence[dict] = ()) -> Task:
+    prompt = prompt_for(tokenizer, task, examples)
     batch = batch_prompts([prompt], tokenizer.vocab_size, device)
     return Task(prompt, batch, barred_columns(batch, 1, tokenizer.unk_id, tokenizer.vocab_size)[0], plain)
 
@@ -321,11 +329,12 @@ def text_loss(model: CpmBee, tokenizer: BeeTokenizer, texts: list[str], batch_ro
             "chars": chars, "tokens": int(tokens), "documents": len(texts)}
 
 
-def fill_tasks(model: CpmBee, tokenizer: BeeTokenizer, tasks: list[dict], config: GenerationConfig
-               ) -> tuple[list[dict], list[list[tuple[int, int]]]]:
+def fill_tasks(model: CpmBee, tokenizer: BeeTokenizer, tasks: list[dict], config: GenerationConfig,
+               examples: Sequence[dict] = ()) -> tuple[list[dict], list[list[tuple[int, int]]]]:
     """Every task with its ``<ans>`` leaves filled (a leaf decoding never reached is null), and
-    the raw ``(output column, answer number)`` pairs of each."""
-    prompts = [prompt_for(tokenizer, task) for task in tasks]
+    the raw ``(output column, answer number)`` pairs of each; ``examples``: filled tasks every
+    task reads in context (``data.bee.prompt_for``)."""
+    prompts = [prompt_for(tokenizer, task, examples) for task in tasks]
     batch = batch_prompts(prompts, tokenizer.vocab_size, model.input_embedding.weight.device)
     decode = sample_answers if config.do_sample else beam_search
     results = decode(model, tokenizer, prompts, config, batch)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Iterator
 from fastapi import Request as HttpRequest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from cpmlive.data.bee import ANSWER_KEY, MAX_DEPTH, check_task
+from cpmlive.data.bee import ANSWER_KEY, MAX_DEPTH, check_example, check_task
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion
 from cpmlive.infer.generate import GenerationConfig
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from cpmlive.api import LM
 
 MAX_TASKS = 16
+MAX_EXAMPLES = 8
 MAX_BEE_TOKENS = 512
 MAX_TASK_CHARS = 20_000  # a task's keys and values together, as /v1/completions bounds a prompt
 MAX_TASK_KEYS = 512  # each key is a segment (2+ tokens) and the relation table is the segments' square
@@ -97,6 +98,8 @@ class BeeRequest(BaseModel):
     seed: Integer | None = Field(None, ge=0, le=2**32 - 1)
     adapter: str | None = Field(None, max_length=MAX_NAME_CHARS)
     stream: bool = Field(False, description="send each answer's text as it is decoded (server-sent events)")
+    examples: list[BeeTask] = Field([], max_length=MAX_EXAMPLES, description="in-context examples every task reads "
+                                    "first: tasks with their <ans> filled")
 
     @model_validator(mode="after")
     def one_of(self) -> "BeeRequest":
@@ -104,6 +107,11 @@ class BeeRequest(BaseModel):
             raise ValueError("give either task (one object) or tasks (a list of objects)")
         if self.temperature > 0 and self.num_beams > 1:
             raise ValueError("sampling (temperature > 0) and num_beams > 1 do not combine")
+        for number, example in enumerate(self.examples):
+            try:
+                check_example(example, f"examples.{number}")
+            except CpmliveError as exc:
+                raise ValueError(str(exc)) from None
         if self.stream and self.num_beams > 1:
             raise ValueError("beam search cannot stream (its best hypothesis is known only at the end)")
         return self
@@ -137,7 +145,7 @@ def answers_for(lm: LM, request: BeeRequest) -> dict[str, Any]:
     """Beam search: the tasks as one job."""
     check_adapter(lm, request.adapter)
     with holding(lm, request.adapter):
-        filled = lm.bee(request.task_list, request.max_tokens, **request.options())
+        filled = lm.bee(request.task_list, request.max_tokens, examples=request.examples, **request.options())
     return answer_of(request, filled)
 
 
@@ -151,7 +159,8 @@ async def answers_in_batch(state: ServerState, body: BeeRequest, http: HttpReque
     lm = state.ready()
     check_adapter(lm, body.adapter)
     options = GenerationConfig.from_kwargs(max_new_tokens=body.max_tokens, **body.options())
-    requests = [lm.bee_request(task, options, index, adapter=body.adapter) for index, task in enumerate(body.task_list)]
+    requests = [lm.bee_request(task, options, index, adapter=body.adapter, examples=body.examples)
+                for index, task in enumerate(body.task_list)]
     start = time.perf_counter()
     generations, admitted = state.start(requests)
     if body.stream:
