@@ -345,3 +345,45 @@ def test_examples_in_the_batch_the_job_the_cli_and_the_server(checkpoint, lm):
     assert answer["results"] == expected
     refused = client.post("/v1/bee", json={"task": TRANSLATE, "examples": [TRANSLATE]})
     assert refused.status_code == 400 and "shows its answer" in refused.json()["error"]["message"]
+
+
+CALIBRATION = ["要插入图片，请选择「插入」菜单中的「图像」命令。", "选择要设置格式的文本，然后单击「格式」菜单。",
+               "Select the text that you want to format.", "Choose Format - Character to open the dialog.",
+               "在「文件」菜单中选择「保存」，然后输入文件名。", "To save a document, choose File - Save.",
+               "单击「工具」菜单中的「选项」，可以更改默认设置。", "Opens the context menu of the current document.",
+               "在表格中插入新的行或列。", "Inserts a new row or column into the table."]
+
+
+def test_gptq_and_awq_calibrate_cpm_bee_and_qlora_tunes_the_codes(tmp_path):
+    """int4 codes of bee-demo fitted on text tasks: GPTQ reads its calibration text better than
+    round to nearest does; a LoRA adapter trains over the frozen codes (QLoRA)."""
+    from cpmlive.compress.quantize import quantize_checkpoint
+    from cpmlive.config import QuantConfig
+    from cpmlive.infer.bee import text_loss
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(CALIBRATION) + "\n", encoding="utf-8")
+    bits = {}
+    for method in ("rtn", "gptq", "awq"):
+        out = quantize_checkpoint("bee-demo", tmp_path / method, QuantConfig(bits=4, group_size=32, method=method),
+                                  calibration=None if method == "rtn" else text, progress=False)
+        quantized = cpmlive.load(out)
+        if method != "rtn":
+            assert quantized.model.config.quantization.calibration["rows"] >= 1
+        bits[method] = text_loss(quantized.model, quantized.tokenizer, CALIBRATION)["bits_per_char"]
+    base = cpmlive.load("bee-demo")
+    bits["float"] = text_loss(base.model, base.tokenizer, CALIBRATION)["bits_per_char"]
+    assert bits["float"] < bits["gptq"] < bits["rtn"] and bits["awq"] < bits["rtn"] * 1.01, bits
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [EXAMPLE, OPTION_EXAMPLE] * 6),
+                    encoding="utf-8")
+    result = run("finetune", "--model", tmp_path / "gptq", "--data", data, "--eval", data, "--out", tmp_path / "run",
+                 "max_steps=20", "batch_size=4", "lr=0.02", "eval_every=10", "save_every=10", "progress=false")
+    assert result.returncode == 0, result.stderr.decode()
+    losses = [r["val_loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r.get("type") == "eval"]
+    assert losses[-1] < losses[0]
+    tuned = cpmlive.load(tmp_path / "gptq", adapter=tmp_path / "run" / "best")
+    layer = tuned.model.layers[0].attn.project_q
+    assert type(layer).__name__ == "LoraQuantizedLinear" and layer.weight.dtype == torch.uint8
+    assert tuned.bee(EXAMPLE | {"<ans>": ""}, max_new_tokens=12)["<ans>"]

@@ -158,12 +158,12 @@ def test_small_calibration_text_is_warned_with_its_real_size():
     assert rows == [list(range(10))]
 
 
-def test_gptq_on_cpm_bee_is_refused_as_cpm_ants(tmp_path, capsys):
+def test_gptq_on_cpm1_is_refused_naming_the_families_that_calibrate(tmp_path, capsys):
     calibration = tmp_path / "cal.txt"
     calibration.write_text("北京是中国的首都。\n", encoding="utf-8")
-    code = main(["quantize", "bee-demo", str(tmp_path / "q"), "--bits", "8", "--method", "gptq",
+    code = main(["quantize", "cpm1-demo", str(tmp_path / "q"), "--bits", "8", "--method", "gptq",
                  "--calibration", str(calibration)])
-    refusal = "GPTQ/AWQ calibration is CPM-Ant or Llama-family's (CPM-Bee: use --method rtn)"
+    refusal = "GPTQ/AWQ calibration is CPM-Ant, CPM-Bee or Llama-family's (CPM-1: use --method rtn)"
     assert code == 2 and refusal in error_line(capsys)
     assert not (tmp_path / "q").exists()
 

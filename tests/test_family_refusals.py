@@ -51,7 +51,7 @@ GPTQ = [{"quantize": {"bits": 4, "group_size": 64, "method": "gptq"}}]
     ("bee-demo", SPARSE24, "CPM-Bee cannot be trained on a token store"),
     ("bee-demo", QAT, "CPM-Bee cannot be trained on a token store"),
     ("cpm1-demo", GPTQ, "CPM-1 cannot be quantized with calibration"),
-    ("bee-demo", GPTQ, "CPM-Bee cannot be quantized with calibration"),
+    ("bee-demo", GPTQ, "CPM-Bee cannot be trained on a token store"),  # (quantize --calibration FILE does it)
 ])
 def test_a_compress_step_the_family_cannot_do_is_one_line_exit_2(model, steps, refusal, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
@@ -117,8 +117,9 @@ def test_the_calibration_refusal_names_every_family_that_calibrates(tmp_path, mo
     from cpmlive.compress.quantize import quantize_checkpoint
     from cpmlive.config import QuantConfig
 
-    entries = {model_type: dataclasses.replace(kind, abilities=kind.abilities | {"calibrate"})
-               if kind.name == "CPM-1" else kind for model_type, kind in registry.families().items()}
+    changed = {"CPM-1": lambda abilities: abilities | {"calibrate"}, "CPM-Bee": lambda abilities: abilities - {"calibrate"}}
+    entries = {model_type: dataclasses.replace(kind, abilities=changed[kind.name](kind.abilities))
+               if kind.name in changed else kind for model_type, kind in registry.families().items()}
     monkeypatch.setattr(registry, "families", lambda: entries)
     config = QuantConfig(bits=4, group_size=64, method="gptq")
     refusal = r"GPTQ/AWQ calibration is CPM-Ant, CPM-1 or Llama-family's \(CPM-Bee: use --method rtn\)"

@@ -207,7 +207,8 @@ def abilities_needed(step: dict[str, Any]) -> list[str]:
     """The family abilities (:data:`cpmlive.model.registry.ABILITIES`) a step needs of its model."""
     kind = CompressRecipe.kind(step)
     if kind == "quantize":
-        return [] if step_settings(step).method == "rtn" else ["calibrate"]
+        # a recipe calibrates on rows of its token store, which only "retrain" families read
+        return [] if step_settings(step).method == "rtn" else ["calibrate", "retrain"]
     return [{"prune": "prune", "moefy": "moefy"}.get(kind, "retrain")]
 
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cpmlive.config import QuantConfig
+from cpmlive.data.bee import text_batches
 from cpmlive.data.layout import GENERATION, PromptBatch, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.utils import check_output, replace_submodule
@@ -430,11 +431,15 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
         if vocab is None:
             raise CpmliveError(f"{src}: no {kind.vocab_name} to tokenize the calibration text with")
         tokenizer = kind.tokenizer.from_file(vocab)
-        rows = calibration_rows((tokenizer.encode(line) for line in lines), samples, sample_tokens)
-        batches = calibration_batches(rows, tokenizer.bos_id, model.config.prompt_length)
+        if kind.can("bee"):  # CPM-Bee reads tasks: each line the answer of a text task
+            batches = text_batches(tokenizer, lines, samples, sample_tokens)
+            count = sum(int(batch.valid.size(0)) for batch in batches)
+        else:
+            rows = calibration_rows((tokenizer.encode(line) for line in lines), samples, sample_tokens)
+            batches, count = calibration_batches(rows, tokenizer.bos_id, model.config.prompt_length), len(rows)
         config = dataclasses.replace(config, calibration={
             "file": Path(calibration).name, "sha256": hashlib.sha256(Path(calibration).read_bytes()).hexdigest(),
-            "rows": len(rows), "tokens_per_row": sample_tokens})
+            "rows": count, "tokens_per_row": sample_tokens})
     elif config.method != "rtn":
         raise CpmliveError(f"method {config.method} needs calibration text: pass --calibration FILE")
     bar = tqdm(total=len(model.layers), desc=f"quantize {config.scheme} {config.method}", unit="layer",

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from cpmlive.data.bee_json import ANSWER_KEY, MAX_DEPTH, check_example, check_task, parse_task
 from cpmlive.errors import CpmliveError
-from cpmlive.tokenizer.bee import BeeTokenizer
+from cpmlive.tokenizer.bee import BeeTokenizer, escape
 
 class Shuffler(Protocol):
     """``random.Random`` or ``numpy.random.RandomState`` (the original shuffles with numpy)."""
@@ -394,6 +394,48 @@ def pack(examples: list[Example], length: int, vocab_size: int,
     return {name: tensor.to(device) for name, tensor in out.items()}
 
 
+MODEL_INPUTS = ("input_ids", "input_sub", "context", "segment", "segment_rel", "num_segments", "valid", "span",
+                "sample_ids", "segment_rel_offset", "position")  # what of a packed batch the model reads
+
+
+@dataclass
+class PackedBatch:
+    """Packed rows (:func:`pack`) as a batch to run the model on: ``valid`` marks the positions
+    that hold tokens (what calibration reads), ``as_inputs()`` the model's keyword inputs."""
+
+    tensors: dict[str, Tensor]
+
+    @property
+    def valid(self) -> Tensor:
+        return self.tensors["valid"]
+
+    def as_inputs(self) -> dict[str, Tensor]:
+        return {name: self.tensors[name] for name in MODEL_INPUTS}
+
+
+def text_batches(tokenizer: BeeTokenizer, lines: Sequence[str], rows: int, length: int,
+                 batch_rows: int = 8) -> list[PackedBatch]:
+    """At most ``rows`` rows of ``length`` positions of text, each line the answer of
+    ``{"<ans>": line}`` (what the bilingual demo pretrains on; a line too long is cut to fit),
+    best-fit packed, in batches of ``batch_rows``: the text GPTQ and AWQ fit a CPM-Bee model's
+    codes to."""
+    examples = []
+    for line in lines:
+        example = training_example(tokenizer, {ANSWER_KEY: escape(line)})
+        while len(example) > length and len(line) > 1:
+            line = line[:max(1, len(line) * length // len(example) - 1)]
+            example = training_example(tokenizer, {ANSWER_KEY: escape(line)})
+        if len(example) <= length:
+            examples.append(example)
+    if not examples:
+        raise CpmliveError("the calibration text has no line that fits a row")
+    packed = pack(examples, length, tokenizer.vocab_size)
+    kept = {name: tensor[:rows] if tensor.dim() == 2 else tensor for name, tensor in packed.items()}
+    count = kept["valid"].size(0)
+    return [PackedBatch({name: tensor[start:start + batch_rows] if tensor.dim() == 2 else tensor
+                         for name, tensor in kept.items()}) for start in range(0, count, batch_rows)]
+
+
 def answers_of(data: dict) -> Iterator[tuple[list[str], str]]:
     """Every answer leaf of a filled task with its path inside ``<ans>``."""
     def walk(value: Any, path: list[str]) -> Iterator[tuple[list[str], str]]:
@@ -415,6 +457,7 @@ def blank_answers(data: dict) -> dict:
     return out
 
 
-__all__ = ["ANSWER_KEY", "Example", "MAX_DEPTH", "Prompt", "PromptBatch", "TreeArrays", "batch_prompts",
+__all__ = ["ANSWER_KEY", "Example", "MAX_DEPTH", "MODEL_INPUTS", "PackedBatch", "Prompt", "PromptBatch", "TreeArrays",
+           "batch_prompts", "text_batches",
            "blank_answers", "check_example", "check_task", "filled", "pack", "parse_task", "prompt_for",
            "training_example", "tree_arrays"]

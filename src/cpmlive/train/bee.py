@@ -15,15 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cpmlive.data.bee import IGNORE, Example, pack, training_example
+from cpmlive.data.bee import IGNORE, MODEL_INPUTS, Example, pack, training_example
 from cpmlive.model.bee.model import CpmBee
 from cpmlive.tokenizer.bee import BeeTokenizer
 from cpmlive.train.checkpoints import TRAINER_STATE, read_trainer_state, resume_point, write_checkpoint
 from cpmlive.train.core import (Schedule, adamw, decay_groups, learning_rate, progress_bar, restore_optimizer,
                                 rng_state, set_learning_rate, set_rng_state)
 
-MODEL_INPUTS = ("input_ids", "input_sub", "context", "segment", "segment_rel", "num_segments", "valid", "span",
-                "sample_ids", "segment_rel_offset", "position")
 
 
 def batch_loss(model: CpmBee, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
