@@ -117,7 +117,8 @@ def test_the_calibration_refusal_names_every_family_that_calibrates(tmp_path, mo
     from cpmlive.compress.quantize import quantize_checkpoint
     from cpmlive.config import QuantConfig
 
-    changed = {"CPM-1": lambda abilities: abilities | {"calibrate"}, "CPM-Bee": lambda abilities: abilities - {"calibrate"}}
+    changed = {"CPM-1": lambda abilities: abilities | {"calibrate"},
+               "CPM-Bee": lambda abilities: abilities - {"calibrate"}}
     entries = {model_type: dataclasses.replace(kind, abilities=changed[kind.name](kind.abilities))
                if kind.name in changed else kind for model_type, kind in registry.families().items()}
     monkeypatch.setattr(registry, "families", lambda: entries)
