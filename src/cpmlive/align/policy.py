@@ -1,9 +1,11 @@
-"""What the alignment recipes ask of a CPM-Ant model: per-token log-probabilities of a
-completion given its prompt, the hidden state a scalar head reads, and sampled rollouts.
+"""What the alignment recipes ask of a model: per-token log-probabilities of a completion given
+its prompt, the hidden state a scalar head reads, and sampled rollouts.
 
 A (prompt, completion) pair is laid out as fine-tuning lays it out (``tune.task``): the prompt
 is bidirectional context and the completion is predicted left to right, so log-probabilities
-here are exactly what ``generate`` samples from after prefilling the same prompt.
+here are exactly what ``generate`` samples from after prefilling the same prompt. A CPM-Bee pair
+is a filled task (a :class:`~cpmlive.data.bee.Example`, its answers the completion), laid out as
+its training reads it (:func:`answer_scores`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cpmlive.data.bee import IGNORE, MODEL_INPUTS, Example, pack
 from cpmlive.data.layout import GENERATION, TEXT_SEGMENT, build_batch
 from cpmlive.model.stack import Transformer
 from cpmlive.tune import delta as deltas
@@ -90,10 +93,35 @@ class ScalarHead(nn.Module):
         return self.score(hidden.float())[..., 0]
 
 
+def answer_scores(model: Transformer, examples: Sequence[Example]) -> tuple[Tensor, Tensor, Tensor]:
+    """Of each filled CPM-Bee task: its answers' summed log-probability (every answer token and
+    ``</s>``, as training scores them), their count, and the hidden state at the last of them
+    (it reads the task and every answer token)."""
+    device = model.input_embedding.weight.device
+    batch = pack(list(examples), max(map(len, examples)), model.config.vocab_size, device, in_order=True)
+    hidden = model(**{name: batch[name] for name in MODEL_INPUTS})
+    targets = batch["target"].long()
+    chosen = targets != IGNORE
+    logits = model.logits(hidden[chosen], batch["ext_ids"], batch["ext_subs"]).float()
+    logprobs = F.log_softmax(logits, dim=-1).gather(-1, targets[chosen][:, None])[:, 0]
+    rows = chosen.nonzero()[:, 0]
+    sums = torch.zeros(len(examples), device=device).index_add(0, rows, logprobs)
+    positions = torch.arange(chosen.size(1), device=device).expand_as(chosen)
+    last = positions.masked_fill(~chosen, -1).max(1).values
+    return sums, chosen.sum(1).float(), hidden[torch.arange(len(examples), device=device), last]
+
+
+def is_task_pair(pairs: Sequence) -> bool:
+    """Whether ``pairs`` are CPM-Bee's ``(key, filled task)`` pairs rather than token ids."""
+    return bool(pairs) and isinstance(pairs[0][1], Example)
+
+
 def sequence_scores(model: Transformer, head: ScalarHead, pairs: Sequence[Pair],
                     prompt_task: int = GENERATION) -> Tensor:
     """A reward model's score of each (prompt, completion): the head on the hidden state at the
     completion's last token (``</s>``), which sees the prompt and the whole answer."""
+    if is_task_pair(pairs):
+        return head(answer_scores(model, [example for _, example in pairs])[2])
     pairs = [(inputs, targets + [targets[-1]]) for inputs, targets in pairs]  # a position after </s>
     hidden, mask = completion_hidden(model, pairs, prompt_task)
     return head(last_hidden(hidden, mask))
@@ -125,5 +153,5 @@ def sample_completions(model: Transformer, prompts: Sequence[list[int]], max_new
     return outputs
 
 
-__all__ = ["Pair", "ScalarHead", "completion_hidden", "completion_logprobs", "last_hidden", "reference_of",
-           "sample_completions", "sequence_scores", "target_ids", "token_logprobs"]
+__all__ = ["Pair", "ScalarHead", "answer_scores", "completion_hidden", "completion_logprobs", "is_task_pair",
+           "last_hidden", "reference_of", "sample_completions", "sequence_scores", "target_ids", "token_logprobs"]

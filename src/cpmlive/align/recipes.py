@@ -29,8 +29,10 @@ import torch
 from rouge_score import rouge_scorer
 
 from cpmlive.align import losses
-from cpmlive.align.policy import (Pair, ScalarHead, completion_hidden, completion_logprobs, reference_of,
-                                  sample_completions, sequence_scores, target_ids, token_logprobs)
+from cpmlive.align.policy import (Pair, ScalarHead, answer_scores, completion_hidden, completion_logprobs,
+                                  is_task_pair, reference_of, sample_completions, sequence_scores, target_ids,
+                                  token_logprobs)
+from cpmlive.data.bee import Example, preference_tasks, training_example, tuning_tasks
 from cpmlive.data.align import (TRUNCATION_MODES, PreferencePair, PromptedText, preference_pairs, prompts, sft_examples,
                                 starts_with_bos, text_ids, truncate_prompt)
 from cpmlive.data.chat import ChatTemplate
@@ -136,6 +138,7 @@ class AlignTrainer(Finetuner):
 
     needs_reference: ClassVar[bool] = False
     evaluate_first: ClassVar[bool] = False
+    reads_tasks: ClassVar[bool] = True  # it trains on CPM-Bee's filled tasks too
 
     def __init__(self, config: AlignConfig, resume: str | None = None) -> None:
         self.config = config
@@ -143,6 +146,10 @@ class AlignTrainer(Finetuner):
         path = resolve_model_path(config.model)
         kind = family_of(path)
         kind.require("align")
+        self.tasks = kind.can("bee")  # CPM-Bee aligns on JSON tasks: its records are filled tasks
+        if self.tasks and not self.reads_tasks:
+            raise CpmliveError(f"align {config.method} samples rollouts in the text layout; CPM-Bee aligns with "
+                               "sft, rm and dpo on JSON tasks")
         self.start_run(resume)
         self.model_path = path
         self.vocab_path = path / kind.vocab_name
@@ -253,7 +260,15 @@ class AlignTrainer(Finetuner):
         raise NotImplementedError
 
     def count_tokens(self, items: list) -> int:
-        return sum(sum(len(part) for part in item if isinstance(part, list)) for item in items)
+        return sum(sum(len(part) for part in item if isinstance(part, (list, Example))) for item in items)
+
+    def task_example(self, task: dict, where: str) -> Example:
+        """A filled CPM-Bee task as training reads it, refused when it does not fit the model."""
+        example = training_example(self.tokenizer, task)
+        limit = self.model.config.max_length
+        if len(example) > limit:
+            raise CpmliveError(f"{where}: the task is {len(example)} tokens long; the model takes at most {limit}")
+        return example
 
     # ---- validation and saving -------------------------------------------------------------
 
@@ -315,6 +330,9 @@ class AlignTrainer(Finetuner):
 
 def pair_logprobs(model: torch.nn.Module, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each completion's summed log-probability and its token count."""
+    if is_task_pair(pairs):
+        sums, counts, _ = answer_scores(model, [example for _, example in pairs])
+        return sums, counts
     logps, mask = completion_logprobs(model, pairs)
     return logps.sum(1), mask.sum(1)
 
@@ -324,6 +342,8 @@ def pair_logprobs(model: torch.nn.Module, pairs: Sequence[Pair]) -> tuple[torch.
 
 class SftTrainer(AlignTrainer):
     def read(self, path: str) -> list[Pair]:
+        if self.tasks:
+            return [(where, self.task_example(task, where)) for where, task in tuning_tasks(path)]
         return [(self.prompt_ids(e.prompt, e.where or path), self.completion_ids(e.completion))
                 for e in sft_examples(path, self.template)]
 
@@ -351,6 +371,9 @@ class PreferenceTrainer(AlignTrainer):
     """Pairs ``(prompt ids, chosen ids, rejected ids)``."""
 
     def read(self, path: str) -> list[tuple[list[int], list[int], list[int]]]:
+        if self.tasks:  # CPM-Bee: two fillings of one task
+            return [(where, self.task_example(chosen, where), self.task_example(rejected, where))
+                    for where, chosen, rejected in preference_tasks(path)]
         out, same = [], 0
         for pair in preference_pairs(path, self.template):
             chosen, rejected = self.completion_ids(pair.chosen), self.completion_ids(pair.rejected)
@@ -443,6 +466,7 @@ class RolloutTrainer(AlignTrainer):
 
     needs_reference = True
     evaluate_first = True
+    reads_tasks = False
 
     def attach_models(self) -> None:
         if self.config.reward != "model":

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
+from cpmlive.data.align import json_lines
 from cpmlive.data.bee_json import ANSWER_KEY, MAX_DEPTH, check_example, check_task, parse_task
 from cpmlive.errors import CpmliveError
 from cpmlive.tokenizer.bee import BeeTokenizer, escape
@@ -338,15 +340,16 @@ def training_example(tokenizer: BeeTokenizer, data: dict, shuffle: Shuffler | No
 
 
 def pack(examples: list[Example], length: int, vocab_size: int,
-         device: torch.device | str = "cpu") -> dict[str, Tensor]:
+         device: torch.device | str = "cpu", in_order: bool = False) -> dict[str, Tensor]:
     """Examples best-fit into rows of ``length`` positions (each its own span), as one batch
-    with a shared ext table; returns the model's inputs plus ``target`` and ``ext_ids``/``ext_subs``."""
+    with a shared ext table; returns the model's inputs plus ``target`` and ``ext_ids``/``ext_subs``.
+    ``in_order``: one example a row, row ``i`` example ``i`` (scores per example)."""
     rows: list[list[Example]] = []
     room: list[int] = []
-    for example in sorted(examples, key=len, reverse=True):
+    for example in examples if in_order else sorted(examples, key=len, reverse=True):
         if len(example) > length:
             raise CpmliveError(f"an example of {len(example)} tokens does not fit rows of {length}")
-        fits = [i for i, free in enumerate(room) if free >= len(example)]
+        fits = [] if in_order else [i for i, free in enumerate(room) if free >= len(example)]
         if fits:
             best = min(fits, key=lambda i: room[i])
             rows[best].append(example)
@@ -436,6 +439,37 @@ def text_batches(tokenizer: BeeTokenizer, lines: Sequence[str], rows: int, lengt
                          for name, tensor in kept.items()}) for start in range(0, count, batch_rows)]
 
 
+def tuning_tasks(path: str | Path) -> list[tuple[str, dict]]:
+    """``(where, task)`` per line of a JSONL file of filled tasks (supervised fine-tuning, as
+    ``finetune`` reads them)."""
+    tasks = [(where, check_example(obj, where)) for where, obj in json_lines(path)]
+    if not tasks:
+        raise CpmliveError(f"{path}: no tasks")
+    return tasks
+
+
+def _question(task: dict) -> dict:
+    return {key: value for key, value in task.items() if key != ANSWER_KEY}
+
+
+def preference_tasks(path: str | Path) -> list[tuple[str, dict, dict]]:
+    """``(where, chosen, rejected)`` per line ``{"chosen": task, "rejected": task}``: two fillings
+    of one task (the same object but for ``<ans>``) that differ."""
+    pairs = []
+    for where, obj in json_lines(path):
+        if set(obj) != {"chosen", "rejected"}:
+            raise CpmliveError(f"{where}: a CPM-Bee preference pair is {{\"chosen\": task, \"rejected\": task}}")
+        chosen, rejected = (check_example(obj[name], f"{where}: {name}") for name in ("chosen", "rejected"))
+        if _question(chosen) != _question(rejected):
+            raise CpmliveError(f"{where}: chosen and rejected fill different tasks (only <ans> may differ)")
+        if chosen[ANSWER_KEY] == rejected[ANSWER_KEY]:
+            raise CpmliveError(f"{where}: chosen and rejected give the same answer; the pair teaches nothing")
+        pairs.append((where, chosen, rejected))
+    if not pairs:
+        raise CpmliveError(f"{path}: no pairs")
+    return pairs
+
+
 def answers_of(data: dict) -> Iterator[tuple[list[str], str]]:
     """Every answer leaf of a filled task with its path inside ``<ans>``."""
     def walk(value: Any, path: list[str]) -> Iterator[tuple[list[str], str]]:
@@ -458,6 +492,6 @@ def blank_answers(data: dict) -> dict:
 
 
 __all__ = ["ANSWER_KEY", "Example", "MAX_DEPTH", "MODEL_INPUTS", "PackedBatch", "Prompt", "PromptBatch", "TreeArrays",
-           "batch_prompts", "text_batches",
+           "batch_prompts", "preference_tasks", "text_batches", "tuning_tasks",
            "blank_answers", "check_example", "check_task", "filled", "pack", "parse_task", "prompt_for",
            "training_example", "tree_arrays"]

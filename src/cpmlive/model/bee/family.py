@@ -8,7 +8,7 @@ from cpmlive.resources import BEE_DEMO
 from cpmlive.tokenizer.bee import BeeTokenizer
 
 FAMILY = Family(
-    model_type="cpm-bee", name="CPM-Bee", abilities=frozenset({"bee", "generate", "chat", "calibrate"}),
+    model_type="cpm-bee", name="CPM-Bee", abilities=frozenset({"bee", "generate", "chat", "calibrate", "align"}),
     hint="a CPM-Bee model answers JSON tasks (lm.bee, `cpmlive bee`, /v1/bee) and, through its text and dialogue "
          "tasks, generate and chat",
     config=BeeConfig, model=CpmBee, tokenizer=BeeTokenizer, presets=PRESETS, build=build_bee,

@@ -1,0 +1,87 @@
+"""Alignment on CPM-Bee (issue 32): `align sft|rm|dpo` on filled JSON tasks (a preference pair
+is two fillings of one task), scored as CPM-Bee's training scores answers; the shipped example
+files; one-line refusals (pairs of different tasks, rollout recipes)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import cpmlive
+from cpmlive.align.policy import answer_scores
+from cpmlive.data.bee import pack, preference_tasks, training_example, tuning_tasks
+from cpmlive.train.bee import batch_loss
+from test_cli import assert_clean_error, run
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "data"
+SFT, DPO = RECIPES / "bee-sft.jsonl", RECIPES / "bee-dpo.jsonl"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return cpmlive.load("bee-demo")
+
+
+def test_answer_scores_are_the_training_loss_per_task(lm):
+    """Each task's summed answer log-probability is minus its training cross-entropy times its
+    answer tokens (``train.bee.batch_loss``, checked against the original), alone or in a batch."""
+    tasks = [task for _, task in tuning_tasks(SFT)][:5]
+    examples = [training_example(lm.tokenizer, task) for task in tasks]
+    with torch.no_grad():
+        sums, counts, last = answer_scores(lm.model, examples)
+        for index, example in enumerate(examples):
+            loss, count = batch_loss(lm.model, pack([example], len(example), lm.tokenizer.vocab_size))
+            assert count == counts[index] and abs(float(sums[index]) + float(loss) * count) < 1e-3 * count
+    assert last.shape == (5, lm.model.config.dim_model)
+
+
+def test_the_shipped_files_read(lm):
+    assert len(tuning_tasks(SFT)) == 10 and len(preference_tasks(DPO)) == 6
+    for _, chosen, rejected in preference_tasks(DPO):
+        assert {k: v for k, v in chosen.items() if k != "<ans>"} == {k: v for k, v in rejected.items() if k != "<ans>"}
+
+
+def margins(model, tokenizer) -> torch.Tensor:
+    pairs = preference_tasks(DPO)
+    with torch.no_grad():
+        chosen = answer_scores(model, [training_example(tokenizer, c) for _, c, _ in pairs])[0]
+        rejected = answer_scores(model, [training_example(tokenizer, r) for _, _, r in pairs])[0]
+    return chosen - rejected
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_rm_and_dpo_on_json_tasks(lm, tmp_path):
+    common = ["max_steps=16", "batch_size=4", "lr=0.01", "eval_every=8", "save_every=8", "progress=false"]
+    for method, data in (("sft", SFT), ("rm", DPO), ("dpo", DPO)):
+        out = tmp_path / method
+        result = run("align", method, "--model", "bee-demo", "--data", data, "--eval", data, "--out", out, *common)
+        assert result.returncode == 0, result.stderr.decode()
+        evals = [r for r in records(out) if r["type"] == "eval"]
+        assert evals[-1]["val_loss"] < evals[0]["val_loss"], method
+    assert [r for r in records(tmp_path / "rm") if r["type"] == "eval"][-1]["val_accuracy"] == 1.0
+    assert (tmp_path / "rm" / "best" / "reward_head.safetensors").is_file()
+    tuned = cpmlive.load("bee-demo", adapter=tmp_path / "dpo" / "best")
+    assert (margins(tuned.model, tuned.tokenizer) > margins(lm.model, lm.tokenizer)).all()
+    sft = cpmlive.load("bee-demo", adapter=tmp_path / "sft" / "best")
+    assert isinstance(sft.chat([{"role": "user", "content": "你好"}], max_new_tokens=8), str)
+
+
+def test_bad_alignment_input_is_one_line(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"chosen": {"input": "北京", "<ans>": "Beijing"},
+                                 "rejected": {"input": "上海", "<ans>": "Shanghai"}}, ensure_ascii=False) + "\n",
+                     encoding="utf-8")
+    assert_clean_error(run("align", "dpo", "--model", "bee-demo", "--data", pairs, "--out", tmp_path / "a",
+                           "max_steps=2"), "chosen and rejected fill different tasks")
+    same = tmp_path / "same.jsonl"
+    task = {"input": "北京", "<ans>": "Beijing"}
+    same.write_text(json.dumps({"chosen": task, "rejected": task}) + "\n", encoding="utf-8")
+    assert_clean_error(run("align", "dpo", "--model", "bee-demo", "--data", same, "--out", tmp_path / "b",
+                           "max_steps=2"), "give the same answer")
+    assert_clean_error(run("align", "grpo", "--model", "bee-demo", "--data", SFT, "--out", tmp_path / "c",
+                           "reward=rouge", "max_steps=2"), "CPM-Bee aligns with sft, rm and dpo")
+    assert not any((tmp_path / name).exists() for name in "abc")
