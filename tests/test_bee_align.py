@@ -1,4 +1,4 @@
-"""Alignment on CPM-Bee (issue 32): `align sft|rm|dpo` on filled JSON tasks (a preference pair
+"""Alignment on CPM-Bee (issue 32): `align sft|rm|dpo|grpo` on filled JSON tasks (a preference pair
 is two fillings of one task), scored as CPM-Bee's training scores answers; the shipped example
 files; one-line refusals (pairs of different tasks, rollout recipes)."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import cpmlive
-from cpmlive.align.policy import answer_scores
-from cpmlive.data.bee import pack, preference_tasks, training_example, tuning_tasks
+from cpmlive.align.policy import answer_scores, answer_tokens, sample_task_answers
+from cpmlive.data.bee import blank_answers, pack, preference_tasks, training_example, tuning_tasks
 from cpmlive.train.bee import batch_loss
 from test_cli import assert_clean_error, run
 
@@ -82,6 +82,38 @@ def test_bad_alignment_input_is_one_line(tmp_path):
     same.write_text(json.dumps({"chosen": task, "rejected": task}) + "\n", encoding="utf-8")
     assert_clean_error(run("align", "dpo", "--model", "bee-demo", "--data", same, "--out", tmp_path / "b",
                            "max_steps=2"), "give the same answer")
-    assert_clean_error(run("align", "grpo", "--model", "bee-demo", "--data", SFT, "--out", tmp_path / "c",
-                           "reward=rouge", "max_steps=2"), "CPM-Bee aligns with sft, rm and dpo")
+    assert_clean_error(run("align", "ppo", "--model", "bee-demo", "--data", SFT, "--out", tmp_path / "c",
+                           "reward=rouge", "max_steps=2"), "CPM-Bee aligns with sft, rm, dpo and grpo")
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_rollouts_sample_the_policy_and_score_per_token(lm):
+    """Near temperature 0 a rollout is the greedy filling; its per-token log-probabilities sum
+    to its answer score."""
+    tasks = [blank_answers(task) for _, task in tuning_tasks(SFT)][:4]
+    sampled = sample_task_answers(lm.model, lm.tokenizer, tasks, 12, temperature=1e-4,
+                                  generator=torch.Generator().manual_seed(0))
+    greedy = lm.bee(tasks, max_new_tokens=12)
+
+    def leaves(value):
+        return [x for v in value.values() for x in leaves(v)] if isinstance(value, dict) else [value or ""]
+
+    assert [leaves(task["<ans>"]) for task, _ in sampled] == [leaves(task["<ans>"]) for task in greedy]
+    examples = [training_example(lm.tokenizer, task) for task, _ in sampled]
+    with torch.no_grad():
+        logprobs, mask, hidden = answer_tokens(lm.model, examples)
+        sums, counts, _ = answer_scores(lm.model, examples)
+    assert torch.allclose(logprobs.sum(1), sums) and torch.equal(mask.sum(1), counts)
+    assert hidden.shape[:2] == mask.shape and (logprobs <= 0).all()
+
+
+def test_grpo_on_json_tasks(tmp_path):
+    out = tmp_path / "grpo"
+    result = run("align", "grpo", "--model", "bee-demo", "--data", SFT, "--eval", SFT, "--out", out, "reward=rouge",
+                 "max_steps=4", "batch_size=2", "num_samples=4", "eval_every=2", "save_every=2", "eval_prompts=4",
+                 "max_output_tokens=16", "lr=0.005", "progress=false")
+    assert result.returncode == 0, result.stderr.decode()
+    trains = [r for r in records(out) if r["type"] == "train"]
+    assert len(trains) == 4 and all(0 <= r["reward"] <= 1 and r["completions/mean_length"] > 0 for r in trains)
+    assert [r["step"] for r in records(out) if r["type"] == "eval"] == [0, 2, 4]
+    assert (out / "best" / "adapter_config.json").is_file()

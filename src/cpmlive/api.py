@@ -26,10 +26,10 @@ from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Engine, Request, request_for
 from cpmlive.infer.speculative import Assistant
 from cpmlive.infer.structured import constraint_from
-from cpmlive.data.bee import check_task, filled, parse_task
+from cpmlive.data.bee import answer_texts, check_task, filled, parse_task
 from cpmlive.data.bee_chat import TEXT_FIELD, BeeDialogue, text_task
 from cpmlive.tokenizer.bee import unescape
-from cpmlive.infer.bee import answer_texts, fill_tasks, prepare_task
+from cpmlive.infer.bee import fill_tasks, prepare_task
 from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids, hf_generation_defaults, stop_ids_of,
                                     with_defaults)
 from cpmlive.infer.vote import Vote, vote

@@ -30,9 +30,9 @@ from rouge_score import rouge_scorer
 
 from cpmlive.align import losses
 from cpmlive.align.policy import (Pair, ScalarHead, answer_scores, completion_hidden, completion_logprobs,
-                                  is_task_pair, reference_of, sample_completions, sequence_scores, target_ids,
-                                  token_logprobs)
-from cpmlive.data.bee import Example, preference_tasks, training_example, tuning_tasks
+                                  is_task_pair, reference_of, sample_completions, sample_task_answers, sequence_scores,
+                                  target_ids, token_logprobs)
+from cpmlive.data.bee import Example, answers_of, blank_answers, preference_tasks, training_example, tuning_tasks
 from cpmlive.data.align import (TRUNCATION_MODES, PreferencePair, PromptedText, preference_pairs, prompts, sft_examples,
                                 starts_with_bos, text_ids, truncate_prompt)
 from cpmlive.data.chat import ChatTemplate
@@ -148,8 +148,8 @@ class AlignTrainer(Finetuner):
         kind.require("align")
         self.tasks = kind.can("bee")  # CPM-Bee aligns on JSON tasks: its records are filled tasks
         if self.tasks and not self.reads_tasks:
-            raise CpmliveError(f"align {config.method} samples rollouts in the text layout; CPM-Bee aligns with "
-                               "sft, rm and dpo on JSON tasks")
+            raise CpmliveError(f"align {config.method} reads the text layout; CPM-Bee aligns with sft, rm, dpo and "
+                               "grpo on JSON tasks")
         self.start_run(resume)
         self.model_path = path
         self.vocab_path = path / kind.vocab_name
@@ -466,7 +466,6 @@ class RolloutTrainer(AlignTrainer):
 
     needs_reference = True
     evaluate_first = True
-    reads_tasks = False
 
     def attach_models(self) -> None:
         if self.config.reward != "model":
@@ -485,6 +484,9 @@ class RolloutTrainer(AlignTrainer):
         self.reward_head.requires_grad_(False)
 
     def read(self, path: str) -> list[tuple[list[int], str]]:
+        if self.tasks:  # CPM-Bee: filled tasks, their answers the references
+            return [(blank_answers(task), "\n".join(text for _, text in answers_of(task)))
+                    for _, task in tuning_tasks(path)]
         records = prompts(path, self.template)
         if self.config.reward == "rouge":
             missing = next((p for p in records if not p.completion.strip()), None)
@@ -494,7 +496,7 @@ class RolloutTrainer(AlignTrainer):
         return [(self.prompt_ids(p.prompt, p.where or path), p.completion) for p in records]
 
     def count_tokens(self, items: list) -> int:
-        return sum(len(ids) for ids, _ in items)
+        return sum(len(ids) for ids, _ in items) if not self.tasks else len(items)
 
     def sample(self, prompt_rows: list[list[int]]) -> list[list[int]]:
         self.model.eval()
@@ -504,19 +506,25 @@ class RolloutTrainer(AlignTrainer):
         finally:
             self.model.train()
 
-    def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i for i in ids if i != self.tokenizer.eos_id])
+    def text(self, pair: Pair) -> str:
+        """A rollout's answer text (a CPM-Bee rollout carries it: its answers, a line each)."""
+        if self.tasks:
+            return pair[0][0]
+        return self.tokenizer.decode([i for i in pair[1] if i != self.tokenizer.eos_id])
+
+    def unfinished(self, pair: Pair) -> bool:
+        return not pair[0][1] if self.tasks else pair[1][-1] != self.tokenizer.eos_id
 
     @torch.no_grad()
     def rewards(self, pairs: list[Pair], references: list[str]) -> torch.Tensor:
         """Each rollout's score; one that ran out of tokens before ``</s>`` loses
         ``missing_eos_penalty`` (a reward model that likes long answers is otherwise gamed by length)."""
         if self.config.reward == "rouge":
-            scores = torch.tensor([rouge_l(self.text(c), ref) for (_, c), ref in zip(pairs, references)])
+            scores = torch.tensor([rouge_l(self.text(pair), ref) for pair, ref in zip(pairs, references)])
         else:
             with deltas.active_adapter(self.reward_model, REWARD_ADAPTER):
                 scores = sequence_scores(self.reward_model, self.reward_head, pairs).float()
-        unfinished = torch.tensor([c[-1] != self.tokenizer.eos_id for _, c in pairs])
+        unfinished = torch.tensor([self.unfinished(pair) for pair in pairs])
         return scores - self.config.missing_eos_penalty * unfinished.float()
 
     @torch.no_grad()
@@ -526,9 +534,8 @@ class RolloutTrainer(AlignTrainer):
         state = torch.random.get_rng_state()
         torch.manual_seed(self.config.seed + 1)  # the same draws every time: comparable across steps
         try:
-            pairs = [(ids, c if c else [self.tokenizer.eos_id]) for (ids, _), c in
-                     zip(items, self.sample([ids for ids, _ in items]))]
-            scores = self.rewards(pairs, [ref for _, ref in items])
+            pairs, references = self.rollout(items, 1)
+            scores = self.rewards(pairs, references)
             logps, mask = completion_logprobs(self.model, pairs)
             with self.as_reference() as model:
                 reference, _ = completion_logprobs(model, pairs)
@@ -541,11 +548,26 @@ class RolloutTrainer(AlignTrainer):
     def rollout(self, items: list[tuple[list[int], str]], copies: int) -> tuple[list[Pair], list[str]]:
         rows = [ids for ids, _ in items for _ in range(copies)]
         references = [ref for _, ref in items for _ in range(copies)]
+        if self.tasks:
+            return self.task_rollouts(rows), references
         completions = self.sample(rows)
         return [(p, c if c else [self.tokenizer.eos_id]) for p, c in zip(rows, completions)], references
 
 
+    def task_rollouts(self, tasks: list[dict]) -> list[Pair]:
+        """CPM-Bee rollouts: ``((answer text, finished), filled task as training reads it)``."""
+        self.model.eval()
+        try:
+            sampled = sample_task_answers(self.model, self.tokenizer, tasks, self.config.max_output_tokens,
+                                          self.config.temperature)
+        finally:
+            self.model.train()
+        return [(("\n".join(text for _, text in answers_of(task)), finished), training_example(self.tokenizer, task))
+                for task, finished in sampled]
+
+
 class PpoTrainer(RolloutTrainer):
+    reads_tasks = False  # its value head reads the text layout
     def attach_models(self) -> None:
         super().attach_models()
         self.heads["value"] = ScalarHead(self.model.config.dim_model)

@@ -234,6 +234,63 @@ def prompt_for(tokenizer: BeeTokenizer, data: dict, examples: Sequence[dict] = (
                   sample_ids, offsets, counts)
 
 
+# ---- decoding answers ------------------------------------------------------------------------------
+
+BARRED = -10000.0  # what the original writes into barred columns (not -inf: log_softmax stays finite)
+
+
+@dataclass
+class Beam:
+    """One live hypothesis: which answer it is in, its tokens as ``(output column, answer
+    number)``, and what it feeds next."""
+
+    answer: int = 0
+    tokens: list[tuple[int, int]] = field(default_factory=list)
+    feed: int = 0
+    feed_sub: int = 0
+    segment: int = 0
+    position: int = 0
+
+
+def barred_columns(batch: PromptBatch, rows_per_task: int, unk_id: int, vocab_size: int) -> Tensor:
+    """Per decoding row, the columns it may not choose: ``<unk>`` (unless its task has an unknown
+    piece) and other tasks' extra columns. Made once per batch, applied each step as one
+    ``masked_fill`` (a loop over every extra column each step grew with the task's unknown pieces)."""
+    barred = torch.zeros(len(batch.row_tables), vocab_size + len(batch.ext_ids), dtype=torch.bool)
+    barred[:, vocab_size:] = True
+    for task, table in enumerate(batch.row_tables):
+        barred[task, unk_id] = unk_id not in table
+        barred[task, [column for column in table if column >= vocab_size]] = False
+    return barred.repeat_interleave(rows_per_task, dim=0).to(batch.ext_ids.device)
+
+
+def advanced(beam: Beam, column: int, prompt: Prompt, batch: PromptBatch, eos_id: int, bos_id: int,
+              vocab_size: int) -> Beam:
+    number = prompt.answers[beam.answer][1]
+    tokens = beam.tokens + [(column, number)]
+    if column == eos_id:
+        segment = prompt.answers[beam.answer + 1][0]
+        return Beam(beam.answer + 1, tokens, bos_id, 0, segment, 0)
+    feed, sub = column, 0
+    if column >= vocab_size:
+        index = column - vocab_size
+        feed, sub = int(batch.ext_ids[index]), int(batch.ext_subs[index])
+    return Beam(beam.answer, tokens, feed, sub, beam.segment, beam.position + 1)
+
+
+def answer_texts(tokens: list[tuple[int, int]], table: dict[int, str], tokenizer: BeeTokenizer) -> dict[int, str]:
+    """Answer number -> text (a trailing ``</s>`` dropped), ordinary ``<`` escaped as in inputs."""
+    by_answer: dict[int, list[int]] = {}
+    for column, number in tokens:
+        by_answer.setdefault(number, []).append(column)
+    texts = {}
+    for number, columns in by_answer.items():
+        if columns and columns[-1] == tokenizer.eos_id:
+            columns = columns[:-1]
+        texts[number] = tokenizer.decode(columns, table)
+    return texts
+
+
 @dataclass
 class PromptBatch:
     """Left-padded prompt rows and the batch's ext table (``(base id, sub)`` pairs with sub > 0,
@@ -492,6 +549,7 @@ def blank_answers(data: dict) -> dict:
 
 
 __all__ = ["ANSWER_KEY", "Example", "MAX_DEPTH", "MODEL_INPUTS", "PackedBatch", "Prompt", "PromptBatch", "TreeArrays",
+           "BARRED", "Beam", "advanced", "answer_texts", "barred_columns",
            "batch_prompts", "preference_tasks", "text_batches", "tuning_tasks",
            "blank_answers", "check_example", "check_task", "filled", "pack", "parse_task", "prompt_for",
            "training_example", "tree_arrays"]

@@ -12,33 +12,21 @@ kept whatever it is (the original's ``max_length=L`` is ``max_new_tokens=L + 2``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
-from cpmlive.data.bee import Prompt, PromptBatch, batch_prompts, filled, prompt_for
+from cpmlive.data.bee import (BARRED, Beam, Prompt, PromptBatch, advanced, answer_texts, barred_columns,
+                              batch_prompts, filled, prompt_for)
 from cpmlive.infer.generate import GenerationConfig, apply_repetition_penalty, sample, sampling_filter
+from cpmlive.model.bee.decode import answer_step, read_prompts, step_hidden, task_segments
 from cpmlive.model.bee.model import BeeCache, CpmBee
 from cpmlive.model.cache import KVCache
 from cpmlive.tokenizer.bee import BeeTokenizer
 
-BARRED = -10000.0  # what the original writes into barred columns (not -inf: log_softmax stays finite)
-
-
-@dataclass
-class Beam:
-    """One live hypothesis: which answer it is in, its tokens as ``(output column, answer
-    number)``, and what it feeds next."""
-
-    answer: int = 0
-    tokens: list[tuple[int, int]] = field(default_factory=list)
-    feed: int = 0
-    feed_sub: int = 0
-    segment: int = 0
-    position: int = 0
 
 
 class Hypotheses:
@@ -71,60 +59,6 @@ class Hypotheses:
         return max(self.items, key=lambda item: item[0])[1]
 
 
-def barred_columns(batch: PromptBatch, rows_per_task: int, unk_id: int, vocab_size: int) -> Tensor:
-    """Per decoding row, the columns it may not choose: ``<unk>`` (unless its task has an unknown
-    piece) and other tasks' extra columns. Made once per batch, applied each step as one
-    ``masked_fill`` (a loop over every extra column each step grew with the task's unknown pieces)."""
-    barred = torch.zeros(len(batch.row_tables), vocab_size + len(batch.ext_ids), dtype=torch.bool)
-    barred[:, vocab_size:] = True
-    for task, table in enumerate(batch.row_tables):
-        barred[task, unk_id] = unk_id not in table
-        barred[task, [column for column in table if column >= vocab_size]] = False
-    return barred.repeat_interleave(rows_per_task, dim=0).to(batch.ext_ids.device)
-
-
-def _prefill(model: CpmBee, batch: PromptBatch, rows: int, capacity: int) -> BeeCache:
-    tasks = len(batch.row_tables)
-    repeat = rows // tasks
-    inputs = {name: tensor.repeat_interleave(repeat, dim=0) for name, tensor in batch.inputs.items()}
-    cache = model.new_cache(rows, capacity)
-    model(**inputs, cache=cache, last=1)
-    return cache
-
-
-def _task_segments(prompts: list[Prompt], device: torch.device) -> Tensor:
-    """``[tasks, 1]``: each task's own segment count, which its answers' relations index by (the
-    row's last token may be an in-context example's)."""
-    return torch.tensor([[prompt.num_segments] for prompt in prompts], dtype=torch.int32, device=device)
-
-
-def _step(model: CpmBee, cache: BeeCache, batch: PromptBatch, beams: list[Beam], num_segments: Tensor) -> Tensor:
-    device = num_segments.device
-
-    def column(values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)[:, None]
-
-    ones = torch.ones(len(beams), 1, dtype=torch.bool, device=device)
-    hidden = model(column([b.feed for b in beams]), column([b.feed_sub for b in beams]), ones,
-                   column([b.segment for b in beams]), cache.segment_rel, num_segments, ones,
-                   position=column([b.position for b in beams]), cache=cache)
-    return model.logits(hidden[:, -1], batch.ext_ids, batch.ext_subs).float()
-
-
-def advanced(beam: Beam, column: int, prompt: Prompt, batch: PromptBatch, eos_id: int, bos_id: int,
-              vocab_size: int) -> Beam:
-    number = prompt.answers[beam.answer][1]
-    tokens = beam.tokens + [(column, number)]
-    if column == eos_id:
-        segment = prompt.answers[beam.answer + 1][0]
-        return Beam(beam.answer + 1, tokens, bos_id, 0, segment, 0)
-    feed, sub = column, 0
-    if column >= vocab_size:
-        index = column - vocab_size
-        feed, sub = int(batch.ext_ids[index]), int(batch.ext_subs[index])
-    return Beam(beam.answer, tokens, feed, sub, beam.segment, beam.position + 1)
-
-
 @torch.inference_mode()
 def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], config: GenerationConfig,
                 batch: PromptBatch) -> list[list[tuple[int, int]]]:
@@ -133,8 +67,8 @@ def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], c
     width, vocab = config.num_beams, tokenizer.vocab_size
     device = model.input_embedding.weight.device
     tasks, rows = len(prompts), len(prompts) * width
-    cache = _prefill(model, batch, rows, batch.inputs["input_ids"].size(1) + config.max_new_tokens)
-    num_segments = _task_segments(prompts, device).repeat_interleave(width, dim=0)
+    cache = read_prompts(model, batch, rows, batch.inputs["input_ids"].size(1) + config.max_new_tokens)
+    num_segments = task_segments(prompts, device).repeat_interleave(width, dim=0)
     states = [[Beam(0, [], tokenizer.bos_id, 0, p.answers[0][0], 0) for _ in range(width)] for p in prompts]
     scores = torch.full((tasks, width), -1e9, device=device)
     scores[:, 0] = 0
@@ -148,7 +82,7 @@ def beam_search(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt], c
         beams = [beam for task in states for beam in task]
         for row, beam in enumerate(beams):
             fed[row].append(beam.feed)
-        logits = _step(model, cache, batch, beams, num_segments).masked_fill_(barred, BARRED)
+        logits = answer_step(model, cache, batch, beams, num_segments).masked_fill_(barred, BARRED)
         if config.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, torch.tensor(fed, device=device), config.repetition_penalty)
         logprobs = logits.log_softmax(-1)
@@ -192,8 +126,8 @@ def sample_answers(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt]
     vocab = tokenizer.vocab_size
     device = model.input_embedding.weight.device
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    cache = _prefill(model, batch, len(prompts), batch.inputs["input_ids"].size(1) + config.max_new_tokens)
-    num_segments = _task_segments(prompts, device)
+    cache = read_prompts(model, batch, len(prompts), batch.inputs["input_ids"].size(1) + config.max_new_tokens)
+    num_segments = task_segments(prompts, device)
     beams = [Beam(0, [], tokenizer.bos_id, 0, p.answers[0][0], 0) for p in prompts]
     results: list[list[tuple[int, int]] | None] = [None] * len(prompts)
     fed: list[list[int]] = [[] for _ in prompts]
@@ -201,7 +135,7 @@ def sample_answers(model: CpmBee, tokenizer: BeeTokenizer, prompts: list[Prompt]
     for step in range(config.max_new_tokens):
         for row, beam in enumerate(beams):
             fed[row].append(beam.feed)
-        logits = _step(model, cache, batch, beams, num_segments).masked_fill_(barred, BARRED)
+        logits = answer_step(model, cache, batch, beams, num_segments).masked_fill_(barred, BARRED)
         if config.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, torch.tensor(fed, device=device), config.repetition_penalty)
         if step < config.min_new_tokens:
@@ -256,9 +190,7 @@ def prefill_tasks(model: CpmBee, tasks: list[Task]) -> BeeCache:
     """The prompts of ``tasks`` read into one cache (left-padded to the longest), none decoded."""
     batch = batch_prompts([task.prompt for task in tasks], model.config.vocab_size,
                           model.input_embedding.weight.device)
-    cache = model.new_cache(len(tasks), batch.inputs["input_ids"].size(1))
-    model(**batch.inputs, cache=cache, last=1)
-    return cache
+    return read_prompts(model, batch, len(tasks), batch.inputs["input_ids"].size(1))
 
 
 def batch_logits(model: CpmBee, tasks: list[Task], beams: list[Beam], cache: KVCache) -> Tensor:
@@ -266,17 +198,10 @@ def batch_logits(model: CpmBee, tasks: list[Task], beams: list[Beam], cache: KVC
     ``[rows, vocab + most extras]``, each row's extra columns its own, the rest barred. The rows'
     segment relation tables differ in size; a row only indexes its own part of the padded table."""
     device = cache.device
-
-    def column(values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)[:, None]
-
     relations = [task.prompt.segment_rel for task in tasks]
     width = max(len(r) for r in relations)
     segment_rel = torch.stack([torch.nn.functional.pad(r, (0, width - len(r))) for r in relations]).to(device)
-    ones = torch.ones(len(beams), 1, dtype=torch.bool, device=device)
-    hidden = model(column([b.feed for b in beams]), column([b.feed_sub for b in beams]), ones,
-                   column([b.segment for b in beams]), segment_rel, column([t.prompt.num_segments for t in tasks]),
-                   ones, position=column([b.position for b in beams]), cache=cache)[:, -1]
+    hidden = step_hidden(model, beams, segment_rel, task_segments([t.prompt for t in tasks], device), cache)
     logits = model.logits(hidden)
     extras = max(task.batch.ext_ids.numel() for task in tasks)
     barred = torch.ones(len(tasks), logits.size(1) + extras, dtype=torch.bool, device=device)
@@ -291,19 +216,6 @@ def batch_logits(model: CpmBee, tasks: list[Task], beams: list[Beam], cache: KVC
         ext = model.embed(ids.long(), subs).to(logits.dtype)  # as CpmBee.logits computes them
         logits = torch.cat([logits, torch.einsum("bd,bed->be", hidden.to(ext.dtype), ext)], dim=-1)
     return logits.float().masked_fill_(barred, BARRED)
-
-
-def answer_texts(tokens: list[tuple[int, int]], table: dict[int, str], tokenizer: BeeTokenizer) -> dict[int, str]:
-    """Answer number -> text (a trailing ``</s>`` dropped), ordinary ``<`` escaped as in inputs."""
-    by_answer: dict[int, list[int]] = {}
-    for column, number in tokens:
-        by_answer.setdefault(number, []).append(column)
-    texts = {}
-    for number, columns in by_answer.items():
-        if columns and columns[-1] == tokenizer.eos_id:
-            columns = columns[:-1]
-        texts[number] = tokenizer.decode(columns, table)
-    return texts
 
 
 @torch.inference_mode()
@@ -343,5 +255,5 @@ def fill_tasks(model: CpmBee, tokenizer: BeeTokenizer, tasks: list[dict], config
     return out, results
 
 
-__all__ = ["Beam", "Hypotheses", "Task", "advanced", "answer_texts", "batch_logits", "beam_search", "fill_tasks",
-           "prefill_tasks", "prepare_task", "sample_answers"]
+__all__ = ["Hypotheses", "Task", "batch_logits", "beam_search", "fill_tasks", "prefill_tasks", "prepare_task",
+           "sample_answers"]

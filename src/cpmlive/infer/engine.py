@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from cpmlive.data.bee import advanced
 from cpmlive.data.layout import GENERATION, build_batch
 from cpmlive.errors import CpmliveError
 from cpmlive.infer import bee, prefix, speculative, structured
@@ -397,7 +398,7 @@ class TaskSequence:
         self.released = safe
         if eos:
             self.text, self.released = "", 0
-        self.beam = bee.advanced(self.beam, column, prompt, self.task.batch, tokenizer.eos_id, tokenizer.bos_id,
+        self.beam = advanced(self.beam, column, prompt, self.task.batch, tokenizer.eos_id, tokenizer.bos_id,
                                  tokenizer.vocab_size)
 
     def _stop_at(self) -> int | None:
