@@ -110,6 +110,13 @@ def test_langchain_chat_model_talks_to_the_server(lm, client, monkeypatch):
     assert "".join(chunk.content for chunk in model.stream(history)) == lm.chat(CONVERSATION, max_new_tokens=12)
 
 
+def test_the_prompt_field_is_configurable(lm, monkeypatch):
+    monkeypatch.setattr(lm, "bee_text_field", "document")
+    expected = lm.bee({"document": PROMPT, "<ans>": ""}, max_new_tokens=12)["<ans>"] or ""
+    assert lm.generate(PROMPT, max_new_tokens=12) == expected.replace("<<", "<")
+    assert_clean_error(run("serve", "bee-demo", "--bee-prompt-field", "<ans>"), "must be a plain task key")
+
+
 def test_chat_and_generate_verbs_on_cpm_bee(lm):
     result = run("chat", "bee-demo", "--max-new-tokens", "12", stdin="你好\n怎么保存文档？\n".encode())
     assert result.returncode == 0, result.stderr.decode()

@@ -48,6 +48,9 @@ def add_serve(verbs: Verbs) -> None:
                      "same vocabulary drafts tokens for every request (a body's use_assistant_model: false opts out)")
     srv.add_argument("--prefix-cache", type=memory_size, default=None, metavar="SIZE",
                      help="prompt keys and values kept across requests (default 256MB; 0: off)")
+    srv.add_argument("--bee-prompt-field", metavar="KEY", default=None,
+                     help='CPM-Bee: the task key a completion prompt goes in, {KEY: prompt, "<ans>": ""} '
+                          "(default input)")
     add_memory_limit(srv)
     srv.set_defaults(run=cmd_serve)
 
@@ -64,9 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if adapters is None:  # the demo model comes with its adapters
         adapters = shipped_adapters() if model == "demo" else []
     run_dir = check_run_dir(args.run_dir) if args.run_dir else None
+    if args.bee_prompt_field is not None:
+        from cpmlive.data.bee_chat import check_text_field
+
+        check_text_field(args.bee_prompt_field)
     settings = Settings(api_key=Settings.key_from_environment(args.api_key), max_batch=args.max_batch,
                         max_waiting=args.max_waiting, timeout=args.timeout, cors_origins=tuple(args.cors_origin or ()),
                         run_dir=run_dir, served_name=args.served_name, memory_limit=args.memory_limit,
                         max_connections=args.max_connections, header_timeout=args.header_timeout,
-                        assistant_model=args.assistant_model, prefix_cache_bytes=args.prefix_cache)
+                        assistant_model=args.assistant_model, prefix_cache_bytes=args.prefix_cache,
+                        bee_prompt_field=args.bee_prompt_field)
     serve(model, adapters=adapters, host=args.host, port=args.port, settings=settings)

@@ -52,9 +52,16 @@ def prompt_markup(text: str, where: str = "prompt") -> str:
     return "".join(out) + text[at:]
 
 
+def check_text_field(field: str) -> str:
+    """A task key a completion prompt may go in: text, not ``<ans>``."""
+    if not isinstance(field, str) or not field.strip() or field == "<ans>" or "<" in field:
+        raise CpmliveError(f"the prompt field must be a plain task key (like input or document), got {field!r}")
+    return field
+
+
 def text_task(text: str, field: str = TEXT_FIELD) -> dict[str, str]:
     """The text-generation task of a completion prompt."""
-    return {field: prompt_markup(text), "<ans>": ""}
+    return {check_text_field(field): prompt_markup(text), "<ans>": ""}
 
 
 class BeeDialogue:
@@ -82,4 +89,4 @@ class BeeDialogue:
         return {TEXT_FIELD: TURN_SEPARATOR.join([*turns, ASSISTANT_PREFIX]), "<ans>": ""}
 
 
-__all__ = ["BeeDialogue", "prompt_markup", "text_task"]
+__all__ = ["BeeDialogue", "check_text_field", "prompt_markup", "text_task"]

@@ -366,6 +366,8 @@ def serve(model: str | os.PathLike = "demo", adapters: Sequence[str | os.PathLik
             lm.add_adapter(path, name=name)
         if settings.assistant_model is not None:
             lm.set_assistant(settings.assistant_model)
+        if settings.bee_prompt_field is not None:
+            lm.bee_text_field = settings.bee_prompt_field
         return lm
 
     check_model(model)

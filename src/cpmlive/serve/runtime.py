@@ -79,6 +79,7 @@ class Settings:
     header_timeout: float = HEADER_TIMEOUT_SECONDS
     assistant_model: str | None = None  # a draft model for speculative decoding (same vocabulary)
     prefix_cache_bytes: int | None = None  # prompt keys and values kept across requests (None: the engine's default)
+    bee_prompt_field: str | None = None  # CPM-Bee: the task field a completion prompt fills (None: "input")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
