@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cpmlive
-from cpmlive.align.policy import answer_scores, answer_tokens, sample_task_answers
+from cpmlive.align.bee import answer_scores, answer_tokens, sample_task_answers
 from cpmlive.data.bee import blank_answers, pack, preference_tasks, training_example, tuning_tasks
 from cpmlive.train.bee import batch_loss
 from test_cli import assert_clean_error, run

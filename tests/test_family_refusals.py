@@ -94,7 +94,7 @@ def test_align_refuses_a_family_that_cannot_be_aligned_before_making_its_run(tmp
     config = AlignConfig(method="sft", model="cpm1-demo", data=str(tmp_path / "sft.jsonl"), out=str(tmp_path / "run"),
                          progress=False)
     with pytest.raises(CpmliveError, match=r"^CPM-1 cannot be aligned \(align sft/rm/dpo/ppo/grpo\): that needs a "
-                                           r"CPM-Ant or Llama-family checkpoint"):
+                                           r"CPM-Ant, CPM-Bee or Llama-family checkpoint"):
         TRAINERS["sft"](config)
     assert not (tmp_path / "run").exists()
 

@@ -29,9 +29,9 @@ import torch
 from rouge_score import rouge_scorer
 
 from cpmlive.align import losses
-from cpmlive.align.policy import (Pair, ScalarHead, answer_scores, completion_hidden, completion_logprobs,
-                                  is_task_pair, reference_of, sample_completions, sample_task_answers, sequence_scores,
-                                  target_ids, token_logprobs)
+from cpmlive.align.bee import answer_scores, sample_task_answers
+from cpmlive.align.policy import (Pair, ScalarHead, completion_hidden, completion_logprobs, is_task_pair, reference_of,
+                                  sample_completions, sequence_scores, target_ids, token_logprobs)
 from cpmlive.data.bee import Example, answers_of, blank_answers, preference_tasks, training_example, tuning_tasks
 from cpmlive.data.align import (TRUNCATION_MODES, PreferencePair, PromptedText, preference_pairs, prompts, sft_examples,
                                 starts_with_bos, text_ids, truncate_prompt)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cpmlive.model.bee.config import BeeConfig
-from cpmlive.data.bee_tasks import build, entry_text, usable_entries
+from cpmlive.data.bee_tasks import KINDS, build, entry_text, usable_entries
 from cpmlive.data.bilingual import cedict_entries, libreoffice_pairs
 from cpmlive.errors import CpmliveError
 from cpmlive.model.bee.model import build_bee
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from this model directory: every step is then a task-phase step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=None, help="where the final model goes (default RUN_DIR/final)")
+    parser.add_argument("--focus", nargs="*", default=[], choices=KINDS, metavar="KIND",
+                        help=f"task kinds drawn --focus-weight times as often in the task phase ({', '.join(KINDS)})")
+    parser.add_argument("--focus-weight", type=int, default=3)
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -81,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     pretrain = examples_of(tokenizer, data.pretrain, args.row_length)
     rng = random.Random(1)
     tasks = examples_of(tokenizer, data.tasks, args.row_length)
-    mixed = tasks + rng.sample(pretrain, int(len(tasks) * REPLAY / (1 - REPLAY)))
+    focused = examples_of(tokenizer, [task for kind in args.focus for task in data.train_by_kind[kind]],
+                          args.row_length) * (args.focus_weight - 1)
+    mixed = tasks + focused + rng.sample(pretrain, int(len(tasks) * REPLAY / (1 - REPLAY)))
     print(f"vocab {tokenizer.vocab_size}, {len(pretrain)} pretraining and {len(tasks)} task examples, "
           f"held out: {', '.join(f'{k} {len(v)}' for k, v in data.held_out.items())}", file=sys.stderr)
     model = build_bee(config, seed=0)
