@@ -4,12 +4,13 @@
    batch-1 greedy decoding of ``--tokens`` tokens by HF ``GPT2LMHeadModel.generate``, by our
    blocks in PyTorch (``native.switched_off()``) and by the native step; the ids must agree.
 2. CPM-Bee at a ~500M shape (24 x 1024, 16 heads, FFN 2816, its 86,583-token vocabulary, random
-   weights; HF has no CPM-Bee class, so PyTorch's side is our blocks in PyTorch, HF-style): a task's
-   ``<ans>`` decoded greedily (beam width 1) and with 3 beams, tokens/s of the decoded positions.
+   weights): a task's ``<ans>`` decoded greedily (beam width 1) and with 3 beams, tokens/s of the
+   decoded positions, by our blocks in PyTorch, by the native step, and (greedy) by the HF release's
+   remote-code computation (``bee_hf_style.py``: HF has no CPM-Bee class of its own).
 
 Alternated, best of ``--repeats``. Run by hand on an otherwise idle machine.
 
-    python benchmarks/native_families.py [--tokens 32] [--repeats 3]
+    python benchmarks/native_families.py [--tokens 32] [--repeats 3] [--families cpm1 bee]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bee_hf_style import HfStyleBee, greedy_answer  # noqa: E402
 from cpm1 import SHAPE_350M, hf_model, ours_from  # noqa: E402
 
 from cpmlive.infer.generate import GenerationConfig, generate_ids  # noqa: E402
@@ -86,31 +88,44 @@ def bee_rows(tokens: int, repeats: int) -> list[str]:
     model = CpmBee(config)
     model.init_weights(0)
     model.eval()
+    hf_style = HfStyleBee(model)
     task = {"input": "今天天气很好，我们去公园散步，看到很多人在放风筝。", "prompt": "续写", "<ans>": ""}
     rows = []
     for beams in (1, 3):
         options = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, num_beams=beams)
-        answers, counts = {}, {}
+        answers, counts, raw_columns = {}, {}, {}
 
         def run(name):
             def go():
                 with torch.inference_mode():
                     filled, raw = fill_tasks(model, tokenizer, [task], options)
                 answers[name], counts[name] = filled, len(raw[0])
+                raw_columns[name] = [column for column, _ in raw[0]]
             return go
 
         def run_pytorch():
             with native.switched_off():
                 run("pytorch")()
 
-        rates = {"pytorch": [], "native": []}
+        def run_hf_style():
+            answers["hf"] = greedy_answer(hf_style, tokenizer, task, tokens)
+
+        rates = {"pytorch": [], "native": [], "hf": []}
         for _ in range(repeats):
             rates["pytorch"].append(best_rate(run_pytorch, tokens, 1))
             rates["native"].append(best_rate(run("native"), tokens, 1))
+            if beams == 1:
+                rates["hf"].append(best_rate(run_hf_style, tokens, 1))
         pt_rate, nat_rate = max(rates["pytorch"]), max(rates["native"])
-        rows.append(f"| CPM-Bee ~500M fp32, {beams} beam{'s' if beams > 1 else ''} | - | {pt_rate:.1f} | "
-                    f"{nat_rate:.1f} | **{nat_rate / pt_rate:.2f}x** ours in PyTorch | "
-                    f"{answers['pytorch'] == answers['native']} ({counts['native']} tokens) |")
+        same = answers["pytorch"] == answers["native"]
+        hf, versus = "-", ""
+        if beams == 1:
+            hf_rate = max(rates["hf"])
+            hf, versus = f"{hf_rate:.1f} (HF-style)", f"**{nat_rate / hf_rate:.2f}x** HF-style, "
+            same = same and answers["hf"] == raw_columns["native"]
+        rows.append(f"| CPM-Bee ~500M fp32, {beams} beam{'s' if beams > 1 else ''} | {hf} | {pt_rate:.1f} | "
+                    f"{nat_rate:.1f} | {versus}{nat_rate / pt_rate:.2f}x ours in PyTorch | "
+                    f"{same} ({counts['native']} tokens) |")
     return rows
 
 
@@ -118,12 +133,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--families", nargs="+", choices=["cpm1", "bee"], default=["cpm1", "bee"])
     args = parser.parse_args()
     print(f"{torch.get_num_threads()} threads; batch-1 decoding of {args.tokens} tokens, tokens/s\n")
     print("| model | HF | ours, PyTorch blocks | ours, native step | speed-up | same output |")
     print("|---|---|---|---|---|---|")
-    for row in cpm1_rows(args.tokens, args.repeats) + bee_rows(args.tokens, args.repeats):
-        print(row, flush=True)
+    rows = {"cpm1": cpm1_rows, "bee": bee_rows}
+    for family in args.families:
+        for row in rows[family](args.tokens, args.repeats):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
