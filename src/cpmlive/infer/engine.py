@@ -12,7 +12,9 @@ One thread owns the model. Requests arrive on a queue and wait; every iteration 
 3. runs one decoding step for every running request at once, each row at its own length in the
    KV pool (:class:`cpmlive.infer.kv.KVPool`) and through its own adapter
    (:func:`cpmlive.tune.delta.adapters_by_row`), and picks each row's next token with the
-   request's own sampling parameters and generator.
+   request's own sampling parameters and generator. A CPM-Bee model's rows are tasks
+   (:class:`TaskSequence`): each feeds its answer's position and segment and chooses among its
+   own extra columns.
 
 A request that finishes (end of text, a stop string, ``max_new_tokens``, cancellation) leaves
 the batch at once and its KV rows are reused or given back. A prompt is prefilled whole, never
