@@ -250,23 +250,42 @@ class IncrementalText:
         return self.text
 
 
-class Sequence:
-    """A running request: what it generated, the text it released, its generator."""
+class Running:
+    """What every running row has: its request and handle, the KV columns it may need, its
+    generator, the text it has released and the stop strings that may end it."""
 
-    def __init__(self, handle: Handle, width: int, tokenizer: Any, device: torch.device, rows: int) -> None:
+    def __init__(self, handle: Handle, width: int, tokenizer: Any, device: torch.device) -> None:
         self.handle, self.request, self.tokenizer = handle, handle.request, tokenizer
         options = self.request.options
         self.limit = width + options.max_new_tokens  # KV columns it may need
-        self.history = list(self.request.ids)
-        self.generated: list[int] = []
-        self.text = ""  # the generated text so far (see IncrementalText)
-        self.detokenizer = IncrementalText(tokenizer)
-        self.released = 0  # characters of it already emitted
-        self.pending: int | None = None  # the chosen token, fed at the next step
         self.finished = False
         self.generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
+        self.text = ""  # the text so far
+        self.released = 0  # characters of it already emitted
         self.stops = tuple(s for s in self.request.stop if s)
         self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def finish(self, reason: str, text: str = "", token: int | None = None, **extra: Any) -> None:
+        self.finished = True
+        self.handle.emit(Event(token, text, finish_reason=reason, **extra))
+
+    def _stop_at(self, text: str) -> int | None:
+        """Where the earliest stop string starts in ``text`` (only where it can be new)."""
+        start = max(0, self.released - self.hold)
+        found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+
+class Sequence(Running):
+    """A running request: what it generated, the text it released, its drafts and grammar."""
+
+    def __init__(self, handle: Handle, width: int, tokenizer: Any, device: torch.device, rows: int) -> None:
+        super().__init__(handle, width, tokenizer, device)
+        options = self.request.options
+        self.history = list(self.request.ids)
+        self.generated: list[int] = []
+        self.detokenizer = IncrementalText(tokenizer)  # self.text: the generated text (see IncrementalText)
+        self.pending: int | None = None  # the chosen token, fed at the next step
         self.draft_count = options.prompt_lookup_num_tokens or options.num_assistant_tokens \
             or speculative.DEFAULT_ASSISTANT_TOKENS  # k: drafted tokens a step (an assistant's adapts)
         self.draft_state: speculative.DraftState | None = None
@@ -304,10 +323,6 @@ class Sequence:
             self.draft_count = speculative.next_count(self.draft_count, drafted, kept,
                                                       self.request.options.num_assistant_tokens_schedule)
 
-    def finish(self, reason: str, text: str = "", token: int | None = None, **extra: Any) -> None:
-        self.finished = True
-        self.handle.emit(Event(token, text, finish_reason=reason, **extra))
-
     def accept(self, token: int, stop_ids: frozenset[int], logprob: float | None,
                top: dict[int, float] | None) -> None:
         """Take the chosen token: emit what it releases, finish when it ends the request (a stop
@@ -336,37 +351,19 @@ class Sequence:
         self.released = safe
         self.pending = token
 
-    def _stop_at(self, text: str) -> int | None:
-        """Where the earliest stop string starts in ``text`` (only where it can be new)."""
-        start = max(0, self.released - self.hold)
-        found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
-        return min(found) if found else None
 
-
-class TaskSequence:
+class TaskSequence(Running):
     """A running CPM-Bee task (``Request.task``): it decodes its ``<ans>`` leaves in turn as
     :mod:`cpmlive.infer.bee` does (``<s>`` at position 0 of a leaf's segment starts it, ``</s>``
     moves to the next), greedily or by sampling; each event carries its answer number."""
 
     def __init__(self, handle: Handle, width: int, tokenizer: Any, device: torch.device) -> None:
-        self.handle, self.request, self.tokenizer = handle, handle.request, tokenizer
+        super().__init__(handle, width, tokenizer, device)  # self.text: the current answer's text
         self.task: bee.Task = self.request.task
-        options = self.request.options
-        self.limit = width + options.max_new_tokens
         self.beam = self.task.first_beam(tokenizer.bos_id)
         self.fed: list[int] = []  # what each step fed (the repetition penalty's history, as in the job path)
-        self.text = ""  # the current answer's text, and how much of it went out
-        self.released = 0
-        self.stops = tuple(s for s in self.request.stop if s)
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.finished = False
-        self.generator = torch.Generator(device).manual_seed(options.seed) if options.seed is not None else None
 
     speculates = False
-
-    def finish(self, reason: str, text: str = "", token: int | None = None, **extra: Any) -> None:
-        self.finished = True
-        self.handle.emit(Event(token, text, finish_reason=reason, **extra))
 
     def choose(self, logits: Tensor) -> int:
         """The column this step takes from the row's ``logits`` ``[1, columns]`` (barred ones
@@ -388,7 +385,7 @@ class TaskSequence:
         number = prompt.answers[self.beam.answer][1]
         eos = column == tokenizer.eos_id
         self.text += "" if eos else self.task.text_of(tokenizer, column)
-        cut = self._stop_at()
+        cut = self._stop_at(self.text)
         event = dict(logprob=logprob, top_logprobs=top, answer=number)
         ended = eos and self.beam.answer + 1 == len(prompt.answers)
         if cut is not None or ended or len(self.fed) >= self.request.options.max_new_tokens:
@@ -401,13 +398,7 @@ class TaskSequence:
         if eos:
             self.text, self.released = "", 0
         self.beam = advanced(self.beam, column, prompt, self.task.batch, tokenizer.eos_id, tokenizer.bos_id,
-                                 tokenizer.vocab_size)
-
-    def _stop_at(self) -> int | None:
-        """Where the earliest stop string starts in the answer's text (only where it can be new)."""
-        start = max(0, self.released - self.hold)
-        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        return min(found) if found else None
+                             tokenizer.vocab_size)
 
 
 class Engine:
@@ -430,11 +421,10 @@ class Engine:
         self.eos_id = tokenizer.eos_id
         self.stop_ids = stop_ids_of(tokenizer)
         self.decodes_tasks = family(model.config.model_type).can("bee")  # its requests are CPM-Bee tasks
-        self.prompt_length = getattr(model.config, "prompt_length", 0)  # positions before a prompt's text
         device = model.input_embedding.weight.device
         self.pool = KVPool(model.config.num_layers, model.config.max_length, device, model.cache_kind.inputs)
         self.waiting: deque[Handle] = deque()
-        self.running: list[Sequence | TaskSequence] = []
+        self.running: list[Running] = []
         self._inbox: queue.SimpleQueue[Handle | Job] = queue.SimpleQueue()
         self._jobs: deque[Job] = deque()
         self._running_jobs: list[Job] = []  # the job running now, and any job it called in turn
@@ -460,11 +450,11 @@ class Engine:
             raise CpmliveError("empty prompt")
         self._check_kind(request)
         config = self.model.config
-        needed = self.prompt_length + len(request.ids) + options.max_new_tokens
+        needed = config.prompt_length + len(request.ids) + options.max_new_tokens
         if needed > config.max_length:
-            limit = config.max_length - self.prompt_length - len(request.ids)
+            limit = config.max_length - config.prompt_length - len(request.ids)
             raise CpmliveError(f"the prompt's {len(request.ids)} tokens and max_new_tokens {options.max_new_tokens} "
-                               f"exceed the model's {config.max_length - self.prompt_length} positions: "
+                               f"exceed the model's {config.max_length - config.prompt_length} positions: "
                                f"ask for at most {max(limit, 0)} new tokens")
         vocab = config.vocab_size
         if any(not 0 <= t < vocab for key in (options.sequence_bias or {}) for t in key):
@@ -670,7 +660,7 @@ class Engine:
     def _admit(self) -> None:
         chosen: list[Handle] = []
         budget = self.token_budget
-        prompt_length = self.prompt_length
+        prompt_length = self.model.config.prompt_length
         while self.waiting and len(self.running) + len(chosen) < self.max_batch:
             cost = prompt_length + len(self.waiting[0].request.ids)
             if chosen and cost > budget:
@@ -685,8 +675,7 @@ class Engine:
         try:
             prefill()
         except Exception as exc:
-            internal = not isinstance(exc, CpmliveError)
-            message = f"{type(exc).__name__}: {exc}" if internal else str(exc)
+            message, internal = error_of(exc)
             for seq in self.running:
                 if seq.handle in handles:
                     seq.finished = True  # leaves the batch below; its handle gets the error here
@@ -704,7 +693,7 @@ class Engine:
             groups.setdefault((handle.request.adapter, handle.request.prompt_task), []).append(handle)
         result = []
         for (adapter, prompt_task), members in groups.items():
-            width = self.prompt_length + max(len(h.request.ids) for h in members)
+            width = config.prompt_length + max(len(h.request.ids) for h in members)
             fits = [h for h in members if width + h.request.options.max_new_tokens <= config.max_length]
             if fits:
                 result.append((fits, adapter, prompt_task))
@@ -846,8 +835,7 @@ class Engine:
                 logprob, top = self._logprobs(seq, logits[row], column)
                 seq.accept(column, logprob, top)
             except Exception as exc:  # as in _choose: this request alone ends
-                internal = not isinstance(exc, CpmliveError)
-                seq.finish("error", error=f"{type(exc).__name__}: {exc}" if internal else str(exc), internal=internal)
+                fail(seq, exc)
         self._remove_finished()
 
     def _drafts(self, seqs: list[Sequence], longest: int) -> list[tuple[list[int], Tensor | None]]:
@@ -876,8 +864,7 @@ class Engine:
             try:
                 kept = [] if seq.finished else self._kept(seq, logits[row], draft, probs)
             except Exception as exc:  # as in _choose: this request alone ends
-                internal = not isinstance(exc, CpmliveError)
-                seq.finish("error", error=f"{type(exc).__name__}: {exc}" if internal else str(exc), internal=internal)
+                fail(seq, exc)
                 kept = []
             end = old[row] + max(len(kept), 1)
             self.pool.lengths[row] = end
@@ -927,8 +914,7 @@ class Engine:
                 logprob, top = self._logprobs(seq, logits[row], token)
                 seq.accept(token, self.stop_ids, logprob, top)
             except Exception as exc:  # this request's own options failed (a logits_processor...): it alone ends
-                internal = not isinstance(exc, CpmliveError)
-                seq.finish("error", error=f"{type(exc).__name__}: {exc}" if internal else str(exc), internal=internal)
+                fail(seq, exc)
         self._remove_finished()
 
     def _chosen(self, seq: Sequence, logits: Tensor) -> int:
@@ -974,6 +960,19 @@ def _stop_engines() -> None:
     """Stop every engine's own thread before the interpreter (and torch's thread pools) goes away."""
     for engine in list(_ENGINES):
         engine.stop(timeout=5.0)
+
+
+def error_of(exc: Exception) -> tuple[str, bool]:
+    """What a request that failed with ``exc`` is told, and whether the fault is ours (not a
+    :class:`CpmliveError` about the request itself)."""
+    internal = not isinstance(exc, CpmliveError)
+    return (f"{type(exc).__name__}: {exc}" if internal else str(exc)), internal
+
+
+def fail(seq: Running, exc: Exception) -> None:
+    """End ``seq`` with ``exc``'s error; the rest of the batch goes on."""
+    message, internal = error_of(exc)
+    seq.finish("error", error=message, internal=internal)
 
 
 def _plain(options: GenerationConfig) -> bool:
