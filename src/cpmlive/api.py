@@ -29,7 +29,7 @@ from cpmlive.infer.structured import constraint_from
 from cpmlive.data.bee import answer_texts, check_task, filled, parse_task
 from cpmlive.data.bee_chat import TEXT_FIELD, BeeDialogue, text_task
 from cpmlive.tokenizer.bee import unescape
-from cpmlive.infer.bee import fill_tasks, prepare_task
+from cpmlive.infer.bee import Task, fill_tasks, prepare_task
 from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids, hf_generation_defaults, stop_ids_of,
                                     with_defaults)
 from cpmlive.infer.vote import Vote, vote
@@ -322,8 +322,12 @@ class LM:
         completion's or a chat reply's."""
         prepared = prepare_task(self.tokenizer, check_task(task, "task"), self.model.input_embedding.weight.device,
                                 plain, examples)
-        self._check_length(len(prepared.prompt.ids), options.max_new_tokens)
-        return self.request(prepared.prompt.ids, options, index, adapter=adapter, task=prepared,
+        return self._task_request(prepared, options, index, adapter, **fields)
+
+    def _task_request(self, task: Task, options: GenerationConfig, index: int, adapter: str | None | bool,
+                      **fields: Any) -> Request:
+        self._check_length(len(task.prompt.ids), options.max_new_tokens)
+        return self.request(task.prompt.ids, options, index, adapter=adapter, task=task,
                             **{"assistant": None, **fields})
 
     def bee_result(self, handle: Any) -> dict:
@@ -370,18 +374,25 @@ class LM:
         results, _ = self.engine.call(fill_tasks, self.model, self.tokenizer, tasks, options).result()
         return [unescape(result["<ans>"] or "") for result in results]
 
-    def prompt_request(self, prompt: str | dict | list[int], options: GenerationConfig, index: int = 0,
-                       adapter: str | None | bool = True, **fields: Any) -> Request:
-        """The engine request of a prompt: its ids, or its text (encoded; a CPM-Bee model's goes
-        into its text-generation task), or a CPM-Bee task whose answer is text for people (a
-        rendered conversation)."""
-        if isinstance(prompt, list):
-            return self.request(prompt, options, index, adapter=adapter, **fields)
+    def prompt_source(self, prompt: str | dict | list[int] | Task, adapter: str | None | bool = True
+                      ) -> list[int] | Task:
+        """What a prompt is to the engine, made once for every request of it: its ids (a text
+        encoded), or for a CPM-Bee model the prepared task (a text goes into its text-generation
+        task; a dict is a task whose answer is text for people, a rendered conversation)."""
+        if isinstance(prompt, (list, Task)):
+            return prompt
         if not self.can("bee"):
-            name = self.active if adapter is True else adapter
-            return self.request(self.encode_for(prompt, name), options, index, adapter=adapter, **fields)
+            return self.encode_for(prompt, self.active if adapter is True else adapter)
         task = prompt if isinstance(prompt, dict) else text_task(prompt, self.bee_text_field)
-        return self.bee_request(task, options, index, adapter, plain=True, **fields)
+        return prepare_task(self.tokenizer, check_task(task, "task"), self.model.input_embedding.weight.device, True)
+
+    def prompt_request(self, prompt: str | dict | list[int] | Task, options: GenerationConfig, index: int = 0,
+                       adapter: str | None | bool = True, **fields: Any) -> Request:
+        """The engine request of a prompt (see :meth:`prompt_source`)."""
+        source = self.prompt_source(prompt, adapter)
+        if isinstance(source, Task):
+            return self._task_request(source, options, index, adapter, **fields)
+        return self.request(source, options, index, adapter=adapter, **fields)
 
     def generate_ids(self, texts: Sequence[str], max_new_tokens: int | None = None,
                      **kwargs: object) -> list[list[int]]:

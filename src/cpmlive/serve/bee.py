@@ -17,7 +17,7 @@ from cpmlive.data.bee import ANSWER_KEY, MAX_DEPTH, check_example, check_task
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion
 from cpmlive.infer.generate import GenerationConfig
-from cpmlive.serve.completions import GuardedStream, collect, error_event, sse
+from cpmlive.serve.completions import GuardedStream, collect, error_event, event_error, sse
 from cpmlive.serve.runtime import ServerError, ServerState, valid_text
 from cpmlive.serve.tasks import MAX_NAME_CHARS, Integer, holding, needs, timed_answer
 
@@ -181,8 +181,7 @@ async def streamed_answers(lm: LM, body: BeeRequest, requests: list, generations
         async with aclosing(generations.events(http)) as events:
             async for index, event in events:
                 if event.error is not None:
-                    yield sse(error_event(ServerError(500, event.error, "server_error") if event.internal
-                                          else ServerError(400, event.error)))
+                    yield sse(error_event(event_error(event)))
                     break
                 results[index].add(event)
                 if event.text:

@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
+from cpmlive.infer.bee import Task
 from cpmlive.infer.generate import MAX_DRAFT_TOKENS, MAX_NGRAM, GenerationConfig
 from cpmlive.infer.structured import MAX_GRAMMAR_CHARS, Constraint, constraint_from
 from cpmlive.serve.runtime import ServerError, ServerState, valid_text
@@ -283,13 +284,11 @@ def engine_requests(state: ServerState, prompts: list[str | list[int] | dict], b
     constraint = body.constraint()
     for i, text in enumerate(prompts):
         try:
-            if lm.can("bee"):
-                ids = lm.prompt_request(text, GenerationConfig(max_new_tokens=1), adapter=adapter).ids
-            else:
-                ids = text if isinstance(text, list) else lm.encode_for(text, adapter)
+            source = lm.prompt_source(text, adapter)
         except CpmliveError as exc:
             raise ServerError(400, f"prompt: {exc}" if len(prompts) == 1 else f"prompt.{i}: {exc}",
                               param="prompt") from None
+        ids = source.prompt.ids if isinstance(source, Task) else source
         lengths.append(len(ids))
         room = lm.config.max_length - lm.config.prompt_length - len(ids)
         default = lm.generation_defaults.get("max_new_tokens", DEFAULT_MAX_TOKENS)
@@ -298,7 +297,6 @@ def engine_requests(state: ServerState, prompts: list[str | list[int] | dict], b
             raise ServerError(400, f"max_tokens {max_tokens} with the prompt's {len(ids)} tokens exceeds the model's "
                               f"{lm.config.max_length - lm.config.prompt_length} positions: ask for at most "
                               f"{max(room, 0)}", param="max_tokens", code="context_length_exceeded")
-        source = text if lm.can("bee") else ids
         for j in range(body.n):
             requests.append(lm.prompt_request(source, body.options(max_tokens, i * body.n + j, lm.generation_defaults),
                                               adapter=adapter, stop=body.stops() + extra_stops, logprobs=logprobs,
@@ -472,13 +470,19 @@ async def collect(generations: Any, admitted: Any, http: HttpRequest) -> list[Co
         admitted.release()
 
 
+def event_error(event: Any) -> ServerError:
+    """The HTTP error of an engine event that ended its request: 500 for a fault of ours, else 400."""
+    if event.internal:
+        return ServerError(500, f"internal error ({event.error})", "server_error")
+    return ServerError(400, event.error)
+
+
 async def _collect(generations: Any, http: HttpRequest) -> list[Completion]:
     results = [Completion([], "", "", [], []) for _ in generations.handles]
     async with aclosing(generations.events(http)) as events:
         async for index, event in events:
             if event.error is not None:
-                raise ServerError(500, f"internal error ({event.error})", "server_error") if event.internal \
-                    else ServerError(400, event.error)
+                raise event_error(event)
             results[index].add(event)
     if not all(result.finish_reason for result in results):
         raise ServerError(499, "the client closed the connection", "cancelled", "cancelled")
