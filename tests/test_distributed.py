@@ -11,10 +11,9 @@ import torch
 
 from cpmlive.data.objectives import Batch
 from cpmlive.model.checkpoint import read_weights
-from cpmlive.train.distributed import (
-    optimizer_state_to_indices, optimizer_state_to_names, parameter_names, rows_of_rank,
-)
+from cpmlive.train.distributed import optimizer_state_to_names, parameter_names, rows_of_rank
 from cpmlive.train.metrics import latest_by_step, read_records
+from cpmlive.train.sharded import saved_tensors
 from cpmlive.train.pretrain import PretrainConfig, build_or_load_model, make_optimizer
 from test_pretrain import data_dir, losses, tiny_overrides  # noqa: F401  (data_dir is a fixture)
 
@@ -71,9 +70,9 @@ def test_rows_of_rank_and_optimizer_state_layouts(data_dir):  # noqa: F811
     names = parameter_names(model, optimizer)
     by_name = optimizer_state_to_names(state, names)
     assert set(by_name["state"]) == set(names) and "layers.0.attn.project_q.weight" in by_name["state"]
-    again = optimizer_state_to_indices(by_name, names)
-    assert again["param_groups"] == state["param_groups"]
-    assert all(torch.equal(again["state"][i]["exp_avg"], state["state"][i]["exp_avg"]) for i in state["state"])
+    assert all(torch.equal(by_name["state"][names[i]]["exp_avg"], state["state"][i]["exp_avg"]) for i in state["state"])
+    assert [group["params"] for group in by_name["param_groups"]] == \
+        [[names[i] for i in group["params"]] for group in state["param_groups"]]
 
 
 @pytest.mark.slow
@@ -89,28 +88,48 @@ def test_two_ranks_follow_the_single_process_trajectory(runs):
     assert train["two"]["grad_norm"] == pytest.approx(train["one"]["grad_norm"], rel=1e-3)
     stats = {name: latest_by_step(recs, "params")[-1]["stats"] for name, recs in records.items()}
     assert stats["two"].keys() == stats["one"].keys()
-    # the same checkpoint layout, whoever wrote it
-    for name in ("one", "two"):
-        assert (step_dir(runs / name, 6) / "model" / "config.json").is_file()
+    # one process writes the model directory and trainer.pt; two ranks each write their own shards
+    assert (step_dir(runs / "one", 6) / "model" / "config.json").is_file()
+    sharded = step_dir(runs / "two", 6) / "sharded"
+    assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (sharded / ".metadata").is_file() and (sharded / "config.json").is_file()
+    assert not (step_dir(runs / "two", 6) / "model").exists()
     saved = {name: torch.load(step_dir(runs / name, 6) / "trainer.pt", weights_only=False) for name in ("one", "two")}
-    assert saved["two"]["stream"] == saved["one"]["stream"]
-    assert saved["two"]["optimizer"]["state"].keys() == saved["one"]["optimizer"]["state"].keys()
-    # the same hyper-parameters; only the implementation differs (fused AdamW needs plain tensors)
-    groups = {name: [{k: v for k, v in g.items() if k != "fused"} for g in saved[name]["optimizer"]["param_groups"]]
-              for name in ("one", "two")}
-    assert groups["two"] == groups["one"]
+    assert saved["two"]["stream"] == saved["one"]["stream"] and saved["two"]["world_size"] == 2
+    assert "optimizer" not in saved["two"]  # it is in the shards
+
+
+def test_sharded_checkpoint_consolidates_to_the_single_process_weights(runs, tmp_path):
+    """`cpmlive convert RUN/step-N OUT` on two ranks' shards gives the weights one process saved
+    at that step (the same trajectory), and the model directory every verb reads."""
+    out = tmp_path / "consolidated"
+    result = subprocess.run([sys.executable, "-m", "cpmlive", "convert", str(step_dir(runs / "two", 6)), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ours, one = read_weights(out), read_weights(step_dir(runs / "one", 6) / "model")
+    assert ours.keys() == one.keys()
+    worst = max(((ours[k] - one[k]).abs().max() / one[k].abs().max().clamp_min(1e-12)).item() for k in one)
+    assert worst < 1e-4
+    assert (out / "vocab.txt").is_file()
 
 
 @pytest.mark.slow
 def test_checkpoints_move_between_world_sizes(runs, data_dir, tmp_path):  # noqa: F811
     one, two = losses(runs / "one"), losses(runs / "two")
-    # written by 2 ranks, resumed by 1 process
+    # sharded by 2 ranks, resumed by 1 process (DCP without a process group)
     launch(tiny_overrides(data_dir, tmp_path / "two-then-one") + STEPS, nproc=1, resume=step_dir(runs / "two", 3))
     worst_21 = assert_close(losses(tmp_path / "two-then-one"), two, range(4, 7))
     # written by 1 process, resumed by 2 ranks
     launch(tiny_overrides(data_dir, tmp_path / "one-then-two") + STEPS, nproc=2, resume=step_dir(runs / "one", 3))
     worst_12 = assert_close(losses(tmp_path / "one-then-two"), one, range(4, 7))
-    print(f"max relative loss difference after resume: 2->1 {worst_21:.2e}, 1->2 {worst_12:.2e}")
+    # sharded by 2 ranks, resharded onto 4 (whose own step-6 shards are then 4 files)
+    two4 = tmp_path / "two-batch4"
+    launch(tiny_overrides(data_dir, two4, batch_size=4) + STEPS, nproc=2)
+    launch(tiny_overrides(data_dir, tmp_path / "four", batch_size=4) + STEPS, nproc=4, resume=step_dir(two4, 3))
+    worst_24 = assert_close(losses(tmp_path / "four"), losses(two4), range(4, 7))
+    assert len(list((step_dir(tmp_path / "four", 6) / "sharded").glob("*.distcp"))) == 4
+    print(f"max relative loss difference after resume: 2->1 {worst_21:.2e}, 1->2 {worst_12:.2e}, "
+          f"2->4 {worst_24:.2e}")
 
 
 @pytest.mark.slow
@@ -129,5 +148,23 @@ def test_bf16_mixed_precision_trains_and_saves_float32(runs, data_dir, tmp_path)
     launch(tiny_overrides(data_dir, run, fsdp_mixed_precision=True, max_steps=2, save_every=2), nproc=2)
     mixed, fp32 = losses(run), losses(runs / "one")
     assert sorted(mixed) == [1, 2] and all(mixed[s] == pytest.approx(fp32[s], rel=1e-2) for s in mixed)
-    weights = read_weights(step_dir(run, 2) / "model")
-    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    assert {dtype for _, dtype in saved_tensors(step_dir(run, 2)).values()} == {torch.float32}
+
+
+def test_torn_shard_falls_back_and_a_changed_shape_is_refused(runs, data_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "torn"
+    shutil.copytree(runs / "two", run)
+    (step_dir(run, 6) / "sharded" / "__1_0.distcp").unlink()
+    args = [sys.executable, "-m", "cpmlive", "pretrain", *tiny_overrides(data_dir, run), *STEPS, "--resume", "auto"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "__1_0.distcp is missing" in result.stderr and "resuming from step-0000003" in result.stderr
+    assert_close(losses(run), losses(runs / "two"), range(1, 7))
+
+    before = sorted(str(p.relative_to(runs)) for p in (runs / "two").rglob("*"))
+    changed = tiny_overrides(data_dir, tmp_path / "wider", **{"model_overrides.dim_ff": 96}) + STEPS
+    result = subprocess.run([sys.executable, "-m", "cpmlive", "pretrain", *changed,
+                             "--resume", str(step_dir(runs / "two", 3))], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "step-0000003" in result.stderr
+    assert sorted(str(p.relative_to(runs)) for p in (runs / "two").rglob("*")) == before

@@ -54,7 +54,15 @@ def add_convert(verbs: Verbs) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from cpmlive.model.registry import family_of
+    from cpmlive.train.sharded import consolidate, is_sharded
+    from cpmlive.utils import parse_dtype
 
+    if is_sharded(Path(args.src)):  # a training checkpoint several ranks wrote: one model directory
+        if args.to != "ours":
+            raise CpmliveError(f"{args.src} is a sharded training checkpoint: convert it to ours first, "
+                               "then to --to " + args.to)
+        print(f"wrote {consolidate(Path(args.src), Path(args.dst), dtype=parse_dtype(args.dtype), force=args.force)}")
+        return
     with warnings_as_lines():
         out = family_of(args.src).convert(args.src, args.dst, to=args.to, config_path=args.config,
                                           vocab_path=args.vocab, dtype=args.dtype, force=args.force,

@@ -94,6 +94,14 @@ def write_checkpoint(run_dir: Path, step: int, keep: int, write: Callable[[Path]
     and published (``keep`` kept). A failure leaves the previous checkpoint and ``latest`` untouched."""
     target = checkpoint_dir(run_dir, step)
     build = new_build_directory(target)
+    write_into(build, target, write)
+    publish(run_dir, target, keep)
+    return target
+
+
+def write_into(build: Path, target: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills ``build`` (made by :func:`new_build_directory`, possibly already holding
+    what other ranks wrote), which then replaces ``target`` whole; on failure ``build`` is removed."""
     try:
         write(build)
         replace_directory(build, target)
@@ -101,8 +109,6 @@ def write_checkpoint(run_dir: Path, step: int, keep: int, write: Callable[[Path]
         shutil.rmtree(build, ignore_errors=True)
         raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc}); "
                            "the previous checkpoint is intact") from None
-    publish(run_dir, target, keep)
-    return target
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -276,7 +282,7 @@ class StopRequest:
 
 __all__ = [
     "LATEST", "StopRequest", "TRAINER_STATE", "check_optimizer_fits", "checkpoint_dir", "cleaned_up_on_failure",
-    "existing_run",
+    "existing_run", "write_into",
     "latest_checkpoint", "publish", "read_trainer_state", "refuse_existing_run", "resume_candidates",
     "resume_point", "step_dirs", "step_of", "warn", "write_checkpoint",
 ]

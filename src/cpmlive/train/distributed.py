@@ -15,14 +15,13 @@
   target count) before ``backward`` and back-propagates ``local_sum * world / global_count``;
   FSDP's gradient reduction averages over the ranks, which leaves exactly the gradient of
   the global mean. The logged figures (loss, per-objective losses, tokens) are global.
-* **checkpoints**: the full (unsharded) model and optimizer state are gathered to rank 0
-  (``get_model_state_dict``/``get_optimizer_state_dict``, ``full_state_dict`` and
-  ``cpu_offload``), which writes the single-process format: the model directory and a
-  ``trainer.pt`` whose optimizer state is keyed by parameter index, as
-  ``torch.optim.Optimizer.state_dict`` keys it. To resume, rank 0 reads the checkpoint and
-  ``set_model_state_dict``/``set_optimizer_state_dict`` (``broadcast_from_rank0``) shard it
-  onto every rank, so only rank 0 needs the checkpoint directory. A run saved by N ranks
-  resumes with M ranks, one process included.
+* **checkpoints**: sharded (:mod:`cpmlive.train.sharded`): every rank writes its own shards
+  of the model and the optimizer with torch.distributed.checkpoint into one build directory,
+  which rank 0 completes (trainer state, config) and renames into place; nothing is gathered,
+  so no rank holds more than its shards. ``--resume`` loads a sharded checkpoint into any
+  number of ranks (or one process), resharding; a single-process checkpoint is read whole by
+  rank 0 and sharded onto the ranks (``broadcast_from_rank0``). ``cpmlive convert RUN/step-N
+  OUT`` consolidates a sharded checkpoint into a model directory.
 * **reporting**: metrics, progress and files on rank 0 only; throughput counts every rank's
   tokens; cost and CO2e count ``world_size`` devices.
 
@@ -47,6 +46,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shutil
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -59,9 +59,11 @@ from torch import nn
 from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch
 from cpmlive.errors import CpmliveError
 from cpmlive.model.loss import masked_lm_loss
-from cpmlive.train.checkpoints import resume_point
+from cpmlive.model.checkpoint import new_build_directory
+from cpmlive.train.checkpoints import TRAINER_STATE, checkpoint_dir, publish, resume_point, write_into
 from cpmlive.train.core import autocast, keeping_fused_choice, set_rng_state
-from cpmlive.train.pretrain import PretrainConfig, RunState, Trainer, save_training_checkpoint
+from cpmlive.train.pretrain import PretrainConfig, RunState, Trainer, trainer_header
+from cpmlive.train.sharded import SHARDED, load_sharded, save_sharded, write_sharded_config
 
 
 @dataclass(frozen=True)
@@ -156,16 +158,9 @@ def parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[
         raise CpmliveError("the optimizer holds a parameter the model does not name") from None
 
 
-def optimizer_state_to_indices(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """A name-keyed full optimizer state (``get_optimizer_state_dict``) in the index-keyed
-    layout of ``Optimizer.state_dict()``, the one single-process checkpoints hold."""
-    index = {name: i for i, name in enumerate(names)}
-    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]]
-    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
-
-
 def optimizer_state_to_names(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The inverse of :func:`optimizer_state_to_indices`."""
+    """An index-keyed optimizer state (``Optimizer.state_dict()``, what single-process
+    checkpoints hold) keyed by parameter name, as ``set_optimizer_state_dict`` takes it."""
     count = sum(len(group["params"]) for group in state["param_groups"])
     if count != len(names):
         raise CpmliveError(f"the checkpoint's optimizer holds {count} parameters, this model {len(names)}")
@@ -275,54 +270,73 @@ class DistributedTrainer(Trainer):
         return stats
 
     def save(self) -> Path | None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        options = _state_options(cpu_offload=True)
-        self.model.reshard()
-        model_state = get_model_state_dict(self.model, options=options)
-        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
-        target, error = None, None
+        """Every rank writes its own shards (DCP) into one build directory; rank 0 then adds the
+        trainer state and the model's config and renames it into place: nothing is gathered."""
+        target = checkpoint_dir(self.run_dir, self.state.step)
+        build, error = None, None
         if self.is_main:
             try:
-                optimizer_state = optimizer_state_to_indices(optimizer_state,
-                                                             parameter_names(self.model, self.optimizer))
-                target = save_training_checkpoint(self.run_dir, self.model, self.optimizer, self.stream, self.state,
-                                                  self.config, self.vocab_path, model_state=model_state,
-                                                  optimizer_state=optimizer_state)
-            except CpmliveError as exc:
-                error = str(exc)
-        del model_state, optimizer_state
+                build = new_build_directory(target)
+            except OSError as exc:
+                error = f"could not write checkpoint {target} ({exc.strerror or exc})"
+        error, build = _broadcast((error, build))
+        if error is not None:
+            raise CpmliveError(error)
+        self.model.reshard()
+        try:
+            save_sharded(build / SHARDED, self.model, self.optimizer)
+        except Exception as exc:  # noqa: BLE001  (DCP raises CheckpointException on every rank)
+            error = f"could not write checkpoint {target} ({str(exc).splitlines()[0] if str(exc) else exc})"
+        if self.is_main:
+            if error is None:
+                try:
+                    write_into(build, target, self._write_header)
+                    publish(self.run_dir, target, self.config.keep_checkpoints)
+                except CpmliveError as exc:
+                    error = str(exc)
+            else:
+                shutil.rmtree(build, ignore_errors=True)
         error = _broadcast(error)  # also the barrier: nobody runs ahead of a checkpoint
         if error is not None:
             raise CpmliveError(error)
         return target
 
+    def _write_header(self, build: Path) -> None:
+        write_sharded_config(build / SHARDED, self.model.config, self.vocab_path)
+        torch.save({**trainer_header(self.stream, self.state, self.config), "world_size": self.world_size},
+                   build / TRAINER_STATE)
+
     def _resume(self, resume: str) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        model_state: dict[str, Any] = {}
+        model_state: dict[str, Any] | None = {}
         optimizer_state: dict[str, Any] = {}
         header: dict[str, Any] | None = None
-        error = None
+        path, error = None, None
         if self.is_main:
             try:
                 point = resume_point(self.run_dir, resume, self.read_checkpoint)
                 if point is not None:
-                    _, (model_state, trainer) = point
-                    optimizer_state = optimizer_state_to_names(trainer["optimizer"],
-                                                               parameter_names(self.model, self.optimizer))
+                    path, (model_state, trainer) = point
+                    if model_state is not None:
+                        optimizer_state = optimizer_state_to_names(trainer["optimizer"],
+                                                                   parameter_names(self.model, self.optimizer))
                     header = {key: trainer[key] for key in ("stream", "state", "rng")}
             except CpmliveError as exc:
                 error = str(exc)
-        error, header = _broadcast((error, header))
+        sharded = self.is_main and header is not None and model_state is None
+        error, header, path, sharded = _broadcast((error, header, path, sharded))
         if error is not None:
             raise CpmliveError(error)
         if header is None:
             return
-        set_model_state_dict(self.model, model_state, options=_state_options(broadcast_from_rank0=True))
-        with keeping_fused_choice(self.optimizer):
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state,
-                                     options=_state_options(broadcast_from_rank0=True))
+        if sharded:  # every rank reads its own shards, resharded to this run's layout
+            load_sharded(path, self.model, self.optimizer)
+        else:  # a single-process checkpoint: rank 0 read it whole, every rank gets its shards
+            set_model_state_dict(self.model, model_state, options=_state_options(broadcast_from_rank0=True))
+            with keeping_fused_choice(self.optimizer):
+                set_optimizer_state_dict(self.model, self.optimizer, optimizer_state,
+                                         options=_state_options(broadcast_from_rank0=True))
         del model_state, optimizer_state
         self.stream.load_state_dict(header["stream"])
         self.state = RunState(**header["state"])
@@ -353,6 +367,6 @@ def run_distributed(config: PretrainConfig, resume: str | None = None) -> RunSta
 
 
 __all__ = [
-    "DistEnv", "DistributedTrainer", "init_distributed", "is_distributed_launch", "optimizer_state_to_indices",
+    "DistEnv", "DistributedTrainer", "init_distributed", "is_distributed_launch",
     "optimizer_state_to_names", "parameter_names", "rows_of_rank", "run_distributed", "shard_model",
 ]

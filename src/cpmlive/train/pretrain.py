@@ -41,6 +41,7 @@ from cpmlive.train.checkpoints import (TRAINER_STATE, check_optimizer_fits, read
 from cpmlive.train.core import (Schedule, adamw, autocast, decay_groups, learning_rate, memory_mb, progress_bar,
                                 restore_optimizer, rng_state, run_steps, set_learning_rate, set_rng_state)
 from cpmlive.train.metrics import MetricsLog, finite_or_none, parameter_stats
+from cpmlive.train.sharded import check_readable, check_shapes, is_sharded, load_sharded, sharded_config_path
 from cpmlive.utils import atomic_write_text
 
 
@@ -120,11 +121,16 @@ def save_training_checkpoint(run_dir: Path, model: Transformer, optimizer: torch
         save_checkpoint(model if model_state is None else model_state, model.config, build / "model",
                         vocab=vocab_path)
         saved_optimizer = optimizer.state_dict() if optimizer_state is None else optimizer_state
-        trainer = {"optimizer": saved_optimizer, "stream": stream.state_dict(),
-                   "state": dataclasses.asdict(state), "rng": rng_state(), "config": config.to_dict()}
-        torch.save(trainer, build / TRAINER_STATE)
+        torch.save({"optimizer": saved_optimizer, **trainer_header(stream, state, config)}, build / TRAINER_STATE)
 
     return write_checkpoint(run_dir, state.step, config.keep_checkpoints, write)
+
+
+def trainer_header(stream: PretrainStream, state: RunState, config: PretrainConfig) -> dict[str, Any]:
+    """What a checkpoint holds besides the weights and the optimizer: the data position, the
+    run's counters, the RNG and the recipe."""
+    return {"stream": stream.state_dict(), "state": dataclasses.asdict(state), "rng": rng_state(),
+            "config": config.to_dict()}
 
 
 # ---- the recipe -----------------------------------------------------------------------------------
@@ -273,8 +279,17 @@ class Trainer:
         """Whether to stop after this step (the distributed trainer: if any rank was signalled)."""
         return requested
 
-    def read_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """A checkpoint's weights and trainer state, checked to fit this run; CpmliveError if not."""
+    def read_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """A checkpoint's weights and trainer state, checked to fit this run; CpmliveError if not.
+        A sharded checkpoint's weights are not read here (None): every rank loads its own
+        shards afterwards (:func:`cpmlive.train.sharded.load_sharded`)."""
+        if is_sharded(path):
+            trainer = read_trainer_state(path, ("stream", "state", "rng"))
+            check_readable(path)
+            config_path = sharded_config_path(path)
+            check_same_architecture(family_of(config_path.parent).config.load(config_path), self.model.config, path)
+            check_shapes(path, {name: tuple(t.shape) for name, t in self.model.state_dict().items()})
+            return None, trainer
         trainer = read_trainer_state(path, ("optimizer", "stream", "state", "rng"))
         check_optimizer_fits(self.optimizer, trainer["optimizer"], path)
         loaded, _ = family_of(path / "model").load(path / "model", dtype=torch.float32)
@@ -285,9 +300,12 @@ class Trainer:
         point = resume_point(self.run_dir, resume, self.read_checkpoint)
         if point is None:
             return
-        _, (model_state, trainer) = point
-        self.model.load_state_dict(model_state)
-        restore_optimizer(self.optimizer, trainer["optimizer"])
+        path, (model_state, trainer) = point
+        if model_state is None:
+            load_sharded(path, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(model_state)
+            restore_optimizer(self.optimizer, trainer["optimizer"])
         self.stream.load_state_dict(trainer["stream"])
         self.state = RunState(**trainer["state"])
         set_rng_state(trainer["rng"])
