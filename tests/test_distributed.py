@@ -168,3 +168,14 @@ def test_torn_shard_falls_back_and_a_changed_shape_is_refused(runs, data_dir, tm
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "step-0000003" in result.stderr
     assert sorted(str(p.relative_to(runs)) for p in (runs / "two").rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_async_checkpoints_are_the_same_checkpoints(runs, data_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "async"
+    launch(tiny_overrides(data_dir, run, async_checkpoint=True) + STEPS, nproc=2)
+    assert_close(losses(run), losses(runs / "two"), range(1, 7))
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+    assert not list((run / "checkpoints").glob(".*tmp*"))
+    launch(tiny_overrides(data_dir, tmp_path / "after-async") + STEPS, nproc=1, resume=step_dir(run, 3))
+    assert_close(losses(tmp_path / "after-async"), losses(runs / "two"), range(4, 7))

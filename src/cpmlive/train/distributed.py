@@ -184,6 +184,8 @@ class DistributedTrainer(Trainer):
         if config.batch_size < self.world_size:
             raise CpmliveError(f"batch_size {config.batch_size} is smaller than the {self.world_size} ranks: "
                                "every rank needs at least one row of the global batch")
+        self._pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
+        self._checkpoint_group = None
         super().__init__(config, resume)
 
     # ---- hooks of Trainer -------------------------------------------------------------------
@@ -271,7 +273,13 @@ class DistributedTrainer(Trainer):
 
     def save(self) -> Path | None:
         """Every rank writes its own shards (DCP) into one build directory; rank 0 then adds the
-        trainer state and the model's config and renames it into place: nothing is gathered."""
+        trainer state and the model's config and renames it into place: nothing is gathered.
+
+        With ``async_checkpoint`` the shards are staged in host memory and written by a
+        background thread over a separate gloo group while training goes on; the checkpoint is
+        completed (renamed, ``latest`` moved) at the next save or when the run ends, so until
+        then ``latest`` still names the previous one."""
+        self.finish_pending_save()
         target = checkpoint_dir(self.run_dir, self.state.step)
         build, error = None, None
         if self.is_main:
@@ -283,14 +291,41 @@ class DistributedTrainer(Trainer):
         if error is not None:
             raise CpmliveError(error)
         self.model.reshard()
+        header = {**trainer_header(self.stream, self.state, self.config), "world_size": self.world_size}
+        if self.config.async_checkpoint:
+            if self._checkpoint_group is None:
+                self._checkpoint_group = dist.new_group(backend="gloo")
+            future = save_sharded(build / SHARDED, self.model, self.optimizer, group=self._checkpoint_group)
+            self._pending = (future, build, target, header)
+            return target
         try:
             save_sharded(build / SHARDED, self.model, self.optimizer)
         except Exception as exc:  # noqa: BLE001  (DCP raises CheckpointException on every rank)
-            error = f"could not write checkpoint {target} ({str(exc).splitlines()[0] if str(exc) else exc})"
+            error = _save_error(target, exc)
+        self._complete(build, target, header, error)
+        return target
+
+    def finish_pending_save(self) -> None:
+        """Wait for an asynchronous save and complete its checkpoint (every rank)."""
+        if self._pending is None:
+            return
+        future, build, target, header = self._pending
+        self._pending = None
+        error = None
+        try:
+            future.result()
+        except Exception as exc:  # noqa: BLE001
+            error = _save_error(target, exc)
+        self._complete(build, target, header, error)
+
+    def _complete(self, build: Path, target: Path, header: dict[str, Any], error: str | None) -> None:
+        errors = [None] * self.world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
         if self.is_main:
             if error is None:
                 try:
-                    write_into(build, target, self._write_header)
+                    write_into(build, target, lambda directory: self._write_header(directory, header))
                     publish(self.run_dir, target, self.config.keep_checkpoints)
                 except CpmliveError as exc:
                     error = str(exc)
@@ -299,12 +334,15 @@ class DistributedTrainer(Trainer):
         error = _broadcast(error)  # also the barrier: nobody runs ahead of a checkpoint
         if error is not None:
             raise CpmliveError(error)
-        return target
 
-    def _write_header(self, build: Path) -> None:
+    def _write_header(self, build: Path, header: dict[str, Any]) -> None:
         write_sharded_config(build / SHARDED, self.model.config, self.vocab_path)
-        torch.save({**trainer_header(self.stream, self.state, self.config), "world_size": self.world_size},
-                   build / TRAINER_STATE)
+        torch.save(header, build / TRAINER_STATE)
+
+    def run(self) -> RunState:
+        state = super().run()
+        self.finish_pending_save()
+        return state
 
     def _resume(self, resume: str) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -341,6 +379,10 @@ class DistributedTrainer(Trainer):
         self.stream.load_state_dict(header["stream"])
         self.state = RunState(**header["state"])
         set_rng_state(header["rng"])
+
+
+def _save_error(target: Path, exc: Exception) -> str:
+    return f"could not write checkpoint {target} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
 
 
 def run_distributed(config: PretrainConfig, resume: str | None = None) -> RunState:

@@ -71,6 +71,7 @@ class PretrainConfig(LoopArgs):
     # several processes (torchrun): FSDP2 options, ignored by a single process
     fsdp_cpu_offload: bool = False
     fsdp_mixed_precision: bool = False
+    async_checkpoint: bool = False  # shards written by a background thread while training goes on
 
     RANGES: ClassVar[dict[str, Bound]] = {
         **LoopArgs.RANGES, "seq_length": Bound(64, low_open=True), "max_steps": AT_LEAST_ONE,

@@ -67,15 +67,17 @@ def _no_dist() -> bool:
 
 
 def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 asynchronous: bool = False) -> Future | None:
+                 group: Any = None) -> Future | None:
     """Every rank writes its shards of the model and optimizer into ``directory`` (a collective).
-    With ``asynchronous``, the state is staged in host memory and written by a background
-    thread; the returned future completes when the checkpoint is whole."""
+    Given a process ``group``, the save is asynchronous: the state is staged in host memory (a
+    copy of the rank's share) and written by a background thread communicating over ``group``
+    (a group of its own, so it never interleaves with training's collectives); the returned
+    future completes when every shard is written."""
     import torch.distributed.checkpoint as dcp
 
     state = training_state(model, optimizer)
-    if asynchronous and not _no_dist():
-        return dcp.async_save(state, checkpoint_id=str(directory))
+    if group is not None:
+        return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
     dcp.save(state, checkpoint_id=str(directory), no_dist=_no_dist())
     return None
 
