@@ -27,7 +27,7 @@ VERBS: tuple[Callable[[Verbs], None], ...] = (
     infer.add_generate, infer.add_fill, infer.add_bee, model.add_convert, model.add_download, compress.add_quantize,
     compress.add_compress, model.add_info, model.add_tokenize, data.add_vocab, data.add_data, evaluate.add_evaluate,
     train.add_pretrain, tune.add_finetune, align.add_align, infer.add_chat, infer.add_title, serve.add_dashboard,
-    serve.add_serve, train.add_report, tune.add_merge,
+    serve.add_serve, train.add_report, tune.add_merge, train.add_plan,
 )
 
 
