@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cpmlive.data.objectives import Batch
+from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import read_weights
 from cpmlive.train.distributed import optimizer_state_to_names, parameter_names, rows_of_rank
 from cpmlive.train.metrics import latest_by_step, read_records
@@ -179,3 +180,43 @@ def test_async_checkpoints_are_the_same_checkpoints(runs, data_dir, tmp_path):  
     assert not list((run / "checkpoints").glob(".*tmp*"))
     launch(tiny_overrides(data_dir, tmp_path / "after-async") + STEPS, nproc=1, resume=step_dir(run, 3))
     assert_close(losses(tmp_path / "after-async"), losses(runs / "two"), range(4, 7))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["ant", "decoder"])
+def test_tensor_x_data_parallel_follows_one_process(data_dir, tmp_path, family):  # noqa: F811
+    """4 processes as 2 tensor-parallel x 2 data-parallel ranks train as one process does; their
+    checkpoint (2-D DTensor shards) resumes on 2 data-parallel ranks and on one process."""
+    extra = {"batch_size": 4}
+    if family == "decoder":
+        extra.update({"model": "decoder-tiny", "model_overrides.num_layers": 2})
+    one, grid = tmp_path / "one", tmp_path / "tp2dp2"
+    launch(tiny_overrides(data_dir, one, **extra) + STEPS, nproc=1)
+    launch(tiny_overrides(data_dir, grid, tp_size=2, **extra) + STEPS, nproc=4)
+    worst = assert_close(losses(grid), losses(one), range(1, 7))
+    assert len(list((step_dir(grid, 6) / "sharded").glob("*.distcp"))) == 4
+    launch(tiny_overrides(data_dir, tmp_path / "dp2", **extra) + STEPS, nproc=2, resume=step_dir(grid, 3))
+    launch(tiny_overrides(data_dir, tmp_path / "alone", **extra) + STEPS, nproc=1, resume=step_dir(grid, 3))
+    moved = max(assert_close(losses(tmp_path / name), losses(one), range(4, 7)) for name in ("dp2", "alone"))
+    print(f"{family}: 2 TP x 2 DP vs 1 process, max relative loss difference {worst:.2e}; "
+          f"resumed on 2 DP ranks / 1 process {moved:.2e}")
+
+
+def test_tensor_parallel_refusals(data_dir, tmp_path):  # noqa: F811
+    from cpmlive.model.checkpoint import model_class
+    from cpmlive.model.registry import preset
+    from cpmlive.train.distributed import check_tensor_parallel
+
+    config = preset("ant-tiny")
+    model = model_class(config)(config)
+    check_tensor_parallel(model, 2)
+    with pytest.raises(CpmliveError, match="does not divide the model's 4 heads"):
+        check_tensor_parallel(model, 3)
+    cpm1 = preset("cpm1-tiny")
+    with pytest.raises(CpmliveError, match="bias-free q/k/v/out projections"):
+        check_tensor_parallel(model_class(cpm1)(cpm1), 2)
+    run = tmp_path / "tp-alone"
+    result = subprocess.run([sys.executable, "-m", "cpmlive", "pretrain", *tiny_overrides(data_dir, run, tp_size=2)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "needs a torchrun job" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not run.exists()

@@ -92,9 +92,13 @@ class Attention(nn.Module):
     def biased(self) -> bool:
         return self.bias_out is not None
 
+    # The heads this module holds when tensor parallelism split it (``train.distributed``): its
+    # slice of the position bias's heads. None: all of them.
+    tp_heads: slice | None = None
+
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
-        return x.view(batch, length, self.num_heads, self.dim_head).transpose(1, 2)
+        return x.view(batch, length, -1, self.dim_head).transpose(1, 2)  # fewer heads when split
 
     def forward(self, x: Tensor, bias: Tensor, cache: KVCache | None, layer: int, start: int,
                 residual: Tensor, queries: int | None = None) -> Tensor:
@@ -106,6 +110,8 @@ class Attention(nn.Module):
         v = self._heads(add_bias(project(x, self.project_v), self.bias_v))
         if cache is not None:
             k, v = cache.store(layer, start, k, v)
+        if self.tp_heads is not None and bias.size(1) > 1:
+            bias = bias[:, self.tp_heads]
         out = attention(q, k, v, bias, self.dropout_p if self.training else 0.0)
         batch, _, length, _ = out.shape
         out = project(out.transpose(1, 2).reshape(batch, length, -1), self.attention_out, "residual", residual)

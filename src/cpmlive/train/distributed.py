@@ -110,22 +110,81 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
-def shard_model(model: nn.Module, env: DistEnv, cpu_offload: bool = False,
-                mixed_precision: bool = False) -> nn.Module:
-    """``fully_shard`` every transformer Block, then the root (embeddings, position bias,
-    output norm). The model is changed in place (FSDP2 swaps its class) and returned."""
+def device_mesh(env: DistEnv, tp_size: int = 1):
+    """The ranks as a ``(dp, tp)`` DeviceMesh (rank ``r`` is data-parallel rank ``r // tp`` and
+    tensor-parallel rank ``r % tp``: a tensor-parallel group is consecutive ranks, one node's
+    GPUs when ``tp`` is at most the GPUs per node); 1-D (``dp`` only) without tensor parallelism."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    if env.world_size % tp_size:
+        raise CpmliveError(f"tp_size {tp_size} does not divide the {env.world_size} ranks")
+    if tp_size == 1:
+        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp",))
+    return init_device_mesh(env.device.type, (env.world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+
+
+def check_tensor_parallel(model: nn.Module, tp_size: int) -> None:
+    """Refuse, in one line, a model tensor parallelism cannot split as :func:`tensor_parallel` does."""
+    from cpmlive.model.stack import Attention, FeedForward
+
+    config = model.config
+    kv = getattr(config, "num_kv_heads", config.num_heads)
+    if config.num_heads % tp_size or kv % tp_size:
+        raise CpmliveError(f"tp_size {tp_size} does not divide the model's {config.num_heads} heads "
+                           f"({kv} key/value heads)")
+    if config.dim_ff % tp_size:
+        raise CpmliveError(f"tp_size {tp_size} does not divide the model's dim_ff {config.dim_ff}")
+    for index, block in enumerate(model.layers):
+        attn, ffn = getattr(block, "attn", None), getattr(block, "ffn", None)
+        splittable_attn = attn is None or (isinstance(attn, Attention) or type(attn).__name__ == "DecoderAttention")
+        if not splittable_attn or (attn is not None and getattr(attn, "bias_q", None) is not None):
+            raise CpmliveError(f"tensor parallelism splits bias-free q/k/v/out projections (CPM-Ant, CPM-Bee, "
+                               f"Llama-style decoders); block {index}'s {type(attn).__name__} is not one")
+        if ffn is not None and not isinstance(ffn, FeedForward):
+            raise CpmliveError(f"tensor parallelism splits the gated FFN; block {index}'s {type(ffn).__name__} "
+                               "(experts or GPT-2's MLP) is not split")
+
+
+def tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Megatron's split of every block over the ``tp`` ranks (``parallelize_module``): q, k, v and
+    the FFN's two input projections column-wise (each rank computes its heads and its share of
+    the FFN's width), the attention and FFN outputs row-wise (partial sums all-reduced before the
+    residual). Embeddings, norms and the position bias stay whole on every rank; each rank's
+    attention reads its heads' slice of the bias."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    check_tensor_parallel(model, tp_mesh.size())
+    rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
+    local_heads = model.config.num_heads // size
+    for block in model.layers:
+        plan = {}
+        if hasattr(block, "attn"):
+            plan.update({f"attn.{name}": ColwiseParallel() for name in ("project_q", "project_k", "project_v")})
+            plan["attn.attention_out"] = RowwiseParallel()
+            block.attn.tp_heads = slice(rank * local_heads, (rank + 1) * local_heads)
+        if hasattr(block, "ffn"):
+            plan.update({"ffn.w_0": ColwiseParallel(), "ffn.w_1": ColwiseParallel(), "ffn.w_out": RowwiseParallel()})
+        parallelize_module(block, tp_mesh, plan)
+
+
+def shard_model(model: nn.Module, env: DistEnv, cpu_offload: bool = False,
+                mixed_precision: bool = False, mesh=None) -> nn.Module:
+    """Tensor parallelism over the mesh's ``tp`` dimension, if it has one, then ``fully_shard``
+    every transformer Block and the root (embeddings, position bias, output norm) over its
+    ``dp`` dimension. The model is changed in place (FSDP2 swaps its class) and returned."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    kwargs: dict[str, Any] = {"mesh": mesh}
+    mesh = device_mesh(env) if mesh is None else mesh
+    if env.device.type != "cpu" and not cpu_offload:
+        model.to(env.device)
+    if "tp" in (mesh.mesh_dim_names or ()):
+        tensor_parallel(model, mesh["tp"])
+    kwargs: dict[str, Any] = {"mesh": mesh["dp"]}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # Pinned host memory needs CUDA; on a CPU-only machine the "offload" keeps plain memory.
     kwargs["offload_policy"] = (CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cpu_offload
                                 else OffloadPolicy())
-    if env.device.type != "cpu" and not cpu_offload:
-        model.to(env.device)
     for block in model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -181,9 +240,16 @@ class DistributedTrainer(Trainer):
         self.env = env if env is not None else init_distributed()
         self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
         self.is_main = self.env.is_main
-        if config.batch_size < self.world_size:
-            raise CpmliveError(f"batch_size {config.batch_size} is smaller than the {self.world_size} ranks: "
-                               "every rank needs at least one row of the global batch")
+        tp = config.tp_size
+        if self.world_size % tp:
+            raise CpmliveError(f"tp_size {tp} does not divide the {self.world_size} ranks")
+        # data parallelism is over the tp groups: the ranks of one group see the same rows
+        self.dp_size, self.dp_rank = self.world_size // tp, self.rank // tp
+        if config.batch_size % self.dp_size:
+            raise CpmliveError(f"batch_size {config.batch_size} is not a multiple of the {self.dp_size} "
+                               "data-parallel ranks: every rank needs the same number of rows")
+        self.mesh = device_mesh(self.env, tp)
+        self.dp_group = self.mesh["dp"].get_group() if tp > 1 else None
         self._pending: tuple[Any, Path, Path, dict[str, Any]] | None = None
         self._checkpoint_group = None
         super().__init__(config, resume)
@@ -192,7 +258,7 @@ class DistributedTrainer(Trainer):
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return shard_model(model, self.env, cpu_offload=self.config.fsdp_cpu_offload,
-                           mixed_precision=self.config.fsdp_mixed_precision)
+                           mixed_precision=self.config.fsdp_mixed_precision, mesh=self.mesh)
 
     def on_main(self, check: Callable[[], None]) -> None:
         """Rank 0 checks the run directory (only it needs to see it); every rank raises its error."""
@@ -215,7 +281,7 @@ class DistributedTrainer(Trainer):
 
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, float], int]:
         config = self.config
-        local = rows_of_rank(batch, self.rank, self.world_size).to(self.device)
+        local = rows_of_rank(batch, self.dp_rank, self.dp_size).to(self.device)
         with autocast(config.precision, self.device):
             loss, per_task = masked_lm_loss(self.model, local)
         selected = local.target != IGNORE_INDEX
@@ -227,11 +293,11 @@ class DistributedTrainer(Trainer):
             figures += [torch.where(n > 0, per_task[name].double() * n, 0.0), n.double()]
         figures.append(local.valid.sum().double())
         totals = torch.stack(figures)
-        dist.all_reduce(totals)
+        dist.all_reduce(totals, group=self.dp_group)
         total_count = totals[1].item()
-        # FSDP averages gradients over the ranks: scale by world / global count so the result
-        # is the gradient of the token mean over the whole global batch.
-        scale = count.item() * self.world_size / total_count / config.grad_accum
+        # FSDP averages gradients over the data-parallel ranks: scale by dp / global count so the
+        # result is the gradient of the token mean over the whole global batch.
+        scale = count.item() * self.dp_size / total_count / config.grad_accum
         (loss * scale).backward()
         values = totals.tolist()
         per_task_mean = {name: values[2 + 2 * i] / values[3 + 2 * i] if values[3 + 2 * i] else math.nan
@@ -239,8 +305,23 @@ class DistributedTrainer(Trainer):
         return values[0] / total_count, per_task_mean, int(values[-1])
 
     def clip_gradients(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        return _full(norm).item()
+        """The global gradient norm and the clip, over gradients that may live on two meshes
+        (tensor-parallel ones on ``(dp, tp)``, the rest on ``dp``): one norm per mesh, reduced
+        there, then combined."""
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        groups: dict[Any, list[torch.Tensor]] = {}
+        for param in params:
+            mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+            groups.setdefault(mesh, []).append(param.grad)
+        norms = [_full(torch.nn.utils.get_total_norm(grads, 2.0)).float() for grads in groups.values()]
+        total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+        coef = self.config.grad_clip / (total + 1e-6)
+        if coef < 1.0:
+            for param in params:
+                param.grad.mul_(coef)
+        return total
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -249,13 +330,13 @@ class DistributedTrainer(Trainer):
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64)
         for batch in self.val_batches:
-            local = rows_of_rank(batch, self.rank, self.world_size).to(self.device)
+            local = rows_of_rank(batch, self.dp_rank, self.dp_size).to(self.device)
             with autocast(config.precision, self.device):
                 loss, _ = masked_lm_loss(model, local)
             n = int((local.target != IGNORE_INDEX).sum())
             if n:
                 totals += torch.tensor([loss.item() * n, n], dtype=torch.float64)
-        dist.all_reduce(totals)
+        dist.all_reduce(totals, group=self.dp_group)
         model.train(was_training)
         model.reshard()  # the root keeps its gathered parameters after a forward; free them
         return totals[0].item() / max(totals[1].item(), 1)
@@ -410,5 +491,6 @@ def run_distributed(config: PretrainConfig, resume: str | None = None) -> RunSta
 
 __all__ = [
     "DistEnv", "DistributedTrainer", "init_distributed", "is_distributed_launch",
-    "optimizer_state_to_names", "parameter_names", "rows_of_rank", "run_distributed", "shard_model",
+    "check_tensor_parallel", "device_mesh", "optimizer_state_to_names", "parameter_names", "rows_of_rank",
+    "run_distributed", "shard_model", "tensor_parallel",
 ]

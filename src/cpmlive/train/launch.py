@@ -7,6 +7,7 @@ trainer of :mod:`cpmlive.train.distributed` extends the single-process one of
 
 from __future__ import annotations
 
+from cpmlive.errors import CpmliveError
 from cpmlive.train.distributed import is_distributed_launch, run_distributed
 from cpmlive.train.pretrain import PretrainConfig, RunState, Trainer
 
@@ -15,6 +16,9 @@ def pretrain(config: PretrainConfig, resume: str | None = None) -> RunState:
     """Train in this process, or as one rank of a torchrun job (``WORLD_SIZE`` > 1)."""
     if is_distributed_launch():
         return run_distributed(config, resume)
+    if config.tp_size > 1:
+        raise CpmliveError(f"tp_size {config.tp_size} needs a torchrun job whose process count is a multiple of it "
+                           f"(torchrun --nproc-per-node {config.tp_size} -m cpmlive pretrain ...)")
     return Trainer(config, resume).run()
 
 

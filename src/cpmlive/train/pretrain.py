@@ -72,10 +72,12 @@ class PretrainConfig(LoopArgs):
     fsdp_cpu_offload: bool = False
     fsdp_mixed_precision: bool = False
     async_checkpoint: bool = False  # shards written by a background thread while training goes on
+    tp_size: int = 1  # tensor-parallel ranks per data-parallel group (torchrun: WORLD_SIZE = dp x tp)
 
     RANGES: ClassVar[dict[str, Bound]] = {
         **LoopArgs.RANGES, "seq_length": Bound(64, low_open=True), "max_steps": AT_LEAST_ONE,
-        "eval_batches": AT_LEAST_ONE, "inspect_every": AT_LEAST_ONE, "price_per_device_hour": NON_NEGATIVE,
+        "eval_batches": AT_LEAST_ONE, "inspect_every": AT_LEAST_ONE, "tp_size": AT_LEAST_ONE,
+        "price_per_device_hour": NON_NEGATIVE,
         "device_watts": NON_NEGATIVE, "grid_kg_co2_per_kwh": NON_NEGATIVE,
     }
 

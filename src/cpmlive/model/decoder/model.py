@@ -65,7 +65,14 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     return out.reshape(batch, heads, length, out.size(-1))
 
 
-def _heads(x: Tensor, heads: int) -> Tensor:
+def _heads(x: Tensor, dim_head: int) -> Tensor:
+    """``[B, L, heads * dim_head]`` as ``[B, heads, L, dim_head]`` (fewer heads when tensor
+    parallelism split the projection)."""
+    batch, length, _ = x.shape
+    return x.view(batch, length, -1, dim_head).transpose(1, 2)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
     batch, length, _ = x.shape
     return x.view(batch, length, heads, -1).transpose(1, 2)
 
@@ -96,9 +103,9 @@ class DecoderAttention(nn.Module):
         """``residual`` plus the attention output, for the last ``queries`` positions if given."""
         mine = inputs if queries is None else inputs.last(queries)
         q = _heads(add_bias(project(x if queries is None else x[:, -queries:], self.project_q), self.bias_q),
-                   self.num_heads)
-        k = _heads(add_bias(project(x, self.project_k), self.bias_k), self.num_kv_heads)
-        v = _heads(add_bias(project(x, self.project_v), self.bias_v), self.num_kv_heads)
+                   self.dim_head)
+        k = _heads(add_bias(project(x, self.project_k), self.bias_k), self.dim_head)
+        v = _heads(add_bias(project(x, self.project_v), self.bias_v), self.dim_head)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, mine.cos, mine.sin), apply_rotary(k, inputs.cos, inputs.sin)
@@ -146,10 +153,10 @@ class LatentAttention(nn.Module):
     def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None, layer: int, start: int,
                 residual: Tensor, queries: int | None = None) -> Tensor:
         mine = inputs if queries is None else inputs.last(queries)
-        q = _heads(self._queries(x if queries is None else x[:, -queries:]), self.num_heads)
+        q = _split_heads(self._queries(x if queries is None else x[:, -queries:]), self.num_heads)
         q_pass, q_rot = q.split([self.nope, self.rope], dim=-1)
         latent, k_rot = project(x, self.project_kv_a).split([self.kv_rank, self.rope], dim=-1)
-        kv = _heads(project(autocast_input(self.kv_a_norm(latent)), self.project_kv_b), self.num_heads)
+        kv = _split_heads(project(autocast_input(self.kv_a_norm(latent)), self.project_kv_b), self.num_heads)
         k_pass, v = kv.split([self.nope, self.value], dim=-1)
         k_rot = apply_rotary(k_rot[:, None], inputs.cos, inputs.sin).expand(-1, self.num_heads, -1, -1)
         q = torch.cat([q_pass, apply_rotary(q_rot, mine.cos, mine.sin)], dim=-1)
