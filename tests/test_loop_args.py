@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 import yaml
 
 from cpmlive.align.recipes import AlignConfig
@@ -84,7 +85,8 @@ def test_an_old_flat_config_yaml_still_loads_and_takes_overrides(tmp_path):
     path.write_text(OLD_FINETUNE_YAML, encoding="utf-8")
     config = FinetuneConfig.from_file(path, ["lr=1e-4", "delta.r=16"])
     assert (config.lr, config.grad_accum, config.schedule, config.delta["r"]) == (1e-4, 2, "constant", 16)
-    assert config.to_dict() == {**yaml.safe_load(OLD_FINETUNE_YAML), "lr": 1e-4, "delta": {"method": "lora", "r": 16}}
+    assert config.to_dict() == {**yaml.safe_load(OLD_FINETUNE_YAML), "lr": 1e-4, "delta": {"method": "lora", "r": 16},
+                                "device": "auto"}  # a key added since: its default
     path.write_text(config.to_yaml(), encoding="utf-8")
     assert FinetuneConfig.from_file(path) == config
 
@@ -144,3 +146,17 @@ def test_tokenize_reads_a_bare_sentencepiece_model_as_its_family_does(capsys):
     from_checkpoint = json.loads(capsys.readouterr().out)
     assert main(["tokenize", str(demo_dir("cpm1-demo") / "spiece.model"), "今天 天气", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == from_checkpoint
+
+
+def test_device_is_resolved_and_a_missing_gpu_refused():
+    from cpmlive.train.core import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CpmliveError, match="config: device 'cuda:1', but this machine has 0 CUDA devices"):
+            resolve_device("cuda:1")
+    with pytest.raises(CpmliveError, match="training runs on cpu or cuda"):
+        resolve_device("meta")
+    with pytest.raises(CpmliveError, match="is not a device"):
+        resolve_device("gpu0")

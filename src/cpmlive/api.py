@@ -34,6 +34,7 @@ from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids,
                                     with_defaults)
 from cpmlive.infer.vote import Vote, vote
 from cpmlive.model.registry import Family, family, family_of, owners, preset_family
+from cpmlive.model.runtime.offload import offload_to_device
 from cpmlive.model.runtime.streaming import parse_size, stream_weights
 from cpmlive.resources import adapter_path
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input
@@ -583,7 +584,9 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
         kind = family_of(path)
         # --memory-limit streams the stored bytes as they are
         keep = {"keep_matrices": True} if memory_limit is not None or stored_weights else {}
-        model, directory = kind.load(path, dtype=torch_dtype, device=device, **keep)
+        # under a budget on an accelerator the weights load on the host and move there block by block
+        on_host = memory_limit is not None and torch.device(device).type != "cpu"
+        model, directory = kind.load(path, dtype=torch_dtype, device="cpu" if on_host else device, **keep)
     elif (kind := preset_family(str(name_or_path))) is not None:
         config = kind.presets[str(name_or_path)]()
         model = kind.build(config, device=device, dtype=torch_dtype or torch.float32, seed=seed).eval()
@@ -591,7 +594,11 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     else:
         raise CpmliveError(f"{name_or_path}: no such checkpoint or preset (presets: {', '.join(sorted(ALL_PRESETS))})")
     if memory_limit is not None:
-        stream_weights(model, parse_size(memory_limit) if isinstance(memory_limit, str) else int(memory_limit))
+        limit = parse_size(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
+        if torch.device(device).type == "cpu":
+            stream_weights(model, limit)
+        else:
+            offload_to_device(model, limit, device)
     vocab_file = find_vocab(vocab, directory, str(name_or_path), kind)
     tokenizer = kind.tokenizer.for_model(vocab_file, model.config.vocab_size, hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))

@@ -276,6 +276,7 @@ class LoopArgs(Recipe):
     save_every: int = 50
     keep_checkpoints: int = 2
     progress: bool = True
+    device: str = "auto"  # auto (a CUDA GPU when there is one), cpu, cuda or cuda:N
 
     RANGES: ClassVar[dict[str, Bound]] = {
         "batch_size": AT_LEAST_ONE, "grad_accum": AT_LEAST_ONE, "max_steps": NON_NEGATIVE, "lr": POSITIVE,

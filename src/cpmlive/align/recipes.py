@@ -41,16 +41,17 @@ from cpmlive.model.checkpoint import read_safetensors, save_checkpoint, save_saf
 from cpmlive.model.registry import family_of
 from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Bound, LoopArgs
 from cpmlive.train.checkpoints import check_optimizer_fits, cleaned_up_on_failure, read_trainer_state, warn
-from cpmlive.train.core import autocast, memory_mb
+from cpmlive.train.core import memory_mb
 from cpmlive.train.metrics import finite_or_none
 from cpmlive.tune import delta as deltas
-from cpmlive.tune.finetune import BEST, Finetuner, TuneArgs, resolve_model_path
+from cpmlive.tune.finetune import BEST, Finetuner, TuneArgs, resolve_model_path, run_recipe
 from cpmlive.tune.metrics import CharTokenizer
 from cpmlive.tune.task import TaskSpec
 from cpmlive.utils import atomic_write_text
 
 METHODS = ("sft", "rm", "dpo", "ppo", "grpo")
 REWARD_HEAD = "reward_head.safetensors"
+WEIGHT = "_weight"  # a batch loss's metrics key: what its loss is a mean over, when not its items
 VALUE_HEAD = "value_head.safetensors"
 ALIGN_FILE = "align.json"
 REWARD_ADAPTER = "reward"
@@ -196,6 +197,13 @@ class AlignTrainer(Finetuner):
     def progress_label(self) -> str:
         return f"align {self.config.method}"
 
+    def move_to_device(self) -> None:
+        """The policy, its reference, reward model and heads, on the recipe's device."""
+        for module in (self.model, self.reference_model, getattr(self, "reward_model", None),
+                       getattr(self, "reward_head", None), *self.heads.values()):
+            if module is not None:
+                module.to(self.device)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         heads = [p for head in self.heads.values() for p in head.parameters()]
         return [p for p in self.model.parameters() if p.requires_grad] + heads
@@ -240,21 +248,18 @@ class AlignTrainer(Finetuner):
         totals: dict[str, float] = {}
         tokens = 0
         for _ in range(self.config.grad_accum):
-            items = self.next_pairs()
-            with autocast(self.config.precision):
+            items = self.parallel.rows(self.next_pairs())
+            with self.autocast():
                 loss, metrics = self.batch_loss(items)
-            (loss / self.config.grad_accum).backward()
-            for name, value in {"loss": loss.item(), **metrics}.items():
+            weight = metrics.pop(WEIGHT, len(items))  # what the loss is a mean over: pairs, or tokens
+            factor, _ = self.parallel.share(weight)
+            (loss * factor / self.config.grad_accum).backward()
+            figures = {"loss": self.parallel.weighted_mean(loss.item(), weight), **self.parallel.average(metrics)}
+            for name, value in figures.items():
                 totals[name] = totals.get(name, 0.0) + value / self.config.grad_accum
             tokens += self.count_tokens(items)
         totals["grad_norm"] = self.apply_gradients()
-        return totals, tokens
-
-    def apply_gradients(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.grad_clip).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return totals, self.parallel.total(tokens)
 
     def batch_loss(self, items: list) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -349,7 +354,7 @@ class SftTrainer(AlignTrainer):
 
     def batch_loss(self, items: list[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
         logps, tokens = self.pair_logprobs(items)
-        return -logps.sum() / tokens.sum(), {}
+        return -logps.sum() / tokens.sum(), {WEIGHT: tokens.sum().item()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -579,7 +584,7 @@ class PpoTrainer(RolloutTrainer):
 
     def optimize(self) -> tuple[dict[str, float], int]:
         config = self.config
-        items = self.next_pairs()
+        items = self.parallel.rows(self.next_pairs())
         pairs, references = self.rollout(items, 1)
         scores = self.rewards(pairs, references)
         with torch.no_grad():
@@ -590,12 +595,12 @@ class PpoTrainer(RolloutTrainer):
         advantages, returns = losses.generalized_advantages(rewards, old_values, mask, config.gamma, config.lam)
         stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
-            with autocast(config.precision):
+            with self.autocast():
                 logps, values, _ = self.policy_and_values(pairs)
             policy_loss, policy_clip = losses.clipped_policy_loss(logps, old_logps, advantages, mask, config.clip_range)
             value_loss, value_clip = losses.clipped_value_loss(values, old_values, returns, mask,
                                                                config.clip_range_value)
-            (policy_loss + config.vf_coef * value_loss).backward()
+            ((policy_loss + config.vf_coef * value_loss) * self.parallel.share(len(pairs))[0]).backward()
             grad_norm = self.apply_gradients()
             for name, value in (("loss/policy_avg", policy_loss), ("loss/value_avg", value_loss),
                                 ("policy/clipfrac_avg", policy_clip), ("val/clipfrac_avg", value_clip)):
@@ -622,7 +627,7 @@ class PpoTrainer(RolloutTrainer):
 class GrpoTrainer(RolloutTrainer):
     def optimize(self) -> tuple[dict[str, float], int]:
         config = self.config
-        items = self.next_pairs()
+        items = self.parallel.rows(self.next_pairs())
         pairs, references = self.rollout(items, config.num_samples)
         scores = self.rewards(pairs, references)
         advantages = losses.group_advantages(scores, config.num_samples)
@@ -632,11 +637,11 @@ class GrpoTrainer(RolloutTrainer):
                 ref_logps, _ = completion_logprobs(model, pairs)
         stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
-            with autocast(config.precision):
+            with self.autocast():
                 logps, _ = completion_logprobs(self.model, pairs)
             loss, kl = losses.grpo_loss(logps, old_logps, ref_logps, advantages, mask, config.clip_range,
                                         config.kl_coef)
-            loss.backward()
+            (loss * self.parallel.share(len(pairs))[0]).backward()
             stats.setdefault("grad_norm", []).append(self.apply_gradients())
             stats.setdefault("loss", []).append(loss.item())
             stats.setdefault("kl", []).append(kl.item())
@@ -657,7 +662,7 @@ TRAINERS: dict[str, type[AlignTrainer]] = {"sft": SftTrainer, "rm": RewardTraine
 def align(config: AlignConfig, resume: str | None = None) -> Path:
     """Run the recipe; returns the best adapter's directory."""
     with cleaned_up_on_failure(Path(config.out), keep=(BEST,)):
-        TRAINERS[config.method](config, resume).run()
+        run_recipe(TRAINERS[config.method], config, resume)
     return Path(config.out) / BEST
 
 

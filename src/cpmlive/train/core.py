@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 
+from cpmlive.errors import CpmliveError
+
 from cpmlive.recipe import LoopArgs
 from cpmlive.train.checkpoints import StopRequest
 
@@ -136,6 +138,23 @@ def native_bf16(device_type: str) -> bool:
     return False
 
 
+def resolve_device(name: str) -> torch.device:
+    """A recipe's ``device``: ``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CpmliveError(f"config: device {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise CpmliveError(f"config: device {name!r}, but this machine has {count} CUDA devices")
+    elif device.type != "cpu":
+        raise CpmliveError(f"config: device {name!r}: training runs on cpu or cuda")
+    return device
+
+
 def autocast(precision: str, device: str | torch.device = "cpu") -> torch.autocast:
     """bf16 autocast for ``precision: bf16`` (and ``auto`` where :func:`native_bf16`), plain
     float32 otherwise (``cpmlive.recipe.PRECISIONS``)."""
@@ -183,5 +202,6 @@ def progress_bar(total: int, start: int, desc: str, enabled: bool = True) -> Any
 
 __all__ = [
     "Schedule", "adamw", "autocast", "can_fuse", "decay_groups", "keeping_fused_choice", "learning_rate",
-    "memory_mb", "progress_bar", "restore_optimizer", "rng_state", "run_steps", "set_learning_rate", "set_rng_state",
+    "memory_mb", "progress_bar", "resolve_device", "restore_optimizer", "rng_state", "run_steps", "set_learning_rate",
+    "set_rng_state",
 ]

@@ -256,6 +256,9 @@ class DistributedTrainer(Trainer):
 
     # ---- hooks of Trainer -------------------------------------------------------------------
 
+    def training_device(self) -> torch.device:
+        return self.env.device
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return shard_model(model, self.env, cpu_offload=self.config.fsdp_cpu_offload,
                            mixed_precision=self.config.fsdp_mixed_precision, mesh=self.mesh)
@@ -462,6 +465,109 @@ class DistributedTrainer(Trainer):
         set_rng_state(header["rng"])
 
 
+class Replicas:
+    """Data parallelism for the recipes that train adapters, heads or a model one process holds
+    (``finetune``, ``align``): every rank keeps the whole model, as HF accelerate's DDP does
+    with PEFT, and averages the trainable gradients after each backward (one flat all-reduce).
+
+    Each step every rank draws the same global batch and keeps rows ``rank::world``; a rank's
+    loss is weighted by its share of what the recipe's loss is a mean over (target tokens,
+    pairs, samples): ``local mean * local weight * world / global weight``, so the averaged
+    gradient is the single-process one. Only rank 0 writes files (checkpoints, adapters, logs)
+    and evaluates; the others take its results. One process is the same object with a world of 1.
+    """
+
+    def __init__(self, env: DistEnv | None = None) -> None:
+        self.env = env
+        self.rank = env.rank if env is not None else 0
+        self.world = env.world_size if env is not None else 1
+        self.is_main = self.rank == 0
+
+    @classmethod
+    def join(cls) -> "Replicas":
+        """This process's place: a torchrun job's rank, or one process alone."""
+        return cls(init_distributed()) if is_distributed_launch() else cls()
+
+    @property
+    def device(self) -> torch.device | None:
+        """The rank's device in a job (``cuda:LOCAL_RANK`` on GPUs), None alone (the recipe's own)."""
+        return self.env.device if self.env is not None else None
+
+    def rows(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.world:
+            raise CpmliveError(f"batch_size {batch_size} is not a multiple of the {self.world} ranks: "
+                               "every rank needs the same number of rows")
+
+    def _sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def total(self, count: int) -> int:
+        """A count summed over the ranks (tokens read)."""
+        return int(self._sum([float(count)])[0])
+
+    def share(self, weight: float) -> tuple[float, float]:
+        """(the factor this rank's mean loss is scaled by, the global weight)."""
+        (total,) = self._sum([float(weight)])
+        return (weight * self.world / total if total else 0.0), total
+
+    def weighted_mean(self, value: float, weight: float) -> float:
+        """The global mean of a per-rank mean over ``weight`` items."""
+        total, count = self._sum([value * weight, float(weight)])
+        return total / count if count else value
+
+    def average(self, values: dict[str, float]) -> dict[str, float]:
+        """Per-rank figures averaged over the ranks (logging)."""
+        names = sorted(values)
+        return dict(zip(names, [v / self.world for v in self._sum([float(values[n]) for n in names])]))
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Every trainable gradient averaged over the ranks (a missing one counts as zeros)."""
+        if self.world == 1 or not params:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world
+        for param, averaged in zip(params, _unflatten_dense_tensors(flat, grads)):
+            if param.grad is None:
+                param.grad = averaged
+            else:
+                param.grad.copy_(averaged)
+
+    def on_main(self, action: Callable[[], Any]) -> Any:
+        """Rank 0 runs ``action``; every rank returns its result or raises its CpmliveError."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except CpmliveError as exc:
+                error = str(exc)
+        if self.world > 1:
+            result, error = _broadcast((result, error))
+        if error is not None:
+            raise CpmliveError(error)
+        return result
+
+    def stop_agreed(self, requested: bool) -> bool:
+        if self.world == 1:
+            return requested
+        return bool(self._sum([1.0 if requested else 0.0])[0])
+
+    def close(self) -> None:
+        if self.env is not None and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def _save_error(target: Path, exc: Exception) -> str:
     return f"could not write checkpoint {target} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
 
@@ -491,6 +597,6 @@ def run_distributed(config: PretrainConfig, resume: str | None = None) -> RunSta
 
 __all__ = [
     "DistEnv", "DistributedTrainer", "init_distributed", "is_distributed_launch",
-    "check_tensor_parallel", "device_mesh", "optimizer_state_to_names", "parameter_names", "rows_of_rank",
+    "Replicas", "check_tensor_parallel", "device_mesh", "optimizer_state_to_names", "parameter_names", "rows_of_rank",
     "run_distributed", "shard_model", "tensor_parallel",
 ]

@@ -109,4 +109,15 @@ def parameter_stats(model: torch.nn.Module) -> dict[str, list[float]]:
     return stats
 
 
-__all__ = ["METRICS_FILE", "MetricsLog", "finite_or_none", "latest_by_step", "parameter_stats", "read_records"]
+class NullLog:
+    """The metrics log of a rank other than 0: records are dropped."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["METRICS_FILE", "MetricsLog", "NullLog", "finite_or_none", "latest_by_step", "parameter_stats",
+           "read_records"]

@@ -39,8 +39,9 @@ from cpmlive.tokenizer import text_tokenizer
 from cpmlive.train.checkpoints import (TRAINER_STATE, check_optimizer_fits, read_trainer_state,
                                        refuse_existing_run, resume_point, warn, write_checkpoint)
 from cpmlive.train.core import (Schedule, adamw, autocast, decay_groups, learning_rate, memory_mb, progress_bar,
-                                restore_optimizer, rng_state, run_steps, set_learning_rate, set_rng_state)
-from cpmlive.train.metrics import MetricsLog, finite_or_none, parameter_stats
+                                resolve_device, restore_optimizer, rng_state, run_steps, set_learning_rate,
+                                set_rng_state)
+from cpmlive.train.metrics import MetricsLog, NullLog, finite_or_none, parameter_stats
 from cpmlive.train.sharded import check_readable, check_shapes, is_sharded, load_sharded, sharded_config_path
 from cpmlive.utils import atomic_write_text
 
@@ -198,27 +199,19 @@ def vocab_for(config: PretrainConfig) -> Path:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Transformer, batches: list[Batch], precision: str) -> float:
+def evaluate_loss(model: Transformer, batches: list[Batch], precision: str,
+                  device: torch.device = torch.device("cpu")) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        with autocast(precision):
+        batch = batch.to(device)
+        with autocast(precision, device):
             loss, _ = masked_lm_loss(model, batch)
         n = int((batch.target != -100).sum())
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
     return total / max(count, 1)
-
-
-class _NoLog:
-    """The metrics log of a rank other than 0: records are dropped."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Trainer:
@@ -233,6 +226,7 @@ class Trainer:
 
     def __init__(self, config: PretrainConfig, resume: str | None = None) -> None:
         self.config = config
+        self.device = self.training_device()
         self.run_dir = Path(config.out)
         model_config = run_model_config(config)
         self.objective = objective_of(model_config)
@@ -267,12 +261,16 @@ class Trainer:
         if self.is_main:
             atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
         resumed = self.state.step if resume else None
-        self.log: MetricsLog | _NoLog = MetricsLog(self.run_dir, resumed) if self.is_main else _NoLog()
+        self.log: MetricsLog | NullLog = MetricsLog(self.run_dir, resumed) if self.is_main else NullLog()
         self.tensorboard = tensorboard_writer(self.run_dir) if config.tensorboard and self.is_main else None
 
+    def training_device(self) -> torch.device:
+        """The recipe's device (the distributed trainer: its rank's)."""
+        return resolve_device(self.config.device)
+
     def prepare_model(self, model: Transformer) -> Transformer:
-        """The model as it trains (the distributed trainer shards it here)."""
-        return model
+        """The model as it trains, on the recipe's device (the distributed trainer shards it here)."""
+        return model.to(self.device)
 
     def on_main(self, check: Callable[[], None]) -> None:
         """Run a check of the run directory (the distributed trainer: on rank 0, for every rank)."""
@@ -348,6 +346,7 @@ class Trainer:
         """One micro-batch: forward, ``backward`` of its share of the step's loss; returns the
         loss, the per-objective losses (NaN when absent) and the number of tokens."""
         config = self.config
+        batch = batch.to(self.device)
         with autocast(config.precision, self.device):
             loss, per_task = masked_lm_loss(self.model, batch)
         (loss / config.grad_accum).backward()
@@ -357,7 +356,7 @@ class Trainer:
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip).item()
 
     def evaluate(self) -> float:
-        return evaluate_loss(self.model, self.val_batches, self.config.precision)
+        return evaluate_loss(self.model, self.val_batches, self.config.precision, self.device)
 
     def parameter_stats(self) -> dict[str, list[float]]:
         return parameter_stats(self.model)

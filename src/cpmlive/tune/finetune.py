@@ -38,9 +38,10 @@ from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, Bound, LoopArgs
 from cpmlive.resources import model_path
 from cpmlive.train.checkpoints import (TRAINER_STATE, check_optimizer_fits, cleaned_up_on_failure,
                                        read_trainer_state, refuse_existing_run, resume_point, warn, write_checkpoint)
-from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, restore_optimizer,
-                                rng_state, run_steps, set_learning_rate, set_rng_state)
-from cpmlive.train.metrics import MetricsLog, finite_or_none
+from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, resolve_device,
+                                restore_optimizer, rng_state, run_steps, set_learning_rate, set_rng_state)
+from cpmlive.train.distributed import Replicas
+from cpmlive.train.metrics import MetricsLog, NullLog, finite_or_none
 from cpmlive.tune import delta as deltas
 from cpmlive.tune.metrics import accuracy, macro_f1
 from cpmlive.tune.task import TaskSpec, classify_scores, encode_input, encode_target, example_batch, label_loss
@@ -163,8 +164,14 @@ class Finetuner:
     def start_run(self, resume: str | None) -> None:
         """The run directory, made (a directory holding another run is refused unless resuming),
         and the seeded generators."""
-        refuse_existing_run(self.run_dir, resume, markers=(BEST,))
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.parallel = Replicas.join()
+        self.parallel.check_batch(self.config.batch_size)
+
+        def claim() -> None:
+            refuse_existing_run(self.run_dir, resume, markers=(BEST,))
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        self.parallel.on_main(claim)
         torch.manual_seed(self.config.seed)
         random.seed(self.config.seed)
 
@@ -172,6 +179,8 @@ class Finetuner:
         """Optimizer, schedule and data position for the attached delta and ``train_pairs``
         (restored from a checkpoint when resuming), the recipe as run, the metrics log."""
         config = self.config
+        self.device = self.parallel.device or resolve_device(config.device)
+        self.move_to_device()
         trainable = self.trainable_parameters()
         self.optimizer = adamw([{"params": trainable, "weight_decay": config.weight_decay}], config.lr,
                                (config.beta1, config.beta2))
@@ -181,11 +190,20 @@ class Finetuner:
         self.position = Position()
         if resume:
             self._resume(resume)
-        atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
-        self.log = MetricsLog(self.run_dir, self.position.step if resume else None)
+        if self.parallel.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", config.to_yaml())
+        self.log = MetricsLog(self.run_dir, self.position.step if resume else None) if self.parallel.is_main \
+            else NullLog()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def move_to_device(self) -> None:
+        """The models the recipe trains and reads, on its device (before the optimizer is made)."""
+        self.model.to(self.device)
+
+    def autocast(self) -> torch.autocast:
+        return autocast(self.config.precision, self.device)
 
     def progress_label(self) -> str:
         return "finetune"
@@ -237,16 +255,24 @@ class Finetuner:
         config = self.config
         total, tokens = 0.0, 0
         for _ in range(config.grad_accum):
-            pairs = self.next_pairs()
-            with autocast(config.precision):
-                loss = self.loss(pairs)
-            (loss / config.grad_accum).backward()
-            total += loss.item() / config.grad_accum
+            pairs = self.parallel.rows(self.next_pairs())
+            with self.autocast():
+                loss, weight = self.loss(pairs)
+            factor, _ = self.parallel.share(weight)
+            (loss * factor / config.grad_accum).backward()
+            total += self.parallel.weighted_mean(loss.item(), weight) / config.grad_accum
             tokens += self.count_tokens(pairs)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), config.grad_clip).item()
+        grad_norm = self.apply_gradients()
+        return {"loss": total, "grad_norm": grad_norm}, self.parallel.total(tokens)
+
+    def apply_gradients(self) -> float:
+        """The gradients averaged over the ranks, clipped, applied; their norm."""
+        params = self.trainable_parameters()
+        self.parallel.average_gradients(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total, "grad_norm": grad_norm}, tokens
+        return norm
 
     def step_record(self, step: int, lr: float, metrics: dict[str, float], tokens: int,
                     seconds: float) -> dict[str, Any]:
@@ -260,11 +286,14 @@ class Finetuner:
     def count_tokens(self, pairs: list) -> int:
         return sum(len(i) + len(t) for i, t in pairs)
 
-    def loss(self, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    def loss(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, float]:
+        """The mean loss of ``pairs`` and what it is a mean over (rows, or target tokens)."""
         if self.config.task == "classify" and self.config.classify_loss == "labels":
             gold = [self.label_ids.index(target) for _, target in pairs]
-            return label_loss(self.model, [row for row, _ in pairs], gold, self.label_ids, self.spec.prompt_task)
-        return masked_lm_loss(self.model, example_batch(pairs, self.spec.prompt_task, self.model.config))[0]
+            loss = label_loss(self.model, [row for row, _ in pairs], gold, self.label_ids, self.spec.prompt_task)
+            return loss, len(pairs)
+        batch = example_batch(pairs, self.spec.prompt_task, self.model.config)
+        return masked_lm_loss(self.model, batch)[0], int((batch.target >= 0).sum())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -283,7 +312,7 @@ class Finetuner:
     def dev_batch_loss(self, pairs: list) -> tuple[torch.Tensor, int]:
         """The mean loss of a dev batch and the number of target tokens it is over."""
         batch = example_batch(pairs, self.spec.prompt_task, self.model.config)
-        with autocast(self.config.precision):
+        with self.autocast():
             loss, _ = masked_lm_loss(self.model, batch)
         return loss, int((batch.target >= 0).sum())
 
@@ -321,7 +350,9 @@ class Finetuner:
         replace_directory(build, target)
 
     def save_checkpoint(self) -> Path:
-        return write_checkpoint(self.run_dir, self.position.step, self.config.keep_checkpoints, self.write_checkpoint)
+        """Rank 0 writes it (the ranks' trainable weights and optimizers are the same)."""
+        return self.parallel.on_main(lambda: write_checkpoint(self.run_dir, self.position.step,
+                                                              self.config.keep_checkpoints, self.write_checkpoint))
 
     def write_checkpoint(self, build: Path) -> None:
         """The adapter and the trainer state (optimizer, data position, RNG) into ``build``."""
@@ -353,9 +384,11 @@ class Finetuner:
         trainable, total = deltas.trainable_parameters(self.model)
         self.log.write({"type": "start", "step": self.position.step, "config": config.to_dict(),
                         "trainable": trainable, "parameters": total, "time": time.time()})
-        bar = progress_bar(self.total_steps, self.position.step, self.progress_label(), config.progress)
+        bar = progress_bar(self.total_steps, self.position.step, self.progress_label(),
+                           config.progress and self.parallel.is_main)
         try:
-            run_steps(self, self.position.step, self.total_steps, bar)
+            with torch.device(self.device):  # the recipes' batches are made on it
+                run_steps(self, self.position.step, self.total_steps, bar, self.parallel.stop_agreed)
         finally:
             self.log.close()
         return self.position
@@ -381,18 +414,24 @@ class Finetuner:
         """The checkpoint of an interrupted run, unless its last step is saved already."""
         if self.position.step > saved:
             target = self.save_checkpoint()
-            warn(f"stopped at step {self.position.step}, saved as {target}; continue with --resume auto")
+            if self.parallel.is_main:
+                warn(f"stopped at step {self.position.step}, saved as {target}; continue with --resume auto")
 
     def validate(self, step: int) -> None:
-        if not self.eval_pairs:  # without a dev set the latest adapter is the one kept
-            self.save_best({"step": step})
-            return
-        metrics = self.evaluate()
-        better = self.is_better(metrics)
-        if better:
-            self.position.best, self.position.best_step = metrics[self.config.chosen_metric], step
-            self.save_best(metrics)
-        self.log_eval(step, metrics, better)
+        """Rank 0 evaluates, keeps the best adapter and logs; every rank takes the best it found."""
+        def here() -> tuple[float | None, int | None]:
+            if not self.eval_pairs:  # without a dev set the latest adapter is the one kept
+                self.save_best({"step": step})
+                return self.position.best, self.position.best_step
+            metrics = self.evaluate()
+            better = self.is_better(metrics)
+            if better:
+                self.position.best, self.position.best_step = metrics[self.config.chosen_metric], step
+                self.save_best(metrics)
+            self.log_eval(step, metrics, better)
+            return self.position.best, self.position.best_step
+
+        self.position.best, self.position.best_step = self.parallel.on_main(here)
 
     def log_eval(self, step: int, metrics: dict[str, float], best: bool) -> None:
         self.log.write({"type": "eval", "step": step, **{f"val_{k}": finite_or_none(v) for k, v in metrics.items()},
@@ -449,12 +488,11 @@ class BeeFinetuner(Finetuner):
     def count_tokens(self, pairs: list) -> int:
         return sum(len(example) for example in pairs)
 
-    def loss(self, pairs: list) -> torch.Tensor:
+    def loss(self, pairs: list) -> tuple[torch.Tensor, float]:
         from cpmlive.data.bee import pack
         from cpmlive.train.bee import batch_loss
 
-        batch = pack(pairs, max(len(e) for e in pairs), self.tokenizer.vocab_size)
-        return batch_loss(self.model, batch)[0]
+        return batch_loss(self.model, pack(pairs, max(len(e) for e in pairs), self.tokenizer.vocab_size))
 
     def dev_batch_loss(self, pairs: list) -> tuple[torch.Tensor, int]:
         from cpmlive.data.bee import pack
@@ -477,8 +515,19 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
     path = resolve_model_path(config.model)
     kind = BeeFinetuner if family_of(path).can("bee") else Finetuner  # a family that answers JSON tasks tunes on them
     with cleaned_up_on_failure(Path(config.out), keep=(BEST,)):
-        kind(config, resume).run()
+        run_recipe(kind, config, resume)
     return Path(config.out) / BEST
 
 
-__all__ = ["BeeFinetuner", "FinetuneConfig", "Finetuner", "finetune"]
+def run_recipe(kind: type[Finetuner], config: Any, resume: str | None) -> None:
+    """Build and run a recipe; under torchrun, leave the process group afterwards."""
+    trainer = None
+    try:
+        trainer = kind(config, resume)
+        trainer.run()
+    finally:
+        if trainer is not None and hasattr(trainer, "parallel"):
+            trainer.parallel.close()
+
+
+__all__ = ["BeeFinetuner", "FinetuneConfig", "Finetuner", "finetune", "run_recipe"]

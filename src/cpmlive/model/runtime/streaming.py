@@ -17,8 +17,8 @@ anonymous memory would lose it): a half-precision checkpoint computed in float32
 matrices in their stored dtype for this (``keep_matrices`` in ``model.checkpoint``), and only its
 small tensors, converted, stay resident; a model whose matrices were converted is refused.
 Weights must not be changed in place while streaming: a dropped page comes back from
-the file. On a GPU the same plan would keep streamed blocks in pinned host memory and copy them
-on a side stream; this build streams on CPU only.
+the file. On a GPU the same plan keeps streamed blocks in pinned host memory and copies them on a
+side stream (``runtime.offload``).
 """
 
 from __future__ import annotations

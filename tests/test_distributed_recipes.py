@@ -1,0 +1,93 @@
+"""finetune and align under torchrun (2 processes, gloo): the ranks keep replicas, split each
+global batch and average the adapter's gradients; the losses and the adapter they end with are
+one process's."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpmlive.model.checkpoint import read_safetensors
+from cpmlive.train.metrics import latest_by_step, read_records
+from test_align import world  # noqa: F401  (fixtures)
+from test_finetune import base_dir, classify_data, generation_data  # noqa: F401
+
+RTOL = 1e-4
+
+
+def launch(verb: list[str], overrides: dict, nproc: int) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        args = [sys.executable, "-m", "cpmlive", *verb]
+    else:
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "cpmlive", *verb]
+    args += [f"{key}={value}" for key, value in overrides.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in latest_by_step(list(read_records(run)), "train")}
+
+
+def same_run(one: Path, two: Path) -> float:
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) and a
+    worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in a)
+    assert worst < RTOL, (a, b)
+    weights = [read_safetensors(run / "best" / "adapter_model.safetensors") for run in (one, two)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6)
+    return worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["generate", "classify"])
+def test_finetune_on_two_ranks_is_one_process(base_dir, generation_data, classify_data, tmp_path, task):  # noqa: F811
+    data = generation_data if task == "generate" else classify_data
+    common = {"model": base_dir, "data": data[0], "eval": data[1], "task": task, "batch_size": 8, "max_steps": 6,
+              "lr": 0.01, "warmup_steps": 2, "eval_every": 3, "save_every": 3, "precision": "fp32",
+              "progress": "false", "max_input_tokens": 32, "max_output_tokens": 8}
+    if task == "classify":
+        common["classify_loss"] = "labels"
+    launch(["finetune"], {**common, "out": tmp_path / "one"}, 1)
+    launch(["finetune"], {**common, "out": tmp_path / "two"}, 2)
+    worst = same_run(tmp_path / "one", tmp_path / "two")
+    evals = [[r for r in read_records(tmp_path / name) if r["type"] == "eval"] for name in ("one", "two")]
+    assert [e["val_loss"] for e in evals[1]] == pytest.approx([e["val_loss"] for e in evals[0]], rel=RTOL)
+    assert not (tmp_path / "two" / "metrics.jsonl").read_text().count('"type": "start"') > 1
+    print(f"finetune {task}: 2 ranks vs 1 process, max relative loss difference {worst:.1e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "rm", "dpo"])
+def test_align_on_two_ranks_is_one_process(world, tmp_path, method):  # noqa: F811
+    data = "sft" if method == "sft" else "pairs"
+    common = {"model": world["base"], "data": world[data], "eval": world[data + "_dev"], "max_steps": 4,
+              "eval_every": 2, "save_every": 2, "batch_size": 8, "progress": "false", "max_input_tokens": 40,
+              "max_output_tokens": 12, "lr": 3e-3, "precision": "fp32"}
+    launch(["align", method], {**common, "out": tmp_path / "one"}, 1)
+    launch(["align", method], {**common, "out": tmp_path / "two"}, 2)
+    worst = same_run(tmp_path / "one", tmp_path / "two")
+    print(f"align {method}: 2 ranks vs 1 process, max relative loss difference {worst:.1e}")
+
+
+@pytest.mark.slow
+def test_grpo_on_two_ranks_trains_and_keeps_the_replicas_equal(world, tmp_path):  # noqa: F811
+    """Rollouts are sampled per rank (their random streams differ from one process's), so the
+    trajectory is not one process's; the replicas still end with one adapter, which rank 0 saved."""
+    common = {"model": world["base"], "data": world["sft"], "max_steps": 2, "eval_every": 2, "save_every": 2,
+              "batch_size": 4, "num_samples": 2, "reward": "rouge", "progress": "false", "max_input_tokens": 40,
+              "max_output_tokens": 8, "precision": "fp32"}
+    result = launch(["align", "grpo"], {**common, "out": tmp_path / "grpo"}, 2)
+    records = [r for r in read_records(tmp_path / "grpo") if r["type"] == "train"]
+    assert [r["step"] for r in records] == [1, 2], result.stderr[-2000:]
+    assert json.loads((tmp_path / "grpo" / "best" / "adapter_config.json").read_text())
