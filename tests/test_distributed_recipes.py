@@ -37,12 +37,13 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in latest_by_step(list(read_records(run)), "train")}
 
 
-def same_run(one: Path, two: Path) -> float:
+def same_run(one: Path, two: Path, adapter: bool = True) -> float:
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) and a
     worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in a)
     assert worst < RTOL, (a, b)
-    weights = [read_safetensors(run / "best" / "adapter_model.safetensors") for run in (one, two)]
+    name = "adapter_model.safetensors" if adapter else "model.safetensors"
+    weights = [read_safetensors(run / "best" / name) for run in (one, two)]
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6)
@@ -68,16 +69,21 @@ def test_finetune_on_two_ranks_is_one_process(base_dir, generation_data, classif
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "rm", "dpo"])
-def test_align_on_two_ranks_is_one_process(world, tmp_path, method):  # noqa: F811
+@pytest.mark.parametrize("method,tuning", [("sft", "lora"), ("rm", "lora"), ("dpo", "lora"), ("dpo", "full")])
+def test_align_on_two_ranks_is_one_process(world, tmp_path, method, tuning):  # noqa: F811
+    """With full tuning DPO's frozen reference copy is sharded over the ranks (FSDP2), which then
+    all evaluate; the run is still one process's."""
     data = "sft" if method == "sft" else "pairs"
     common = {"model": world["base"], "data": world[data], "eval": world[data + "_dev"], "max_steps": 4,
               "eval_every": 2, "save_every": 2, "batch_size": 8, "progress": "false", "max_input_tokens": 40,
-              "max_output_tokens": 12, "lr": 3e-3, "precision": "fp32"}
+              "max_output_tokens": 12, "lr": 3e-3 if tuning == "lora" else 1e-3, "precision": "fp32",
+              "tuning": tuning}
     launch(["align", method], {**common, "out": tmp_path / "one"}, 1)
     launch(["align", method], {**common, "out": tmp_path / "two"}, 2)
-    worst = same_run(tmp_path / "one", tmp_path / "two")
-    print(f"align {method}: 2 ranks vs 1 process, max relative loss difference {worst:.1e}")
+    worst = same_run(tmp_path / "one", tmp_path / "two", adapter=tuning == "lora")
+    evals = [[r["val_loss"] for r in read_records(tmp_path / name) if r["type"] == "eval"] for name in ("one", "two")]
+    assert evals[1] == pytest.approx(evals[0], rel=RTOL) and evals[0]
+    print(f"align {method} ({tuning}): 2 ranks vs 1 process, max relative loss difference {worst:.1e}")
 
 
 @pytest.mark.slow
@@ -91,3 +97,32 @@ def test_grpo_on_two_ranks_trains_and_keeps_the_replicas_equal(world, tmp_path):
     records = [r for r in read_records(tmp_path / "grpo") if r["type"] == "train"]
     assert [r["step"] for r in records] == [1, 2], result.stderr[-2000:]
     assert json.loads((tmp_path / "grpo" / "best" / "adapter_config.json").read_text())
+
+
+@pytest.mark.slow
+def test_compress_prune_and_distill_on_two_ranks_is_one_process(tmp_path):
+    """Pruning (gates and multipliers, distilled from the original) then distillation, split
+    over 2 ranks: each step's losses and the pruned, distilled weights are one process's."""
+    import yaml
+
+    from cpmlive.model.checkpoint import read_weights
+    from tiny_store import make_model_and_store
+
+    (tmp_path / "setup").mkdir()
+    model_dir, data = make_model_and_store(tmp_path / "setup")
+    recipe = {"data": str(data), "seq_length": 96, "batch_size": 4, "save_every": 3, "progress": False,
+              "calibration_rows": 4,
+              "steps": [{"prune": {"target": 0.5, "steps": 6, "target_warmup_steps": 3, "mask_lr": 0.3,
+                                   "lagrangian_lr": 0.5, "distill": {"temperature": 2.0, "alpha": 0.5}}},
+                        {"distill": {"steps": 3, "lr": 1e-3}}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    for name, nproc in (("one", 1), ("two", 2)):
+        launch(["compress", str(model_dir), str(tmp_path / name), "--recipe", str(path)], {}, nproc)
+    for step in ("step-1-prune", "step-2-distill"):
+        a, b = (losses(tmp_path / f"{name}.run" / step) for name in ("one", "two"))
+        assert sorted(a) == sorted(b) and max(abs(a[s] - b[s]) / abs(a[s]) for s in a) < RTOL, (step, a, b)
+    ours, alone = read_weights(tmp_path / "two"), read_weights(tmp_path / "one")
+    assert ours.keys() == alone.keys()
+    for key in alone:
+        torch.testing.assert_close(ours[key], alone[key], rtol=1e-4, atol=1e-5)

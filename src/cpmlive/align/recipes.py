@@ -198,11 +198,19 @@ class AlignTrainer(Finetuner):
         return f"align {self.config.method}"
 
     def move_to_device(self) -> None:
-        """The policy, its reference, reward model and heads, on the recipe's device."""
+        """The policy, its reference, reward model and heads, on the recipe's device; under
+        torchrun the frozen copies full tuning keeps (reference, reward model) are sharded."""
         for module in (self.model, self.reference_model, getattr(self, "reward_model", None),
                        getattr(self, "reward_head", None), *self.heads.values()):
             if module is not None:
                 module.to(self.device)
+        if self.reference_model is not None:
+            self.reference_model = self.parallel.shard_frozen(self.reference_model)
+            self.evaluate_everywhere = self.parallel.world > 1
+        reward = getattr(self, "reward_model", None)
+        if reward is not None and reward is not self.model:
+            self.reward_model = self.parallel.shard_frozen(reward)
+            self.evaluate_everywhere = self.parallel.world > 1
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         heads = [p for head in self.heads.values() for p in head.parameters()]

@@ -48,6 +48,7 @@ from cpmlive.compress.sparsity import apply_masks, sparsify_2of4
 from cpmlive.compress.quantize import calibration_batches, calibration_rows, quantize_model
 from cpmlive.compress.moefy import ffn_inputs, moefy, train_router
 from cpmlive.config import MoEConfig, QuantConfig
+from cpmlive.data.objectives import IGNORE_INDEX
 from cpmlive.data.store import TokenStore
 from cpmlive.data.stream import INFILL_GENERATE, PretrainStream
 from cpmlive.errors import CpmliveError
@@ -57,7 +58,8 @@ from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, Recipe
 from cpmlive.train.checkpoints import TRAINER_STATE, StopRequest, read_trainer_state, resume_point, write_checkpoint
 from cpmlive.train.core import progress_bar, rng_state, set_rng_state
-from cpmlive.train.metrics import MetricsLog
+from cpmlive.train.distributed import Replicas, rows_of_rank
+from cpmlive.train.metrics import MetricsLog, NullLog
 from cpmlive.utils import atomic_write_text, check_output
 
 STEP_KINDS = ("prune", "distill", "sparse24", "qat", "quantize", "moefy")
@@ -218,9 +220,21 @@ def abilities_needed(step: dict[str, Any]) -> list[str]:
 def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: str | None = None,
              force: bool = False) -> Path:
     """Run every step of ``recipe`` on ``src`` and write the result to the model directory ``out``."""
-    out = check_output(out, force)
+    parallel = Replicas.join()
+    try:
+        return _compress(src, out, recipe, resume, force, parallel)
+    finally:
+        parallel.close()
+
+
+def _compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: str | None, force: bool,
+              parallel: Replicas) -> Path:
+    """:func:`compress` on every rank of a torchrun job (or alone): the training steps split
+    each batch over the ranks (``train.distributed.Replicas``), rank 0 writes every file."""
+    parallel.check_batch(recipe.batch_size)
+    out = parallel.on_main(lambda: check_output(out, force))
     run_dir = out.with_name(out.name + ".run")
-    check_run_dir(run_dir, out, resume)
+    parallel.on_main(lambda: check_run_dir(run_dir, out, resume))
     family = family_of(src)
     for step in recipe.steps:
         for ability in abilities_needed(step):
@@ -228,8 +242,11 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
     original, directory = family.load(src, dtype=torch.float32)
     if original.config.quantization is not None:
         raise CpmliveError(f"{src}: already quantized; compress its float checkpoint")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / RUN_MARKER, json.dumps({"output": str(out), "source": str(src)}) + "\n")
+    def mark() -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / RUN_MARKER, json.dumps({"output": str(out), "source": str(src)}) + "\n")
+
+    parallel.on_main(mark)
     vocab = checkpoint_vocab(directory)
     model = original
     history = []
@@ -250,14 +267,18 @@ def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: s
                 label = f"{index}/{len(recipe.steps)} {kind}"
                 calibration = _calibration(recipe, model) if settings.sparse24 == "wanda" else None
                 model = TrainingRun(model, original, settings, recipe, step_dir, label, calibration,
-                                    objective=family.pretrain_objective).run()
-            save_checkpoint(model.state_dict(), model.config, step_dir / DONE, vocab=vocab)
+                                    objective=family.pretrain_objective, parallel=parallel).run()
+            parallel.on_main(lambda: save_checkpoint(model.state_dict(), model.config, step_dir / DONE, vocab=vocab))
         history.append({"step": kind, "settings": step[kind] or {}, "parameters": model.num_parameters()})
-    written = save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
     record = {"source": str(src), "parameters": original.num_parameters(), "steps": history,
               "data": recipe.data, "seed": recipe.seed}
-    atomic_write_text(written / COMPRESSION_NAME, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    return written
+
+    def write() -> Path:
+        written = save_checkpoint(model.state_dict(), model.config, out, vocab=vocab)
+        atomic_write_text(written / COMPRESSION_NAME, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        return written
+
+    return parallel.on_main(write)
 
 
 def check_run_dir(run_dir: Path, out: Path, resume: str | None) -> None:
@@ -303,8 +324,9 @@ class TrainingRun:
 
     def __init__(self, model: nn.Module, original: nn.Module, settings: TrainingStep, recipe: CompressRecipe,
                  step_dir: Path, label: str, calibration: list | None = None,
-                 objective: str = INFILL_GENERATE) -> None:
+                 objective: str = INFILL_GENERATE, parallel: Replicas | None = None) -> None:
         self.settings, self.recipe, self.step_dir, self.label = settings, recipe, step_dir, label
+        self.parallel = parallel or Replicas()
         self.student = copy.deepcopy(model)
         self.teacher = original.eval() if settings.distill is not None else None
         if self.teacher is not None:
@@ -353,15 +375,16 @@ class TrainingRun:
 
     def save(self) -> None:
         state = self.state()
-        write_checkpoint(self.step_dir, self.step, self.recipe.keep_checkpoints,
-                         lambda build: torch.save(state, build / TRAINER_STATE))
+        self.parallel.on_main(lambda: write_checkpoint(self.step_dir, self.step, self.recipe.keep_checkpoints,
+                                                       lambda build: torch.save(state, build / TRAINER_STATE)))
 
     def run(self) -> nn.Module:
         found = resume_point(self.step_dir, "auto", lambda path: read_trainer_state(path, ("step", "model")))
         if found is not None:
             self.restore(found[1])
-        log = MetricsLog(self.step_dir, self.step)
-        bar = progress_bar(self.settings.steps, self.step, f"compress {self.label}", self.recipe.progress)
+        main = self.parallel.is_main
+        log = MetricsLog(self.step_dir, self.step) if main else NullLog()
+        bar = progress_bar(self.settings.steps, self.step, f"compress {self.label}", self.recipe.progress and main)
         try:
             with StopRequest() as stop:
                 while self.step < self.settings.steps:
@@ -370,9 +393,10 @@ class TrainingRun:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{record['loss']:.3f}")
-                    if self.step % self.recipe.save_every == 0 or self.step == self.settings.steps or stop.requested:
+                    stopping = self.parallel.stop_agreed(stop.requested)
+                    if self.step % self.recipe.save_every == 0 or self.step == self.settings.steps or stopping:
                         self.save()
-                    if stop.requested:
+                    if stopping:
                         raise KeyboardInterrupt
         finally:
             log.close()
@@ -384,17 +408,22 @@ class TrainingRun:
 
     def one_step(self) -> dict[str, float]:
         self.step += 1
-        batch = self.stream.next_batch()
+        parallel = self.parallel
+        batch = rows_of_rank(self.stream.next_batch(), parallel.rank, parallel.world)
+        weight = int((batch.target != IGNORE_INDEX).sum())  # both losses are means over the target tokens
+        factor, _ = parallel.share(weight)
         if self.gates is not None:
-            return self.gates.step(self.loss(batch))
+            record = self.gates.step(self.loss(batch), scale=factor, sync=parallel.average_gradients)
+            return {**record, "loss": parallel.weighted_mean(record["loss"], weight)}
         self.student.train()
         loss = self.loss(batch)(self.student)
-        loss.backward()
+        (loss * factor).backward()
+        parallel.average_gradients([p for p in self.student.parameters() if p.requires_grad])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.masks is not None:
             apply_masks(self.student, self.masks)
-        return {"loss": loss.item()}
+        return {"loss": parallel.weighted_mean(loss.item(), weight)}
 
 
 __all__ = ["CompressRecipe", "abilities_needed", "compress", "step_settings"]

@@ -29,6 +29,8 @@ import dataclasses
 import math
 import warnings
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -325,7 +327,13 @@ class GateTrainer:
         self.ascent = torch.optim.SGD(self.lagrangian.parameters(), lr=config.lagrangian_lr, maximize=True)
         self.step_count = 0
 
-    def step(self, loss_fn) -> dict[str, float]:
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the step updates: the model's weights, the gates and the multipliers."""
+        return [p for group in (*self.optimizer.param_groups, *self.ascent.param_groups) for p in group["params"]]
+
+    def step(self, loss_fn, scale: float = 1.0, sync: Callable[[list], None] | None = None) -> dict[str, float]:
+        """One step; ``scale`` multiplies the loss (a rank's share of the global batch) and
+        ``sync`` averages the gradients over the ranks before they are applied."""
         self.step_count += 1
         self.model.train()
         self.masks.train()
@@ -334,7 +342,9 @@ class GateTrainer:
         expected = self.masks.expected_fraction()
         target = self.config.target_at(self.step_count)
         penalty = self.lagrangian(expected, target)
-        (loss + penalty).backward()
+        (loss * scale + penalty).backward()
+        if sync is not None:
+            sync(self.parameters())
         self.optimizer.step()
         self.ascent.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -562,6 +562,21 @@ class Replicas:
             return requested
         return bool(self._sum([1.0 if requested else 0.0])[0])
 
+    def shard_frozen(self, model: nn.Module) -> nn.Module:
+        """A frozen model the recipe only reads (a full-tuning reference or reward model) sharded
+        with FSDP2 over the ranks: each holds 1/N of it and gathers one block at a time. Every
+        rank must then call it equally often (a collective per block), so whatever reads it runs
+        on every rank (training steps and evaluation alike)."""
+        if self.world == 1:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = device_mesh(self.env)
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
     def close(self) -> None:
         if self.env is not None and dist.is_initialized():
             dist.barrier()

@@ -417,13 +417,18 @@ class Finetuner:
             if self.parallel.is_main:
                 warn(f"stopped at step {self.position.step}, saved as {target}; continue with --resume auto")
 
+    # Whether every rank evaluates (a sharded frozen model needs all of them): else rank 0 alone.
+    evaluate_everywhere: bool = False
+
     def validate(self, step: int) -> None:
         """Rank 0 evaluates, keeps the best adapter and logs; every rank takes the best it found."""
+        everywhere = self.evaluate() if self.eval_pairs and self.evaluate_everywhere else None
+
         def here() -> tuple[float | None, int | None]:
             if not self.eval_pairs:  # without a dev set the latest adapter is the one kept
                 self.save_best({"step": step})
                 return self.position.best, self.position.best_step
-            metrics = self.evaluate()
+            metrics = everywhere if everywhere is not None else self.evaluate()
             better = self.is_better(metrics)
             if better:
                 self.position.best, self.position.best_step = metrics[self.config.chosen_metric], step
