@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.runtime.streaming import spread_order
+from cpmlive.model.runtime.streaming import next_after, spread_order
 
 
 def _gb(nbytes: int) -> str:
@@ -111,10 +111,7 @@ class DeviceWeightStream:
         self.peak_bytes = max(self.peak_bytes, self.device_bytes)
 
     def next_streamed(self, index: int) -> int | None:
-        for i in self.order:
-            if i > index:
-                return i
-        return self.order[0] if self.order else None
+        return next_after(self.order, index)
 
     def before(self, index: int) -> None:
         """Block ``index`` is about to run: its copy in place, the next streamed one in flight."""

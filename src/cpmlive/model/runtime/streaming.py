@@ -84,6 +84,14 @@ def _nbytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def next_after(order: list[int], index: int) -> int | None:
+    """The first streamed block after ``index`` in ``order`` (wrapping to the next step's first)."""
+    for i in order:
+        if i > index:
+            return i
+    return order[0] if order else None
+
+
 def spread_order(count: int) -> list[int]:
     """Indices ``0 .. count-1`` in an order that spreads any prefix over the whole range
     (the midpoints of ever finer halvings: 0, 8, 4, 12, 2, ... for 16)."""
@@ -178,11 +186,7 @@ class WeightStream:
     # ---- called around each block ------------------------------------------------------------
 
     def next_streamed(self, index: int) -> int | None:
-        """The first streamed block after ``index`` (wrapping to the next step's first)."""
-        for i in self.order:
-            if i > index:
-                return i
-        return self.order[0] if self.order else None
+        return next_after(self.order, index)
 
     def fetch(self, index: int) -> None:
         """Ask for streamed block ``index`` to be mapped in (in the background)."""
@@ -256,4 +260,4 @@ def resident_bytes(paths: Iterable[str | Path] | None = None) -> int:
     return total
 
 
-__all__ = ["WeightStream", "parse_size", "resident_bytes", "spread_order", "stream_weights"]
+__all__ = ["WeightStream", "next_after", "parse_size", "resident_bytes", "spread_order", "stream_weights"]
