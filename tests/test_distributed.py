@@ -123,14 +123,21 @@ def test_checkpoints_move_between_world_sizes(runs, data_dir, tmp_path):  # noqa
     # written by 1 process, resumed by 2 ranks
     launch(tiny_overrides(data_dir, tmp_path / "one-then-two") + STEPS, nproc=2, resume=step_dir(runs / "one", 3))
     worst_12 = assert_close(losses(tmp_path / "one-then-two"), one, range(4, 7))
-    # sharded by 2 ranks, resharded onto 4 (whose own step-6 shards are then 4 files)
-    two4 = tmp_path / "two-batch4"
-    launch(tiny_overrides(data_dir, two4, batch_size=4) + STEPS, nproc=2)
-    launch(tiny_overrides(data_dir, tmp_path / "four", batch_size=4) + STEPS, nproc=4, resume=step_dir(two4, 3))
-    worst_24 = assert_close(losses(tmp_path / "four"), losses(two4), range(4, 7))
-    assert len(list((step_dir(tmp_path / "four", 6) / "sharded").glob("*.distcp"))) == 4
-    print(f"max relative loss difference after resume: 2->1 {worst_21:.2e}, 1->2 {worst_12:.2e}, "
-          f"2->4 {worst_24:.2e}")
+    # batch 4: 4 ranks from scratch follow one process; one process's checkpoint onto 4 ranks
+    # (whose own step-6 shards are then 4 files); 4 ranks' shards onto 2
+    alone, four = tmp_path / "alone-batch4", tmp_path / "four"
+    launch(tiny_overrides(data_dir, alone, batch_size=4) + STEPS, nproc=1)
+    launch(tiny_overrides(data_dir, four, batch_size=4) + STEPS, nproc=4)
+    worst_4 = assert_close(losses(four), losses(alone), range(1, 7))
+    launch(tiny_overrides(data_dir, tmp_path / "one-then-four", batch_size=4) + STEPS, nproc=4,
+           resume=step_dir(alone, 3))
+    worst_14 = assert_close(losses(tmp_path / "one-then-four"), losses(alone), range(4, 7))
+    assert len(list((step_dir(tmp_path / "one-then-four", 6) / "sharded").glob("*.distcp"))) == 4
+    launch(tiny_overrides(data_dir, tmp_path / "four-then-two", batch_size=4) + STEPS, nproc=2,
+           resume=step_dir(four, 3))
+    worst_42 = assert_close(losses(tmp_path / "four-then-two"), losses(alone), range(4, 7))
+    print(f"max relative loss difference: 4 ranks {worst_4:.2e}; after resume: 2->1 {worst_21:.2e}, "
+          f"1->2 {worst_12:.2e}, 1->4 {worst_14:.2e}, 4->2 {worst_42:.2e}")
 
 
 @pytest.mark.slow
@@ -180,6 +187,14 @@ def test_async_checkpoints_are_the_same_checkpoints(runs, data_dir, tmp_path):  
     assert not list((run / "checkpoints").glob(".*tmp*"))
     launch(tiny_overrides(data_dir, tmp_path / "after-async") + STEPS, nproc=1, resume=step_dir(run, 3))
     assert_close(losses(tmp_path / "after-async"), losses(runs / "two"), range(4, 7))
+
+
+@pytest.mark.slow
+def test_cpm1_pretrains_on_two_ranks_as_one_process(data_dir, tmp_path):  # noqa: F811
+    extra = {"model": "cpm1-tiny", "model_overrides.num_layers": 2, "model_overrides.max_length": 128}
+    launch(tiny_overrides(data_dir, tmp_path / "one", **extra) + STEPS, nproc=1)
+    launch(tiny_overrides(data_dir, tmp_path / "two", **extra) + STEPS, nproc=2)
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 7))
 
 
 @pytest.mark.slow

@@ -45,8 +45,11 @@ def same_run(one: Path, two: Path, adapter: bool = True) -> float:
     name = "adapter_model.safetensors" if adapter else "model.safetensors"
     weights = [read_safetensors(run / "best" / name) for run in (one, two)]
     assert weights[0].keys() == weights[1].keys()
+    # Adam divides by the gradient's own size: an element whose gradient is ~0 can take a step of
+    # either sign on float noise in the reduction, so tensors are compared as a whole
     for key in weights[0]:
-        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-6)
+        a, b = weights[0][key].double(), weights[1][key].double()
+        assert (a - b).norm() <= 1e-3 * a.norm() + 1e-7, key
     return worst
 
 
@@ -87,16 +90,30 @@ def test_align_on_two_ranks_is_one_process(world, tmp_path, method, tuning):  # 
 
 
 @pytest.mark.slow
-def test_grpo_on_two_ranks_trains_and_keeps_the_replicas_equal(world, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_rollout_recipes_train_on_two_ranks(world, tmp_path, method):  # noqa: F811
     """Rollouts are sampled per rank (their random streams differ from one process's), so the
     trajectory is not one process's; the replicas still end with one adapter, which rank 0 saved."""
     common = {"model": world["base"], "data": world["sft"], "max_steps": 2, "eval_every": 2, "save_every": 2,
-              "batch_size": 4, "num_samples": 2, "reward": "rouge", "progress": "false", "max_input_tokens": 40,
-              "max_output_tokens": 8, "precision": "fp32"}
-    result = launch(["align", "grpo"], {**common, "out": tmp_path / "grpo"}, 2)
-    records = [r for r in read_records(tmp_path / "grpo") if r["type"] == "train"]
+              "batch_size": 4, "reward": "rouge", "progress": "false", "max_input_tokens": 40,
+              "max_output_tokens": 8, "precision": "fp32", **({"num_samples": 2} if method == "grpo" else {})}
+    result = launch(["align", method], {**common, "out": tmp_path / method}, 2)
+    records = [r for r in read_records(tmp_path / method) if r["type"] == "train"]
     assert [r["step"] for r in records] == [1, 2], result.stderr[-2000:]
-    assert json.loads((tmp_path / "grpo" / "best" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / method / "best" / "adapter_config.json").read_text())
+
+
+@pytest.mark.slow
+def test_bee_finetune_on_two_ranks_is_one_process(tmp_path):
+    """CPM-Bee's fine-tuning (filled JSON tasks, its own packing) split over 2 ranks."""
+    from pathlib import Path as P
+
+    data = P(__file__).resolve().parent.parent / "recipes" / "data" / "bee-sft.jsonl"
+    common = {"model": "bee-demo", "data": data, "batch_size": 4, "max_steps": 3, "lr": 1e-3, "warmup_steps": 1,
+              "eval_every": 3, "save_every": 3, "precision": "fp32", "progress": "false"}
+    launch(["finetune"], {**common, "out": tmp_path / "one"}, 1)
+    launch(["finetune"], {**common, "out": tmp_path / "two"}, 2)
+    same_run(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.slow

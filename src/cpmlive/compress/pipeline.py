@@ -57,7 +57,7 @@ from cpmlive.model.registry import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, Recipe
 from cpmlive.train.checkpoints import TRAINER_STATE, StopRequest, read_trainer_state, resume_point, write_checkpoint
-from cpmlive.train.core import progress_bar, rng_state, set_rng_state
+from cpmlive.train.core import progress_bar, resolve_device, rng_state, set_rng_state
 from cpmlive.train.distributed import Replicas, rows_of_rank
 from cpmlive.train.metrics import MetricsLog, NullLog
 from cpmlive.utils import atomic_write_text, check_output
@@ -80,6 +80,7 @@ class CompressRecipe(Recipe):
     calibration_rows: int = 64
     seed: int = 0
     progress: bool = True
+    device: str = "auto"  # where the steps run: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N
     run_time: str = ""  # what the recipe takes, as measured by its author; `cpmlive compress` prints it
 
     RANGES = {"seq_length": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "save_every": AT_LEAST_ONE,
@@ -239,7 +240,8 @@ def _compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: 
     for step in recipe.steps:
         for ability in abilities_needed(step):
             family.require(ability)
-    original, directory = family.load(src, dtype=torch.float32)
+    device = parallel.device or resolve_device(recipe.device)
+    original, directory = family.load(src, dtype=torch.float32, device=device)
     if original.config.quantization is not None:
         raise CpmliveError(f"{src}: already quantized; compress its float checkpoint")
     def mark() -> None:
@@ -410,6 +412,7 @@ class TrainingRun:
         self.step += 1
         parallel = self.parallel
         batch = rows_of_rank(self.stream.next_batch(), parallel.rank, parallel.world)
+        batch = batch.to(next(self.student.parameters()).device)
         weight = int((batch.target != IGNORE_INDEX).sum())  # both losses are means over the target tokens
         factor, _ = parallel.share(weight)
         if self.gates is not None:
