@@ -141,6 +141,13 @@ def loss_bytes(config: Any, batch: int, seq: int, precision: str) -> int:
     return rows * (config.dim_model + config.vocab_size) * DTYPE_BYTES[precision]
 
 
+def reads_tasks(config: Any) -> bool:
+    """A family that trains on JSON tasks (CPM-Bee: its own inputs, a head over the answers)."""
+    from cpmlive.model.registry import family
+
+    return family(config.model_type).can("bee")
+
+
 def _training_inputs(model: Any, batch: int, seq: int) -> Any:
     """A callable running one training forward of ``model`` on zeros (and returning a loss)."""
     from cpmlive.data.objectives import Batch
@@ -149,7 +156,7 @@ def _training_inputs(model: Any, batch: int, seq: int) -> Any:
     zeros = {name: torch.zeros(batch, seq, dtype=dtype) for name, dtype in
              (("long", torch.long), ("int", torch.int32), ("bool", torch.bool))}
     valid = torch.ones(batch, seq, dtype=torch.bool)
-    if model.config.model_type == "cpm-bee":
+    if reads_tasks(model.config):
         def bee() -> torch.Tensor:
             hidden = model(zeros["long"], zeros["int"], zeros["bool"], zeros["int"],
                            torch.zeros(batch, 1, dtype=torch.int32), zeros["int"], valid)
@@ -223,7 +230,7 @@ class ActivationLaw:
         total = config.num_layers * apply(block_form) + apply(rest_form)
         if checkpointing and recompute:
             total += apply(self.block)
-        if config.model_type != "cpm-bee":
+        if not reads_tasks(config):
             total += loss_bytes(config, batch, seq, precision)
         return int(round(total))
 
@@ -256,7 +263,7 @@ def _law(config_json: str, model_type: str, precision: str) -> ActivationLaw:
             small = _proxy(config, h, f, a, d, k, 1)
             one = measure_activations(small, b, s, checkpointing, precision)
             two = measure_activations(_proxy(config, h, f, a, d, k, 2), b, s, checkpointing, precision)
-            if config.model_type != "cpm-bee":
+            if not reads_tasks(config):
                 one -= loss_bytes(small, b, s, precision)
                 two -= loss_bytes(small, b, s, precision)
             per_block.append(two - one)
