@@ -68,6 +68,13 @@ TOURS: dict[str, list[str]] = {
         """cpmlive bee bee-demo '{"input": {"<ans>": ""}, "<ans>": ""}'""",
         """cpmlive bee demo '{"input": "北京", "<ans>": ""}'""",
     ],
+    "plan": [
+        "cpmlive plan ant-10b --gpus 8 --gpu-memory 80GB",
+        "cpmlive plan bee-10b --gpus 8 --gpu-memory 80GB",
+        "cpmlive plan ant-10b --gpus 1 --gpu-memory 24GB",
+        "cpmlive plan ant-10b --gpus 1 --gpu-memory 24GB --adapter lora --offload",
+        "cpmlive plan bee-10b --gpus 1 --gpu-memory 24GB --adapter lora --offload",
+    ],
     "cpm1": [
         "cpmlive info cpm1-demo",
         'cpmlive tokenize cpm1-demo "清华大学 计算机系" --json',

@@ -16,6 +16,7 @@ checkpoint at the end of the current step. A new run refuses a directory that ho
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import random
@@ -531,8 +532,13 @@ def run_recipe(kind: type[Finetuner], config: Any, resume: str | None) -> None:
         trainer = kind(config, resume)
         trainer.run()
     finally:
-        if trainer is not None and hasattr(trainer, "parallel"):
-            trainer.parallel.close()
+        # freed before the process group goes, as run_distributed does (a gloo group torn down
+        # with live users can abort the process at exit)
+        parallel = getattr(trainer, "parallel", None)
+        del trainer
+        gc.collect()
+        if parallel is not None:
+            parallel.close()
 
 
 __all__ = ["BeeFinetuner", "FinetuneConfig", "Finetuner", "finetune", "run_recipe"]
