@@ -193,6 +193,8 @@ def mfu(device: torch.device, peak: float, quick: bool) -> str:
     sync(device)
     tokens_s = batch * seq * steps / (time.perf_counter() - started)
     params = sum(p.numel() for p in model.parameters())
+    if quick:  # a tiny matmul on two shared cores is no peak to divide by
+        return f"{params / 1e6:.0f}M params, {tokens_s:,.0f} tok/s (MFU is measured on a GPU only)"
     # 6 N per token, plus the recomputed forward (2 N) of activation checkpointing, as hardware FLOPs
     used = 8 * params * tokens_s
     return (f"{params / 1e6:.0f}M params, {tokens_s:,.0f} tok/s, MFU {6 * params * tokens_s / peak:.1%} "
