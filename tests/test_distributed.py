@@ -210,6 +210,16 @@ def test_tensor_x_data_parallel_follows_one_process(data_dir, tmp_path, family):
     launch(tiny_overrides(data_dir, grid, tp_size=2, **extra) + STEPS, nproc=4)
     worst = assert_close(losses(grid), losses(one), range(1, 7))
     assert len(list((step_dir(grid, 6) / "sharded").glob("*.distcp"))) == 4
+    # every weight as one process has it, the replicated ones too (the position bias, whose heads
+    # the tensor-parallel ranks each see a part of)
+    from cpmlive.train.sharded import consolidate
+
+    weights = read_weights(consolidate(step_dir(grid, 6), tmp_path / "grid-model"))
+    alone = read_weights(step_dir(one, 6) / "model")
+    assert weights.keys() == alone.keys()
+    for key in alone:  # as tensors (Adam may step a ~0 gradient either way on reduction noise)
+        difference = (weights[key].double() - alone[key].double()).norm() / alone[key].double().norm()
+        assert difference < 1e-3, (key, difference.item())
     launch(tiny_overrides(data_dir, tmp_path / "dp2", **extra) + STEPS, nproc=2, resume=step_dir(grid, 3))
     launch(tiny_overrides(data_dir, tmp_path / "alone", **extra) + STEPS, nproc=1, resume=step_dir(grid, 3))
     moved = max(assert_close(losses(tmp_path / name), losses(one), range(4, 7)) for name in ("dp2", "alone"))
@@ -235,3 +245,15 @@ def test_tensor_parallel_refusals(data_dir, tmp_path):  # noqa: F811
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "needs a torchrun job" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not run.exists()
+
+
+def test_a_cut_short_shard_is_unreadable(runs, tmp_path):
+    from cpmlive.train.sharded import check_readable
+
+    run = tmp_path / "cut"
+    shutil.copytree(step_dir(runs / "two", 6), run)
+    check_readable(run)
+    shard = run / "sharded" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CpmliveError, match="cut short"):
+        check_readable(run)

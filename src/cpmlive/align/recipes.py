@@ -608,14 +608,15 @@ class PpoTrainer(RolloutTrainer):
             policy_loss, policy_clip = losses.clipped_policy_loss(logps, old_logps, advantages, mask, config.clip_range)
             value_loss, value_clip = losses.clipped_value_loss(values, old_values, returns, mask,
                                                                config.clip_range_value)
-            ((policy_loss + config.vf_coef * value_loss) * self.parallel.share(len(pairs))[0]).backward()
+            # both losses are means over the batch's completion tokens
+            ((policy_loss + config.vf_coef * value_loss) * self.parallel.share(mask.sum().item())[0]).backward()
             grad_norm = self.apply_gradients()
             for name, value in (("loss/policy_avg", policy_loss), ("loss/value_avg", value_loss),
                                 ("policy/clipfrac_avg", policy_clip), ("val/clipfrac_avg", value_clip)):
                 stats.setdefault(name, []).append(value.item())
             stats.setdefault("grad_norm", []).append(grad_norm)
         kl_sum = kl.sum(1).mean().item()
-        record = {name: sum(v) / len(v) for name, v in stats.items()}
+        record = self.parallel.average({name: sum(v) / len(v) for name, v in stats.items()})
         record.update({"loss": record["loss/policy_avg"] + config.vf_coef * record["loss/value_avg"],
                        "objective/kl": kl_sum, "objective/scores": scores.mean().item(),
                        "objective/non_score_reward": -config.kl_coef * kl_sum,
@@ -623,7 +624,7 @@ class PpoTrainer(RolloutTrainer):
                        "objective/entropy": -(old_logps.sum(1)).mean().item(),
                        "val/num_eos_tokens": float(sum(c[-1] == self.tokenizer.eos_id for _, c in pairs)),
                        "val/ratio": torch.exp((logps - old_logps) * mask).sum().item() / mask.sum().item()})
-        return record, sum(len(p) + len(c) for p, c in pairs)
+        return record, self.parallel.total(sum(len(p) + len(c) for p, c in pairs))
 
     def save_heads(self, directory: Path) -> None:
         save_safetensors({k: v.detach() for k, v in self.heads["value"].state_dict().items()}, directory / VALUE_HEAD)
@@ -654,13 +655,13 @@ class GrpoTrainer(RolloutTrainer):
             stats.setdefault("loss", []).append(loss.item())
             stats.setdefault("kl", []).append(kl.item())
         groups = scores.view(-1, config.num_samples)
-        record = {name: sum(v) / len(v) for name, v in stats.items()}
+        record = self.parallel.average({name: sum(v) / len(v) for name, v in stats.items()})
         kl_sum = ((old_logps - ref_logps) * mask).sum(1).mean().item()
         record.update({"reward": scores.mean().item(), "reward_std": groups.std(1).mean().item(),
                        "frac_reward_zero_std": (groups.std(1) < 1e-6).float().mean().item(),
                        "objective/kl": kl_sum, "objective/rlhf_reward": scores.mean().item() - config.kl_coef * kl_sum,
                        "completions/mean_length": mask.sum(1).mean().item()})
-        return record, sum(len(p) + len(c) for p, c in pairs)
+        return record, self.parallel.total(sum(len(p) + len(c) for p, c in pairs))
 
 
 TRAINERS: dict[str, type[AlignTrainer]] = {"sft": SftTrainer, "rm": RewardTrainer, "dpo": DpoTrainer,

@@ -221,11 +221,13 @@ def abilities_needed(step: dict[str, Any]) -> list[str]:
 def compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: str | None = None,
              force: bool = False) -> Path:
     """Run every step of ``recipe`` on ``src`` and write the result to the model directory ``out``."""
-    parallel = Replicas.join()
+    parallel, finished = Replicas.join(), False
     try:
-        return _compress(src, out, recipe, resume, force, parallel)
+        written = _compress(src, out, recipe, resume, force, parallel)
+        finished = True
+        return written
     finally:
-        parallel.close()
+        parallel.close(finished)
 
 
 def _compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: str | None, force: bool,

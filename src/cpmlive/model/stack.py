@@ -92,9 +92,9 @@ class Attention(nn.Module):
     def biased(self) -> bool:
         return self.bias_out is not None
 
-    # The heads this module holds when tensor parallelism split it (``train.distributed``): its
-    # slice of the position bias's heads. None: all of them.
-    tp_heads: slice | None = None
+    # When tensor parallelism split this module (``train.distributed``): the function that takes its
+    # heads' slice of the position bias (and sums the bias's gradient over the split). None: all heads.
+    tp_bias: Callable[[Tensor], Tensor] | None = None
 
     def _heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -110,8 +110,8 @@ class Attention(nn.Module):
         v = self._heads(add_bias(project(x, self.project_v), self.bias_v))
         if cache is not None:
             k, v = cache.store(layer, start, k, v)
-        if self.tp_heads is not None and bias.size(1) > 1:
-            bias = bias[:, self.tp_heads]
+        if self.tp_bias is not None and bias.size(1) > 1:
+            bias = self.tp_bias(bias)
         out = attention(q, k, v, bias, self.dropout_p if self.training else 0.0)
         batch, _, length, _ = out.shape
         out = project(out.transpose(1, 2).reshape(batch, length, -1), self.attention_out, "residual", residual)

@@ -145,6 +145,24 @@ def check_tensor_parallel(model: nn.Module, tp_size: int) -> None:
                                "(experts or GPT-2's MLP) is not split")
 
 
+class _HeadSlice(torch.autograd.Function):
+    """A rank's heads of the whole position bias; backward sums the bias's gradient over the
+    tensor-parallel ranks (each saw its heads only), so every rank's copy of the position-bias
+    table gets the gradient one process would (Megatron's "copy to the tensor-parallel region")."""
+
+    @staticmethod
+    def forward(ctx, bias: torch.Tensor, heads: slice, group) -> torch.Tensor:
+        ctx.heads, ctx.group, ctx.shape = heads, group, bias.shape
+        return bias[:, heads]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        full = grad.new_zeros(ctx.shape)
+        full[:, ctx.heads] = grad
+        dist.all_reduce(full, group=ctx.group)
+        return full, None, None
+
+
 def tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Megatron's split of every block over the ``tp`` ranks (``parallelize_module``): q, k, v and
     the FFN's two input projections column-wise (each rank computes its heads and its share of
@@ -156,12 +174,14 @@ def tensor_parallel(model: nn.Module, tp_mesh) -> None:
     check_tensor_parallel(model, tp_mesh.size())
     rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
     local_heads = model.config.num_heads // size
+    heads = slice(rank * local_heads, (rank + 1) * local_heads)
+    group = tp_mesh.get_group()
     for block in model.layers:
         plan = {}
         if hasattr(block, "attn"):
             plan.update({f"attn.{name}": ColwiseParallel() for name in ("project_q", "project_k", "project_v")})
             plan["attn.attention_out"] = RowwiseParallel()
-            block.attn.tp_heads = slice(rank * local_heads, (rank + 1) * local_heads)
+            block.attn.tp_bias = lambda bias: _HeadSlice.apply(bias, heads, group)
         if hasattr(block, "ffn"):
             plan.update({"ffn.w_0": ColwiseParallel(), "ffn.w_1": ColwiseParallel(), "ffn.w_out": RowwiseParallel()})
         parallelize_module(block, tp_mesh, plan)
@@ -233,6 +253,32 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_on_main(action: Callable[[], Any], is_main: bool, world: int) -> Any:
+    """Rank 0 runs ``action``; every rank returns its result, or raises: its CpmliveError as one
+    line on every rank, any other failure as itself on rank 0 and as one line on the others (they
+    must not wait forever on a broadcast rank 0 never reaches)."""
+    result, error, failure = None, None, None
+    if is_main:
+        try:
+            result = action()
+        except CpmliveError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001  (re-raised below, after the others are told)
+            failure, error = exc, f"rank 0 failed: {type(exc).__name__}: {_first_line(exc)}"
+    if world > 1:
+        result, error = _broadcast((result, error))
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise CpmliveError(error)
+    return result
+
+
 class DistributedTrainer(Trainer):
     """:class:`Trainer` on one rank of a torchrun job; see the module notes."""
 
@@ -265,15 +311,7 @@ class DistributedTrainer(Trainer):
 
     def on_main(self, check: Callable[[], None]) -> None:
         """Rank 0 checks the run directory (only it needs to see it); every rank raises its error."""
-        error = None
-        if self.is_main:
-            try:
-                check()
-            except CpmliveError as exc:
-                error = str(exc)
-        error = _broadcast(error)
-        if error is not None:
-            raise CpmliveError(error)
+        run_on_main(check, self.is_main, self.world_size)
 
     def stop_agreed(self, requested: bool) -> bool:
         """Every rank stops after the same step when any of them was signalled (they would
@@ -365,15 +403,14 @@ class DistributedTrainer(Trainer):
         then ``latest`` still names the previous one."""
         self.finish_pending_save()
         target = checkpoint_dir(self.run_dir, self.state.step)
-        build, error = None, None
-        if self.is_main:
+
+        def make() -> Path:
             try:
-                build = new_build_directory(target)
+                return new_build_directory(target)
             except OSError as exc:
-                error = f"could not write checkpoint {target} ({exc.strerror or exc})"
-        error, build = _broadcast((error, build))
-        if error is not None:
-            raise CpmliveError(error)
+                raise CpmliveError(f"could not write checkpoint {target} ({exc.strerror or exc})") from None
+
+        build = run_on_main(make, self.is_main, self.world_size)
         self.model.reshard()
         header = {**trainer_header(self.stream, self.state, self.config), "world_size": self.world_size}
         if self.config.async_checkpoint:
@@ -382,6 +419,7 @@ class DistributedTrainer(Trainer):
             future = save_sharded(build / SHARDED, self.model, self.optimizer, group=self._checkpoint_group)
             self._pending = (future, build, target, header)
             return target
+        error = None
         try:
             save_sharded(build / SHARDED, self.model, self.optimizer)
         except Exception as exc:  # noqa: BLE001  (DCP raises CheckpointException on every rank)
@@ -406,60 +444,62 @@ class DistributedTrainer(Trainer):
         errors = [None] * self.world_size
         dist.all_gather_object(errors, error)
         error = next((e for e in errors if e is not None), None)
-        if self.is_main:
-            if error is None:
-                try:
-                    write_into(build, target, lambda directory: self._write_header(directory, header))
-                    publish(self.run_dir, target, self.config.keep_checkpoints)
-                except CpmliveError as exc:
-                    error = str(exc)
-            else:
+
+        def finish() -> None:
+            if error is not None:
                 shutil.rmtree(build, ignore_errors=True)
-        error = _broadcast(error)  # also the barrier: nobody runs ahead of a checkpoint
-        if error is not None:
-            raise CpmliveError(error)
+                raise CpmliveError(error)
+            try:
+                write_into(build, target, lambda directory: self._write_header(directory, header))
+                publish(self.run_dir, target, self.config.keep_checkpoints)
+            except BaseException:
+                shutil.rmtree(build, ignore_errors=True)
+                raise
+
+        run_on_main(finish, self.is_main, self.world_size)  # also the barrier: nobody runs ahead of a checkpoint
 
     def _write_header(self, build: Path, header: dict[str, Any]) -> None:
         write_sharded_config(build / SHARDED, self.model.config, self.vocab_path)
         torch.save(header, build / TRAINER_STATE)
 
     def run(self) -> RunState:
-        state = super().run()
+        try:
+            state = super().run()
+        except KeyboardInterrupt:  # every rank stops at the same step: the checkpoint it started completes
+            self.finish_pending_save()
+            raise
         self.finish_pending_save()
         return state
 
     def _resume(self, resume: str) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        model_state: dict[str, Any] | None = {}
-        optimizer_state: dict[str, Any] = {}
-        header: dict[str, Any] | None = None
-        path, error = None, None
-        if self.is_main:
-            try:
-                point = resume_point(self.run_dir, resume, self.read_checkpoint)
-                if point is not None:
-                    path, (model_state, trainer) = point
-                    if model_state is not None:
-                        optimizer_state = optimizer_state_to_names(trainer["optimizer"],
-                                                                   parameter_names(self.model, self.optimizer))
-                    header = {key: trainer[key] for key in ("stream", "state", "rng")}
-            except CpmliveError as exc:
-                error = str(exc)
-        sharded = self.is_main and header is not None and model_state is None
-        error, header, path, sharded = _broadcast((error, header, path, sharded))
-        if error is not None:
-            raise CpmliveError(error)
-        if header is None:
+        whole: dict[str, Any] = {"model": {}, "optimizer": {}}  # a single-process checkpoint, on rank 0
+
+        def read() -> dict[str, Any] | None:
+            point = resume_point(self.run_dir, resume, self.read_checkpoint)
+            if point is None:
+                return None
+            path, (model_state, trainer) = point
+            if model_state is not None:
+                whole["model"] = model_state
+                whole["optimizer"] = optimizer_state_to_names(trainer["optimizer"],
+                                                              parameter_names(self.model, self.optimizer))
+            return {"path": path, "sharded": model_state is None,
+                    "header": {key: trainer[key] for key in ("stream", "state", "rng")}}
+
+        found = run_on_main(read, self.is_main, self.world_size)
+        if found is None:
             return
-        if sharded:  # every rank reads its own shards, resharded to this run's layout
-            load_sharded(path, self.model, self.optimizer)
+        if found["sharded"]:  # every rank reads its own shards, resharded to this run's layout
+            load_sharded(found["path"], self.model, self.optimizer)
         else:  # a single-process checkpoint: rank 0 read it whole, every rank gets its shards
-            set_model_state_dict(self.model, model_state, options=_state_options(broadcast_from_rank0=True))
+            set_model_state_dict(self.model, whole["model"], options=_state_options(broadcast_from_rank0=True))
             with keeping_fused_choice(self.optimizer):
-                set_optimizer_state_dict(self.model, self.optimizer, optimizer_state,
+                set_optimizer_state_dict(self.model, self.optimizer, whole["optimizer"],
                                          options=_state_options(broadcast_from_rank0=True))
-        del model_state, optimizer_state
+        whole.clear()
+        header = found["header"]
         self.stream.load_state_dict(header["stream"])
         self.state = RunState(**header["state"])
         set_rng_state(header["rng"])
@@ -528,11 +568,18 @@ class Replicas:
         return dict(zip(names, [v / self.world for v in self._sum([float(values[n]) for n in names])]))
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
-        """Every trainable gradient averaged over the ranks (a missing one counts as zeros)."""
+        """Every trainable gradient averaged over the ranks. One a rank did not produce counts as
+        zeros there; one no rank produced stays None, so the optimizer skips the parameter as one
+        process would (AdamW would otherwise move it by its momentum)."""
         if self.world == 1 or not params:
             return
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+        params = [p for p, anywhere in zip(params, present.tolist()) if anywhere]
+        if not params:
+            return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat)
@@ -544,18 +591,8 @@ class Replicas:
                 param.grad.copy_(averaged)
 
     def on_main(self, action: Callable[[], Any]) -> Any:
-        """Rank 0 runs ``action``; every rank returns its result or raises its CpmliveError."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = action()
-            except CpmliveError as exc:
-                error = str(exc)
-        if self.world > 1:
-            result, error = _broadcast((result, error))
-        if error is not None:
-            raise CpmliveError(error)
-        return result
+        """Rank 0 runs ``action``; every rank returns its result or raises (:func:`run_on_main`)."""
+        return run_on_main(action, self.is_main, self.world)
 
     def stop_agreed(self, requested: bool) -> bool:
         if self.world == 1:
@@ -577,14 +614,17 @@ class Replicas:
         fully_shard(model, mesh=mesh)
         return model
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group: after a barrier when the run finished (a failed rank must not
+        wait for the others at one they never reach)."""
         if self.env is not None and dist.is_initialized():
-            dist.barrier()
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
 def _save_error(target: Path, exc: Exception) -> str:
-    return f"could not write checkpoint {target} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return f"could not write checkpoint {target} ({_first_line(exc)})"
 
 
 def run_distributed(config: PretrainConfig, resume: str | None = None) -> RunState:
@@ -611,7 +651,7 @@ def run_distributed(config: PretrainConfig, resume: str | None = None) -> RunSta
 
 
 __all__ = [
-    "DistEnv", "DistributedTrainer", "init_distributed", "is_distributed_launch",
-    "Replicas", "check_tensor_parallel", "device_mesh", "optimizer_state_to_names", "parameter_names", "rows_of_rank",
-    "run_distributed", "shard_model", "tensor_parallel",
+    "DistEnv", "DistributedTrainer", "Replicas", "check_tensor_parallel", "device_mesh", "init_distributed",
+    "is_distributed_launch", "optimizer_state_to_names", "parameter_names", "rows_of_rank", "run_distributed",
+    "run_on_main", "shard_model", "tensor_parallel",
 ]

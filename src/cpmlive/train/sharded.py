@@ -103,10 +103,15 @@ def check_readable(checkpoint: Path) -> None:
         metadata = FileSystemReader(str(root)).read_metadata()
     except Exception as exc:  # noqa: BLE001  (a torn pickle raises many types)
         raise CpmliveError(f"{root}: unreadable sharded checkpoint ({type(exc).__name__})") from None
-    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
-    missing = sorted(name for name in files if not (root / name).is_file())
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    missing = sorted(name for name in ends if not (root / name).is_file())
     if missing:
-        raise CpmliveError(f"{root}: shard {missing[0]} is missing ({len(missing)} of {len(files)} files)")
+        raise CpmliveError(f"{root}: shard {missing[0]} is missing ({len(missing)} of {len(ends)} files)")
+    short = sorted(name for name, end in ends.items() if (root / name).stat().st_size < end)
+    if short:
+        raise CpmliveError(f"{root}: shard {short[0]} is cut short (a torn copy)")
     if not (root / CONFIG_NAME).is_file():
         raise CpmliveError(f"{root}: no {CONFIG_NAME}")
 
@@ -141,7 +146,12 @@ def load_sharded(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Opti
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = training_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(_dcp_root(checkpoint)), no_dist=_no_dist())
+    try:
+        dcp.load(state, checkpoint_id=str(_dcp_root(checkpoint)), no_dist=_no_dist())
+    except Exception as exc:  # noqa: BLE001  (DCP raises CheckpointException on every rank)
+        detail = str(exc).strip().splitlines()
+        raise CpmliveError(f"{checkpoint}: could not load its shards ({detail[0] if detail else type(exc).__name__}); "
+                           "an optimizer of another layout or a damaged shard") from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         with keeping_fused_choice(optimizer):

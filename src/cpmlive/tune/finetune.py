@@ -228,12 +228,20 @@ class Finetuner:
         return order
 
     def next_pairs(self) -> list[tuple[list[int], list[int]]]:
+        """The next ``batch_size`` examples in the epoch's order; one process takes an epoch's last,
+        shorter batch as it is, ranks fill it up from the next epoch's order (so that every rank
+        has rows of every step to take part with)."""
         pos, size = self.position, self.config.batch_size
-        order = self.epoch_order(pos.epoch)
-        chosen = order[pos.index:pos.index + size]
-        pos.index += size
-        if pos.index >= len(order):
-            pos.epoch, pos.index = pos.epoch + 1, 0
+        chosen: list[int] = []
+        while len(chosen) < size:
+            order = self.epoch_order(pos.epoch)
+            taken = order[pos.index:pos.index + size - len(chosen)]
+            chosen += taken
+            pos.index += len(taken)
+            if pos.index >= len(order):
+                pos.epoch, pos.index = pos.epoch + 1, 0
+            if self.parallel.world == 1:
+                break
         return [self.train_pairs[i] for i in chosen]
 
     # ---- steps -----------------------------------------------------------------------------
@@ -527,10 +535,11 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
 
 def run_recipe(kind: type[Finetuner], config: Any, resume: str | None) -> None:
     """Build and run a recipe; under torchrun, leave the process group afterwards."""
-    trainer = None
+    trainer, finished = None, False
     try:
         trainer = kind(config, resume)
         trainer.run()
+        finished = True
     finally:
         # freed before the process group goes, as run_distributed does (a gloo group torn down
         # with live users can abort the process at exit)
@@ -538,7 +547,7 @@ def run_recipe(kind: type[Finetuner], config: Any, resume: str | None) -> None:
         del trainer
         gc.collect()
         if parallel is not None:
-            parallel.close()
+            parallel.close(finished)
 
 
 __all__ = ["BeeFinetuner", "FinetuneConfig", "Finetuner", "finetune", "run_recipe"]
