@@ -12,7 +12,7 @@ from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import model_class
 from cpmlive.model.registry import preset
 from cpmlive.train.plan import (PlanRequest, _proxy, activation_law, block_parameters, kv_cache_bytes,
-                                measure_activations, parameter_count, parse_bytes, plan)
+                                measure_activations, parameter_count, parse_bytes, plan, tensor_shapes)
 
 
 def test_sizes_read_as_gpus_are_sold():
@@ -65,7 +65,9 @@ def test_state_bytes_are_a_real_steps():
     (layout,) = plan(config, PlanRequest(gpus=1, seq=64, precision="fp32"))
     assert layout.per_device["optimizer_bytes"] == moments
     assert layout.per_device["gradients_bytes"] == grads + 4 * block_parameters(config)  # + one block in flight
-    assert layout.per_device["parameters_bytes"] == grads + 2 * 4 * block_parameters(config)  # + two gathered
+    rest = parameter_count(config) - sum(p.numel() for p in model.layers.parameters())
+    # + two blocks gathered at a time, and the root (embeddings, position bias, output norm) kept gathered
+    assert layout.per_device["parameters_bytes"] == grads + 2 * 4 * block_parameters(config) + 4 * rest
 
 
 @pytest.mark.parametrize("name", ["ant-tiny", "decoder-tiny"])
@@ -87,14 +89,25 @@ def test_layouts_shard_and_split_as_they_should():
     layouts = {lay.tp: lay for lay in plan(config, PlanRequest(gpus=8, seq=1024))}
     assert sorted(layouts) == [1, 2, 4, 8]
     one, eight = layouts[1].per_device, layouts[8].per_device
-    assert one["optimizer_bytes"] == eight["optimizer_bytes"]  # sharded over all 8 either way
+    # blocks are split over all 8 devices either way; the rest (embeddings, position bias, norms) stays
+    # whole on the tensor-parallel ranks, so FSDP splits it over dp only: 8 ways at tp=1, 1 way at tp=8
+    rest = parameter_count(config) - sum(torch.Size(shape).numel() for name, shape in tensor_shapes(config).items()
+                                         if name.startswith("layers."))
+    assert eight["optimizer_bytes"] - one["optimizer_bytes"] == pytest.approx(8 * rest * (1 - 1 / 8), abs=2)
     assert eight["activations_bytes"] < one["activations_bytes"]
     assert eight["kv_cache_bytes"] * 8 == one["kv_cache_bytes"]
     assert one["activations_checkpointed_bytes"] < one["activations_bytes"]
-    lora = plan(config, PlanRequest(gpus=1, gpu_memory=24 * 2**30, seq=512, adapter="lora"))[0].per_device
-    assert lora["optimizer_bytes"] < 2**30 and lora["parameters_bytes"] > 2 * parameter_count(config) * 0.99
+    lora = plan(config, PlanRequest(gpus=4, gpu_memory=24 * 2**30, seq=512, adapter="lora"))
+    assert [(lay.tp, lay.dp) for lay in lora] == [(1, 4)]  # replicas: the whole float32 model on each device
+    assert lora[0].per_device["optimizer_bytes"] < 2**30
+    assert lora[0].per_device["parameters_bytes"] > 4 * parameter_count(config)
+
     offload = plan(config, PlanRequest(gpus=1, seq=512, offload=True))[0]
     assert offload.per_device["optimizer_bytes"] == 0 and offload.host_bytes > 12 * parameter_count(config) * 0.99
+    # only the layouts pretraining takes: CPM-1's biased projections are not split
+    assert [lay.tp for lay in plan(preset("cpm1-tiny"), PlanRequest(gpus=2, seq=64))] == [1]
+    with pytest.raises(CpmliveError, match="--offload and --tp apply to pretraining"):
+        plan(config, PlanRequest(gpus=1, seq=512, offload=True, adapter="lora"))
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:

@@ -97,6 +97,9 @@ class LM:
 
     def add_adapter(self, path: str | os.PathLike, name: str | None = None) -> str:
         """Attach a saved adapter (refused if trained on another base) and make it active."""
+        if getattr(self.model, "device_stream", None) is not None:
+            raise CpmliveError("an adapter cannot be attached to a model under a memory limit on a GPU (its blocks "
+                               "move between host and device memory): load it without --memory-limit")
         from cpmlive.tune import delta
 
         name = name or Path(path).resolve().name

@@ -72,8 +72,9 @@ TOURS: dict[str, list[str]] = {
         "cpmlive plan ant-10b --gpus 8 --gpu-memory 80GB",
         "cpmlive plan bee-10b --gpus 8 --gpu-memory 80GB",
         "cpmlive plan ant-10b --gpus 1 --gpu-memory 24GB",
-        "cpmlive plan ant-10b --gpus 1 --gpu-memory 24GB --adapter lora --offload",
-        "cpmlive plan bee-10b --gpus 1 --gpu-memory 24GB --adapter lora --offload",
+        "cpmlive plan ant-10b --gpus 1 --gpu-memory 24GB --offload",
+        "cpmlive plan bee-10b --gpus 1 --gpu-memory 24GB --offload",
+        "cpmlive plan ant-10b --gpus 4 --gpu-memory 80GB --adapter lora",
     ],
     "cpm1": [
         "cpmlive info cpm1-demo",

@@ -57,7 +57,7 @@ from cpmlive.model.registry import family_of
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.recipe import AT_LEAST_ONE, Recipe
 from cpmlive.train.checkpoints import TRAINER_STATE, StopRequest, read_trainer_state, resume_point, write_checkpoint
-from cpmlive.train.core import progress_bar, resolve_device, rng_state, set_rng_state
+from cpmlive.train.core import progress_bar, rng_state, set_rng_state
 from cpmlive.train.distributed import Replicas, rows_of_rank
 from cpmlive.train.metrics import MetricsLog, NullLog
 from cpmlive.utils import atomic_write_text, check_output
@@ -242,7 +242,7 @@ def _compress(src: str | Path, out: str | Path, recipe: CompressRecipe, resume: 
     for step in recipe.steps:
         for ability in abilities_needed(step):
             family.require(ability)
-    device = parallel.device or resolve_device(recipe.device)
+    device = parallel.device_for(recipe.device)
     original, directory = family.load(src, dtype=torch.float32, device=device)
     if original.config.quantization is not None:
         raise CpmliveError(f"{src}: already quantized; compress its float checkpoint")

@@ -60,8 +60,8 @@ from cpmlive.data.objectives import IGNORE_INDEX, TASK_NAMES, Batch
 from cpmlive.errors import CpmliveError
 from cpmlive.model.loss import masked_lm_loss
 from cpmlive.model.checkpoint import new_build_directory
-from cpmlive.train.checkpoints import TRAINER_STATE, checkpoint_dir, publish, resume_point, write_into
-from cpmlive.train.core import autocast, keeping_fused_choice, set_rng_state
+from cpmlive.train.checkpoints import TRAINER_STATE, checkpoint_dir, publish, resume_point, warn, write_into
+from cpmlive.train.core import autocast, keeping_fused_choice, resolve_device, set_rng_state
 from cpmlive.train.pretrain import PretrainConfig, RunState, Trainer, trainer_header
 from cpmlive.train.sharded import SHARDED, load_sharded, save_sharded, write_sharded_config
 
@@ -528,10 +528,15 @@ class Replicas:
         """This process's place: a torchrun job's rank, or one process alone."""
         return cls(init_distributed()) if is_distributed_launch() else cls()
 
-    @property
-    def device(self) -> torch.device | None:
-        """The rank's device in a job (``cuda:LOCAL_RANK`` on GPUs), None alone (the recipe's own)."""
-        return self.env.device if self.env is not None else None
+    def device_for(self, name: str) -> torch.device:
+        """The device a recipe's ``device`` key gives this process: its own alone; in a job the
+        rank's (``cuda:LOCAL_RANK`` on GPUs), with a warning when the key asked for another kind."""
+        wanted = resolve_device(name)  # refuses a bad or missing device either way
+        if self.env is None:
+            return wanted
+        if name != "auto" and wanted.type != self.env.device.type and self.is_main:
+            warn(f"device={name} is ignored under torchrun: each rank runs on {self.env.device.type}")
+        return self.env.device
 
     def rows(self, items: list) -> list:
         return items[self.rank::self.world]

@@ -308,6 +308,9 @@ class PlanRequest:
                                    f"({kv_heads(config)} key/value heads)")
         if self.adapter not in (None, "lora"):
             raise CpmliveError(f"--adapter {self.adapter!r}: only lora is planned")
+        if self.adapter is not None and (self.offload or (self.tp or 1) > 1):
+            raise CpmliveError("--adapter plans fine-tuning, which runs as replicas (the whole model on each "
+                               "device): --offload and --tp apply to pretraining's FSDP2")
         if self.precision not in ("fp32", "bf16"):
             raise CpmliveError(f"precision {self.precision!r}: fp32 or bf16")
         if self.seq > config.max_length:
@@ -323,24 +326,56 @@ class Layout:
     fits: dict[str, bool] = field(default_factory=dict)
 
 
+def tp_refusal(config: Any, tp: int) -> str | None:
+    """Why pretraining would refuse to split ``config`` over ``tp`` ranks (its own rules, on the
+    model built on the meta device), or None."""
+    if tp == 1:
+        return None
+    from cpmlive.model.checkpoint import model_class
+    from cpmlive.train.distributed import check_tensor_parallel
+
+    with torch.device("meta"):
+        model = model_class(config)(dataclasses.replace(config, quantization=None))
+    try:
+        check_tensor_parallel(model, tp)
+    except CpmliveError as exc:
+        return str(exc)
+    return None
+
+
 def tp_sizes(config: Any, request: PlanRequest) -> list[int]:
+    """The tensor-parallel sizes to show: the one asked for, or every one the recipes take
+    (dividing the GPUs, the heads and the FFN; fine-tuning with an adapter runs as replicas: 1)."""
     if request.tp is not None:
+        refusal = tp_refusal(config, request.tp)
+        if refusal is not None:
+            raise CpmliveError(refusal.replace("tp_size", "--tp"))
         return [request.tp]
-    return [t for t in range(1, request.gpus + 1)
-            if request.gpus % t == 0 and config.num_heads % t == 0 and kv_heads(config) % t == 0]
+    if request.adapter is not None:
+        return [1]
+    return [t for t in range(1, request.gpus + 1) if request.gpus % t == 0 and tp_refusal(config, t) is None]
 
 
 def layout(config: Any, request: PlanRequest, tp: int) -> Layout:
+    """One layout's bytes per device. Pretraining (FSDP2, over ``tp`` x ``dp``): the blocks'
+    float32 masters, gradients and AdamW moments are split over all N devices, the rest of the
+    model (embeddings, position bias, norms: whole on every tensor-parallel rank) over ``dp``
+    only; two blocks are gathered at a time in the compute dtype and the root stays gathered.
+    Fine-tuning with an adapter (replicas): the whole float32 model on every device, the
+    adapter's gradients and moments beside it."""
     n, compute = request.gpus, DTYPE_BYTES[request.precision]
+    dp = n // tp
     params, block = parameter_count(config), block_parameters(config) / tp
-    gathered = 2 * block * compute  # the block computing and the one prefetched
+    in_blocks = sum(_numel(shape) for name, shape in tensor_shapes(config).items() if name.startswith("layers."))
+    rest = params - in_blocks
     if request.adapter == "lora":
         trainable = lora_parameters(config, request.lora_rank)
-        shard_params = params * compute / n + trainable * 4 / n
-        shard_grads, shard_optimizer = trainable * 4 / n, trainable * 8 / n
-        block_grads = 0.0
+        shard_params, gathered = (params + trainable) * 4, 0.0
+        shard_grads, shard_optimizer, block_grads = trainable * 4, trainable * 8, 0.0
     else:
-        shard_params, shard_grads, shard_optimizer = params * 4 / n, params * 4 / n, params * 8 / n
+        split = in_blocks / n + rest / dp  # elements of the model this device holds a shard of
+        shard_params, shard_grads, shard_optimizer = split * 4, split * 4, split * 8
+        gathered = 2 * block * compute + rest * compute  # two blocks in flight, the root kept after forward
         block_grads = block * 4
     law = activation_law(config, request.precision)
     activations = law.bytes(config, request.batch, request.seq, False, tp, request.precision)
@@ -364,7 +399,7 @@ def layout(config: Any, request: PlanRequest, tp: int) -> Layout:
     fits = {"train": per_device["total_bytes"] <= limit,
             "train_checkpointed": per_device["total_checkpointed_bytes"] <= limit,
             "serve": per_device["serving_total_bytes"] <= limit}
-    return Layout(tp=tp, dp=n // tp, per_device=per_device, host_bytes=host, fits=fits)
+    return Layout(tp=tp, dp=dp, per_device=per_device, host_bytes=host, fits=fits)
 
 
 def plan(config: Any, request: PlanRequest) -> list[Layout]:
@@ -391,7 +426,7 @@ def table(config: Any, request: PlanRequest, layouts: list[Layout]) -> str:
     lines = [f"{parameter_count(config) / 1e9:.2f}B parameters; {request.gpus} x {request.gpu_memory / GiB:.0f} GiB; "
              f"micro-batch {request.batch} x {request.seq} tokens; {request.precision} compute, fp32 masters"
              + ("; shards offloaded to host memory" if request.offload else "")
-             + (f"; LoRA rank {request.lora_rank}" if request.adapter else ""),
+             + (f"; LoRA rank {request.lora_rank} over a float32 replica on each device" if request.adapter else ""),
              "", "GiB per device | params | grads | optimizer | activations | act. (ckpt) | train | train (ckpt) "
              "| serve: weights + KV | fits",
              "---|---|---|---|---|---|---|---|---|---"]

@@ -39,8 +39,8 @@ from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, Bound, LoopArgs
 from cpmlive.resources import model_path
 from cpmlive.train.checkpoints import (TRAINER_STATE, check_optimizer_fits, cleaned_up_on_failure,
                                        read_trainer_state, refuse_existing_run, resume_point, warn, write_checkpoint)
-from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, resolve_device,
-                                restore_optimizer, rng_state, run_steps, set_learning_rate, set_rng_state)
+from cpmlive.train.core import (Schedule, adamw, autocast, learning_rate, memory_mb, progress_bar, restore_optimizer,
+                                rng_state, run_steps, set_learning_rate, set_rng_state)
 from cpmlive.train.distributed import Replicas
 from cpmlive.train.metrics import MetricsLog, NullLog, finite_or_none
 from cpmlive.tune import delta as deltas
@@ -180,7 +180,7 @@ class Finetuner:
         """Optimizer, schedule and data position for the attached delta and ``train_pairs``
         (restored from a checkpoint when resuming), the recipe as run, the metrics log."""
         config = self.config
-        self.device = self.parallel.device or resolve_device(config.device)
+        self.device = self.parallel.device_for(config.device)
         self.move_to_device()
         trainable = self.trainable_parameters()
         self.optimizer = adamw([{"params": trainable, "weight_decay": config.weight_decay}], config.lr,
