@@ -625,7 +625,9 @@ class Replicas:
         if self.env is not None and dist.is_initialized():
             if finished:
                 dist.barrier()
+            gc.collect()  # what still holds the group goes first (see run_distributed)
             dist.destroy_process_group()
+            gc.collect()
 
 
 def _save_error(target: Path, exc: Exception) -> str:
