@@ -79,9 +79,15 @@ def test_the_openai_client_completes_and_chats(lm, client):
     pieces = [c.choices[0].delta.content or "" for c in api.chat.completions.create(
         model=served, messages=CONVERSATION, max_tokens=12, temperature=0, stream=True) if c.choices]
     assert "".join(pieces) == chat.choices[0].message.content
+    # OpenAI's current name for the limit, which LangChain sends: the same answer
+    current = api.chat.completions.create(model=served, messages=CONVERSATION, max_completion_tokens=12, temperature=0)
+    assert current.choices[0].message.content == chat.choices[0].message.content
+    assert current.usage.completion_tokens <= 12
 
 
 @pytest.mark.parametrize("call,fragment", [
+    (lambda api, m: api.chat.completions.create(model=m, messages=CONVERSATION, max_tokens=4,
+                                                max_completion_tokens=5), "differ: give one"),
     (lambda api, m: api.chat.completions.create(model=m, messages=[{"role": "system", "content": "x"},
                                                                    *CONVERSATION]), "not 'system'"),
     (lambda api, m: api.completions.create(model=m, prompt="写 <ans> 吧"), "<ans> is CPM-Bee task markup"),

@@ -18,7 +18,8 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator, Callable, Iterable, Iterator, Literal
 
 from fastapi import Request as HttpRequest
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Request
@@ -175,6 +176,16 @@ class ChatRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     logprobs: bool = False
     top_logprobs: Integer | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # OpenAI's current name for the limit (``max_tokens`` is deprecated for chat; LangChain sends this)
+    max_completion_tokens: Integer | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def one_limit(self) -> "ChatRequest":
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens differ: give one")
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 # ---- the answers (the OpenAPI document's response bodies) -----------------------------------------------
