@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,15 +67,8 @@ def tensor_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     return expected_shapes(dataclasses.replace(config, quantization=None))
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for size in shape:
-        out *= size
-    return out
-
-
 def parameter_count(config: Any) -> int:
-    return sum(_numel(shape) for shape in tensor_shapes(config).values())
+    return sum(math.prod(shape) for shape in tensor_shapes(config).values())
 
 
 def block_parameters(config: Any) -> int:
@@ -83,7 +77,7 @@ def block_parameters(config: Any) -> int:
     for name, shape in tensor_shapes(config).items():
         match = re.match(r"layers\.(\d+)\.", name)
         if match:
-            blocks[match.group(1)] = blocks.get(match.group(1), 0) + _numel(shape)
+            blocks[match.group(1)] = blocks.get(match.group(1), 0) + math.prod(shape)
     return max(blocks.values(), default=0)
 
 
@@ -300,12 +294,8 @@ class PlanRequest:
     def check(self, config: Any) -> None:
         if self.gpus < 1 or self.batch < 1 or self.seq < 1:
             raise CpmliveError("--gpus, --batch and --seq must be at least 1")
-        if self.tp is not None:
-            if self.tp < 1 or self.gpus % self.tp:
-                raise CpmliveError(f"--tp {self.tp} does not divide --gpus {self.gpus}")
-            if config.num_heads % self.tp or kv_heads(config) % self.tp:
-                raise CpmliveError(f"--tp {self.tp} does not divide the model's {config.num_heads} heads "
-                                   f"({kv_heads(config)} key/value heads)")
+        if self.tp is not None and (self.tp < 1 or self.gpus % self.tp):
+            raise CpmliveError(f"--tp {self.tp} does not divide --gpus {self.gpus}")  # the model's rules: tp_sizes
         if self.adapter not in (None, "lora"):
             raise CpmliveError(f"--adapter {self.adapter!r}: only lora is planned")
         if self.adapter is not None and (self.offload or (self.tp or 1) > 1):
@@ -366,7 +356,7 @@ def layout(config: Any, request: PlanRequest, tp: int) -> Layout:
     n, compute = request.gpus, DTYPE_BYTES[request.precision]
     dp = n // tp
     params, block = parameter_count(config), block_parameters(config) / tp
-    in_blocks = sum(_numel(shape) for name, shape in tensor_shapes(config).items() if name.startswith("layers."))
+    in_blocks = sum(math.prod(shape) for name, shape in tensor_shapes(config).items() if name.startswith("layers."))
     rest = params - in_blocks
     if request.adapter == "lora":
         trainable = lora_parameters(config, request.lora_rank)

@@ -18,7 +18,6 @@ checkpoint as ``latest``. DCP assumes the run directory is one shared filesystem
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -180,20 +179,8 @@ def consolidate(checkpoint: Path, out: Path, dtype: torch.dtype | None = None, f
     return save_checkpoint(state["model"], config, out, vocab=checkpoint_vocab(root), dtype=dtype)
 
 
-def read_world_size(checkpoint: Path) -> int:
-    """How many ranks wrote a sharded checkpoint (one file per rank)."""
-    return len(list(_dcp_root(checkpoint).glob("*.distcp")))
-
-
-def describe(checkpoint: Path) -> dict[str, Any]:
-    """What ``info`` says about a sharded checkpoint."""
-    root = _dcp_root(checkpoint)
-    return {"format": "dcp", "ranks": read_world_size(checkpoint),
-            "config": json.loads((root / CONFIG_NAME).read_text(encoding="utf-8"))}
-
-
 __all__ = [
-    "SHARDED", "check_readable", "check_shapes", "consolidate", "describe", "is_sharded", "load_sharded",
-    "read_world_size", "save_sharded", "saved_tensors", "sharded_config_path", "sharded_dir", "training_state",
+    "SHARDED", "check_readable", "check_shapes", "consolidate", "is_sharded", "load_sharded",
+    "save_sharded", "saved_tensors", "sharded_config_path", "sharded_dir", "training_state",
     "write_sharded_config",
 ]
