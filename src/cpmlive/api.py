@@ -177,6 +177,7 @@ class LM:
             ids = [self.tokenizer.bos_id] + ids
         if not ids:
             raise CpmliveError("the prompt has no tokens")
+        ids = ids + self.model.prompt_tail()
         self._check_length(len(ids))
         return ids
 

@@ -242,6 +242,69 @@ class StackConfig:
         atomic_write_text(path, self.to_json() + "\n")
 
 
+FFN_KINDS = ("relu", "gated-gelu", "gated-gelu-erf")
+
+
+@dataclass
+class EncoderDecoderConfig(StackConfig):
+    """What the encoder-decoder families share (T5's stack: ``model/encoder_decoder.py``).
+
+    ``num_layers`` counts the decoder's blocks (what decoding walks through), ``num_encoder_layers``
+    the encoder's. ``ffn`` is ``relu`` (T5 v1.0: ``w_out(relu(w_in x))``), ``gated-gelu`` (T5 v1.1,
+    mT5, UMT5, CPM-2, EVA: ``w_out(gelu_tanh(w_0 x) * w_1 x)``) or ``gated-gelu-erf`` (the same with
+    the erf GELU). The relative position bias (``relative_buckets`` buckets up to
+    ``relative_max_distance``) is one table per stack shared by its blocks, or one per block
+    (``bias_per_layer``, UMT5). ``attention_scale``: scores divided by ``sqrt(dim_head)`` (EVA2.0;
+    T5 and CPM-2 do not scale). The head is the token table (``tie_word_embeddings``) or its own
+    matrix; ``scale_head`` multiplies its input by ``dim_model ** -0.5`` first (T5 v1.0's tied
+    head; transformers 5's ``scale_decoder_outputs``). The decoder starts from ``decoder_start_id``.
+    """
+
+    vocab_size: int = 32128
+    dim_model: int = 512
+    dim_ff: int = 2048
+    num_layers: int = 6
+    num_encoder_layers: int = 6
+    num_heads: int = 8
+    dim_head: int = 64
+    half: bool = False
+    max_length: int = 512
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    ffn: str = "gated-gelu"
+    bias_per_layer: bool = False
+    attention_scale: bool = False
+    tie_word_embeddings: bool = False
+    scale_head: bool = False
+    decoder_start_id: int = 0
+
+    positive_fields: ClassVar[tuple[str, ...]] = ("num_encoder_layers", "relative_buckets", "relative_max_distance")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ffn not in FFN_KINDS:
+            raise CpmliveError(f"config: ffn must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}")
+        if self.mask_modules is not None:
+            raise CpmliveError("config: an encoder-decoder has no pruned sub-blocks (mask_modules must be null)")
+        for name in ("bias_per_layer", "attention_scale", "tie_word_embeddings", "scale_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise CpmliveError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
+        start = self.decoder_start_id
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < self.vocab_size:
+            raise CpmliveError(f"config: decoder_start_id must be a token id below {self.vocab_size}, got {start!r}")
+        if self.relative_buckets % 2:
+            raise CpmliveError(f"config: relative_buckets must be even, got {self.relative_buckets}")
+
+    @property
+    def prompt_length(self) -> int:
+        """No soft prompt: a prompt row is its encoder tokens (and the decoder's start)."""
+        return 0
+
+    @property
+    def gated(self) -> bool:
+        return self.ffn != "relu"
+
+
 def spread_mask(num_layers: int, keep_attention: int, keep_ffn: int) -> list[list[bool]]:
     """Remove sub-blocks evenly over depth (the published counts; the exact layers come with
     the checkpoint's own config, which always wins)."""

@@ -422,7 +422,7 @@ class Engine:
         self.stop_ids = stop_ids_of(tokenizer)
         self.decodes_tasks = family(model.config.model_type).can("bee")  # its requests are CPM-Bee tasks
         device = model.input_embedding.weight.device
-        self.pool = KVPool(model.config.num_layers, model.config.max_length, device, model.cache_kind.inputs)
+        self.pool = KVPool(model.cache_layers, model.config.max_length, device, model.cache_kind.inputs)
         self.waiting: deque[Handle] = deque()
         self.running: list[Running] = []
         self._inbox: queue.SimpleQueue[Handle | Job] = queue.SimpleQueue()

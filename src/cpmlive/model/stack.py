@@ -76,10 +76,11 @@ class Attention(nn.Module):
     ``num_heads`` heads of ``dim_head`` (``dim_attention`` wide in all). With ``biases``, each
     projection adds its own (``bias_q``, ``bias_k``, ``bias_v``, ``bias_out``) after the product."""
 
-    def __init__(self, config: StackConfig, biases: bool = False) -> None:
+    def __init__(self, config: StackConfig, biases: bool = False, scale: float | None = None) -> None:
         super().__init__()
         self.num_heads, self.dim_head = config.num_heads, config.dim_head
         self.dropout_p = config.dropout_p
+        self.scale = scale  # what q kᵀ is multiplied by (None: 1 / sqrt(dim_head))
         width = config.dim_attention
         self.project_q = nn.Linear(config.dim_model, width, bias=False)
         self.project_k = nn.Linear(config.dim_model, width, bias=False)
@@ -112,7 +113,7 @@ class Attention(nn.Module):
             k, v = cache.store(layer, start, k, v)
         if self.tp_bias is not None and bias.size(1) > 1:
             bias = self.tp_bias(bias)
-        out = attention(q, k, v, bias, self.dropout_p if self.training else 0.0)
+        out = attention(q, k, v, bias, self.dropout_p if self.training else 0.0, self.scale)
         batch, _, length, _ = out.shape
         out = project(out.transpose(1, 2).reshape(batch, length, -1), self.attention_out, "residual", residual)
         return add_bias(out, self.bias_out)
@@ -197,11 +198,18 @@ def gated_block(config: StackConfig, index: int, residual_scale: float = 1.0) ->
                  residual_scale=residual_scale)
 
 
-def relative_position_bucket(relative: Tensor, num_buckets: int, max_distance: int) -> Tensor:
-    """T5-style bidirectional buckets; float32 ``log`` exactly as the reference computes it."""
-    half = num_buckets // 2
-    offset = (relative > 0).to(torch.int32) * half
-    distance = relative.abs()
+def relative_position_bucket(relative: Tensor, num_buckets: int, max_distance: int,
+                             bidirectional: bool = True) -> Tensor:
+    """T5's buckets of ``relative`` (key minus query position); float32 ``log`` exactly as the
+    reference computes it. Bidirectional: half the buckets for keys after the query; else (a
+    causal decoder) every bucket for keys at or before it, later keys in bucket 0."""
+    if bidirectional:
+        half = num_buckets // 2
+        offset = (relative > 0).to(torch.int32) * half
+        distance = relative.abs()
+    else:
+        half, offset = num_buckets, 0
+        distance = (-relative).clamp(min=0)
     max_exact = half // 2
     scaled = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (half - max_exact)
     large = torch.clamp(max_exact + scaled.to(torch.int32), max=half - 1)
@@ -261,8 +269,17 @@ class Transformer(nn.Module):
         if capacity > self.config.max_length:
             raise CpmliveError(f"{capacity} positions needed ({holding}); the model takes at most "
                                f"{self.config.max_length}: shorten {shorten} or lower max_new_tokens")
-        return self.cache_kind(batch=batch, capacity=capacity, num_layers=self.config.num_layers,
+        return self.cache_kind(batch=batch, capacity=capacity, num_layers=self.cache_layers,
                     device=self.input_embedding.weight.device)
+
+    def prompt_tail(self) -> list[int]:
+        """Ids a prompt row ends with after its text's (an encoder-decoder's decoder start)."""
+        return []
+
+    @property
+    def cache_layers(self) -> int:
+        """Key and value layers its decoding cache holds (an encoder-decoder's cross-attention adds its own)."""
+        return self.config.num_layers
 
     def num_parameters(self) -> int:
         return count_parameters(self)

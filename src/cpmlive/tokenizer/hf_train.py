@@ -10,8 +10,12 @@
   one by one (as SentencePiece with ``split_digits``), from the characters that cover 99.95% of the
   text; the rarest characters are left to the byte tokens.
 
-Both use ``tokenizers``' BPE trainer, whose result depends on nothing but the texts: the same texts
-give the same files, byte for byte.
+* ``t5``: T5's. Metaspace (``▁`` before every word), a Unigram model over ``<pad>``, ``</s>``,
+  ``<unk>`` (ids 0-2) and the learned pieces, then :data:`T5_SENTINELS` ``<extra_id_N>`` sentinels
+  at the top, ``<extra_id_0>`` last (as T5's ``spiece.model`` has them); ``</s>`` after every text.
+
+The BPE styles use ``tokenizers``' BPE trainer, whose result depends on nothing but the texts: the
+same texts give the same files, byte for byte (the Unigram trainer's too, on one thread).
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ LLAMA2_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
 SPACE_MARK = "\u2581"
+T5_TOKENS = ("<pad>", "</s>", "<unk>")
+T5_SENTINELS = 32
 CHARACTER_COVERAGE = 0.9995
-STYLES = ("byte-level", "sentencepiece")
+STYLES = ("byte-level", "sentencepiece", "t5")
 
 
 def _token_entry(content: str) -> dict[str, Any]:
@@ -157,19 +163,48 @@ def _sentencepiece(texts: list[str], vocab_size: int) -> tuple[Any, dict[str, An
     return tokenizer, config
 
 
+def _t5(texts: list[str], vocab_size: int) -> tuple[Any, dict[str, Any]]:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.trainers import UnigramTrainer
+
+    sentinels = [f"<extra_id_{i}>" for i in reversed(range(T5_SENTINELS))]
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE_MARK, prepend_scheme="always")
+    trainer = UnigramTrainer(vocab_size=vocab_size - T5_SENTINELS, special_tokens=list(T5_TOKENS),
+                             unk_token="<unk>", show_progress=False, max_piece_length=8)
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tokenizer.decoder = decoders.Metaspace(replacement=SPACE_MARK, prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", tokenizer.token_to_id("</s>"))])
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in sentinels])
+    config = {
+        "added_tokens_decoder": {str(tokenizer.token_to_id(token)): _token_entry(token)
+                                 for token in (*T5_TOKENS, *sentinels)},
+        "additional_special_tokens": sentinels[::-1],
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "extra_ids": T5_SENTINELS,
+        "pad_token": "<pad>",
+        "tokenizer_class": "T5Tokenizer",
+        "unk_token": "<unk>",
+    }
+    return tokenizer, config
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, style: str = "byte-level",
                     model_max_length: int | None = None) -> Path:
     """Train a ``style`` tokenizer of at most ``vocab_size`` tokens (fewer where the texts run out
     of pairs to merge) on ``texts`` and write it to ``out_dir``; returns its ``tokenizer.json``."""
     if style not in STYLES:
         raise CpmliveError(f"unknown tokenizer style {style!r} (choose {' or '.join(STYLES)})")
-    smallest = 256 + (len(CHATML_TOKENS) if style == "byte-level" else len(LLAMA_TOKENS)) + 1
+    smallest = {"byte-level": 256 + len(CHATML_TOKENS) + 1, "sentencepiece": 256 + len(LLAMA_TOKENS) + 1,
+                "t5": len(T5_TOKENS) + T5_SENTINELS + 64}[style]
     if vocab_size < smallest:
         raise CpmliveError(f"a {style} tokenizer needs a vocabulary of at least {smallest} tokens, not {vocab_size}")
     texts = [text for text in texts if text]
     if not texts:
         raise CpmliveError("no text to train the tokenizer on")
-    tokenizer, config = (_byte_level if style == "byte-level" else _sentencepiece)(texts, vocab_size)
+    tokenizer, config = {"byte-level": _byte_level, "sentencepiece": _sentencepiece, "t5": _t5}[style](texts, vocab_size)
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
     out_dir = Path(out_dir)
