@@ -67,5 +67,5 @@ def vocab_path(model_or_vocab: str | os.PathLike, name: str = VOCAB_NAME) -> Pat
     return path
 
 
-__all__ = ["ASSETS", "BEE_DEMO", "CPM1_DEMO", "DECODER_DEMO", "DEMO", "T5_DEMO", "adapter_path", "demo_dir", "model_path",
-           "shipped_adapters", "vocab_path"]
+__all__ = ["ASSETS", "BEE_DEMO", "CPM1_DEMO", "DECODER_DEMO", "DEMO", "T5_DEMO", "adapter_path", "demo_dir",
+           "model_path", "shipped_adapters", "vocab_path"]

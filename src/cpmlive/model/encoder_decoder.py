@@ -247,8 +247,8 @@ class EncoderDecoder(Transformer):
         """Teacher forcing: the decoder's final hidden states ``[B, D, d]`` for ``decoder_ids``
         (right-padded, starting with the start token) reading ``encoder_ids`` (padding anywhere,
         marked by ``encoder_valid``)."""
-        encoder_valid = torch.ones_like(encoder_ids, dtype=torch.bool) if encoder_valid is None else encoder_valid.bool()
-        decoder_valid = torch.ones_like(decoder_ids, dtype=torch.bool) if decoder_valid is None else decoder_valid.bool()
+        encoder_valid = encoder_ids >= 0 if encoder_valid is None else encoder_valid.bool()
+        decoder_valid = decoder_ids >= 0 if decoder_valid is None else decoder_valid.bool()
         encoded = self.encode(encoder_ids, encoder_valid)
         hidden = self.input_embedding(decoder_ids).to(self.output_norm.weight.dtype)
         dtype = compute_dtype(hidden)

@@ -204,7 +204,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, style:
     texts = [text for text in texts if text]
     if not texts:
         raise CpmliveError("no text to train the tokenizer on")
-    tokenizer, config = {"byte-level": _byte_level, "sentencepiece": _sentencepiece, "t5": _t5}[style](texts, vocab_size)
+    builders = {"byte-level": _byte_level, "sentencepiece": _sentencepiece, "t5": _t5}
+    tokenizer, config = builders[style](texts, vocab_size)
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
     out_dir = Path(out_dir)

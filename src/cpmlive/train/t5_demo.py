@@ -73,7 +73,8 @@ def batches(tokenizer: HFTokenizer, texts: list[str], batch: int, rng: random.Ra
     """Endless batches of span-corrupted pieces of ``texts``."""
     pieces = []
     for ids in (encoding.ids for encoding in tokenizer.backend.encode_batch(texts, add_special_tokens=False)):
-        pieces += [ids[i:i + INPUT_TOKENS] for i in range(0, len(ids), INPUT_TOKENS) if len(ids[i:i + INPUT_TOKENS]) > 16]
+        chunks = (ids[i:i + INPUT_TOKENS] for i in range(0, len(ids), INPUT_TOKENS))
+        pieces += [chunk for chunk in chunks if len(chunk) > 16]
     while True:
         rows = [corrupt(rng.choice(pieces), tokenizer, rng) for _ in range(batch)]
         yield rows

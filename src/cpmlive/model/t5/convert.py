@@ -34,10 +34,13 @@ HF_DROPPED = re.compile(r"(encoder|decoder)\.embed_tokens\.weight|"
 HF_BLOCK = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(.+)")
 ATTENTION = {"q.weight": "project_q.weight", "k.weight": "project_k.weight", "v.weight": "project_v.weight",
              "o.weight": "attention_out.weight"}
-FFN = {"wi.weight": "w_in.weight", "wi_0.weight": "w_0.weight", "wi_1.weight": "w_1.weight", "wo.weight": "w_out.weight"}
+FFN = {"wi.weight": "w_in.weight", "wi_0.weight": "w_0.weight", "wi_1.weight": "w_1.weight",
+       "wo.weight": "w_out.weight"}
 # (stack, sub-layer index) -> (our sub-block prefix, its norm, HF's module name there)
-SUBLAYERS = {("encoder", "0"): ("attn", "attn_norm", "SelfAttention"), ("encoder", "1"): ("ffn", "ffn_norm", "DenseReluDense"),
-             ("decoder", "0"): ("attn", "attn_norm", "SelfAttention"), ("decoder", "1"): ("cross", "cross_norm", "EncDecAttention"),
+SUBLAYERS = {("encoder", "0"): ("attn", "attn_norm", "SelfAttention"),
+             ("encoder", "1"): ("ffn", "ffn_norm", "DenseReluDense"),
+             ("decoder", "0"): ("attn", "attn_norm", "SelfAttention"),
+             ("decoder", "1"): ("cross", "cross_norm", "EncDecAttention"),
              ("decoder", "2"): ("ffn", "ffn_norm", "DenseReluDense")}
 OUR_STACKS = {"encoder": ("encoder_layers", "encoder_position_bias"), "decoder": ("layers", "decoder_position_bias")}
 
@@ -125,8 +128,8 @@ def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor],
     raw = shapes_only(raw) if shapes else raw
     config = T5Config.load(source.config, untied="lm_head.weight" in raw if source.format == "hf" else None)
     check_family(raw, config, where)
-    encoder_blocks = {int(m.group(1)) for name in raw if (m := re.match(r"(?:encoder_layers|encoder\.block)\.(\d+)\.",
-                                                                       name))}
+    pattern = re.compile(r"(?:encoder_layers|encoder\.block)\.(\d+)\.")
+    encoder_blocks = {int(m.group(1)) for name in raw if (m := pattern.match(name))}
     if len(encoder_blocks) > config.num_encoder_layers:
         raise CpmliveError(f"{where}: the config has {config.num_encoder_layers} encoder layers, "
                            f"the weights {len(encoder_blocks)}")
