@@ -17,7 +17,7 @@ the decoder's tokens apart.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -103,15 +103,22 @@ class T5FeedForward(nn.Module):
         return project(hidden, self.w_out, "residual", residual)
 
 
+# A block's feed-forward sub-block: (its norm, the FFN that adds its output to the residual).
+FeedForwardMaker = Callable[[], tuple[nn.Module, nn.Module]]
+
+
+def t5_feed_forward(config: EncoderDecoderConfig) -> FeedForwardMaker:
+    return lambda: (RMSNorm(config.dim_model, config.eps), T5FeedForward(config))
+
+
 class EncoderBlock(nn.Module):
     """``h + attn(norm(h))`` over the whole input (both ways), then ``h + ffn(norm(h))``."""
 
-    def __init__(self, config: EncoderDecoderConfig, scale: float) -> None:
+    def __init__(self, config: EncoderDecoderConfig, scale: float, feed_forward: FeedForwardMaker) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.dim_model, config.eps)
         self.attn = Attention(config, scale=scale)
-        self.ffn_norm = RMSNorm(config.dim_model, config.eps)
-        self.ffn = T5FeedForward(config)
+        self.ffn_norm, self.ffn = feed_forward()
 
     def forward(self, h: Tensor, bias: Tensor) -> Tensor:
         h = self.attn(autocast_input(self.attn_norm(h)), bias, None, 0, 0, residual=h)
@@ -122,15 +129,14 @@ class DecoderBlock(nn.Module):
     """Causal self-attention, cross-attention to the encoder's output, the feed-forward: each
     ``h + f(norm(h))``."""
 
-    def __init__(self, config: EncoderDecoderConfig, index: int, scale: float) -> None:
+    def __init__(self, config: EncoderDecoderConfig, index: int, scale: float, feed_forward: FeedForwardMaker) -> None:
         super().__init__()
         self.index = index
         self.attn_norm = RMSNorm(config.dim_model, config.eps)
         self.attn = Attention(config, scale=scale)
         self.cross_norm = RMSNorm(config.dim_model, config.eps)
         self.cross = CrossAttention(config, scale)
-        self.ffn_norm = RMSNorm(config.dim_model, config.eps)
-        self.ffn = T5FeedForward(config)
+        self.ffn_norm, self.ffn = feed_forward()
 
     def forward(self, h: Tensor, bias: Tensor, keys: Tensor, values: Tensor, cross_bias: Tensor,
                 cache: KVCache | None, start: int) -> Tensor:
@@ -160,15 +166,20 @@ class EncoderDecoder(Transformer):
         scale = config.dim_head ** -0.5 if config.attention_scale else 1.0
         tables = lambda count: nn.ModuleList(  # noqa: E731
             Embedding(config.relative_buckets, config.num_heads) for _ in range(count if config.bias_per_layer else 1))
+        ffn = self.feed_forward(config)
         self.input_embedding = Embedding(config.vocab_size, config.dim_model)
         self.encoder_position_bias = tables(config.num_encoder_layers)
-        self.encoder_layers = nn.ModuleList(EncoderBlock(config, scale) for _ in range(config.num_encoder_layers))
+        self.encoder_layers = nn.ModuleList(EncoderBlock(config, scale, ffn) for _ in range(config.num_encoder_layers))
         self.encoder_norm = RMSNorm(config.dim_model, config.eps)
         self.decoder_position_bias = tables(config.num_layers)
-        self.layers = nn.ModuleList(DecoderBlock(config, i, scale) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderBlock(config, i, scale, ffn) for i in range(config.num_layers))
         self.output_norm = RMSNorm(config.dim_model, config.eps)
         if not config.tie_word_embeddings:
             self.output_head = nn.Linear(config.dim_model, config.vocab_size, bias=False)
+
+    def feed_forward(self, config: EncoderDecoderConfig) -> FeedForwardMaker:
+        """What makes each block's feed-forward sub-block (a family with experts makes its own)."""
+        return t5_feed_forward(config)
 
     # ---- the two stacks ---------------------------------------------------------------------
 
@@ -308,4 +319,4 @@ class EncoderDecoder(Transformer):
 
 
 __all__ = ["CrossAttention", "DecoderBlock", "EncoderBlock", "EncoderDecoder", "EncoderDecoderCache",
-           "T5FeedForward", "prompt_context"]
+           "FeedForwardMaker", "T5FeedForward", "prompt_context", "t5_feed_forward"]

@@ -120,7 +120,7 @@ class Family:
 
 
 # The registry: each name is a folder of cpmlive.model holding config.py (PRESETS) and family.py (FAMILY).
-FAMILY_PACKAGES = ("ant", "bee", "cpm1", "decoder", "t5")
+FAMILY_PACKAGES = ("ant", "bee", "cpm1", "decoder", "t5", "cpm2")
 DEFAULT_PACKAGE = "ant"  # OpenBMB checkpoints and bare vocabularies carry no model_type
 CONFIG_NAME = "config.json"
 

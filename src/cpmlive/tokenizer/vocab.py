@@ -51,6 +51,23 @@ def build_vocab(texts: Iterable[str], size: int, min_char_count: int = 1) -> lis
     return [*SPECIAL_TOKENS, *chars, *words]
 
 
+# CPM-2's first ids, as its published vocabulary has them (id 9 is a CJK comma there too).
+CPM2_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "\u2583", "<sep>", "<pad>", "<mask>", "<eod>", "\u2581", "，", "\u2582")
+CPM2_SENTINELS = 190
+
+
+def build_cpm2_vocab(texts: Iterable[str], size: int) -> list[str]:
+    """A vocabulary laid out as CPM-2's: its eleven first tokens (``▂`` a space, ``▃`` a newline),
+    the corpus's characters and words as :func:`build_vocab` ranks them, then the sentinels
+    ``<s_0>`` ... ``<s_189>`` in the last ids."""
+    room = size - len(CPM2_SPECIAL_TOKENS) - CPM2_SENTINELS
+    if room < MIN_VOCAB_SIZE:
+        raise CpmliveError(f"vocabulary size {size} is too small for CPM-2's layout")
+    ranked = build_vocab(texts, room + len(SPECIAL_TOKENS) + 1)[len(SPECIAL_TOKENS):]
+    pieces = [piece for piece in ranked if piece not in CPM2_SPECIAL_TOKENS][:room]
+    return [*CPM2_SPECIAL_TOKENS, *pieces, *(f"<s_{i}>" for i in range(CPM2_SENTINELS))]
+
+
 def save_vocab(tokens: Sequence[str], path: str | os.PathLike[str]) -> None:
     """Check ``tokens`` form a usable vocabulary, then write it atomically."""
     AntTokenizer(tokens, source=str(path)).save(path)

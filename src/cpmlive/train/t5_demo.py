@@ -18,6 +18,7 @@ import random
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import save_checkpoint
 from cpmlive.model.t5.config import PRESETS
-from cpmlive.model.t5.model import T5, build_t5
+from cpmlive.model.t5.model import build_t5
 from cpmlive.tokenizer.hf import HFTokenizer
 from cpmlive.tokenizer.hf_train import T5_SENTINELS, train_tokenizer
 from cpmlive.train.cpm1_demo import CORPORA, corpus_texts, held_out
@@ -43,10 +44,11 @@ def demo_config():
     return replace(PRESETS["t5-tiny"](), **SHAPE)
 
 
-def corrupt(ids: list[int], tokenizer: HFTokenizer, rng: random.Random) -> tuple[list[int], list[int]]:
-    """T5's span corruption of ``ids``: (encoder ids, decoder targets), both ending with ``</s>``."""
+def corrupt(ids: list[int], sentinel: Callable[[int], int], rng: random.Random) -> tuple[list[int], list[int]]:
+    """T5's span corruption of ``ids``: the encoder's ids (each span replaced by its sentinel) and
+    the decoder's targets (each sentinel followed by its span), no end token yet."""
     count = max(1, round(len(ids) * NOISE))
-    spans = max(1, min(T5_SENTINELS, round(count / MEAN_SPAN)))
+    spans = max(1, min(T5_SENTINELS - 1, round(count / MEAN_SPAN)))
     starts = sorted(rng.sample(range(len(ids)), spans))
     masked: dict[int, int] = {}
     for number, start in enumerate(starts):
@@ -60,24 +62,28 @@ def corrupt(ids: list[int], tokenizer: HFTokenizer, rng: random.Random) -> tuple
             encoder.append(token)
         else:
             if span != previous:
-                sentinel = tokenizer.token_to_id(f"<extra_id_{seen}>")
-                encoder.append(sentinel)
-                target.append(sentinel)
+                encoder.append(sentinel(seen))
+                target.append(sentinel(seen))
                 seen += 1
             target.append(token)
         previous = span
+    return encoder, target
+
+
+def t5_example(ids: list[int], tokenizer: HFTokenizer, rng: random.Random) -> tuple[list[int], list[int]]:
+    """T5's layout: ``</s>`` ends both the encoder's row and the targets."""
+    encoder, target = corrupt(ids, lambda i: tokenizer.token_to_id(f"<extra_id_{i}>"), rng)
     return encoder + [tokenizer.eos_id], target + [tokenizer.eos_id]
 
 
-def batches(tokenizer: HFTokenizer, texts: list[str], batch: int, rng: random.Random):
-    """Endless batches of span-corrupted pieces of ``texts``."""
+def pieces_of(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Pieces of up to :data:`INPUT_TOKENS` tokens of every text (longer than 16)."""
     pieces = []
-    for ids in (encoding.ids for encoding in tokenizer.backend.encode_batch(texts, add_special_tokens=False)):
+    for text in texts:
+        ids = tokenizer.encode(text)
         chunks = (ids[i:i + INPUT_TOKENS] for i in range(0, len(ids), INPUT_TOKENS))
         pieces += [chunk for chunk in chunks if len(chunk) > 16]
-    while True:
-        rows = [corrupt(rng.choice(pieces), tokenizer, rng) for _ in range(batch)]
-        yield rows
+    return pieces
 
 
 def pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -85,7 +91,7 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([row + [value] * (width - len(row)) for row in rows])
 
 
-def loss_of(model: T5, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+def loss_of(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
     encoder = pad([e for e, _ in rows], pad_id)
     targets = pad([t for _, t in rows], -100)
     decoder = torch.cat([torch.full((len(rows), 1), model.config.decoder_start_id), targets[:, :-1]], 1)
@@ -95,10 +101,10 @@ def loss_of(model: T5, rows: list[tuple[list[int], list[int]]], pad_id: int) -> 
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-def train(vocab: Path, out: Path, steps: int, batch: int, lr: float, save_every: int, resume: bool) -> Path:
-    tokenizer = HFTokenizer(vocab)
-    torch.manual_seed(0)
-    model = build_t5(demo_config())
+def train(model: Any, example: Callable, pieces: list[list[int]], pad_id: int, out: Path, steps: int, batch: int,
+          lr: float, save_every: int, resume: bool, name: str) -> Path:
+    """Train ``model`` on span-corrupted ``pieces`` (``example`` lays one out) for ``steps`` steps,
+    saving the run's whole state every ``save_every`` (atomically) and resuming it exactly."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng, step = random.Random(0), 0
     out.mkdir(parents=True, exist_ok=True)
@@ -109,16 +115,13 @@ def train(vocab: Path, out: Path, steps: int, batch: int, lr: float, save_every:
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
-    kept_out = set(held_out(CORPORA))
-    texts = [t for t in corpus_texts(CORPORA) if t not in kept_out]
-    stream = batches(tokenizer, texts, batch, rng)
     model.train()
-    bar = tqdm(total=steps, initial=step, desc="t5-demo", unit="step")
+    bar = tqdm(total=steps, initial=step, desc=name, unit="step")
     while step < steps:
         scale = min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.1)
-        loss = loss_of(model, next(stream), tokenizer.pad_id)
+        loss = loss_of(model, [example(rng.choice(pieces), rng) for _ in range(batch)], pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,16 +138,43 @@ def train(vocab: Path, out: Path, steps: int, batch: int, lr: float, save_every:
     return out / STATE_NAME
 
 
-def export(vocab: Path, out: Path, target: Path) -> Path:
-    state = torch.load(out / STATE_NAME, weights_only=False)
-    config = replace(demo_config(), half=True)
+def training_texts() -> list[str]:
+    """The embedded corpora less the documents held out for evaluation."""
+    kept_out = set(held_out(CORPORA))
+    return [text for text in corpus_texts(CORPORA) if text not in kept_out]
+
+
+def export(run: Path, config: Any, vocab: Path, target: Path) -> Path:
+    """The run's model as a float16 checkpoint in our layout, with its vocabulary."""
+    state = torch.load(run / STATE_NAME, weights_only=False)
     weights = {name: tensor.half() for name, tensor in state["model"].items()}
-    save_checkpoint(weights, config, target, vocab=vocab)
+    save_checkpoint(weights, replace(config, half=True), target, vocab=vocab)
     return target
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cpmlive.train.t5_demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        vocab = args.vocab / "tokenizer.json"
+        if not vocab.is_file():
+            train_tokenizer(corpus_texts(CORPORA), VOCAB_SIZE, args.vocab, style="t5", model_max_length=512)
+        if args.export is not None:
+            print(f"wrote {export(args.out, demo_config(), vocab, args.export)}")
+            return 0
+        tokenizer = HFTokenizer(vocab)
+        torch.manual_seed(0)
+        train(build_t5(demo_config()), lambda ids, rng: t5_example(ids, tokenizer, rng),
+              pieces_of(tokenizer, training_texts()), tokenizer.pad_id, args.out, args.steps, args.batch, args.lr,
+              args.save_every, args.resume == "auto", "t5-demo")
+    except CpmliveError as exc:
+        print(f"t5_demo: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=Path, required=True, help="the tokenizer directory (made when absent)")
     parser.add_argument("--out", type=Path, required=True, help="the run directory")
     parser.add_argument("--steps", type=int, default=3000)
@@ -153,19 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--resume", choices=("auto", "never"), default="auto")
     parser.add_argument("--export", type=Path, help="write the run's model as a checkpoint here instead")
-    args = parser.parse_args(argv)
-    try:
-        vocab = args.vocab / "tokenizer.json"
-        if not vocab.is_file():
-            train_tokenizer(corpus_texts(CORPORA), VOCAB_SIZE, args.vocab, style="t5", model_max_length=512)
-        if args.export is not None:
-            print(f"wrote {export(vocab, args.out, args.export)}")
-            return 0
-        train(vocab, args.out, args.steps, args.batch, args.lr, args.save_every, args.resume == "auto")
-    except CpmliveError as exc:
-        print(f"t5_demo: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,85 +23,11 @@ from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict
 from cpmlive.model.formats import (CheckpointFormats, Source, hf_config, hf_source, json_object_or_none, ours_source,
                                    read_raw, shapes_only, write_hf_directory)
 from cpmlive.model.t5 import FORMATS
+from cpmlive.model.t5_keys import hf_to_ours, ours_to_hf
 from cpmlive.model.t5.config import ARCHITECTURES, T5Config
 from cpmlive.resources import model_path
 
 VOCAB_FILE = "tokenizer.json"
-HF_TOP = {"shared.weight": "input_embedding.weight", "encoder.final_layer_norm.weight": "encoder_norm.weight",
-          "decoder.final_layer_norm.weight": "output_norm.weight", "lm_head.weight": "output_head.weight"}
-HF_DROPPED = re.compile(r"(encoder|decoder)\.embed_tokens\.weight|"
-                        r"decoder\.block\.\d+\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight")
-HF_BLOCK = re.compile(r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d)\.(.+)")
-ATTENTION = {"q.weight": "project_q.weight", "k.weight": "project_k.weight", "v.weight": "project_v.weight",
-             "o.weight": "attention_out.weight"}
-FFN = {"wi.weight": "w_in.weight", "wi_0.weight": "w_0.weight", "wi_1.weight": "w_1.weight",
-       "wo.weight": "w_out.weight"}
-# (stack, sub-layer index) -> (our sub-block prefix, its norm, HF's module name there)
-SUBLAYERS = {("encoder", "0"): ("attn", "attn_norm", "SelfAttention"),
-             ("encoder", "1"): ("ffn", "ffn_norm", "DenseReluDense"),
-             ("decoder", "0"): ("attn", "attn_norm", "SelfAttention"),
-             ("decoder", "1"): ("cross", "cross_norm", "EncDecAttention"),
-             ("decoder", "2"): ("ffn", "ffn_norm", "DenseReluDense")}
-OUR_STACKS = {"encoder": ("encoder_layers", "encoder_position_bias"), "decoder": ("layers", "decoder_position_bias")}
-
-
-def _unknown_key(name: str, source: str) -> CpmliveError:
-    return CpmliveError(f"{source}: unknown key {name!r} for a T5 checkpoint")
-
-
-def _block_name(stack: str, block: str, sublayer: str, rest: str, source: str, original: str) -> str:
-    layers, bias = OUR_STACKS[stack]
-    if (stack, sublayer) not in SUBLAYERS:
-        raise _unknown_key(original, source)
-    ours, norm, module = SUBLAYERS[(stack, sublayer)]
-    if rest == "layer_norm.weight":
-        return f"{layers}.{block}.{norm}.weight"
-    if rest == f"{module}.relative_attention_bias.weight" and sublayer == "0":
-        return f"{bias}.{block}.weight"
-    table = FFN if ours == "ffn" else ATTENTION
-    prefix, _, leaf = rest.partition(".")
-    if prefix != module or leaf not in table:
-        raise _unknown_key(original, source)
-    return f"{layers}.{block}.{ours}.{table[leaf]}"
-
-
-def hf_to_ours(state: dict[str, Tensor], config: T5Config, source: str) -> dict[str, Tensor]:
-    """HF tensors in our names (``state`` is emptied as it is read)."""
-    out: dict[str, Tensor] = {}
-    for name in list(state):
-        tensor = state.pop(name)
-        if HF_DROPPED.fullmatch(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
-            continue
-        if name in HF_TOP:
-            out[HF_TOP[name]] = tensor
-            continue
-        match = HF_BLOCK.fullmatch(name)
-        if match is None:
-            raise _unknown_key(name, source)
-        out[_block_name(*match.groups(), source, name)] = tensor
-    return out
-
-
-def ours_to_hf(state: dict[str, Tensor], config: T5Config) -> dict[str, Tensor]:
-    """Our tensors in HF's names (a tied head is stored once, as ``shared``)."""
-    top = {ours: hf for hf, ours in HF_TOP.items()}
-    reverse: dict[str, str] = {}
-    for (stack, sublayer), (ours, norm, module) in SUBLAYERS.items():
-        layers, bias = OUR_STACKS[stack]
-        reverse[f"{layers}.{{}}.{norm}.weight"] = f"{stack}.block.{{}}.layer.{sublayer}.layer_norm.weight"
-        if sublayer == "0":
-            reverse[f"{bias}.{{}}.weight"] = f"{stack}.block.{{}}.layer.0.{module}.relative_attention_bias.weight"
-        for hf_leaf, our_leaf in (FFN if ours == "ffn" else ATTENTION).items():
-            reverse[f"{layers}.{{}}.{ours}.{our_leaf}"] = f"{stack}.block.{{}}.layer.{sublayer}.{module}.{hf_leaf}"
-    out: dict[str, Tensor] = {}
-    for name, tensor in state.items():
-        if name in top:
-            out[top[name]] = tensor
-            continue
-        index = re.search(r"\.(\d+)\.", name).group(1)
-        out[reverse[name.replace(f".{index}.", ".{}.", 1)].format(index)] = tensor
-    return out
-
 
 # ---- finding and reading ------------------------------------------------------------------------
 
@@ -133,7 +59,7 @@ def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor],
     if len(encoder_blocks) > config.num_encoder_layers:
         raise CpmliveError(f"{where}: the config has {config.num_encoder_layers} encoder layers, "
                            f"the weights {len(encoder_blocks)}")
-    state = raw if source.format == "ours" else hf_to_ours(raw, config, where)
+    state = raw if source.format == "ours" else hf_to_ours(raw, config.tie_word_embeddings, where)
     check_state_dict(state, config, where)
     return state, config
 
@@ -143,7 +69,7 @@ def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor],
 
 def _write_hf(state: dict[str, Tensor], config: T5Config, dst: Path, vocab: Path | None) -> None:
     files: dict[str, dict | Path] = {VOCAB_FILE: vocab} if vocab is not None else {}
-    write_hf_directory(dst, hf_config(config, state), ours_to_hf(state, config), files)
+    write_hf_directory(dst, hf_config(config, state), ours_to_hf(state), files)
 
 
 def _write_ours(state: dict[str, Tensor], config: T5Config, dst: Path, vocab: Path | None) -> None:
