@@ -517,9 +517,13 @@ class LM:
         if not isinstance(text, str):
             return [self.fill(t, max_new_tokens, blank_lengths, return_fills, **kwargs) for t in text]
         self.require("fill")
-        options = self._options(max_new_tokens, kwargs)
         if MASK not in text:
             raise CpmliveError("fill needs at least one <mask> in the text")
+        if getattr(self.model, "fills_in_place", False):
+            fills = self._unmask(text)
+            return fills if return_fills else "".join(
+                part + (fills[i] if i < len(fills) else "") for i, part in enumerate(text.split(MASK)))
+        options = self._options(max_new_tokens, kwargs)
         if options.num_beams > 1:
             raise CpmliveError("fill decodes greedily or by sampling; num_beams is not supported")
         if options.speculates:
@@ -537,6 +541,57 @@ class LM:
             return fills
         parts = text.split(MASK)
         return "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
+
+    def _unmask(self, text: str) -> list[str]:
+        """An encoder's fill (BERT's fill-mask): each ``<mask>`` is its mask token, all read at once,
+        and each becomes its most likely token."""
+        mask_id = self.tokenizer.mask_id
+        if mask_id is None:
+            raise CpmliveError("this tokenizer names no mask token (mask_token in tokenizer_config.json)")
+        parts = [self.tokenizer.encode(part) for part in text.split(MASK)]
+        ids = self.tokenizer.encode_for_model("")
+        body = [token for index, part in enumerate(parts) for token in ([mask_id] if index else []) + part]
+        ids = ids[:1] + body + ids[1:] if len(ids) == 2 else body
+        self._check_length(len(ids))
+        with self.lock, torch.no_grad():
+            logits = self.model.logits(self.model(torch.tensor([ids], device=self._device)))[0]
+        return [self.tokenizer.decode([int(logits[position].argmax())]).strip()
+                for position, token in enumerate(ids) if token == mask_id]
+
+    # ---- embeddings -------------------------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str], pooling: str = "mean", normalize: bool = False,
+              ) -> list[float] | list[list[float]]:
+        """Each text's vector from the encoder's final hidden states: their mean over its tokens
+        (sentence-transformers' pooling), the first token's (``cls``) or BERT's pooler output
+        (``pooler``); ``normalize``: unit length (cosine similarity as a dot product)."""
+        self.require("embed")
+        if pooling not in ("mean", "cls", "pooler"):
+            raise CpmliveError(f"pooling must be mean, cls or pooler, not {pooling!r}")
+        rows = [self.tokenizer.encode_for_model(text) for text in ([texts] if isinstance(texts, str) else texts)]
+        if not rows or not all(rows):
+            raise CpmliveError("nothing to embed: give at least one non-empty text")
+        self._check_length(max(map(len, rows)))
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_id
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=self._device)
+        valid = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows], device=self._device)
+        with self.lock, torch.no_grad():
+            states = self.model.encoder_states(ids, valid).float()
+            if pooling == "pooler":
+                vectors = self.model.pooled(states)
+            elif pooling == "cls":
+                vectors = states[:, 0]
+            else:
+                vectors = (states * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1e-9)
+        if normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        out = vectors.cpu().tolist()
+        return out[0] if isinstance(texts, str) else out
+
+    @property
+    def _device(self) -> torch.device:
+        return self.model.input_embedding.weight.device
 
 
 def request_extras(kwargs: dict) -> dict[str, Any]:

@@ -20,7 +20,8 @@ CPM1_DEMO = "cpm1-demo"  # a small CPM-1 (GPT-2) with its own SentencePiece voca
 DECODER_DEMO = "llama-demo"  # a small Llama with its own byte-level BPE tokenizer: recipes/llama-demo.yaml
 T5_DEMO = "t5-demo"  # a small T5 v1.1 with its own Unigram tokenizer: recipes/t5-demo.yaml
 CPM2_DEMO = "cpm2-demo"  # a tiny CPM-2 with a CPM-2-style vocabulary: python -m cpmlive.train.cpm2_demo
-SHIPPED_MODELS = (DEMO, BEE_DEMO, CPM1_DEMO, DECODER_DEMO, T5_DEMO, CPM2_DEMO)
+BERT_DEMO = "bert-demo"  # a small Chinese BERT with a WordPiece tokenizer: python -m cpmlive.train.bert_demo
+SHIPPED_MODELS = (DEMO, BEE_DEMO, CPM1_DEMO, DECODER_DEMO, T5_DEMO, CPM2_DEMO, BERT_DEMO)
 VOCAB_NAME = "vocab.txt"
 
 
@@ -68,5 +69,5 @@ def vocab_path(model_or_vocab: str | os.PathLike, name: str = VOCAB_NAME) -> Pat
     return path
 
 
-__all__ = ["ASSETS", "BEE_DEMO", "CPM1_DEMO", "CPM2_DEMO", "DECODER_DEMO", "DEMO", "T5_DEMO", "adapter_path",
-           "demo_dir", "model_path", "shipped_adapters", "vocab_path"]
+__all__ = ["ASSETS", "BEE_DEMO", "BERT_DEMO", "CPM1_DEMO", "CPM2_DEMO", "DECODER_DEMO", "DEMO", "T5_DEMO",
+           "adapter_path", "demo_dir", "model_path", "shipped_adapters", "vocab_path"]

@@ -208,6 +208,10 @@ class EncoderDecoder(Transformer):
             hidden = block(hidden, bias)
         return self.encoder_norm(hidden)
 
+    def encoder_states(self, input_ids: Tensor, valid: Tensor) -> Tensor:
+        """The encoder's output for right-padded rows (what embeddings pool)."""
+        return self.encode(input_ids, valid)
+
     def forward(self, input_ids: Tensor, segment: Tensor | None = None, context: Tensor | None = None,
                 span: Tensor | None = None, valid: Tensor | None = None, cache: KVCache | None = None,
                 position: Tensor | None = None, last: int | None = None) -> Tensor:

@@ -29,6 +29,7 @@ ABILITIES = {
     "fill": "fill <mask> blanks (fill, /v1/fill)",
     "title": "suggest titles (the headline app: title, /v1/title)",
     "classify": "classify text (/v1/classify)",
+    "embed": "embed text (embed, /v1/embeddings)",
     "bee": "answer JSON tasks (bee, /v1/bee)",
     "align": "be aligned (align sft/rm/dpo/ppo/grpo)",
     "calibrate": "be quantized with calibration (quantize --method gptq|awq)",
@@ -120,7 +121,7 @@ class Family:
 
 
 # The registry: each name is a folder of cpmlive.model holding config.py (PRESETS) and family.py (FAMILY).
-FAMILY_PACKAGES = ("ant", "bee", "cpm1", "decoder", "t5", "cpm2")
+FAMILY_PACKAGES = ("ant", "bee", "cpm1", "decoder", "t5", "cpm2", "bert")
 DEFAULT_PACKAGE = "ant"  # OpenBMB checkpoints and bare vocabularies carry no model_type
 CONFIG_NAME = "config.json"
 

@@ -332,6 +332,8 @@ class HFTokenizer:
         eos_ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
         eos_ids = [i for i in eos_ids if isinstance(i, int) and not isinstance(i, bool)]
         eos = token_id("eos_token")
+        eos = token_id("sep_token") if eos is None and not eos_ids else eos  # an encoder's (BERT's) [SEP]
+        self.mask_id = token_id("mask_token")
         if eos is None and not eos_ids:
             raise CpmliveError(f"{self.path}: the tokenizer names no end-of-sequence token (eos_token in "
                                f"{CONFIG_FILE} or eos_token_id in {GENERATION_CONFIG_FILE})")

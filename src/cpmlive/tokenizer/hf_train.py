@@ -55,7 +55,8 @@ SPACE_MARK = "\u2581"
 T5_TOKENS = ("<pad>", "</s>", "<unk>")
 T5_SENTINELS = 32
 CHARACTER_COVERAGE = 0.9995
-STYLES = ("byte-level", "sentencepiece", "t5")
+STYLES = ("byte-level", "sentencepiece", "t5", "wordpiece")
+BERT_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def _token_entry(content: str) -> dict[str, Any]:
@@ -191,6 +192,36 @@ def _t5(texts: list[str], vocab_size: int) -> tuple[Any, dict[str, Any]]:
     return tokenizer, config
 
 
+def _wordpiece(texts: list[str], vocab_size: int) -> tuple[Any, dict[str, Any]]:
+    """BERT's (bert-base-chinese's pipeline): lower-cased, accents kept, every CJK character a word,
+    WordPiece with ``##`` continuations; ``[CLS] text [SEP]``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import WordPieceTrainer
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                      strip_accents=False, lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_TOKENS), show_progress=False,
+                               continuing_subword_prefix="##")
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    # WordPiece's decoder puts a space before every word; none before CJK characters and punctuation,
+    # so that Chinese text decodes as it was written (BERT's own decode spaces them out).
+    cjk = Regex("^ (?=[\u2e80-\u9fff\u3000-\u303f\uff00-\uffef])")
+    tokenizer.decoder = decoders.Sequence([decoders.WordPiece(prefix="##"), decoders.Replace(cjk, "")])
+    config = {
+        "added_tokens_decoder": {str(tokenizer.token_to_id(token)): _token_entry(token) for token in BERT_TOKENS},
+        "clean_up_tokenization_spaces": True, "cls_token": "[CLS]", "do_lower_case": True, "mask_token": "[MASK]",
+        "pad_token": "[PAD]", "sep_token": "[SEP]", "strip_accents": None, "tokenize_chinese_chars": True,
+        "tokenizer_class": "BertTokenizer", "unk_token": "[UNK]",
+    }
+    return tokenizer, config
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, style: str = "byte-level",
                     model_max_length: int | None = None) -> Path:
     """Train a ``style`` tokenizer of at most ``vocab_size`` tokens (fewer where the texts run out
@@ -198,13 +229,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, style:
     if style not in STYLES:
         raise CpmliveError(f"unknown tokenizer style {style!r} (choose {' or '.join(STYLES)})")
     smallest = {"byte-level": 256 + len(CHATML_TOKENS) + 1, "sentencepiece": 256 + len(LLAMA_TOKENS) + 1,
-                "t5": len(T5_TOKENS) + T5_SENTINELS + 64}[style]
+                "t5": len(T5_TOKENS) + T5_SENTINELS + 64, "wordpiece": len(BERT_TOKENS) + 64}[style]
     if vocab_size < smallest:
         raise CpmliveError(f"a {style} tokenizer needs a vocabulary of at least {smallest} tokens, not {vocab_size}")
     texts = [text for text in texts if text]
     if not texts:
         raise CpmliveError("no text to train the tokenizer on")
-    builders = {"byte-level": _byte_level, "sentencepiece": _sentencepiece, "t5": _t5}
+    builders = {"byte-level": _byte_level, "sentencepiece": _sentencepiece, "t5": _t5, "wordpiece": _wordpiece}
     tokenizer, config = builders[style](texts, vocab_size)
     if model_max_length is not None:
         config["model_max_length"] = model_max_length

@@ -102,9 +102,11 @@ def loss_of(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int) ->
 
 
 def train(model: Any, example: Callable, pieces: list[list[int]], pad_id: int, out: Path, steps: int, batch: int,
-          lr: float, save_every: int, resume: bool, name: str) -> Path:
-    """Train ``model`` on span-corrupted ``pieces`` (``example`` lays one out) for ``steps`` steps,
-    saving the run's whole state every ``save_every`` (atomically) and resuming it exactly."""
+          lr: float, save_every: int, resume: bool, name: str, loss: Callable | None = None) -> Path:
+    """Train ``model`` on examples made of ``pieces`` (``example`` lays one out, ``loss`` scores a
+    batch of them: span corruption's by default) for ``steps`` steps, saving the run's whole state
+    every ``save_every`` (atomically) and resuming it exactly."""
+    loss = loss or (lambda model, rows: loss_of(model, rows, pad_id))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng, step = random.Random(0), 0
     out.mkdir(parents=True, exist_ok=True)
@@ -121,18 +123,18 @@ def train(model: Any, example: Callable, pieces: list[list[int]], pad_id: int, o
         scale = min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr * max(scale, 0.1)
-        loss = loss_of(model, [example(rng.choice(pieces), rng) for _ in range(batch)], pad_id)
+        value = loss(model, [example(rng.choice(pieces), rng) for _ in range(batch)])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{value.item():.3f}")
         if step % save_every == 0 or step == steps:
             temporary = out / f".{STATE_NAME}"
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
-                        "torch_rng": torch.get_rng_state(), "step": step, "loss": loss.item()}, temporary)
+                        "torch_rng": torch.get_rng_state(), "step": step, "loss": value.item()}, temporary)
             temporary.replace(out / STATE_NAME)
     bar.close()
     return out / STATE_NAME
