@@ -22,6 +22,7 @@ from torch import nn
 
 from cpmlive.model.registry import ALL_PRESETS, check_model
 from cpmlive.data.chat import ChatTemplate, TokenizerChatTemplate
+from cpmlive.data.eva_chat import EvaDialogue
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.engine import Completion, Engine, Request, request_for
 from cpmlive.infer.speculative import Assistant
@@ -60,7 +61,7 @@ class LM:
         self.bee_text_field = TEXT_FIELD  # a CPM-Bee model: the task field a completion prompt goes in
         self._engine: Engine | None = None
         # by adapter (None: the base model); a tokenizer's own template serves adapters without one
-        self.chat_templates: dict[str | None, ChatTemplate | TokenizerChatTemplate] = {}
+        self.chat_templates: dict[str | None, ChatTemplate | TokenizerChatTemplate | EvaDialogue] = {}
         # The decoding options a model directory asks for (its generation_config.json), under the caller's.
         self.generation_defaults: dict[str, Any] = {}
         self.assistant: Assistant | None = None  # the draft model of every request (set_assistant)
@@ -202,7 +203,8 @@ class LM:
             return BeeDialogue()
         template = self.chat_templates.get(adapter)
         base = self.chat_templates.get(None)
-        return template if template is not None or not isinstance(base, TokenizerChatTemplate) else base
+        shared = isinstance(base, (TokenizerChatTemplate, EvaDialogue))  # the model's own: every adapter's too
+        return template if template is not None or not shared else base
 
     def encode_chat(self, messages: Sequence[dict],
                     template: ChatTemplate | TokenizerChatTemplate) -> list[int]:
@@ -661,7 +663,9 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None
     vocab_file = find_vocab(vocab, directory, str(name_or_path), kind)
     tokenizer = kind.tokenizer.for_model(vocab_file, model.config.vocab_size, hf_compat=hf_tokenizer)
     lm = LM(model, tokenizer, name=str(path if directory is not None else name_or_path))
-    if getattr(tokenizer, "chat_template", None) is not None:  # an HF model's own (its chat_template.json
+    if getattr(model.config, "dialogue", False):  # EVA's dialogue form (the CPM-2 family)
+        lm.chat_templates[None] = EvaDialogue(tokenizer.sep_id)
+    elif getattr(tokenizer, "chat_template", None) is not None:  # an HF model's own (its chat_template.json
         lm.chat_templates[None] = TokenizerChatTemplate(tokenizer)  # would be HF's, not ours)
     elif directory is not None and (template := ChatTemplate.load(directory)) is not None:
         lm.chat_templates[None] = template

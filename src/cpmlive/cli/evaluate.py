@@ -77,6 +77,7 @@ def evaluate_text(args: argparse.Namespace) -> None:
 
     text = read_text_file(args.text)
     lm = load_lm(args)
+    lm.require("generate")  # a left-to-right loss: an encoder has none
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise CpmliveError(f"{args.text}: no text to evaluate")

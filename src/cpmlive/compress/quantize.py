@@ -366,7 +366,8 @@ def quantize_model(model: Transformer, config: QuantConfig, batches: list[Prompt
     if config.method != "rtn" and not batches:
         raise CpmliveError(f"{config.method.upper()} needs calibration text: pass --calibration FILE")
     model.eval()
-    for index, block in enumerate(model.layers):
+    blocks = model.blocks()
+    for index, block in enumerate(blocks):
         hessians = block_hessians(model, block, batches) if config.method == "gptq" else {}
         if config.method == "awq":
             awq_scale_block(block, block_input_samples(model, block, batches), config)
@@ -379,7 +380,7 @@ def quantize_model(model: Transformer, config: QuantConfig, batches: list[Prompt
             quantized.set_codes(*codes)
             replace_submodule(block, name, quantized)
         if progress is not None:
-            progress(f"layer {index + 1}/{len(model.layers)}")
+            progress(f"layer {index + 1}/{len(blocks)}")
     if config.embedding:
         table = model.input_embedding
         quantized_table = QuantizedEmbedding(table.num_embeddings, table.embedding_dim, config)
@@ -397,7 +398,7 @@ def check_quantizable(model: Transformer, config: QuantConfig) -> None:
     if model.config.moe is not None:
         raise CpmliveError("a MoEfied model cannot be quantized (yet): quantize before moefying")
     if config.bits == 4:
-        widths = sorted({layer.in_features for block in model.layers for layer in block_linears(block).values()})
+        widths = sorted({layer.in_features for block in model.blocks() for layer in block_linears(block).values()})
         bad = [w for w in widths if w % config.group_size]
         if bad:
             raise CpmliveError(f"group size {config.group_size} does not divide the layers' {bad[0]} inputs "
@@ -442,7 +443,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, config: QuantConfig,
             "rows": count, "tokens_per_row": sample_tokens})
     elif config.method != "rtn":
         raise CpmliveError(f"method {config.method} needs calibration text: pass --calibration FILE")
-    bar = tqdm(total=len(model.layers), desc=f"quantize {config.scheme} {config.method}", unit="layer",
+    bar = tqdm(total=len(model.blocks()), desc=f"quantize {config.scheme} {config.method}", unit="layer",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
     with bar:
         quantize_model(model, config, batches, progress=lambda _message: bar.update(1))

@@ -3,6 +3,8 @@
 Every line of the file is a document, read left to right under the generation objective
 (prompt task 2; only ``<s>`` is context, every later token is predicted from the tokens before
 it). Documents longer than the model's window are cut into windows that each restart at ``<s>``.
+An encoder-decoder's decoder writes each window from its start token, its encoder reading an
+empty text (T5's ``</s>``, CPM-2's ``<s_0>``: the whole window is the one span it writes).
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ def windows(ids: list[int], size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
+def score_spans(model: Transformer, rows: list[list[int]], empty: list[int]) -> float:
+    """An encoder-decoder's total negative log-likelihood (nats) of ``rows``, each written by the
+    decoder from its start token while the encoder reads ``empty``."""
+    device = model.input_embedding.weight.device
+    width = max(map(len, rows))
+    start = model.prompt_tail()
+    decoder = torch.tensor([start + r + [0] * (width - len(r)) for r in rows], device=device)
+    valid = torch.tensor([[True] * (len(r) + 1) + [False] * (width - len(r)) for r in rows], device=device)
+    encoder = torch.tensor([empty] * len(rows), device=device)
+    hidden = model.seq2seq(encoder, decoder[:, :-1], decoder_valid=valid[:, :-1])
+    nats = 0.0
+    for i, row in enumerate(rows):
+        logprobs = model.logits(hidden[i, :len(row)]).float().log_softmax(-1)
+        nats -= logprobs.gather(1, decoder[i, 1:len(row) + 1, None]).sum().item()
+    return nats
+
+
+@torch.inference_mode()
 def score_rows(model: Transformer, rows: list[list[int]], bos_id: int) -> float:
     """Total negative log-likelihood (nats) of every token after ``<s>`` in ``rows``."""
     prompt = model.config.prompt_length
@@ -82,8 +102,11 @@ def score_texts(model: Transformer, tokenizer, texts: list[str], batch_size: int
         from tqdm import tqdm
 
         batches = tqdm(batches, desc="evaluate", unit="batch")
+    spans = hasattr(model, "seq2seq")
     for start in batches:
-        nats += score_rows(model, rows[start:start + batch_size], tokenizer.bos_id)
+        part = rows[start:start + batch_size]
+        nats += (score_spans(model, part, tokenizer.encode_for_model("")) if spans
+                 else score_rows(model, part, tokenizer.bos_id))
     return TextScore(nats, chars, sum(map(len, rows)), documents, unk)
 
 

@@ -160,6 +160,7 @@ class EncoderDecoder(Transformer):
     """
 
     cache_kind: ClassVar[type[KVCache]] = EncoderDecoderCache
+    block_lists = ("encoder_layers", "layers")
 
     def __init__(self, config: EncoderDecoderConfig) -> None:
         super().__init__(config)

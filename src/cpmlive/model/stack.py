@@ -276,6 +276,13 @@ class Transformer(nn.Module):
         """Ids a prompt row ends with after its text's (an encoder-decoder's decoder start)."""
         return []
 
+    # The module lists holding its blocks, in the order they run (an encoder-decoder's encoder first).
+    block_lists: tuple[str, ...] = ("layers",)
+
+    def blocks(self) -> list[nn.Module]:
+        """Every block, in the order they run (what quantization and a memory limit go through)."""
+        return [block for name in self.block_lists for block in getattr(self, name)]
+
     @property
     def cache_layers(self) -> int:
         """Key and value layers its decoding cache holds (an encoder-decoder's cross-attention adds its own)."""

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cpmlive import __version__
 from cpmlive.errors import CpmliveError
-from cpmlive.serve import bee, completions, site, tasks
+from cpmlive.serve import bee, completions, embeddings, site, tasks
 from cpmlive.serve.dashboard import bind
 from cpmlive.serve.runtime import MAX_WAITING, RETRY_AFTER_SECONDS, ServerError, ServerState, Settings
 from cpmlive.serve.tasks import MAX_NAME_CHARS, MAX_REQUEST_CHARS, MAX_TEXT_CHARS, MAX_TEXTS, pick_adapter
@@ -321,6 +321,7 @@ def create_app(lm: LM | Callable[[], LM] | None, settings: Settings | None = Non
     app.include_router(completions.router(state))
     app.include_router(tasks.router(state))
     app.include_router(bee.router(state))
+    app.include_router(embeddings.router(state))
     app.include_router(site.router(state))
     return app
 

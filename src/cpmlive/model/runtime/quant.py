@@ -302,9 +302,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def quantizable_linears(model: nn.Module) -> list[str]:
-    """Every bias-free linear layer of the blocks: q, k, v, attention output and the FFN."""
+    """Every bias-free linear layer of the blocks (``model.block_lists``): q, k, v, attention
+    output and the FFN."""
+    lists = tuple(f".{name}." for name in getattr(model, "block_lists", ("layers",)))
     return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module.bias is None and ".layers." in f".{name}"]
+            if isinstance(module, nn.Linear) and module.bias is None and any(p in f".{name}" for p in lists)]
 
 
 

@@ -133,7 +133,7 @@ class WeightStream:
 
     def __init__(self, model: nn.Module, limit: int) -> None:
         self.limit = limit
-        blocks = list(model.layers)
+        blocks = model.blocks()
         ranges = file_backed_ranges()
         # A block streams its file-backed tensors; the rest (norms converted on load) stays resident.
         block_tensors = [[t for t in _tensors(block) if _is_file_backed(t, ranges)] for block in blocks]
@@ -236,7 +236,7 @@ def stream_weights(model: nn.Module, limit: int) -> WeightStream:
     its blocks call the stream around their forward, and the native decoding step goes block by
     block while a stream is attached (``model.weight_stream``)."""
     stream = WeightStream(model, limit)
-    for index, block in enumerate(model.layers):
+    for index, block in enumerate(model.blocks()):
         block.register_forward_pre_hook(lambda _m, _a, i=index: stream.before(i))
         block.register_forward_hook(lambda _m, _a, _o, i=index: stream.after(i))
     model.weight_stream = stream
