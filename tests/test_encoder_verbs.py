@@ -168,3 +168,24 @@ def test_what_does_not_apply_is_one_line(capsys, tmp_path):
         assert main(argv) == 2
         error = capsys.readouterr().err
         assert fragment in error and error.count("\n") == 1, argv
+
+
+@pytest.mark.parametrize("model", ["t5-demo", "cpm2-demo"])
+def test_lora_finetune_and_merge(model, tmp_path, capsys):
+    """LoRA on an encoder-decoder learns an input -> answer mapping; merged, it answers the same."""
+    rows = [{"input": f"问题{i}：天气如何", "output": "很好"} for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", model, "--data", str(data), "--out", str(out), "max_steps=40",
+                 "eval_every=40", "batch_size=4", "lr=0.02", "max_input_tokens=32", "max_output_tokens=4",
+                 "delta.target_modules=[project_q,project_v,w_0,w_1,w_out]", "progress=false"]) == 0
+    tuned = cpmlive.load(model, adapter=out / "best")
+    answer = tuned.generate("问题3：天气如何", max_new_tokens=4)
+    assert answer == "很好"
+    assert main(["merge", model, str(out / "best"), str(tmp_path / "merged")]) == 0
+    merged = cpmlive.load(tmp_path / "merged")
+    assert merged.generate("问题3：天气如何", max_new_tokens=4) == answer
+    assert main(["finetune", "--model", model, "--data", str(data), "--out", str(tmp_path / "c"), "task=classify",
+                 "max_steps=1", "progress=false"]) == 2
+    assert "fine-tunes on generation tasks" in capsys.readouterr().err

@@ -168,7 +168,7 @@ class LM:
             ids, cut = encode_input(self.tokenizer, task, text)
             if cut:
                 warnings.warn(f"input truncated to its first {task.max_input_tokens} tokens", stacklevel=3)
-            return ids
+            return ids + self.model.prompt_tail()
         return self.encode_raw(text)
 
     def encode_raw(self, text: str) -> list[int]:

@@ -237,6 +237,8 @@ class EncoderDecoder(Transformer):
         biases = self._biases(self.decoder_position_bias, len(self.layers), relative, False,
                               additive(seen & q_valid[:, :, None], dtype))
         cross_bias = additive((key["context"] & key["valid"])[:, None, :], dtype)
+        if cache is None:  # a prompt read without a cache: the start token's only key is itself
+            biases = [bias[..., -1:] for bias in biases]
         start = (cache.length if cache is not None else 0) + (input_ids.size(1) - 1 if prompt else 0)
         columns = key["valid"].size(1)
         for block, bias in zip(self.layers, biases):

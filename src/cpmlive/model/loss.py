@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,25 @@ class LinearCrossEntropy(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_weight = ((grad_logits.T @ hidden.to(grad_logits.dtype)).float() * grad_total).to(weight.dtype)
         return grad_hidden, grad_weight, None
+
+
+def seq2seq_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, int]:
+    """An encoder-decoder's teacher-forced loss: each row's encoder ids and target ids (ending with
+    the token that ends an answer); the decoder reads its start token, then the targets but the
+    last. The mean over target tokens, and their count."""
+    device = model.input_embedding.weight.device
+    width = max(len(e) for e, _ in rows)
+    encoder = torch.tensor([e + [pad_id] * (width - len(e)) for e, _ in rows], device=device)
+    encoder_valid = torch.tensor([[True] * len(e) + [False] * (width - len(e)) for e, _ in rows], device=device)
+    longest = max(len(t) for _, t in rows)
+    targets = torch.tensor([t + [-100] * (longest - len(t)) for _, t in rows], device=device)
+    start = torch.full((len(rows), 1), model.config.decoder_start_id, device=device)
+    decoder = torch.cat([start, targets[:, :-1]], 1)
+    decoder_valid = torch.cat([torch.ones_like(start, dtype=torch.bool), targets[:, :-1] >= 0], 1)
+    hidden = model.seq2seq(encoder, decoder.clamp(min=0), encoder_valid, decoder_valid)
+    logits = model.logits(hidden)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return loss, int((targets >= 0).sum())
 
 
 def masked_lm_loss(model: TiedHeadModel, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:

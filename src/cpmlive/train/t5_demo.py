@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import save_checkpoint
+from cpmlive.model.loss import seq2seq_loss
 from cpmlive.model.t5.config import PRESETS
 from cpmlive.model.t5.model import build_t5
 from cpmlive.tokenizer.hf import HFTokenizer
@@ -92,13 +92,7 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 def loss_of(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    encoder = pad([e for e, _ in rows], pad_id)
-    targets = pad([t for _, t in rows], -100)
-    decoder = torch.cat([torch.full((len(rows), 1), model.config.decoder_start_id), targets[:, :-1]], 1)
-    decoder_valid = decoder != -100
-    decoder = decoder.masked_fill(~decoder_valid, pad_id)
-    logits = model.logits(model.seq2seq(encoder, decoder, encoder != pad_id, decoder_valid | (decoder == pad_id)))
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return seq2seq_loss(model, rows, pad_id)[0]
 
 
 def train(model: Any, example: Callable, pieces: list[list[int]], pad_id: int, out: Path, steps: int, batch: int,

@@ -34,7 +34,7 @@ from cpmlive.config import StackConfig
 from cpmlive.model.checkpoint import CONFIG_NAME, new_build_directory, replace_directory
 from cpmlive.model.registry import Family, family_of
 from cpmlive.model.stack import Transformer
-from cpmlive.model.loss import masked_lm_loss
+from cpmlive.model.loss import masked_lm_loss, seq2seq_loss
 from cpmlive.recipe import AT_LEAST_ONE, NON_NEGATIVE, Bound, LoopArgs
 from cpmlive.resources import model_path
 from cpmlive.train.checkpoints import (TRAINER_STATE, check_optimizer_fits, cleaned_up_on_failure,
@@ -524,12 +524,44 @@ class BeeFinetuner(Finetuner):
             atomic_write_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
+class Seq2SeqFinetuner(Finetuner):
+    """The same loop for an encoder-decoder: the encoder reads each input (as a prompt: T5's
+    ``</s>``, CPM-2's ``<s_0>`` after it), the decoder writes its target and the end token, with
+    teacher forcing (:func:`~cpmlive.model.loss.seq2seq_loss`). Generation tasks only: a
+    classifier's label scores read a decoder's prompt."""
+
+    def __init__(self, config: FinetuneConfig, resume: str | None = None) -> None:
+        if config.task != "generate":
+            raise CpmliveError("an encoder-decoder fine-tunes on generation tasks (input -> target text): "
+                               "use task: generate")
+        super().__init__(config, resume)
+
+    def encode(self, example: Example) -> tuple[list[int], list[int]]:
+        """The encoder's row as the tuned model's prompts are read (the task's template), the target's
+        ids and the end token."""
+        target = self.tokenizer.encode(example.target)[:self.config.max_output_tokens]
+        return encode_input(self.tokenizer, self.spec, example.input)[0], target + [self.tokenizer.eos_id]
+
+    def loss(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, float]:
+        return seq2seq_loss(self.model, pairs, self.tokenizer.pad_id)
+
+    def dev_batch_loss(self, pairs: list) -> tuple[torch.Tensor, int]:
+        with self.autocast():
+            return seq2seq_loss(self.model, pairs, self.tokenizer.pad_id)
+
+
 def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
     """Train; returns the best adapter's directory."""
     path = resolve_model_path(config.model)
-    kind = BeeFinetuner if family_of(path).can("bee") else Finetuner  # a family that answers JSON tasks tunes on them
+    kind = family_of(path)
+    if kind.can("bee"):  # a family that answers JSON tasks tunes on them
+        recipe = BeeFinetuner
+    elif hasattr(kind.model, "seq2seq"):  # an encoder-decoder tunes its decoder's answer to its encoder's input
+        recipe = Seq2SeqFinetuner
+    else:
+        recipe = Finetuner
     with cleaned_up_on_failure(Path(config.out), keep=(BEST,)):
-        run_recipe(kind, config, resume)
+        run_recipe(recipe, config, resume)
     return Path(config.out) / BEST
 
 
