@@ -114,3 +114,24 @@ def test_an_encoder_refuses_to_generate(pair):
     _, _, _, lm, _ = pair
     with pytest.raises(CpmliveError, match="BERT cannot generate text"):
         lm.generate("你好")
+
+
+def test_a_classifier_checkpoint_classifies_through_the_api_and_the_server(pair):
+    architecture, task, hf, lm, _ = pair
+    if task != "ForSequenceClassification":
+        with pytest.raises(CpmliveError, match="classification adapter"):
+            lm.classify("你好")
+        return
+    ids, mask = _batch(lm)
+    with torch.no_grad():
+        expected = [hf.config.id2label[i] for i in hf(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist()]
+    assert lm.classify(TEXTS) == expected
+    from serving import serving
+
+    from cpmlive.serve.app import create_app
+
+    with serving(create_app(lm)) as url:
+        import httpx
+
+        answer = httpx.post(f"{url}/v1/classify", json={"text": TEXTS}, timeout=60).json()
+    assert answer["labels"] == expected

@@ -135,10 +135,18 @@ class LM:
             finally:
                 self.use(previous)
 
+    @property
+    def has_classifier_head(self) -> bool:
+        """Whether the model carries a classification head of its own (a fine-tuned BERT's)."""
+        return hasattr(self.model, "classifier") and hasattr(self.model, "classify")
+
     def classify(self, texts: str | Sequence[str]) -> str | list[str]:
-        """The most likely label of each text under the active classification adapter."""
+        """The most likely label of each text: under the active classification adapter, or by the
+        model's own classification head (a fine-tuned encoder's, its config's labels)."""
         self.require("classify")
         spec = self.task
+        if spec is None and self.has_classifier_head:
+            return self._classify_with_head(texts)
         if spec is None or spec.task != "classify":
             raise CpmliveError("classify needs a classification adapter (load one with adapter=PATH)")
         items = [texts] if isinstance(texts, str) else list(texts)
@@ -147,6 +155,21 @@ class LM:
         with torch.inference_mode():
             scores = classify_scores(self.model, self.tokenizer, spec, items)
         labels = [spec.labels[i] for i in scores.argmax(-1).tolist()]
+        return labels[0] if isinstance(texts, str) else labels
+
+    def _classify_with_head(self, texts: str | Sequence[str]) -> str | list[str]:
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items or any(not isinstance(t, str) or not t.strip() for t in items):
+            raise CpmliveError("empty text")
+        rows = [self.tokenizer.encode_for_model(text) for text in items]
+        self._check_length(max(map(len, rows)))
+        width, pad = max(map(len, rows)), self.tokenizer.pad_id
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=self._device)
+        valid = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows], device=self._device)
+        with self.lock, torch.inference_mode():
+            chosen = self.model.classify(self.model.encoder_states(ids, valid)).argmax(-1).tolist()
+        names = self.config.labels or [f"LABEL_{i}" for i in range(self.config.num_labels)]
+        labels = [names[i] for i in chosen]
         return labels[0] if isinstance(texts, str) else labels
 
     # ---- text <-> ids -----------------------------------------------------------------------

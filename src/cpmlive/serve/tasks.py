@@ -142,7 +142,7 @@ def pick_adapter(lm: LM, requested: str | None, task: str) -> str | None:
             raise CpmliveError(f"adapter {requested!r} is for {tasks[requested]}, not {task}")
         return requested
     fitting = [name for name, kind in tasks.items() if kind == task]
-    if task == "classify" and not fitting:
+    if task == "classify" and not fitting and not lm.has_classifier_head:
         raise CpmliveError("no classification adapter loaded (start the server with --adapter NAME_OR_PATH)")
     if PREFERRED_TITLE_ADAPTER in fitting and task == "generate":
         return PREFERRED_TITLE_ADAPTER

@@ -8,7 +8,7 @@ from cpmlive.resources import BERT_DEMO
 from cpmlive.tokenizer.hf import HFTokenizer
 
 FAMILY = Family(
-    model_type="bert", name="BERT", abilities=frozenset({"embed", "fill"}),
+    model_type="bert", name="BERT", abilities=frozenset({"embed", "fill", "classify"}),
     hint="BERT is an encoder: use embed (/v1/embeddings), fill one token per [MASK], or classify with its head",
     config=BertConfig, model=Bert, tokenizer=HFTokenizer, presets=PRESETS, build=build_bert,
     load=convert.load_pretrained, convert=convert.convert, info=convert.checkpoint_info, resolve=convert.resolve,
