@@ -135,3 +135,26 @@ def test_a_classifier_checkpoint_classifies_through_the_api_and_the_server(pair)
 
         answer = httpx.post(f"{url}/v1/classify", json={"text": TEXTS}, timeout=60).json()
     assert answer["labels"] == expected
+
+
+def test_lora_classification_finetune_learns_and_serves(tmp_path):
+    """A new head over bert-demo with LoRA on its attention: it learns a separable task, resumes
+    exactly, and its merged checkpoint classifies through the API as the run measured."""
+    from cpmlive.cli import main
+
+    rows = [{"input": f"{'今天天气很好' if i % 2 else '这部电影太差了'}{i}", "label": "好" if i % 2 else "差"}
+            for i in range(24)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "bert-demo", "--data", str(data), "--eval", str(data), "--out", str(out),
+            "task=classify", "max_steps=24", "eval_every=12", "batch_size=8", "lr=0.01", "max_input_tokens=32",
+            "progress=false"]
+    assert main(args) == 0
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert metrics["accuracy"] == 100.0  # percent
+    tuned = cpmlive.load(out / "best")
+    assert tuned.config.labels == ["好", "差"] or tuned.config.labels == ["差", "好"]
+    assert tuned.classify(["今天天气很好7", "这部电影太差了8"]) == ["好", "差"]
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["heads"][-1] == "classifier" and config["num_labels"] == 2

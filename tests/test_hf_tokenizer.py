@@ -116,8 +116,8 @@ def test_the_styles_are_what_they_copy(trained, texts):
 
 
 def test_training_refusals(tmp_path, texts):
-    with pytest.raises(CpmliveError, match="unknown tokenizer style 'wordpiece'"):
-        train_tokenizer(texts, 1000, tmp_path, "wordpiece")
+    with pytest.raises(CpmliveError, match="unknown tokenizer style 'bpe-dropout'"):
+        train_tokenizer(texts, 1000, tmp_path, "bpe-dropout")
     with pytest.raises(CpmliveError, match="at least 260 tokens, not 100"):
         train_tokenizer(texts, 100, tmp_path, "byte-level")
     with pytest.raises(CpmliveError, match="no text"):

@@ -106,6 +106,18 @@ TOURS: dict[str, list[str]] = {
         f'cpmlive generate {SCRATCH}/llama-q8.gguf "宝玉笑道：" --max-new-tokens 24 --repetition-penalty 1.2',
         'cpmlive fill llama-demo "北京是中国的<mask>。"',
     ],
+    "encoders": [
+        'cpmlive tokenize t5-demo "清华大学 计算机系" --json',
+        'cpmlive generate t5-demo "宝玉笑道：<extra_id_0>" --max-new-tokens 12',
+        'cpmlive generate t5-demo "北京是中国的<extra_id_0>，也是全国的文化中心。" --max-new-tokens 8 --num-beams 3',
+        'cpmlive tokenize cpm2-demo "清华大学 计算机系" --json',
+        'cpmlive generate cpm2-demo "宝玉笑道：" --max-new-tokens 12 --num-beams 3',
+        'cpmlive fill bert-demo "北京是中国的首<mask>。"',
+        f"cpmlive convert cpm2-demo {SCRATCH}/cpm2-mc --to modelcenter",
+        f'cpmlive generate {SCRATCH}/cpm2-mc "宝玉笑道：" --max-new-tokens 12 --num-beams 3',
+        'cpmlive fill t5-demo "北京是中国的<mask>。"',
+        'cpmlive generate bert-demo "你好"',
+    ],
 }
 
 

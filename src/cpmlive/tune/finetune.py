@@ -15,6 +15,7 @@ checkpoint at the end of the current step. A new run refuses a directory that ho
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -27,11 +28,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from cpmlive.data.tasks import Example, check_labels, read_examples
 from cpmlive.errors import CpmliveError
 from cpmlive.config import StackConfig
-from cpmlive.model.checkpoint import CONFIG_NAME, new_build_directory, replace_directory
+from cpmlive.model.checkpoint import (CONFIG_NAME, new_build_directory, read_safetensors, replace_directory,
+                                      save_checkpoint, save_safetensors)
 from cpmlive.model.registry import Family, family_of
 from cpmlive.model.stack import Transformer
 from cpmlive.model.loss import masked_lm_loss, seq2seq_loss
@@ -550,6 +553,83 @@ class Seq2SeqFinetuner(Finetuner):
             return seq2seq_loss(self.model, pairs, self.tokenizer.pad_id)
 
 
+class EncoderClassifierFinetuner(Finetuner):
+    """Sequence classification for an encoder (BERT's): a classification head on the encoder's
+    states (a new one where the checkpoint has none, for the data's labels), trained in full with
+    a delta (LoRA by default) on the encoder; cross-entropy over the labels. The best model is
+    written as a checkpoint with its delta merged and its head (``cpmlive.load(RUN/best)``
+    classifies, ``/v1/classify`` serves it); the run's checkpoints keep the delta and the head
+    apart, so a run resumes exactly."""
+
+    HEAD = "head.safetensors"
+
+    def __init__(self, config: FinetuneConfig, resume: str | None = None) -> None:
+        if config.task != "classify":
+            raise CpmliveError("an encoder fine-tunes to classify (task: classify); it does not generate")
+        super().__init__(config, resume)
+
+    def _prepare_run(self, resume: str | None) -> None:
+        self.model.add_classifier(self.spec.labels)
+        super()._prepare_run(resume)
+
+    def encode(self, example: Example) -> tuple[list[int], list[int]]:
+        ids = self.tokenizer.encode_for_model(example.input)[:self.config.max_input_tokens]
+        return ids, [self.spec.labels.index(example.target)] if example.target in self.spec.labels else [-1]
+
+    def _logits(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.model.input_embedding.weight.device
+        width, pad = max(len(ids) for ids, _ in pairs), self.tokenizer.pad_id
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in pairs], device=device)
+        valid = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row, _ in pairs], device=device)
+        gold = torch.tensor([label[0] for _, label in pairs], device=device)
+        return self.model.classify(self.model.encoder_states(ids, valid)).float(), gold
+
+    def count_tokens(self, pairs: list) -> int:
+        return sum(len(ids) for ids, _ in pairs)
+
+    def loss(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, float]:
+        logits, gold = self._logits(pairs)
+        return F.cross_entropy(logits, gold), len(pairs)
+
+    def dev_batch_loss(self, pairs: list) -> tuple[torch.Tensor, int]:
+        with self.autocast():
+            logits, gold = self._logits(pairs)
+        return F.cross_entropy(logits, gold), len(pairs)
+
+    def dev_metrics(self) -> dict[str, float]:
+        predicted, gold = [], []
+        for start in range(0, len(self.eval_pairs), self.config.batch_size):
+            logits, labels = self._logits(self.eval_pairs[start:start + self.config.batch_size])
+            predicted += [self.spec.labels[i] for i in logits.argmax(-1).tolist()]
+            gold += [self.spec.labels[i] for i in labels.tolist()]
+        return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold)}
+
+    def _head(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach() for name, tensor in self.model.state_dict().items()
+                if name.startswith(("pooler.", "classifier"))}
+
+    def write_checkpoint(self, build: Path) -> None:
+        super().write_checkpoint(build)
+        save_safetensors({name: tensor.contiguous() for name, tensor in self._head().items()}, build / self.HEAD)
+
+    def read_checkpoint(self, path: Path) -> dict[str, Any]:
+        state = super().read_checkpoint(path)
+        head = read_safetensors(path / self.HEAD)
+        with torch.no_grad():
+            for name, tensor in self._head().items():
+                tensor.copy_(head[name])
+        return state
+
+    def save_best(self, metrics: dict[str, float]) -> None:
+        """The best model as a checkpoint: the delta merged into a copy, the head beside it."""
+        target = self.run_dir / BEST
+        build = new_build_directory(target)
+        merged = deltas.merge(copy.deepcopy(self.model).cpu())
+        save_checkpoint(merged.state_dict(), merged.config, build, vocab=self.vocab_path)
+        atomic_write_text(build / "metrics.json", json.dumps({"step": self.position.step, **metrics}, indent=2) + "\n")
+        replace_directory(build, target)
+
+
 def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
     """Train; returns the best adapter's directory."""
     path = resolve_model_path(config.model)
@@ -558,6 +638,8 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> Path:
         recipe = BeeFinetuner
     elif hasattr(kind.model, "seq2seq"):  # an encoder-decoder tunes its decoder's answer to its encoder's input
         recipe = Seq2SeqFinetuner
+    elif hasattr(kind.model, "add_classifier"):  # an encoder tunes a classification head
+        recipe = EncoderClassifierFinetuner
     else:
         recipe = Finetuner
     with cleaned_up_on_failure(Path(config.out), keep=(BEST,)):

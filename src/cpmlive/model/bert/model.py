@@ -11,6 +11,8 @@ pooled vector; RoBERTa: dense, tanh, projection of the first token).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -140,6 +142,29 @@ class Bert(Transformer):
         if hasattr(self, "classifier_dense"):
             return self.classifier(torch.tanh(self.classifier_dense(hidden[:, 0])))
         return self.classifier(self.pooled(hidden))
+
+    def add_classifier(self, labels: list[str]) -> None:
+        """A new classification head for ``labels`` (and BERT's pooler, which it reads, where the
+        checkpoint has none), N(0, 0.02) as BERT starts its heads; the config lists them."""
+        config = self.config
+        generator = torch.Generator().manual_seed(0)
+        device = self.input_embedding.weight.device
+
+        def fresh(dim_out: int) -> BiasedLinear:
+            layer = BiasedLinear(config.dim_model, dim_out).to(device)
+            with torch.no_grad():
+                layer.dense.weight.copy_(torch.randn(layer.dense.weight.shape, generator=generator) * 0.02)
+            return layer
+
+        heads = [head for head in config.heads if head != "classifier"]
+        if config.architecture == "bert" and "pooler" not in heads:
+            self.pooler = fresh(config.dim_model)
+            heads.append("pooler")
+        if config.architecture == "roberta":
+            self.classifier_dense = fresh(config.dim_model)
+        self.classifier = fresh(len(labels))
+        self.config = dataclasses.replace(config, heads=[*heads, "classifier"], num_labels=len(labels),
+                                          labels=list(labels))
 
     def new_cache(self, batch: int, capacity: int) -> object:
         raise CpmliveError("a BERT encoder does not generate: it fills masks, embeds and classifies texts")
