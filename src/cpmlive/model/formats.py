@@ -18,7 +18,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -121,6 +121,22 @@ def ours_source(path: Path, config_path: str | os.PathLike | None) -> Source:
 
 def hf_source(path: Path, config_path: str | os.PathLike | None) -> Source:
     return Source(path, "hf", path, hf_weight_files(path), Path(config_path or path / CONFIG_NAME))
+
+
+def hf_family_source(path: Path, config_path: str | os.PathLike | None, model_type: str,
+                     architectures: Iterable[str], name: str) -> Source:
+    """A checkpoint directory of a family published as HF directories: ours (``model_type`` the
+    family's, with our ``architecture`` key) or HF's (a ``model_type`` of ``architectures``)."""
+    if not path.is_dir():
+        raise CpmliveError(f"{path}: a {name} checkpoint is a directory (ours or HF's)")
+    config = json_object_or_none(path / CONFIG_NAME) or {}
+    kind = config.get("model_type")
+    if kind == model_type and "architecture" in config:
+        return ours_source(path, config_path)
+    if kind in architectures:
+        return hf_source(path, config_path)
+    raise CpmliveError(f"{path}: model_type {kind!r} is not a {name} checkpoint's "
+                       f"(supported: {', '.join(architectures)})")
 
 
 def openbmb_config_file(weights: Path) -> Path | None:
@@ -427,7 +443,8 @@ class CheckpointFormats:
 __all__ = [
     "CheckpointFormats", "FILE_FORMATS", "GENERATION_CONFIG_NAME", "HF_BIN_NAME", "Source",
     "TOKENIZER_CONFIG_NAME", "TORCH_SUFFIXES", "WEIGHT_SUFFIXES", "check_destination", "check_layout",
-    "dtype_name", "expected_state", "find_vocab", "from_openbmb", "hf_config", "hf_source", "hf_weight_files",
+    "dtype_name", "expected_state", "find_vocab", "from_openbmb", "hf_config", "hf_family_source", "hf_source",
+    "hf_weight_files",
     "json_object_or_none", "openbmb_config_dict", "openbmb_config_file", "ours_source", "read_files",
     "read_layout", "read_raw", "read_torch", "shapes_only", "torch_files", "weights_dtype", "write_converted",
     "write_hf_directory", "write_openbmb", "write_ours",

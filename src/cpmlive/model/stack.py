@@ -137,10 +137,12 @@ class FeedForward(nn.Module):
 
 
 class GeluFeedForward(nn.Module):
-    """GPT-2's MLP with biases: ``w_out(gelu_new(w_in x + b_in)) + b_out`` (tanh GELU)."""
+    """GPT-2's MLP with biases: ``w_out(gelu_new(w_in x + b_in)) + b_out`` (tanh GELU; BERT's, with
+    ``approximate="none"``, the erf GELU)."""
 
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(self, config: StackConfig, approximate: str = "tanh") -> None:
         super().__init__()
+        self.approximate = approximate
         self.w_in = nn.Linear(config.dim_model, config.dim_ff, bias=False)
         self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
         self.bias_in = nn.Parameter(torch.zeros(config.dim_ff))
@@ -148,7 +150,7 @@ class GeluFeedForward(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual`` plus the MLP output."""
-        hidden = F.gelu(add_bias(project(x, self.w_in), self.bias_in), approximate="tanh")
+        hidden = F.gelu(add_bias(project(x, self.w_in), self.bias_in), approximate=self.approximate)
         return add_bias(project(hidden, self.w_out, "residual", residual), self.bias_out)
 
 

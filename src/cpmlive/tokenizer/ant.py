@@ -81,6 +81,27 @@ def rjieba_pieces(text: str) -> list[str]:
     return list(rjieba.cut(text, False))
 
 
+def longest_match(piece: str, ids: dict[str, int], longest: int, unk_id: int) -> list[int]:
+    """Greedy longest-prefix match of one pre-tokenizer piece over a vocabulary (``longest``: its
+    longest entry's length); a character no entry starts with is ``unk_id``, and so is a piece of
+    more than :data:`MAX_PIECE_CHARS` characters, whole (CPM-Ant's and CPM-2's rule)."""
+    if len(piece) > MAX_PIECE_CHARS:
+        return [unk_id]
+    out: list[int] = []
+    start, length = 0, len(piece)
+    while start < length:
+        end = min(length, start + longest)
+        while end > start and piece[start:end] not in ids:
+            end -= 1
+        if end == start:
+            out.append(unk_id)
+            start += 1
+        else:
+            out.append(ids[piece[start:end]])
+            start = end
+    return out
+
+
 def write_vocab_file(tokens: Iterable[str], path: str | os.PathLike[str]) -> None:
     """Write one token per line (file form), replacing ``path`` atomically."""
     target = Path(path)
@@ -240,23 +261,8 @@ class AntTokenizer(SpecialIds):
 
     def _match_piece(self, piece: str) -> list[tuple[str, int]]:
         """Greedy longest-prefix match of one pre-tokenizer piece."""
-        if len(piece) > MAX_PIECE_CHARS:
-            return [(UNK_TOKEN, self._unk_id)]
-        ids = self._ids
-        pairs: list[tuple[str, int]] = []
-        start, length = 0, len(piece)
-        while start < length:
-            end = min(length, start + self._max_token_len)
-            while end > start and piece[start:end] not in ids:
-                end -= 1
-            if end == start:
-                pairs.append((UNK_TOKEN, self._unk_id))
-                start += 1
-            else:
-                token = piece[start:end]
-                pairs.append((token, ids[token]))
-                start = end
-        return pairs
+        return [(UNK_TOKEN if i == self._unk_id else self._tokens[i], i)
+                for i in longest_match(piece, self._ids, self._max_token_len, self._unk_id)]
 
     def _hf_special_id(self, token: str) -> int:
         return self._ids.get(token, self._unk_id)

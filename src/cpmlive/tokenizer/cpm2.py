@@ -22,12 +22,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cpmlive.errors import CpmliveError
-from cpmlive.tokenizer.ant import jieba_pieces
+from cpmlive.tokenizer.ant import jieba_pieces, longest_match
 
 VOCAB_FILE = "vocab.txt"
 SPACE, NEWLINE = "\u2582", "\u2583"
 REQUIRED_TOKENS = ("<unk>", "<s>", "</s>", "<sep>", "<pad>", "<eod>", "<s_0>", "<s_1>", SPACE, NEWLINE)
-MAX_PIECE_CHARS = 200
 SPECIAL = re.compile(r"(<sep>|<eod>|<s_\d+>|<mask>|<pad>|<unk>|<s>|</s>)")
 
 
@@ -127,23 +126,6 @@ class Cpm2Tokenizer:
 
     # ---- text --------------------------------------------------------------------------------
 
-    def _match(self, piece: str) -> list[int]:
-        """Greedy longest-prefix match of one jieba piece (spaces and newlines as their stand-ins)."""
-        if len(piece) > MAX_PIECE_CHARS:
-            return [self.unk_id]
-        ids, start = [], 0
-        while start < len(piece):
-            end = min(len(piece), start + self._longest)
-            while end > start and piece[start:end] not in self._ids:
-                end -= 1
-            if end == start:
-                ids.append(self.unk_id)
-                start += 1
-            else:
-                ids.append(self._ids[piece[start:end]])
-                start = end
-        return ids
-
     def encode(self, text: str) -> list[int]:
         """The text's ids (literal special tokens as themselves)."""
         ids: list[int] = []
@@ -152,7 +134,7 @@ class Cpm2Tokenizer:
                 ids.append(self._ids.get(part, self.unk_id))
             elif part:
                 for piece in jieba_pieces(part.replace(" ", SPACE).replace("\n", NEWLINE)):
-                    ids.extend(self._match(piece))
+                    ids.extend(longest_match(piece, self._ids, self._longest, self.unk_id))
         return ids
 
     def encode_for_model(self, text: str) -> list[int]:

@@ -20,7 +20,7 @@ from cpmlive.errors import CpmliveError
 from cpmlive.model.bert import FORMATS
 from cpmlive.model.bert.config import ARCHITECTURES, BertConfig
 from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
-from cpmlive.model.formats import (CheckpointFormats, Source, hf_config, hf_source, json_object_or_none, ours_source,
+from cpmlive.model.formats import (CheckpointFormats, Source, hf_config, hf_family_source, json_object_or_none,
                                    read_raw, shapes_only, write_hf_directory)
 from cpmlive.resources import model_path
 
@@ -115,17 +115,7 @@ def ours_to_hf(state: dict[str, Tensor], config: BertConfig) -> dict[str, Tensor
 
 
 def resolve(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> Source:
-    path = model_path(path)
-    if not path.is_dir():
-        raise CpmliveError(f"{path}: a BERT checkpoint is a directory (ours or HF's)")
-    config = json_object_or_none(path / CONFIG_NAME) or {}
-    model_type = config.get("model_type")
-    if model_type == BertConfig.model_type and "architecture" in config:
-        return ours_source(path, config_path)
-    if model_type in ARCHITECTURES:
-        return hf_source(path, config_path)
-    raise CpmliveError(f"{path}: model_type {model_type!r} is not a BERT checkpoint's "
-                       f"(supported: {', '.join(ARCHITECTURES)})")
+    return hf_family_source(model_path(path), config_path, BertConfig.model_type, ARCHITECTURES, "BERT")
 
 
 def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor], BertConfig]:

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from cpmlive.errors import CpmliveError
 from cpmlive.model.bert.config import BertConfig
 from cpmlive.model.runtime.kernels import project
-from cpmlive.model.stack import Attention, Embedding, Transformer, add_bias, autocast_input, build, init_gpt2
+from cpmlive.model.stack import (Attention, Embedding, GeluFeedForward, Transformer, add_bias, autocast_input, build,
+                                 init_gpt2)
 from cpmlive.utils import compute_dtype
 
 
@@ -36,21 +37,6 @@ class BiasedLinear(nn.Module):
         return add_bias(project(x, self.dense), self.bias)
 
 
-class BertFeedForward(nn.Module):
-    """``w_out(gelu(w_in x + b_in)) + b_out`` (erf GELU)."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.w_in = nn.Linear(config.dim_model, config.dim_ff, bias=False)
-        self.w_out = nn.Linear(config.dim_ff, config.dim_model, bias=False)
-        self.bias_in = nn.Parameter(torch.zeros(config.dim_ff))
-        self.bias_out = nn.Parameter(torch.zeros(config.dim_model))
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        hidden = F.gelu(add_bias(project(x, self.w_in), self.bias_in))
-        return add_bias(project(hidden, self.w_out, "residual", residual), self.bias_out)
-
-
 class BertBlock(nn.Module):
     """A post-norm block: ``LN(h + attn(h))``, then ``LN(h + ffn(h))``."""
 
@@ -59,7 +45,7 @@ class BertBlock(nn.Module):
         self.index = index
         self.attn = Attention(config, biases=True)
         self.attn_norm = nn.LayerNorm(config.dim_model, eps=config.eps)
-        self.ffn = BertFeedForward(config)
+        self.ffn = GeluFeedForward(config, approximate="none")  # BERT's erf GELU
         self.ffn_norm = nn.LayerNorm(config.dim_model, eps=config.eps)
 
     def forward(self, h: Tensor, bias: Tensor) -> Tensor:
@@ -180,4 +166,4 @@ def build_bert(config: BertConfig, device: str | torch.device = "cpu", dtype: to
     return build(Bert, config, device, dtype, seed)
 
 
-__all__ = ["Bert", "BertBlock", "BertFeedForward", "BiasedLinear", "build_bert"]
+__all__ = ["Bert", "BertBlock", "BiasedLinear", "build_bert"]

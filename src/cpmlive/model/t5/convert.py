@@ -20,7 +20,7 @@ from torch import Tensor
 
 from cpmlive.errors import CpmliveError
 from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
-from cpmlive.model.formats import (CheckpointFormats, Source, hf_config, hf_source, json_object_or_none, ours_source,
+from cpmlive.model.formats import (CheckpointFormats, Source, hf_config, hf_family_source, json_object_or_none,
                                    read_raw, shapes_only, write_hf_directory)
 from cpmlive.model.t5 import FORMATS
 from cpmlive.model.t5_keys import hf_to_ours, ours_to_hf
@@ -33,17 +33,7 @@ VOCAB_FILE = "tokenizer.json"
 
 
 def resolve(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> Source:
-    path = model_path(path)
-    if not path.is_dir():
-        raise CpmliveError(f"{path}: a T5 checkpoint is a directory (ours or HF's)")
-    config = json_object_or_none(path / CONFIG_NAME) or {}
-    model_type = config.get("model_type")
-    if model_type == T5Config.model_type and "architecture" in config:
-        return ours_source(path, config_path)
-    if model_type in ARCHITECTURES:
-        return hf_source(path, config_path)
-    raise CpmliveError(f"{path}: model_type {model_type!r} is not a T5 checkpoint's "
-                       f"(supported: {', '.join(ARCHITECTURES)})")
+    return hf_family_source(model_path(path), config_path, T5Config.model_type, ARCHITECTURES, "T5")
 
 
 def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor], T5Config]:
