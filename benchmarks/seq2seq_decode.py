@@ -2,12 +2,12 @@
 continuous batch with its cross-attention keys cached) against HF ``generate`` on the same weights.
 
 A T5 v1.1 at t5-v1_1-small's shape (8 + 8 blocks, 512 wide, 6 heads of 64, a 1024-wide gated FFN,
-32,128 tokens; random weights), fp32, greedy: HF ``T5ForConditionalGeneration.generate(do_sample=False,
+32,128 tokens; ``--shape demo``: t5-demo's, 4 + 4 blocks 256 wide; random weights), fp32, greedy: HF ``T5ForConditionalGeneration.generate(do_sample=False,
 min_new_tokens=N, max_new_tokens=N)`` against ``LM.generate_ids`` (the engine) at batch 1 and 16
 (16 prompts submitted together), prompts of 48 tokens, 64 new tokens each. Both hold the same
 weights, so the ids must be identical; new tokens per second, best of the runs interleaved.
 
-    python benchmarks/seq2seq_decode.py [--new-tokens 64] [--repeats 3]
+    python benchmarks/seq2seq_decode.py [--shape small|demo] [--new-tokens 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ from cpmlive.resources import demo_dir
 
 from decode import compare, quiet_transformers, table
 
-SHAPE = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6,
-             feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
-             pad_token_id=0, eos_token_id=1)
+COMMON = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
+              pad_token_id=0, eos_token_id=1)
+SHAPES = {  # t5-v1_1-small's, and t5-demo's (whose tokenizer both use)
+    "small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
+    "demo": dict(vocab_size=8000, d_model=256, d_kv=64, d_ff=640, num_layers=4, num_decoder_layers=4, num_heads=4),
+}
 
 
-def models(directory: Path):
+def models(directory: Path, shape: str = "small"):
     transformers = quiet_transformers()
     torch.manual_seed(0)
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**SHAPE)).eval()
-    hf.lm_head.weight = torch.nn.Parameter(torch.randn(SHAPE["vocab_size"], SHAPE["d_model"]) * 0.05)
+    config = {**SHAPES[shape], **COMMON}
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**config)).eval()
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn(config["vocab_size"], config["d_model"]) * 0.05)
     hf.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (directory / name).write_bytes((demo_dir("t5-demo") / name).read_bytes())
@@ -63,9 +67,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        hf, lm = models(Path(tmp))
+        hf, lm = models(Path(tmp), args.shape)
         rows = []
         for batch in (1, 16):
             inputs = prompts(batch, args.prompt_tokens)
@@ -77,7 +82,7 @@ def main() -> None:
             rows.append([str(batch), f"{tokens / best['hf']:.1f}", f"{tokens / best['ours']:.1f}",
                          f"{best['hf'] / best['ours']:.2f}x",
                          f"{statistics.median(times['hf']) / statistics.median(times['ours']):.2f}x"])
-    print(f"T5 v1.1 (t5-v1_1-small shape), fp32, {torch.get_num_threads()} threads, {args.prompt_tokens}-token "
+    print(f"T5 v1.1 ({args.shape} shape: {SHAPES[args.shape]}), fp32, {torch.get_num_threads()} threads, {args.prompt_tokens}-token "
           f"prompts, {args.new_tokens} new tokens each, greedy; ids identical")
     print(table(["batch", "HF generate tok/s", "engine tok/s", "speed-up (best)", "speed-up (median)"], rows))
 
