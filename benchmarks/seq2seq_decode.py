@@ -2,8 +2,8 @@
 continuous batch with its cross-attention keys cached) against HF ``generate`` on the same weights.
 
 A T5 v1.1 at t5-v1_1-small's shape (8 + 8 blocks, 512 wide, 6 heads of 64, a 1024-wide gated FFN,
-32,128 tokens; ``--shape demo``: t5-demo's, 4 + 4 blocks 256 wide; random weights), fp32, greedy: HF ``T5ForConditionalGeneration.generate(do_sample=False,
-min_new_tokens=N, max_new_tokens=N)`` against ``LM.generate_ids`` (the engine) at batch 1 and 16
+32,128 tokens; ``--shape demo``: t5-demo's, 4 + 4 blocks 256 wide; random weights), fp32, greedy:
+HF ``T5ForConditionalGeneration.generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)`` against ``LM.generate_ids`` (the engine) at batch 1 and 16
 (16 prompts submitted together), prompts of 48 tokens, 64 new tokens each. Both hold the same
 weights, so the ids must be identical; new tokens per second, best of the runs interleaved.
 
@@ -82,8 +82,8 @@ def main() -> None:
             rows.append([str(batch), f"{tokens / best['hf']:.1f}", f"{tokens / best['ours']:.1f}",
                          f"{best['hf'] / best['ours']:.2f}x",
                          f"{statistics.median(times['hf']) / statistics.median(times['ours']):.2f}x"])
-    print(f"T5 v1.1 ({args.shape} shape: {SHAPES[args.shape]}), fp32, {torch.get_num_threads()} threads, {args.prompt_tokens}-token "
-          f"prompts, {args.new_tokens} new tokens each, greedy; ids identical")
+    print(f"T5 v1.1 ({args.shape} shape: {SHAPES[args.shape]}), fp32, {torch.get_num_threads()} threads, "
+          f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens each, greedy; ids identical")
     print(table(["batch", "HF generate tok/s", "engine tok/s", "speed-up (best)", "speed-up (median)"], rows))
 
 
