@@ -3,8 +3,9 @@ continuous batch with its cross-attention keys cached) against HF ``generate`` o
 
 A T5 v1.1 at t5-v1_1-small's shape (8 + 8 blocks, 512 wide, 6 heads of 64, a 1024-wide gated FFN,
 32,128 tokens; ``--shape demo``: t5-demo's, 4 + 4 blocks 256 wide; random weights), fp32, greedy:
-HF ``T5ForConditionalGeneration.generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)`` against ``LM.generate_ids`` (the engine) at batch 1 and 16
-(16 prompts submitted together), prompts of 48 tokens, 64 new tokens each. Both hold the same
+HF ``T5ForConditionalGeneration.generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)``
+against the engine (``LM.request``s submitted together) at batch 1 and 16, prompts of 48 tokens,
+64 new tokens each. Both hold the same
 weights, so the ids must be identical; new tokens per second, best of the runs interleaved.
 
     python benchmarks/seq2seq_decode.py [--shape small|demo] [--new-tokens 64] [--repeats 3]
