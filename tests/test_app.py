@@ -290,8 +290,12 @@ def health_seconds(url: str) -> float:
 def check_titles(page, url: str) -> None:
     page.fill("#article", ARTICLE)
     page.click("#generate")
-    page.wait_for_selector("#generate:disabled", timeout=2_000)
-    assert "生成中" in page.inner_text("#generate") and page.is_visible("#status .spinner")
+    # read while busy, in one go: a quick generation re-enables the button right after
+    busy = page.wait_for_function(
+        "(() => { const b = document.getElementById('generate'); const s = document.querySelector('#status');"
+        " return b.disabled ? {label: b.innerText, spinner: s.classList.contains('show')} : null; })()",
+        timeout=2_000).json_value()
+    assert "生成中" in busy["label"] and busy["spinner"]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "title-app-loading.png"), full_page=True)
     assert health_seconds(url) < 3, "the server stopped answering while generating"

@@ -140,14 +140,15 @@ def test_convert_targets_are_the_registered_families_formats(monkeypatch, capsys
 
     formats = [name for package in registry.FAMILY_PACKAGES
                for name in importlib.import_module(f"cpmlive.model.{package}").FORMATS]
-    assert list(dict.fromkeys(formats)) == ["ours", "hf", "openbmb", "gguf"]
+    assert list(dict.fromkeys(formats)) == ["ours", "hf", "openbmb", "gguf", "modelcenter"]
     assert convert_target([]) == "ours" and [convert_target(["--to", name]) for name in formats] == formats
     with pytest.raises(SystemExit):
         convert_target(["--to", "megatron"])
-    assert "invalid choice: 'megatron' (choose from 'ours', 'hf', 'openbmb', 'gguf')" in capsys.readouterr().err
+    assert "invalid choice: 'megatron' (choose from 'ours', 'hf', 'openbmb', 'gguf', 'modelcenter')" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["convert", "--help"])
-    assert "[--to {ours,hf,openbmb,gguf}]" in capsys.readouterr().out
+    assert "[--to {ours,hf,openbmb,gguf,modelcenter}]" in capsys.readouterr().out
     cpm1 = importlib.import_module("cpmlive.model.cpm1")
     monkeypatch.setattr(cpm1, "FORMATS", (*cpm1.FORMATS, "megatron"))
     assert convert_target(["--to", "megatron"]) == "megatron"  # a family's new format needs no CLI edit

@@ -177,8 +177,9 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def vocabulary_family(model_or_vocab: str) -> Family:
-    """The family of a checkpoint directory; for a bare vocabulary file, the one family whose
-    vocabulary has its suffix (a SentencePiece ``.model`` is CPM-1's), else the default family."""
+    """The family of a checkpoint directory; for a bare vocabulary file, the family whose
+    vocabulary has its suffix where they all read it with one tokenizer (a SentencePiece ``.model``
+    is CPM-1's, a ``tokenizer.json`` HF's), else the default family."""
     from cpmlive.model.registry import DEFAULT, families, family_of
     from cpmlive.resources import model_path
 
@@ -186,4 +187,4 @@ def vocabulary_family(model_or_vocab: str) -> Family:
         return family_of(model_or_vocab)
     suffix = Path(model_or_vocab).suffix
     owners = [kind for kind in families().values() if Path(kind.vocab_name).suffix == suffix]
-    return owners[0] if len(owners) == 1 else DEFAULT
+    return owners[0] if owners and len({kind.tokenizer for kind in owners}) == 1 else DEFAULT
