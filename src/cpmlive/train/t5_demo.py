@@ -38,6 +38,7 @@ SHAPE = dict(vocab_size=VOCAB_SIZE, dim_model=256, dim_ff=640, num_layers=4, num
 INPUT_TOKENS = 128
 NOISE, MEAN_SPAN = 0.15, 3.0
 STATE_NAME = "state.pt"
+SHIPPED_SHARD_BYTES = 18 * 2**20  # a shipped demo's files stay under 20 MiB each (bee-demo's rule)
 
 
 def demo_config():
@@ -144,7 +145,7 @@ def export(run: Path, config: Any, vocab: Path, target: Path) -> Path:
     """The run's model as a float16 checkpoint in our layout, with its vocabulary."""
     state = torch.load(run / STATE_NAME, weights_only=False)
     weights = {name: tensor.half() for name, tensor in state["model"].items()}
-    save_checkpoint(weights, replace(config, half=True), target, vocab=vocab)
+    save_checkpoint(weights, replace(config, half=True), target, vocab=vocab, shard_bytes=SHIPPED_SHARD_BYTES)
     return target
 
 
