@@ -139,6 +139,21 @@ def hf_family_source(path: Path, config_path: str | os.PathLike | None, model_ty
                        f"(supported: {', '.join(architectures)})")
 
 
+def is_hf_family_directory(path: str | os.PathLike, architectures: Iterable[str]) -> bool:
+    """A directory whose ``config.json`` names one of a family's HF ``model_type`` values."""
+    path = Path(path)
+    config = json_object_or_none(path / CONFIG_NAME) if path.is_dir() else None
+    return config is not None and config.get("model_type") in architectures
+
+
+def check_hf_tokenizer(vocab: Path, config: Any, source: str) -> None:
+    """A ``tokenizer.json`` with no more tokens than the embedding has rows (a family published as
+    HF directories: its ``CheckpointFormats.check_vocab``)."""
+    from cpmlive.tokenizer.hf import HFTokenizer
+
+    HFTokenizer.for_model(vocab, config.vocab_size)
+
+
 def openbmb_config_file(weights: Path) -> Path | None:
     """An OpenBMB state file's config: ``<name>.json`` or ``config.json`` beside it."""
     for candidate in (weights.with_suffix(".json"), weights.parent / CONFIG_NAME):
@@ -443,7 +458,8 @@ class CheckpointFormats:
 __all__ = [
     "CheckpointFormats", "FILE_FORMATS", "GENERATION_CONFIG_NAME", "HF_BIN_NAME", "Source",
     "TOKENIZER_CONFIG_NAME", "TORCH_SUFFIXES", "WEIGHT_SUFFIXES", "check_destination", "check_layout",
-    "dtype_name", "expected_state", "find_vocab", "from_openbmb", "hf_config", "hf_family_source", "hf_source",
+    "dtype_name", "expected_state", "find_vocab", "from_openbmb", "check_hf_tokenizer", "hf_config", "hf_family_source",
+    "hf_source", "is_hf_family_directory",
     "hf_weight_files",
     "json_object_or_none", "openbmb_config_dict", "openbmb_config_file", "ours_source", "read_files",
     "read_layout", "read_raw", "read_torch", "shapes_only", "torch_files", "weights_dtype", "write_converted",

@@ -19,9 +19,9 @@ from torch import Tensor
 from cpmlive.errors import CpmliveError
 from cpmlive.model.bert import FORMATS
 from cpmlive.model.bert.config import ARCHITECTURES, BertConfig
-from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
-from cpmlive.model.formats import (CheckpointFormats, Source, hf_config, hf_family_source, json_object_or_none,
-                                   read_raw, shapes_only, write_hf_directory)
+from cpmlive.model.checkpoint import check_family, check_state_dict, save_checkpoint
+from cpmlive.model.formats import (CheckpointFormats, Source, check_hf_tokenizer, hf_config, hf_family_source,
+                                   is_hf_family_directory, read_raw, shapes_only, write_hf_directory)
 from cpmlive.resources import model_path
 
 VOCAB_FILE = "tokenizer.json"
@@ -130,9 +130,8 @@ def read_state(source: Source, shapes: bool = False) -> tuple[dict[str, Tensor],
 
 
 def is_bert_checkpoint(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    config = json_object_or_none(path / CONFIG_NAME) if path.is_dir() else None
-    return config is not None and config.get("model_type") in ARCHITECTURES
+    """A directory whose ``config.json`` names BERT or RoBERTa."""
+    return is_hf_family_directory(path, ARCHITECTURES)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -147,17 +146,11 @@ def _write_ours(state: dict[str, Tensor], config: BertConfig, dst: Path, vocab: 
     save_checkpoint(state, config, dst, vocab=vocab)
 
 
-def check_vocab(vocab: Path, config: BertConfig, source: str) -> None:
-    from cpmlive.tokenizer.hf import HFTokenizer
-
-    HFTokenizer.for_model(vocab, config.vocab_size)
-
-
 CHECKPOINTS = CheckpointFormats(
     resolve=resolve, read=read_state, headers=lambda source: read_state(source, shapes=True),
     writers={"ours": _write_ours, "hf": _write_hf},
     refusal=f"a BERT checkpoint converts to {' or '.join(FORMATS)}, not {{to!r}}",
-    vocab_names=(VOCAB_FILE,), check_vocab=check_vocab,
+    vocab_names=(VOCAB_FILE,), check_vocab=check_hf_tokenizer,
 )
 convert = CHECKPOINTS.convert
 load_pretrained = CHECKPOINTS.load_pretrained

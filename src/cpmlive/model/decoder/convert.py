@@ -32,6 +32,7 @@ from cpmlive.model.decoder.config import ARCHITECTURES, DecoderConfig
 from cpmlive.model.formats import (
     CheckpointFormats,
     Source,
+    check_hf_tokenizer,
     hf_config,
     hf_source,
     json_object_or_none,
@@ -249,11 +250,7 @@ def _write_gguf(state: dict[str, Tensor], config: DecoderConfig, dst: Path, voca
                dtype=kind or GGUF_DTYPES.get(weights_dtype(state), "f32"))
 
 
-def check_vocab(vocab: Path, config: DecoderConfig, source: str) -> None:
-    """A ``tokenizer.json`` with no more tokens than the embedding has rows."""
-    from cpmlive.tokenizer.hf import HFTokenizer
-
-    HFTokenizer.for_model(vocab, config.vocab_size)
+check_vocab = check_hf_tokenizer  # a tokenizer.json with no more tokens than the embedding has rows
 
 
 CHECKPOINTS = CheckpointFormats(

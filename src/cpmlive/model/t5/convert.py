@@ -19,9 +19,9 @@ from pathlib import Path
 from torch import Tensor
 
 from cpmlive.errors import CpmliveError
-from cpmlive.model.checkpoint import CONFIG_NAME, check_family, check_state_dict, save_checkpoint
-from cpmlive.model.formats import (CheckpointFormats, Source, hf_config, hf_family_source, json_object_or_none,
-                                   read_raw, shapes_only, write_hf_directory)
+from cpmlive.model.checkpoint import check_family, check_state_dict, save_checkpoint
+from cpmlive.model.formats import (CheckpointFormats, Source, check_hf_tokenizer, hf_config, hf_family_source,
+                                   is_hf_family_directory, read_raw, shapes_only, write_hf_directory)
 from cpmlive.model.t5 import FORMATS
 from cpmlive.model.t5_keys import hf_to_ours, ours_to_hf
 from cpmlive.model.t5.config import ARCHITECTURES, T5Config
@@ -66,25 +66,16 @@ def _write_ours(state: dict[str, Tensor], config: T5Config, dst: Path, vocab: Pa
     save_checkpoint(state, config, dst, vocab=vocab)
 
 
-def check_vocab(vocab: Path, config: T5Config, source: str) -> None:
-    """A ``tokenizer.json`` with no more tokens than the embedding has rows."""
-    from cpmlive.tokenizer.hf import HFTokenizer
-
-    HFTokenizer.for_model(vocab, config.vocab_size)
-
-
 def is_t5_checkpoint(path: str | os.PathLike) -> bool:
     """A directory whose ``config.json`` names T5, mT5 or UMT5."""
-    path = Path(path)
-    config = json_object_or_none(path / CONFIG_NAME) if path.is_dir() else None
-    return config is not None and config.get("model_type") in ARCHITECTURES
+    return is_hf_family_directory(path, ARCHITECTURES)
 
 
 CHECKPOINTS = CheckpointFormats(
     resolve=resolve, read=read_state, headers=lambda source: read_state(source, shapes=True),
     writers={"ours": _write_ours, "hf": _write_hf},
     refusal=f"a T5 checkpoint converts to {' or '.join(FORMATS)}, not {{to!r}}",
-    vocab_names=(VOCAB_FILE,), check_vocab=check_vocab,
+    vocab_names=(VOCAB_FILE,), check_vocab=check_hf_tokenizer,
 )
 convert = CHECKPOINTS.convert
 load_pretrained = CHECKPOINTS.load_pretrained
