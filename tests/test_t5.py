@@ -17,6 +17,7 @@ import cpmlive
 from cpmlive.errors import CpmliveError
 from cpmlive.infer.generate import GenerationConfig, generate_ids
 from cpmlive.model.registry import family_of
+from cpmlive.model.runtime import native, native_decode
 from cpmlive.model.t5 import convert as t5_convert
 from cpmlive.resources import demo_dir
 
@@ -100,6 +101,34 @@ def test_the_prompt_path_and_cached_steps_equal_teacher_forcing(pair):
         for index in range(1, decoder.size(1)):
             steps.append(model.logits(model(decoder[:, index:index + 1], cache=cache)))
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
+
+
+def _cached_steps(model, encoder: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        cache = model.new_cache(encoder.size(0), 32)
+        steps = [model.logits(model(torch.cat([encoder, decoder[:, :1]], 1), cache=cache))]
+        for index in range(1, decoder.size(1)):
+            steps.append(model.logits(model(decoder[:, index:index + 1], cache=cache)))
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler here")
+def test_decoding_steps_go_to_the_native_step_and_equal_pytorch(pair, monkeypatch):
+    """Self-attention over the decoder's cache, cross-attention over the encoder's cached keys and
+    values (padding masked), the ReLU or gated tanh-GELU feed-forward: one C call per step."""
+    _, _, lm, _ = pair
+    rows = _encoder_rows(lm)
+    width = max(map(len, rows))
+    encoder = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    decoder = torch.tensor([[0, 17, 99, 3, 42, 8], [0, 5, 6, 7, 8, 9]])
+    calls = []
+    real = native_decode.decode_blocks
+    monkeypatch.setattr(native_decode, "decode_blocks", lambda *a: calls.append(1) or real(*a))
+    got = _cached_steps(lm.model, encoder, decoder)
+    assert len(calls) == decoder.size(1) - 1
+    with native.switched_off():
+        expected = _cached_steps(lm.model, encoder, decoder)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
 def test_greedy_and_beam_ids_equal_hf_generate(pair):

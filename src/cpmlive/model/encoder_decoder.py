@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from cpmlive.config import EncoderDecoderConfig
 from cpmlive.errors import CpmliveError
 from cpmlive.model.cache import KVCache, mask_inputs, new_positions
+import cpmlive.model.runtime.native_decode as native_decode
 from cpmlive.model.runtime.kernels import attention, project
 from cpmlive.model.stack import Attention, Embedding, RMSNorm, Transformer, autocast_input, init_stack, \
     relative_position_bucket
@@ -86,6 +87,8 @@ class T5FeedForward(nn.Module):
     def __init__(self, config: EncoderDecoderConfig) -> None:
         super().__init__()
         self.kind = config.ffn
+        # the activation as the native step (``runtime.native_decode``) names it
+        self.activation = {"relu": "relu", "gated-gelu": "gelu_tanh"}.get(config.ffn, "gelu")
         if config.gated:
             self.w_0 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
             self.w_1 = nn.Linear(config.dim_model, config.dim_ff, bias=False)
@@ -239,6 +242,11 @@ class EncoderDecoder(Transformer):
         cross_bias = additive((key["context"] & key["valid"])[:, None, :], dtype)
         if cache is None:  # a prompt read without a cache: the start token's only key is itself
             biases = [bias[..., -1:] for bias in biases]
+        if not prompt:
+            decoded = native_decode.decode_step(self, hidden, cache, RMSNorm, T5FeedForward,
+                                                lambda block: biases[block.index], cross_bias=cross_bias)
+            if decoded is not None:
+                return self.output_norm(decoded)
         start = (cache.length if cache is not None else 0) + (input_ids.size(1) - 1 if prompt else 0)
         columns = key["valid"].size(1)
         for block, bias in zip(self.layers, biases):

@@ -53,7 +53,8 @@ class Block(ctypes.Structure):
                 ("bias_out", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p),
                 ("ffn_norm", ctypes.c_void_p), ("ffn_norm_bias", ctypes.c_void_p),
                 ("w_0", Matrix), ("w_1", Matrix), ("w_out", Matrix), ("bias_in", ctypes.c_void_p),
-                ("bias_ffn_out", ctypes.c_void_p), ("activation", ctypes.c_int64), ("layer_norm", ctypes.c_int64)]
+                ("bias_ffn_out", ctypes.c_void_p), ("activation", ctypes.c_int64), ("layer_norm", ctypes.c_int64),
+                ("cross_norm", ctypes.c_void_p), ("cross_q", Matrix), ("cross_out", Matrix)]
 
 
 class Step(ctypes.Structure):
@@ -62,14 +63,16 @@ class Step(ctypes.Structure):
         ("columns", ctypes.c_void_p), ("cache_rows", ctypes.c_void_p), ("cos", ctypes.c_void_p),
         ("sin", ctypes.c_void_p),
         ("eps", ctypes.c_float), ("residual_scale", ctypes.c_float), ("threads", ctypes.c_int),
-        ("divides", ctypes.c_int)]
+        ("divides", ctypes.c_int), ("scale", ctypes.c_float), ("cross_keys", ctypes.c_int64),
+        ("cross_key_caches", ctypes.c_void_p), ("cross_value_caches", ctypes.c_void_p), ("cross_bias", ctypes.c_void_p)]
 
 
-ACTIVATIONS = {"gelu": 0, "silu": 1}
-GELU_TANH = 2
+ACTIVATIONS = {"gelu": 0, "silu": 1, "gelu_tanh": 3}  # of a gated feed-forward
+UNGATED = {"gelu_tanh": 2, "relu": 4}  # of ``w_out(act(w_in x [+ bias_in]) [+ bias_out])``
 BIASES = ("bias_q", "bias_k", "bias_v", "bias_out")
 SUBLAYERS = (("attn_norm",), ("attn",), ("attn", "project_q"), ("attn", "project_k"), ("attn", "project_v"),
-             ("attn", "attention_out"), ("attn", "q_norm"), ("attn", "k_norm"), ("ffn_norm",), ("ffn",),
+             ("attn", "attention_out"), ("attn", "q_norm"), ("attn", "k_norm"), ("cross_norm",), ("cross",),
+             ("cross", "project_q"), ("cross", "attention_out"), ("ffn_norm",), ("ffn",),
              ("ffn", "w_0"), ("ffn", "w_1"), ("ffn", "w_in"), ("ffn", "w_out"))
 TENSORS = ("weight", "weight_scale", "weight_zero", "bias", "bias_in", *BIASES)
 
@@ -117,6 +120,8 @@ class Plan:
     residual_scale: float  # the decoder's kind: h = (h / s + branch) * s
     divisor: float = 1.0  # model.stack.Block's kind: h = (h + branch) / s
     kinds: tuple[type, type] | None = None  # the norm and feed-forward classes it was made for
+    scale: float = 0.0  # of q kᵀ (0: 1 / sqrt(dim_head))
+    cross: bool = False  # whether blocks cross-attend (an encoder-decoder's decoder)
 
     def current(self, model: nn.Module) -> bool:
         """Whether no layer was replaced (an adapter attached), no weight tensor replaced and
@@ -202,6 +207,13 @@ def _describe(block: nn.Module, norm_type: type, ffn_type: type, eps: float) -> 
         if norm is None or not _describe_attention(block.attn, description, norm_type, eps):
             return None
         description.attn_norm, description.attn_norm_bias = norm
+    if hasattr(block, "cross"):
+        norm = _norm(block.cross_norm, norm_type, eps)
+        parts = [_matrix(getattr(block.cross, name, None)) for name in ("project_q", "attention_out")]
+        if norm is None or norm[1] is not None or any(p is None for p in parts):
+            return None
+        description.cross_norm = norm[0]
+        description.cross_q, description.cross_out = parts
     if hasattr(block, "ffn"):
         norm = _norm(block.ffn_norm, norm_type, eps)
         if norm is None or type(block.ffn) is not ffn_type or not _describe_ffn(block.ffn, description):
@@ -211,16 +223,20 @@ def _describe(block: nn.Module, norm_type: type, ffn_type: type, eps: float) -> 
 
 
 def _describe_ffn(ffn: nn.Module, description: Block) -> bool:
-    """Fill in the feed-forward part: gated (``w_0``, ``w_1``, GELU or SiLU) or GPT-2's MLP
-    (``w_in`` + ``bias_in``, tanh GELU, ``w_out`` + ``bias_out``)."""
+    """Fill in the feed-forward part: gated (``w_0``, ``w_1``, GELU (either form) or SiLU), GPT-2's
+    MLP (``w_in`` + ``bias_in``, tanh GELU, ``w_out`` + ``bias_out``) or T5 v1.0's (``w_in``, ReLU,
+    ``w_out``, no biases)."""
     if hasattr(ffn, "w_in"):
         parts = [_matrix(ffn.w_in), _matrix(ffn.w_out)]
-        biases = [_vector(ffn.bias_in), _vector(ffn.bias_out)]
-        if any(p is None for p in parts + biases):
+        biases = [getattr(ffn, name, None) for name in ("bias_in", "bias_out")]
+        pointers = [None if bias is None else _vector(bias) for bias in biases]
+        activation = UNGATED.get(getattr(ffn, "activation", "gelu_tanh"))
+        if activation is None or any(p is None for p in parts) or any(
+                b is not None and p is None for b, p in zip(biases, pointers)):
             return False
         description.w_0, description.w_out = parts
-        description.bias_in, description.bias_ffn_out = biases
-        description.activation = GELU_TANH
+        description.bias_in, description.bias_ffn_out = pointers
+        description.activation = activation
         return True
     activation = ACTIVATIONS.get(getattr(ffn, "activation", None))
     parts = [_matrix(getattr(ffn, name)) for name in ("w_0", "w_1", "w_out")]
@@ -244,14 +260,17 @@ def plan(model: nn.Module, norm_type: type, ffn_type: type, residual_scale: floa
     if len(divisors) > 1 or (residual_scale != 1.0 and divisors != {1.0}):
         return None  # blocks of different scales, or both kinds of scale
     blocks = [_describe(block, norm_type, ffn_type, eps) for block in model.layers]
-    if any(b is None for b in blocks):
+    scales = {getattr(block.attn, "scale", None) or 0.0 for block in model.layers if hasattr(block, "attn")}
+    scales |= {block.cross.scale for block in model.layers if hasattr(block, "cross")}
+    if any(b is None for b in blocks) or len(scales) > 1:
         return None
     dim_ff = max([b.w_0.n for b in blocks if b.ffn_norm] or [1])
     slots = _slots(model)
     tensors = [held for _, _, held in slots if isinstance(held, Tensor)]
     versions = [(t._version, t.data_ptr()) for t in tensors]
     result = Plan((Block * len(blocks))(*blocks), tuple(zip(*slots)), tensors, versions, dim_ff, eps, residual_scale,
-                  divisors.pop() if divisors else 1.0, (norm_type, ffn_type))
+                  divisors.pop() if divisors else 1.0, (norm_type, ffn_type), next(iter(scales), 0.0),
+                  any(hasattr(block, "cross") for block in model.layers))
     _PLANS[model] = result
     return result
 
@@ -290,14 +309,33 @@ def _adapter_running(model: nn.Module) -> bool:
 Bias = Tensor | Callable[[nn.Module], Tensor]
 
 
+def _cross_caches(model: nn.Module, cache: object, rows: int) -> tuple[ctypes.Array, ctypes.Array] | None:
+    """Each block's cross-attention keys and values (cache layer ``len(blocks) + i``: an
+    encoder-decoder's cache), or ``None`` when one is not float32 and contiguous."""
+    count = len(model.layers)
+    keys, values = (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)()
+    expected = (rows, model.config.num_heads, cache.capacity, model.config.dim_head)
+    for index, block in enumerate(model.layers):
+        if not hasattr(block, "cross"):
+            continue
+        key, value = cache.keys[count + index], cache.values[count + index]
+        if key is None or any(t.dtype != torch.float32 or not t.is_contiguous() or t.shape != expected
+                              for t in (key, value)):
+            return None
+        keys[index], values[index] = key.data_ptr(), value.data_ptr()
+    return keys, values
+
+
 def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Bias, cache: object,
-                  rotation: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+                  rotation: tuple[Tensor, Tensor] | None = None, cross_bias: Tensor | None = None) -> Tensor | None:
     """The blocks' output for ``hidden`` ``[rows, n, dim]``, row ``r``'s keys and values stored at
     its cache columns ``cache.write_columns()[r] + 0 .. n - 1``, or ``None`` when the cache is not
     float32 and contiguous. ``bias``: the additive attention bias ``[rows, heads or 1, n, keys]``
     of every block, or a function giving each block with attention its own; ``rotation``: cos and
-    sin ``[rows, n, rotary_dim]`` of the new positions (``None``: no rotary embedding). To C, each
-    new position is a row of its own that reads and writes its sequence's cache row."""
+    sin ``[rows, n, rotary_dim]`` of the new positions (``None``: no rotary embedding);
+    ``cross_bias``: ``[rows, 1, 1, encoder columns]``, the encoder's padding masked for the
+    cross-attention of blocks that have one. To C, each new position is a row of its own that
+    reads and writes its sequence's cache row."""
     config = model.config
     rows, positions, count = hidden.size(0), hidden.size(1), len(model.layers)
     queries = rows * positions
@@ -327,6 +365,15 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Bias, cach
     _, bias_heads, key_count = shapes.pop()
     if bias_heads not in (1, config.num_heads) or int(columns.max()) >= key_count:
         return None
+    cross = None
+    if step.cross != (cross_bias is not None):
+        return None
+    if cross_bias is not None:
+        caches = _cross_caches(model, cache, rows)
+        if caches is None:
+            return None
+        per_query = cross_bias.reshape(rows, 1, -1).expand(rows, positions, -1)
+        cross = (*caches, per_query.reshape(queries, -1).float().contiguous())
     out = hidden.reshape(queries, -1).contiguous().clone()
     cos, sin = (None, None) if rotation is None else (t.reshape(queries, -1).float().contiguous() for t in rotation)
     shape = Step(rows=queries, dim=config.dim_model, heads=config.num_heads, kv_heads=kv_heads,
@@ -335,12 +382,16 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Bias, cach
                  cache_rows=None if positions == 1 else cache_rows.data_ptr(),
                  cos=None if cos is None else cos.data_ptr(), sin=None if sin is None else sin.data_ptr(),
                  eps=step.eps, residual_scale=step.residual_scale if step.divisor == 1.0 else step.divisor,
-                 threads=torch.get_num_threads(), divides=int(step.divisor != 1.0))
+                 threads=torch.get_num_threads(), divides=int(step.divisor != 1.0), scale=step.scale)
+    if cross is not None:
+        shape.cross_keys, shape.cross_bias = cross[2].size(1), cross[2].data_ptr()
     decode = native.decoder()
     stream = getattr(model, "weight_stream", None)
 
     def run(first: int, blocks: int) -> None:
         skip = first * ctypes.sizeof(ctypes.c_void_p)
+        if cross is not None:
+            shape.cross_key_caches, shape.cross_value_caches = (ctypes.addressof(c) + skip for c in cross[:2])
         decode(ctypes.addressof(step.blocks) + first * ctypes.sizeof(Block), blocks, ctypes.byref(shape),
                ctypes.addressof(keys) + skip, ctypes.addressof(values) + skip, ctypes.addressof(biases) + skip,
                out.data_ptr())
@@ -356,14 +407,15 @@ def decode_blocks(model: nn.Module, step: Plan, hidden: Tensor, bias: Bias, cach
 
 
 def decode_step(model: nn.Module, hidden: Tensor, cache: object, norm_type: type, ffn_type: type, bias: Bias,
-                rotation: tuple[Tensor, Tensor] | None = None, residual_scale: float = 1.0) -> Tensor | None:
+                rotation: tuple[Tensor, Tensor] | None = None, residual_scale: float = 1.0,
+                cross_bias: Tensor | None = None) -> Tensor | None:
     """The blocks' output of this decoding step from one native call, the cache moved past it, or
     ``None`` (nothing done) when the step or a layer must run in PyTorch (see :func:`plan` and
     :func:`decode_blocks` for the arguments)."""
     if not applies(model, hidden, cache):
         return None
     step = plan(model, norm_type, ffn_type, residual_scale)
-    decoded = None if step is None else decode_blocks(model, step, hidden, bias, cache, rotation)
+    decoded = None if step is None else decode_blocks(model, step, hidden, bias, cache, rotation, cross_bias)
     if decoded is not None:
         cache.advance(hidden.size(1))
     return decoded

@@ -7,9 +7,13 @@
  * Per block, with s the residual scale (1: a plain sum):
  *   h = (h / s + attention_out(attention(rms_norm(h))) [+ bias_out]) * s   when it has attention,
  *   h = (h / s + w_out(act(w_0 x) * w_1 x)) * s with x = rms_norm(h)       when it has a feed-forward part,
- * act GELU (erf form) or SiLU. Attention: q, k, v products plus their biases, per-head RMS norms of
+ * act GELU (erf or tanh form) or SiLU (or w_out(relu(w_in x)), T5 v1.0's). An encoder-decoder's
+ * decoder block (T5's) also has, between the two, h = h + cross_out(attention(cross_q(rms_norm(h))))
+ * over the encoder's keys and values, computed once per request and held in cache tensors of their
+ * own (no position bias there: the bias masks the encoder's padding). Attention: q, k, v products plus their biases, per-head RMS norms of
  * q and k (Qwen3), the rotation of the first `rotary_dim` dims of each q and k head (half-split
- * pairs, cos / sin given per row), then softmax(q k^T / sqrt(dim_head) + bias) v where each of
+ * pairs, cos / sin given per row), then softmax(q k^T * scale + bias) v (scale 1 / sqrt(dim_head)
+ * unless the step says otherwise: T5 does not scale) where each of
  * `kv_heads` key heads serves heads / kv_heads consecutive query heads. The additive bias (position
  * bias and mask, [rows, bias_heads, keys] with bias_heads 1 or heads) is computed by the caller,
  * once per step, for each block (blocks of one sliding window share theirs).
@@ -21,7 +25,7 @@
 
 #include "gemv.h"
 
-enum { ACT_GELU = 0, ACT_SILU = 1, ACT_GELU_TANH = 2 };
+enum { ACT_GELU = 0, ACT_SILU = 1, ACT_GELU_TANH = 2, ACT_GELU_TANH_GATED = 3, ACT_RELU = 4 };
 
 typedef struct {
     const float *attn_norm; /* NULL: the block has no attention */
@@ -35,6 +39,8 @@ typedef struct {
     const float *bias_in, *bias_ffn_out;
     int64_t activation;
     int64_t layer_norm; /* 1: LayerNorms (mean removed, then weight and bias), 0: RMS norms */
+    const float *cross_norm; /* NULL: no cross-attention */
+    Matrix cross_q, cross_out;
 } Block;
 
 /* What every block of one step shares. */
@@ -46,6 +52,10 @@ typedef struct {
     float eps, residual_scale;
     int threads;
     int divides; /* 1: h = (h + branch) / s (model.stack.Block's scale), 0: h = (h / s + branch) * s */
+    float scale; /* of q k^T; 0: 1 / sqrt(dim_head) */
+    int64_t cross_keys; /* the encoder's columns cross-attention reads (0: none) */
+    float *const *cross_key_caches, *const *cross_value_caches; /* [blocks]: [rows, heads, capacity, dim_head] */
+    const float *cross_bias; /* [rows, cross_keys]: the encoder's padding masked */
 } Step;
 
 static inline int64_t cache_row(const Step *st, int64_t r) { return st->cache_rows ? st->cache_rows[r] : r; }
@@ -175,7 +185,7 @@ static void attend_heads(void *context, int64_t first, int64_t end) {
     const Step *st = a->st;
     int64_t heads = st->heads, dim_head = st->dim_head, capacity = st->capacity, keys = st->keys;
     int64_t group = heads / st->kv_heads;
-    float scale = 1.0f / sqrtf((float)dim_head);
+    float scale = st->scale != 0.0f ? st->scale : 1.0f / sqrtf((float)dim_head);
     float *scores = malloc((size_t)keys * sizeof(float));
     for (int64_t rh = first; rh < end; rh++) {
         int64_t r = rh / heads, h = rh % heads;
@@ -290,6 +300,20 @@ static void gelu_tanh(float *a, const float *bias, int64_t rows, int64_t count) 
     }
 }
 
+/* a = max(a + bias, 0) over [rows, count] (bias [count] or NULL). */
+static void relu(float *a, const float *bias, int64_t rows, int64_t count) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *x = a + r * count;
+        if (bias) add_into(x, bias, count);
+        for (int64_t j = 0; j < count; j++) x[j] = x[j] > 0.0f ? x[j] : 0.0f;
+    }
+}
+
+/* a = a * b */
+static void multiply_into(float *a, const float *b, int64_t count) {
+    for (int64_t j = 0; j < count; j++) a[j] *= b[j];
+}
+
 /* a = silu(a) * b, SiLU as x / (1 + exp(-x)). */
 static void silu_gate(float *a, const float *b, int64_t count) {
     int64_t j = 0;
@@ -336,15 +360,29 @@ void decode_blocks(const Block *blocks, int64_t num_blocks, const Step *st, floa
             matrix_product(&blk->out, att, y, rows, threads);
             add_branch(hidden, y, blk->bias_out, rows, dim, st->residual_scale, st->divides);
         }
+        if (blk->cross_norm) {
+            Step cross = *st;
+            cross.keys = st->cross_keys, cross.bias_heads = 1, cross.kv_heads = st->heads;
+            rms_norm(hidden, blk->cross_norm, x, rows, dim, st->eps);
+            matrix_product(&blk->cross_q, x, q, rows, threads);
+            attend(q, st->cross_key_caches[i], st->cross_value_caches[i], st->cross_bias, att, &cross);
+            matrix_product(&blk->cross_out, att, y, rows, threads);
+            add_branch(hidden, y, NULL, rows, dim, st->residual_scale, st->divides);
+        }
         if (blk->ffn_norm) {
             int64_t ff = blk->w_0.n;
             block_norm(blk, hidden, blk->ffn_norm, blk->ffn_norm_bias, x, rows, dim, st->eps);
             if (blk->w_1.weight) {
                 matrix_products((Matrix[]){blk->w_0, blk->w_1}, (float *[]){a, g}, 2, x, rows, threads);
-                (blk->activation == ACT_SILU ? silu_gate : gelu_gate)(a, g, rows * ff);
+                if (blk->activation == ACT_GELU_TANH_GATED) {
+                    gelu_tanh(a, NULL, rows, ff);
+                    multiply_into(a, g, rows * ff);
+                } else {
+                    (blk->activation == ACT_SILU ? silu_gate : gelu_gate)(a, g, rows * ff);
+                }
             } else {
                 matrix_product(&blk->w_0, x, a, rows, threads);
-                gelu_tanh(a, blk->bias_in, rows, ff);
+                (blk->activation == ACT_RELU ? relu : gelu_tanh)(a, blk->bias_in, rows, ff);
             }
             matrix_product(&blk->w_out, a, y, rows, threads);
             add_branch(hidden, y, blk->bias_ffn_out, rows, dim, st->residual_scale, st->divides);
