@@ -5,8 +5,8 @@ A T5 v1.1 at t5-v1_1-small's shape (8 + 8 blocks, 512 wide, 6 heads of 64, a 102
 32,128 tokens; ``--shape demo``: t5-demo's, 4 + 4 blocks 256 wide; random weights), fp32, greedy:
 HF ``T5ForConditionalGeneration.generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)``
 against the engine (``LM.request``s submitted together) at batch 1 and 16, prompts of 48 tokens,
-64 new tokens each. Both hold the same
-weights, so the ids must be identical; new tokens per second, best of the runs interleaved.
+64 new tokens each (the engine's prefix cache off: the runs repeat their prompts). Both hold the
+same weights, so the ids must be identical; new tokens per second, best of the runs interleaved.
 
     python benchmarks/seq2seq_decode.py [--shape small|demo] [--new-tokens 64] [--repeats 3]
 """
@@ -42,7 +42,9 @@ def models(directory: Path, shape: str = "small"):
     hf.save_pretrained(directory)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (directory / name).write_bytes((demo_dir("t5-demo") / name).read_bytes())
-    return hf, cpmlive.load(directory)
+    lm = cpmlive.load(directory)
+    lm.engine.set_prefix_cache(0)  # the runs repeat their prompts: no reuse of a whole prompt HF cannot match
+    return hf, lm
 
 
 def prompts(batch: int, length: int) -> list[list[int]]:

@@ -163,7 +163,7 @@ def test_what_does_not_apply_is_one_line(capsys, tmp_path):
     (tmp_path / "text.txt").write_text("今天天气不错\n", encoding="utf-8")
     for argv, fragment in ((["generate", "bert-demo", "你好"], "BERT cannot generate text"),
                            (["evaluate", "bert-demo", "--text", str(tmp_path / "text.txt")], "BERT cannot generate"),
-                           (["fill", "t5-demo", "今天<mask>"], "T5 cannot fill"),
+                           (["fill", "bert-demo", "今天<mask>", "--blank-length", "2"], "blank lengths"),
                            (["chat", "t5-demo"], "T5 cannot chat")):
         assert main(argv) == 2
         error = capsys.readouterr().err

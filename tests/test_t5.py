@@ -185,3 +185,21 @@ def test_refusals(tmp_path):
                directory / "pytorch_model.bin")
     with pytest.raises(CpmliveError, match="unknown key 'encoder.block.0.layer.0.Bogus.weight'"):
         t5_convert.load_pretrained(directory)
+
+
+def test_fill_writes_each_blank_from_its_sentinel_as_hf_generate_does(pair):
+    """Span corruption: blank i is <extra_id_i> in the input; HF's greedy output, cut at the
+    sentinels, gives the fills."""
+    _, hf, lm, _ = pair
+    text = "今天天气<mask>，我们去<mask>散步。"
+    sentinels = [lm.tokenizer.encode(f"<extra_id_{i}>")[0] for i in range(3)]
+    encoder = lm.tokenizer.encode_for_model("今天天气<extra_id_0>，我们去<extra_id_1>散步。")
+    assert sentinels[0] in encoder and sentinels[1] in encoder and encoder[-1] == 1
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([encoder]), do_sample=False, max_new_tokens=3 * 2 + 3,
+                          min_new_tokens=3 * 2 + 3)[0, 1:].tolist()
+    out = out[1:] if out[0] == sentinels[0] else out
+    cuts = [i for i, token in enumerate(out) if token in sentinels] + [len(out)]
+    spans = [out[:cuts[0]]] + [out[a + 1:b] for a, b in zip(cuts, cuts[1:])]
+    expected = [lm.tokenizer.decode(span[:3]) for span in spans[:2]] + [""] * max(0, 2 - len(spans))
+    assert lm.fill(text, max_new_tokens=3, min_new_tokens=3 * 2 + 3, return_fills=True) == expected

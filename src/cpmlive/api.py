@@ -544,8 +544,12 @@ class LM:
         self.require("fill")
         if MASK not in text:
             raise CpmliveError("fill needs at least one <mask> in the text")
-        if getattr(self.model, "fills_in_place", False):
-            fills = self._unmask(text)
+        if getattr(self.model, "fills_in_place", False) or hasattr(self.model, "sentinel_text"):
+            if blank_lengths:
+                raise CpmliveError(f"{self.family.name} decides each blank's length itself: blank lengths apply to "
+                                   "infilling models (CPM-Ant)")
+            fills = self._unmask(text) if getattr(self.model, "fills_in_place", False) else \
+                self._fill_spans(text, max_new_tokens, kwargs)
             return fills if return_fills else "".join(
                 part + (fills[i] if i < len(fills) else "") for i, part in enumerate(text.split(MASK)))
         options = self._options(max_new_tokens, kwargs)
@@ -566,6 +570,29 @@ class LM:
             return fills
         parts = text.split(MASK)
         return "".join(p + (fills[i] if i < len(fills) else "") for i, p in enumerate(parts))
+
+    def _fill_spans(self, text: str, max_new_tokens: int, kwargs: dict) -> list[str]:
+        """An encoder-decoder's fill (span corruption): blank ``i`` is sentinel ``i`` in the input,
+        and the decoder writes each span after its sentinel, at most ``max_new_tokens`` per blank."""
+        parts = text.split(MASK)
+        sentinels = []
+        for index in range(len(parts)):
+            ids = self.tokenizer.encode(self.model.sentinel_text(index))
+            if len(ids) != 1:
+                raise CpmliveError(f"the vocabulary has no {self.model.sentinel_text(index)} for blank {index + 1}")
+            sentinels.append(ids[0])
+        masked = "".join(part + (self.model.sentinel_text(i) if i < len(parts) - 1 else "")
+                         for i, part in enumerate(parts))
+        out = self.generate_ids([masked], max_new_tokens * (len(parts) - 1) + len(parts), **kwargs)[0]
+        out = out[1:] if out[:1] == sentinels[:1] else out
+        spans: list[list[int]] = [[]]
+        for token in out:
+            if token in sentinels:
+                spans.append([])
+            else:
+                spans[-1].append(token)
+        return [self.tokenizer.decode(span[:max_new_tokens]) for span in spans[:len(parts) - 1]] + \
+            [""] * max(0, len(parts) - 1 - len(spans))
 
     def _unmask(self, text: str) -> list[str]:
         """An encoder's fill (BERT's fill-mask): each ``<mask>`` is its mask token, all read at once,

@@ -138,8 +138,10 @@ class Cpm2Tokenizer:
         return ids
 
     def encode_for_model(self, text: str) -> list[int]:
-        """A prompt's encoder row: the text, then ``<s_0>`` (the span its decoder writes)."""
-        return [*self.encode(text), self.sentinel(0)]
+        """A prompt's encoder row: the text, then ``<s_0>`` (the span its decoder writes), unless
+        the text marks its spans with sentinels itself (blanks to fill)."""
+        ids = self.encode(text)
+        return ids if self.sentinels and self.sentinels[0] in ids else [*ids, self.sentinel(0)]
 
     def tokenize(self, text: str) -> list[str]:
         return [self._tokens[i] for i in self.encode(text)]

@@ -468,7 +468,8 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """transformers' ``decode``; negative ids (padding) are dropped, and so are ids past the
         tokenizer, as HF drops them (Qwen's embedding has rows no token names: a sampled one is no text)."""
-        id_list = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        size = self.vocab_size
+        id_list = [int(i) for i in ids if 0 <= int(i) < size]
         text = self.backend.decode(id_list, skip_special_tokens=skip_special_tokens)
         if self._clean_up:
             for before, after in CLEANUPS:

@@ -8,7 +8,7 @@ from cpmlive.resources import CPM2_DEMO
 from cpmlive.tokenizer.cpm2 import Cpm2Tokenizer
 
 FAMILY = Family(
-    model_type="cpm2", name="CPM-2", abilities=frozenset({"generate", "chat", "embed"}),
+    model_type="cpm2", name="CPM-2", abilities=frozenset({"generate", "fill", "chat", "embed"}),
     hint="CPM-2 writes the span after its input: use generate", config=Cpm2Config, model=Cpm2,
     tokenizer=Cpm2Tokenizer, presets=PRESETS, build=build_cpm2, load=convert.load_pretrained,
     convert=convert.convert, info=convert.checkpoint_info, resolve=convert.resolve, aliases=("eva",),

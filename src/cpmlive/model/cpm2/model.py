@@ -64,6 +64,11 @@ class BaseLayer(nn.Module):
 class Cpm2(EncoderDecoder):
     config: Cpm2Config
 
+    @staticmethod
+    def sentinel_text(index: int) -> str:
+        """The token that marks span ``index`` (the input's blanks, the output's spans)."""
+        return f"<s_{index}>"
+
     def feed_forward(self, config: Cpm2Config) -> FeedForwardMaker:
         if not config.experts:
             return super().feed_forward(config)

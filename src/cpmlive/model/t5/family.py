@@ -8,7 +8,7 @@ from cpmlive.resources import T5_DEMO
 from cpmlive.tokenizer.hf import HFTokenizer
 
 FAMILY = Family(
-    model_type="t5", name="T5", abilities=frozenset({"generate", "embed"}),
+    model_type="t5", name="T5", abilities=frozenset({"generate", "fill", "embed"}),
     hint="T5 reads an input and writes its output: use generate", config=T5Config, model=T5,
     tokenizer=HFTokenizer, presets=PRESETS, build=build_t5, load=convert.load_pretrained, convert=convert.convert,
     info=convert.checkpoint_info, resolve=convert.resolve, aliases=tuple(a for a in ARCHITECTURES if a != "t5"),

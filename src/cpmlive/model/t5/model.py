@@ -14,6 +14,11 @@ from cpmlive.model.t5.config import T5Config
 class T5(EncoderDecoder):
     config: T5Config
 
+    @staticmethod
+    def sentinel_text(index: int) -> str:
+        """The token that marks span ``index`` (span corruption: the input's blanks, the output's spans)."""
+        return f"<extra_id_{index}>"
+
 
 def build_t5(config: T5Config, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              seed: int | None = 0) -> T5:

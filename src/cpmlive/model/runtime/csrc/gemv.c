@@ -118,7 +118,32 @@ INLINE void float_tile4_chunk(const char *w0, size_t row_bytes, int kind, const 
                               int64_t rows, int64_t j0, int64_t j1, __m256 (*acc)[8], int prefetch) {
     const char *w1 = w0 + row_bytes, *w2 = w1 + row_bytes, *w3 = w2 + row_bytes;
     size_t esize = element_size(kind);
-    for (int64_t m = 0; m < rows; m++) {
+    int64_t m = 0;
+    /* Two input rows at a time, each weight vector loaded once for both (a load per FMA is what
+     * bounds one row), in two passes over the chunk: the first eight columns of every sixteen,
+     * then the second eight, so that each accumulator adds the terms it adds alone. */
+    const float *f0 = (const float *)w0, *f1 = (const float *)w1, *f2 = (const float *)w2, *f3 = (const float *)w3;
+    for (; kind == F32 && m + 2 <= rows; m += 2) {  /* (several rows come as float32: widened if need be) */
+        const float *xa = x + m * k, *xb = xa + k;
+        for (int half = 0; half < 2; half++) {
+            int o = 4 * half;
+            __m256 a0 = acc[m][o], a1 = acc[m][o + 1], a2 = acc[m][o + 2], a3 = acc[m][o + 3];
+            __m256 c0 = acc[m + 1][o], c1 = acc[m + 1][o + 1], c2 = acc[m + 1][o + 2], c3 = acc[m + 1][o + 3];
+            for (int64_t j = j0 + 8 * half; j < j1; j += 16) {
+                if (m == 0 && half == 0 && prefetch) prefetch_tile(w0, row_bytes, j * esize, 16 * esize);
+                __m256 p = _mm256_loadu_ps(xa + j), q = _mm256_loadu_ps(xb + j);
+                __m256 v0 = _mm256_loadu_ps(f0 + j), v1 = _mm256_loadu_ps(f1 + j);
+                __m256 v2 = _mm256_loadu_ps(f2 + j), v3 = _mm256_loadu_ps(f3 + j);
+                a0 = _mm256_fmadd_ps(v0, p, a0); c0 = _mm256_fmadd_ps(v0, q, c0);
+                a1 = _mm256_fmadd_ps(v1, p, a1); c1 = _mm256_fmadd_ps(v1, q, c1);
+                a2 = _mm256_fmadd_ps(v2, p, a2); c2 = _mm256_fmadd_ps(v2, q, c2);
+                a3 = _mm256_fmadd_ps(v3, p, a3); c3 = _mm256_fmadd_ps(v3, q, c3);
+            }
+            acc[m][o] = a0; acc[m][o + 1] = a1; acc[m][o + 2] = a2; acc[m][o + 3] = a3;
+            acc[m + 1][o] = c0; acc[m + 1][o + 1] = c1; acc[m + 1][o + 2] = c2; acc[m + 1][o + 3] = c3;
+        }
+    }
+    for (; m < rows; m++) {
         const float *xm = x + m * k;
         __m256 a0 = acc[m][0], a1 = acc[m][1], a2 = acc[m][2], a3 = acc[m][3];
         __m256 b0 = acc[m][4], b1 = acc[m][5], b2 = acc[m][6], b3 = acc[m][7];
