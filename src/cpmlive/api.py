@@ -33,6 +33,7 @@ from cpmlive.tokenizer.bee import unescape
 from cpmlive.infer.bee import Task, fill_tasks, prepare_task
 from cpmlive.infer.generate import (GenerationConfig, fill_blanks, generate_ids, hf_generation_defaults, stop_ids_of,
                                     with_defaults)
+from cpmlive.infer.score import continuation_logprobs
 from cpmlive.infer.vote import Vote, vote
 from cpmlive.model.registry import Family, family, family_of, owners, preset_family
 from cpmlive.model.runtime.offload import offload_to_device
@@ -196,9 +197,7 @@ class LM:
 
     def encode_raw(self, text: str) -> list[int]:
         """``<s>`` + the text's ids, no task template (a chat-rendered prompt is already laid out)."""
-        ids = self.tokenizer.encode_for_model(text)
-        if getattr(self.tokenizer, "adds_bos", True) and ids[:1] != [self.tokenizer.bos_id]:
-            ids = [self.tokenizer.bos_id] + ids
+        ids = self.encode_context(text)
         if not ids:
             raise CpmliveError("the prompt has no tokens")
         ids = ids + self.model.prompt_tail()
@@ -609,6 +608,45 @@ class LM:
             logits = self.model.logits(self.model(torch.tensor([ids], device=self._device)))[0]
         return [self.tokenizer.decode([int(logits[position].argmax())]).strip()
                 for position, token in enumerate(ids) if token == mask_id]
+
+    # ---- scoring ----------------------------------------------------------------------------
+
+    def encode_context(self, text: str) -> list[int]:
+        """A text's ids as a prompt starts (the family's ``<s>`` where it has one, the tokenizer's
+        special tokens; an encoder-decoder's encoder row), without a task template or the
+        decoder's start: what :meth:`score` reads as a context."""
+        ids = self.tokenizer.encode_for_model(text)
+        if getattr(self.tokenizer, "adds_bos", True) and ids[:1] != [self.tokenizer.bos_id]:
+            ids = [self.tokenizer.bos_id] + ids
+        return ids
+
+    def score(self, pairs: Sequence[tuple[str, str]] | Sequence[tuple[list[int], list[int]]],
+              batch_size: int = 8) -> list[tuple[float, bool]]:
+        """``log P(continuation | context)`` of each ``(context, continuation)`` pair (texts, or
+        ids as :meth:`encode_context` and ``tokenizer.encode`` give them), and whether greedy
+        decoding writes the continuation: the context read as a prompt, the continuation
+        predicted after it as ``generate`` writes it. Batches of ``batch_size`` pairs of similar
+        lengths run as engine jobs (requests being decoded go on between them)."""
+        self.require("generate")
+        if self.can("bee"):
+            raise CpmliveError("CPM-Bee does not score free continuations: it chooses among a task's options "
+                               "(bee with \"options\")")
+        rows = [pair if not isinstance(pair[0], str) else (self.encode_context(pair[0]), self.tokenizer.encode(pair[1]))
+                for pair in pairs]
+        start = self.tokenizer.eos_id if self.tokenizer.bos_id is None else self.tokenizer.bos_id
+        rows = [(list(context) or [start], list(continuation)) for context, continuation in rows]
+        for context, continuation in rows:
+            if not continuation:
+                raise CpmliveError("a continuation to score is empty")
+            self._check_length(len(context) + len(continuation))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        for start in range(0, len(order), max(1, batch_size)):
+            chunk = order[start:start + max(1, batch_size)]
+            scored = self.engine.call(continuation_logprobs, self.model, [rows[i] for i in chunk]).result()
+            for index, result in zip(chunk, scored):
+                results[index] = result
+        return results
 
     # ---- embeddings -------------------------------------------------------------------------
 

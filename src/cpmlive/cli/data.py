@@ -88,6 +88,15 @@ def add_data(verbs: Verbs) -> None:
     senti.add_argument("--seed", type=count, default=0)
     add_force(senti)
     senti.set_defaults(run=cmd_data_sentiment)
+    choice = data_verbs.add_parser("tasks", help="multiple-choice evaluation sets ({query, choices, label}) from "
+                                   "the corpora: sentiment, headline, poem, gloss (lm-eval's local tasks, classify)")
+    choice.add_argument("--out", default="data/tasks", help="output directory (default: data/tasks, where the local "
+                        "lm-eval tasks look)")
+    choice.add_argument("--size", type=positive_int, default=300, help="records per task at most")
+    choice.add_argument("--tasks", default=None, help="comma-separated (default: all)")
+    choice.add_argument("--seed", type=count, default=0)
+    add_force(choice)
+    choice.set_defaults(run=cmd_data_tasks)
     inst = data_verbs.add_parser("instructions", help="SFT data ({prompt, completion}) from the corpora, by task")
     prefs = data_verbs.add_parser("preferences", help="preference pairs ({prompt, chosen, rejected}) from ground "
                                   "truth, and on-policy pairs with --model")
@@ -146,6 +155,18 @@ def cmd_data_sentiment(args: argparse.Namespace) -> None:
     counts = write_sentiment(args.out, seed=args.seed, force=args.force)
     print(", ".join(f"{name} {sum(c.values())} ({' / '.join(f'{k} {v}' for k, v in c.items())})"
                     for name, c in counts.items()) + f" -> {args.out}")
+
+
+def cmd_data_tasks(args: argparse.Namespace) -> None:
+    from cpmlive.data.choice_tasks import TASKS, write_choice_tasks
+
+    tasks = args.tasks.split(",") if args.tasks else list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise CpmliveError(f"unknown task {unknown[0]!r}: choose from {', '.join(TASKS)}")
+    print("cpmlive: reading headlines, reviews, poems and CC-CEDICT (fetched once, cached)", file=sys.stderr)
+    counts = write_choice_tasks(args.out, tasks, args.size, args.seed, force=args.force)
+    print(", ".join(f"{task} {n}" for task, n in counts.items()) + f" -> {args.out}")
 
 
 def instruction_split(args: argparse.Namespace) -> dict:

@@ -1,5 +1,7 @@
-"""``cpmlive evaluate``: one of four evaluations, as the flags say (:func:`evaluation`):
+"""``cpmlive evaluate``: one of five evaluations, as the flags say (:func:`evaluation`):
 
+* ``--tasks``: lm-evaluation-harness tasks (``apps.harness``): our local ones offline, the
+  harness's own where their datasets can be fetched;
 * ``--pairs``: preference pairs, pair accuracy and mean margin;
 * on a model whose family answers JSON tasks (CPM-Bee), ``--data``: the answers' metrics, or
   ``--text``: the loss of each line as one answer;
@@ -25,6 +27,17 @@ def add_evaluate(verbs: Verbs) -> None:
     ev.add_argument("model")
     ev.add_argument("--text", help="UTF-8 text file, one document per line: bits/char and perplexity")
     ev.add_argument("--data", help="task JSONL file: ROUGE (generate) or accuracy/macro-F1 (classify)")
+    ev.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: cpmlive_sentiment, "
+                    "cpmlive_headline, cpmlive_poem, cpmlive_gloss (over `cpmlive data tasks` files), task YAML "
+                    "files, or the harness's own (C-Eval, CMMLU, CLUE...: CPMLIVE_HARNESS_DEFAULTS=1 and network)")
+    ev.add_argument("--limit", type=positive_int, default=None, help="with --tasks: the first N examples of each")
+    ev.add_argument("--num-fewshot", type=count, default=None, help="with --tasks: in-context examples")
+    ev.add_argument("--include", action="append", default=[], metavar="DIR", help="with --tasks: a folder of "
+                    "the user's task YAMLs (repeatable)")
+    ev.add_argument("--task-data", default=None, metavar="DIR", help="with --tasks: where `cpmlive data tasks` "
+                    "wrote the local tasks' files (default: data/tasks)")
+    ev.add_argument("--results", default=None, metavar="FILE", help="with --tasks: write the harness's results "
+                    "(every sample's scores) here as JSON")
     ev.add_argument("--pairs", help="preference JSONL ({prompt, chosen, rejected}): pair accuracy and mean margin "
                     "(log-probability, or a reward model adapter's score)")
     ev.add_argument("--task", choices=("generate", "classify"), default=None,
@@ -51,6 +64,10 @@ def evaluation(args: argparse.Namespace) -> Callable[[argparse.Namespace], None]
     """The evaluation the flags ask for: ``--pairs`` stands alone; else ``--data`` (task
     metrics) before ``--text`` (language-model loss), both read as JSON tasks and their answers
     when the model's family answers JSON tasks."""
+    if args.tasks:
+        if args.text or args.data or args.pairs:
+            raise CpmliveError("--tasks is evaluated on its own: drop --text / --data / --pairs")
+        return evaluate_harness
     if args.pairs:
         if args.text or args.data:
             raise CpmliveError("--pairs is evaluated on its own: drop --text / --data")
@@ -61,6 +78,33 @@ def evaluation(args: argparse.Namespace) -> Callable[[argparse.Namespace], None]
     if answers_json_tasks(args.model):
         return evaluate_json_tasks
     return evaluate_task if args.data else evaluate_text
+
+
+def evaluate_harness(args: argparse.Namespace) -> None:
+    """lm-evaluation-harness tasks: a table of each task's metrics (``--json``: the results)."""
+    from cpmlive.apps.harness import run_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise CpmliveError("--tasks names no task")
+    if args.results:
+        check_output(Path(args.results), args.force)
+    lm = load_lm(args)
+    results = run_tasks(lm, tasks, limit=args.limit, num_fewshot=args.num_fewshot, include=args.include,
+                        data_dir=args.task_data, batch_size=args.batch_size)
+    table = {task: {key.split(",")[0]: value for key, value in metrics.items()
+                    if "," in key and "stderr" not in key and isinstance(value, (int, float))}
+             for task, metrics in results["results"].items()}
+    if args.results:
+        from cpmlive.utils import atomic_write_text
+
+        atomic_write_text(Path(args.results), json.dumps(results, ensure_ascii=False, indent=1, default=str) + "\n")
+    if args.json:
+        print_json({"model": args.model, "tasks": table, "n_samples": results.get("n-samples", {})})
+        return
+    for task, metrics in table.items():
+        shots = results.get("n-shot", {}).get(task, 0)
+        print(f"{task} ({shots}-shot): " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
 
 
 def answers_json_tasks(model: str) -> bool:
