@@ -620,33 +620,43 @@ class LM:
             ids = [self.tokenizer.bos_id] + ids
         return ids
 
-    def score(self, pairs: Sequence[tuple[str, str]] | Sequence[tuple[list[int], list[int]]],
-              batch_size: int = 8) -> list[tuple[float, bool]]:
+    def score(self, pairs: Sequence[tuple], batch_size: int = 8) -> list[tuple[float, bool]]:
         """``log P(continuation | context)`` of each ``(context, continuation)`` pair (texts, or
         ids as :meth:`encode_context` and ``tokenizer.encode`` give them), and whether greedy
         decoding writes the continuation: the context read as a prompt, the continuation
-        predicted after it as ``generate`` writes it. Batches of ``batch_size`` pairs of similar
-        lengths run as engine jobs (requests being decoded go on between them)."""
+        predicted after it as ``generate`` writes it. A third item is text that follows the
+        continuation (a template's rest after its mask): CPM-Ant reads it on the far side of the
+        blank the continuation fills, other families write it after the continuation (see
+        :mod:`cpmlive.model.scoring`). Batches of ``batch_size`` pairs of similar lengths run as
+        engine jobs (requests being decoded go on between them)."""
         self.require("generate")
         if self.can("bee"):
             raise CpmliveError("CPM-Bee does not score free continuations: it chooses among a task's options "
                                "(bee with \"options\")")
-        rows = [pair if not isinstance(pair[0], str) else (self.encode_context(pair[0]), self.tokenizer.encode(pair[1]))
-                for pair in pairs]
         start = self.tokenizer.eos_id if self.tokenizer.bos_id is None else self.tokenizer.bos_id
-        rows = [(list(context) or [start], list(continuation)) for context, continuation in rows]
-        for context, continuation in rows:
-            if not continuation:
-                raise CpmliveError("a continuation to score is empty")
-            self._check_length(len(context) + len(continuation))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
+        rows = [self._score_row(pair, start) for pair in pairs]
+        order = sorted(range(len(rows)), key=lambda i: -sum(map(len, rows[i])))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         for start in range(0, len(order), max(1, batch_size)):
             chunk = order[start:start + max(1, batch_size)]
-            scored = self.engine.call(continuation_logprobs, self.model, [rows[i] for i in chunk]).result()
+            scored = self.engine.call(continuation_logprobs, self.model, [rows[i] for i in chunk],
+                                      self.tokenizer.eos_id).result()
             for index, result in zip(chunk, scored):
                 results[index] = result
         return results
+
+    def _score_row(self, pair: tuple, start: int) -> tuple[list[int], ...]:
+        if len(pair) not in (2, 3):
+            raise CpmliveError("a pair to score is (context, continuation) or (context, continuation, after)")
+        context, continuation, *after = pair
+        if isinstance(context, str):
+            context = self.encode_context(context)
+            continuation, after = self.tokenizer.encode(continuation), [self.tokenizer.encode(a) for a in after]
+        if not continuation:
+            raise CpmliveError("a continuation to score is empty")
+        row = (list(context) or [start], list(continuation), *(list(a) for a in after))
+        self._check_length(sum(map(len, row)) + (1 if any(after) else 0))  # an infilled row closes with eos
+        return row
 
     # ---- embeddings -------------------------------------------------------------------------
 

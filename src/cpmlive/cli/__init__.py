@@ -14,7 +14,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-from cpmlive.cli import align, compress, data, evaluate, infer, model, serve, train, tune
+from cpmlive.cli import align, classify, compress, data, evaluate, infer, model, serve, train, tune
 from cpmlive.cli.common import EXIT_BAD_INPUT, Parser, Verbs
 from cpmlive.errors import CpmliveError
 from cpmlive.model.runtime import threads
@@ -27,7 +27,7 @@ VERBS: tuple[Callable[[Verbs], None], ...] = (
     infer.add_generate, infer.add_fill, infer.add_bee, model.add_convert, model.add_download, compress.add_quantize,
     compress.add_compress, model.add_info, model.add_tokenize, data.add_vocab, data.add_data, evaluate.add_evaluate,
     train.add_pretrain, tune.add_finetune, align.add_align, infer.add_chat, infer.add_title, serve.add_dashboard,
-    serve.add_serve, train.add_report, tune.add_merge, train.add_plan,
+    serve.add_serve, train.add_report, tune.add_merge, train.add_plan, classify.add_classify,
 )
 
 

@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from cpmlive.data.layout import GENERATION
 from cpmlive.infer.generate import build_batch
+from cpmlive.model.scoring import Pair, continuation_scores
 from cpmlive.model.stack import Transformer
 
 
@@ -81,49 +81,12 @@ def score_rows(model: Transformer, rows: list[list[int]], bos_id: int) -> float:
     return nats
 
 
-def _pair_scores(logits: Tensor, targets: Tensor) -> tuple[float, bool]:
-    """The summed log-probability of ``targets`` under ``logits`` ``[n, vocab]``, and whether
-    each is the most likely token (lm-eval's ``is_greedy``)."""
-    logprobs = logits.float().log_softmax(-1)
-    return logprobs.gather(1, targets[:, None]).sum().item(), bool((logprobs.argmax(-1) == targets).all())
-
-
 @torch.inference_mode()
-def continuation_logprobs(model: Transformer, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """``log P(continuation | context)`` of each ``(context ids, continuation ids)`` pair, and
-    whether greedy decoding writes the continuation, one batch: the context is read as the model
-    reads a prompt (CPM-Ant both ways, a left-to-right family left to right, an encoder-decoder's
-    encoder reads it) and the continuation is predicted token by token after it, as ``generate``
-    would write it. Each context holds at least one token (a family's ``<s>``)."""
-    if any(not context or not continuation for context, continuation in pairs):
-        raise ValueError("every pair needs a context and a continuation")
-    device = model.input_embedding.weight.device
-    if hasattr(model, "seq2seq"):
-        return _seq2seq_logprobs(model, pairs, device)
-    rows = [context + continuation for context, continuation in pairs]
-    flags = [[True] * len(context) + [False] * len(continuation) for context, continuation in pairs]
-    batch = build_batch(rows, GENERATION, model.config.prompt_length, device, flags)
-    hidden = model(**batch.as_inputs())
-    total = batch.input_ids.size(1)
-    return [_pair_scores(model.logits(hidden[i, total - len(c) - 1:total - 1]), batch.input_ids[i, total - len(c):])
-            for i, (_, c) in enumerate(pairs)]
-
-
-def _seq2seq_logprobs(model: Transformer, pairs: list[tuple[list[int], list[int]]],
-                      device: torch.device) -> list[tuple[float, bool]]:
-    encoder_width = max(len(c) for c, _ in pairs)
-    decoder_width = max(len(c) for _, c in pairs)
-    start = model.prompt_tail()
-    encoder = torch.tensor([c + [0] * (encoder_width - len(c)) for c, _ in pairs], device=device)
-    encoder_valid = torch.tensor([[True] * len(c) + [False] * (encoder_width - len(c)) for c, _ in pairs],
-                                 device=device)
-    decoder = torch.tensor([start + c + [0] * (decoder_width - len(c)) for _, c in pairs], device=device)
-    decoder_valid = torch.tensor([[True] * (len(start) + len(c)) + [False] * (decoder_width - len(c))
-                                  for _, c in pairs], device=device)
-    hidden = model.seq2seq(encoder, decoder[:, :-1], encoder_valid, decoder_valid[:, :-1])
-    first = len(start) - 1
-    return [_pair_scores(model.logits(hidden[i, first:first + len(c)]), decoder[i, first + 1:first + 1 + len(c)])
-            for i, (_, c) in enumerate(pairs)]
+def continuation_logprobs(model: Transformer, pairs: list[Pair], eos_id: int | None = None) -> list[tuple[float, bool]]:
+    """``log P(continuation | context)`` of each pair, and whether greedy decoding writes the
+    continuation, in one batch without gradients (see :mod:`cpmlive.model.scoring`)."""
+    scores, greedy = continuation_scores(model, pairs, eos_id)
+    return list(zip(scores.tolist(), greedy.tolist()))
 
 
 def score_texts(model: Transformer, tokenizer, texts: list[str], batch_size: int = 8,
