@@ -176,6 +176,18 @@ def test_few_shot_runs_are_reproducible_per_seed(demo):
     assert report.to_dict()["std"] == pytest.approx(prompting.mean_std(report.accuracies)[1])
 
 
+def test_a_long_input_is_cut_to_the_window(demo):
+    template, verbalizer = Template.parse("{text_a}。总之很{mask}。"), Verbalizer(SENTIMENT)
+    long = {"text_a": "房间很干净" * 200, "label": "正面"}
+    fitted = prompt_classify.fit_window(demo, template, verbalizer, long)
+    limit = demo.config.max_length - demo.config.prompt_length
+    assert long["text_a"].startswith(fitted["text_a"]) and 0 < len(fitted["text_a"]) < len(long["text_a"])
+    assert len(demo.encode_context(fitted["text_a"] + "。总之很")) + 2 + 1 <= limit
+    assert prompt_classify.fit_window(demo, template, verbalizer, EXAMPLES[0]) is EXAMPLES[0]
+    report = prompt_classify.run(demo, template, verbalizer, [long, *EXAMPLES])
+    assert report.truncated == 1 and len(report.predictions) == 7
+
+
 # ---- scores against the reference, soft tokens, prompt tuning ---------------------------------
 
 

@@ -41,6 +41,7 @@ class Report:
     calibration: str | None
     accuracies: list[float]
     predictions: list[str] = field(default_factory=list)
+    truncated: int = 0  # test inputs cut to fit the model's window (the first run's)
 
     @property
     def mean_std(self) -> tuple[float, float]:
@@ -49,7 +50,7 @@ class Report:
     def to_dict(self) -> dict:
         mean, std = self.mean_std
         return {"mode": self.mode, "shots": self.shots, "calibration": self.calibration, "accuracy": mean,
-                "std": std, "seeds": len(self.accuracies), "accuracies": self.accuracies}
+                "std": std, "seeds": len(self.accuracies), "accuracies": self.accuracies, "truncated": self.truncated}
 
 
 def read_examples(path: str | os.PathLike, label_field: str | None = "label", labels: Sequence[str] = ()) -> list[dict]:
@@ -83,6 +84,32 @@ def read_examples(path: str | os.PathLike, label_field: str | None = "label", la
 
 def scorer(lm: LM, batch_size: int = 16) -> prompting.Scorer:
     return lambda triples: [score for score, _ in lm.score(triples, batch_size=batch_size)]
+
+
+def fit_window(lm: LM, template: Template, verbalizer: Verbalizer, example: dict, context: str = "") -> dict:
+    """``example`` with its longest field cut at the end so that ``context``, the template, the
+    longest label word and the template's rest fit the model's window (OpenPrompt truncates
+    the text slots the same way); unchanged when it fits."""
+    limit = lm.config.max_length - lm.config.prompt_length - 1
+    word = max(len(lm.tokenizer.encode(w)) for _, w in verbalizer.flat())
+
+    def length(candidate: dict) -> int:
+        prefix, after = template.pieces(candidate)
+        soft = sum(1 for kind, text in prefix if kind == "soft" and not text)
+        text = context + "".join(text for _, text in prefix)
+        return len(lm.encode_context(text)) + soft + word + len(lm.tokenizer.encode(after))
+
+    if length(example) <= limit:
+        return example
+    name = max(template.fields, key=lambda f: len(str(example.get(f, ""))))
+    text, low, high = str(example[name]), 0, len(str(example[name]))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if length({**example, name: text[:middle]}) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return {**example, name: text[:low]}
 
 
 def _accuracy(predicted: Sequence[str], examples: Sequence[dict], label_field: str) -> float:
@@ -133,14 +160,17 @@ def run(lm: LM, template: Template, verbalizer: Verbalizer, test: Sequence[dict]
     for seed in (seeds if mode != "zero" else seeds[:1]):
         shots_drawn = prompting.sample_shots(train, verbalizer.labels, shots, seed, label_field) if mode != "zero" \
             else []
+        context = prompting.demonstrations(template, verbalizer, shots_drawn, label_field) \
+            if mode == "icl" else ""
+        fitted = list(test) if lm.can("bee") else [fit_window(lm, template, verbalizer, e, context) for e in test]
         if mode == "tune":
-            predicted = _tuned_predict(lm, template, verbalizer, shots_drawn, test, calibration, label_field, steps,
+            predicted = _tuned_predict(lm, template, verbalizer, shots_drawn, fitted, calibration, label_field, steps,
                                        lr, seed)
         else:
-            context = prompting.demonstrations(template, verbalizer, shots_drawn, label_field) if shots_drawn else ""
-            predicted = predict(lm, template, verbalizer, test, calibration, context, support)
+            predicted = predict(lm, template, verbalizer, fitted, calibration, context, support)
         report.accuracies.append(_accuracy(predicted, test, label_field))
-        report.predictions = report.predictions or predicted
+        if not report.predictions:
+            report.predictions, report.truncated = predicted, sum(a != b for a, b in zip(fitted, test))
     return report
 
 
@@ -155,6 +185,7 @@ def _tuned_predict(lm: LM, template: Template, verbalizer: Verbalizer, shots: Se
     learned = Verbalizer(dict(verbalizer.words), verbalizer.kind, verbalizer.min_prior)
     tuner = prompting.PromptTuner(lm.model, lm.encode_context, lm.tokenizer.encode, lm.tokenizer.eos_id, template,
                                   learned, seed)
+    shots = [fit_window(lm, template, verbalizer, e) for e in shots]
     try:
         with lm.lock:
             tuner.fit(shots, label_field, steps, lr)
@@ -171,4 +202,4 @@ def majority(train: Sequence[dict], test: Sequence[dict], label_field: str = "la
     return sum(e[label_field] == top for e in test) / len(test)
 
 
-__all__ = ["MODES", "Report", "majority", "predict", "read_examples", "run", "scorer"]
+__all__ = ["MODES", "Report", "fit_window", "majority", "predict", "read_examples", "run", "scorer"]

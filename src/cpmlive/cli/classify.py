@@ -71,4 +71,5 @@ def cmd_classify(args: argparse.Namespace) -> None:
     spread = f" ± {std:.4f} over {len(report.accuracies)} seeds" if mode != "zero" else ""
     calibrated = f", calibrated ({args.calibrate})" if args.calibrate else ""
     print(f"{mode}-shot{'' if mode == 'zero' else f' ({args.shots} per class)'}{calibrated}: accuracy "
-          f"{mean:.4f}{spread} on {len(test)} examples (majority class {result['majority']:.4f})")
+          f"{mean:.4f}{spread} on {len(test)} examples (majority class {result['majority']:.4f})"
+          + (f"; {report.truncated} inputs cut to the model's window" if report.truncated else ""))

@@ -390,7 +390,7 @@ class PromptTuner:
     def __init__(self, model: nn.Module, encode_context: Callable[[str], list[int]], encode: Callable[[str], list[int]],
                  eos_id: int, template: Template, verbalizer: Verbalizer, seed: int = 0) -> None:
         self.model, self.encode_context, self.encode, self.eos_id = model, encode_context, encode, eos_id
-        self.template, self.verbalizer = template, verbalizer
+        self.template, self.verbalizer, self.seed = template, verbalizer, seed
         self.words = [encode(word) for _, word in verbalizer.flat()]
         initial = self._initial(seed)
         self.soft = SoftTokens(model.input_embedding, initial) if initial is not None else None
@@ -440,9 +440,12 @@ class PromptTuner:
         scores, _ = continuation_scores(self.model, pairs, self.eos_id)
         return scores.view(len(examples), -1)
 
-    def fit(self, shots: Sequence[dict], label_field: str = "label", steps: int = 30, lr: float = 0.05) -> list[float]:
-        """Train on ``shots``; the losses of each step."""
-        labels = torch.tensor([self.verbalizer.labels.index(e[label_field]) for e in shots])
+    def fit(self, shots: Sequence[dict], label_field: str = "label", steps: int = 30, lr: float = 0.05,
+            batch_size: int = 8) -> list[float]:
+        """Train on ``shots``, ``batch_size`` of them a step (each pass over them in a seeded
+        order); the losses of each step."""
+        labels = [self.verbalizer.labels.index(e[label_field]) for e in shots]
+        batches = self._batches(len(shots), batch_size, steps)
         if self.verbalizer.kind == "soft":
             self.verbalizer.weights = nn.Parameter(torch.zeros(len(self.words)))
             self.verbalizer.bias = nn.Parameter(torch.zeros(len(self.verbalizer.labels)))
@@ -458,8 +461,9 @@ class PromptTuner:
         optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
         losses = []
         try:
-            for _ in range(steps):
-                loss = nn.functional.cross_entropy(self.verbalizer.class_scores(self._scores(shots)), labels)
+            for batch in batches:
+                scores = self.verbalizer.class_scores(self._scores([shots[i] for i in batch]))
+                loss = nn.functional.cross_entropy(scores, torch.tensor([labels[i] for i in batch]))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -469,6 +473,14 @@ class PromptTuner:
                 parameter.requires_grad_(True)
             self.model.train(was_training)
         return losses
+
+    def _batches(self, count: int, batch_size: int, steps: int) -> list[list[int]]:
+        order: list[int] = []
+        generator = random.Random(self.seed)
+        while len(order) < steps * min(batch_size, count):
+            order += generator.sample(range(count), count)
+        size = min(batch_size, count)
+        return [order[i * size:(i + 1) * size] for i in range(steps)]
 
     @torch.no_grad()
     def word_scores(self, examples: Sequence[dict], batch_size: int = 16) -> Tensor:
