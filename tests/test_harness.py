@@ -147,6 +147,21 @@ def test_unknown_task_and_missing_data_are_one_line(tmp_path, capsys):
     assert "BERT cannot generate" in capsys.readouterr().err
 
 
+def test_clue_tasks_are_indexed_and_offline_is_one_line(monkeypatch, capsys):
+    """The shipped CLUE tasks read the HF hub's ``clue/clue``: indexed under their tag here, and
+    without network the harness's failure to reach the hub is one line."""
+    manager = harness.task_manager()
+    assert {"cpmlive_clue_afqmc", "cpmlive_clue_cmnli"} <= set(manager.all_tasks)
+    assert manager.task_index["cpmlive_clue"].tags == {"cpmlive_clue_afqmc", "cpmlive_clue_cmnli"}
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("datasets.config.HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
+    assert main(["evaluate", "llama-demo", "--tasks", "cpmlive_clue_afqmc", "--limit", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "clue/clue" in error and "CPMLIVE_HARNESS_ONLINE=1" in error and error.count("\n") == 1
+
+
 def test_choice_sets_are_seeded_and_keep_the_answer():
     from cpmlive.data.choice_tasks import gloss_records, headline_records, poem_records, sentiment_records
 

@@ -28,13 +28,21 @@ from cpmlive.resources import ASSETS
 
 TASKS_DIR = "tasks"  # under the package's assets: our local task YAMLs
 MODEL_NAME = "cpmlive"
+ONLINE = "CPMLIVE_HARNESS_ONLINE"
+
+
+def online() -> bool:
+    """``CPMLIVE_HARNESS_ONLINE=1``: the harness's built-in tasks are indexed and datasets may come
+    from the HF hub; otherwise (the default) the hub is not asked and only local tasks run."""
+    return os.environ.get(ONLINE) == "1"
 
 
 def _harness():
     """lm-eval's modules, its built-in model names registered first (``lm_eval.models`` registers
     them only into an empty registry: ours, registered before, would hide ``hf``)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not online():
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import lm_eval.models  # noqa: F401
         from lm_eval.api import model, registry
@@ -169,7 +177,7 @@ def task_manager(include: Sequence[str | os.PathLike] = (), data_dir: str | os.P
     for folder in folders[1:]:
         if not Path(folder).is_dir():
             raise CpmliveError(f"{folder}: no such folder of task YAMLs")
-    return TaskManager(include_path=folders, include_defaults=os.environ.get("CPMLIVE_HARNESS_DEFAULTS") == "1")
+    return TaskManager(include_path=folders, include_defaults=online())
 
 
 def _local_yamls(data_dir: str | os.PathLike | None) -> Path:
@@ -195,17 +203,21 @@ def run_tasks(lm: CpmliveModel, tasks: Sequence[str], limit: int | None = None, 
     if unknown:
         local = ", ".join(sorted(n for n in known if n.startswith("cpmlive_"))) or "none"
         raise CpmliveError(f"unknown lm-eval task {unknown[0]!r} (local tasks: {local}; built-in tasks need "
-                           "CPMLIVE_HARNESS_DEFAULTS=1 and the HF hub)")
+                           f"{ONLINE}=1 and the HF hub)")
     from lm_eval import evaluator
 
     missing = [t for t in tasks if t in known and _missing_data(manager, t)]
     if missing:
         raise CpmliveError(f"task {missing[0]}: its data file {_missing_data(manager, missing[0])} does not exist "
                            "(cpmlive data tasks writes the local tasks' files)")
-    return evaluator.simple_evaluate(model=harness, tasks=list(tasks), task_manager=manager, limit=limit,
-                                     num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0,
-                                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                     fewshot_random_seed=seed)
+    try:
+        return evaluator.simple_evaluate(model=harness, tasks=list(tasks), task_manager=manager, limit=limit,
+                                         num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0,
+                                         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                         fewshot_random_seed=seed)
+    except ConnectionError as exc:  # (datasets' hub errors are ConnectionErrors; offline ones included)
+        hint = "" if online() else f" (the hub is not asked unless {ONLINE}=1)"
+        raise CpmliveError(f"{str(exc).splitlines()[0]}{hint}") from None
 
 
 def _missing_data(manager: Any, task: str) -> str | None:

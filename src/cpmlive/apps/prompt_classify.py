@@ -16,15 +16,14 @@ probabilities, so it takes neither calibration nor prompt tuning.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from cpmlive.api import LM
+from cpmlive.data.align import json_lines
 from cpmlive.errors import CpmliveError
 from cpmlive.tune import prompting
 from cpmlive.tune.prompting import Template, Verbalizer
@@ -56,25 +55,13 @@ class Report:
 def read_examples(path: str | os.PathLike, label_field: str | None = "label", labels: Sequence[str] = ()) -> list[dict]:
     """A JSONL file of examples; with ``label_field``, each has a label the verbalizer knows."""
     examples = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CpmliveError(f"{path}: cannot read ({exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CpmliveError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(example, dict):
-            raise CpmliveError(f"{path}:{number}: an example is a JSON object")
+    for where, example in json_lines(path):
         if label_field is not None:
             if label_field not in example:
-                raise CpmliveError(f"{path}:{number}: no {label_field!r} field")
+                raise CpmliveError(f"{where}: no {label_field!r} field")
             example[label_field] = str(example[label_field])
             if labels and example[label_field] not in labels:
-                raise CpmliveError(f"{path}:{number}: label {example[label_field]!r} is not in the verbalizer "
+                raise CpmliveError(f"{where}: label {example[label_field]!r} is not in the verbalizer "
                                    f"({', '.join(labels)})")
         examples.append(example)
     if not examples:

@@ -28,8 +28,9 @@ def add_evaluate(verbs: Verbs) -> None:
     ev.add_argument("--text", help="UTF-8 text file, one document per line: bits/char and perplexity")
     ev.add_argument("--data", help="task JSONL file: ROUGE (generate) or accuracy/macro-F1 (classify)")
     ev.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: cpmlive_sentiment, "
-                    "cpmlive_headline, cpmlive_poem, cpmlive_gloss (over `cpmlive data tasks` files), task YAML "
-                    "files, or the harness's own (C-Eval, CMMLU, CLUE...: CPMLIVE_HARNESS_DEFAULTS=1 and network)")
+                    "cpmlive_headline, cpmlive_poem, cpmlive_gloss (over `cpmlive data tasks` files), cpmlive_clue "
+                    "(AFQMC, CMNLI from the hub), task YAML files, or the harness's own (C-Eval, CMMLU...); "
+                    "the hub needs CPMLIVE_HARNESS_ONLINE=1 and network")
     ev.add_argument("--limit", type=positive_int, default=None, help="with --tasks: the first N examples of each")
     ev.add_argument("--num-fewshot", type=count, default=None, help="with --tasks: in-context examples")
     ev.add_argument("--include", action="append", default=[], metavar="DIR", help="with --tasks: a folder of "
