@@ -273,3 +273,17 @@ def test_classify_bad_input_is_one_line(data, capsys, extra, message):
     assert main(["classify", "demo", "--data", str(data), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_cpm_bee_answers_through_its_choice_task(capsys, data):
+    """CPM-Bee picks an option of its choice task (the template with ____ for the mask); it gives
+    no scores, so calibration and prompt tuning are one line each."""
+    bee = cpmlive.load("bee-demo")
+    template, verbalizer = Template.parse("{text_a}。总之很{mask}。"), Verbalizer(SENTIMENT)
+    predicted = prompt_classify.predict(bee, template, verbalizer, EXAMPLES[:2])
+    assert len(predicted) == 2 and set(predicted) <= {"正面", "负面"}
+    with pytest.raises(CpmliveError, match="calibration does not apply"):
+        prompt_classify.predict(bee, template, verbalizer, EXAMPLES[:2], calibration="contextual")
+    assert main(["classify", "bee-demo", "--template", "{text_a}{soft}很{mask}。", "--verbalizer",
+                 "正面=好,负面=差", "--data", str(data), "--train", str(data), "--shots", "1", "--tune"]) == 2
+    assert "prompt tuning does not apply" in capsys.readouterr().err
