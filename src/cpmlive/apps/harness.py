@@ -17,7 +17,10 @@ harness's built-in tasks (C-Eval, CMMLU, CLUE...) need their datasets from the H
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -182,11 +185,18 @@ def task_manager(include: Sequence[str | os.PathLike] = (), data_dir: str | os.P
 
 def _local_yamls(data_dir: str | os.PathLike | None) -> Path:
     """Our task YAMLs with ``{data_dir}`` filled in (the harness resolves a relative data file
-    against the working directory, not the YAML's): written to a temporary folder."""
-    target = Path(tempfile.mkdtemp(prefix="cpmlive-tasks-"))
+    against the working directory, not the YAML's): written once per data folder to a temporary
+    folder that goes when the process ends."""
     data = Path(data_dir or os.environ.get("CPMLIVE_TASK_DATA", "data/tasks")).resolve()
+    return _filled_yamls(str(data))
+
+
+@functools.lru_cache(maxsize=None)
+def _filled_yamls(data: str) -> Path:
+    target = Path(tempfile.mkdtemp(prefix="cpmlive-tasks-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     for source in sorted(local_tasks_dir().glob("*.yaml")):
-        (target / source.name).write_text(source.read_text(encoding="utf-8").replace("{data_dir}", str(data)),
+        (target / source.name).write_text(source.read_text(encoding="utf-8").replace("{data_dir}", data),
                                           encoding="utf-8")
     return target
 
