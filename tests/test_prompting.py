@@ -287,3 +287,13 @@ def test_cpm_bee_answers_through_its_choice_task(capsys, data):
     assert main(["classify", "bee-demo", "--template", "{text_a}{soft}很{mask}。", "--verbalizer",
                  "正面=好,负面=差", "--data", str(data), "--train", str(data), "--shots", "1", "--tune"]) == 2
     assert "prompt tuning does not apply" in capsys.readouterr().err
+
+
+def test_support_calibration_and_kpt_run_from_the_command_line(data, capsys):
+    """Without --train, support calibration and KPT's refinement read the data's texts, unlabeled."""
+    path = data.parent / "kpt.yaml"
+    path.write_text("kind: knowledgeable\nwords:\n  正面: [好, 棒, 满意]\n  负面: [差, 糟糕, 失望]\n", encoding="utf-8")
+    assert main(["classify", "demo", "--template", "{text_a}。总之很{mask}。", "--verbalizer", str(path),
+                 "--data", str(data), "--calibrate", "support", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["calibration"] == "support" and 0 <= result["accuracy"] <= 1

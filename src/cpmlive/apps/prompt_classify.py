@@ -29,6 +29,7 @@ from cpmlive.tune import prompting
 from cpmlive.tune.prompting import Template, Verbalizer
 
 MODES = ("zero", "icl", "tune")
+SUPPORT = 200  # unlabeled texts KPT refines and calibrates on, at most
 
 
 @dataclass
@@ -109,10 +110,10 @@ def predict(lm: LM, template: Template, verbalizer: Verbalizer, examples: Sequen
     if lm.can("bee"):
         return _bee_predict(lm, template, verbalizer, examples, calibration, demonstrations)
     score = scorer(lm)
-    if verbalizer.kind == "knowledgeable":  # KPT: refined on unlabeled support texts (else the inputs)
-        pool = list(support) or list(examples)
-        verbalizer = verbalizer.refine(prompting.word_logprobs(score, template, verbalizer, pool[:200], demonstrations))
-    offset = prompting.calibrate(calibration, score, template, verbalizer, demonstrations, support)
+    pool = (list(support) or list(examples))[:SUPPORT]  # unlabeled support texts: given, else the inputs
+    if verbalizer.kind == "knowledgeable":  # KPT: refined on the support texts
+        verbalizer = verbalizer.refine(prompting.word_logprobs(score, template, verbalizer, pool, demonstrations))
+    offset = prompting.calibrate(calibration, score, template, verbalizer, demonstrations, pool)
     words = prompting.word_logprobs(score, template, verbalizer, examples, demonstrations)
     chosen = prompting.classify_scores(words, verbalizer, offset).argmax(-1).tolist()
     return [verbalizer.labels[i] for i in chosen]

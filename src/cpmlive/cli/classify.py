@@ -29,7 +29,8 @@ def add_classify(verbs: Verbs) -> None:
     cl.add_argument("--seeds", type=positive_int, default=3, help="few-shot runs, each with shots drawn anew")
     cl.add_argument("--calibrate", nargs="?", const="contextual", default=None,
                     choices=("contextual", "pmi", "support"), help="contextual calibration (default), "
-                    "domain-conditional PMI, or the support texts' prior (KPT)")
+                    "domain-conditional PMI, or the prior over support texts (KPT: --train's texts, else "
+                    "--data's, unlabeled)")
     cl.add_argument("--label-field", default="label")
     cl.add_argument("--steps", type=positive_int, default=30, help="prompt tuning steps")
     cl.add_argument("--lr", type=float, default=0.05, help="prompt tuning learning rate")
@@ -56,7 +57,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     mode = "zero" if not args.shots else "tune" if args.tune else "icl"
     lm = load_lm(args)
     report = prompt_classify.run(lm, template, verbalizer, test, train, args.shots, mode, range(args.seeds),
-                                 args.calibrate, args.label_field, args.steps, args.lr)
+                                 args.calibrate, args.label_field, args.steps, args.lr, support=train)
     if args.predictions:
         from cpmlive.utils import atomic_write_text
 
