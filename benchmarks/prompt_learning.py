@@ -6,8 +6,9 @@
 Sentiment (``cpmlive data sentiment``'s test split, the first ``--limit`` reviews; shots drawn
 from its train split, which the shipped ``sentiment`` adapter was trained on): the majority
 class, zero-shot, zero-shot with contextual calibration, in-context few-shot (``--shots`` per
-class, or the most whose demonstrations take at most half the model's window: a demo model
-reads 256 or 512 tokens; inputs beyond the window are cut at the end, as OpenPrompt cuts them), prompt
+class, or the most that fit: the demonstrations share half the model's window, a demo model
+reads 256 or 512 tokens, and each keeps at least 24 tokens, cut at its end, as OpenPrompt cuts
+text slots), prompt
 tuning with ``--shots`` per class (soft template tokens and a soft verbalizer, the model
 frozen), mean ± std over ``--seeds``, and the demo model with the ``sentiment`` adapter.
 
@@ -31,13 +32,13 @@ from cpmlive.apps import harness, prompt_classify
 from cpmlive.data.choice_tasks import write_choice_tasks
 from cpmlive.data.sentiment import write_sentiment
 from cpmlive.resources import adapter_path
-from cpmlive.tune import prompting
 from cpmlive.tune.prompting import Template, Verbalizer
 
 TEMPLATE = "{text_a}。总之很{mask}。"
 TUNED_TEMPLATE = "{text_a}{soft:总之}很{mask}。"
 WORDS = {"正面": ["好", "棒"], "负面": ["差", "糟糕"]}
 CHOICE_TASKS = ("headline", "poem", "gloss")
+SHARE = 24  # tokens an in-context example keeps at least (it is cut at its end to its share)
 
 
 def sentiment_split(directory: Path, split: str) -> list[dict]:
@@ -51,16 +52,14 @@ def cell(report: prompt_classify.Report) -> str:
 
 
 def icl(lm, template, verbalizer, test, train, shots: int, seeds: int) -> tuple[str, int]:
-    """In-context few-shot with ``shots`` per class, or the most (halving) whose demonstrations
-    take at most half the model's window for every seed (the queries keep the other half)."""
-    half = (lm.config.max_length - lm.config.prompt_length) // 2
-    while shots >= 1:
-        drawn = [prompting.sample_shots(train, verbalizer.labels, shots, seed) for seed in range(seeds)]
-        if max(len(lm.encode_context(prompting.demonstrations(template, verbalizer, d))) for d in drawn) <= half:
-            report = prompt_classify.run(lm, template, verbalizer, test, train, shots, "icl", range(seeds))
-            return cell(report), shots
+    """In-context few-shot with ``shots`` per class, or the most (halving) that leave each
+    example at least ``SHARE`` tokens of the half window the demonstrations share."""
+    while shots >= 1 and prompt_classify.window(lm) // 2 // (shots * len(verbalizer.labels)) < SHARE:
         shots //= 2
-    return "does not fit", 0
+    if shots < 1:
+        return "does not fit", 0
+    report = prompt_classify.run(lm, template, verbalizer, test, train, shots, "icl", range(seeds))
+    return cell(report), shots
 
 
 def sentiment_rows(models: list[str], args: argparse.Namespace, directory: Path) -> None:

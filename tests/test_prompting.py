@@ -186,6 +186,11 @@ def test_a_long_input_is_cut_to_the_window(demo):
     assert prompt_classify.fit_window(demo, template, verbalizer, EXAMPLES[0]) is EXAMPLES[0]
     report = prompt_classify.run(demo, template, verbalizer, [long, *EXAMPLES])
     assert report.truncated == 1 and len(report.predictions) == 7
+    train = [long, {"text_a": "前台态度恶劣" * 200, "label": "负面"}]
+    shown = prompt_classify._demonstrations(demo, template, verbalizer, train, "label")
+    assert len(demo.encode_context(shown)) <= limit // 2 + 4  # each of two examples cut to a quarter window
+    icl = prompt_classify.run(demo, template, verbalizer, [long], train, shots=1, mode="icl")
+    assert len(icl.predictions) == 1
 
 
 # ---- scores against the reference, soft tokens, prompt tuning ---------------------------------

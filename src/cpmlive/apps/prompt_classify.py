@@ -74,11 +74,16 @@ def scorer(lm: LM, batch_size: int = 16) -> prompting.Scorer:
     return lambda triples: [score for score, _ in lm.score(triples, batch_size=batch_size)]
 
 
-def fit_window(lm: LM, template: Template, verbalizer: Verbalizer, example: dict, context: str = "") -> dict:
+def window(lm: LM) -> int:
+    return lm.config.max_length - lm.config.prompt_length - 1
+
+
+def fit_window(lm: LM, template: Template, verbalizer: Verbalizer, example: dict, context: str = "",
+               limit: int | None = None) -> dict:
     """``example`` with its longest field cut at the end so that ``context``, the template, the
-    longest label word and the template's rest fit the model's window (OpenPrompt truncates
-    the text slots the same way); unchanged when it fits."""
-    limit = lm.config.max_length - lm.config.prompt_length - 1
+    longest label word and the template's rest fit ``limit`` tokens (default: the model's window;
+    OpenPrompt truncates the text slots the same way); unchanged when it fits."""
+    limit = window(lm) if limit is None else limit
     word = max(len(lm.tokenizer.encode(w)) for _, w in verbalizer.flat())
 
     def length(candidate: dict) -> int:
@@ -148,8 +153,7 @@ def run(lm: LM, template: Template, verbalizer: Verbalizer, test: Sequence[dict]
     for seed in (seeds if mode != "zero" else seeds[:1]):
         shots_drawn = prompting.sample_shots(train, verbalizer.labels, shots, seed, label_field) if mode != "zero" \
             else []
-        context = prompting.demonstrations(template, verbalizer, shots_drawn, label_field) \
-            if mode == "icl" else ""
+        context = _demonstrations(lm, template, verbalizer, shots_drawn, label_field) if mode == "icl" else ""
         fitted = list(test) if lm.can("bee") else [fit_window(lm, template, verbalizer, e, context) for e in test]
         if mode == "tune":
             predicted = _tuned_predict(lm, template, verbalizer, shots_drawn, fitted, calibration, label_field, steps,
@@ -160,6 +164,15 @@ def run(lm: LM, template: Template, verbalizer: Verbalizer, test: Sequence[dict]
         if not report.predictions:
             report.predictions, report.truncated = predicted, sum(a != b for a, b in zip(fitted, test))
     return report
+
+
+def _demonstrations(lm: LM, template: Template, verbalizer: Verbalizer, shots: Sequence[dict],
+                    label_field: str) -> str:
+    """In-context examples sharing half the window (the query keeps the rest), each cut at the
+    end of its longest field to its share."""
+    share = window(lm) // 2 // max(1, len(shots))
+    fitted = shots if lm.can("bee") else [fit_window(lm, template, verbalizer, s, limit=share) for s in shots]
+    return prompting.demonstrations(template, verbalizer, fitted, label_field)
 
 
 def _tuned_predict(lm: LM, template: Template, verbalizer: Verbalizer, shots: Sequence[dict], test: Sequence[dict],
