@@ -903,8 +903,9 @@ class Engine:
     def _choose(self, seqs: list[Sequence], logits: Tensor) -> None:
         """Each sequence's next token from its row of ``logits`` (masked by its grammar where it
         has one); finished ones leave."""
-        greedy = [not s.request.options.do_sample and _plain(s.request.options) and s.matcher is None for s in seqs]
-        fast = logits.argmax(-1).tolist() if any(greedy) else None
+        greedy = [not s.request.options.do_sample and _argmax_after_stops(s.request.options) and s.matcher is None
+                  for s in seqs]
+        fast = self._greedy_tokens(seqs, logits, greedy) if any(greedy) else None
         for row, seq in enumerate(seqs):
             try:
                 if greedy[row]:
@@ -916,6 +917,17 @@ class Engine:
             except Exception as exc:  # this request's own options failed (a logits_processor...): it alone ends
                 fail(seq, exc)
         self._remove_finished()
+
+    def _greedy_tokens(self, seqs: list[Sequence], logits: Tensor, greedy: list[bool]) -> list[int]:
+        """Every row's argmax at once; a greedy row still below its ``min_new_tokens`` takes it
+        with its stop ids ruled out, as ``process_logits`` would."""
+        early = [row for row, seq in enumerate(seqs)
+                 if greedy[row] and len(seq.generated) < seq.request.options.min_new_tokens]
+        if early:
+            logits = logits.clone()
+            for row in early:
+                logits[row, sorted(self.stop_ids | seqs[row].request.stop_ids)] = float("-inf")
+        return logits.argmax(-1).tolist()
 
     def _chosen(self, seq: Sequence, logits: Tensor) -> int:
         """The token ``seq`` takes from its ``logits`` ``[1, vocab]`` after its grammar's mask and
@@ -977,8 +989,14 @@ def fail(seq: Running, exc: Exception) -> None:
 
 def _plain(options: GenerationConfig) -> bool:
     """Whether greedy decoding with ``options`` is a bare argmax (no logits processing)."""
+    return options.min_new_tokens == 0 and _argmax_after_stops(options)
+
+
+def _argmax_after_stops(options: GenerationConfig) -> bool:
+    """Whether greedy decoding with ``options`` is an argmax once ``min_new_tokens`` has ruled
+    out the stop ids (which ``_greedy_tokens`` does for all rows at once)."""
     return (options.repetition_penalty == 1.0 and not options.sequence_bias and not options.no_repeat_ngram_size
-            and options.min_new_tokens == 0 and options.logits_processor is None)
+            and options.logits_processor is None)
 
 
 def request_for(ids: list[int], options: GenerationConfig, index: int = 0, **fields: Any) -> Request:
