@@ -637,8 +637,9 @@ class LM:
         rows = [self._score_row(pair, start) for pair in pairs]
         order = sorted(range(len(rows)), key=lambda i: -sum(map(len, rows[i])))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for start in range(0, len(order), max(1, batch_size)):
-            chunk = order[start:start + max(1, batch_size)]
+        size = max(1, batch_size)
+        for first in range(0, len(order), size):
+            chunk = order[first:first + size]
             scored = self.engine.call(continuation_logprobs, self.model, [rows[i] for i in chunk],
                                       self.tokenizer.eos_id).result()
             for index, result in zip(chunk, scored):

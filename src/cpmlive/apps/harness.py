@@ -12,7 +12,8 @@ greedily (or as the task's ``gen_kwargs`` say) and cuts at the first stop string
 
 Tasks are the harness's YAML configs. Our local ones (``assets/tasks``, built over files that
 ``cpmlive data tasks`` writes) work offline; ``--include`` adds a folder of the user's; the
-harness's built-in tasks (C-Eval, CMMLU, CLUE...) need their datasets from the HF hub.
+harness's built-in tasks (C-Eval, CMMLU...) and our CLUE tasks need their datasets from the HF
+hub (``CPMLIVE_HARNESS_ONLINE=1``).
 """
 
 from __future__ import annotations
@@ -216,9 +217,9 @@ def run_tasks(lm: CpmliveModel, tasks: Sequence[str], limit: int | None = None, 
                            f"{ONLINE}=1 and the HF hub)")
     from lm_eval import evaluator
 
-    missing = [t for t in tasks if t in known and _missing_data(manager, t)]
+    missing = [(t, path) for t in tasks if t in known and (path := _missing_data(manager, t))]
     if missing:
-        raise CpmliveError(f"task {missing[0]}: its data file {_missing_data(manager, missing[0])} does not exist "
+        raise CpmliveError(f"task {missing[0][0]}: its data file {missing[0][1]} does not exist "
                            "(cpmlive data tasks writes the local tasks' files)")
     try:
         return evaluator.simple_evaluate(model=harness, tasks=list(tasks), task_manager=manager, limit=limit,

@@ -150,11 +150,15 @@ def run(lm: LM, template: Template, verbalizer: Verbalizer, test: Sequence[dict]
     if mode != "zero" and not train:
         raise CpmliveError("few-shot needs training examples to draw the shots from (--train)")
     report = Report(mode, shots if mode != "zero" else 0, calibration, [])
+    fitted_by_context: dict[str, list[dict]] = {}  # (one entry unless in-context examples change by seed)
     for seed in (seeds if mode != "zero" else seeds[:1]):
         shots_drawn = prompting.sample_shots(train, verbalizer.labels, shots, seed, label_field) if mode != "zero" \
             else []
         context = _demonstrations(lm, template, verbalizer, shots_drawn, label_field) if mode == "icl" else ""
-        fitted = list(test) if lm.can("bee") else [fit_window(lm, template, verbalizer, e, context) for e in test]
+        if context not in fitted_by_context:
+            fitted_by_context[context] = list(test) if lm.can("bee") else \
+                [fit_window(lm, template, verbalizer, e, context) for e in test]
+        fitted = fitted_by_context[context]
         if mode == "tune":
             predicted = _tuned_predict(lm, template, verbalizer, shots_drawn, fitted, calibration, label_field, steps,
                                        lr, seed)

@@ -412,24 +412,24 @@ class PromptTuner:
         with torch.no_grad():
             return self.model.input_embedding(torch.tensor(ids, device=self.model.input_embedding.weight.device))
 
-    def _context(self, example: dict) -> list[int]:
-        """The prompt's ids, each soft token as ``SOFT`` (-1) until the batch's placeholder is known."""
-        prefix, _ = self.template.pieces(example)
+    def _context(self, example: dict) -> tuple[list[int], list[int]]:
+        """The prompt's ids, each soft token as ``SOFT`` (-1) until the batch's placeholder is
+        known, and the ids of the template's rest after the mask."""
+        prefix, after = self.template.pieces(example)
         ids: list[int] = []
         for kind, text in prefix:
             if kind == "soft":
                 ids += [SOFT] * (len(self.encode(text)) if text else 1)
             elif text:
                 ids += self.encode(text)
-        start = self.encode_context("")
-        return start + ids if start else ids
+        return self.encode_context("") + ids, self.encode(after)
 
     def _scores(self, examples: Sequence[dict]) -> Tensor:
         from cpmlive.model.scoring import continuation_scores
 
         pairs = []
         for example in examples:
-            context, after = self._context(example), self.encode(self.template.pieces(example)[1])
+            context, after = self._context(example)
             pairs += [(context, word, after) for word in self.words]
         if self.soft is not None:
             used = {token for pair in pairs for part in pair for token in part}
